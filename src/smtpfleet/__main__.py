@@ -1,0 +1,3 @@
+from smtpfleet.cli import main
+
+raise SystemExit(main())

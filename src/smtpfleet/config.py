@@ -1,0 +1,271 @@
+"""Configuration: one YAML file, every key overridable from the environment, validated once.
+
+`load_config` is pure apart from reading the file: it merges the YAML document with
+`SMTPFLEET_*` environment variables (``SMTPFLEET_QUEUE__DURABILITY=fsync`` sets
+``queue.durability``; a numeric segment indexes a list: ``SMTPFLEET_RELAYS__0__PORT=2526``),
+validates the result into a frozen tree, and reports every problem at once, naming each key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from smtpfleet.errors import ConfigError
+
+ENV_PREFIX = "SMTPFLEET_"
+ENV_SEPARATOR = "__"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port`` (or a bare host when a default port is given)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"{value!r}: missing host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{value!r}: expected HOST:PORT")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+class NodeConfig(_Section):
+    id: str = Field(default="", description="unique node id; default: hostname-pid")
+    hostname: str = Field(default="", description="name in the banner and Received headers")
+
+    def resolved_id(self) -> str:
+        return self.id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def resolved_hostname(self) -> str:
+        return self.hostname or socket.getfqdn()
+
+
+class InboundConfig(_Section):
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:2525"])
+    accepted_domains: list[str] = Field(default_factory=list)
+    relay_networks: list[str] = Field(default_factory=list)
+    max_message_bytes: PositiveInt = 25 * 1024 * 1024
+    max_recipients: Annotated[int, Field(ge=100)] = 100
+    max_received_headers: PositiveInt = 30
+    idle_timeout_s: PositiveFloat = 300.0
+    max_sessions: PositiveInt = 1000
+    # Must stay well under 10 s so a client sees 451 before common client timeouts.
+    accept_timeout_s: Annotated[float, Field(gt=0, le=10)] = 8.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hostport(item)
+        return value
+
+    @field_validator("relay_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+    @field_validator("accepted_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower().rstrip(".") for d in value]
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_hostport(item) for item in self.listen]
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = Field(default="smtpfleet", pattern=r"^[A-Za-z0-9_.:-]+$")
+    shards: Annotated[int, Field(ge=1, le=4096)] = 16
+    socket_timeout_s: PositiveFloat = 5.0
+    max_connections: PositiveInt = 64
+
+
+class Durability(StrEnum):
+    SERVER = "server"  # reply after Redis applied the write (its own persistence settings)
+    FSYNC = "fsync"  # WAITAOF 1 0: the primary fsynced its AOF
+    REPLICATED = "replicated"  # WAIT n: n replicas acknowledged the write
+
+
+class QueueConfig(_Section):
+    durability: Durability = Durability.SERVER
+    replicas: PositiveInt = 1
+    durability_timeout_ms: PositiveInt = 2000
+    high_water: PositiveInt = 1_000_000
+    dedupe_window_s: Annotated[float, Field(ge=0)] = 3600.0
+
+
+class DeliveryConfig(_Section):
+    concurrency: PositiveInt = 64
+    batch: PositiveInt = 64
+    helo_name: str = ""
+    connect_timeout_s: PositiveFloat = 10.0
+    command_timeout_s: PositiveFloat = 60.0
+    max_messages_per_connection: PositiveInt = 1000
+    # The safety net that claims entries idle this long from any consumer (dead or stuck).
+    # It must exceed the longest delivery attempt, or it steals live work (DESIGN.md).
+    claim_idle_s: PositiveFloat = 900.0
+    block_ms: PositiveInt = 1000
+
+    @model_validator(mode="after")
+    def _claim_after_attempt(self) -> DeliveryConfig:
+        longest_attempt_s = self.connect_timeout_s + 4 * self.command_timeout_s
+        if self.claim_idle_s <= longest_attempt_s:
+            raise ValueError(
+                f"claim_idle_s ({self.claim_idle_s}) must exceed the longest delivery attempt "
+                f"(connect_timeout_s + 4 * command_timeout_s = {longest_attempt_s})"
+            )
+        return self
+
+
+class RetryConfig(_Section):
+    # Postfix-like defaults: first retry minutes later, capped near an hour, 5 days lifetime.
+    initial_s: PositiveFloat = 300.0
+    max_s: PositiveFloat = 3600.0
+    multiplier: Annotated[float, Field(ge=1)] = 2.0
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.2
+    lifetime_s: PositiveFloat = 5 * 24 * 3600.0
+    scheduler_interval_s: PositiveFloat = 1.0
+
+
+class TlsPolicy(StrEnum):
+    NONE = "none"
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"
+
+
+class RelayConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str
+    port: Port = 25
+    priority: Annotated[int, Field(ge=0)] = 10
+    weight: PositiveInt = 1
+    tls: TlsPolicy = TlsPolicy.NONE
+    tls_verify: bool = True
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    max_connections: PositiveInt = 16
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class BounceConfig(_Section):
+    # The display sender of DSNs; the envelope sender is always null (RFC 3464, RFC 5321 4.5.5).
+    from_address: str = ""
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    inbound: InboundConfig = InboundConfig()
+    redis: RedisConfig = RedisConfig()
+    queue: QueueConfig = QueueConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    retry: RetryConfig = RetryConfig()
+    relays: list[RelayConfig] = Field(default_factory=list)
+    bounce: BounceConfig = BounceConfig()
+
+    @field_validator("relays")
+    @classmethod
+    def _unique_relay_names(cls, value: list[RelayConfig]) -> list[RelayConfig]:
+        names = [relay.name for relay in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"relay names must be unique: {', '.join(duplicates)}")
+        return value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, segment in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not segment.isdigit() or int(segment) >= len(node):
+                raise ConfigError(f"{'.'.join(path)}: no list item {segment}")
+            if last:
+                node[int(segment)] = value
+            else:
+                node = node[int(segment)]
+            continue
+        if last:
+            node[segment] = value
+        else:
+            child = node.get(segment)
+            if not isinstance(child, dict | list):
+                child = node[segment] = {}
+            node = child
+
+
+def apply_environment(tree: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``SMTPFLEET_A__B=value`` onto ``tree``; values are parsed as YAML scalars/lists."""
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name == "SMTPFLEET_CONFIG":
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
+        try:
+            value = yaml.safe_load(environ[name]) if environ[name] else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: not valid YAML ({exc.__class__.__name__})") from None
+        _set_path(tree, path, value)
+    return tree
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"{key}: {error['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed document (plus environment overrides) into a frozen Config."""
+    data = apply_environment(yaml.safe_load(yaml.safe_dump(dict(tree))) or {}, environ or {})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (optional) and the environment, and validate both together."""
+    environ = os.environ if environ is None else environ
+    tree: Any = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(tree, environ)

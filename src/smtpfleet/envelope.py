@@ -1,0 +1,119 @@
+"""The message as the queue holds it: pure data, serialised compactly for stream entries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    MAIL = "mail"
+    DSN = "dsn"  # a bounce we generated: never bounced again (RFC 3464 section 1)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_qid(shard: int) -> str:
+    """A queue id that names its shard (so any tool can find its keys) and sorts by time."""
+    return f"{shard}.{now_ms():011X}{secrets.token_hex(4).upper()}"
+
+
+def shard_of(qid: str) -> int:
+    """The shard a queue id lives in; ValueError for anything that is not one of ours."""
+    head, sep, tail = qid.partition(".")
+    if not sep or not head.isdigit() or not tail.isalnum():
+        raise ValueError(f"not a queue id: {qid!r}")
+    return int(head)
+
+
+def dedupe_fingerprint(
+    message_id: str | None, sender: str, recipients: tuple[str, ...]
+) -> str | None:
+    """RFC 1047: the same Message-ID from the same sender to the same recipients is one message."""
+    if not message_id:
+        return None
+    material = "\0".join(
+        [message_id.strip(), sender.lower(), *sorted(r.lower() for r in recipients)]
+    )
+    return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def choose_shard(fingerprint: str | None, shards: int) -> int:
+    """A resend must land in the shard of its first copy, so dedupe can stay within one hash tag."""
+    if fingerprint is None:
+        return random.randrange(shards)
+    return int(fingerprint[:8], 16) % shards
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """What inbound hands to the spool: the envelope and the full message (headers + body)."""
+
+    qid: str  # allocated by inbound (new_qid(choose_shard(...))) so Received can name it
+    sender: str  # "" is the null reverse-path
+    recipients: tuple[str, ...]
+    data: bytes  # CRLF line endings, dot-stuffing already undone
+    fingerprint: str | None = None  # dedupe_fingerprint(...); None disables dedupe
+    kind: Kind = Kind.MAIL
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    qid: str
+    duplicate: bool = False  # the same message was accepted before; no second copy was made
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One stream entry: everything needed to deliver, except the body (stored once, by qid)."""
+
+    qid: str
+    sender: str
+    recipients: tuple[str, ...]
+    accepted_ms: int
+    attempts: int = 0
+    kind: Kind = Kind.MAIL
+    # recipient -> last temporary failure text, carried across retries for the expiry DSN
+    last_errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shard(self) -> int:
+        return shard_of(self.qid)
+
+    def encode(self) -> str:
+        return json.dumps(
+            {
+                "q": self.qid,
+                "f": self.sender,
+                "r": list(self.recipients),
+                "t": self.accepted_ms,
+                "a": self.attempts,
+                "k": self.kind.value,
+                "e": self.last_errors,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> QueuedMessage:
+        raw = json.loads(text)
+        return cls(
+            qid=raw["q"],
+            sender=raw["f"],
+            recipients=tuple(raw["r"]),
+            accepted_ms=int(raw["t"]),
+            attempts=int(raw.get("a", 0)),
+            kind=Kind(raw.get("k", Kind.MAIL.value)),
+            last_errors=dict(raw.get("e", {})),
+        )
+
+    def retry_of(self, recipients: tuple[str, ...], errors: dict[str, str]) -> QueuedMessage:
+        """The same message, for the recipients still to do, one attempt further on."""
+        return replace(self, recipients=recipients, attempts=self.attempts + 1, last_errors=errors)

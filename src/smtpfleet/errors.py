@@ -1,0 +1,27 @@
+"""Exceptions that cross module boundaries."""
+
+from __future__ import annotations
+
+
+class SmtpfleetError(Exception):
+    """Base class of smtpfleet's own errors."""
+
+
+class ConfigError(SmtpfleetError):
+    """The configuration is invalid; the message names every offending key."""
+
+
+class SpoolError(SmtpfleetError):
+    """The queue could not take a message durably; the client must retry (4xx)."""
+
+
+class QueueUnavailable(SpoolError, ConnectionError):
+    """Redis is unreachable, too slow, or did not confirm durability in time."""
+
+
+class QueueFull(SpoolError):
+    """The queue is above its high-water mark."""
+
+
+class RedisUnsuitable(SmtpfleetError):
+    """The Redis server cannot hold mail safely (too old, or may evict keys)."""

@@ -1,0 +1,1 @@
+"""smtpfleet.inbound"""

@@ -1,0 +1,1 @@
+"""The durable queue: the interface inbound uses, and its Redis implementation."""

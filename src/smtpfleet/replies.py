@@ -1,0 +1,34 @@
+"""Every SMTP reply smtpfleet itself emits, named once (RFC 5321 codes, RFC 3463 enhanced codes).
+
+Keeping them here means a reply's wording and class are reviewed in one place, and tests can
+assert on the same constants the server sends.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+QUEUED_FMT: Final = "250 2.0.0 Ok: queued as {qid}"
+OK: Final = "250 2.0.0 Ok"
+SENDER_OK: Final = "250 2.1.0 Sender ok"
+RCPT_OK: Final = "250 2.1.5 Recipient ok"
+
+# Our own failures before the durable write are always temporary (DESIGN invariant 1).
+QUEUE_UNAVAILABLE: Final = "451 4.3.0 Queue temporarily unavailable, try again later"
+QUEUE_FULL: Final = "452 4.3.1 Queue full, try again later"
+SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down, try again later"
+TOO_MANY_SESSIONS: Final = "421 4.3.2 Too many connections, try again later"
+TIMEOUT: Final = "421 4.4.2 Idle timeout, closing connection"
+LOCAL_ERROR: Final = "451 4.3.0 Local error in processing, try again later"
+
+RELAY_DENIED: Final = "550 5.7.1 Relaying denied"
+BAD_ADDRESS: Final = "553 5.1.3 Bad recipient address syntax"
+BAD_SENDER: Final = "553 5.1.7 Bad sender address syntax"
+TOO_MANY_RECIPIENTS: Final = "452 4.5.3 Too many recipients"
+MESSAGE_TOO_BIG: Final = "552 5.3.4 Message size exceeds fixed maximum message size"
+LINE_TOO_LONG: Final = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
+# RFC 5321 section 2.3.8: lines end with CRLF only. A bare CR or LF in DATA is how SMTP
+# smuggling hides a second message; we refuse the whole message rather than guess.
+BARE_LINE_ENDING: Final = "550 5.6.11 Bare CR or LF in message data; lines must end with CRLF"
+LOOP_DETECTED: Final = "554 5.4.6 Too many Received headers: mail loop detected"
+NO_RECIPIENTS: Final = "503 5.5.1 Need RCPT command"
