@@ -57,6 +57,10 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
 class NodeConfig(_Section):
     id: str = Field(default="", description="unique node id; default: hostname-pid")
     hostname: str = Field(default="", description="name in the banner and Received headers")
+    # SIGTERM: how long SMTP sessions and deliveries in flight may take to finish.
+    drain_grace_s: PositiveFloat = 30.0
+    # How long `serve` waits for Redis at start before giving up (a clear error, exit 1).
+    startup_timeout_s: PositiveFloat = 30.0
 
     def resolved_id(self) -> str:
         return self.id or f"{socket.gethostname()}-{os.getpid()}"

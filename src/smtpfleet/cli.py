@@ -1,0 +1,114 @@
+"""The `smtpfleet` command. Errors are one line on stderr and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from smtpfleet import __version__
+from smtpfleet.config import Config, load_config, parse_hostport
+from smtpfleet.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+CONFIG_ENV = "SMTPFLEET_CONFIG"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtpfleet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"smtpfleet {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("SMTPFLEET_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run one node (SMTP front + delivery workers)")
+    serve.add_argument(
+        "--config", default=os.environ.get(CONFIG_ENV), help=f"YAML file (${CONFIG_ENV})"
+    )
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser("check", help="validate a config file offline")
+    check.add_argument("file")
+
+    dev = sub.add_parser("dev", help="run a local cluster: Redis, demo relays and N nodes")
+    dev.add_argument("--nodes", type=int, default=3, help="node processes (default 3)")
+    dev.add_argument("--sinks", type=int, default=2, help="demo sink relays (default 2)")
+    dev.add_argument(
+        "--relay", action="append", default=[], metavar="HOST:PORT", help="a real relay (repeat)"
+    )
+    dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiosmtpd logs every connection at INFO; our handler logs what matters.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from smtpfleet.lifecycle import serve
+
+    return serve(_load(args.config))
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    listen = ", ".join(config.inbound.listen)
+    print(
+        f"{args.file}: ok: listen {listen}; {len(config.relays)} relays; "
+        f"redis {config.redis.url.rsplit('@', 1)[-1]}; {config.redis.shards} shards; "
+        f"durability {config.queue.durability.value}"
+    )
+    return EXIT_OK
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    if args.nodes < 1 or args.sinks < 0:
+        raise ConfigError("--nodes must be at least 1 and --sinks at least 0")
+    for relay in args.relay:
+        try:
+            parse_hostport(relay)
+        except ValueError as exc:
+            raise ConfigError(f"--relay {exc}") from None
+    if not args.relay and args.sinks < 1:
+        raise ConfigError("no relays: give --relay HOST:PORT or at least one --sinks")
+    from smtpfleet.dev import run_dev
+
+    return asyncio.run(
+        run_dev(nodes=args.nodes, sinks=args.sinks, relays=args.relay, as_json=args.json)
+    )
+
+
+COMMANDS = {"serve": _cmd_serve, "dev": _cmd_dev}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    handler = _cmd_config_check if args.command == "config" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"smtpfleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        print(f"smtpfleet: {exc}", file=sys.stderr)
+        return EXIT_FAILED

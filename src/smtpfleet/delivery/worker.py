@@ -1,0 +1,263 @@
+"""Delivery workers: read the shared streams as this node's consumer and deliver each entry.
+
+One reader feeds up to `delivery.concurrency` deliveries at once. An entry stays pending in
+this consumer until its outcome is recorded in one transaction (`RedisQueue.finish`), so a
+node that dies mid-delivery leaves nothing that survivors cannot claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from smtpfleet.config import Config
+from smtpfleet.delivery.classify import Outcome, classify_reply
+from smtpfleet.delivery.dsn import build_dsn
+from smtpfleet.delivery.outcome import Attempt, Plan, plan_outcome
+from smtpfleet.delivery.sender import Sender
+from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
+from smtpfleet.errors import QueueUnavailable, SpoolError
+from smtpfleet.queue.redis_queue import Body, Delivery, Finish, RedisQueue
+from smtpfleet.relays.pool import RelayPool
+
+log = logging.getLogger(__name__)
+
+NO_RELAY = classify_reply(421, "4.4.1 No relay available")
+REDIS_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+GATE_POLL_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        *,
+        queue: RedisQueue,
+        pool: RelayPool,
+        sender: Sender,
+        config: Config,
+        consumer: str,
+        hostname: str,
+    ) -> None:
+        self._queue = queue
+        self._pool = pool
+        self._sender = sender
+        self._config = config
+        self._consumer = consumer
+        self._hostname = hostname
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slot_free = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._rescan = True  # read our own pending entries first (ours from before an outage)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._read_loop(), name="delivery-reader"),
+            asyncio.create_task(self._retry_loop(), name="retry-scheduler"),
+            asyncio.create_task(self._claim_loop(), name="idle-claimer"),
+        ]
+
+    async def stop(self, grace_s: float) -> int:
+        """Stop taking work, let deliveries in flight finish within the grace period.
+
+        Returns how many were still running at the deadline; they are cancelled and stay
+        pending in Redis, where a survivor claims them.
+        """
+        self._stopping = True
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        running = list(self._inflight.values())
+        if running:
+            _, still = await asyncio.wait(running, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+            return len(still)
+        return 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # -- the loops ---------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            free = self._config.delivery.concurrency - len(self._inflight)
+            if free <= 0 or (self._rescan and self._inflight):
+                await self._wait_for_slot()
+                continue
+            try:
+                batch = await self._next_batch(free)
+            except QueueUnavailable as exc:
+                delay = REDIS_RETRY_S[min(failures, len(REDIS_RETRY_S) - 1)]
+                failures += 1
+                log.warning("delivery reader: %s; retrying in %.1fs", exc, delay)
+                self._rescan = True
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for delivery in batch:
+                self._spawn(delivery)
+
+    async def _next_batch(self, free: int) -> list[Delivery]:
+        if self._rescan:
+            batch = await self._queue.read_own_pending(self._consumer, free)
+            batch = [d for d in batch if d.entry_id not in self._inflight]
+            if not batch:
+                self._rescan = False
+            return batch
+        shards = self._config.redis.shards
+        count = min(self._config.delivery.batch, max(1, -(-free // shards)))
+        return await self._queue.read(self._consumer, count, self._config.delivery.block_ms)
+
+    async def _wait_for_slot(self) -> None:
+        self._slot_free.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
+
+    async def _retry_loop(self) -> None:
+        interval = self._config.retry.scheduler_interval_s
+        while not self._stopping:
+            with contextlib.suppress(QueueUnavailable):
+                await self._queue.move_due_retries(now_ms())
+            await asyncio.sleep(interval)
+
+    async def _claim_loop(self) -> None:
+        idle_ms = int(self._config.delivery.claim_idle_s * 1000)
+        while not self._stopping:
+            await asyncio.sleep(min(60.0, max(1.0, self._config.delivery.claim_idle_s / 10)))
+            try:
+                claimed = await self._queue.claim_idle(self._consumer, idle_ms, 100)
+            except QueueUnavailable:
+                continue
+            for delivery in claimed:
+                if delivery.entry_id not in self._inflight:
+                    log.info("claimed idle entry %s (%s)", delivery.entry_id, delivery.message.qid)
+                    self._spawn(delivery)
+
+    def _spawn(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._guarded(delivery), name=f"deliver-{delivery.entry_id}")
+        self._inflight[delivery.entry_id] = task
+        task.add_done_callback(lambda _: self._done(delivery.entry_id))
+
+    def _done(self, entry_id: str) -> None:
+        self._inflight.pop(entry_id, None)
+        self._slot_free.set()
+
+    async def _guarded(self, delivery: Delivery) -> None:
+        try:
+            await self._handle(delivery)
+        except QueueUnavailable as exc:
+            # The entry stays pending under this consumer; the rescan picks it up again.
+            log.warning("delivery of %s interrupted: %s", delivery.message.qid, exc)
+            self._rescan = True
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly", delivery.message.qid)
+            self._rescan = True
+
+    # -- one entry ---------------------------------------------------------------------------
+
+    async def _handle(self, delivery: Delivery) -> None:
+        message = delivery.message
+        if not message.qid:
+            await self._queue.finish(delivery, Finish())
+            return
+        body = await self._queue.load_body(delivery.shard, message.qid)
+        if body.data is not None and not body.confirmed:
+            body = await self._await_confirmation(delivery, body)
+        if body.data is None:
+            log.info("%s: cancelled before delivery (the client was told 4xx)", message.qid)
+            await self._queue.finish(delivery, Finish())
+            return
+        attempts = await self._attempt(message, body.data)
+        plan = plan_outcome(message, attempts, now_ms=now_ms(), retry=self._config.retry)
+        await self._record(delivery, plan, body.data)
+
+    async def _await_confirmation(self, delivery: Delivery, body: Body) -> Body:
+        """Hold an entry whose durability is not confirmed yet (WAIT/WAITAOF still running).
+
+        If the accept fails, the body is deleted (the tombstone) and we must not send it; if
+        the confirmation mark was lost in a failover, the window's end lets it go.
+        """
+        window_ms = self._config.queue.durability_timeout_ms + 1000
+        deadline = delivery.message.accepted_ms + window_ms
+        for pause in _gate_pauses():
+            if now_ms() >= deadline:
+                break
+            await asyncio.sleep(pause)
+            body = await self._queue.load_body(delivery.shard, delivery.message.qid)
+            if body.data is None or body.confirmed:
+                return body
+        return body
+
+    async def _attempt(self, message: QueuedMessage, data: bytes) -> dict[str, Attempt]:
+        """Each relay in order until every recipient has a final answer (invariant 3)."""
+        remaining = list(message.recipients)
+        attempts = {r: Attempt(NO_RELAY, None) for r in remaining}
+        for relay in self._pool.order():
+            verdicts = await self._sender.client(relay).send(message.sender, remaining, data)
+            for recipient, verdict in verdicts.items():
+                attempts[recipient] = Attempt(verdict, relay.name)
+            remaining = [r for r in remaining if verdicts[r].outcome is Outcome.TEMPORARY]
+            if not remaining:
+                break
+        return attempts
+
+    async def _record(self, delivery: Delivery, plan: Plan, data: bytes) -> None:
+        message = delivery.message
+        finish = Finish(retry=plan.retry, retry_due_ms=plan.retry_due_ms)
+        if plan.failed:
+            if _may_bounce(message):
+                await self._bounce(message, plan, data)
+            else:
+                dead = message.retry_of(tuple(f.recipient for f in plan.failed), {})
+                reason = "; ".join(f"{f.recipient}: {f.diagnostic}" for f in plan.failed)
+                finish = Finish(plan.retry, plan.retry_due_ms, dead=dead, dead_reason=reason)
+        await self._queue.finish(delivery, finish)
+        log.info(
+            "%s: delivered=%d failed=%d retry=%d",
+            message.qid,
+            len(plan.delivered),
+            len(plan.failed),
+            len(plan.retry.recipients) if plan.retry else 0,
+        )
+
+    async def _bounce(self, message: QueuedMessage, plan: Plan, data: bytes) -> None:
+        """Queue the DSN before acknowledging the original, so a crash cannot lose both."""
+        dsn = build_dsn(
+            original_sender=message.sender,
+            original_qid=message.qid,
+            failures=plan.failed,
+            reporting_mta=self._hostname,
+            original_data=data,
+            arrival_ms=message.accepted_ms,
+            now_ms=now_ms(),
+            from_address=self._config.bounce.from_address,
+            expired=plan.expired,
+        )
+        qid = new_qid(choose_shard(None, self._config.redis.shards))
+        bounce = NewMessage(
+            qid=qid, sender="", recipients=(message.sender,), data=dsn, kind=Kind.DSN
+        )
+        try:
+            await self._queue.enqueue(bounce)
+        except SpoolError as exc:
+            raise QueueUnavailable(f"could not queue the DSN for {message.qid}: {exc}") from exc
+
+
+def _may_bounce(message: QueuedMessage) -> bool:
+    # Never bounce a bounce: null reverse-path or a DSN of ours (RFC 5321 4.5.5, RFC 3464).
+    return bool(message.sender) and message.kind is not Kind.DSN
+
+
+def _gate_pauses() -> Iterator[float]:
+    yield from GATE_POLL_S
+    while True:
+        yield GATE_POLL_S[-1]

@@ -1,0 +1,53 @@
+"""`smtpfleet dev`: a local cluster in one command, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+from smtpfleet.localcluster import LocalCluster
+
+
+async def run_dev(*, nodes: int, sinks: int, relays: Sequence[str], as_json: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with LocalCluster(nodes=nodes, sinks=sinks, relays=relays) as cluster:
+        info = cluster.info()
+        if as_json:
+            print(json.dumps(info, separators=(",", ":")), flush=True)
+        else:
+            print(_summary(info, cluster), flush=True)
+        await stop.wait()
+        if not as_json:
+            print("stopping: draining nodes, then relays and Redis", file=sys.stderr)
+    return 0
+
+
+def _summary(info: dict[str, object], cluster: LocalCluster) -> str:
+    smtp = info["smtp"]
+    assert isinstance(smtp, list)
+    lines = [
+        f"smtpfleet dev cluster ready: {len(smtp)} nodes",
+        *(
+            f"  node-{i + 1}  smtp {addr}  pid {pid}"
+            for i, (addr, pid) in enumerate(
+                zip(smtp, info["pids"], strict=True)  # type: ignore[call-overload]
+            )
+        ),
+        f"  redis   {info['redis']}",
+        *(
+            f"  relay   {addr}" + ("  (demo sink)" if cluster.sink_servers else "")
+            for addr in cluster.relay_addresses()
+        ),
+        f"  logs    {info['logs']}",
+        "",
+        "Send a message (nodes relay for loopback clients):",
+        f"  swaks --server {smtp[0]} --to someone@example.net   (or any SMTP client)",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Run one node as a process: uvloop, signals, drain, exit code.
+
+The first SIGTERM or SIGINT drains (421 to new sessions, in-flight work finishes within the
+grace period); a second one exits at once, as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import uvloop
+
+from smtpfleet.config import Config
+from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.node import Node
+
+log = logging.getLogger(__name__)
+
+PARENT_PID_ENV = "SMTPFLEET_EXIT_WITH_PARENT"
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+FORCED_EXIT = 130
+
+
+async def _serve(config: Config) -> int:
+    node = Node(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting without finishing in-flight work")
+            raise SystemExit(FORCED_EXIT)
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await node.start()
+    except (RedisUnsuitable, QueueUnavailable, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        await node.close()
+        return EXIT_STARTUP_FAILED
+    watcher = asyncio.create_task(_watch_parent(stop))
+    await stop.wait()
+    watcher.cancel()
+    await node.drain()
+    log.info("node %s stopped", node.node_id)
+    return EXIT_OK
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """Drain when the process that started us (`smtpfleet dev`, a test) is gone."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected:
+        return
+    while os.getppid() == int(expected):  # noqa: ASYNC110 - no event tells of a dead parent
+        await asyncio.sleep(1.0)
+    log.warning("parent process %s is gone: draining", expected)
+    stop.set()
+
+
+def serve(config: Config) -> int:
+    return uvloop.run(_serve(config))

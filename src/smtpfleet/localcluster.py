@@ -1,0 +1,231 @@
+"""A whole cluster on loopback: a real Redis, demo sink relays and N node processes.
+
+`smtpfleet dev` runs one for people; the tests and the drills run the same thing, so what a
+newcomer sees is what CI checks. Nodes are separate OS processes, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smtpfleet.lifecycle import PARENT_PID_ENV
+from smtpfleet.redis_server import RedisServer, free_port
+from smtpfleet.sink import Sink
+
+READY_TIMEOUT_S = 30.0
+
+
+def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class NodeProcess:
+    """One `smtpfleet serve` child process."""
+
+    index: int
+    config_path: Path
+    log_path: Path
+    smtp_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def smtp(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.smtp_port)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "smtpfleet", "serve", "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # A node must not outlive the `dev` process or the test that started it.
+            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+        )
+        log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(5.0)
+
+    def wait(self, timeout_s: float) -> int | None:
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM (the node drains), then SIGKILL if it outlives the grace period."""
+        self.signal(signal.SIGTERM)
+        code = self.wait(grace_s)
+        if code is None:
+            self.kill()
+        return code
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Ready when the SMTP port greets with 220 (the node opens it only once Redis is ok)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"node {self.index} exited at start:\n{self.log_tail()}")
+            if await _greets(self.smtp_port):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"node {self.index} not ready in {timeout_s}s:\n{self.log_tail()}")
+
+
+async def _greets(port: int) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        banner = await asyncio.wait_for(reader.readline(), 2.0)
+        writer.write(b"QUIT\r\n")
+        return banner.startswith(b"220")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@dataclass
+class LocalCluster:
+    """Redis + sinks + nodes on 127.0.0.1; an async context manager."""
+
+    nodes: int = 3
+    sinks: int = 2
+    relays: Sequence[str] = ()  # HOST:PORT of real relays; when given, no sinks are started
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    appendfsync: str = "everysec"
+    workdir: Path | None = None
+    drain_grace_s: float = 10.0
+    redis: RedisServer | None = None
+    sink_servers: list[Sink] = field(default_factory=list)
+    node_processes: list[NodeProcess] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    async def __aenter__(self) -> LocalCluster:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="smtpfleet-")
+            self.workdir = Path(self._tmp.name)
+        self.redis = RedisServer(data_dir=self.workdir / "redis", appendfsync=self.appendfsync)
+        self.redis.start()
+        if not self.relays:
+            for i in range(self.sinks):
+                sink = Sink(name=f"relay-{i + 1}")
+                await sink.start()
+                self.sink_servers.append(sink)
+        for i in range(self.nodes):
+            self.node_processes.append(self._new_node(i + 1))
+        for node in self.node_processes:
+            node.start()
+        await asyncio.gather(*(n.wait_ready() for n in self.node_processes))
+
+    def relay_addresses(self) -> list[str]:
+        return list(self.relays) or [s.address for s in self.sink_servers]
+
+    def node_config(self, index: int, smtp_port: int) -> dict[str, Any]:
+        assert self.redis is not None
+        relays = []
+        for i, address in enumerate(self.relay_addresses()):
+            host, _, port = address.rpartition(":")
+            relays.append({"name": f"relay-{i + 1}", "host": host.strip("[]"), "port": int(port)})
+        base: dict[str, Any] = {
+            "node": {"id": f"node-{index}", "hostname": "localhost"},
+            "inbound": {
+                "listen": [f"127.0.0.1:{smtp_port}"],
+                "relay_networks": ["127.0.0.0/8", "::1/128"],
+            },
+            "redis": {"url": self.redis.url},
+            "retry": {"initial_s": 5.0, "max_s": 60.0},
+            "relays": relays,
+        }
+        base["node"]["drain_grace_s"] = self.drain_grace_s
+        return deep_merge(base, self.overrides)
+
+    def _new_node(self, index: int) -> NodeProcess:
+        assert self.workdir is not None
+        port = free_port()
+        path = self.workdir / f"node-{index}.yaml"
+        path.write_text(yaml.safe_dump(self.node_config(index, port)), encoding="utf-8")
+        return NodeProcess(index, path, self.workdir / f"node-{index}.log", port)
+
+    def info(self) -> dict[str, Any]:
+        assert self.redis is not None
+        return {
+            "smtp": [f"127.0.0.1:{n.smtp_port}" for n in self.node_processes],
+            "pids": [n.pid for n in self.node_processes],
+            "redis": self.redis.url,
+            "relays": self.relay_addresses(),
+            "logs": str(self.workdir),
+        }
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(None, n.stop, self.drain_grace_s + 5)
+                for n in self.node_processes
+            )
+        )
+        for sink in self.sink_servers:
+            await sink.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self._tmp is not None and not os.environ.get("SMTPFLEET_KEEP_WORKDIR"):
+            self._tmp.cleanup()

@@ -1,0 +1,43 @@
+"""Every Redis key smtpfleet uses, built in one place.
+
+Each key of one shard carries the hash tag ``{prefix:N}``, so every script and transaction
+touches a single hash slot and the same code runs on one Redis, Sentinel, and Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "delivery"  # the consumer group every node's workers read through
+ENTRY_FIELD = "m"  # the stream entry's one field: QueuedMessage.encode()
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+    shards: int
+
+    def tag(self, shard: int) -> str:
+        return f"{{{self.prefix}:{shard}}}"
+
+    def stream(self, shard: int) -> str:
+        """Ready and in-flight entries; entries are deleted (XDEL) once finished, never trimmed."""
+        return f"{self.tag(shard)}:stream"
+
+    def body(self, shard: int, qid: str) -> str:
+        """A hash: ``d`` the message bytes, ``ok`` once durability was confirmed."""
+        return f"{self.tag(shard)}:body:{qid}"
+
+    def retry(self, shard: int) -> str:
+        """Sorted set of encoded entries waiting for a retry, scored by due time (ms)."""
+        return f"{self.tag(shard)}:retry"
+
+    def dedupe(self, shard: int, fingerprint: str) -> str:
+        return f"{self.tag(shard)}:dedupe:{fingerprint}"
+
+    def dead(self, shard: int) -> str:
+        """Dead letters: undeliverable bounces and failures for null senders."""
+        return f"{self.tag(shard)}:dead"
+
+    def all_shards(self) -> range:
+        return range(self.shards)

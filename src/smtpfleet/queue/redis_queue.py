@@ -1,0 +1,328 @@
+"""The Redis side of the queue: the only module that knows how mail is laid out in Redis.
+
+Inbound sees it as a `Spool` (enqueue); delivery workers use the rest (read, finish, retry,
+claim). Every call that can fail because Redis is away raises `QueueUnavailable`, whatever the
+client library threw: during failovers redis-py raises more than `RedisError` (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from smtpfleet.config import Durability, QueueConfig, RedisConfig
+from smtpfleet.envelope import EnqueueResult, Kind, NewMessage, QueuedMessage, now_ms, shard_of
+from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
+from smtpfleet.queue import scripts
+from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NO_LIMIT = 2**53
+MIN_REDIS_VERSION = (6, 2, 0)  # XAUTOCLAIM
+SAFE_EVICTION_POLICY = "noeviction"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry handed to a worker."""
+
+    shard: int
+    entry_id: str
+    message: QueuedMessage
+
+
+@dataclass(frozen=True)
+class Body:
+    data: bytes | None  # None: cancelled (tombstoned) or already finished
+    confirmed: bool  # durability was confirmed before the client got 250
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What to do with an entry once a delivery attempt ends, in one transaction."""
+
+    retry: QueuedMessage | None = None  # recipients still to try
+    retry_due_ms: int = 0
+    dead: QueuedMessage | None = None  # recipients that go to the dead-letter stream
+    dead_reason: str = ""
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisQueue:
+    """The mail queue in Redis streams, sharded by hash tag."""
+
+    def __init__(self, redis_config: RedisConfig, queue_config: QueueConfig) -> None:
+        self.keys = Keys(redis_config.prefix, redis_config.shards)
+        self._queue = queue_config
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            redis_config.url,
+            socket_timeout=redis_config.socket_timeout_s,
+            socket_connect_timeout=redis_config.socket_timeout_s,
+            max_connections=redis_config.max_connections,
+            health_check_interval=30,
+        )
+        self._enqueue = self._redis.register_script(scripts.ENQUEUE)
+        self._cancel = self._redis.register_script(scripts.CANCEL)
+        self._move_due = self._redis.register_script(scripts.MOVE_DUE)
+        self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except (QueueFull, QueueUnavailable):
+            raise
+        except Exception as exc:  # the Redis boundary: anything from the client means "away"
+            raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
+
+    # -- start-up -------------------------------------------------------------------------
+
+    async def check_server(self) -> str:
+        """Refuse a Redis that cannot hold mail safely; return its version for the log."""
+        server = await self._guard(lambda: self._redis.info("server"))
+        memory = await self._guard(lambda: self._redis.info("memory"))
+        version = str(server.get("valkey_version") or server.get("redis_version", "0"))
+        compat = str(server.get("redis_version", "0"))
+        if _version_tuple(compat) < MIN_REDIS_VERSION:
+            raise RedisUnsuitable(f"Redis {compat} is too old: smtpfleet needs 6.2 or newer")
+        policy = str(memory.get("maxmemory_policy", ""))
+        if policy != SAFE_EVICTION_POLICY:
+            raise RedisUnsuitable(
+                f"Redis maxmemory-policy is {policy!r}: it may evict queued mail; "
+                f"set maxmemory-policy {SAFE_EVICTION_POLICY}"
+            )
+        if self._queue.durability is Durability.FSYNC:
+            persistence = await self._guard(lambda: self._redis.info("persistence"))
+            if str(persistence.get("aof_enabled")) != "1":
+                raise RedisUnsuitable("durability: fsync needs appendonly yes on the Redis server")
+        return version
+
+    async def ensure_groups(self) -> None:
+        """Create every shard's stream and consumer group (id 0: include entries already there)."""
+        for shard in self.keys.all_shards():
+            try:
+                await self._redis.xgroup_create(
+                    self.keys.stream(shard), GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # -- Spool: the accept path -------------------------------------------------------------
+
+    async def enqueue(self, message: NewMessage) -> EnqueueResult:
+        """One round trip: the script (body + entry + dedupe key), then WAIT/WAITAOF if asked."""
+        shard = shard_of(message.qid)
+        entry = QueuedMessage(
+            qid=message.qid,
+            sender=message.sender,
+            recipients=message.recipients,
+            accepted_ms=now_ms(),
+            kind=message.kind,
+        )
+        try:
+            return await self._enqueue_durably(shard, message, entry)
+        except QueueUnavailable:
+            await self._cancel_quietly(shard, message)
+            raise
+        except asyncio.CancelledError:
+            # The accept deadline passed mid-write: the write may have landed (RFC 5321 4.2.5).
+            await asyncio.shield(self._cancel_quietly(shard, message))
+            raise
+
+    async def _enqueue_durably(
+        self, shard: int, message: NewMessage, entry: QueuedMessage
+    ) -> EnqueueResult:
+        mode = self._queue.durability
+        pipe = self._redis.pipeline(transaction=False)
+        await self._enqueue(
+            keys=self._enqueue_keys(shard, message),
+            args=self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER),
+            client=pipe,
+        )
+        if mode is Durability.FSYNC:
+            pipe.execute_command("WAITAOF", 1, 0, self._queue.durability_timeout_ms)
+        elif mode is Durability.REPLICATED:
+            pipe.execute_command("WAIT", self._queue.replicas, self._queue.durability_timeout_ms)
+        results: list[Any] = await self._guard(pipe.execute)
+        outcome = [_text(part) for part in results[0]]
+        if outcome[0] == "dup":
+            return EnqueueResult(qid=outcome[1], duplicate=True)
+        if outcome[0] == "full":
+            raise QueueFull("queue above its high-water mark")
+        if mode is not Durability.SERVER:
+            self._require_confirmation(mode, results[1])
+            body_key = self.keys.body(shard, message.qid)
+            await self._guard(lambda: self._redis.hset(body_key, "ok", "1"))
+        return EnqueueResult(qid=message.qid)
+
+    def _require_confirmation(self, mode: Durability, reply: Any) -> None:
+        if mode is Durability.FSYNC:
+            if int(reply[0]) < 1:
+                raise QueueUnavailable("WAITAOF: the AOF fsync was not confirmed in time")
+        elif int(reply) < self._queue.replicas:
+            raise QueueUnavailable(
+                f"WAIT: {int(reply)} of {self._queue.replicas} replicas confirmed in time"
+            )
+
+    def _enqueue_keys(self, shard: int, message: NewMessage) -> list[str]:
+        dedupe = self.keys.dedupe(shard, message.fingerprint or "-")
+        return [
+            self.keys.stream(shard),
+            self.keys.body(shard, message.qid),
+            self.keys.retry(shard),
+            dedupe,
+        ]
+
+    def _enqueue_args(
+        self, message: NewMessage, entry: QueuedMessage, *, confirmed: bool
+    ) -> list[str | bytes | int]:
+        ttl_ms = int(self._queue.dedupe_window_s * 1000) if message.fingerprint else 0
+        # Our own bounces skip the high-water mark: refusing them would stall the delivery
+        # that produced them, and the client that could back off is long gone.
+        high_water = NO_LIMIT if message.kind is Kind.DSN else self._per_shard_high_water
+        return [
+            message.qid,
+            entry.encode(),
+            message.data,
+            ttl_ms,
+            high_water,
+            "1" if confirmed else "0",
+        ]
+
+    async def _cancel_quietly(self, shard: int, message: NewMessage) -> None:
+        keys = [
+            self.keys.body(shard, message.qid),
+            self.keys.dedupe(shard, message.fingerprint or "-"),
+        ]
+        try:
+            await asyncio.wait_for(self._cancel(keys=keys, args=[message.qid]), timeout=2.0)
+        except Exception:  # Redis is away: the worker's durability gate covers this case
+            log.warning("could not tombstone %s after a failed accept", message.qid)
+
+    async def cancel(self, qid: str, fingerprint: str | None = None) -> None:
+        shard = shard_of(qid)
+        keys = [self.keys.body(shard, qid), self.keys.dedupe(shard, fingerprint or "-")]
+        await self._guard(lambda: self._cancel(keys=keys, args=[qid]))
+
+    # -- delivery side ----------------------------------------------------------------------
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """New entries from every shard for this consumer (XREADGROUP ... >)."""
+        streams: dict[Any, Any] = {self.keys.stream(s): ">" for s in self.keys.all_shards()}
+        reply = await self._guard(
+            lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
+        )
+        return self._parse_read(reply)
+
+    async def read_own_pending(self, consumer: str, count: int) -> list[Delivery]:
+        """Entries this consumer read but never finished (e.g. Redis went away mid-delivery)."""
+        streams: dict[Any, Any] = {self.keys.stream(s): "0" for s in self.keys.all_shards()}
+        reply = await self._guard(
+            lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count)
+        )
+        return self._parse_read(reply)
+
+    async def claim_idle(self, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        """The safety net: take over entries idle longer than any delivery attempt can take."""
+        claimed: list[Delivery] = []
+        for shard in self.keys.all_shards():
+            reply = await self._guard(
+                lambda shard=shard: self._redis.xautoclaim(  # type: ignore[misc]
+                    self.keys.stream(shard), GROUP, consumer, min_idle_ms, "0-0", count=count
+                )
+            )
+            claimed.extend(self._deliveries(shard, reply[1]))
+        return claimed
+
+    def _parse_read(self, reply: Any) -> list[Delivery]:
+        if not reply:
+            return []
+        pairs = reply.items() if isinstance(reply, dict) else reply
+        deliveries: list[Delivery] = []
+        for stream, entries in pairs:
+            shard = int(_text(stream).split(":")[-2].rstrip("}"))
+            deliveries.extend(self._deliveries(shard, entries))
+        return deliveries
+
+    def _deliveries(self, shard: int, entries: Sequence[Any]) -> list[Delivery]:
+        out = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending: nothing left to do but acknowledge
+                out.append(Delivery(shard, _text(entry_id), _EMPTY))
+                continue
+            raw = fields.get(ENTRY_FIELD.encode()) or fields.get(ENTRY_FIELD)
+            out.append(Delivery(shard, _text(entry_id), QueuedMessage.decode(raw)))
+        return out
+
+    async def load_body(self, shard: int, qid: str) -> Body:
+        key = self.keys.body(shard, qid)
+        data, ok = await self._guard(lambda: self._redis.hmget(key, ["d", "ok"]))
+        return Body(data=data if isinstance(data, bytes) else None, confirmed=ok is not None)
+
+    async def finish(self, delivery: Delivery, outcome: Finish) -> None:
+        """Acknowledge the entry and record what is left of it, in one MULTI/EXEC."""
+        shard, qid = delivery.shard, delivery.message.qid
+        pipe = self._redis.pipeline(transaction=True)
+        stream = self.keys.stream(shard)
+        pipe.xack(stream, GROUP, delivery.entry_id)
+        pipe.xdel(stream, delivery.entry_id)
+        if outcome.retry is not None:
+            pipe.zadd(self.keys.retry(shard), {outcome.retry.encode(): outcome.retry_due_ms})
+        if outcome.dead is not None:
+            fields = {ENTRY_FIELD: outcome.dead.encode(), "reason": outcome.dead_reason[:500]}
+            pipe.xadd(self.keys.dead(shard), fields)  # type: ignore[arg-type]
+        if outcome.retry is None and outcome.dead is None and qid:
+            pipe.delete(self.keys.body(shard, qid))
+        await self._guard(pipe.execute)
+
+    async def move_due_retries(self, now: int, limit: int = 500) -> int:
+        pipe = self._redis.pipeline(transaction=False)
+        for shard in self.keys.all_shards():
+            await self._move_due(
+                keys=[self.keys.stream(shard), self.keys.retry(shard)],
+                args=[now, limit],
+                client=pipe,
+            )
+        moved = await self._guard(pipe.execute)
+        return sum(int(n) for n in moved)
+
+    # -- views for tools and tests ------------------------------------------------------------
+
+    async def depth(self) -> dict[str, int]:
+        """Counts across shards: entries in streams, waiting retries, dead letters."""
+        pipe = self._redis.pipeline(transaction=False)
+        for shard in self.keys.all_shards():
+            pipe.xlen(self.keys.stream(shard))
+            pipe.zcard(self.keys.retry(shard))
+            pipe.xlen(self.keys.dead(shard))
+        counts = await self._guard(pipe.execute)
+        return {
+            "stream": sum(counts[0::3]),
+            "retry": sum(counts[1::3]),
+            "dead": sum(counts[2::3]),
+        }
+
+
+_EMPTY = QueuedMessage(qid="", sender="", recipients=(), accepted_ms=0)

@@ -1,0 +1,47 @@
+"""Lua scripts: each runs atomically inside one shard's hash slot (all KEYS share a tag)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# KEYS: stream, body, retry, dedupe   ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok
+# Returns {"ok", stream_id} | {"dup", original_qid} | {"full"}.
+ENQUEUE: Final = """
+local dedupe = tonumber(ARGV[4]) > 0
+if dedupe then
+  local original = redis.call('GET', KEYS[4])
+  if original then return {'dup', original} end
+end
+if redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
+  return {'full'}
+end
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[2], 'd', ARGV[3], 'ok', '1')
+else
+  redis.call('HSET', KEYS[2], 'd', ARGV[3])
+end
+local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+if dedupe then redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[4]) end
+return {'ok', id}
+"""
+
+# The tombstone of RFC 5321 section 4.2.5: we answered 4xx, so this copy must never be sent.
+# Deleting the body is the tombstone (a worker that finds no body drops the entry); the dedupe
+# key goes too, or the sender's retry would be answered with the cancelled copy's id.
+# KEYS: body, dedupe   ARGV: qid
+CANCEL: Final = """
+redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# Move due retries back into the stream; ZREM in the same script means each moves once,
+# however many nodes run the scheduler.   KEYS: stream, retry   ARGV: now_ms, limit
+MOVE_DUE: Final = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, entry in ipairs(due) do
+  redis.call('XADD', KEYS[1], '*', 'm', entry)
+  redis.call('ZREM', KEYS[2], entry)
+end
+return #due
+"""
