@@ -15,7 +15,3 @@ class Spool(Protocol):
         (above the high-water mark); both map to 4xx replies. Returning means `250` is safe.
         """
         ...
-
-    def is_accepting(self) -> bool:
-        """False while the node drains; inbound then answers 421 to new sessions."""
-        ...

@@ -1,0 +1,139 @@
+"""aiosmtpd hooks: decide on each command and hand accepted mail to the spool.
+
+Every reply comes from `smtpfleet.replies`. Our own failures before the durable write are 4xx
+(DESIGN invariant 1); only the client's mistakes get a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from smtpfleet import replies
+from smtpfleet.envelope import NewMessage, choose_shard, dedupe_fingerprint, new_qid
+from smtpfleet.errors import QueueFull, QueueUnavailable
+from smtpfleet.inbound.policy import (
+    RecipientPolicy,
+    count_received_headers,
+    has_bare_line_ending,
+    message_id,
+    received_header,
+)
+from smtpfleet.queue.spool import Spool
+
+log = logging.getLogger(__name__)
+
+NULL_PATH = "<>"
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+
+class InboundHandler:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        policy: RecipientPolicy,
+        hostname: str,
+        shards: int,
+        max_recipients: int,
+        max_received_headers: int,
+        accept_timeout_s: float,
+    ) -> None:
+        self._spool = spool
+        self._policy = policy
+        self._hostname = hostname
+        self._shards = shards
+        self._max_recipients = max_recipients
+        self._max_received = max_received_headers
+        self._accept_timeout_s = accept_timeout_s
+
+    async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        refusal = self._policy.check_sender(address)
+        if refusal is not None:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            return (
+                replies.TOO_MANY_RECIPIENTS
+            )  # RFC 5321 §4.5.3.1.10: the client sends the rest later
+        refusal = self._policy.check(address, _peer_ip(session))
+        if refusal is not None:
+            log.info("refused rcpt from %s: %s", _peer_ip(session), refusal)
+            return refusal
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return replies.RCPT_OK
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        data = bytes(envelope.original_content or b"")
+        if has_bare_line_ending(data):
+            log.warning("refused message with bare CR/LF from %s", _peer_ip(session))
+            return replies.BARE_LINE_ENDING
+        if count_received_headers(data) > self._max_received:
+            return replies.LOOP_DETECTED
+        message = self._new_message(session, envelope, data)
+        return await self._enqueue(message)
+
+    def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
+        # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue
+        # and the DSN logic know it as "".
+        sender = "" if envelope.mail_from in (None, NULL_PATH) else str(envelope.mail_from)
+        recipients = tuple(envelope.rcpt_tos)
+        fingerprint = dedupe_fingerprint(message_id(data), sender, recipients)
+        qid = new_qid(choose_shard(fingerprint, self._shards))
+        trace = received_header(
+            helo=session.host_name,
+            peer_ip=_peer_ip(session),
+            by_host=self._hostname,
+            qid=qid,
+            recipient=recipients[0] if len(recipients) == 1 else None,
+            when=datetime.now(UTC),
+            esmtp=bool(session.extended_smtp),
+        )
+        return NewMessage(
+            qid=qid,
+            sender=sender,
+            recipients=recipients,
+            data=trace + data,
+            fingerprint=fingerprint,
+        )
+
+    async def _enqueue(self, message: NewMessage) -> str:
+        try:
+            result = await asyncio.wait_for(
+                self._spool.enqueue(message), timeout=self._accept_timeout_s
+            )
+        except (QueueUnavailable, TimeoutError) as exc:
+            log.warning("%s: not queued, answered 451: %s", message.qid, exc or "timeout")
+            return replies.QUEUE_UNAVAILABLE
+        except QueueFull:
+            log.warning("%s: queue above its high-water mark, answered 452", message.qid)
+            return replies.QUEUE_FULL
+        except Exception:
+            log.exception("%s: unexpected error while queueing", message.qid)
+            return replies.LOCAL_ERROR
+        if result.duplicate:
+            log.info("%s: duplicate of %s, not queued again", message.qid, result.qid)
+        return replies.QUEUED_FMT.format(qid=result.qid)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default "500 Error: (Exc) text" looks permanent and leaks internals.
+        log.exception("SMTP session error", exc_info=error)
+        return replies.LOCAL_ERROR

@@ -1,0 +1,159 @@
+"""Accept → queue → deliver through one in-process node, real Redis, real sinks."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from smtpfleet.sink import Sink
+from smtpfleet.testing import eventually, make_message, node_config, running_node, send
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_message_is_delivered_once_with_trace_header(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        reply = await send(node.inbound.addresses[0], data=make_message(body="..dot\r\nbody\r\n"))
+        assert reply.code == 250
+        assert "queued as" in reply.text
+        qid = reply.text.rsplit(" ", 1)[-1]
+        await eventually(lambda: sink.count == 1)
+        received = sink.messages[0]
+        assert received.sender == "sender@example.com"
+        assert received.recipients == ("rcpt@example.net",)
+        assert received.data.startswith(b"Received: from ")
+        assert qid.encode() in received.data.split(b"\r\n\r\n")[0]
+        assert b"\r\n\r\n..dot\r\nbody\r\n" in received.data  # dot-stuffing undone then redone
+        await eventually(lambda: node.worker.in_flight == 0)
+        assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
+
+
+async def test_tempfail_then_success_is_delivered_after_retry(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    sink.faults.data_replies = ["451 4.3.0 Try again later"]
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        assert (await send(node.inbound.addresses[0])).code == 250
+        await eventually(lambda: sink.count == 1, timeout_s=10)
+        assert len(sink.rejected) == 1  # the first attempt really reached the relay
+
+
+async def test_tempfail_moves_to_next_relay_at_once(
+    redis_url: str, prefix: str, sink: Sink, sink_b: Sink
+) -> None:
+    sink.faults.data_replies = ["451 4.3.0 Try again later"] * 10
+    sink_b.faults.data_replies = ["451 4.3.0 Try again later"] * 10
+    # Retries far in the future: the message may only arrive through the at-once fallback.
+    overrides = {"redis": {"prefix": prefix}, "retry": {"initial_s": 3600, "max_s": 3600}}
+    config = node_config(redis_url, [sink.address, sink_b.address], overrides)
+    sink_b.faults.data_replies = []
+    async with running_node(config) as node:
+        for _ in range(4):
+            assert (await send(node.inbound.addresses[0])).code == 250
+        await eventually(lambda: sink_b.count == 4, timeout_s=10)
+        assert sink.count == 0
+
+
+async def test_permanent_failure_bounces_once_to_sender(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    sink.faults.rcpt_replies = {"gone@example.net": "550 5.1.1 User unknown"}
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        reply = await send(
+            node.inbound.addresses[0], recipients=["gone@example.net", "here@example.net"]
+        )
+        assert reply.code == 250
+        await eventually(lambda: sink.count == 2)
+        await eventually(lambda: node.worker.in_flight == 0)
+        by_sender = {m.sender: m for m in sink.messages}
+        assert by_sender["sender@example.com"].recipients == ("here@example.net",)
+        dsn = by_sender[""]
+        assert dsn.recipients == ("sender@example.com",)
+        parsed = email.message_from_bytes(dsn.data, policy=email.policy.default)
+        assert parsed.get_content_type() == "multipart/report"
+        assert b"Final-Recipient: rfc822; gone@example.net" in dsn.data
+        assert b"here@example.net" not in dsn.data.split(b"message/delivery-status")[1].split(
+            b"text/rfc822-headers"
+        )[0]
+        assert b"Status: 5.1.1" in dsn.data
+        assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
+
+
+async def test_null_sender_failure_goes_to_dead_letters_not_a_bounce(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    sink.faults.rcpt_replies = {"gone@example.net": "550 5.1.1 User unknown"}
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        reply = await send(node.inbound.addresses[0], sender="", recipients=["gone@example.net"])
+        assert reply.code == 250
+        await eventually(lambda: sink.refused_recipients == ["gone@example.net"])
+
+
+        async def one_dead_letter() -> bool:
+            return (await node.queue.depth())["dead"] == 1
+
+        await eventually(one_dead_letter)
+        assert sink.count == 0  # no DSN for a null sender, ever
+
+
+async def test_expired_message_bounces_with_4_4_7(redis_url: str, prefix: str, sink: Sink) -> None:
+    # The recipient is always "busy"; the sender's mailbox (where the DSN goes) is fine.
+    sink.faults.rcpt_replies = {"rcpt@example.net": "451 4.2.1 Mailbox busy"}
+    overrides = {"redis": {"prefix": prefix}, "retry": {"lifetime_s": 1.5}}
+    config = node_config(redis_url, [sink.address], overrides)
+    async with running_node(config) as node:
+        assert (await send(node.inbound.addresses[0])).code == 250
+        await eventually(lambda: sink.count == 1, timeout_s=15)
+        assert len(sink.refused_recipients) >= 2  # retried before giving up
+        dsn = sink.messages[0]
+        assert dsn.sender == ""
+        assert dsn.recipients == ("sender@example.com",)
+        assert b"Status: 4.4.7" in dsn.data
+        assert b"451 4.2.1 Mailbox busy" in dsn.data
+        await eventually(lambda: node.worker.in_flight == 0)
+        assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
+
+
+async def test_resent_message_is_deduplicated(redis_url: str, prefix: str, sink: Sink) -> None:
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    data = make_message(message_id="<same-message@test>")
+    async with running_node(config) as node:
+        first = await send(node.inbound.addresses[0], data=data)
+        second = await send(node.inbound.addresses[0], data=data)
+        assert first.code == second.code == 250
+        assert first.text.rsplit(" ", 1)[-1] == second.text.rsplit(" ", 1)[-1]
+        other = await send(node.inbound.addresses[0], data=data, recipients=["x@example.net"])
+        assert other.text.rsplit(" ", 1)[-1] != first.text.rsplit(" ", 1)[-1]
+        await eventually(lambda: sink.count == 2)
+        await eventually(lambda: node.worker.in_flight == 0)
+        assert sink.count == 2
+
+
+async def test_foreign_domain_is_refused_for_outside_clients(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    overrides = {
+        "redis": {"prefix": prefix},
+        "inbound": {"relay_networks": [], "accepted_domains": ["example.net"]},
+    }
+    config = node_config(redis_url, [sink.address], overrides)
+    async with running_node(config) as node:
+        refused = await send(node.inbound.addresses[0], recipients=["victim@elsewhere.org"])
+        assert refused.code == 550
+        assert refused.text.startswith("5.7.1")
+        tricked = await send(
+            node.inbound.addresses[0], recipients=["victim%elsewhere.org@example.net"]
+        )
+        assert tricked.code == 550
+        ours = await send(node.inbound.addresses[0], recipients=["someone@example.net"])
+        assert ours.code == 250
+        await eventually(lambda: sink.count == 1)
+        assert sink.messages[0].recipients == ("someone@example.net",)

@@ -1,0 +1,94 @@
+"""Invariant 1: 250 means durable; every failure of ours before that is a 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from smtpfleet.errors import RedisUnsuitable
+from smtpfleet.node import Node
+from smtpfleet.redis_server import RedisServer
+from smtpfleet.sink import Sink
+from smtpfleet.testing import eventually, make_message, node_config, running_node, send
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_fsync_durability_accepts_on_an_aof_redis(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    overrides = {"redis": {"prefix": prefix}, "queue": {"durability": "fsync"}}
+    async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
+        assert (await send(node.inbound.addresses[0])).code == 250
+        await eventually(lambda: sink.count == 1)
+
+
+async def test_unconfirmed_replication_answers_451_and_never_delivers(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    # No replica exists, so WAIT can never confirm: RFC 5321 4.2.5 says the copy we wrote
+    # must not be delivered once we answered 4xx.
+    overrides = {
+        "redis": {"prefix": prefix},
+        "queue": {"durability": "replicated", "replicas": 1, "durability_timeout_ms": 200},
+    }
+    async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
+        reply = await send(node.inbound.addresses[0])
+        assert reply.code == 451
+        assert reply.text.startswith("4.3.0")
+        await asyncio.sleep(2.0)  # past the confirmation window the worker waits for
+        assert sink.count == 0
+        assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
+
+
+async def test_queue_above_high_water_answers_452(redis_url: str, prefix: str) -> None:
+    overrides = {"redis": {"prefix": prefix, "shards": 1}, "queue": {"high_water": 2}}
+    # No relay at all: messages wait in the queue (and count against the high-water mark).
+    async with running_node(node_config(redis_url, [], overrides)) as node:
+        codes = [(await send(node.inbound.addresses[0])).code for _ in range(3)]
+        assert codes == [250, 250, 452]
+
+
+async def test_refuses_to_start_on_a_redis_that_may_evict(tmp_path: object) -> None:
+    with RedisServer(extra_args=["--maxmemory-policy", "allkeys-lru"]) as evicting:
+        node = Node(node_config(evicting.url, []))
+        with pytest.raises(RedisUnsuitable, match="maxmemory-policy"):
+            await node.start()
+        await node.close()
+
+
+async def test_redis_down_mid_load_gives_451_only_and_loses_nothing(sink: Sink) -> None:
+    with RedisServer(appendfsync="always") as redis:
+        overrides = {"inbound": {"accept_timeout_s": 3.0}, "redis": {"socket_timeout_s": 1.0}}
+        async with running_node(node_config(redis.url, [sink.address], overrides)) as node:
+            address = node.inbound.addresses[0]
+            accepted: list[bytes] = []
+            codes: list[int] = []
+
+            async def sender(worker: int) -> None:
+                for i in range(40):
+                    tag = f"<w{worker}-m{i}@load.test>"
+                    reply = await send(address, data=make_message(message_id=tag))
+                    codes.append(reply.code)
+                    if reply.code == 250:
+                        accepted.append(tag.encode())
+                    await asyncio.sleep(0.02)
+
+            load = asyncio.gather(*(sender(w) for w in range(5)))
+            await asyncio.sleep(0.5)
+            redis.kill()
+            started = time.monotonic()
+            await asyncio.sleep(2.0)
+            redis.restart()
+            await load
+            assert time.monotonic() - started < 60
+            assert 451 in codes, "the outage was not seen by any client"
+            assert set(codes) <= {250, 451}, f"unexpected replies: {sorted(set(codes))}"
+
+            def all_delivered() -> bool:
+                seen = {m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0] for m in sink.messages}
+                return set(accepted) <= seen
+
+            await eventually(all_delivered, timeout_s=30)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smtpfleet.config import Durability, build_config, load_config, parse_hostport
+from smtpfleet.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "smtpfleet.yaml"
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(EXAMPLE, environ={})
+    assert [r.name for r in config.relays] == ["relay-a", "relay-b"]
+
+
+def test_environment_overrides_file_values_including_list_items() -> None:
+    config = load_config(
+        EXAMPLE,
+        environ={
+            "SMTPFLEET_QUEUE__DURABILITY": "fsync",
+            "SMTPFLEET_RELAYS__1__PORT": "2526",
+            "SMTPFLEET_INBOUND__LISTEN": '["127.0.0.1:25", "[::1]:25"]',
+            "UNRELATED": "x",
+        },
+    )
+    assert config.queue.durability is Durability.FSYNC
+    assert config.relays[1].port == 2526
+    assert config.inbound.listen_addresses() == [("127.0.0.1", 25), ("::1", 25)]
+
+
+def test_every_problem_is_reported_at_once_naming_its_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(
+            {
+                "queue": {"durability": "sometimes"},
+                "inbound": {"max_recipients": 5, "relay_networks": ["not-a-net"]},
+                "relays": [{"name": "a", "host": "h"}, {"name": "a", "host": "h2"}],
+                "typo_section": {},
+            }
+        )
+    message = str(caught.value)
+    for key in ("queue.durability", "inbound.max_recipients", "inbound.relay_networks", "relays", "typo_section"):
+        assert key in message
+
+
+def test_claim_idle_must_exceed_the_longest_attempt() -> None:
+    with pytest.raises(ConfigError, match="claim_idle_s"):
+        build_config({"delivery": {"claim_idle_s": 30, "command_timeout_s": 60}})
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="queue.shards|redis.shards"):
+        build_config({}, {"SMTPFLEET_REDIS__SHARDS": "many"})
+
+
+def test_unreadable_or_non_mapping_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml", environ={})
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:25", ("127.0.0.1", 25)), ("[::1]:2525", ("::1", 2525)), ("relay:1", ("relay", 1))],
+)
+def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", ":25", "host:", "host:99999", "host:x"])
+def test_parse_hostport_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        parse_hostport(text)
