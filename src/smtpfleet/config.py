@@ -23,6 +23,16 @@ from smtpfleet.errors import ConfigError
 
 ENV_PREFIX = "SMTPFLEET_"
 ENV_SEPARATOR = "__"
+# SMTPFLEET_* variables that are not configuration keys (read by the CLI and the tools).
+RESERVED_ENV = frozenset(
+    {
+        "SMTPFLEET_CONFIG",
+        "SMTPFLEET_LOG_LEVEL",
+        "SMTPFLEET_REDIS_SERVER",
+        "SMTPFLEET_KEEP_WORKDIR",
+        "SMTPFLEET_PARENT_PID",
+    }
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -231,7 +241,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 def apply_environment(tree: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``SMTPFLEET_A__B=value`` onto ``tree``; values are parsed as YAML scalars/lists."""
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == "SMTPFLEET_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
         try:

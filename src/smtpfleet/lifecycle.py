@@ -19,7 +19,7 @@ from smtpfleet.node import Node
 
 log = logging.getLogger(__name__)
 
-PARENT_PID_ENV = "SMTPFLEET_EXIT_WITH_PARENT"
+PARENT_PID_ENV = "SMTPFLEET_PARENT_PID"
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
 FORCED_EXIT = 130

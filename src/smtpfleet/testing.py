@@ -128,7 +128,7 @@ async def send(
         return Reply(first.code, first.message)
     except aiosmtplib.SMTPResponseException as exc:
         return Reply(exc.code, exc.message)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         return Reply(0, f"{exc.__class__.__name__}: {exc}")
     return Reply(250, text)
 

@@ -46,7 +46,9 @@ async def test_thousand_messages_through_three_nodes_are_each_delivered_once() -
 
         await eventually(lambda: delivered() >= total, timeout_s=60)
         await asyncio.sleep(1.0)  # a duplicate would show up within this settle time
-        seen = collections.Counter(_message_id(m.data) for s in cluster.sink_servers for m in s.messages)
+        seen = collections.Counter(
+            _message_id(m.data) for s in cluster.sink_servers for m in s.messages
+        )
         assert set(seen) == set(sent)
         assert max(seen.values()) == 1, "some message was delivered twice"
         assert all(s.count > 0 for s in cluster.sink_servers), "a relay got no traffic"

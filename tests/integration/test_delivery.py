@@ -79,9 +79,10 @@ async def test_permanent_failure_bounces_once_to_sender(
         parsed = email.message_from_bytes(dsn.data, policy=email.policy.default)
         assert parsed.get_content_type() == "multipart/report"
         assert b"Final-Recipient: rfc822; gone@example.net" in dsn.data
-        assert b"here@example.net" not in dsn.data.split(b"message/delivery-status")[1].split(
-            b"text/rfc822-headers"
-        )[0]
+        assert (
+            b"here@example.net"
+            not in dsn.data.split(b"message/delivery-status")[1].split(b"text/rfc822-headers")[0]
+        )
         assert b"Status: 5.1.1" in dsn.data
         assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
 
@@ -95,7 +96,6 @@ async def test_null_sender_failure_goes_to_dead_letters_not_a_bounce(
         reply = await send(node.inbound.addresses[0], sender="", recipients=["gone@example.net"])
         assert reply.code == 250
         await eventually(lambda: sink.refused_recipients == ["gone@example.net"])
-
 
         async def one_dead_letter() -> bool:
             return (await node.queue.depth())["dead"] == 1

@@ -41,7 +41,9 @@ def test_a_resend_lands_in_the_same_shard(message_id: str, shards: int) -> None:
 
 
 def test_entry_round_trips() -> None:
-    entry = QueuedMessage("3.ABC", "", ("a@b",), 123, attempts=2, kind=Kind.DSN, last_errors={"a@b": "451 x"})
+    entry = QueuedMessage(
+        "3.ABC", "", ("a@b",), 123, attempts=2, kind=Kind.DSN, last_errors={"a@b": "451 x"}
+    )
     assert QueuedMessage.decode(entry.encode()) == entry
     again = entry.retry_of(("a@b",), {"a@b": "421 y"})
     assert again.attempts == 3

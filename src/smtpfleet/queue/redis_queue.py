@@ -155,17 +155,19 @@ class RedisQueue:
         self, shard: int, message: NewMessage, entry: QueuedMessage
     ) -> EnqueueResult:
         mode = self._queue.durability
-        pipe = self._redis.pipeline(transaction=False)
-        await self._enqueue(
-            keys=self._enqueue_keys(shard, message),
-            args=self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER),
-            client=pipe,
-        )
-        if mode is Durability.FSYNC:
-            pipe.execute_command("WAITAOF", 1, 0, self._queue.durability_timeout_ms)
-        elif mode is Durability.REPLICATED:
-            pipe.execute_command("WAIT", self._queue.replicas, self._queue.durability_timeout_ms)
-        results: list[Any] = await self._guard(pipe.execute)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._enqueue(
+                keys=self._enqueue_keys(shard, message),
+                args=self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER),
+                client=pipe,
+            )
+            if mode is Durability.FSYNC:
+                pipe.execute_command("WAITAOF", 1, 0, self._queue.durability_timeout_ms)
+            elif mode is Durability.REPLICATED:
+                pipe.execute_command(
+                    "WAIT", self._queue.replicas, self._queue.durability_timeout_ms
+                )
+            results: list[Any] = await self._guard(pipe.execute)
         outcome = [_text(part) for part in results[0]]
         if outcome[0] == "dup":
             return EnqueueResult(qid=outcome[1], duplicate=True)
@@ -284,40 +286,40 @@ class RedisQueue:
     async def finish(self, delivery: Delivery, outcome: Finish) -> None:
         """Acknowledge the entry and record what is left of it, in one MULTI/EXEC."""
         shard, qid = delivery.shard, delivery.message.qid
-        pipe = self._redis.pipeline(transaction=True)
         stream = self.keys.stream(shard)
-        pipe.xack(stream, GROUP, delivery.entry_id)
-        pipe.xdel(stream, delivery.entry_id)
-        if outcome.retry is not None:
-            pipe.zadd(self.keys.retry(shard), {outcome.retry.encode(): outcome.retry_due_ms})
-        if outcome.dead is not None:
-            fields = {ENTRY_FIELD: outcome.dead.encode(), "reason": outcome.dead_reason[:500]}
-            pipe.xadd(self.keys.dead(shard), fields)  # type: ignore[arg-type]
-        if outcome.retry is None and outcome.dead is None and qid:
-            pipe.delete(self.keys.body(shard, qid))
-        await self._guard(pipe.execute)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, delivery.entry_id)
+            pipe.xdel(stream, delivery.entry_id)
+            if outcome.retry is not None:
+                pipe.zadd(self.keys.retry(shard), {outcome.retry.encode(): outcome.retry_due_ms})
+            if outcome.dead is not None:
+                fields = {ENTRY_FIELD: outcome.dead.encode(), "reason": outcome.dead_reason[:500]}
+                pipe.xadd(self.keys.dead(shard), fields)  # type: ignore[arg-type]
+            if outcome.retry is None and outcome.dead is None and qid:
+                pipe.delete(self.keys.body(shard, qid))
+            await self._guard(pipe.execute)
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
-        pipe = self._redis.pipeline(transaction=False)
-        for shard in self.keys.all_shards():
-            await self._move_due(
-                keys=[self.keys.stream(shard), self.keys.retry(shard)],
-                args=[now, limit],
-                client=pipe,
-            )
-        moved = await self._guard(pipe.execute)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in self.keys.all_shards():
+                await self._move_due(
+                    keys=[self.keys.stream(shard), self.keys.retry(shard)],
+                    args=[now, limit],
+                    client=pipe,
+                )
+            moved = await self._guard(pipe.execute)
         return sum(int(n) for n in moved)
 
     # -- views for tools and tests ------------------------------------------------------------
 
     async def depth(self) -> dict[str, int]:
         """Counts across shards: entries in streams, waiting retries, dead letters."""
-        pipe = self._redis.pipeline(transaction=False)
-        for shard in self.keys.all_shards():
-            pipe.xlen(self.keys.stream(shard))
-            pipe.zcard(self.keys.retry(shard))
-            pipe.xlen(self.keys.dead(shard))
-        counts = await self._guard(pipe.execute)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in self.keys.all_shards():
+                pipe.xlen(self.keys.stream(shard))
+                pipe.zcard(self.keys.retry(shard))
+                pipe.xlen(self.keys.dead(shard))
+            counts = await self._guard(pipe.execute)
         return {
             "stream": sum(counts[0::3]),
             "retry": sum(counts[1::3]),
