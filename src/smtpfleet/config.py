@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -71,12 +70,6 @@ class NodeConfig(_Section):
     drain_grace_s: PositiveFloat = 30.0
     # How long `serve` waits for Redis at start before giving up (a clear error, exit 1).
     startup_timeout_s: PositiveFloat = 30.0
-
-    def resolved_id(self) -> str:
-        return self.id or f"{socket.gethostname()}-{os.getpid()}"
-
-    def resolved_hostname(self) -> str:
-        return self.hostname or socket.getfqdn()
 
 
 class InboundConfig(_Section):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 
 from smtpfleet.config import Config
@@ -27,8 +29,8 @@ log = logging.getLogger(__name__)
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.node_id = config.node.resolved_id()
-        self.hostname = config.node.resolved_hostname()
+        self.node_id = config.node.id or f"{socket.gethostname()}-{os.getpid()}"
+        self.hostname = config.node.hostname or socket.getfqdn()
         self.queue = RedisQueue(config.redis, config.queue)
         self._sender = Sender(config.delivery, config.delivery.helo_name or self.hostname)
         self.worker = DeliveryWorker(

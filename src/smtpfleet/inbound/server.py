@@ -178,10 +178,12 @@ class InboundServer:
             self._idle.set()
 
     def start_draining(self) -> None:
-        """Stop listening; idle sessions hear 421 now, busy ones after their transaction."""
+        """New sessions and idle ones hear 421 now; busy ones after their transaction.
+
+        The listeners stay open until close(), so a client that still reaches this node (the
+        load balancer has not noticed yet) gets a clear 421 rather than a refused connection.
+        """
         self.draining = True
-        for server in self._servers:
-            server.close()
         for session in list(self.sessions):
             if not session.in_transaction:
                 asyncio.get_running_loop().create_task(session.refuse(replies.SHUTTING_DOWN))
