@@ -76,7 +76,9 @@ class _Recorder:
             if not reply.startswith("2"):
                 self._sink.rejected.append(message)
                 return reply
-        self._sink.messages.append(message)
+        self._sink.accepted += 1
+        if self._sink.record:
+            self._sink.messages.append(message)
         return OK_REPLY
 
 
@@ -122,7 +124,10 @@ class Sink:
         *,
         name: str = "sink",
         faults: Faults | None = None,
+        record: bool = True,
     ) -> None:
+        self.record = record  # False: count only (benchmarks), keep no bodies
+        self.accepted = 0
         self.host = host
         self.port = port
         self.name = name
@@ -140,7 +145,7 @@ class Sink:
 
     @property
     def count(self) -> int:
-        return len(self.messages)
+        return self.accepted
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,3 +184,33 @@ class Sink:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _serve(host: str, port: int, report_s: float) -> None:
+    """Run a sink until killed, printing `count N` whenever the count changes (for benchmarks)."""
+    async with Sink(host, port, name="sink", record=False) as sink:
+        print(f"listening {sink.address}", flush=True)
+        last = -1
+        while True:
+            await asyncio.sleep(report_s)
+            if sink.count != last:
+                last = sink.count
+                print(f"count {last}", flush=True)
+
+
+def main() -> None:
+    import argparse
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(prog="python -m smtpfleet.sink")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--report-s", type=float, default=0.2)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(_serve(args.host, args.port, args.report_s))
+
+
+if __name__ == "__main__":
+    main()
