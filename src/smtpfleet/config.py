@@ -162,6 +162,48 @@ class RetryConfig(_Section):
     scheduler_interval_s: PositiveFloat = 1.0
 
 
+class RoutingKey(StrEnum):
+    RECIPIENT_DOMAIN = "recipient_domain"  # the first recipient's domain
+    SENDER_DOMAIN = "sender_domain"
+    MESSAGE_ID = "message_id"  # the queue id: spreads one domain's mail over every relay
+
+
+class RoutingConfig(_Section):
+    key: RoutingKey = RoutingKey.RECIPIENT_DOMAIN
+    # Consistent hashing with bounded load: a relay already carrying more than load_factor
+    # times its fair share of this node's deliveries passes the key to the next relay.
+    load_factor: Annotated[float, Field(ge=1.0)] = 1.25
+    # Share of keys (percent) sent to the standby tier first, so it stays warm.
+    warm_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
+
+
+class HealthConfig(_Section):
+    interval_s: PositiveFloat = 1.0
+    timeout_s: PositiveFloat = 2.0
+    fall: PositiveInt = 2  # consecutive failed checks that take a relay out
+    rise: PositiveInt = 2  # consecutive good checks that bring it back
+    # Passive checks: consecutive connection errors, timeouts or 421s on real deliveries.
+    passive_failures: PositiveInt = 3
+    ejection_s: PositiveFloat = 10.0  # first ejection; doubles on each repeat
+    max_ejection_s: PositiveFloat = 300.0
+    max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
+
+
+class ClusterConfig(_Section):
+    heartbeat_interval_s: PositiveFloat = 1.0
+    # A node whose heartbeat is older than this is dead: survivors take over its deliveries.
+    # A node that cannot reach Redis for this long stops starting deliveries (self-fencing).
+    lease_s: PositiveFloat = 5.0
+    # Refresh the idle time of in-flight entries this often so no claim can take live work.
+    lease_refresh_s: PositiveFloat = 5.0
+
+    @model_validator(mode="after")
+    def _lease_after_heartbeat(self) -> ClusterConfig:
+        if self.lease_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("lease_s must be at least twice heartbeat_interval_s")
+        return self
+
+
 class TlsPolicy(StrEnum):
     NONE = "none"
     OPPORTUNISTIC = "opportunistic"
@@ -178,11 +220,24 @@ class RelayConfig(_Section):
     tls_verify: bool = True
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
-    max_connections: PositiveInt = 16
+    max_connections: PositiveInt = 16  # cluster-wide, shared through Redis
+    max_messages_per_s: Annotated[float, Field(ge=0)] = 0.0  # cluster-wide; 0 = unlimited
 
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class HttpConfig(_Section):
+    # /metrics, /healthz, /readyz. Empty: no HTTP listener.
+    listen: str = "127.0.0.1:9125"
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            parse_hostport(value)
+        return value
 
 
 class BounceConfig(_Section):
@@ -198,7 +253,11 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     retry: RetryConfig = RetryConfig()
     relays: list[RelayConfig] = Field(default_factory=list)
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+    cluster: ClusterConfig = ClusterConfig()
     bounce: BounceConfig = BounceConfig()
+    http: HttpConfig = HttpConfig()
 
     @field_validator("relays")
     @classmethod

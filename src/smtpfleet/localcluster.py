@@ -46,6 +46,7 @@ class NodeProcess:
     config_path: Path
     log_path: Path
     smtp_port: int
+    http_port: int
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -140,6 +141,7 @@ class LocalCluster:
     sinks: int = 2
     relays: Sequence[str] = ()  # HOST:PORT of real relays; when given, no sinks are started
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    node_overrides: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)  # by index (1..)
     appendfsync: str = "everysec"
     workdir: Path | None = None
     drain_grace_s: float = 10.0
@@ -179,7 +181,7 @@ class LocalCluster:
     def relay_addresses(self) -> list[str]:
         return list(self.relays) or [s.address for s in self.sink_servers]
 
-    def node_config(self, index: int, smtp_port: int) -> dict[str, Any]:
+    def node_config(self, index: int, smtp_port: int, http_port: int) -> dict[str, Any]:
         assert self.redis is not None
         relays = []
         for i, address in enumerate(self.relay_addresses()):
@@ -191,25 +193,29 @@ class LocalCluster:
                 "listen": [f"127.0.0.1:{smtp_port}"],
                 "relay_networks": ["127.0.0.0/8", "::1/128"],
             },
+            "http": {"listen": f"127.0.0.1:{http_port}"},
             "redis": {"url": self.redis.url},
             "retry": {"initial_s": 5.0, "max_s": 60.0},
             "relays": relays,
         }
         base["node"]["drain_grace_s"] = self.drain_grace_s
-        return deep_merge(base, self.overrides)
+        merged = deep_merge(base, self.overrides)
+        return deep_merge(merged, self.node_overrides.get(index, {}))
 
     def _new_node(self, index: int) -> NodeProcess:
         assert self.workdir is not None
-        port = free_port()
+        smtp_port, http_port = free_port(), free_port()
         path = self.workdir / f"node-{index}.yaml"
-        path.write_text(yaml.safe_dump(self.node_config(index, port)), encoding="utf-8")
-        return NodeProcess(index, path, self.workdir / f"node-{index}.log", port)
+        config = self.node_config(index, smtp_port, http_port)
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return NodeProcess(index, path, self.workdir / f"node-{index}.log", smtp_port, http_port)
 
     def info(self) -> dict[str, Any]:
         assert self.redis is not None
         return {
             "smtp": [f"127.0.0.1:{n.smtp_port}" for n in self.node_processes],
             "pids": [n.pid for n in self.node_processes],
+            "metrics": [f"http://127.0.0.1:{n.http_port}/metrics" for n in self.node_processes],
             "redis": self.redis.url,
             "relays": self.relay_addresses(),
             "logs": str(self.workdir),
@@ -226,6 +232,6 @@ class LocalCluster:
         for sink in self.sink_servers:
             await sink.stop()
         if self.redis is not None:
-            self.redis.stop()
+            self.redis.close()
         if self._tmp is not None and not os.environ.get("SMTPFLEET_KEEP_WORKDIR"):
             self._tmp.cleanup()

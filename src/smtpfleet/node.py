@@ -13,15 +13,21 @@ import os
 import socket
 import time
 
-from smtpfleet.config import Config
+from prometheus_client import CollectorRegistry
+
+from smtpfleet.cluster.membership import Membership
+from smtpfleet.config import Config, parse_hostport
 from smtpfleet.delivery.sender import Sender
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.health.checker import HealthMonitor
+from smtpfleet.http import HttpServer
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
-from smtpfleet.queue.redis_queue import RedisQueue
-from smtpfleet.relays.pool import RelayPool
+from smtpfleet.queue.redis_cluster import ClusterStore
+from smtpfleet.queue.redis_queue import Delivery, RedisQueue
+from smtpfleet.relays.ring import Ring
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +37,47 @@ class Node:
         self.config = config
         self.node_id = config.node.id or f"{socket.gethostname()}-{os.getpid()}"
         self.hostname = config.node.hostname or socket.getfqdn()
+        helo = config.delivery.helo_name or self.hostname
         self.queue = RedisQueue(config.redis, config.queue)
-        self._sender = Sender(config.delivery, config.delivery.helo_name or self.hostname)
+        self.store = ClusterStore(self.queue)
+        self._sender = Sender(config.delivery, helo)
+        self.membership = Membership(
+            store=self.store, config=config.cluster, node_id=self.node_id, adopt=self._adopt
+        )
+        self.health = HealthMonitor(
+            relays=config.relays,
+            config=config.health,
+            store=self.store,
+            node_id=self.node_id,
+            helo=helo,
+            live_nodes=lambda: self.membership.live,
+        )
+        ring = Ring(
+            config.relays,
+            load_factor=config.routing.load_factor,
+            warm_percent=config.routing.warm_percent,
+        )
         self.worker = DeliveryWorker(
             queue=self.queue,
-            pool=RelayPool(config.relays),
+            ring=ring,
             sender=self._sender,
             config=config,
             consumer=self.node_id,
             hostname=self.hostname,
+            store=self.store,
+            healthy=lambda: self.health.healthy,
+            may_deliver=lambda: not self.membership.fenced,
+            observe=self.health.record,
         )
+        self._tasks: list[asyncio.Task[None]] = []
+        self.registry = CollectorRegistry()
+        self.http: HttpServer | None = None
+        if config.http.listen:
+            host, port = parse_hostport(config.http.listen)
+            self.http = HttpServer(
+                host, port, registry=self.registry, not_ready_reason=self.not_ready_reason
+            )
+        self._started = False
         self.inbound = InboundServer(config.inbound, self._handler(), self.hostname)
         self.draining = False
 
@@ -59,8 +96,17 @@ class Node:
     async def start(self) -> None:
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
+        await self.membership.tick()  # registered before we take any work
+        await self.health.check_once()  # a first view, so a dead relay is not tried first
+        self._tasks = [
+            asyncio.create_task(self.membership.run(), name="membership"),
+            asyncio.create_task(self.health.run(), name="health"),
+        ]
         self.worker.start()
+        if self.http is not None:
+            await self.http.start()
         await self.inbound.start()
+        self._started = True
         log.info(
             "node %s ready: smtp %s, redis %s (server %s), %d relays",
             self.node_id,
@@ -84,11 +130,27 @@ class Node:
                 log.warning("waiting for Redis: %s", exc)
                 await asyncio.sleep(1.0)
 
+    def not_ready_reason(self) -> str | None:
+        """Why this node should get no new SMTP connections now, or None."""
+        if not self._started:
+            return "starting"
+        if self.draining:
+            return "draining"
+        if self.membership.fenced:
+            return "Redis unreachable"
+        # No healthy relay is not a reason: mail is still accepted and waits in the queue.
+        return None
+
+    def _adopt(self, deliveries: list[Delivery]) -> None:
+        if not self.draining:
+            self.worker.adopt(deliveries)
+
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting (421 4.3.2), finish what is in flight, close everything."""
         if self.draining:
             return
         self.draining = True
+        self.membership.role = "draining"
         grace = self.config.node.drain_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         self.inbound.start_draining()
@@ -96,9 +158,20 @@ class Node:
         left = await self.worker.stop(max(0.0, deadline - time.monotonic()))
         if left:
             log.warning("drain: %d deliveries cut off; they stay pending for a survivor", left)
+        await self._stop_tasks()
+        await self.membership.leave()
         await self.close()
 
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        await self._stop_tasks()
         await self.worker.stop(0.0)
         await self.inbound.close()
         await self._sender.close()

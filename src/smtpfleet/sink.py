@@ -77,6 +77,13 @@ class _Recorder:
                 self._sink.rejected.append(message)
                 return reply
         self._sink.accepted += 1
+        log.info(
+            "%s: accepted message from <%s> for %s (%d bytes)",
+            self._sink.name,
+            message.sender,
+            ", ".join(message.recipients),
+            len(message.data),
+        )
         if self._sink.record:
             self._sink.messages.append(message)
         return OK_REPLY

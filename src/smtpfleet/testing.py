@@ -55,6 +55,9 @@ def node_config(
         "node": {"hostname": "node.test", "drain_grace_s": 5.0},
         "inbound": {"listen": ["127.0.0.1:0"], "relay_networks": ["127.0.0.0/8", "::1/128"]},
         "redis": {"url": redis_url, "shards": 4},
+        "http": {"listen": "127.0.0.1:0"},
+        "health": {"interval_s": 0.2, "timeout_s": 1.0},
+        "cluster": {"heartbeat_interval_s": 0.2, "lease_s": 1.0, "lease_refresh_s": 0.5},
         "retry": FAST_RETRY,
         "relays": [_relay(i, address) for i, address in enumerate(relays)],
     }

@@ -17,7 +17,8 @@ PURE = [
     "delivery/backoff.py",
     "delivery/dsn.py",
     "delivery/outcome.py",
-    "relays/pool.py",
+    "relays/ring.py",
+    "health/state.py",
     "queue/keys.py",
 ]
 

@@ -8,25 +8,33 @@ node that dies mid-delivery leaves nothing that survivors cannot claim.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from smtpfleet.config import Config
-from smtpfleet.delivery.classify import Outcome, classify_reply
+from smtpfleet.delivery.classify import Outcome, Verdict, classify_reply
 from smtpfleet.delivery.dsn import build_dsn
 from smtpfleet.delivery.outcome import Attempt, Plan, plan_outcome
 from smtpfleet.delivery.sender import Sender
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
 from smtpfleet.errors import QueueUnavailable, SpoolError
+from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import Body, Delivery, Finish, RedisQueue
-from smtpfleet.relays.pool import RelayPool
+from smtpfleet.relays.ring import Ring, routing_key
 
 log = logging.getLogger(__name__)
 
 NO_RELAY = classify_reply(421, "4.4.1 No relay available")
 REDIS_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+PAUSE_S = 0.1
+PARK_S = 2.0
 GATE_POLL_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def _always() -> bool:
+    return True
 
 
 class DeliveryWorker:
@@ -34,19 +42,30 @@ class DeliveryWorker:
         self,
         *,
         queue: RedisQueue,
-        pool: RelayPool,
+        ring: Ring,
         sender: Sender,
         config: Config,
         consumer: str,
         hostname: str,
+        store: ClusterStore | None = None,
+        healthy: Callable[[], set[str]] | None = None,
+        may_deliver: Callable[[], bool] = _always,
+        observe: Callable[[str, dict[str, Verdict]], None] | None = None,
     ) -> None:
         self._queue = queue
-        self._pool = pool
+        self._ring = ring
+        self._store = store
+        all_relays = {r.name for r in config.relays}
+        self._healthy = healthy or (lambda: all_relays)
+        self._may_deliver = may_deliver
+        self._observe = observe
+        self._load: collections.Counter[str] = collections.Counter()
         self._sender = sender
         self._config = config
         self._consumer = consumer
         self._hostname = hostname
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._shard_of_task: dict[str, int] = {}
         self._slot_free = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -59,7 +78,14 @@ class DeliveryWorker:
             asyncio.create_task(self._read_loop(), name="delivery-reader"),
             asyncio.create_task(self._retry_loop(), name="retry-scheduler"),
             asyncio.create_task(self._claim_loop(), name="idle-claimer"),
+            asyncio.create_task(self._lease_loop(), name="lease-refresher"),
         ]
+
+    def adopt(self, deliveries: list[Delivery]) -> None:
+        """Deliver entries claimed from a dead node."""
+        for delivery in deliveries:
+            if delivery.entry_id not in self._inflight:
+                self._spawn(delivery)
 
     async def stop(self, grace_s: float) -> int:
         """Stop taking work, let deliveries in flight finish within the grace period.
@@ -92,6 +118,11 @@ class DeliveryWorker:
             free = self._config.delivery.concurrency - len(self._inflight)
             if free <= 0 or (self._rescan and self._inflight):
                 await self._wait_for_slot()
+                continue
+            if not self._may_deliver() or not self._healthy():
+                # Fenced, or no relay to send to: leave the mail in the stream, where it
+                # waits at no cost (no per-message retry timers during an outage).
+                await asyncio.sleep(PAUSE_S)
                 continue
             try:
                 batch = await self._next_batch(free)
@@ -142,13 +173,29 @@ class DeliveryWorker:
                     log.info("claimed idle entry %s (%s)", delivery.entry_id, delivery.message.qid)
                     self._spawn(delivery)
 
+    async def _lease_loop(self) -> None:
+        """Keep in-flight entries fresh so neither takeover nor the safety net can claim them."""
+        if self._store is None:
+            return
+        while not self._stopping:
+            await asyncio.sleep(self._config.cluster.lease_refresh_s)
+            by_shard: dict[int, list[str]] = {}
+            for entry_id, task in list(self._inflight.items()):
+                shard = self._shard_of_task.get(entry_id)
+                if shard is not None and not task.done():
+                    by_shard.setdefault(shard, []).append(entry_id)
+            with contextlib.suppress(QueueUnavailable):
+                await self._store.refresh_leases(self._consumer, by_shard)
+
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._guarded(delivery), name=f"deliver-{delivery.entry_id}")
         self._inflight[delivery.entry_id] = task
+        self._shard_of_task[delivery.entry_id] = delivery.shard
         task.add_done_callback(lambda _: self._done(delivery.entry_id))
 
     def _done(self, entry_id: str) -> None:
         self._inflight.pop(entry_id, None)
+        self._shard_of_task.pop(entry_id, None)
         self._slot_free.set()
 
     async def _guarded(self, delivery: Delivery) -> None:
@@ -177,6 +224,11 @@ class DeliveryWorker:
             await self._queue.finish(delivery, Finish())
             return
         attempts = await self._attempt(message, body.data)
+        if attempts is None:
+            # No healthy relay: park it without counting an attempt; nothing bounces for it.
+            due = now_ms() + int(PARK_S * 1000)
+            await self._queue.finish(delivery, Finish(retry=message, retry_due_ms=due))
+            return
         plan = plan_outcome(message, attempts, now_ms=now_ms(), retry=self._config.retry)
         await self._record(delivery, plan, body.data)
 
@@ -197,12 +249,26 @@ class DeliveryWorker:
                 return body
         return body
 
-    async def _attempt(self, message: QueuedMessage, data: bytes) -> dict[str, Attempt]:
-        """Each relay in order until every recipient has a final answer (invariant 3)."""
+    async def _attempt(self, message: QueuedMessage, data: bytes) -> dict[str, Attempt] | None:
+        """Each healthy relay in the key's order until every recipient has a final answer
+        (invariant 3). None when no relay is healthy."""
+        key = routing_key(message, self._config.routing.key)
+        order = self._ring.order(key, self._healthy(), self._load)
+        if not order:
+            return None
         remaining = list(message.recipients)
         attempts = {r: Attempt(NO_RELAY, None) for r in remaining}
-        for relay in self._pool.order():
-            verdicts = await self._sender.client(relay).send(message.sender, remaining, data)
+        for relay in order:
+            if not self._may_deliver():
+                # Fenced mid-delivery: leave the entry pending for whoever claims it.
+                raise QueueUnavailable("fenced: Redis unreachable for too long")
+            self._load[relay.name] += 1
+            try:
+                verdicts = await self._sender.client(relay).send(message.sender, remaining, data)
+            finally:
+                self._load[relay.name] -= 1
+            if self._observe is not None:
+                self._observe(relay.name, verdicts)
             for recipient, verdict in verdicts.items():
                 attempts[recipient] = Attempt(verdict, relay.name)
             remaining = [r for r in remaining if verdicts[r].outcome is Outcome.TEMPORARY]

@@ -41,3 +41,24 @@ class Keys:
 
     def all_shards(self) -> range:
         return range(self.shards)
+
+    # Cluster-wide keys: one key per operation, so they need no common hash tag.
+
+    def nodes(self) -> str:
+        """Sorted set: node id -> time of its last heartbeat (ms)."""
+        return f"{{{self.prefix}}}:nodes"
+
+    def node(self, node_id: str) -> str:
+        """Hash with what a node says about itself (host, pid, started, role); expires."""
+        return f"{{{self.prefix}}}:node:{node_id}"
+
+    def view(self, node_id: str) -> str:
+        """Hash: relay name -> "1" (up) / "0" (down), as this node sees it; expires."""
+        return f"{{{self.prefix}}}:view:{node_id}"
+
+    def relay_connections(self, relay: str) -> str:
+        """Sorted set of connection leases (member: node/connection, score: expiry ms)."""
+        return f"{{{self.prefix}}}:relay:{relay}:conns"
+
+    def relay_rate(self, relay: str, second: int) -> str:
+        return f"{{{self.prefix}}}:relay:{relay}:rate:{second}"

@@ -255,7 +255,7 @@ class RedisQueue:
                     self.keys.stream(shard), GROUP, consumer, min_idle_ms, "0-0", count=count
                 )
             )
-            claimed.extend(self._deliveries(shard, reply[1]))
+            claimed.extend(self.deliveries(shard, reply[1]))
         return claimed
 
     def _parse_read(self, reply: Any) -> list[Delivery]:
@@ -265,10 +265,10 @@ class RedisQueue:
         deliveries: list[Delivery] = []
         for stream, entries in pairs:
             shard = int(_text(stream).split(":")[-2].rstrip("}"))
-            deliveries.extend(self._deliveries(shard, entries))
+            deliveries.extend(self.deliveries(shard, entries))
         return deliveries
 
-    def _deliveries(self, shard: int, entries: Sequence[Any]) -> list[Delivery]:
+    def deliveries(self, shard: int, entries: Sequence[Any]) -> list[Delivery]:
         out = []
         for entry_id, fields in entries:
             if not fields:  # deleted while pending: nothing left to do but acknowledge

@@ -1,0 +1,1 @@
+"""Node membership, takeover of dead nodes' deliveries, and self-fencing."""

@@ -1,0 +1,119 @@
+"""Heartbeats, the live-node set, takeover of dead nodes' deliveries, and self-fencing.
+
+Every node writes its heartbeat into Redis each `heartbeat_interval_s`. A node whose last
+heartbeat is older than `lease_s` is dead: survivors claim its pending entries (XCLAIM with a
+min-idle guard, so exactly one survivor gets each) and deliver them, then remove the dead
+consumer. A node that has not reached Redis for nearly a lease stops starting deliveries
+(fenced) before anyone can claim its work, so duplicates stay confined to deliveries that were
+already on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from smtpfleet.config import ClusterConfig
+from smtpfleet.errors import QueueUnavailable
+from smtpfleet.queue.redis_cluster import ClusterStore
+from smtpfleet.queue.redis_queue import Delivery
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH = 200
+
+
+class Membership:
+    def __init__(
+        self,
+        *,
+        store: ClusterStore,
+        config: ClusterConfig,
+        node_id: str,
+        adopt: Callable[[list[Delivery]], None],
+    ) -> None:
+        self._store = store
+        self._config = config
+        self.node_id = node_id
+        self._adopt = adopt
+        self.live: set[str] = {node_id}
+        self.fenced = False
+        self.role = "active"
+        self.takeovers = 0
+        self.claimed = 0
+        self._last_ok = time.monotonic()
+        self._started_ms = int(time.time() * 1000)
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self._config.lease_s * 1000)
+
+    def info(self) -> dict[str, object]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_ms": self._started_ms,
+            "role": self.role,
+        }
+
+    async def run(self) -> None:
+        while True:
+            await self.tick()
+            await asyncio.sleep(self._config.heartbeat_interval_s)
+
+    async def tick(self) -> None:
+        now_ms = int(time.time() * 1000)
+        try:
+            await self._store.heartbeat(self.node_id, now_ms, self.info(), 2 * self.lease_ms)
+        except QueueUnavailable as exc:
+            self._maybe_fence(exc)
+            return
+        self._last_ok = time.monotonic()
+        if self.fenced:
+            log.warning("Redis is back: %s starts deliveries again", self.node_id)
+            self.fenced = False
+        try:
+            await self._watch_members(now_ms)
+        except QueueUnavailable as exc:
+            log.warning("membership check failed: %s", exc)
+
+    def _maybe_fence(self, exc: Exception) -> None:
+        # Others declare us dead `lease_s` after our last heartbeat; stop one interval sooner.
+        silent_s = time.monotonic() - self._last_ok
+        if not self.fenced and silent_s >= self._config.lease_s - self._config.heartbeat_interval_s:
+            log.error(
+                "no Redis for %.1fs: %s stops starting deliveries (%s)", silent_s, self.node_id, exc
+            )
+            self.fenced = True
+
+    async def _watch_members(self, now_ms: int) -> None:
+        members = await self._store.members()
+        self.live = {n for n, beat in members.items() if now_ms - beat < self.lease_ms}
+        self.live.add(self.node_id)
+        for dead in sorted(set(members) - self.live):
+            await self._take_over(dead)
+
+    async def _take_over(self, dead: str) -> None:
+        guard_ms = int(2 * self._config.heartbeat_interval_s * 1000)
+        claimed = await self._store.claim_from(dead, self.node_id, guard_ms, CLAIM_BATCH)
+        if claimed:
+            self.takeovers += 1
+            self.claimed += len(claimed)
+            log.warning("took over %d deliveries of dead node %s", len(claimed), dead)
+            self._adopt(claimed)
+            return
+        if await self._store.pending_count(dead) == 0:
+            await self._store.forget_node(dead)
+            log.info("removed dead node %s (nothing left pending)", dead)
+
+    async def leave(self) -> None:
+        """After a clean drain: deregister, unless work is left for survivors to claim."""
+        try:
+            if await self._store.pending_count(self.node_id) == 0:
+                await self._store.forget_node(self.node_id)
+        except QueueUnavailable as exc:
+            log.warning("could not deregister %s: %s", self.node_id, exc)

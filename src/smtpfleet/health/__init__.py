@@ -1,0 +1,1 @@
+"""Relay health: SMTP probes, passive ejection, and the cluster verdict."""

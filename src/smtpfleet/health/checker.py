@@ -1,0 +1,103 @@
+"""This node's health monitor: probes every relay, hears about real deliveries, publishes its
+view, and derives the healthy set the worker routes over."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from smtpfleet.config import HealthConfig, RelayConfig
+from smtpfleet.delivery.classify import FailureKind, Verdict
+from smtpfleet.errors import QueueUnavailable
+from smtpfleet.health.probe import probe
+from smtpfleet.health.state import PassiveEjector, RiseFall, cluster_verdict, healthy_set, tier_map
+from smtpfleet.queue.redis_cluster import ClusterStore
+
+log = logging.getLogger(__name__)
+
+CLOSING = 421
+
+
+def is_relay_trouble(verdict: Verdict) -> bool:
+    """What passive checks count: the relay failed to talk, not a recipient it refused."""
+    return verdict.kind in (FailureKind.CONNECTION, FailureKind.TIMEOUT) or verdict.code == CLOSING
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        *,
+        relays: Sequence[RelayConfig],
+        config: HealthConfig,
+        store: ClusterStore,
+        node_id: str,
+        helo: str,
+        live_nodes: Callable[[], set[str]],
+    ) -> None:
+        self._relays = list(relays)
+        self._config = config
+        self._store = store
+        self._node_id = node_id
+        self._helo = helo
+        self._live_nodes = live_nodes
+        self._active = {r.name: RiseFall(config.fall, config.rise) for r in relays}
+        self._passive = PassiveEjector(config, tier_map(relays))
+        self.verdict: dict[str, bool] = {r.name: True for r in relays}
+        self.healthy: set[str] = {r.name for r in relays}
+        self.probe_results: dict[str, tuple[bool, str]] = {}
+
+    def own_view(self) -> dict[str, bool]:
+        now = time.monotonic()
+        return {
+            name: state.up and not self._passive.ejected(name, now)
+            for name, state in self._active.items()
+        }
+
+    def record(self, relay: str, verdicts: Mapping[str, Verdict]) -> None:
+        """Passive check: called by the worker after every real delivery attempt."""
+        now = time.monotonic()
+        if any(is_relay_trouble(v) for v in verdicts.values()):
+            if self._passive.failure(relay, now):
+                log.warning("relay %s ejected by passive checks", relay)
+                self._recompute()
+        else:
+            self._passive.success(relay, now)
+
+    async def run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._config.interval_s)
+
+    async def check_once(self) -> None:
+        results = await asyncio.gather(
+            *(probe(r, timeout_s=self._config.timeout_s, helo=self._helo) for r in self._relays)
+        )
+        for relay, (ok, reason) in zip(self._relays, results, strict=True):
+            self.probe_results[relay.name] = (ok, reason)
+            if self._active[relay.name].observe(ok):
+                state = "up" if ok else f"down ({reason})"
+                log.warning("relay %s is %s as seen from %s", relay.name, state, self._node_id)
+        await self._share()
+
+    async def _share(self) -> None:
+        """Publish our view and read everyone's; keep the last verdict while Redis is away."""
+        view = self.own_view()
+        try:
+            ttl_ms = int(self._config.interval_s * 5000) + 5000
+            await self._store.publish_view(self._node_id, view, ttl_ms)
+            live = self._live_nodes() | {self._node_id}
+            views = await self._store.views(live)
+        except QueueUnavailable:
+            self._recompute()
+            return
+        verdict = cluster_verdict(self.verdict, views, live)
+        for relay, up in verdict.items():
+            if up != self.verdict.get(relay):
+                log.warning("cluster verdict: relay %s is %s", relay, "up" if up else "down")
+        self.verdict = verdict
+        self._recompute()
+
+    def _recompute(self) -> None:
+        self.healthy = healthy_set(self.verdict, self.own_view())

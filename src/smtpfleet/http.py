@@ -1,0 +1,94 @@
+"""The node's HTTP port: /metrics (Prometheus text), /healthz (alive), /readyz (can take mail).
+
+GET only, one request per connection: what probes and scrapers need, nothing more.
+`/readyz` answers 503 with the reason, so `kubectl describe` says *why* a pod is not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST_LINE = 8192
+
+
+class HttpServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        registry: CollectorRegistry,
+        not_ready_reason: Callable[[], str | None],
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._registry = registry
+        self._not_ready_reason = not_ready_reason
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self._host, self._port, limit=MAX_REQUEST_LINE
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
+            self._server = None
+
+    def _route(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == "/readyz":
+            reason = self._not_ready_reason()
+            if reason is None:
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", f"not ready: {reason}\n".encode()
+        return 404, "text/plain", b"not found\n"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                request = await reader.readline()
+                while (await reader.readline()).strip():
+                    pass  # headers: nothing we need
+            method, _, rest = request.decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            if method != "GET":
+                status, kind, body = 405, "text/plain", b"GET only\n"
+            else:
+                status, kind, body = self._route(path)
+            head = (
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"Content-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}

@@ -1,0 +1,178 @@
+"""Cluster state in Redis: heartbeats, health views, takeover, shared relay limits.
+
+Like redis_queue, every failure surfaces as QueueUnavailable: callers decide what "Redis is
+away" means for them (fencing, keeping the last known view, waiting for a slot).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from smtpfleet.errors import QueueUnavailable
+from smtpfleet.queue.keys import GROUP, Keys
+from smtpfleet.queue.redis_queue import Delivery, RedisQueue
+
+T = TypeVar("T")
+
+# KEYS: leases   ARGV: now_ms, member, expiry_ms, limit.  1 if the lease is held now.
+ACQUIRE_LEASE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(ARGV[3]) - tonumber(ARGV[1])))
+  return 1
+end
+return 0
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ClusterStore:
+    def __init__(self, queue: RedisQueue) -> None:
+        self._queue = queue
+        self._redis: aioredis.Redis = queue.client
+        self.keys: Keys = queue.keys
+        self._acquire = self._redis.register_script(ACQUIRE_LEASE)
+
+    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except Exception as exc:
+            raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
+
+    # -- membership --------------------------------------------------------------------------
+
+    async def heartbeat(
+        self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
+    ) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.nodes(), {node_id: now_ms})
+            pipe.set(self.keys.node(node_id), json.dumps(info), px=ttl_ms)
+            await self._guard(pipe.execute)
+
+    async def members(self) -> dict[str, int]:
+        """Every node that ever registered and was not removed: id -> last heartbeat (ms)."""
+        rows: list[Any] = await self._guard(
+            lambda: self._redis.zrange(self.keys.nodes(), 0, -1, withscores=True)
+        )
+        return {_text(node): int(score) for node, score in rows}
+
+    async def node_info(self, node_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        ids = list(node_ids)
+        if not ids:
+            return {}
+        raw = await self._guard(lambda: self._redis.mget([self.keys.node(n) for n in ids]))
+        return {n: json.loads(v) for n, v in zip(ids, raw, strict=True) if v}
+
+    async def forget_node(self, node_id: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.keys.nodes(), node_id)
+            pipe.delete(self.keys.node(node_id), self.keys.view(node_id))
+            for shard in self.keys.all_shards():
+                pipe.xgroup_delconsumer(self.keys.stream(shard), GROUP, node_id)
+            await self._guard(pipe.execute)
+
+    # -- health views ------------------------------------------------------------------------
+
+    async def publish_view(self, node_id: str, view: Mapping[str, bool], ttl_ms: int) -> None:
+        key = self.keys.view(node_id)
+        mapping: dict[Any, Any] = {relay: "1" if up else "0" for relay, up in view.items()}
+        if not mapping:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=mapping)
+            pipe.pexpire(key, ttl_ms)
+            await self._guard(pipe.execute)
+
+    async def views(self, node_ids: Iterable[str]) -> dict[str, dict[str, bool]]:
+        ids = list(node_ids)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for node in ids:
+                pipe.hgetall(self.keys.view(node))
+            raw = await self._guard(pipe.execute)
+        return {
+            node: {_text(relay): _text(up) == "1" for relay, up in view.items()}
+            for node, view in zip(ids, raw, strict=True)
+            if view
+        }
+
+    # -- takeover ----------------------------------------------------------------------------
+
+    async def claim_from(self, dead: str, me: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        """Move a dead consumer's pending entries to `me`.
+
+        XCLAIM with a min-idle guard: a claim resets the entry's idle time, so when several
+        survivors race for the same entry exactly one of them gets it.
+        """
+        claimed: list[Delivery] = []
+        for shard in self.keys.all_shards():
+            stream = self.keys.stream(shard)
+            pending = await self._guard(
+                lambda stream=stream: self._redis.xpending_range(  # type: ignore[misc]
+                    stream,
+                    GROUP,
+                    min="-",
+                    max="+",
+                    count=count,
+                    consumername=dead,
+                    idle=min_idle_ms,
+                )
+            )
+            ids = [row["message_id"] for row in pending]
+            if not ids:
+                continue
+            entries = await self._guard(
+                lambda stream=stream, ids=ids: self._redis.xclaim(  # type: ignore[misc]
+                    stream, GROUP, me, min_idle_ms, ids
+                )
+            )
+            claimed.extend(self._queue.deliveries(shard, entries))
+        return claimed
+
+    async def pending_count(self, consumer: str) -> int:
+        total = 0
+        for shard in self.keys.all_shards():
+            rows = await self._guard(
+                lambda shard=shard: self._redis.xpending_range(  # type: ignore[misc]
+                    self.keys.stream(shard), GROUP, min="-", max="+", count=1, consumername=consumer
+                )
+            )
+            total += len(rows)
+        return total
+
+    async def refresh_leases(self, me: str, entries: Mapping[int, list[str]]) -> None:
+        """Reset the idle time of entries still in flight here, so no claim takes live work."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard, ids in entries.items():
+                if ids:
+                    pipe.xclaim(self.keys.stream(shard), GROUP, me, 0, list[Any](ids), justid=True)
+            await self._guard(pipe.execute)
+
+    # -- shared relay limits -----------------------------------------------------------------
+
+    async def acquire_connection(
+        self, relay: str, member: str, now_ms: int, ttl_ms: int, limit: int
+    ) -> bool:
+        keys = [self.keys.relay_connections(relay)]
+        args: list[str | int] = [now_ms, member, now_ms + ttl_ms, limit]
+        return bool(await self._guard(lambda: self._acquire(keys=keys, args=args)))
+
+    async def release_connection(self, relay: str, member: str) -> None:
+        await self._guard(lambda: self._redis.zrem(self.keys.relay_connections(relay), member))
+
+    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
+        """One message in this second's budget for the relay, cluster-wide."""
+        key = self.keys.relay_rate(relay, second)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2)
+            count, _ = await self._guard(pipe.execute)
+        return int(count) <= limit
