@@ -97,11 +97,9 @@ class Node:
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
         await self.membership.tick()  # registered before we take any work
+        self._tasks = [asyncio.create_task(self.membership.run(), name="membership")]
         await self.health.check_once()  # a first view, so a dead relay is not tried first
-        self._tasks = [
-            asyncio.create_task(self.membership.run(), name="membership"),
-            asyncio.create_task(self.health.run(), name="health"),
-        ]
+        self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
         self.worker.start()
         if self.http is not None:
             await self.http.start()

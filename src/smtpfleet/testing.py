@@ -7,12 +7,13 @@ loopback port 0, nodes in-process or as separate processes, and a real SMTP clie
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
@@ -24,15 +25,18 @@ from smtpfleet.redis_server import RedisServer, free_port
 from smtpfleet.sink import Faults, Sink
 
 __all__ = [
+    "FaultProxy",
     "Faults",
     "LocalCluster",
     "NodeProcess",
     "RedisServer",
     "Reply",
     "Sink",
+    "SteadyLoad",
     "eventually",
     "free_port",
     "make_message",
+    "message_ids",
     "node_config",
     "running_node",
     "send",
@@ -152,3 +156,118 @@ async def eventually(
         if asyncio.get_running_loop().time() >= deadline:
             raise TimeoutError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(interval_s)
+
+
+class FaultProxy:
+    """A TCP proxy in front of a relay, to break one path without touching the relay.
+
+    mode "pass" forwards; "refuse" closes new connections at once; "blackhole" accepts and
+    never answers. Existing connections are cut when the mode leaves "pass".
+    """
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1", port: int = 0) -> None:
+        self.target = target
+        self.host = host
+        self.port = port
+        self.mode = "pass"
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode != "pass":
+            for writer in list(self._writers):
+                writer.close()
+
+    async def stop(self) -> None:
+        self.set_mode("refuse")
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "refuse":
+            writer.close()
+            return
+        if self.mode == "blackhole":
+            self._writers.add(writer)
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+            self._writers.discard(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+@dataclass
+class SteadyLoad:
+    """Send continuously over fresh sessions, like an MTA that tries the next MX on failure."""
+
+    targets: Sequence[tuple[str, int]]
+    interval_s: float = 0.01
+    accepted: list[str] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)
+    failovers: int = 0  # a target refused or dropped us and the next one took the message
+    _stop: bool = False
+
+    async def run(self, senders: int = 4) -> None:
+        await asyncio.gather(*(self._sender(i) for i in range(senders)))
+
+    def stop(self) -> None:
+        self._stop = True
+
+    async def _sender(self, index: int) -> None:
+        n = 0
+        while not self._stop:
+            tag = f"<s{index}-{n}-{uuid.uuid4().hex[:6]}@steady.test>"
+            n += 1
+            code = await self._send_once(index + n, tag)
+            self.codes.append(code)
+            if code == 250:
+                self.accepted.append(tag)
+            await asyncio.sleep(self.interval_s)
+
+    async def _send_once(self, start: int, tag: str) -> int:
+        code = 0
+        for attempt in range(len(self.targets)):
+            target = self.targets[(start + attempt) % len(self.targets)]
+            reply = await send(target, data=make_message(message_id=tag), timeout_s=10)
+            code = reply.code
+            if code == 250 or 500 <= code < 600:
+                return code
+            self.failovers += 1
+        return code
+
+
+def message_ids(sinks: Sequence[Sink]) -> collections.Counter[str]:
+    """How often each Message-ID arrived, across sinks."""
+    seen: collections.Counter[str] = collections.Counter()
+    for sink in sinks:
+        for message in sink.messages:
+            head = message.data.split(b"\r\n\r\n", 1)[0]
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"message-id:"):
+                    seen[line.split(b":", 1)[1].strip().decode()] += 1
+    return seen

@@ -53,6 +53,9 @@ class RelayClient:
                     return dict.fromkeys(recipients, self._connect_error)
                 try:
                     verdicts = await self._transaction(session, sender, recipients, data)
+                except asyncio.CancelledError:
+                    session.smtp.close()  # cut off mid-transaction: this session is unusable
+                    raise
                 except Exception as exc:
                     await self._discard(session)
                     if reused and self._is_stale(exc):
