@@ -40,7 +40,7 @@ class Node:
         helo = config.delivery.helo_name or self.hostname
         self.queue = RedisQueue(config.redis, config.queue)
         self.store = ClusterStore(self.queue)
-        self._sender = Sender(config.delivery, helo)
+        self._sender = Sender(config.delivery, helo, limits=self.store, owner=self.node_id)
         self.membership = Membership(
             store=self.store, config=config.cluster, node_id=self.node_id, adopt=self._adopt
         )
@@ -97,7 +97,10 @@ class Node:
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
         await self.membership.tick()  # registered before we take any work
-        self._tasks = [asyncio.create_task(self.membership.run(), name="membership")]
+        self._tasks = [
+            asyncio.create_task(self.membership.run(), name="membership"),
+            asyncio.create_task(self._sender.maintain_forever(), name="relay-sessions"),
+        ]
         await self.health.check_once()  # a first view, so a dead relay is not tried first
         self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
         self.worker.start()

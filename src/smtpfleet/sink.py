@@ -97,6 +97,7 @@ class _FaultySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._sink._protocols.add(self)
         self._sink.connections += 1
+        self._sink.peak_sessions = max(self._sink.peak_sessions, len(self._sink._protocols))
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -142,13 +143,18 @@ class Sink:
         self.messages: list[ReceivedMessage] = []
         self.rejected: list[ReceivedMessage] = []  # refused at the final dot
         self.refused_recipients: list[str] = []  # refused at RCPT
-        self.connections = 0
+        self.connections = 0  # sessions ever opened
+        self.peak_sessions = 0  # most sessions open at once
         self._protocols: set[_FaultySMTP] = set()
         self._server: asyncio.Server | None = None
 
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._protocols)
 
     @property
     def count(self) -> int:

@@ -1,35 +1,63 @@
 """Pooled SMTP sessions to the relays (aiosmtplib): many messages per connection.
 
-One `RelayClient` per relay holds idle sessions and caps how many are open at once. A message
-is sent as MAIL, one RCPT per recipient, DATA: so every recipient gets its own verdict.
+One `RelayClient` per relay holds idle sessions and caps how many are open at once: per node
+with a semaphore, and across the cluster with connection leases and a per-second message
+budget in Redis (`SharedLimits`), so a whole cluster draining a backlog after an outage does
+not flood a relay. A message is sent as MAIL, one RCPT per recipient, DATA: every recipient
+gets its own verdict.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiosmtplib
 
 from smtpfleet.config import DeliveryConfig, RelayConfig, TlsPolicy
 from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply
+from smtpfleet.errors import QueueUnavailable
 
 log = logging.getLogger(__name__)
 
 # Relays commonly drop sessions idle for a minute or more; reconnecting before that costs less
 # than discovering a dead session on the next message.
 MAX_IDLE_S = 30.0
+# An idle session holds one of the relay's cluster-wide connection leases: give it back soon,
+# or a busy node's idle pool would starve the other nodes.
+SHARED_IDLE_S = 1.0
+REAP_INTERVAL_S = 0.5
 CLOSING_CODE = 421
+LEASE_TTL_S = 30.0
+LIMIT_POLL_S = 0.05
+# Not the relay's fault: a 451 (not 421) so passive health checks do not count it.
+LIMIT_REACHED = classify_reply(451, "4.4.5 Relay connection or rate limit reached")
+NO_SESSION = classify_reply(421, "4.4.1 No session to the relay could be opened")
 
 
-@dataclass
+class SharedLimits(Protocol):
+    """Cluster-wide relay limits (implemented on Redis by ClusterStore)."""
+
+    async def acquire_connection(
+        self, relay: str, member: str, now_ms: int, ttl_ms: int, limit: int
+    ) -> bool: ...
+
+    async def release_connection(self, relay: str, member: str) -> None: ...
+
+    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool: ...
+
+
+@dataclass(eq=False)
 class _Session:
     smtp: aiosmtplib.SMTP
+    lease: str | None
     messages: int = 0
     last_used: float = 0.0
 
@@ -37,28 +65,42 @@ class _Session:
 class RelayClient:
     """Sessions to one relay."""
 
-    def __init__(self, relay: RelayConfig, config: DeliveryConfig, helo: str) -> None:
+    def __init__(
+        self,
+        relay: RelayConfig,
+        config: DeliveryConfig,
+        helo: str,
+        limits: SharedLimits | None = None,
+        owner: str = "",
+    ) -> None:
         self.relay = relay
         self._config = config
         self._helo = helo
+        self._limits = limits
+        self._owner = owner
         self._idle: list[_Session] = []
+        self._open: set[_Session] = set()
         self._slots = asyncio.Semaphore(relay.max_connections)
+        self._tokens = itertools.count()
 
     async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Verdict]:
         """Per-recipient verdicts. Never raises for relay trouble: that is a verdict too."""
         async with self._slots:
+            if not await self._rate_slot():
+                return dict.fromkeys(recipients, LIMIT_REACHED)
             for _ in range(2):
-                session, reused = await self._take()
-                if session is None:
-                    return dict.fromkeys(recipients, self._connect_error)
+                taken = await self._take()
+                if isinstance(taken, Verdict):
+                    return dict.fromkeys(recipients, taken)
+                session, reused = taken
                 try:
                     verdicts = await self._transaction(session, sender, recipients, data)
                 except asyncio.CancelledError:
-                    session.smtp.close()  # cut off mid-transaction: this session is unusable
+                    await asyncio.shield(self._discard(session))  # cut off mid-transaction
                     raise
                 except Exception as exc:
                     await self._discard(session)
-                    if reused and self._is_stale(exc):
+                    if reused and _is_stale(exc):
                         continue  # the relay closed an idle session: try a fresh one at once
                     return dict.fromkeys(recipients, classify_exception(exc))
                 if any(v.code == CLOSING_CODE for v in verdicts.values()):
@@ -66,25 +108,30 @@ class RelayClient:
                 else:
                     self._give_back(session)
                 return verdicts
-        return dict.fromkeys(recipients, self._connect_error)
+        return dict.fromkeys(recipients, NO_SESSION)
 
-    @staticmethod
-    def _is_stale(exc: Exception) -> bool:
-        return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
+    # -- sessions ----------------------------------------------------------------------------
 
-    async def _take(self) -> tuple[_Session | None, bool]:
+    async def _take(self) -> tuple[_Session, bool] | Verdict:
         now = time.monotonic()
         while self._idle:
             session = self._idle.pop()
             if now - session.last_used < MAX_IDLE_S and session.smtp.is_connected:
                 return session, True
             await self._discard(session)
+        lease = await self._lease()
+        if lease is None:
+            return LIMIT_REACHED
         try:
-            return _Session(await self._connect()), False
+            smtp = await self._connect()
         except Exception as exc:
-            self._connect_error = classify_exception(exc)
-            log.info("relay %s: connect failed: %s", self.relay.name, self._connect_error.text)
-            return None, False
+            await self._release(lease or None)
+            verdict = classify_exception(exc)
+            log.info("relay %s: connect failed: %s", self.relay.name, verdict.text)
+            return verdict
+        session = _Session(smtp, lease or None, last_used=time.monotonic())
+        self._open.add(session)
+        return session, False
 
     async def _connect(self) -> aiosmtplib.SMTP:
         relay = self.relay
@@ -102,6 +149,93 @@ class RelayClient:
             await smtp.login(relay.username, relay.password)
         return smtp
 
+    def _give_back(self, session: _Session) -> None:
+        if session.messages >= self._config.max_messages_per_connection:
+            asyncio.get_running_loop().create_task(self._discard(session))
+        else:
+            self._idle.append(session)
+
+    async def _discard(self, session: _Session) -> None:
+        self._open.discard(session)
+        with contextlib.suppress(Exception):
+            if session.smtp.is_connected:
+                await asyncio.wait_for(session.smtp.quit(), timeout=2.0)
+        session.smtp.close()
+        await self._release(session.lease)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._discard(s) for s in idle))
+
+    async def reap_idle(self) -> None:
+        """Close idle sessions past their idle limit (sooner when they hold a shared lease)."""
+        now = time.monotonic()
+        keep: list[_Session] = []
+        stale: list[_Session] = []
+        for session in self._idle:
+            limit = SHARED_IDLE_S if session.lease else MAX_IDLE_S
+            (stale if now - session.last_used >= limit else keep).append(session)
+        self._idle = keep
+        await asyncio.gather(*(self._discard(s) for s in stale))
+
+    # -- cluster-wide limits -----------------------------------------------------------------
+
+    async def _lease(self) -> str | None:
+        """A cluster-wide connection lease; "" when there is no shared limit, None if none
+        came free within the connect timeout."""
+        if self._limits is None:
+            return ""
+        member = f"{self._owner}:{next(self._tokens)}"
+        deadline = time.monotonic() + self._config.connect_timeout_s
+        while True:
+            try:
+                if await self._limits.acquire_connection(
+                    self.relay.name,
+                    member,
+                    _ms(),
+                    int(LEASE_TTL_S * 1000),
+                    self.relay.max_connections,
+                ):
+                    return member
+            except QueueUnavailable:
+                return ""  # Redis away: the per-node cap still holds
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(LIMIT_POLL_S)
+
+    async def _release(self, lease: str | None) -> None:
+        if lease and self._limits is not None:
+            with contextlib.suppress(QueueUnavailable):
+                await self._limits.release_connection(self.relay.name, lease)
+
+    async def refresh_leases(self) -> None:
+        if self._limits is None:
+            return
+        ttl_ms = int(LEASE_TTL_S * 1000)
+        for session in list(self._open):
+            if session.lease:
+                await self._limits.acquire_connection(
+                    self.relay.name, session.lease, _ms(), ttl_ms, self.relay.max_connections
+                )
+
+    async def _rate_slot(self) -> bool:
+        limit = self.relay.max_messages_per_s
+        if not limit or self._limits is None:
+            return True
+        deadline = time.monotonic() + self._config.command_timeout_s
+        while True:
+            now = time.time()
+            try:
+                if await self._limits.take_rate_slot(self.relay.name, int(now), limit):
+                    return True
+            except QueueUnavailable:
+                return True  # fail open: the per-node connection cap still bounds the rate
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(max(LIMIT_POLL_S, 1.0 - (now % 1.0)))
+
+    # -- one transaction -----------------------------------------------------------------------
+
     async def _transaction(
         self, session: _Session, sender: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Verdict]:
@@ -112,7 +246,7 @@ class RelayClient:
         except aiosmtplib.SMTPResponseException as exc:
             await _reset(smtp)
             return dict.fromkeys(recipients, classify_exception(exc))
-        accepted = await self._recipients(smtp, recipients, verdicts)
+        accepted = await _recipients(smtp, recipients, verdicts)
         if not accepted:
             await _reset(smtp)
             return verdicts
@@ -126,37 +260,27 @@ class RelayClient:
         session.last_used = time.monotonic()
         return verdicts
 
-    @staticmethod
-    async def _recipients(
-        smtp: aiosmtplib.SMTP, recipients: Sequence[str], verdicts: dict[str, Verdict]
-    ) -> list[str]:
-        accepted = []
-        for recipient in recipients:
-            try:
-                await smtp.rcpt(recipient)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                verdicts[recipient] = classify_exception(exc)
-            else:
-                accepted.append(recipient)
-        return accepted
 
-    def _give_back(self, session: _Session) -> None:
-        if session.messages >= self._config.max_messages_per_connection:
-            asyncio.get_running_loop().create_task(self._discard(session))
+async def _recipients(
+    smtp: aiosmtplib.SMTP, recipients: Sequence[str], verdicts: dict[str, Verdict]
+) -> list[str]:
+    accepted = []
+    for recipient in recipients:
+        try:
+            await smtp.rcpt(recipient)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            verdicts[recipient] = classify_exception(exc)
         else:
-            self._idle.append(session)
+            accepted.append(recipient)
+    return accepted
 
-    async def _discard(self, session: _Session) -> None:
-        with contextlib.suppress(Exception):
-            if session.smtp.is_connected:
-                await asyncio.wait_for(session.smtp.quit(), timeout=2.0)
-        session.smtp.close()
 
-    async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        await asyncio.gather(*(self._discard(s) for s in idle))
+def _is_stale(exc: Exception) -> bool:
+    return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
 
-    _connect_error: Verdict = classify_reply(421, "4.4.1 no relay session could be opened")
+
+def _ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _start_tls(policy: TlsPolicy) -> bool | None:
@@ -181,16 +305,38 @@ async def _reset(smtp: aiosmtplib.SMTP) -> None:
 class Sender:
     """A RelayClient per relay, made on first use."""
 
-    def __init__(self, config: DeliveryConfig, helo: str) -> None:
+    def __init__(
+        self,
+        config: DeliveryConfig,
+        helo: str,
+        limits: SharedLimits | None = None,
+        owner: str = "",
+    ) -> None:
         self._config = config
         self._helo = helo
+        self._limits = limits
+        self._owner = owner
         self._clients: dict[str, RelayClient] = {}
 
     def client(self, relay: RelayConfig) -> RelayClient:
         client = self._clients.get(relay.name)
         if client is None:
-            client = self._clients[relay.name] = RelayClient(relay, self._config, self._helo)
+            client = RelayClient(relay, self._config, self._helo, self._limits, self._owner)
+            self._clients[relay.name] = client
         return client
+
+    async def maintain_forever(self) -> None:
+        """Reap idle sessions often; refresh the cluster-wide leases of open ones now and then."""
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            for client in list(self._clients.values()):
+                await client.reap_idle()
+            if time.monotonic() - last_refresh >= LEASE_TTL_S / 3:
+                last_refresh = time.monotonic()
+                for client in list(self._clients.values()):
+                    with contextlib.suppress(QueueUnavailable):
+                        await client.refresh_leases()
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._clients.values()))

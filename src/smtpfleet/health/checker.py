@@ -66,9 +66,10 @@ class HealthMonitor:
             self._passive.success(relay, now)
 
     async def run(self) -> None:
+        """Check every interval (the node ran the first check itself, at start)."""
         while True:
-            await self.check_once()
             await asyncio.sleep(self._config.interval_s)
+            await self.check_once()
 
     async def check_once(self) -> None:
         results = await asyncio.gather(

@@ -1,0 +1,77 @@
+"""Relay limits shared by the whole cluster, and the rule for "no relay is healthy"."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from smtpfleet.sink import Sink
+from smtpfleet.testing import eventually, node_config, running_node, send
+
+pytestmark = pytest.mark.timeout(60)
+
+QUIET_HEALTH = {"interval_s": 30.0, "timeout_s": 1.0}  # probes would open sessions too
+
+
+def limited(prefix: str, sink: Sink, **limits: Any) -> dict[str, Any]:
+    host, port = sink.address.rsplit(":", 1)
+    return {
+        "redis": {"prefix": prefix},
+        "health": QUIET_HEALTH,
+        "relays": [{"name": "only", "host": host, "port": int(port), **limits}],
+    }
+
+
+async def test_connection_limit_holds_across_nodes(redis_url: str, prefix: str, sink: Sink) -> None:
+    sink.faults.delay_s = 0.02  # sessions overlap unless something stops them
+    overrides = limited(prefix, sink, max_connections=2)
+    configs = [
+        node_config(redis_url, [], overrides | {"node": {"id": name}}) for name in ("a", "b")
+    ]
+    async with running_node(configs[0]) as a, running_node(configs[1]) as b:
+        sink.peak_sessions = sink.open_sessions
+        addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
+        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(30)))
+        assert {r.code for r in replies} == {250}
+        await eventually(lambda: sink.count == 30, timeout_s=30)
+        assert sink.peak_sessions <= 2, f"{sink.peak_sessions} sessions at once"
+
+
+async def test_rate_limit_holds_across_nodes(redis_url: str, prefix: str, sink: Sink) -> None:
+    overrides = limited(prefix, sink, max_messages_per_s=5)
+    configs = [
+        node_config(redis_url, [], overrides | {"node": {"id": name}}) for name in ("a", "b")
+    ]
+    async with running_node(configs[0]) as a, running_node(configs[1]) as b:
+        addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
+        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(15)))
+        assert {r.code for r in replies} == {250}
+        await eventually(lambda: sink.count == 15, timeout_s=30)
+        arrivals = sorted(m.at for m in sink.messages)
+        assert arrivals[-1] - arrivals[0] >= 1.5  # 15 messages at 5/s take at least 2 s
+
+
+async def test_when_no_relay_is_healthy_mail_waits_and_nothing_bounces(
+    redis_url: str, prefix: str
+) -> None:
+    async with Sink(name="down") as sink:
+        port = sink.port
+    # The only relay is gone: mail is still accepted, queued, never bounced.
+    overrides = {
+        "redis": {"prefix": prefix},
+        "health": {"interval_s": 0.2, "timeout_s": 0.5, "fall": 1, "rise": 1},
+    }
+    async with running_node(node_config(redis_url, [f"127.0.0.1:{port}"], overrides)) as node:
+        await eventually(lambda: not node.health.healthy, timeout_s=5)
+        for _ in range(5):
+            assert (await send(node.inbound.addresses[0])).code == 250
+        await asyncio.sleep(1.5)
+        depth = await node.queue.depth()
+        assert depth["stream"] + depth["retry"] == 5
+        assert depth["dead"] == 0
+        assert node.not_ready_reason() is None  # still takes mail
+        async with Sink(port=port, name="back") as back:
+            await eventually(lambda: back.count == 5, timeout_s=10)
+            assert all(m.sender == "sender@example.com" for m in back.messages)  # no DSN
