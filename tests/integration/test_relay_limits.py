@@ -50,7 +50,9 @@ async def test_rate_limit_holds_across_nodes(redis_url: str, prefix: str, sink: 
         assert {r.code for r in replies} == {250}
         await eventually(lambda: sink.count == 15, timeout_s=30)
         arrivals = sorted(m.at for m in sink.messages)
-        assert arrivals[-1] - arrivals[0] >= 1.5  # 15 messages at 5/s take at least 2 s
+        # A per-second budget of 5: 15 messages need three one-second windows, so they cannot
+        # all arrive within one second (a fixed window allows a burst across each boundary).
+        assert arrivals[-1] - arrivals[0] > 0.95
 
 
 async def test_when_no_relay_is_healthy_mail_waits_and_nothing_bounces(
