@@ -12,7 +12,7 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "smtpfleet.yaml"
 
 def test_example_config_is_valid() -> None:
     config = load_config(EXAMPLE, environ={})
-    assert [r.name for r in config.relays] == ["relay-a", "relay-b"]
+    assert [r.name for r in config.relays] == ["relay-a", "relay-b", "standby"]
 
 
 def test_environment_overrides_file_values_including_list_items() -> None:
