@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -13,6 +12,7 @@ from collections.abc import Sequence
 from smtpfleet import __version__
 from smtpfleet.config import Config, load_config, parse_hostport
 from smtpfleet.errors import ConfigError
+from smtpfleet.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtpfleet", description=__doc__)
     parser.add_argument("--version", action="version", version=f"smtpfleet {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("SMTPFLEET_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        default=os.environ.get("SMTPFLEET_LOG_FORMAT", "auto"),
+        help="auto: JSON unless stderr is a terminal",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run one node (SMTP front + delivery workers)")
@@ -44,16 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
     return parser
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every connection at INFO; our handler logs what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def _load(path: str | None) -> Config:
@@ -99,7 +95,7 @@ COMMANDS = {"serve": _cmd_serve, "dev": _cmd_dev}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     handler = _cmd_config_check if args.command == "config" else COMMANDS[args.command]
     try:

@@ -25,11 +25,14 @@ from smtpfleet.http import HttpServer
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
+from smtpfleet.metrics import Metrics
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import Delivery, RedisQueue
 from smtpfleet.relays.ring import Ring
 
 log = logging.getLogger(__name__)
+
+QUEUE_STATS_INTERVAL_S = 5.0
 
 
 class Node:
@@ -38,11 +41,23 @@ class Node:
         self.node_id = config.node.id or f"{socket.gethostname()}-{os.getpid()}"
         self.hostname = config.node.hostname or socket.getfqdn()
         helo = config.delivery.helo_name or self.hostname
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
         self.queue = RedisQueue(config.redis, config.queue)
         self.store = ClusterStore(self.queue)
-        self._sender = Sender(config.delivery, helo, limits=self.store, owner=self.node_id)
+        self._sender = Sender(
+            config.delivery,
+            helo,
+            limits=self.store,
+            owner=self.node_id,
+            on_tls=lambda result: self.metrics.tls.labels("outbound", result).inc(),
+        )
         self.membership = Membership(
-            store=self.store, config=config.cluster, node_id=self.node_id, adopt=self._adopt
+            store=self.store,
+            config=config.cluster,
+            node_id=self.node_id,
+            adopt=self._adopt,
+            metrics=self.metrics,
         )
         self.health = HealthMonitor(
             relays=config.relays,
@@ -51,6 +66,7 @@ class Node:
             node_id=self.node_id,
             helo=helo,
             live_nodes=lambda: self.membership.live,
+            metrics=self.metrics,
         )
         ring = Ring(
             config.relays,
@@ -68,9 +84,9 @@ class Node:
             healthy=lambda: self.health.healthy,
             may_deliver=lambda: not self.membership.fenced,
             observe=self.health.record,
+            metrics=self.metrics,
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self.registry = CollectorRegistry()
         self.http: HttpServer | None = None
         if config.http.listen:
             host, port = parse_hostport(config.http.listen)
@@ -78,7 +94,9 @@ class Node:
                 host, port, registry=self.registry, not_ready_reason=self.not_ready_reason
             )
         self._started = False
-        self.inbound = InboundServer(config.inbound, self._handler(), self.hostname)
+        self.inbound = InboundServer(
+            config.inbound, self._handler(), self.hostname, metrics=self.metrics
+        )
         self.draining = False
 
     def _handler(self) -> InboundHandler:
@@ -91,6 +109,7 @@ class Node:
             max_recipients=inbound.max_recipients,
             max_received_headers=inbound.max_received_headers,
             accept_timeout_s=inbound.accept_timeout_s,
+            metrics=self.metrics,
         )
 
     async def start(self) -> None:
@@ -100,6 +119,7 @@ class Node:
         self._tasks = [
             asyncio.create_task(self.membership.run(), name="membership"),
             asyncio.create_task(self._sender.maintain_forever(), name="relay-sessions"),
+            asyncio.create_task(self._export_queue_stats(), name="queue-stats"),
         ]
         await self.health.check_once()  # a first view, so a dead relay is not tried first
         self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
@@ -130,6 +150,19 @@ class Node:
                     raise QueueUnavailable(f"Redis not reachable at start: {exc}") from exc
                 log.warning("waiting for Redis: %s", exc)
                 await asyncio.sleep(1.0)
+
+    async def _export_queue_stats(self) -> None:
+        while True:
+            try:
+                stats = await self.queue.stats(int(time.time() * 1000))
+            except QueueUnavailable:
+                stats = {}
+            for state in ("ready", "in_flight", "retry", "dead"):
+                if state in stats:
+                    self.metrics.queue.labels(state).set(stats[state])
+            if "oldest_age_s" in stats:
+                self.metrics.oldest.set(stats["oldest_age_s"])
+            await asyncio.sleep(QUEUE_STATS_INTERVAL_S)
 
     def not_ready_reason(self) -> str | None:
         """Why this node should get no new SMTP connections now, or None."""

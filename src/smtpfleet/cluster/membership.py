@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from smtpfleet.config import ClusterConfig
 from smtpfleet.errors import QueueUnavailable
+from smtpfleet.metrics import Metrics
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import Delivery
 
@@ -35,7 +36,9 @@ class Membership:
         config: ClusterConfig,
         node_id: str,
         adopt: Callable[[list[Delivery]], None],
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._config = config
         self.node_id = node_id
@@ -94,6 +97,7 @@ class Membership:
         members = await self._store.members()
         self.live = {n for n, beat in members.items() if now_ms - beat < self.lease_ms}
         self.live.add(self.node_id)
+        self._metrics.live_nodes.set(len(self.live))
         for dead in sorted(set(members) - self.live):
             await self._take_over(dead)
 
@@ -101,6 +105,7 @@ class Membership:
         guard_ms = int(2 * self._config.heartbeat_interval_s * 1000)
         claimed = await self._store.claim_from(dead, self.node_id, guard_ms, CLAIM_BATCH)
         if claimed:
+            self._metrics.takeovers.inc()
             self.takeovers += 1
             self.claimed += len(claimed)
             log.warning("took over %d deliveries of dead node %s", len(claimed), dead)

@@ -14,8 +14,9 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,7 +73,9 @@ class RelayClient:
         helo: str,
         limits: SharedLimits | None = None,
         owner: str = "",
+        on_tls: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_tls = on_tls
         self.relay = relay
         self._config = config
         self._helo = helo
@@ -143,11 +146,24 @@ class RelayClient:
             start_tls=_start_tls(relay.tls),
             validate_certs=relay.tls_verify,
         )
-        await smtp.connect(timeout=self._config.connect_timeout_s)
+        try:
+            await smtp.connect(timeout=self._config.connect_timeout_s)
+        except (ssl.SSLError, aiosmtplib.SMTPException) as exc:
+            if relay.tls is not TlsPolicy.NONE and _is_tls_failure(exc):
+                self._tls("failed")
+            raise
+        if relay.tls is TlsPolicy.REQUIRED or (
+            relay.tls is TlsPolicy.OPPORTUNISTIC and smtp.get_transport_info("sslcontext")
+        ):
+            self._tls("ok")
         _set_nodelay(smtp)
         if relay.username and relay.password is not None:
             await smtp.login(relay.username, relay.password)
         return smtp
+
+    def _tls(self, result: str) -> None:
+        if self._on_tls is not None:
+            self._on_tls(result)
 
     def _give_back(self, session: _Session) -> None:
         if session.messages >= self._config.max_messages_per_connection:
@@ -275,6 +291,10 @@ async def _recipients(
     return accepted
 
 
+def _is_tls_failure(exc: BaseException) -> bool:
+    return isinstance(exc, ssl.SSLError) or "tls" in str(exc).lower()
+
+
 def _is_stale(exc: Exception) -> bool:
     return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
 
@@ -311,7 +331,9 @@ class Sender:
         helo: str,
         limits: SharedLimits | None = None,
         owner: str = "",
+        on_tls: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_tls = on_tls
         self._config = config
         self._helo = helo
         self._limits = limits
@@ -321,7 +343,9 @@ class Sender:
     def client(self, relay: RelayConfig) -> RelayClient:
         client = self._clients.get(relay.name)
         if client is None:
-            client = RelayClient(relay, self._config, self._helo, self._limits, self._owner)
+            client = RelayClient(
+                relay, self._config, self._helo, self._limits, self._owner, self._on_tls
+            )
             self._clients[relay.name] = client
         return client
 

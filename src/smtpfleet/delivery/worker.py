@@ -11,15 +11,17 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 
-from smtpfleet.config import Config
+from smtpfleet.config import Config, RelayConfig
 from smtpfleet.delivery.classify import Outcome, Verdict, classify_reply
 from smtpfleet.delivery.dsn import build_dsn
 from smtpfleet.delivery.outcome import Attempt, Plan, plan_outcome
 from smtpfleet.delivery.sender import Sender
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
 from smtpfleet.errors import QueueUnavailable, SpoolError
+from smtpfleet.metrics import Metrics
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import Body, Delivery, Finish, RedisQueue
 from smtpfleet.relays.ring import Ring, routing_key
@@ -51,7 +53,9 @@ class DeliveryWorker:
         healthy: Callable[[], set[str]] | None = None,
         may_deliver: Callable[[], bool] = _always,
         observe: Callable[[str, dict[str, Verdict]], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._queue = queue
         self._ring = ring
         self._store = store
@@ -83,6 +87,7 @@ class DeliveryWorker:
 
     def adopt(self, deliveries: list[Delivery]) -> None:
         """Deliver entries claimed from a dead node."""
+        self._metrics.redeliveries.inc(len(deliveries))
         for delivery in deliveries:
             if delivery.entry_id not in self._inflight:
                 self._spawn(delivery)
@@ -171,6 +176,7 @@ class DeliveryWorker:
             for delivery in claimed:
                 if delivery.entry_id not in self._inflight:
                     log.info("claimed idle entry %s (%s)", delivery.entry_id, delivery.message.qid)
+                    self._metrics.redeliveries.inc()
                     self._spawn(delivery)
 
     async def _lease_loop(self) -> None:
@@ -262,11 +268,7 @@ class DeliveryWorker:
             if not self._may_deliver():
                 # Fenced mid-delivery: leave the entry pending for whoever claims it.
                 raise QueueUnavailable("fenced: Redis unreachable for too long")
-            self._load[relay.name] += 1
-            try:
-                verdicts = await self._sender.client(relay).send(message.sender, remaining, data)
-            finally:
-                self._load[relay.name] -= 1
+            verdicts = await self._send(message, relay, remaining, data)
             if self._observe is not None:
                 self._observe(relay.name, verdicts)
             for recipient, verdict in verdicts.items():
@@ -276,13 +278,46 @@ class DeliveryWorker:
                 break
         return attempts
 
+    async def _send(
+        self, message: QueuedMessage, relay: RelayConfig, recipients: list[str], data: bytes
+    ) -> dict[str, Verdict]:
+        name = relay.name
+        self._load[name] += 1
+        started = time.perf_counter()
+        try:
+            verdicts = await self._sender.client(relay).send(message.sender, recipients, data)
+        finally:
+            self._load[name] -= 1
+        elapsed = time.perf_counter() - started
+        self._metrics.attempt_seconds.labels(name).observe(elapsed)
+        age_s = max(0.0, (now_ms() - message.accepted_ms) / 1000)
+        for verdict in verdicts.values():
+            self._metrics.deliveries.labels(name, verdict.kind.value).inc()
+            if verdict.outcome is Outcome.DELIVERED:
+                self._metrics.delivery_latency.observe(age_s)
+        log.info(
+            "delivery attempt",
+            extra={
+                "event": "delivery.attempt",
+                "qid": message.qid,
+                "relay": name,
+                "codes": sorted({v.code or 0 for v in verdicts.values()}),
+                "outcomes": sorted({v.kind.value for v in verdicts.values()}),
+                "recipients": len(recipients),
+                "seconds": round(elapsed, 4),
+            },
+        )
+        return verdicts
+
     async def _record(self, delivery: Delivery, plan: Plan, data: bytes) -> None:
         message = delivery.message
         finish = Finish(retry=plan.retry, retry_due_ms=plan.retry_due_ms)
         if plan.failed:
             if _may_bounce(message):
                 await self._bounce(message, plan, data)
+                self._metrics.bounces.inc()
             else:
+                self._metrics.dead_letters.inc(len(plan.failed))
                 dead = message.retry_of(tuple(f.recipient for f in plan.failed), {})
                 reason = "; ".join(f"{f.recipient}: {f.diagnostic}" for f in plan.failed)
                 finish = Finish(plan.retry, plan.retry_due_ms, dead=dead, dead_reason=reason)

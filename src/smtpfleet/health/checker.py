@@ -13,6 +13,7 @@ from smtpfleet.delivery.classify import FailureKind, Verdict
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.health.probe import probe
 from smtpfleet.health.state import PassiveEjector, RiseFall, cluster_verdict, healthy_set, tier_map
+from smtpfleet.metrics import Metrics
 from smtpfleet.queue.redis_cluster import ClusterStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ class HealthMonitor:
         node_id: str,
         helo: str,
         live_nodes: Callable[[], set[str]],
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._relays = list(relays)
         self._config = config
         self._store = store
@@ -77,6 +80,7 @@ class HealthMonitor:
         )
         for relay, (ok, reason) in zip(self._relays, results, strict=True):
             self.probe_results[relay.name] = (ok, reason)
+            self._metrics.health_checks.labels(relay.name, "ok" if ok else "fail").inc()
             if self._active[relay.name].observe(ok):
                 state = "up" if ok else f"down ({reason})"
                 log.warning("relay %s is %s as seen from %s", relay.name, state, self._node_id)
@@ -101,4 +105,9 @@ class HealthMonitor:
         self._recompute()
 
     def _recompute(self) -> None:
-        self.healthy = healthy_set(self.verdict, self.own_view())
+        view = self.own_view()
+        self.healthy = healthy_set(self.verdict, view)
+        for relay, up in view.items():
+            self._metrics.relay_up.labels(relay, "node").set(1 if up else 0)
+        for relay, up in self.verdict.items():
+            self._metrics.relay_up.labels(relay, "cluster").set(1 if up else 0)

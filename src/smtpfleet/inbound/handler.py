@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -22,11 +23,18 @@ from smtpfleet.inbound.policy import (
     message_id,
     received_header,
 )
+from smtpfleet.metrics import Metrics
 from smtpfleet.queue.spool import Spool
 
 log = logging.getLogger(__name__)
 
 NULL_PATH = "<>"
+
+
+def _result(reply: str) -> str:
+    if reply.startswith("250") and "queued as" in reply:
+        return "queued"
+    return "tempfail" if reply.startswith("4") else "rejected"
 
 
 def _peer_ip(session: Session) -> str:
@@ -45,7 +53,9 @@ class InboundHandler:
         max_recipients: int,
         max_received_headers: int,
         accept_timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._spool = spool
         self._policy = policy
         self._hostname = hostname
@@ -82,14 +92,34 @@ class InboundHandler:
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
+        started = time.perf_counter()
         data = bytes(envelope.original_content or b"")
+        reply, qid = await self._accept(session, envelope, data)
+        self._metrics.accept_latency.observe(time.perf_counter() - started)
+        self._metrics.messages.labels(_result(reply)).inc()
+        log.info(
+            "smtp transaction",
+            extra={
+                "event": "smtp.transaction",
+                "qid": qid,
+                "peer": _peer_ip(session),
+                "recipients": len(envelope.rcpt_tos),
+                "size": len(data),
+                "code": int(reply[:3]),
+            },
+        )
+        return reply
+
+    async def _accept(
+        self, session: Session, envelope: Envelope, data: bytes
+    ) -> tuple[str, str | None]:
         if has_bare_line_ending(data):
             log.warning("refused message with bare CR/LF from %s", _peer_ip(session))
-            return replies.BARE_LINE_ENDING
+            return replies.BARE_LINE_ENDING, None
         if count_received_headers(data) > self._max_received:
-            return replies.LOOP_DETECTED
+            return replies.LOOP_DETECTED, None
         message = self._new_message(session, envelope, data)
-        return await self._enqueue(message)
+        return await self._enqueue(message), message.qid
 
     def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
         # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue
@@ -131,6 +161,7 @@ class InboundHandler:
             return replies.LOCAL_ERROR
         if result.duplicate:
             log.info("%s: duplicate of %s, not queued again", message.qid, result.qid)
+            self._metrics.messages.labels("duplicate").inc()
         return replies.QUEUED_FMT.format(qid=result.qid)
 
     async def handle_exception(self, error: Exception) -> str:

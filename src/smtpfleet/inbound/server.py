@@ -18,6 +18,7 @@ from aiosmtpd.smtp import SMTP
 from smtpfleet import replies
 from smtpfleet.config import InboundConfig
 from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.metrics import Metrics, reply_class
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,18 @@ class InboundSMTP(SMTP):
     async def _handle_client(self) -> None:
         refusal = self._server.admission()
         if refusal is not None:
+            result = "refused_draining" if self._server.draining else "refused_capacity"
+            self._server.metrics.sessions.labels(result).inc()
             await self.refuse(refusal)
             return
+        self._server.metrics.sessions.labels("accepted").inc()
         await super()._handle_client()
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             status = rewrite(status)
+            if status[3:4] != "-":  # count a multi-line reply once, at its last line
+                self._server.metrics.replies.labels(reply_class(status)).inc()
         await super().push(status)
 
     @property
@@ -122,7 +128,14 @@ class InboundSMTP(SMTP):
 
 
 class InboundServer:
-    def __init__(self, config: InboundConfig, handler: InboundHandler, hostname: str) -> None:
+    def __init__(
+        self,
+        config: InboundConfig,
+        handler: InboundHandler,
+        hostname: str,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics or Metrics()
         self._config = config
         self._handler = handler
         self._hostname = hostname

@@ -312,6 +312,31 @@ class RedisQueue:
 
     # -- views for tools and tests ------------------------------------------------------------
 
+    async def stats(self, now: int) -> dict[str, float]:
+        """Cluster-wide queue figures: ready, in flight, retrying, dead, oldest entry age."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in self.keys.all_shards():
+                stream = self.keys.stream(shard)
+                pipe.xlen(stream)
+                pipe.xpending(stream, GROUP)
+                pipe.zcard(self.keys.retry(shard))
+                pipe.xlen(self.keys.dead(shard))
+                pipe.xrange(stream, count=1)
+            rows = await self._guard(pipe.execute)
+        totals = {"ready": 0.0, "in_flight": 0.0, "retry": 0.0, "dead": 0.0}
+        oldest_ms = now
+        for i in range(0, len(rows), 5):
+            length, pending, retry, dead, first = rows[i : i + 5]
+            in_flight = int(pending["pending"]) if isinstance(pending, dict) else int(pending[0])
+            totals["in_flight"] += in_flight
+            totals["ready"] += max(0, int(length) - in_flight)
+            totals["retry"] += int(retry)
+            totals["dead"] += int(dead)
+            if first:
+                oldest_ms = min(oldest_ms, int(_text(first[0][0]).split("-")[0]))
+        totals["oldest_age_s"] = max(0.0, (now - oldest_ms) / 1000)
+        return totals
+
     async def depth(self) -> dict[str, int]:
         """Counts across shards: entries in streams, waiting retries, dead letters."""
         async with self._redis.pipeline(transaction=False) as pipe:

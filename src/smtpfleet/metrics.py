@@ -1,0 +1,121 @@
+"""Every Prometheus metric a node exports, on one injected registry.
+
+Label values come from fixed sets (reply classes, outcome kinds, configured relay names),
+never from message text, so cardinality stays bounded.
+
+Cluster-wide gauges (queue depth, oldest message, live nodes) are read from Redis and every
+node exports the same value: aggregate them with `max`, never `sum` (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+
+
+def reply_class(reply: str) -> str:
+    return f"{reply[:1]}xx" if reply[:1] in "2345" and reply[:1] else "other"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sessions = Counter(
+            "smtpfleet_smtp_sessions", "SMTP sessions by result", ["result"], registry=r
+        )
+        self.messages = Counter(
+            "smtpfleet_smtp_messages",
+            "Messages offered at the final dot, by result",
+            ["result"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "smtpfleet_smtp_replies", "SMTP replies sent, by class", ["class"], registry=r
+        )
+        self.accept_latency = Histogram(
+            "smtpfleet_accept_latency_seconds",
+            "Final dot to reply, per message",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge(
+            "smtpfleet_queue_messages",
+            "Queue entries by state (cluster-wide: use max)",
+            ["state"],
+            registry=r,
+        )
+        self.oldest = Gauge(
+            "smtpfleet_queue_oldest_age_seconds",
+            "Age of the oldest entry in the streams (cluster-wide: use max)",
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "smtpfleet_deliveries",
+            "Recipient delivery attempts by relay and outcome",
+            ["relay", "outcome"],
+            registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            "smtpfleet_delivery_attempt_seconds",
+            "One message on one relay",
+            ["relay"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "smtpfleet_delivery_latency_seconds",
+            "Accepted to delivered, per recipient",
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.bounces = Counter("smtpfleet_bounces", "DSNs generated", registry=r)
+        self.dead_letters = Counter(
+            "smtpfleet_dead_letters", "Recipients sent to the dead-letter stream", registry=r
+        )
+        self.tls = Counter(
+            "smtpfleet_tls_handshakes",
+            "TLS handshakes by direction and result",
+            ["direction", "result"],
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "smtpfleet_health_checks",
+            "Active health checks by relay and result",
+            ["relay", "result"],
+            registry=r,
+        )
+        self.relay_up = Gauge(
+            "smtpfleet_relay_up",
+            "1 if the relay is up: this node's view, or the cluster verdict",
+            ["relay", "view"],
+            registry=r,
+        )
+        self.live_nodes = Gauge(
+            "smtpfleet_live_nodes",
+            "Nodes with a fresh heartbeat (cluster-wide: use max)",
+            registry=r,
+        )
+        self.takeovers = Counter(
+            "smtpfleet_takeovers", "Dead nodes whose pending work this node claimed", registry=r
+        )
+        self.redeliveries = Counter(
+            "smtpfleet_redeliveries",
+            "Entries claimed from dead or stuck consumers: deliveries that may be duplicates",
+            registry=r,
+        )
+        self._zero_fill()
+
+    def _zero_fill(self) -> None:
+        """Series exist from the start, so `rate()` and absent-alerts work before any event."""
+        for result in ("accepted", "refused_draining", "refused_capacity"):
+            self.sessions.labels(result)
+        for result in ("queued", "duplicate", "rejected", "tempfail"):
+            self.messages.labels(result)
+        for cls in ("2xx", "4xx", "5xx"):
+            self.replies.labels(cls)
+        for direction in ("inbound", "outbound"):
+            for result in ("ok", "failed"):
+                self.tls.labels(direction, result)
