@@ -1,0 +1,103 @@
+"""Metrics, probes and structured logs, scraped and read as an operator would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from smtpfleet.sink import Sink
+from smtpfleet.testing import (
+    LocalCluster,
+    eventually,
+    make_message,
+    node_config,
+    running_node,
+    send,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_metrics_and_probes(redis_url: str, prefix: str, sink: Sink) -> None:
+    sink.faults.rcpt_replies = {"gone@example.net": "550 5.1.1 User unknown"}
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        assert node.http is not None
+        http = node.http.address
+        assert await http_get(http, "/healthz") == (200, "ok\n")
+        assert await http_get(http, "/readyz") == (200, "ready\n")
+        assert (await send(node.inbound.addresses[0])).code == 250
+        assert (await send(node.inbound.addresses[0], recipients=["v@elsewhere.org"])).code == 250
+        assert (await send(node.inbound.addresses[0], recipients=["gone@example.net"])).code == 250
+        await eventually(lambda: sink.count == 3)  # two messages and one DSN
+        status, text = await http_get(http, "/metrics")
+        assert status == 200
+        metrics = samples(text)
+        assert metrics[("smtpfleet_smtp_messages_total", (("result", "queued"),))] == 3
+        assert metrics[("smtpfleet_smtp_replies_total", (("class", "5xx"),))] == 0
+        delivered = ("smtpfleet_deliveries_total", (("outcome", "2xx"), ("relay", "relay-1")))
+        assert metrics[delivered] >= 3
+        refused = ("smtpfleet_deliveries_total", (("outcome", "5xx"), ("relay", "relay-1")))
+        assert metrics[refused] == 1
+        assert metrics[("smtpfleet_bounces_total", ())] == 1
+        assert metrics[("smtpfleet_accept_latency_seconds_count", ())] == 3
+        assert metrics[("smtpfleet_relay_up", (("relay", "relay-1"), ("view", "cluster")))] == 1
+        assert metrics[("smtpfleet_live_nodes", ())] == 1
+        assert (
+            "smtpfleet_tls_handshakes_total",
+            (("direction", "inbound"), ("result", "failed")),
+        ) in metrics
+        node.draining = True
+        assert await http_get(http, "/readyz") == (503, "not ready: draining\n")
+        assert (await http_get(http, "/nope"))[0] == 404
+
+
+async def test_queue_gauges_count_waiting_mail(redis_url: str, prefix: str) -> None:
+    overrides = {"redis": {"prefix": prefix}, "health": {"interval_s": 0.2, "fall": 1}}
+    async with running_node(node_config(redis_url, ["127.0.0.1:9"], overrides)) as node:
+        for _ in range(3):
+            assert (await send(node.inbound.addresses[0])).code == 250
+        stats = await node.queue.stats(10**13)
+        assert stats["ready"] + stats["in_flight"] + stats["retry"] == 3
+        assert stats["dead"] == 0
+        assert stats["oldest_age_s"] > 0
+
+
+async def test_node_logs_one_json_event_per_transaction_and_attempt() -> None:
+    async with LocalCluster(nodes=1, sinks=1) as cluster:
+        node = cluster.node_processes[0]
+        secret = "the-body-must-not-be-logged"
+        data = make_message(body=secret + "\r\n")
+        reply = await send(node.smtp, data=data)
+        qid = reply.text.rsplit(" ", 1)[-1]
+        await eventually(lambda: cluster.sink_servers[0].count == 1)
+        await asyncio.sleep(0.5)
+        lines = [json.loads(line) for line in node.log_path.read_text().splitlines() if line]
+        events = {(e.get("event"), e.get("qid")): e for e in lines}
+        transaction = events[("smtp.transaction", qid)]
+        assert transaction["code"] == 250
+        assert transaction["peer"] == "127.0.0.1"
+        attempt = events[("delivery.attempt", qid)]
+        assert attempt["relay"] == "relay-1"
+        assert attempt["codes"] == [250]
+        assert secret not in node.log_path.read_text()
