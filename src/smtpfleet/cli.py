@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from smtpfleet import __version__
+from smtpfleet import __version__, opscli
 from smtpfleet.config import Config, load_config, parse_hostport
 from smtpfleet.errors import ConfigError
 from smtpfleet.logs import configure_logging
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         "--relay", action="append", default=[], metavar="HOST:PORT", help="a real relay (repeat)"
     )
     dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
+    opscli.register(sub)
     return parser
 
 
@@ -91,12 +92,15 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": _cmd_serve, "dev": _cmd_dev}
+OPS_COMMANDS = {"status", "queue", "dead", "relay", "node"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.command in OPS_COMMANDS:
+        return opscli.run(args)
     handler = _cmd_config_check if args.command == "config" else COMMANDS[args.command]
     try:
         return handler(args)

@@ -46,12 +46,21 @@ async def _serve(config: Config) -> int:
         log.error("cannot start: %s", exc)
         await node.close()
         return EXIT_STARTUP_FAILED
-    watcher = asyncio.create_task(_watch_parent(stop))
+    watchers = [
+        asyncio.create_task(_watch_parent(stop)),
+        asyncio.create_task(_relay_event(node.drain_requested, stop)),
+    ]
     await stop.wait()
-    watcher.cancel()
+    for watcher in watchers:
+        watcher.cancel()
     await node.drain()
     log.info("node %s stopped", node.node_id)
     return EXIT_OK
+
+
+async def _relay_event(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:

@@ -41,6 +41,7 @@ class Node:
         self.node_id = config.node.id or f"{socket.gethostname()}-{os.getpid()}"
         self.hostname = config.node.hostname or socket.getfqdn()
         helo = config.delivery.helo_name or self.hostname
+        self.drain_requested = asyncio.Event()  # `smtpfleet node drain ID`
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.queue = RedisQueue(config.redis, config.queue)
@@ -58,6 +59,7 @@ class Node:
             node_id=self.node_id,
             adopt=self._adopt,
             metrics=self.metrics,
+            on_drain_request=self.drain_requested.set,
         )
         self.health = HealthMonitor(
             relays=config.relays,

@@ -37,7 +37,9 @@ class Membership:
         node_id: str,
         adopt: Callable[[list[Delivery]], None],
         metrics: Metrics | None = None,
+        on_drain_request: Callable[[], None] | None = None,
     ) -> None:
+        self._on_drain_request = on_drain_request
         self._metrics = metrics or Metrics()
         self._store = store
         self._config = config
@@ -81,6 +83,9 @@ class Membership:
             self.fenced = False
         try:
             await self._watch_members(now_ms)
+            if self._on_drain_request and await self._store.drain_requested(self.node_id):
+                log.warning("an operator asked %s to drain", self.node_id)
+                self._on_drain_request()
         except QueueUnavailable as exc:
             log.warning("membership check failed: %s", exc)
 

@@ -32,6 +32,7 @@ NO_RELAY = classify_reply(421, "4.4.1 No relay available")
 REDIS_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 PAUSE_S = 0.1
 PARK_S = 2.0
+OUTCOME_FLUSH_S = 5.0
 GATE_POLL_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
@@ -64,6 +65,7 @@ class DeliveryWorker:
         self._may_deliver = may_deliver
         self._observe = observe
         self._load: collections.Counter[str] = collections.Counter()
+        self._recent: collections.Counter[str] = collections.Counter()
         self._sender = sender
         self._config = config
         self._consumer = consumer
@@ -83,6 +85,7 @@ class DeliveryWorker:
             asyncio.create_task(self._retry_loop(), name="retry-scheduler"),
             asyncio.create_task(self._claim_loop(), name="idle-claimer"),
             asyncio.create_task(self._lease_loop(), name="lease-refresher"),
+            asyncio.create_task(self._outcomes_loop(), name="outcome-counts"),
         ]
 
     def adopt(self, deliveries: list[Delivery]) -> None:
@@ -193,6 +196,19 @@ class DeliveryWorker:
             with contextlib.suppress(QueueUnavailable):
                 await self._store.refresh_leases(self._consumer, by_shard)
 
+    async def _outcomes_loop(self) -> None:
+        """Share recent per-relay outcome counts, for `smtpfleet status`."""
+        if self._store is None:
+            return
+        while not self._stopping:
+            await asyncio.sleep(OUTCOME_FLUSH_S)
+            counts, self._recent = self._recent, collections.Counter()
+            if counts:
+                try:
+                    await self._store.add_outcomes(now_ms() // 60_000, counts)
+                except QueueUnavailable:
+                    self._recent.update(counts)
+
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._guarded(delivery), name=f"deliver-{delivery.entry_id}")
         self._inflight[delivery.entry_id] = task
@@ -293,6 +309,7 @@ class DeliveryWorker:
         age_s = max(0.0, (now_ms() - message.accepted_ms) / 1000)
         for verdict in verdicts.values():
             self._metrics.deliveries.labels(name, verdict.kind.value).inc()
+            self._recent[f"{name}|{verdict.kind.value}"] += 1
             if verdict.outcome is Outcome.DELIVERED:
                 self._metrics.delivery_latency.observe(age_s)
         log.info(

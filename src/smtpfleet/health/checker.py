@@ -50,6 +50,7 @@ class HealthMonitor:
         self.verdict: dict[str, bool] = {r.name: True for r in relays}
         self.healthy: set[str] = {r.name for r in relays}
         self.probe_results: dict[str, tuple[bool, str]] = {}
+        self.paused: set[str] = set()  # by an operator, cluster-wide (`smtpfleet relay pause`)
 
     def own_view(self) -> dict[str, bool]:
         now = time.monotonic()
@@ -94,6 +95,7 @@ class HealthMonitor:
             await self._store.publish_view(self._node_id, view, ttl_ms)
             live = self._live_nodes() | {self._node_id}
             views = await self._store.views(live)
+            paused = await self._store.paused_relays()
         except QueueUnavailable:
             self._recompute()
             return
@@ -102,11 +104,14 @@ class HealthMonitor:
             if up != self.verdict.get(relay):
                 log.warning("cluster verdict: relay %s is %s", relay, "up" if up else "down")
         self.verdict = verdict
+        if paused != self.paused:
+            log.warning("paused relays: %s", ", ".join(sorted(paused)) or "none")
+            self.paused = paused
         self._recompute()
 
     def _recompute(self) -> None:
         view = self.own_view()
-        self.healthy = healthy_set(self.verdict, view)
+        self.healthy = healthy_set(self.verdict, view) - self.paused
         for relay, up in view.items():
             self._metrics.relay_up.labels(relay, "node").set(1 if up else 0)
         for relay, up in self.verdict.items():

@@ -62,3 +62,14 @@ class Keys:
 
     def relay_rate(self, relay: str, second: int) -> str:
         return f"{{{self.prefix}}}:relay:{relay}:rate:{second}"
+
+    def paused_relays(self) -> str:
+        """Set of relay names an operator paused, cluster-wide."""
+        return f"{{{self.prefix}}}:paused"
+
+    def drain_request(self, node_id: str) -> str:
+        return f"{{{self.prefix}}}:drain:{node_id}"
+
+    def outcomes(self, minute: int) -> str:
+        """Hash "relay|outcome" -> count of delivery verdicts in that minute (for `status`)."""
+        return f"{{{self.prefix}}}:outcomes:{minute}"

@@ -30,6 +30,9 @@ return 0
 """
 
 
+OUTCOME_TTL_S = 3600
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -154,6 +157,23 @@ class ClusterStore:
             for shard, ids in entries.items():
                 if ids:
                     pipe.xclaim(self.keys.stream(shard), GROUP, me, 0, list[Any](ids), justid=True)
+            await self._guard(pipe.execute)
+
+    # -- operator controls and recent outcomes ------------------------------------------------
+
+    async def paused_relays(self) -> set[str]:
+        members = await self._guard(lambda: self._redis.smembers(self.keys.paused_relays()))
+        return {_text(m) for m in members}
+
+    async def drain_requested(self, node_id: str) -> bool:
+        return bool(await self._guard(lambda: self._redis.exists(self.keys.drain_request(node_id))))
+
+    async def add_outcomes(self, minute: int, counts: Mapping[str, int]) -> None:
+        key = self.keys.outcomes(minute)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for field, count in counts.items():
+                pipe.hincrby(key, field, count)
+            pipe.expire(key, OUTCOME_TTL_S)
             await self._guard(pipe.execute)
 
     # -- shared relay limits -----------------------------------------------------------------

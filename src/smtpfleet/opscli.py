@@ -1,0 +1,284 @@
+"""The operator commands of the CLI: they read and change cluster state in Redis.
+
+Each command finds the cluster by `--redis URL`, or `--config FILE` / $SMTPFLEET_CONFIG (with
+the usual SMTPFLEET_* overrides). Output is a table for people, `--json` for scripts. Errors
+are one line and an exit code: 1 when Redis or the cluster says no, 2 for a bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from smtpfleet.config import Config, load_config
+from smtpfleet.errors import ConfigError
+from smtpfleet.queue.redis_admin import Admin, NotFound
+from smtpfleet.queue.redis_queue import RedisQueue
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+STATES = ("ready", "in_flight", "retry", "dead")
+
+
+class OpsError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", metavar="URL", help="the cluster's Redis (overrides --config)")
+    parser.add_argument(
+        "--config", default=os.environ.get("SMTPFLEET_CONFIG"), help="a node's YAML config"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def register(sub: Any) -> None:
+    status = sub.add_parser("status", help="nodes, relays and queue of the whole cluster")
+    add_cluster_options(status)
+
+    queue = sub.add_parser("queue", help="inspect and change queued messages")
+    queue_sub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = queue_sub.add_parser("list", help="list queued messages, oldest first")
+    listing.add_argument("--state", action="append", choices=STATES, help="repeatable")
+    listing.add_argument("--limit", type=int, default=50)
+    for name, text in (("show", "one message"), ("retry", "retry now"), ("delete", "delete")):
+        action = queue_sub.add_parser(name, help=text)
+        action.add_argument("qid")
+        add_cluster_options(action)
+    add_cluster_options(listing)
+
+    dead = sub.add_parser("dead", help="dead letters: list, requeue, purge")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dead_list = dead_sub.add_parser("list")
+    dead_list.add_argument("--limit", type=int, default=50)
+    for name in ("requeue", "purge"):
+        action = dead_sub.add_parser(name)
+        group = action.add_mutually_exclusive_group(required=True)
+        group.add_argument("qid", nargs="?")
+        group.add_argument("--all", action="store_true")
+        add_cluster_options(action)
+    add_cluster_options(dead_list)
+
+    relay = sub.add_parser("relay", help="pause or resume a relay, cluster-wide")
+    relay_sub = relay.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name in ("pause", "resume"):
+        action = relay_sub.add_parser(name)
+        action.add_argument("name")
+        add_cluster_options(action)
+
+    node = sub.add_parser("node", help="ask a node to drain and exit")
+    node_sub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
+    drain = node_sub.add_parser("drain")
+    drain.add_argument("id")
+    add_cluster_options(drain)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if args.redis:
+        config = config.model_copy(
+            update={"redis": config.redis.model_copy(update={"url": args.redis})}
+        )
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"smtpfleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    command = COMMANDS[(args.command, getattr(args, "action", None))]
+    try:
+        return asyncio.run(_with_admin(config, lambda admin: command(admin, args, config)))
+    except OpsError as exc:
+        print(f"smtpfleet: {exc}", file=sys.stderr)
+        return exc.code
+
+
+async def _with_admin(config: Config, body: Callable[[Admin], Awaitable[int]]) -> int:
+    queue = RedisQueue(config.redis, config.queue)
+    url = config.redis.url.rsplit("@", 1)[-1]
+    try:
+        try:
+            await queue.client.ping()
+        except Exception as exc:
+            raise OpsError(
+                f"cannot reach Redis at {url}: {exc.__class__.__name__}: {exc}"
+            ) from None
+        try:
+            return await body(Admin(queue))
+        except NotFound as exc:
+            raise OpsError(str(exc), EXIT_FAILED) from None
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            raise OpsError(f"Redis at {url} went away: {exc}") from None
+    finally:
+        await queue.close()
+
+
+def _emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> int:
+    print(json.dumps(data, indent=None, default=str) if args.json else table())
+    return EXIT_OK
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [
+        ["" if c is None else str(c) for c in row] for row in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def _status(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    data = await admin.status(config.cluster.lease_s, [r.name for r in config.relays])
+    return _emit(args, data, lambda: _status_table(data))
+
+
+def _status_table(data: dict[str, Any]) -> str:
+    nodes = format_table(
+        ["NODE", "ALIVE", "ROLE", "HEARTBEAT", "UPTIME", "HOST", "IN FLIGHT"],
+        [
+            [
+                n["id"],
+                "yes" if n["alive"] else "NO",
+                n["role"],
+                f"{n['heartbeat_age_s']}s ago",
+                f"{n['uptime_s']}s" if n["uptime_s"] is not None else "",
+                n["host"],
+                data["queue"]["in_flight_by_node"].get(n["id"], 0),
+            ]
+            for n in data["nodes"]
+        ],
+    )
+    relays = format_table(
+        ["RELAY", "VERDICT", "VIEWS", "LAST 5 MIN"],
+        [
+            [
+                r["name"],
+                r["verdict"].upper() if r["verdict"] != "up" else "up",
+                " ".join(f"{n}={v}" for n, v in sorted(r["views"].items())),
+                " ".join(f"{k}={v}" for k, v in sorted(r["recent"].items())),
+            ]
+            for r in data["relays"]
+        ],
+    )
+    q = data["queue"]
+    queue = (
+        f"queue: {q['ready']:.0f} ready, {q['in_flight']:.0f} in flight, "
+        f"{q['retry']:.0f} retrying, {q['dead']:.0f} dead letters; "
+        f"oldest {q['oldest_age_s']:.0f}s"
+    )
+    return f"{nodes}\n\n{relays}\n\n{queue}"
+
+
+async def _queue_list(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    if args.limit < 1:
+        raise OpsError("--limit must be at least 1", EXIT_USAGE)
+    entries = await admin.entries(args.state or STATES, args.limit)
+    rows = [
+        [
+            e.qid,
+            e.state,
+            e.sender or "<>",
+            len(e.recipients),
+            e.attempts,
+            f"{e.age_s:.0f}s",
+            e.owner or (f"in {e.due_in_s:.0f}s" if e.due_in_s is not None else ""),
+        ]
+        for e in entries
+    ]
+    table = format_table(
+        ["QUEUE ID", "STATE", "SENDER", "RCPTS", "TRIES", "AGE", "OWNER/DUE"], rows
+    )
+    return _emit(args, [e.as_dict() for e in entries], lambda: table)
+
+
+async def _queue_show(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    entry, _ = await admin.find(args.qid)
+    headers = await admin.headers(args.qid)
+    data = {**entry.as_dict(), "headers": headers}
+    lines = [f"{k}: {v}" for k, v in entry.as_dict().items()]
+    return _emit(args, data, lambda: "\n".join([*lines, "", headers]))
+
+
+async def _queue_retry(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    result = await admin.retry_now(args.qid)
+    return _emit(args, {"qid": args.qid, "result": result}, lambda: f"{args.qid}: {result}")
+
+
+async def _queue_delete(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    result = await admin.delete(args.qid)
+    return _emit(args, {"qid": args.qid, "result": result}, lambda: f"{args.qid}: {result}")
+
+
+async def _dead_list(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    entries = await admin.entries(["dead"], args.limit)
+    rows = [[e.qid, e.sender or "<>", ", ".join(e.recipients), e.reason] for e in entries]
+    table = format_table(["QUEUE ID", "SENDER", "RECIPIENTS", "REASON"], rows)
+    return _emit(args, [e.as_dict() for e in entries], lambda: table)
+
+
+async def _dead_requeue(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    if args.all:
+        count = await admin.requeue_all_dead()
+        return _emit(args, {"requeued": count}, lambda: f"requeued {count} dead letters")
+    entry, _ = await admin.find(args.qid)
+    if entry.state != "dead":
+        raise OpsError(f"{args.qid} is not a dead letter (it is {entry.state})")
+    result = await admin.retry_now(args.qid)
+    return _emit(args, {"qid": args.qid, "result": result}, lambda: f"{args.qid}: {result}")
+
+
+async def _dead_purge(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    if args.all:
+        count = await admin.purge_dead()
+        return _emit(args, {"purged": count}, lambda: f"purged {count} dead letters")
+    entry, _ = await admin.find(args.qid)
+    if entry.state != "dead":
+        raise OpsError(f"{args.qid} is not a dead letter (it is {entry.state})")
+    result = await admin.delete(args.qid)
+    return _emit(args, {"qid": args.qid, "result": result}, lambda: f"{args.qid}: {result}")
+
+
+def _relay_switch(paused: bool) -> Callable[[Admin, argparse.Namespace, Config], Awaitable[int]]:
+    async def switch(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+        await admin.set_paused(args.name, paused, [r.name for r in config.relays])
+        word = "paused" if paused else "resumed"
+        return _emit(args, {"relay": args.name, "state": word}, lambda: f"relay {args.name} {word}")
+
+    return switch
+
+
+async def _node_drain(admin: Admin, args: argparse.Namespace, config: Config) -> int:
+    await admin.request_drain(args.id)
+    text = f"asked node {args.id} to drain; it stops accepting and exits when its work is done"
+    return _emit(args, {"node": args.id, "state": "drain requested"}, lambda: text)
+
+
+Command = Callable[[Admin, argparse.Namespace, Config], Awaitable[int]]
+COMMANDS: dict[tuple[str, str | None], Command] = {
+    ("status", None): _status,
+    ("queue", "list"): _queue_list,
+    ("queue", "show"): _queue_show,
+    ("queue", "retry"): _queue_retry,
+    ("queue", "delete"): _queue_delete,
+    ("dead", "list"): _dead_list,
+    ("dead", "requeue"): _dead_requeue,
+    ("dead", "purge"): _dead_purge,
+    ("relay", "pause"): _relay_switch(True),
+    ("relay", "resume"): _relay_switch(False),
+    ("node", "drain"): _node_drain,
+}

@@ -1,0 +1,298 @@
+"""What the operator CLI reads and changes in Redis: the cluster's one view of itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from smtpfleet.envelope import QueuedMessage, shard_of
+from smtpfleet.health.state import cluster_verdict
+from smtpfleet.queue.keys import ENTRY_FIELD, GROUP
+from smtpfleet.queue.redis_cluster import ClusterStore
+from smtpfleet.queue.redis_queue import RedisQueue
+
+RECENT_MINUTES = 5
+SCAN_LIMIT = 100_000
+
+
+class NotFound(LookupError):
+    """No such queue id, relay or node."""
+
+
+@dataclass
+class Entry:
+    qid: str
+    state: str  # ready | in_flight | retry | dead
+    sender: str
+    recipients: list[str]
+    attempts: int
+    age_s: float
+    owner: str | None = None  # in_flight: the node delivering it
+    lease_age_s: float | None = None  # in_flight: time since its lease was refreshed
+    due_in_s: float | None = None  # retry
+    reason: str | None = None  # dead
+    last_errors: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Admin:
+    def __init__(self, queue: RedisQueue) -> None:
+        self.queue = queue
+        self.store = ClusterStore(queue)
+        self.keys = queue.keys
+        # Any: redis-py's return types are unions over every decode mode and RESP version;
+        # this client is bytes-mode RESP2, and the parsing below is written for exactly that.
+        self._redis: Any = queue.client
+
+    # -- status ------------------------------------------------------------------------------
+
+    async def status(self, lease_s: float, known_relays: Iterable[str] = ()) -> dict[str, Any]:
+        now = _now_ms()
+        members = await self.store.members()
+        info = await self.store.node_info(members)
+        live = {n for n, beat in members.items() if now - beat < lease_s * 1000}
+        views = await self.store.views(members)
+        relays = sorted(set(known_relays) | {r for v in views.values() for r in v})
+        verdict = cluster_verdict(relays, views, live)
+        paused = await self.store.paused_relays()
+        recent = await self._recent_outcomes(now)
+        stats = await self.queue.stats(now)
+        return {
+            "nodes": [
+                self._node_row(n, members[n], info.get(n, {}), n in live, now) for n in members
+            ],
+            "relays": [
+                {
+                    "name": relay,
+                    "verdict": "paused"
+                    if relay in paused
+                    else ("up" if verdict[relay] else "down"),
+                    "views": {
+                        n: ("up" if v[relay] else "down") for n, v in views.items() if relay in v
+                    },
+                    "recent": recent.get(relay, {}),
+                }
+                for relay in relays
+            ],
+            "queue": {**stats, "in_flight_by_node": await self._in_flight_by_node()},
+        }
+
+    @staticmethod
+    def _node_row(
+        node: str, beat: int, info: dict[str, Any], alive: bool, now: int
+    ) -> dict[str, Any]:
+        started = info.get("started_ms")
+        return {
+            "id": node,
+            "alive": alive,
+            "role": info.get("role", "unknown") if alive else "dead",
+            "heartbeat_age_s": round((now - beat) / 1000, 1),
+            "uptime_s": round((now - started) / 1000) if started else None,
+            "host": info.get("host"),
+            "pid": info.get("pid"),
+        }
+
+    async def _recent_outcomes(self, now: int) -> dict[str, dict[str, int]]:
+        minute = now // 60_000
+        out: dict[str, dict[str, int]] = {}
+        for m in range(minute - RECENT_MINUTES + 1, minute + 1):
+            for key, count in (await self._redis.hgetall(self.keys.outcomes(m))).items():
+                relay, _, outcome = _text(key).partition("|")
+                bucket = out.setdefault(relay, {})
+                bucket[outcome] = bucket.get(outcome, 0) + int(count)
+        return out
+
+    async def _in_flight_by_node(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for shard in self.keys.all_shards():
+            summary = await self._redis.xpending(self.keys.stream(shard), GROUP)
+            for row in summary.get("consumers") or []:
+                name = _text(row["name"])
+                counts[name] = counts.get(name, 0) + int(row["pending"])
+        return counts
+
+    # -- listing and finding entries ---------------------------------------------------------
+
+    async def entries(self, states: Iterable[str], limit: int) -> list[Entry]:
+        wanted = set(states)
+        found: list[Entry] = []
+        for shard in self.keys.all_shards():
+            if wanted & {"ready", "in_flight"}:
+                found += [e for e in await self._stream_entries(shard, limit) if e.state in wanted]
+            if "retry" in wanted:
+                found += await self._retry_entries(shard, limit)
+            if "dead" in wanted:
+                found += await self._dead_entries(shard, limit)
+        found.sort(key=lambda e: -e.age_s)
+        return found[:limit]
+
+    async def _stream_entries(self, shard: int, limit: int) -> list[Entry]:
+        stream = self.keys.stream(shard)
+        now = _now_ms()
+        pending = {
+            _text(row["message_id"]): row
+            for row in await self._redis.xpending_range(stream, GROUP, "-", "+", SCAN_LIMIT)
+        }
+        rows = []
+        for entry_id, fields in await self._redis.xrange(stream, count=limit):
+            message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
+            owner = pending.get(_text(entry_id))
+            entry = _entry(message, "in_flight" if owner else "ready", now)
+            if owner:
+                entry.owner = _text(owner["consumer"])
+                entry.lease_age_s = round(int(owner["time_since_delivered"]) / 1000, 1)
+            rows.append(entry)
+        return rows
+
+    async def _retry_entries(self, shard: int, limit: int) -> list[Entry]:
+        now = _now_ms()
+        rows = []
+        for member, score in await self._redis.zrange(
+            self.keys.retry(shard), 0, limit - 1, withscores=True
+        ):
+            entry = _entry(QueuedMessage.decode(member), "retry", now)
+            entry.due_in_s = round(max(0.0, (score - now) / 1000), 1)
+            rows.append(entry)
+        return rows
+
+    async def _dead_entries(self, shard: int, limit: int) -> list[Entry]:
+        now = _now_ms()
+        rows = []
+        for _, fields in await self._redis.xrange(self.keys.dead(shard), count=limit):
+            entry = _entry(QueuedMessage.decode(fields[ENTRY_FIELD.encode()]), "dead", now)
+            entry.reason = _text(fields.get(b"reason", b""))
+            rows.append(entry)
+        return rows
+
+    async def find(self, qid: str) -> tuple[Entry, str]:
+        """The entry and where it is: a stream id, a retry member, or a dead-letter id."""
+        shard = self._shard(qid)
+        for entry_id, fields in await self._redis.xrange(self.keys.stream(shard), count=SCAN_LIMIT):
+            if QueuedMessage.decode(fields[ENTRY_FIELD.encode()]).qid == qid:
+                matches = [e for e in await self._stream_entries(shard, SCAN_LIMIT) if e.qid == qid]
+                return matches[0], _text(entry_id)
+        for member in await self._redis.zrange(self.keys.retry(shard), 0, -1):
+            message = QueuedMessage.decode(member)
+            if message.qid == qid:
+                return _entry(message, "retry", _now_ms()), _text(member)
+        for entry_id, fields in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
+            message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
+            if message.qid == qid:
+                entry = _entry(message, "dead", _now_ms())
+                entry.reason = _text(fields.get(b"reason", b""))
+                return entry, _text(entry_id)
+        raise NotFound(f"no queued message {qid}")
+
+    def _shard(self, qid: str) -> int:
+        try:
+            shard = shard_of(qid)
+        except ValueError:
+            raise NotFound(f"not a queue id: {qid!r}") from None
+        if shard >= self.keys.shards:
+            raise NotFound(f"no queued message {qid} (shard {shard} does not exist)")
+        return shard
+
+    async def headers(self, qid: str) -> str:
+        data: bytes | None = await self._redis.hget(self.keys.body(self._shard(qid), qid), "d")
+        if data is None:
+            return ""
+        return data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+
+    # -- changing entries --------------------------------------------------------------------
+
+    async def retry_now(self, qid: str) -> str:
+        entry, where = await self.find(qid)
+        shard = self._shard(qid)
+        if entry.state == "retry":
+            await self._redis.zadd(self.keys.retry(shard), {where: _now_ms()})
+            return "moved to the front of the retry schedule"
+        if entry.state == "dead":
+            await self._requeue_dead(shard, where)
+            return "requeued from the dead letters"
+        return f"nothing to do: it is {entry.state.replace('_', ' ')}"
+
+    async def _requeue_dead(self, shard: int, entry_id: str) -> None:
+        rows = await self._redis.xrange(self.keys.dead(shard), entry_id, entry_id)
+        if not rows:
+            return
+        member = rows[0][1][ENTRY_FIELD.encode()]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.stream(shard), {ENTRY_FIELD: member})
+            pipe.xdel(self.keys.dead(shard), entry_id)
+            await pipe.execute()
+
+    async def delete(self, qid: str) -> str:
+        entry, where = await self.find(qid)
+        shard = self._shard(qid)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if entry.state in ("ready", "in_flight"):
+                pipe.xack(self.keys.stream(shard), GROUP, where)
+                pipe.xdel(self.keys.stream(shard), where)
+            elif entry.state == "retry":
+                pipe.zrem(self.keys.retry(shard), where)
+            else:
+                pipe.xdel(self.keys.dead(shard), where)
+            pipe.delete(self.keys.body(shard, qid))
+            await pipe.execute()
+        return f"deleted ({entry.state.replace('_', ' ')})"
+
+    async def requeue_all_dead(self) -> int:
+        moved = 0
+        for shard in self.keys.all_shards():
+            for entry_id, _ in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
+                await self._requeue_dead(shard, _text(entry_id))
+                moved += 1
+        return moved
+
+    async def purge_dead(self) -> int:
+        purged = 0
+        for shard in self.keys.all_shards():
+            for _, fields in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
+                qid = QueuedMessage.decode(fields[ENTRY_FIELD.encode()]).qid
+                await self._redis.delete(self.keys.body(shard, qid))
+                purged += 1
+            await self._redis.delete(self.keys.dead(shard))
+        return purged
+
+    # -- relays and nodes --------------------------------------------------------------------
+
+    async def set_paused(self, relay: str, paused: bool, known: Iterable[str]) -> None:
+        if relay not in set(known) | await self._relays_in_views():
+            raise NotFound(f"unknown relay {relay!r}")
+        if paused:
+            await self._redis.sadd(self.keys.paused_relays(), relay)
+        else:
+            await self._redis.srem(self.keys.paused_relays(), relay)
+
+    async def _relays_in_views(self) -> set[str]:
+        views = await self.store.views(await self.store.members())
+        return {relay for view in views.values() for relay in view}
+
+    async def request_drain(self, node_id: str) -> None:
+        if node_id not in await self.store.members():
+            raise NotFound(f"unknown node {node_id!r}")
+        await self._redis.set(self.keys.drain_request(node_id), "1", ex=3600)
+
+
+def _entry(message: QueuedMessage, state: str, now: int) -> Entry:
+    return Entry(
+        qid=message.qid,
+        state=state,
+        sender=message.sender,
+        recipients=list(message.recipients),
+        attempts=message.attempts,
+        age_s=round((now - message.accepted_ms) / 1000, 1),
+        last_errors=dict(message.last_errors),
+    )

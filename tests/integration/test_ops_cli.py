@@ -1,0 +1,148 @@
+"""The operator CLI against a running cluster: real processes, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from smtpfleet.sink import Sink
+from smtpfleet.testing import LocalCluster, eventually, node_config, running_node, send
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpfleet",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def cli_json(*args: str) -> Any:
+    code, out, err = await cli(*args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+async def test_status_queue_and_dead_letter_commands(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    sink.faults.rcpt_replies = {
+        "busy@example.net": "451 4.2.1 Mailbox busy",
+        "gone@example.net": "550 5.1.1 User unknown",
+    }
+    overrides = {"redis": {"prefix": prefix}, "retry": {"initial_s": 3600, "max_s": 3600}}
+    config = node_config(redis_url, [sink.address], overrides)
+    target = ["--redis", redis_url]
+    async with running_node(config) as node:
+        busy = await send(node.inbound.addresses[0], recipients=["busy@example.net"])
+        dead = await send(node.inbound.addresses[0], sender="", recipients=["gone@example.net"])
+        busy_qid, dead_qid = busy.text.rsplit(" ", 1)[-1], dead.text.rsplit(" ", 1)[-1]
+
+        async def settled() -> bool:
+            stats = await node.queue.stats(10**13)
+            return stats["retry"] == 1 and stats["dead"] == 1
+
+        await eventually(settled, timeout_s=10)
+        # The key prefix and shard count come from the environment, as on a real node.
+        status = await _with_prefix(prefix, "status", *target)
+        assert [n["id"] for n in status["nodes"]] == [node.node_id]
+        assert status["nodes"][0]["alive"] is True
+        assert status["relays"][0]["name"] == "relay-1"
+        assert status["relays"][0]["verdict"] == "up"
+        assert status["queue"]["retry"] == 1
+        assert status["queue"]["dead"] == 1
+
+        listed = await _with_prefix(prefix, "queue", "list", *target)
+        assert {(e["qid"], e["state"]) for e in listed} == {(busy_qid, "retry"), (dead_qid, "dead")}
+        shown = await _with_prefix(prefix, "queue", "show", busy_qid, *target)
+        assert shown["last_errors"] == {"busy@example.net": "451 4.2.1 Mailbox busy"}
+        assert "Received: from" in shown["headers"]
+
+        sink.faults.rcpt_replies = {}
+        moved = await _with_prefix(prefix, "queue", "retry", busy_qid, *target)
+        assert "retry" in moved["result"]
+        await eventually(lambda: sink.count == 1, timeout_s=10)
+
+        requeued = await _with_prefix(prefix, "dead", "requeue", dead_qid, *target)
+        assert "requeued" in requeued["result"]
+        await eventually(lambda: sink.count == 2, timeout_s=10)
+
+        code, _, err = await _raw_with_prefix(prefix, "queue", "show", busy_qid, *target)
+        assert code == 1
+        assert err.strip() == f"smtpfleet: no queued message {busy_qid}"
+
+
+async def _with_prefix(prefix: str, *args: str) -> Any:
+    code, out, err = await _raw_with_prefix(prefix, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+async def _raw_with_prefix(prefix: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpfleet",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SMTPFLEET_REDIS__PREFIX": prefix, "SMTPFLEET_REDIS__SHARDS": "4"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_errors_are_one_line_never_a_traceback() -> None:
+    for args in (
+        ["status", "--redis", "redis://127.0.0.1:1/0"],
+        ["queue", "show", "not-an-id", "--redis", "redis://127.0.0.1:1/0"],
+        ["status", "--config", "/nonexistent.yaml"],
+    ):
+        code, out, err = await cli(*args)
+        assert code in (1, 2)
+        assert out == ""
+        assert "Traceback" not in err
+        assert err.startswith("smtpfleet: ")
+
+
+async def test_relay_pause_and_node_drain_reach_the_running_cluster() -> None:
+    async with Sink(name="a") as a, Sink(name="b") as b:
+        overrides = {"health": {"interval_s": 0.3}, "routing": {"key": "message_id"}}
+        async with LocalCluster(
+            nodes=2, relays=[a.address, b.address], overrides=overrides
+        ) as cluster:
+            assert cluster.redis is not None
+            target = ["--redis", cluster.redis.url]
+            code, _, err = await cli("relay", "pause", "relay-404", *target)
+            assert (code, err.strip()) == (1, "smtpfleet: unknown relay 'relay-404'")
+            assert (await cli("relay", "pause", "relay-1", *target))[0] == 0
+            status = await cli_json("status", *target)
+            assert {r["name"]: r["verdict"] for r in status["relays"]}["relay-1"] == "paused"
+            await asyncio.sleep(1.0)  # every node reads the pause within a health interval
+            before = a.count
+            for _ in range(10):
+                assert (await send(cluster.node_processes[0].smtp)).code == 250
+            await eventually(lambda: b.count >= 10, timeout_s=10)
+            assert a.count == before
+            assert (await cli("relay", "resume", "relay-1", *target))[0] == 0
+
+            leaving = cluster.node_processes[1]
+            assert (await cli("node", "drain", "node-2", *target))[0] == 0
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, leaving.wait, 20.0) == 0
+            code, _, err = await cli("node", "drain", "node-9", *target)
+            assert (code, err.strip()) == (1, "smtpfleet: unknown node 'node-9'")
