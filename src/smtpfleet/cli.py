@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from smtpfleet import __version__, opscli
+from smtpfleet import __version__, loadtest, opscli
 from smtpfleet.config import Config, load_config, parse_hostport
 from smtpfleet.errors import ConfigError
 from smtpfleet.logs import configure_logging
@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
     opscli.register(sub)
+    loadtest.register(sub)
     return parser
 
 
@@ -101,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command in OPS_COMMANDS:
         return opscli.run(args)
+    if args.command == "loadtest":
+        return loadtest.run(args)
     handler = _cmd_config_check if args.command == "config" else COMMANDS[args.command]
     try:
         return handler(args)

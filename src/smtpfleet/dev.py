@@ -16,7 +16,8 @@ async def run_dev(*, nodes: int, sinks: int, relays: Sequence[str], as_json: boo
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with LocalCluster(nodes=nodes, sinks=sinks, relays=relays) as cluster:
+    cluster = LocalCluster(nodes=nodes, sinks=sinks, relays=relays, log_messages=True)
+    async with cluster:
         info = cluster.info()
         if as_json:
             print(json.dumps(info, separators=(",", ":")), flush=True)

@@ -2,7 +2,9 @@
 
 It speaks SMTP over raw asyncio streams (no per-message client objects) so that one process
 can drive a few thousand messages a second, and it measures what a sender sees: the reply
-code of every message and the accept latency (final dot sent → reply read).
+code of every message and the accept latency (final dot sent → reply read). Every message
+carries a unique tag in its Message-ID, so the sinks can be reconciled against what was
+accepted.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import collections
 import itertools
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+RECIPIENT = "sink@example.net"
+SENDER = "load@example.com"
+TAG_DOMAIN = "loadgen.smtpfleet"
 
 
 @dataclass
 class LoadResult:
+    run_id: str = ""
     sent: int = 0
     codes: collections.Counter[int] = field(default_factory=collections.Counter)
     latencies_s: list[float] = field(default_factory=list)
@@ -34,15 +41,40 @@ class LoadResult:
         ordered = sorted(self.latencies_s)
         return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
+    def summary(self) -> dict[str, object]:
+        return {
+            "sent": self.sent,
+            "accepted": self.accepted,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "accepted_per_s": round(self.accepted / self.elapsed_s, 1) if self.elapsed_s else 0,
+            "codes": {str(code): n for code, n in sorted(self.codes.items())},
+            "latency_ms": {
+                "p50": round(self.percentile_ms(0.50), 2),
+                "p90": round(self.percentile_ms(0.90), 2),
+                "p99": round(self.percentile_ms(0.99), 2),
+                "max": round(max(self.latencies_s, default=0) * 1000, 2),
+            },
+        }
+
 
 def message_bytes(tag: str, size: int) -> bytes:
     head = (
-        f"From: <load@example.com>\r\nTo: <sink@example.net>\r\nSubject: load {tag}\r\n"
-        f"Message-ID: <{tag}@loadgen.smtpfleet>\r\n\r\n"
+        f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: load {tag}\r\n"
+        f"Message-ID: <{tag}@{TAG_DOMAIN}>\r\n\r\n"
     ).encode()
     line = b"x" * 76 + b"\r\n"
     body = line * max(1, (size - len(head)) // len(line))
     return head + body + b".\r\n"
+
+
+def tag_of(data: bytes) -> str | None:
+    """The load tag in a received message's Message-ID, or None for foreign mail."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    marker = f"@{TAG_DOMAIN}>".encode()
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"message-id:") and marker in line:
+            return line.split(b"<", 1)[1].split(b"@", 1)[0].decode()
+    return None
 
 
 class _Session:
@@ -64,8 +96,8 @@ class _Session:
 
     async def send(self, data: bytes) -> int:
         """MAIL, RCPT, DATA and the message; the final reply code."""
-        for command in (b"MAIL FROM:<load@example.com>\r\n", b"RCPT TO:<sink@example.net>\r\n"):
-            code = await self.command(command)
+        for command in (f"MAIL FROM:<{SENDER}>\r\n", f"RCPT TO:<{RECIPIENT}>\r\n"):
+            code = await self.command(command.encode())
             if code != 250:
                 await self.command(b"RSET\r\n")
                 return code
@@ -75,46 +107,82 @@ class _Session:
         return await self.command(data)
 
 
-async def _open(host: str, port: int) -> _Session:
-    reader, writer = await asyncio.open_connection(host, port)
-    session = _Session(reader, writer)
-    if await session.reply() != 220:
-        raise ConnectionError("no 220 greeting")
-    if await session.command(b"EHLO loadgen.smtpfleet\r\n") != 250:
-        raise ConnectionError("EHLO refused")
+async def _open(host: str, port: int, timeout_s: float) -> _Session:
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection(host, port)
+        session = _Session(reader, writer)
+        if await session.reply() != 220:
+            writer.close()
+            raise ConnectionError("no 220 greeting")
+        if await session.command(b"EHLO loadgen.smtpfleet\r\n") != 250:
+            writer.close()
+            raise ConnectionError("EHLO refused")
     return session
+
+
+class _Pacer:
+    """Spreads sends evenly at `rate` per second across all sessions (None: as fast as can be)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self._interval = 1 / rate if rate else 0.0
+        self._next = time.perf_counter()
+
+    async def wait(self) -> None:
+        if not self._interval:
+            return
+        now = time.perf_counter()
+        slot, self._next = max(self._next, now), max(self._next, now) + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
 
 async def run_load(
     targets: Sequence[tuple[str, int]],
     *,
-    total: int,
+    total: int | None = None,
+    duration_s: float | None = None,
+    rate: float | None = None,
     concurrency: int = 50,
     size: int = 2048,
     per_session: int = 100,
+    timeout_s: float = 30.0,
+    on_progress: Callable[[LoadResult], None] | None = None,
 ) -> LoadResult:
-    """Send `total` messages over `concurrency` sessions spread across `targets`."""
-    result = LoadResult()
+    """Send `total` messages, or for `duration_s`, over `concurrency` sessions."""
+    if total is None and duration_s is None:
+        raise ValueError("give a message count or a duration")
+    result = LoadResult(run_id=uuid.uuid4().hex[:10])
     counter = itertools.count()
-    run_id = uuid.uuid4().hex[:8]
     endpoints = itertools.cycle(targets)
+    pacer = _Pacer(rate)
+    deadline = time.perf_counter() + duration_s if duration_s else float("inf")
+
+    def more() -> int | None:
+        n = next(counter)
+        if (total is not None and n >= total) or time.perf_counter() >= deadline:
+            return None
+        return n
 
     async def client() -> None:
         session: _Session | None = None
         used = 0
-        while (n := next(counter)) < total:
-            tag = f"{run_id}-{n}"
-            data = message_bytes(tag, size)
+        while (n := more()) is not None:
+            await pacer.wait()
+            tag = f"{result.run_id}-{n}"
             try:
                 if session is None or used >= per_session:
                     if session is not None:
                         session.writer.close()
-                    session, used = await _open(*next(endpoints)), 0
+                    session, used = await _open(*next(endpoints), timeout_s), 0
                 started = time.perf_counter()
-                code = await session.send(data)
+                async with asyncio.timeout(timeout_s):
+                    code = await session.send(message_bytes(tag, size))
                 result.latencies_s.append(time.perf_counter() - started)
                 used += 1
-            except (OSError, ConnectionError, ValueError):
+                if code == 421:
+                    session.writer.close()
+                    session = None
+            except (OSError, ConnectionError, ValueError, TimeoutError):
                 code, session = 0, None
             result.sent += 1
             result.codes[code] += 1
@@ -124,6 +192,67 @@ async def run_load(
             session.writer.close()
 
     started = time.perf_counter()
+    progress = asyncio.create_task(_report(result, on_progress)) if on_progress else None
     await asyncio.gather(*(client() for _ in range(concurrency)))
     result.elapsed_s = time.perf_counter() - started
+    if progress is not None:
+        progress.cancel()
+    if on_progress is not None:
+        on_progress(result)
     return result
+
+
+async def _report(result: LoadResult, on_progress: Callable[[LoadResult], None]) -> None:
+    while True:
+        await asyncio.sleep(0.5)
+        on_progress(result)
+
+
+@dataclass
+class Reconciliation:
+    accepted: int
+    delivered: int
+    lost: list[str]  # got 250, never delivered
+    duplicated: dict[str, int]  # delivered more than once
+    misrouted: list[str]  # delivered to a recipient that was not the one sent to
+    unexpected: int  # delivered, but never accepted in this run (or not ours at all)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.lost or self.duplicated or self.misrouted)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "accepted": self.accepted,
+            "delivered": self.delivered,
+            "lost": len(self.lost),
+            "duplicated": sum(n - 1 for n in self.duplicated.values()),
+            "misrouted": len(self.misrouted),
+            "unexpected": self.unexpected,
+            "lost_examples": self.lost[:10],
+        }
+
+
+def reconcile(
+    accepted: Iterable[str], delivered: Iterable[tuple[str | None, Sequence[str]]]
+) -> Reconciliation:
+    """Compare the tags that got 250 with what the sinks received (tag, recipients)."""
+    wanted = set(accepted)
+    seen: collections.Counter[str] = collections.Counter()
+    misrouted, unexpected, count = [], 0, 0
+    for tag, recipients in delivered:
+        count += 1
+        if tag is None or tag not in wanted:
+            unexpected += 1
+            continue
+        seen[tag] += 1
+        if list(recipients) != [RECIPIENT]:
+            misrouted.append(tag)
+    return Reconciliation(
+        accepted=len(wanted),
+        delivered=count,
+        lost=sorted(wanted - set(seen)),
+        duplicated={t: n for t, n in seen.items() if n > 1},
+        misrouted=misrouted,
+        unexpected=unexpected,
+    )

@@ -145,6 +145,7 @@ class LocalCluster:
     appendfsync: str = "everysec"
     workdir: Path | None = None
     drain_grace_s: float = 10.0
+    log_messages: bool = False  # the demo sinks log each message (`smtpfleet dev`)
     redis: RedisServer | None = None
     sink_servers: list[Sink] = field(default_factory=list)
     node_processes: list[NodeProcess] = field(default_factory=list)
@@ -169,7 +170,7 @@ class LocalCluster:
         self.redis.start()
         if not self.relays:
             for i in range(self.sinks):
-                sink = Sink(name=f"relay-{i + 1}")
+                sink = Sink(name=f"relay-{i + 1}", log_messages=self.log_messages)
                 await sink.start()
                 self.sink_servers.append(sink)
         for i in range(self.nodes):

@@ -77,13 +77,14 @@ class _Recorder:
                 self._sink.rejected.append(message)
                 return reply
         self._sink.accepted += 1
-        log.info(
-            "%s: accepted message from <%s> for %s (%d bytes)",
-            self._sink.name,
-            message.sender,
-            ", ".join(message.recipients),
-            len(message.data),
-        )
+        if self._sink.log_messages:
+            log.info(
+                "%s: accepted message from <%s> for %s (%d bytes)",
+                self._sink.name,
+                message.sender,
+                ", ".join(message.recipients),
+                len(message.data),
+            )
         if self._sink.record:
             self._sink.messages.append(message)
         return OK_REPLY
@@ -133,7 +134,9 @@ class Sink:
         name: str = "sink",
         faults: Faults | None = None,
         record: bool = True,
+        log_messages: bool = False,
     ) -> None:
+        self.log_messages = log_messages  # one log line per message (the dev cluster's demo)
         self.record = record  # False: count only (benchmarks), keep no bodies
         self.accepted = 0
         self.host = host

@@ -69,13 +69,18 @@ class RedisQueue:
     def __init__(self, redis_config: RedisConfig, queue_config: QueueConfig) -> None:
         self.keys = Keys(redis_config.prefix, redis_config.shards)
         self._queue = queue_config
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+        # A blocking pool: at its size, a command waits for a free connection instead of
+        # failing at once (redis-py's default pool raises "Too many connections", which under
+        # load turned good accepts into 451s and finished deliveries into redeliveries).
+        pool = aioredis.BlockingConnectionPool.from_url(
             redis_config.url,
+            max_connections=redis_config.max_connections,
+            timeout=redis_config.socket_timeout_s,
             socket_timeout=redis_config.socket_timeout_s,
             socket_connect_timeout=redis_config.socket_timeout_s,
-            max_connections=redis_config.max_connections,
             health_check_interval=30,
         )
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._enqueue = self._redis.register_script(scripts.ENQUEUE)
         self._cancel = self._redis.register_script(scripts.CANCEL)
         self._move_due = self._redis.register_script(scripts.MOVE_DUE)

@@ -1,0 +1,165 @@
+"""`smtpfleet loadtest`: load a cluster, then reconcile what it accepted with what arrived.
+
+Run the sinks here (`--sink HOST:PORT`, the relays of the cluster under test) and every
+accepted message is looked for at them: lost (got 250, never delivered), duplicated,
+misrouted (wrong recipient) and unexpected mail are counted, and the command fails if any
+of the first three is not zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import sys
+import time
+from typing import Any
+
+from smtpfleet.config import parse_hostport
+from smtpfleet.loadgen import LoadResult, Reconciliation, reconcile, run_load, tag_of
+from smtpfleet.sink import Sink
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    pass
+
+
+def register(sub: Any) -> None:
+    load = sub.add_parser("loadtest", help="send load and reconcile it against the sinks")
+    load.add_argument("--target", action="append", required=True, metavar="HOST:PORT")
+    size = load.add_mutually_exclusive_group(required=True)
+    size.add_argument("--count", type=int, help="messages to send")
+    size.add_argument("--duration", type=float, metavar="SECONDS")
+    load.add_argument(
+        "--rate", type=float, help="messages per second (default: as fast as possible)"
+    )
+    load.add_argument("--concurrency", type=int, default=50)
+    load.add_argument("--size", type=int, default=2048, help="message size in bytes")
+    load.add_argument("--per-session", type=int, default=100, help="messages per connection")
+    load.add_argument(
+        "--sink",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="run a sink here (a relay of the cluster) and reconcile against it",
+    )
+    load.add_argument("--settle", type=float, default=30.0, help="seconds to wait for deliveries")
+    load.add_argument(
+        "--allow-remote", action="store_true", help="allow targets that are not loopback addresses"
+    )
+    load.add_argument("--json", action="store_true")
+
+
+def _addresses(values: list[str], allow_remote: bool, what: str) -> list[tuple[str, int]]:
+    out = []
+    for value in values:
+        try:
+            host, port = parse_hostport(value)
+        except ValueError as exc:
+            raise UsageError(f"{what} {exc}") from None
+        if not allow_remote and not _is_loopback(host):
+            raise UsageError(f"{what} {value} is not loopback: pass --allow-remote to load it")
+        out.append((host, port))
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        targets = _addresses(args.target, args.allow_remote, "--target")
+        sinks = _addresses(args.sink, False, "--sink")
+        if (args.count is not None and args.count < 1) or args.concurrency < 1:
+            raise UsageError("--count and --concurrency must be at least 1")
+    except UsageError as exc:
+        print(f"smtpfleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(_run(args, targets, sinks))
+
+
+async def _run(
+    args: argparse.Namespace, targets: list[tuple[str, int]], sinks: list[tuple[str, int]]
+) -> int:
+    servers = [Sink(host, port, name=f"sink-{port}") for host, port in sinks]
+    try:
+        for server in servers:
+            await server.start()
+    except OSError as exc:
+        print(f"smtpfleet: cannot listen for --sink: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = await run_load(
+            targets,
+            total=args.count,
+            duration_s=args.duration,
+            rate=args.rate,
+            concurrency=args.concurrency,
+            size=args.size,
+            per_session=args.per_session,
+            on_progress=_progress if sys.stderr.isatty() and not args.json else None,
+        )
+        recon = await _settle(result, servers, args.settle) if servers else None
+    finally:
+        for server in servers:
+            await server.stop()
+    _print(result, recon, args.json)
+    return EXIT_MISMATCH if recon is not None and not recon.clean else EXIT_OK
+
+
+async def _settle(result: LoadResult, sinks: list[Sink], settle_s: float) -> Reconciliation:
+    deadline = time.monotonic() + settle_s
+    while True:
+        recon = reconcile(result.accepted_ids, _delivered(sinks))
+        if not recon.lost or time.monotonic() >= deadline:
+            await asyncio.sleep(0.5)  # late duplicates show up here
+            return reconcile(result.accepted_ids, _delivered(sinks))
+        await asyncio.sleep(0.1)
+
+
+def _delivered(sinks: list[Sink]) -> list[tuple[str | None, tuple[str, ...]]]:
+    return [(tag_of(m.data), m.recipients) for s in sinks for m in s.messages]
+
+
+def _progress(result: LoadResult) -> None:
+    rate = result.accepted / max(result.elapsed_s or 0.001, 0.001) if result.elapsed_s else 0
+    sys.stderr.write(f"\rsent {result.sent:>8}  accepted {result.accepted:>8}  {rate:8.0f}/s ")
+    sys.stderr.flush()
+
+
+def _print(result: LoadResult, recon: Reconciliation | None, as_json: bool) -> None:
+    summary = result.summary()
+    if recon is not None:
+        summary["reconciliation"] = recon.as_dict()
+    if as_json:
+        print(json.dumps(summary))
+        return
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    latency = summary["latency_ms"]
+    assert isinstance(latency, dict)
+    print(
+        f"sent {result.sent}, accepted {result.accepted} in {result.elapsed_s:.1f}s "
+        f"({summary['accepted_per_s']} msg/s)"
+    )
+    print("replies: " + ", ".join(f"{code}: {n}" for code, n in sorted(result.codes.items())))
+    print("accept latency ms: " + ", ".join(f"{k} {v}" for k, v in latency.items()))
+    if recon is not None:
+        r = recon.as_dict()
+        verdict = "OK" if recon.clean else "MISMATCH"
+        print(
+            f"reconciliation {verdict}: delivered {r['delivered']}, lost {r['lost']}, "
+            f"duplicated {r['duplicated']}, misrouted {r['misrouted']}, "
+            f"unexpected {r['unexpected']}"
+        )
