@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from smtpfleet import __version__, loadtest, opscli
 from smtpfleet.config import Config, load_config, parse_hostport
+from smtpfleet.drills import cli as drill_cli
 from smtpfleet.errors import ConfigError
 from smtpfleet.logs import configure_logging
 
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
     opscli.register(sub)
     loadtest.register(sub)
+    drill_cli.register(sub)
     return parser
 
 
@@ -104,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return opscli.run(args)
     if args.command == "loadtest":
         return loadtest.run(args)
+    if args.command == "drill":
+        return drill_cli.run(args)
     handler = _cmd_config_check if args.command == "config" else COMMANDS[args.command]
     try:
         return handler(args)

@@ -109,12 +109,10 @@ class RedisServer:
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(  # noqa: S603 - a server binary we located ourselves
-            self._args(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with (self.data_dir / "redis.stderr").open("ab") as errors:
+            self._process = subprocess.Popen(  # noqa: S603 - a server binary we located ourselves
+                self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors
+            )
         deadline = time.monotonic() + timeout_s
         while not _ping(self.port):
             if self._process.poll() is not None or time.monotonic() > deadline:
@@ -125,10 +123,11 @@ class RedisServer:
             time.sleep(0.02)
 
     def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            text = (self.data_dir / "redis.log").read_text(errors="replace")
-            return "\n".join(text.splitlines()[-lines:])
-        return ""
+        text = ""
+        for name in ("redis.stderr", "redis.log"):
+            with contextlib.suppress(OSError):
+                text += (self.data_dir / name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
         """Shut down (SIGTERM; SIGKILL if it lingers). Idempotent."""
@@ -140,8 +139,6 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if process is not None and process.stderr is not None:
-            process.stderr.close()
 
     def kill(self) -> None:
         """A crash: SIGKILL, nothing flushed beyond what appendfsync already wrote."""

@@ -38,7 +38,7 @@ class Faults:
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # recipient -> reply line
     data_replies: list[str] = field(default_factory=list)  # consumed one per message
     delay_s: float = 0.0  # before every reply after the greeting: a slow relay
-    blackhole: bool = False  # accept TCP, never say anything
+    blackhole: bool = False  # accept TCP, never say anything (open sessions go silent too)
 
     def rcpt_reply(self, recipient: str) -> str | None:
         lowered = {k.lower(): v for k, v in self.rcpt_replies.items()}
@@ -120,6 +120,9 @@ class _FaultySMTP(SMTP):
         await super()._handle_client()
 
     async def push(self, status: AnyStr) -> None:
+        if self._sink.faults.blackhole:
+            # A relay that went silent mid-session: nothing more is ever said on it.
+            await asyncio.Event().wait()
         if self._sink.faults.delay_s > 0:
             await asyncio.sleep(self._sink.faults.delay_s)
         await super().push(status)

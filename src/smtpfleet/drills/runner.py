@@ -1,0 +1,278 @@
+"""Run one drill: a local cluster, steady load, the fault, the measurements, the verdict.
+
+Timeline: warm-up (baseline throughput) → inject → fault window → heal → recovery → stop
+load → settle (wait for every accepted message) → reconcile.
+
+- detection_s: inject until the scenario's probe sees the cluster noticed.
+- rto_s: inject until delivered throughput is back to 90 % of the baseline for good.
+- lost (RPO): accepted with 250, neither delivered nor bounced.
+- duplicates: deliveries beyond the first.
+- client_errors / client_5xx: final replies a sender saw after trying every node.
+- fault_p99_ms: accept latency p99 during the fault window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from smtpfleet.config import build_config
+from smtpfleet.drills.load import PacedLoad
+from smtpfleet.drills.scenarios import DrillContext, Scenario
+from smtpfleet.loadgen import tag_of
+from smtpfleet.localcluster import LocalCluster
+from smtpfleet.queue.redis_queue import RedisQueue
+
+SAMPLE_S = 0.25
+
+
+@dataclass(frozen=True)
+class Timing:
+    warmup_s: float = 4.0
+    fault_s: float = 4.0
+    recovery_s: float = 5.0
+    settle_s: float = 30.0
+    rate: float = 40.0
+
+    @classmethod
+    def short(cls) -> Timing:
+        return cls(warmup_s=3.0, fault_s=3.0, recovery_s=4.0, settle_s=25.0, rate=30.0)
+
+
+DRILL_CONFIG: dict[str, Any] = {
+    "retry": {"initial_s": 0.5, "max_s": 2.0, "jitter": 0.1, "scheduler_interval_s": 0.2},
+    "health": {"interval_s": 0.5, "timeout_s": 1.0, "fall": 2, "rise": 2},
+    "cluster": {"heartbeat_interval_s": 0.5, "lease_s": 2.0, "lease_refresh_s": 0.5},
+    "delivery": {"connect_timeout_s": 2.0, "command_timeout_s": 3.0, "claim_idle_s": 15.0},
+    "queue": {"durability": "fsync"},
+    "inbound": {"accept_timeout_s": 3.0},
+    "redis": {"socket_timeout_s": 1.0},
+    "routing": {"key": "message_id"},
+}
+
+
+@dataclass
+class Sample:
+    t: float
+    delivered: int
+    accepted: int
+
+
+@dataclass
+class DrillResult:
+    scenario: str
+    proves: str
+    metrics: dict[str, float | int | None]
+    objectives: dict[str, float]
+    failures: list[str]
+    timeline: list[Sample]
+    latencies: list[tuple[float, float]]  # (t, accept latency s) relative to start
+    marks: dict[str, float]  # inject, heal, detected, recovered (s since start)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+async def run_drill(scenario: Scenario, timing: Timing) -> DrillResult:
+    cluster = LocalCluster(nodes=3, sinks=2, overrides=DRILL_CONFIG, appendfsync="always")
+    async with cluster:
+        assert cluster.redis is not None
+        client = aioredis.Redis.from_url(cluster.redis.url, socket_timeout=1.0)
+        try:
+            return await _drive(scenario, timing, DrillContext(cluster, client))
+        finally:
+            await client.aclose()
+
+
+async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> DrillResult:
+    cluster = ctx.cluster
+    load = PacedLoad([n.smtp for n in cluster.node_processes], rate=timing.rate)
+    start = time.monotonic()
+    timeline: list[Sample] = []
+    sampler = asyncio.create_task(_sample(cluster, load, start, timeline))
+    running = asyncio.create_task(load.run())
+    marks: dict[str, float] = {}
+    await asyncio.sleep(timing.warmup_s)
+    marks["inject"] = time.monotonic() - start
+    await scenario.inject(ctx)
+    detector = asyncio.create_task(_detect(scenario, ctx, start, marks))
+    await asyncio.sleep(timing.fault_s)
+    if scenario.heal is not None:
+        await scenario.heal(ctx)
+        marks["heal"] = time.monotonic() - start
+    await asyncio.sleep(timing.recovery_s)
+    load.stop()
+    await running
+    marks["load_stopped"] = time.monotonic() - start
+    await _settle(cluster, load, scenario, timing.settle_s)
+    await asyncio.sleep(0.5)
+    sampler.cancel()
+    detector.cancel()
+    retries = await _retry_depth(ctx)
+    return _result(scenario, timing, load, start, timeline, marks, retries, ctx)
+
+
+async def _sample(cluster: LocalCluster, load: PacedLoad, start: float, out: list[Sample]) -> None:
+    while True:
+        delivered = sum(s.count for s in cluster.sink_servers)
+        accepted = sum(1 for s in load.sent if s.code == 250)
+        out.append(Sample(time.monotonic() - start, delivered, accepted))
+        await asyncio.sleep(SAMPLE_S)
+
+
+async def _detect(
+    scenario: Scenario, ctx: DrillContext, start: float, marks: dict[str, float]
+) -> None:
+    if scenario.detected is None:
+        return
+    while True:
+        try:
+            if await scenario.detected(ctx):
+                marks["detected"] = time.monotonic() - start
+                return
+        except (aioredis.RedisError, OSError):
+            pass
+        await asyncio.sleep(0.05)
+
+
+def _outcomes(cluster: LocalCluster) -> tuple[dict[str, int], set[str]]:
+    """Deliveries per tag, and the tags that came back as a DSN."""
+    delivered: dict[str, int] = {}
+    bounced: set[str] = set()
+    for sink in cluster.sink_servers:
+        for message in sink.messages:
+            if message.sender == "":
+                marker = b"@loadgen.smtpfleet>"
+                for part in message.data.split(b"Message-ID: <")[1:]:
+                    if marker in part.split(b"\r\n", 1)[0]:
+                        bounced.add(part.split(b"@", 1)[0].decode())
+                continue
+            tag = tag_of(message.data)
+            if tag is not None:
+                delivered[tag] = delivered.get(tag, 0) + 1
+    return delivered, bounced
+
+
+async def _settle(
+    cluster: LocalCluster, load: PacedLoad, scenario: Scenario, settle_s: float
+) -> None:
+    accepted = {s.tag for s in load.sent if s.code == 250}
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        delivered, bounced = _outcomes(cluster)
+        if accepted <= set(delivered) | bounced:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _retry_depth(ctx: DrillContext) -> int:
+    assert ctx.cluster.redis is not None
+    config = build_config({"redis": {"url": ctx.cluster.redis.url}})
+    queue = RedisQueue(config.redis, config.queue)
+    try:
+        return int((await queue.stats(int(time.time() * 1000)))["retry"])
+    finally:
+        await queue.close()
+
+
+def _rto(timeline: list[Sample], marks: dict[str, float], timing: Timing) -> float:
+    """Inject until the delivered rate (1 s windows) is back to 90 % of the baseline for good."""
+    window = int(1.0 / SAMPLE_S)
+    rates = [
+        (timeline[i].t, (timeline[i].delivered - timeline[i - window].delivered) / 1.0)
+        for i in range(window, len(timeline))
+        if timeline[i].t <= marks["load_stopped"]
+    ]
+    before = [r for t, r in rates if marks["inject"] - 2.0 <= t <= marks["inject"]]
+    baseline = statistics.median(before) if before else timing.rate
+    low = [t for t, r in rates if t > marks["inject"] and r < 0.9 * baseline]
+    return round(max(low) - marks["inject"], 2) if low else 0.0
+
+
+def _result(
+    scenario: Scenario,
+    timing: Timing,
+    load: PacedLoad,
+    start: float,
+    timeline: list[Sample],
+    marks: dict[str, float],
+    retries: int,
+    ctx: DrillContext,
+) -> DrillResult:
+    accepted = {s.tag for s in load.sent if s.code == 250}
+    delivered, bounced = _outcomes(ctx.cluster)
+    lost = accepted - set(delivered) - bounced
+    inject, fault_end = marks["inject"], marks.get("heal", marks["inject"] + timing.fault_s)
+    t0 = time.monotonic() - (timeline[-1].t if timeline else 0.0)
+    in_fault = [
+        s.latency_s for s in load.sent if inject <= s.at - t0 <= fault_end and s.code == 250
+    ]
+    if scenario.detected_by_clients:
+        refused = [s.at - start for s in load.sent if s.code != 250 and s.at - start >= inject]
+        if refused:
+            marks["detected"] = min(refused)
+    rto = _rto(timeline, marks, timing)
+    if rto:
+        marks["recovered"] = marks["inject"] + rto
+    metrics: dict[str, float | int | None] = {
+        "sent": len(load.sent),
+        "accepted": len(accepted),
+        "delivered": sum(1 for t in accepted if t in delivered),
+        "bounced": len(bounced & accepted),
+        "lost": len(lost),
+        "duplicates": sum(n - 1 for n in delivered.values()),
+        "client_errors": sum(1 for s in load.sent if s.code != 250),
+        "client_5xx": sum(1 for s in load.sent if 500 <= s.code < 600),
+        "client_4xx": sum(1 for s in load.sent if 400 <= s.code < 500),
+        "detection_s": round(marks["detected"] - inject, 2) if "detected" in marks else None,
+        "rto_s": rto,
+        "fault_p99_ms": round(_p99(in_fault) * 1000, 1),
+        "max_latency_s": round(max((s.latency_s for s in load.sent), default=0.0), 2),
+        "retries": retries,
+        "exit_code": ctx.notes.get("exit_code")
+        if isinstance(ctx.notes.get("exit_code"), int)
+        else None,  # type: ignore[dict-item]
+    }
+    failures = _judge(scenario, metrics)
+    latencies = [(s.at - start, s.latency_s) for s in load.sent if s.code == 250]
+    return DrillResult(
+        scenario.name,
+        scenario.proves,
+        metrics,
+        dict(scenario.objectives),
+        failures,
+        timeline,
+        latencies,
+        marks,
+    )
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def _judge(scenario: Scenario, metrics: dict[str, float | int | None]) -> list[str]:
+    failures = []
+    for name, bound in scenario.objectives.items():
+        value = metrics.get(name)
+        if value is None:
+            failures.append(f"{name}: not measured (objective ≤ {bound})")
+        elif value > bound:
+            failures.append(f"{name} = {value} > {bound}")
+    if scenario.expects_bounces and not metrics["bounced"]:
+        failures.append("bounced = 0: the permanent failures produced no DSN")
+    return failures

@@ -1,0 +1,198 @@
+"""The drill scenarios: what each breaks, how it heals, how detection shows, what must hold."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from smtpfleet.loadgen import RECIPIENT
+from smtpfleet.localcluster import LocalCluster
+from smtpfleet.sink import Sink
+
+
+@dataclass
+class DrillContext:
+    cluster: LocalCluster
+    redis: aioredis.Redis
+    notes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def relay(self) -> Sink:
+        """The relay the relay-* scenarios break."""
+        return self.cluster.sink_servers[0]
+
+
+Step = Callable[[DrillContext], Awaitable[None]]
+Probe = Callable[[DrillContext], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    proves: str
+    inject: Step
+    heal: Step | None = None
+    detected: Probe | None = None
+    # metric -> the most it may be (the drill fails when any is exceeded)
+    objectives: Mapping[str, float] = field(default_factory=dict)
+    expects_bounces: bool = False
+    # Detection is the first 4xx a sender saw (the cluster telling clients it is in trouble).
+    detected_by_clients: bool = False
+
+
+async def _views_down(ctx: DrillContext) -> bool:
+    keys = [f"{{smtpfleet}}:view:node-{n.index}" for n in ctx.cluster.node_processes if n.running]
+    states = [await ctx.redis.hget(key, "relay-1") for key in keys]
+    return bool(states) and all(s == b"0" for s in states)
+
+
+async def _stop_relay(ctx: DrillContext) -> None:
+    ctx.notes["relay_port"] = ctx.relay.port
+    await ctx.relay.stop()
+
+
+async def _restart_relay(ctx: DrillContext) -> None:
+    port = ctx.notes["relay_port"]
+    assert isinstance(port, int)
+    fresh = Sink(port=port, name="relay-1")
+    await fresh.start()
+    old = ctx.cluster.sink_servers[0]
+    fresh.messages, fresh.accepted = old.messages, old.accepted  # one record of deliveries
+    ctx.cluster.sink_servers[0] = fresh
+
+
+async def _set_faults(ctx: DrillContext, **faults: object) -> None:
+    for name, value in faults.items():
+        setattr(ctx.relay.faults, name, value)
+
+
+def _faults(**faults: object) -> Step:
+    async def step(ctx: DrillContext) -> None:
+        await _set_faults(ctx, **faults)
+
+    return step
+
+
+async def _kill_node(ctx: DrillContext) -> None:
+    ctx.cluster.node_processes[0].kill()
+
+
+async def _node_forgotten(ctx: DrillContext) -> bool:
+    return await ctx.redis.zscore("{smtpfleet}:nodes", "node-1") is None
+
+
+async def _drain_node(ctx: DrillContext) -> None:
+    node = ctx.cluster.node_processes[0]
+    node.signal(signal.SIGTERM)
+    ctx.notes["drain_started"] = time.monotonic()
+
+
+async def _node_exited(ctx: DrillContext) -> bool:
+    node = ctx.cluster.node_processes[0]
+    if node.running:
+        return False
+    ctx.notes["exit_code"] = node.process.returncode if node.process else None
+    return True
+
+
+async def _kill_redis(ctx: DrillContext) -> None:
+    assert ctx.cluster.redis is not None
+    ctx.cluster.redis.kill()
+
+
+async def _stop_redis(ctx: DrillContext) -> None:
+    assert ctx.cluster.redis is not None
+    ctx.cluster.redis.stop()
+
+
+async def _start_redis(ctx: DrillContext) -> None:
+    assert ctx.cluster.redis is not None
+    ctx.cluster.redis.start()
+
+
+NO_LOSS = {"lost": 0, "client_5xx": 0}
+RELAY_FAULT = {**NO_LOSS, "client_errors": 0, "duplicates": 0}
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario(
+            "kill-node",
+            "SIGKILL of a node mid-delivery: survivors take over its work; nothing is lost",
+            inject=_kill_node,
+            detected=_node_forgotten,
+            objectives={
+                "lost": 0,
+                "client_5xx": 0,
+                "client_errors": 0,
+                "detection_s": 10,
+                "duplicates": 64,
+            },
+        ),
+        Scenario(
+            "drain-node",
+            "SIGTERM: the node answers 421, finishes its work and exits 0; no loss, no duplicate",
+            inject=_drain_node,
+            detected=_node_exited,
+            objectives={**RELAY_FAULT, "exit_code": 0, "detection_s": 20},
+        ),
+        Scenario(
+            "relay-down",
+            "a relay's listener goes away: it is ejected fast and senders never notice",
+            inject=_stop_relay,
+            heal=_restart_relay,
+            detected=_views_down,
+            objectives={**RELAY_FAULT, "detection_s": 3},
+        ),
+        Scenario(
+            "relay-tempfail",
+            "a relay answers 451 to every recipient: mail moves to the next relay at once",
+            inject=_faults(rcpt_replies={RECIPIENT: "451 4.3.0 Try again later"}),
+            heal=_faults(rcpt_replies={}),
+            objectives={**RELAY_FAULT, "rto_s": 5},
+        ),
+        Scenario(
+            "relay-permfail",
+            "a relay answers 550: its messages bounce (DSN to the sender) and are never retried",
+            inject=_faults(rcpt_replies={RECIPIENT: "550 5.7.1 Rejected for policy reasons"}),
+            heal=_faults(rcpt_replies={}),
+            objectives={**NO_LOSS, "client_errors": 0, "duplicates": 0, "retries": 0},
+            expects_bounces=True,
+        ),
+        Scenario(
+            "relay-blackhole",
+            "a relay accepts TCP and never answers: it is ejected by its health checks",
+            inject=_faults(blackhole=True),
+            heal=_faults(blackhole=False),
+            detected=_views_down,
+            objectives={**RELAY_FAULT, "detection_s": 4},
+        ),
+        Scenario(
+            "relay-slow",
+            "a relay answers after 1.5 s: mail still flows, the accept path is not slowed",
+            inject=_faults(delay_s=1.5),
+            heal=_faults(delay_s=0.0),
+            objectives={**RELAY_FAULT, "fault_p99_ms": 250},
+        ),
+        Scenario(
+            "redis-restart",
+            "Redis crashes and comes back: senders see 4xx only meanwhile; nothing is lost",
+            inject=_kill_redis,
+            heal=_start_redis,
+            objectives={**NO_LOSS, "rto_s": 15, "detection_s": 5},
+            detected_by_clients=True,
+        ),
+        Scenario(
+            "redis-unavailable",
+            "Redis is away for a while: inbound answers 4xx only, never 5xx, never a hang",
+            inject=_stop_redis,
+            heal=_start_redis,
+            objectives={**NO_LOSS, "max_latency_s": 10, "detection_s": 5},
+            detected_by_clients=True,
+        ),
+    ]
+}

@@ -1,0 +1,39 @@
+"""CI runs a short version of every drill and asserts its verdict: a regression in failover
+fails the build. Each drill is a real 3-node cluster with real Redis and relays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smtpfleet.drills.report import write_reports
+from smtpfleet.drills.runner import Timing, run_drill
+from smtpfleet.drills.scenarios import SCENARIOS
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_drill_meets_its_objectives(name: str, tmp_path: Path) -> None:
+    result = await run_drill(SCENARIOS[name], Timing.short())
+    paths = write_reports(result, tmp_path)
+    assert result.passed, f"{name} missed: {result.failures}"
+    accepted = result.metrics["accepted"]
+    assert isinstance(accepted, int)
+    assert accepted > 50
+    assert result.metrics["lost"] == 0
+    report = paths[1].read_text()
+    assert report.startswith(f"# Drill `{name}`: PASS")
+    assert any(p.suffix == ".png" for p in paths)
+
+
+async def test_a_missed_objective_fails_the_drill(tmp_path: Path) -> None:
+    # The same relay-down drill, held to an impossible detection time: the verdict must say so.
+    impossible = SCENARIOS["relay-down"]
+    strict = type(impossible)(**{**impossible.__dict__, "objectives": {"detection_s": 0.001}})
+    result = await run_drill(strict, Timing.short())
+    assert not result.passed
+    assert result.failures[0].startswith("detection_s = ")
+    write_reports(result, tmp_path)
+    assert "FAIL" in (tmp_path / "relay-down.md").read_text()
