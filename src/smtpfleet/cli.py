@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     opscli.register(sub)
     loadtest.register(sub)
     drill_cli.register(sub)
+    dns_check = sub.add_parser("check-dns", help="check MX, SPF, DKIM and DMARC of a domain")
+    dns_check.add_argument("domain")
+    dns_check.add_argument("--config", default=os.environ.get(CONFIG_ENV), help="node config")
+    dns_check.add_argument("--nameserver", metavar="IP[:PORT]", help="ask this server")
+    dns_check.add_argument("--json", action="store_true")
     return parser
 
 
@@ -94,7 +100,35 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     )
 
 
-COMMANDS = {"serve": _cmd_serve, "dev": _cmd_dev}
+def _cmd_check_dns(args: argparse.Namespace) -> int:
+    from smtpfleet.dnscheck import DnsExpectations, check_domain, exit_code, render_table
+
+    config = _load(args.config)
+    expectations = DnsExpectations(
+        egress_addresses=tuple(ip for relay in config.relays for ip in relay.egress_addresses),
+        dkim=tuple((key.selector, key.public_key) for key in config.dns.dkim),
+        active_active=config.dns.active_active,
+        max_ttl_s=config.dns.max_ttl_s,
+    )
+    nameserver, port = None, 53
+    if args.nameserver:
+        try:
+            nameserver, port = parse_hostport(args.nameserver, default_port=53)
+        except ValueError as exc:
+            raise ConfigError(f"--nameserver {exc}") from None
+    checks = asyncio.run(check_domain(args.domain, expectations, nameserver=nameserver, port=port))
+    if args.json:
+        print(
+            json.dumps(
+                [{"check": c.name, "status": c.status.value, "detail": c.detail} for c in checks]
+            )
+        )
+    else:
+        print(render_table(checks))
+    return exit_code(checks)
+
+
+COMMANDS = {"serve": _cmd_serve, "dev": _cmd_dev, "check-dns": _cmd_check_dns}
 OPS_COMMANDS = {"status", "queue", "dead", "relay", "node"}
 
 

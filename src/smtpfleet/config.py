@@ -223,6 +223,15 @@ class RelayConfig(_Section):
     password: str | None = Field(default=None, repr=False)
     max_connections: PositiveInt = 16  # cluster-wide, shared through Redis
     max_messages_per_s: Annotated[float, Field(ge=0)] = 0.0  # cluster-wide; 0 = unlimited
+    # Addresses this relay sends from: `check-dns` verifies SPF authorizes each of them.
+    egress_addresses: list[str] = Field(default_factory=list)
+
+    @field_validator("egress_addresses")
+    @classmethod
+    def _ips(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_address(item)
+        return value
 
     @property
     def address(self) -> str:
@@ -239,6 +248,19 @@ class HttpConfig(_Section):
         if value:
             parse_hostport(value)
         return value
+
+
+class DkimKey(_Section):
+    selector: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    public_key: str = ""  # base64 as published in p=; empty: only check it is published
+
+
+class DnsConfig(_Section):
+    """What `smtpfleet check-dns` expects the sending domain's DNS to say."""
+
+    dkim: list[DkimKey] = Field(default_factory=list)
+    active_active: bool = True  # expect two or more MX records of equal priority
+    max_ttl_s: PositiveInt = 300  # longer TTLs slow down failover
 
 
 class BounceConfig(_Section):
@@ -259,6 +281,7 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     bounce: BounceConfig = BounceConfig()
     http: HttpConfig = HttpConfig()
+    dns: DnsConfig = DnsConfig()
 
     @field_validator("relays")
     @classmethod
