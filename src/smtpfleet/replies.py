@@ -32,3 +32,13 @@ LINE_TOO_LONG: Final = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
 BARE_LINE_ENDING: Final = "550 5.6.11 Bare CR or LF in message data; lines must end with CRLF"
 LOOP_DETECTED: Final = "554 5.4.6 Too many Received headers: mail loop detected"
 NO_RECIPIENTS: Final = "503 5.5.1 Need RCPT command"
+
+# aiosmtpd's own protocol replies, given enhanced codes (RFC 3463) by inbound/server.py.
+LOCAL_ERROR_CLOSING: Final = "421 4.3.0 Local error in processing, closing connection"
+COMMAND_TOO_LONG: Final = "500 5.5.2 Command line too long (RFC 5321 section 4.5.3.1.4)"
+SYNTAX_ERROR: Final = "500 5.5.2 Syntax error"
+NON_ASCII_COMMAND: Final = "500 5.5.2 Non-ASCII command; SMTPUTF8 is not offered"
+UNKNOWN_COMMAND: Final = "500 5.5.1 Command not recognized"
+NEED_MAIL: Final = "503 5.5.1 Need MAIL command"
+NESTED_MAIL: Final = "503 5.5.1 Nested MAIL command"
+CLOSING: Final = "221 2.0.0 Bye"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
@@ -20,33 +21,52 @@ __all__ = ["Faults", "ReceivedMessage", "Sink"]
 
 log = logging.getLogger(__name__)
 
-OK_REPLY = "250 2.0.0 Ok: stored"
+OK_RCPT = "250 2.1.5 Ok"
+OK_DATA = "250 2.0.0 Ok: stored"
+DATA_SIZE_LIMIT = 100 * 1024 * 1024  # above any sane max_message_bytes; advertised as SIZE
+IDLE_TIMEOUT_S = 60.0  # aiosmtpd closes sessions idle this long (real relays: 300 s)
+BLACKHOLE_POLL_S = 0.05
+WAIT_POLL_S = 0.01
+STOP_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
 class ReceivedMessage:
-    sender: str
+    sender: str  # "" for the null reverse-path <>
     recipients: tuple[str, ...]
     data: bytes  # as received: CRLF line endings, dot-stuffing undone
-    peer: str
+    peer: str  # "host:port" of the client; one port per session, so it shows connection reuse
     at: float  # time.monotonic()
 
 
 @dataclass
 class Faults:
+    """What the sink does wrong. Mutable: changes apply to the next reply of every session."""
+
     banner: str | None = None  # e.g. "421 4.3.2 busy": greet with this, then close
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # recipient -> reply line
-    data_replies: list[str] = field(default_factory=list)  # consumed one per message
-    delay_s: float = 0.0  # before every reply after the greeting: a slow relay
-    blackhole: bool = False  # accept TCP, never say anything (open sessions go silent too)
+    data_replies: list[str] = field(default_factory=list)  # for the final dot, one per message
+    delay_s: float = 0.0  # before every reply except the greeting: a slow relay
+    blackhole: bool = False  # say nothing while set: no greeting, open sessions go silent
+    close_after_data: bool = False  # reply to the final dot, then drop the session
 
     def rcpt_reply(self, recipient: str) -> str | None:
-        lowered = {k.lower(): v for k, v in self.rcpt_replies.items()}
-        return lowered.get(recipient.lower())
+        lowered = recipient.lower()
+        for address, reply in self.rcpt_replies.items():
+            if address.lower() == lowered:
+                return reply
+        return None
+
+    def next_data_reply(self) -> str | None:
+        return self.data_replies.pop(0) if self.data_replies else None
+
+
+def _accepted(reply: str) -> bool:
+    return reply.startswith("2")
 
 
 class _Recorder:
-    """aiosmtpd handler: applies the faults and records what was accepted."""
+    """aiosmtpd handler: applies the RCPT and DATA faults and records every attempt."""
 
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
@@ -54,12 +74,14 @@ class _Recorder:
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        reply = self._sink.faults.rcpt_reply(address)
-        if reply is not None:
+        reply = self._sink.faults.rcpt_reply(address) or OK_RCPT
+        if _accepted(reply):
+            # With a hook in place aiosmtpd leaves the envelope to us.
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        else:
             self._sink.refused_recipients.append(address)
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
+        return reply
 
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope
@@ -68,67 +90,88 @@ class _Recorder:
             sender="" if envelope.mail_from in (None, "<>") else str(envelope.mail_from),
             recipients=tuple(envelope.rcpt_tos),
             data=bytes(envelope.original_content or b""),
-            peer=str(session.peer[0]) if session.peer else "",
+            peer=_peer(session.peer),
             at=time.monotonic(),
         )
-        if self._sink.faults.data_replies:
-            reply = self._sink.faults.data_replies.pop(0)
-            if not reply.startswith("2"):
-                self._sink.rejected.append(message)
-                return reply
-        self._sink.accepted += 1
-        if self._sink.log_messages:
-            log.info(
-                "%s: accepted message from <%s> for %s (%d bytes)",
-                self._sink.name,
-                message.sender,
-                ", ".join(message.recipients),
-                len(message.data),
-            )
-        if self._sink.record:
-            self._sink.messages.append(message)
-        return OK_REPLY
+        reply = self._sink.faults.next_data_reply() or OK_DATA
+        if _accepted(reply):
+            self._sink._record(message)
+        else:
+            # Kept apart so a test can tell "the relay saw it and refused" from "never arrived".
+            self._sink.rejected.append(message)
+        return reply
+
+
+def _peer(peer: Any) -> str:
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return str(peer or "")
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 class _FaultySMTP(SMTP):
+    """aiosmtpd's SMTP with the session-level faults (greeting, silence, delay, drop)."""
+
     def __init__(self, sink: Sink, **kwargs: Any) -> None:
         super().__init__(_Recorder(sink), **kwargs)
         self._sink = sink
+        self._greeted = False
+        self._mid_reply = False  # the last line pushed was "NNN-...", more lines follow
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._sink._protocols.add(self)
-        self._sink.connections += 1
-        self._sink.peak_sessions = max(self._sink.peak_sessions, len(self._sink._protocols))
+        self._sink._session_opened(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._sink._protocols.discard(self)
+        self._sink._session_closed(self)
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        faults = self._sink.faults
-        if faults.blackhole:
-            while await self._reader.read(4096):
-                pass
-            return
-        if faults.banner is not None:
-            self._writer.write(faults.banner.encode() + b"\r\n")
-            await self._writer.drain()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        await super()._handle_client()
+        # A reset or broken pipe is how clients often leave; aiosmtpd re-raises it from the
+        # session task, and asyncio would log "Task exception was never retrieved".
+        with contextlib.suppress(ConnectionError):
+            if self._sink.faults.banner is None:
+                await super()._handle_client()
+            else:
+                await self._refuse(self._sink.faults.banner)
+
+    async def _refuse(self, banner: str) -> None:
+        await self._wait_out_blackhole()
+        self._writer.write(banner.encode() + b"\r\n")
+        await self._writer.drain()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _wait_out_blackhole(self) -> None:
+        # Polled, since Faults is a plain field a test flips; healing lets an open session
+        # continue, as it would after a network partition ends.
+        while self._sink.faults.blackhole:  # noqa: ASYNC110
+            await asyncio.sleep(BLACKHOLE_POLL_S)
 
     async def push(self, status: AnyStr) -> None:
-        if self._sink.faults.blackhole:
-            # A relay that went silent mid-session: nothing more is ever said on it.
-            await asyncio.Event().wait()
-        if self._sink.faults.delay_s > 0:
-            await asyncio.sleep(self._sink.faults.delay_s)
+        await self._wait_out_blackhole()
+        delay_s = self._sink.faults.delay_s
+        # aiosmtpd pushes a multi-line reply (EHLO) line by line: delay only its first line.
+        if self._greeted and not self._mid_reply and delay_s > 0:
+            await asyncio.sleep(delay_s)
+        self._greeted = True
+        self._mid_reply = status[3:4] in ("-", b"-")
         await super().push(status)
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command method
+        await super().smtp_DATA(arg)
+        if self._sink.faults.close_after_data and self.transport is not None:
+            self.transport.close()
+
+    @property
+    def session_task(self) -> asyncio.Task[None] | None:
+        task: asyncio.Task[None] | None = self._handler_coroutine  # aiosmtpd's name for it
+        return task
 
 
 class Sink:
+    """An SMTP relay on loopback that records what it accepts; see `Faults` for failures."""
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -139,13 +182,13 @@ class Sink:
         record: bool = True,
         log_messages: bool = False,
     ) -> None:
-        self.log_messages = log_messages  # one log line per message (the dev cluster's demo)
-        self.record = record  # False: count only (benchmarks), keep no bodies
-        self.accepted = 0
         self.host = host
-        self.port = port
-        self.name = name
+        self.port = port  # 0 until start() binds; then kept, so stop() + start() reuses it
+        self.name = name  # also the hostname in the greeting (no getfqdn() DNS lookup)
         self.faults = faults or Faults()
+        self.record = record  # False: count only (benchmarks), keep no bodies
+        self.log_messages = log_messages  # one log line per message (the dev cluster's demo)
+        self.accepted = 0  # messages answered 2xx at the final dot
         self.messages: list[ReceivedMessage] = []
         self.rejected: list[ReceivedMessage] = []  # refused at the final dot
         self.refused_recipients: list[str] = []  # refused at RCPT
@@ -159,24 +202,43 @@ class Sink:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
+    def count(self) -> int:
+        return self.accepted
+
+    @property
     def open_sessions(self) -> int:
         return len(self._protocols)
 
     @property
-    def count(self) -> int:
-        return self.accepted
+    def serving(self) -> bool:
+        return self._server is not None
+
+    def by_recipient(self) -> dict[str, list[ReceivedMessage]]:
+        """Accepted messages per recipient (lower-cased), in arrival order."""
+        result: defaultdict[str, list[ReceivedMessage]] = defaultdict(list)
+        for message in self.messages:
+            for recipient in message.recipients:
+                result[recipient.lower()].append(message)
+        return dict(result)
 
     async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError(f"{self.name} already serving on {self.address}")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _FaultySMTP(
-                self, hostname=self.name, decode_data=False, data_size_limit=None, timeout=60
+                self,
+                hostname=self.name,
+                decode_data=False,
+                data_size_limit=DATA_SIZE_LIMIT,
+                timeout=IDLE_TIMEOUT_S,
+                loop=loop,
             ),
             self.host,
             self.port,
-            reuse_address=True,
+            reuse_address=True,  # a restarted relay binds its old port at once
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Close the listener and every open session at once (a relay that goes away)."""
@@ -184,18 +246,28 @@ class Sink:
         if server is None:
             return
         server.close()
+        # Server.close() leaves accepted connections open (Python 3.11): drop them ourselves,
+        # and wait for their session tasks so nothing is pending when the loop closes.
+        tasks = [p.session_task for p in self._protocols if p.session_task is not None]
         for protocol in list(self._protocols):
             if isinstance(protocol.transport, asyncio.Transport):
-                protocol.transport.abort()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), timeout=5.0)
+                protocol.transport.abort()  # at once, like a relay that crashed: no FIN handshake
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+        await server.wait_closed()
 
     async def wait_for(self, count: int, timeout_s: float = 10.0) -> None:
+        """Return once `count` messages were accepted; TimeoutError says how many arrived."""
+        # Polled: drills carry `accepted` over from a sink they replaced, which no event sees.
         deadline = time.monotonic() + timeout_s
-        while self.count < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: {self.count} of {count} messages arrived")
-            await asyncio.sleep(0.02)
+        while self.accepted < count:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{self.name}: {self.accepted} of {count} messages arrived in {timeout_s}s"
+                )
+            await asyncio.sleep(WAIT_POLL_S)
 
     async def __aenter__(self) -> Sink:
         await self.start()
@@ -203,6 +275,27 @@ class Sink:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def _record(self, message: ReceivedMessage) -> None:
+        self.accepted += 1
+        if self.record:
+            self.messages.append(message)
+        if self.log_messages:
+            log.info(
+                "%s: accepted message from <%s> for %s (%d bytes)",
+                self.name,
+                message.sender,
+                ", ".join(message.recipients),
+                len(message.data),
+            )
+
+    def _session_opened(self, protocol: _FaultySMTP) -> None:
+        self._protocols.add(protocol)
+        self.connections += 1
+        self.peak_sessions = max(self.peak_sessions, len(self._protocols))
+
+    def _session_closed(self, protocol: _FaultySMTP) -> None:
+        self._protocols.discard(protocol)
 
 
 async def _serve(host: str, port: int, report_s: float) -> None:

@@ -40,7 +40,7 @@ async def test_in_flight_entries_keep_their_lease_fresh(redis_url: str, prefix: 
         "health": {"interval_s": 5.0, "timeout_s": 4.0},
     }
     async with Sink(name="slow") as slow:
-        slow.faults.delay_s = 0.5  # every reply: ~3.5 s for one message
+        slow.faults.delay_s = 0.7  # every reply: ~3 s for one message
         config = node_config(redis_url, [slow.address], overrides)
         async with running_node(config) as node:
             assert (await send(node.inbound.addresses[0])).code == 250

@@ -1,39 +1,52 @@
 """The SMTP front on the wire: a real aiosmtpd server on port 0, raw client connections.
 
-The spool here is an in-memory implementation of our own `Spool` protocol, so these tests
-see exactly what inbound would hand to the queue.
+The spool here is an in-memory implementation of our own `Spool` protocol, so these tests see
+exactly what inbound would hand to the queue. Raw streams, not an SMTP client library, because
+the point is the exact bytes and codes on the wire, including after a smuggling attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from smtpfleet import replies
 from smtpfleet.config import InboundConfig
 from smtpfleet.envelope import EnqueueResult, NewMessage
 from smtpfleet.errors import QueueFull, QueueUnavailable
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
-from smtpfleet.inbound.server import InboundServer
+from smtpfleet.inbound.server import InboundServer, rewrite
 
 pytestmark = pytest.mark.timeout(30)
+
+WAIT_S = 5.0
+ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3} ")
+MESSAGE = b"Subject: hi\r\nMessage-ID: <a@b>\r\n\r\nline one\r\n..starts with a dot\r\n.\r\n"
 
 
 @dataclass
 class MemorySpool:
+    """Our `Spool` protocol in memory, with faults on demand."""
+
     messages: list[NewMessage] = field(default_factory=list)
     fail_with: Exception | None = None
-    hang: bool = False
+    delay_s: float = 0.0  # 3600 = hang
     duplicate_of: str | None = None
+    cancelled: int = 0
 
     async def enqueue(self, message: NewMessage) -> EnqueueResult:
-        if self.hang:
-            await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         if self.fail_with is not None:
             raise self.fail_with
         if self.duplicate_of is not None:
@@ -43,7 +56,7 @@ class MemorySpool:
 
 
 class Client:
-    """A raw SMTP client: we want the exact bytes and codes on the wire."""
+    """A raw SMTP client: every read is bounded."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -52,25 +65,38 @@ class Client:
     async def reply(self) -> str:
         lines = []
         while True:
-            line = (await asyncio.wait_for(self.reader.readline(), 5)).decode()
+            line = (await asyncio.wait_for(self.reader.readline(), WAIT_S)).decode()
             if not line:
                 return "".join(lines) or "<closed>"
             lines.append(line)
             if line[3:4] != "-":
                 return "".join(lines)
 
-    async def cmd(self, line: str | bytes) -> str:
+    def send(self, line: str | bytes) -> None:
         self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
+
+    async def cmd(self, line: str | bytes) -> str:
+        self.send(line)
         return await self.reply()
+
+    async def start_transaction(self, recipients: Sequence[str] = ("rcpt@example.net",)) -> None:
+        assert (await self.cmd("MAIL FROM:<sender@example.com>")).startswith("250 2.1.0")
+        for recipient in recipients:
+            assert (await self.cmd(f"RCPT TO:<{recipient}>")).startswith("250 2.1.5")
+        assert (await self.cmd("DATA")).startswith("354")
 
     async def transaction(
         self, data: bytes, recipients: Sequence[str] = ("rcpt@example.net",)
     ) -> str:
-        assert (await self.cmd("MAIL FROM:<sender@example.com>")).startswith("250")
-        for recipient in recipients:
-            assert (await self.cmd(f"RCPT TO:<{recipient}>")).startswith("250")
-        assert (await self.cmd("DATA")).startswith("354")
+        await self.start_transaction(recipients)
         return await self.cmd(data)
+
+    async def closed(self) -> bool:
+        """True when the server closes the connection (EOF) within WAIT_S."""
+        with contextlib.suppress(ConnectionError):
+            rest = await asyncio.wait_for(self.reader.read(), WAIT_S)
+            return rest == b""
+        return True
 
     async def close(self) -> None:
         self.writer.close()
@@ -78,21 +104,45 @@ class Client:
             await self.writer.wait_closed()
 
 
-Harness = tuple[InboundServer, MemorySpool]
+class Harness:
+    def __init__(self, server: InboundServer, spool: MemorySpool) -> None:
+        self.server = server
+        self.spool = spool
+        self.clients: list[Client] = []
+
+    async def open(self) -> Client:
+        reader, writer = await asyncio.open_connection(*self.server.addresses[0])
+        client = Client(reader, writer)
+        self.clients.append(client)
+        return client
+
+    async def connect(self, ehlo: bool = True) -> Client:
+        client = await self.open()
+        assert (await client.reply()).startswith("220 mx.test ESMTP smtpfleet")
+        if ehlo:
+            assert (await client.cmd("EHLO client.test")).startswith("250")
+        return client
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.close()
+        await self.server.close()
 
 
-async def start(spool: MemorySpool, **overrides: Any) -> InboundServer:
-    config = InboundConfig(
-        listen=["127.0.0.1:0"],
-        accepted_domains=["example.net"],
-        max_message_bytes=overrides.pop("max_message_bytes", 10_000),
-        max_received_headers=5,
-        accept_timeout_s=overrides.pop("accept_timeout_s", 1.0),
-        **overrides,
-    )
+@contextlib.asynccontextmanager
+async def running(spool: MemorySpool | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+    spool = spool or MemorySpool()
+    settings: dict[str, Any] = {
+        "listen": ["127.0.0.1:0"],
+        "accepted_domains": ["example.net"],
+        "max_message_bytes": 10_000,
+        "max_received_headers": 5,
+        "accept_timeout_s": 1.0,
+    }
+    config = InboundConfig(**(settings | overrides))
     handler = InboundHandler(
         spool=spool,
-        policy=RecipientPolicy(config.accepted_domains, config.relay_networks),
+        policy=RecipientPolicy.from_config(config),
         hostname="mx.test",
         shards=4,
         max_recipients=config.max_recipients,
@@ -101,128 +151,191 @@ async def start(spool: MemorySpool, **overrides: Any) -> InboundServer:
     )
     server = InboundServer(config, handler, "mx.test")
     await server.start()
-    return server
+    harness = Harness(server, spool)
+    try:
+        yield harness
+    finally:
+        await harness.aclose()
 
 
 @pytest.fixture
-async def spool() -> MemorySpool:
-    return MemorySpool()
+async def h() -> AsyncIterator[Harness]:
+    async with running() as harness:
+        yield harness
 
 
-@pytest.fixture
-async def server(spool: MemorySpool) -> AsyncIterator[InboundServer]:
-    server = await start(spool)
-    yield server
-    await server.close()
-
-
-async def connect(server: InboundServer, ehlo: bool = True) -> Client:
-    reader, writer = await asyncio.open_connection(*server.addresses[0])
-    client = Client(reader, writer)
-    assert (await client.reply()).startswith("220 mx.test")
-    if ehlo:
-        assert (await client.cmd("EHLO client.test")).startswith("250")
-    return client
-
-
-MESSAGE = b"Subject: hi\r\nMessage-ID: <a@b>\r\n\r\nline one\r\n..starts with a dot\r\n.\r\n"
-
-
-async def test_clean_message_is_queued_with_trace_header_and_dots_undone(
-    server: InboundServer, spool: MemorySpool
+async def test_clean_message_is_queued_with_trace_header_first_and_dots_undone(
+    h: Harness,
 ) -> None:
-    client = await connect(server)
+    client = await h.connect()
     reply = await client.transaction(MESSAGE)
     assert reply.startswith("250 2.0.0 Ok: queued as ")
-    [message] = spool.messages
+    [message] = h.spool.messages
     assert reply.strip().endswith(message.qid)
-    assert message.data.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test")
-    assert message.data.endswith(b"\r\n\r\nline one\r\n.starts with a dot\r\n")
+    assert message.sender == "sender@example.com"
+    assert message.recipients == ("rcpt@example.net",)
+    assert message.data.startswith(
+        b"Received: from client.test ([127.0.0.1])\r\n"
+        b"\tby mx.test (smtpfleet) with ESMTP id " + message.qid.encode() + b"\r\n"
+        b"\tfor <rcpt@example.net>; "
+    )
+    assert message.data.endswith(
+        b"\r\nSubject: hi\r\nMessage-ID: <a@b>\r\n\r\nline one\r\n.starts with a dot\r\n"
+    )
     assert message.fingerprint is not None
-    await client.close()
+    assert h.server.active_sessions == 1
 
 
-@pytest.mark.parametrize(
-    "payload",
-    [
-        # The classic: bare LF around the dot, then a second, smuggled transaction.
-        b"Subject: a\r\n\r\nbody\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@example.net>\r\n"
-        b"DATA\r\nsmuggled\r\n.\r\n",
-        b"Subject: a\r\n\r\nbody\r\n.\nMAIL FROM:<evil@x>\r\n.\r\n",
-        b"Subject: a\r\n\r\nbody\n.\r\nMAIL FROM:<evil@x>\r\n.\r\n",
-        b"Subject: a\r\n\r\nbody\r.\rMAIL FROM:<evil@x>\r\n.\r\n",
-        b"Subject: a\r\n\r\nbare CR\r in a line\r\n.\r\n",
-        b"Subject: a\r\n\r\nbare LF\n in a line\r\n.\r\n",
-    ],
-)
-async def test_smuggling_payloads_are_refused_whole(
-    server: InboundServer, spool: MemorySpool, payload: bytes
-) -> None:
-    client = await connect(server)
-    reply = await client.transaction(payload)
-    assert reply.startswith("550 5.6.11")
-    assert spool.messages == []
-    # The connection is still in a sane state: a clean message after it is queued alone.
-    assert (await client.transaction(MESSAGE)).startswith("250")
-    assert len(spool.messages) == 1
-    assert b"evil" not in spool.messages[0].data
-    await client.close()
+async def test_several_recipients_are_not_named_in_the_trace_header(h: Harness) -> None:
+    client = await h.connect()
+    reply = await client.transaction(MESSAGE, recipients=["a@example.net", "b@example.net"])
+    assert reply.startswith("250 2.0.0")
+    [message] = h.spool.messages
+    assert message.recipients == ("a@example.net", "b@example.net")
+    first_header = message.data.split(b"\r\nSubject:")[0]
+    assert b" for <" not in first_header
 
 
-async def test_foreign_domains_and_relay_tricks_get_550_5_7_1(server: InboundServer) -> None:
-    client = await connect(server)
-    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+SMUGGLING = [
+    # The classic: bare LF around the dot, then a second, smuggled transaction.
+    b"Subject: a\r\n\r\nbody\n.\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<v@example.net>\r\n"
+    b"DATA\r\nsmuggled\r\n.\r\n",
+    b"Subject: a\r\n\r\nbody\r\n.\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<v@example.net>\r\n"
+    b"DATA\r\nsmuggled\r\n.\r\n",
+    b"Subject: a\r\n\r\nbody\n.\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<v@example.net>\r\n"
+    b"DATA\r\nsmuggled\r\n.\r\n",
+    b"Subject: a\r\n\r\nbody\r.\rMAIL FROM:<evil@x.example>\r\nRCPT TO:<v@example.net>\r\n"
+    b"DATA\r\nsmuggled\r\n.\r\n",
+    b"Subject: a\r\n\r\nbody\r\n.\rMAIL FROM:<evil@x.example>\r\n.\r\n",
+    b"Subject: a\r\n\r\nbody\r.\r\nMAIL FROM:<evil@x.example>\r\n.\r\n",
+    b"Subject: a\r\n\r\nbody\r\n\n.\r\nMAIL FROM:<evil@x.example>\r\n.\r\n",
+    b"Subject: a\r\n\r\nbare CR\r in a line\r\n.\r\n",
+    b"Subject: a\r\n\r\nbare LF\n in a line\r\n.\r\n",
+    b"Subject: a\r\n\r\nCR CR LF\r\r\n.\r\n",
+]
+
+
+@pytest.mark.parametrize("payload", SMUGGLING)
+async def test_smuggling_payloads_are_refused_whole(h: Harness, payload: bytes) -> None:
+    client = await h.connect()
+    assert (await client.transaction(payload)).startswith("550 5.6.11")
+    assert h.spool.messages == []
+    # Nothing after the bare line ending ran as a command: the next reply is NOOP's own.
+    assert (await client.cmd("NOOP")).startswith("250 2.0.0")
+    # The session is sane: a clean message after it is queued alone.
+    assert (await client.transaction(MESSAGE)).startswith("250 2.0.0")
+    [message] = h.spool.messages
+    assert message.sender == "sender@example.com"
+    assert b"evil" not in message.data
+    assert b"smuggled" not in message.data
+
+
+async def test_foreign_domains_and_relay_tricks_get_550_5_7_1(h: Harness) -> None:
+    client = await h.connect()
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250 2.1.0")
     for address in [
         "v@elsewhere.org",
         "v%elsewhere.org@example.net",
         "elsewhere.org!v@example.net",
+        '"v@elsewhere.org"@example.net',
+        "v@[192.0.2.1]",
+        "v@[IPv6:2001:db8::1]",
     ]:
         assert (await client.cmd(f"RCPT TO:<{address}>")).startswith("550 5.7.1"), address
-    assert (await client.cmd("RCPT TO:<user@bad..example.net>")).startswith("553 5.1.3")
-    assert (await client.cmd("RCPT TO:<ok@example.net>")).startswith("250 2.1.5")
-    await client.close()
-
-
-async def test_recipient_limit(spool: MemorySpool) -> None:
-    server = await start(spool, max_recipients=100)
-    client = await connect(server)
-    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250")
-    for i in range(100):
-        assert (await client.cmd(f"RCPT TO:<r{i}@example.net>")).startswith("250")
-    assert (await client.cmd("RCPT TO:<r100@example.net>")).startswith("452 4.5.3")
+    assert (await client.cmd("RCPT TO:<user@-bad.example.net>")).startswith("553 5.1.3")
+    # aiosmtpd drops a source route (RFC 5321 §3.6.1 allows it): only the last domain is used.
+    assert (await client.cmd("RCPT TO:<@elsewhere.org:ok@example.net>")).startswith("250 2.1.5")
+    assert (await client.cmd("RCPT TO:<ok2@example.net>")).startswith("250 2.1.5")
     assert (await client.cmd("DATA")).startswith("354")
-    assert (await client.cmd(MESSAGE)).startswith("250")
-    assert len(spool.messages[0].recipients) == 100
-    await client.close()
-    await server.close()
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    assert h.spool.messages[0].recipients == ("ok@example.net", "ok2@example.net")
 
 
-async def test_size_is_advertised_and_enforced(server: InboundServer, spool: MemorySpool) -> None:
-    client = await connect(server, ehlo=False)
-    assert "250-SIZE 10000" in await client.cmd("EHLO client.test")
-    assert (await client.cmd("MAIL FROM:<s@example.com> SIZE=20000")).startswith("552 5.3.4")
-    big = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
-    reply = await client.transaction(big * 200 + b".\r\n")
-    assert reply.startswith("552 5.3.4")
-    assert spool.messages == []
-    await client.close()
+async def test_relay_networks_may_send_anywhere() -> None:
+    async with running(relay_networks=["127.0.0.0/8"]) as h:
+        client = await h.connect()
+        assert (await client.transaction(MESSAGE, ["v@elsewhere.org"])).startswith("250 2.0.0")
+        assert h.spool.messages[0].recipients == ("v@elsewhere.org",)
 
 
-async def test_overlong_line_is_refused(server: InboundServer, spool: MemorySpool) -> None:
-    client = await connect(server)
-    reply = await client.transaction(b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n.\r\n")
+async def test_bad_sender_and_null_sender(h: Harness) -> None:
+    client = await h.connect()
+    assert (await client.cmd("MAIL FROM:<s@-bad.example>")).startswith("553 5.1.7")
+    assert (await client.cmd("MAIL FROM:<>")).startswith("250 2.1.0")
+    assert (await client.cmd("RCPT TO:<r@example.net>")).startswith("250 2.1.5")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    assert h.spool.messages[0].sender == ""
+
+
+async def test_recipient_limit() -> None:
+    async with running(max_recipients=100) as h:
+        client = await h.connect()
+        assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+        for i in range(100):
+            assert (await client.cmd(f"RCPT TO:<r{i}@example.net>")).startswith("250 2.1.5")
+        assert (await client.cmd("RCPT TO:<r100@example.net>")).startswith("452 4.5.3")
+        assert (await client.cmd("RCPT TO:<r101@example.net>")).startswith("452 4.5.3")
+        assert (await client.cmd("DATA")).startswith("354")
+        assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+        assert len(h.spool.messages[0].recipients) == 100
+
+
+async def test_ehlo_advertises_size_and_enhanced_status_codes(h: Harness) -> None:
+    client = await h.connect(ehlo=False)
+    ehlo = await client.cmd("EHLO client.test")
+    assert ehlo.startswith("250-mx.test\r\n")
+    assert "250-SIZE 10000\r\n" in ehlo
+    assert "250-ENHANCEDSTATUSCODES\r\n" in ehlo
+    assert ehlo.endswith("250 HELP\r\n")
+    # The EHLO hook must record the client's name, or MAIL would need HELO first.
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250 2.1.0")
+
+
+async def test_size_parameter_above_the_limit_is_refused(h: Harness) -> None:
+    client = await h.connect()
+    assert (await client.cmd("MAIL FROM:<s@example.com> SIZE=10001")).startswith("552 5.3.4")
+    assert (await client.cmd("MAIL FROM:<s@example.com> SIZE=9000")).startswith("250 2.1.0")
+
+
+async def test_too_much_data_is_refused_after_the_final_dot(h: Harness) -> None:
+    client = await h.connect()
+    big = b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 200 + b".\r\n"
+    assert (await client.transaction(big)).startswith("552 5.3.4")
+    assert h.spool.messages == []
+    # aiosmtpd read through to the end of DATA: the session goes on in step.
+    assert (await client.cmd("NOOP")).startswith("250 2.0.0")
+
+
+async def test_line_length_limit(h: Harness) -> None:
+    client = await h.connect()
+    longest = b"y" * 998 + b"\r\n"  # RFC 5321 §4.5.3.1.6: 1000 octets with CRLF
+    assert (await client.transaction(b"Subject: x\r\n\r\n" + longest + b".\r\n")).startswith(
+        "250 2.0.0"
+    )
+    too_long = b"y" * 1000 + b"\r\n"
+    reply = await client.transaction(b"Subject: x\r\n\r\n" + too_long + b"after\r\n.\r\n")
     assert reply.startswith("500 5.5.2")
-    assert spool.messages == []
-    await client.close()
+    assert len(h.spool.messages) == 1
+    assert (await client.cmd("NOOP")).startswith("250 2.0.0")
 
 
-async def test_mail_loop_is_refused(server: InboundServer, spool: MemorySpool) -> None:
-    client = await connect(server)
+async def test_overlong_command_line(h: Harness) -> None:
+    client = await h.connect()
+    assert (await client.cmd("NOOP " + "x" * 2000)).startswith("500 5.5.2")
+    assert (await client.cmd("NOOP")).startswith("250 2.0.0")
+
+
+async def test_mail_loop_is_refused(h: Harness) -> None:
+    client = await h.connect()
     trace = b"Received: from a by b; Thu, 1 Jan 2026 00:00:00 +0000\r\n" * 6
     reply = await client.transaction(trace + b"Subject: x\r\n\r\nbody\r\n.\r\n")
     assert reply.startswith("554 5.4.6")
-    assert spool.messages == []
-    await client.close()
+    assert h.spool.messages == []
+    # Five are still fine (the limit is 5).
+    assert (await client.transaction(trace[: len(trace) * 5 // 6] + b"\r\nb\r\n.\r\n")).startswith(
+        "250 2.0.0"
+    )
 
 
 @pytest.mark.parametrize(
@@ -230,86 +343,249 @@ async def test_mail_loop_is_refused(server: InboundServer, spool: MemorySpool) -
     [
         (QueueUnavailable("redis down"), "451 4.3.0"),
         (QueueFull("full"), "452 4.3.1"),
-        (RuntimeError("bug"), "451 4.3.0"),
+        (RuntimeError("bug with secret detail"), "451 4.3.0"),
     ],
 )
 async def test_queue_trouble_is_always_temporary(
-    server: InboundServer, spool: MemorySpool, failure: Exception, expected: str
+    h: Harness, failure: Exception, expected: str
 ) -> None:
-    spool.fail_with = failure
-    client = await connect(server)
-    assert (await client.transaction(MESSAGE)).startswith(expected)
-    await client.close()
+    h.spool.fail_with = failure
+    client = await h.connect()
+    reply = await client.transaction(MESSAGE)
+    assert reply.startswith(expected)
+    assert "secret" not in reply
+    # The transaction was reset: the client may try again at once in the same session.
+    h.spool.fail_with = None
+    assert (await client.transaction(MESSAGE)).startswith("250 2.0.0")
 
 
-async def test_a_hanging_queue_gets_451_within_the_accept_timeout(spool: MemorySpool) -> None:
-    spool.hang = True
-    server = await start(spool, accept_timeout_s=0.5)
-    client = await connect(server)
-    started = asyncio.get_running_loop().time()
-    assert (await client.transaction(MESSAGE)).startswith("451 4.3.0")
-    assert asyncio.get_running_loop().time() - started < 2.0
-    await client.close()
-    await server.close()
+async def test_a_hanging_queue_gets_451_within_the_accept_timeout() -> None:
+    async with running(MemorySpool(delay_s=3600), accept_timeout_s=0.5) as h:
+        client = await h.connect()
+        await client.start_transaction()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await client.cmd(MESSAGE)).startswith("451 4.3.0")
+        assert 0.4 < loop.time() - started < 2.0
+        assert h.spool.cancelled == 1  # the enqueue was cancelled, not left running
 
 
-async def test_duplicate_gets_the_original_queue_id(
-    server: InboundServer, spool: MemorySpool
-) -> None:
-    spool.duplicate_of = "1.ORIGINAL"
-    client = await connect(server)
+async def test_duplicate_gets_the_original_queue_id(h: Harness) -> None:
+    h.spool.duplicate_of = "1.ORIGINAL"
+    client = await h.connect()
     assert (await client.transaction(MESSAGE)).strip() == "250 2.0.0 Ok: queued as 1.ORIGINAL"
-    await client.close()
 
 
-async def test_session_cap_answers_421(spool: MemorySpool) -> None:
-    server = await start(spool, max_sessions=2)
-    first, second = await connect(server), await connect(server)
-    reader, writer = await asyncio.open_connection(*server.addresses[0])
-    third = Client(reader, writer)
-    assert (await third.reply()).startswith("421 4.3.2")
-    for client in (first, second, third):
-        await client.close()
-    await server.close()
+async def test_session_cap_answers_421_and_closes() -> None:
+    async with running(max_sessions=2) as h:
+        first, _second = await h.connect(), await h.connect()
+        third = await h.open()
+        assert (await third.reply()).startswith("421 4.3.2")
+        assert await third.closed()
+        assert h.server.active_sessions == 2
+        # The admitted sessions are unaffected, and a freed slot is usable again.
+        assert (await first.cmd("QUIT")).startswith("221 2.0.0")
+        assert await first.closed()  # EOF comes after the server's connection_lost
+        assert h.server.active_sessions == 1
+        assert (await (await h.connect()).cmd("NOOP")).startswith("250 2.0.0")
 
 
-async def test_drain_refuses_new_work_but_finishes_the_transaction(
-    server: InboundServer, spool: MemorySpool
-) -> None:
-    busy = await connect(server)
-    idle = await connect(server)
-    address = server.addresses[0]
-    assert (await busy.cmd("MAIL FROM:<s@example.com>")).startswith("250")
-    assert (await busy.cmd("RCPT TO:<r@example.net>")).startswith("250")
-    server.start_draining()
+async def test_drain_refuses_new_work_but_finishes_the_transaction(h: Harness) -> None:
+    busy = await h.connect()
+    idle = await h.connect()
+    await busy.start_transaction()
+    busy.send(MESSAGE[:20])  # DATA in flight when the drain starts
+    await asyncio.sleep(0.05)
+    h.server.start_draining()
     assert (await idle.reply()).startswith("421 4.3.2")  # idle sessions are told at once
-    reader, writer = await asyncio.open_connection(*address)
-    latecomer = Client(reader, writer)
+    assert await idle.closed()
+    latecomer = await h.open()
     assert (await latecomer.reply()).startswith("421 4.3.2")
-    await latecomer.close()
-    assert (await busy.cmd("DATA")).startswith("354")
-    assert (await busy.cmd(MESSAGE)).startswith("250")
+    assert await latecomer.closed()
+    assert (await busy.cmd(MESSAGE[20:])).startswith("250 2.0.0")
     assert (await busy.cmd("MAIL FROM:<s@example.com>")).startswith("421 4.3.2")
-    assert await server.wait_idle(5.0)
-    assert len(spool.messages) == 1
-    await busy.close()
-    await idle.close()
+    assert await busy.closed()
+    assert await h.server.wait_idle(WAIT_S)
+    assert len(h.spool.messages) == 1
+    assert h.spool.messages[0].data.endswith(b".starts with a dot\r\n")
 
 
-async def test_unknown_commands_get_enhanced_codes(server: InboundServer) -> None:
-    client = await connect(server)
-    assert (await client.cmd("BOGUS")).startswith("500 5.5.1")
-    assert (await client.cmd("DATA")).startswith("503 5.5.1")
-    await client.close()
-
-
-async def test_null_sender_is_accepted_and_queued_as_empty(
-    server: InboundServer, spool: MemorySpool
-) -> None:
-    client = await connect(server)
-    assert (await client.cmd("MAIL FROM:<>")).startswith("250")
-    assert (await client.cmd("RCPT TO:<r@example.net>")).startswith("250")
+async def test_drain_lets_a_transaction_that_has_only_begun_finish(h: Harness) -> None:
+    client = await h.connect()
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+    h.server.start_draining()
+    assert (await client.cmd("RCPT TO:<r@example.net>")).startswith("250 2.1.5")
     assert (await client.cmd("DATA")).startswith("354")
-    assert (await client.cmd(MESSAGE)).startswith("250")
-    assert spool.messages[0].sender == ""
-    await client.close()
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    assert (await client.reply()).startswith("421 4.3.2")  # unsolicited, then closed
+    assert await client.closed()
+    assert await h.server.wait_idle(WAIT_S)
+
+
+async def test_drain_runs_nothing_pipelined_after_the_transaction(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    senders: list[str] = []
+    handle_mail = InboundHandler.handle_MAIL
+
+    async def spy(self: InboundHandler, *args: Any) -> str:
+        senders.append(args[3])
+        return await handle_mail(self, *args)
+
+    monkeypatch.setattr(InboundHandler, "handle_MAIL", spy)
+    client = await h.connect()
+    await client.start_transaction()
+    h.server.start_draining()
+    second = b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n" + MESSAGE
+    client.send(MESSAGE + second)  # RFC 2920 style: the next transaction in the same write
+    assert (await client.reply()).startswith("250 2.0.0")
+    assert (await client.reply()).startswith("421 4.3.2")
+    assert await client.closed()
+    assert await h.server.wait_idle(WAIT_S)
+    assert len(h.spool.messages) == 1
+    assert senders == ["sender@example.com"]  # the pipelined MAIL never reached the handler
+
+
+async def test_wait_idle_times_out_while_a_transaction_is_open(h: Harness) -> None:
+    client = await h.connect()
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+    h.server.start_draining()
+    assert not await h.server.wait_idle(0.2)
+    assert h.server.active_sessions == 1
+
+
+async def test_handler_errors_are_never_5xx(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> str | None:
+        raise RuntimeError("policy bug with secret detail")
+
+    client = await h.connect()
+    monkeypatch.setattr(RecipientPolicy, "check", broken)
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+    reply = await client.cmd("RCPT TO:<r@example.net>")
+    # State unknown: a temporary reply, no internals, and the connection is closed.
+    assert reply.startswith("421 4.3.0")
+    assert "secret" not in reply
+    assert "RuntimeError" not in reply
+    assert await client.closed()
+
+
+async def test_errors_while_accepting_data_are_451(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(data: bytes) -> int:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("smtpfleet.inbound.handler.count_received_headers", broken)
+    client = await h.connect()
+    assert (await client.transaction(MESSAGE)).startswith("451 4.3.0")
+    assert (await client.cmd("NOOP")).startswith("250 2.0.0")  # the session goes on
+
+
+async def test_idle_timeout_says_421_and_closes() -> None:
+    async with running(idle_timeout_s=0.3) as h:
+        client = await h.connect()
+        assert (await client.reply()).startswith("421 4.4.2")
+        assert await client.closed()
+
+
+async def test_slow_data_is_not_cut_off_by_the_idle_timer() -> None:
+    async with running(idle_timeout_s=0.6) as h:
+        client = await h.connect()
+        await client.start_transaction()
+        for _ in range(10):  # 1.5 s in all: two and a half idle timeouts
+            client.send(b"X-Slow: line\r\n")
+            await asyncio.sleep(0.15)
+        assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+
+
+async def test_the_idle_timer_does_not_cancel_an_enqueue_in_flight() -> None:
+    async with running(MemorySpool(delay_s=0.6), idle_timeout_s=0.3, accept_timeout_s=2.0) as h:
+        client = await h.connect()
+        assert (await client.transaction(MESSAGE)).startswith("250 2.0.0")
+        assert h.spool.cancelled == 0
+        assert len(h.spool.messages) == 1
+
+
+async def test_close_is_prompt_and_cancels_work_in_flight() -> None:
+    spool = MemorySpool(delay_s=3600)
+    async with running(spool, accept_timeout_s=5.0) as h:
+        waiting = await h.connect()
+        await waiting.start_transaction()
+        waiting.send(MESSAGE)
+        idle = await h.connect()
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await h.server.close()
+        assert loop.time() - started < 1.0
+        assert await waiting.closed()
+        assert await idle.closed()
+        assert spool.cancelled == 1
+        assert h.server.active_sessions == 0
+        assert await h.server.wait_idle(0)
+
+
+PROTOCOL_ERRORS = [
+    "BOGUS",
+    "DATA",
+    "RCPT TO:<r@example.net>",
+    "MAIL FROM:",
+    "MAIL FROM:<s@example.com> FOO=BAR",
+    "MAIL FROM:<s@example.com> BODY=BINARYMIME",
+    "MAIL FROM:<s@example.com> SMTPUTF8",
+    "MAIL FROM:<bad address>",
+    "EHLO",
+    "HELO",
+    "VRFY",
+    "VRFY <<<",
+    "EXPN list",
+    "STARTTLS",
+    "AUTH PLAIN",
+    "QUIT now",
+    "",
+]
+
+
+async def test_every_error_reply_has_an_enhanced_code(h: Harness) -> None:
+    client = await h.connect()
+    for command in PROTOCOL_ERRORS:
+        reply = await client.cmd(command)
+        assert reply[:1] in "45", (command, reply)
+        assert ENHANCED.match(reply), (command, reply)
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("503 5.5.1")
+    assert (await client.cmd("RCPT TO:<r@example.net> NOTIFY=NEVER")).startswith("555 5.5.4")
+    assert (await client.cmd("RSET")).startswith("250 2.0.0")
+    assert (await client.cmd("QUIT")).startswith("221 2.0.0")
+
+
+async def test_helo_clients_get_smtp_in_the_trace_header(h: Harness) -> None:
+    client = await h.connect(ehlo=False)
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("503 5.5.1")
+    assert (await client.cmd("HELO old.client")).startswith("250")
+    assert (await client.transaction(MESSAGE)).startswith("250 2.0.0")
+    assert b"from old.client ([127.0.0.1])" in h.spool.messages[0].data
+    assert b"with SMTP id" in h.spool.messages[0].data
+
+
+@pytest.mark.parametrize(
+    ("aiosmtpd_says", "we_say"),
+    [
+        ("552 Error: message size exceeds fixed maximum message size", replies.MESSAGE_TOO_BIG),
+        ("552 Error: Too much mail data", replies.MESSAGE_TOO_BIG),
+        ("500 Line too long (see RFC5321 4.5.3.1.6)", replies.LINE_TOO_LONG),
+        ("500 Error: (KeyError) 'secret'", replies.LOCAL_ERROR_CLOSING),
+        ("500 Error: Cannot describe error", replies.LOCAL_ERROR_CLOSING),
+        ('500 Error: command "X<script>" not recognized', replies.UNKNOWN_COMMAND),
+        ("501 Syntax: RCPT TO: <address>", "501 5.5.4 Syntax: RCPT TO: <address>"),
+        ("503 Error: send HELO first", "503 5.5.1 Send HELO first"),
+        ("502 Could not VRFY <<<secret", "501 5.5.4 Syntax: VRFY <address>"),
+        ("454 TLS not available", "502 5.5.1 STARTTLS not offered"),
+        ("421 Something new", "421 4.0.0 Something new"),  # fallback for unknown texts
+        ("250 OK", replies.OK),
+        ("250-SIZE 10000", "250-SIZE 10000"),
+        (replies.RELAY_DENIED, replies.RELAY_DENIED),
+    ],
+)
+def test_rewrite_table(aiosmtpd_says: str, we_say: str) -> None:
+    assert rewrite(aiosmtpd_says) == we_say

@@ -1,21 +1,41 @@
-"""What a relay's answer means for one recipient (DESIGN invariant 3). Pure.
+"""What a relay's answer means for one recipient (DESIGN invariant 3). Pure: no I/O.
 
-2xx delivered, 4xx temporary, 5xx permanent. Connection errors and timeouts are temporary:
-the relay never said no. An unexpected reply (1xx, 3xx, garbage) is temporary too: nothing but
-a clear 5xx is ever a reason to bounce someone's mail.
+2xx is delivered, 4xx temporary, 5xx permanent (RFC 5321 section 4.2.1). Everything else is
+temporary: connection errors and timeouts (the relay never said no), unexpected replies (1xx,
+3xx, garbage), and refusals of the session rather than of the message (a 5xx greeting, EHLO,
+STARTTLS or AUTH reply is about our relay, not the recipient). Only a clear 5xx to MAIL, RCPT
+or DATA is ever a reason to bounce someone's mail.
+
+aiosmtplib is imported for its exception classes only; this module never opens a connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
 import aiosmtplib
 
-MAX_TEXT = 200
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+# Verdict texts end up in logs, queue entries (last_errors) and DSNs: keep them short.
+MAX_TEXT: Final = 200
+# RFC 3463 section 2: class "." subject "." detail, subject and detail 1*3digit; RFC 2034
+# section 4 puts it first in the text, followed by a space. The lookahead rejects "5.1.1234"
+# and "5.1.1.2" rather than reading a prefix of them. [0-9], not \d, which matches any
+# Unicode digit.
+_ENHANCED: Final = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?![0-9A-Za-z]|\.[0-9])")
+_REPLY_CLASSES: Final = (2, 4, 5)
+# The replies to MAIL FROM, RCPT TO and DATA: the only ones that judge this message.
+_MESSAGE_REPLIES: Final = (
+    aiosmtplib.SMTPSenderRefused,
+    aiosmtplib.SMTPRecipientRefused,
+    aiosmtplib.SMTPDataError,
+)
+_RCPT_TOO_MANY: Final = 552
+# RFC 3463 section 3.5: X.4.1 "no answer from host", X.4.2 "bad connection" (time-out).
+CONNECTION_STATUS: Final = "4.4.1"
+TIMEOUT_STATUS: Final = "4.4.2"
 
 
 class Outcome(StrEnum):
@@ -25,7 +45,7 @@ class Outcome(StrEnum):
 
 
 class FailureKind(StrEnum):
-    """Bounded label values for metrics and logs."""
+    """Bounded label values for metrics and logs: never derived from remote text."""
 
     REPLY_2XX = "2xx"
     REPLY_4XX = "4xx"
@@ -38,39 +58,97 @@ class FailureKind(StrEnum):
 class Verdict:
     outcome: Outcome
     kind: FailureKind
-    code: int | None
-    text: str  # one line, e.g. "550 5.1.1 User unknown"
-    status: str  # RFC 3463, e.g. "5.1.1"
+    code: int | None  # the SMTP reply code, when the relay sent a well-formed one
+    text: str  # one line, at most MAX_TEXT characters, e.g. "550 5.1.1 User unknown"
+    status: str  # RFC 3463 enhanced status, e.g. "5.1.1"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:MAX_TEXT]
+def one_line(text: str, limit: int = MAX_TEXT) -> str:
+    """Collapse whitespace (multi-line replies, tracebacks) and drop control characters."""
+    flat = " ".join(text.split())
+    return "".join(c for c in flat if c.isprintable())[:limit]
 
 
 def enhanced_status(code: int, message: str) -> str:
-    """The RFC 3463 code at the start of the text if its class matches the reply, else X.0.0."""
-    match = _ENHANCED.match(message.strip())
-    if match and match.group(1) == str(code // 100):
+    """The RFC 3463 code at the start of the reply text, else the class default "X.0.0".
+
+    RFC 2034 section 4 puts the enhanced code first in the text. One whose class disagrees
+    with the basic code ("550 4.1.1") is ignored: the basic code decides the outcome, and a
+    DSN must not carry a contradicting status. A code outside 2xx/4xx/5xx gets "4.0.0",
+    matching the temporary outcome classify_reply gives it.
+    """
+    reply_class = code // 100
+    if reply_class not in _REPLY_CLASSES:
+        return "4.0.0"
+    match = _ENHANCED.match(message.lstrip())
+    if match and int(match.group(1)) == reply_class:
         return ".".join(match.groups())
-    return f"{code // 100}.0.0" if code // 100 in (2, 4, 5) else "4.0.0"
+    return f"{reply_class}.0.0"
 
 
 def classify_reply(code: int, message: str) -> Verdict:
-    text = _one_line(f"{code} {message}")
+    """The verdict for one SMTP reply to MAIL, RCPT or DATA."""
+    text = one_line(f"{code} {message}")
     status = enhanced_status(code, message)
     if 200 <= code < 300:
         return Verdict(Outcome.DELIVERED, FailureKind.REPLY_2XX, code, text, status)
     if 500 <= code < 600:
         return Verdict(Outcome.PERMANENT, FailureKind.REPLY_5XX, code, text, status)
+    # 4xx, and anything unexpected (1xx, 3xx, out of range): an unexpected reply is never a
+    # reason to bounce; retrying costs a little time, a wrong bounce loses the mail.
     return Verdict(Outcome.TEMPORARY, FailureKind.REPLY_4XX, code, text, status)
 
 
 def classify_exception(exc: BaseException) -> Verdict:
-    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
+    """The verdict for an exception raised while talking to a relay (aiosmtplib or OS)."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused) and exc.code == _RCPT_TOO_MANY:
+        return _too_many_recipients(exc.code, exc.message)
+    if isinstance(exc, _MESSAGE_REPLIES) and exc.code > 0:
         return classify_reply(exc.code, exc.message)
-    detail = _one_line(str(exc)) or exc.__class__.__name__
-    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError | asyncio.TimeoutError):
-        return Verdict(Outcome.TEMPORARY, FailureKind.TIMEOUT, None, f"timeout: {detail}", "4.4.2")
-    return Verdict(
-        Outcome.TEMPORARY, FailureKind.CONNECTION, None, f"connection: {detail}", "4.4.1"
-    )
+    # TimeoutError before OSError (it is one) and before SMTPConnectError
+    # (SMTPConnectTimeoutError is both).
+    if isinstance(exc, TimeoutError):
+        return _failure(FailureKind.TIMEOUT, None, f"timeout: {_detail(exc)}", TIMEOUT_STATUS)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return _session_refused(exc)
+    if isinstance(exc, aiosmtplib.SMTPException | OSError):  # OSError covers ConnectionError
+        return _failure(FailureKind.CONNECTION, None, f"connection: {_detail(exc)}")
+    # A bug or a library surprise: still temporary (invariant 2, nothing disappears), and
+    # named by class so the log says what happened without echoing an unbounded message.
+    text = f"{exc.__class__.__name__}: {_detail(exc)}"
+    return _failure(FailureKind.CONNECTION, None, f"unexpected error: {text}")
+
+
+def _too_many_recipients(code: int, message: str) -> Verdict:
+    """RFC 5321 section 4.5.3.1.10: a 552 to RCPT is the legacy "too many recipients" reply;
+    clients SHOULD treat it as temporary (452), so those recipients go in a later transaction.
+    """
+    verdict = classify_reply(code, message)
+    status = "4" + verdict.status[1:]
+    return Verdict(Outcome.TEMPORARY, FailureKind.REPLY_4XX, code, verdict.text, status)
+
+
+def _session_refused(exc: aiosmtplib.SMTPResponseException) -> Verdict:
+    """A reply outside MAIL/RCPT/DATA (greeting, EHLO, STARTTLS, AUTH, RSET) or a malformed one.
+
+    It says our relay would not give us a session, not that the recipient is bad: a 535 to
+    AUTH means our credentials are wrong, and bouncing every queued message for that would be
+    a disaster (Postfix soft-bounces these too: smtp_sasl_auth_soft_bounce,
+    smtp_skip_5xx_greeting). Counted as relay trouble by the passive health checks.
+    """
+    if exc.code >= 100:
+        return _failure(FailureKind.CONNECTION, exc.code, f"{exc.code} {exc.message}")
+    # aiosmtplib reports an unparsable or oversized reply with code -1.
+    return _failure(FailureKind.CONNECTION, None, f"invalid reply: {exc.message}")
+
+
+def _failure(
+    kind: FailureKind, code: int | None, text: str, status: str = CONNECTION_STATUS
+) -> Verdict:
+    return Verdict(Outcome.TEMPORARY, kind, code, one_line(text) or kind.value, status)
+
+
+def _detail(exc: BaseException) -> str:
+    # str() of a ConnectionRefusedError is "[Errno 111] Connect call failed ...": useful.
+    # Cap before joining so a huge message is never copied around.
+    return one_line(str(exc)[: MAX_TEXT * 4]) or exc.__class__.__name__

@@ -1,7 +1,8 @@
 """aiosmtpd hooks: decide on each command and hand accepted mail to the spool.
 
 Every reply comes from `smtpfleet.replies`. Our own failures before the durable write are 4xx
-(DESIGN invariant 1); only the client's mistakes get a 5xx.
+(DESIGN invariant 1); only the client's mistakes get a 5xx. The spool is the `Spool` protocol:
+this package never sees Redis.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from smtpfleet import replies
 from smtpfleet.envelope import NewMessage, choose_shard, dedupe_fingerprint, new_qid
 from smtpfleet.errors import QueueFull, QueueUnavailable
 from smtpfleet.inbound.policy import (
+    NULL_PATHS,
     RecipientPolicy,
     count_received_headers,
     has_bare_line_ending,
@@ -28,7 +30,7 @@ from smtpfleet.queue.spool import Spool
 
 log = logging.getLogger(__name__)
 
-NULL_PATH = "<>"
+ENHANCED_STATUS_CODES = "250-ENHANCEDSTATUSCODES"  # RFC 2034: we send them on every reply
 
 
 def _result(reply: str) -> str:
@@ -64,9 +66,24 @@ class InboundHandler:
         self._max_received = max_received_headers
         self._accept_timeout_s = accept_timeout_s
 
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # With an EHLO hook, aiosmtpd 1.4.6 leaves recording the client's name to the hook;
+        # without it every later MAIL would get "503 send HELO first".
+        session.host_name = hostname
+        return [*responses[:-1], ENHANCED_STATUS_CODES, responses[-1]]
+
     async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        # SIZE= above the limit was refused by aiosmtpd before this hook (RFC 1870 §6.2,
+        # rewritten to MESSAGE_TOO_BIG by the server); the actual size is enforced during DATA.
         refusal = self._policy.check_sender(address)
         if refusal is not None:
             return refusal
@@ -78,9 +95,8 @@ class InboundHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if len(envelope.rcpt_tos) >= self._max_recipients:
-            return (
-                replies.TOO_MANY_RECIPIENTS
-            )  # RFC 5321 §4.5.3.1.10: the client sends the rest later
+            # RFC 5321 §4.5.3.1.10: 452 makes the client send the rest in another transaction.
+            return replies.TOO_MANY_RECIPIENTS
         refusal = self._policy.check(address, _peer_ip(session))
         if refusal is not None:
             log.info("refused rcpt from %s: %s", _peer_ip(session), refusal)
@@ -94,7 +110,25 @@ class InboundHandler:
     ) -> str:
         started = time.perf_counter()
         data = bytes(envelope.original_content or b"")
-        reply, qid = await self._accept(session, envelope, data)
+        try:
+            reply, qid = await self._accept(session, envelope, data)
+        except Exception:
+            # Answered here rather than in handle_exception so that aiosmtpd still resets the
+            # transaction and the session stays usable.
+            log.exception("unexpected error while accepting a message")
+            reply, qid = replies.LOCAL_ERROR, None
+        self._observe(session, envelope, data, reply, qid, started)
+        return reply
+
+    def _observe(
+        self,
+        session: Session,
+        envelope: Envelope,
+        data: bytes,
+        reply: str,
+        qid: str | None,
+        started: float,
+    ) -> None:
         self._metrics.accept_latency.observe(time.perf_counter() - started)
         self._metrics.messages.labels(_result(reply)).inc()
         log.info(
@@ -108,7 +142,6 @@ class InboundHandler:
                 "code": int(reply[:3]),
             },
         )
-        return reply
 
     async def _accept(
         self, session: Session, envelope: Envelope, data: bytes
@@ -124,7 +157,8 @@ class InboundHandler:
     def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
         # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue
         # and the DSN logic know it as "".
-        sender = "" if envelope.mail_from in (None, NULL_PATH) else str(envelope.mail_from)
+        mail_from = envelope.mail_from or ""
+        sender = "" if mail_from in NULL_PATHS else mail_from
         recipients = tuple(envelope.rcpt_tos)
         fingerprint = dedupe_fingerprint(message_id(data), sender, recipients)
         qid = new_qid(choose_shard(fingerprint, self._shards))
@@ -146,6 +180,8 @@ class InboundHandler:
         )
 
     async def _enqueue(self, message: NewMessage) -> str:
+        # On timeout wait_for cancels the enqueue; the spool must then leave no copy behind
+        # (RFC 5321 §4.2.5: after a 4xx to the final dot the message must not be delivered).
         try:
             result = await asyncio.wait_for(
                 self._spool.enqueue(message), timeout=self._accept_timeout_s
@@ -165,6 +201,8 @@ class InboundHandler:
         return replies.QUEUED_FMT.format(qid=result.qid)
 
     async def handle_exception(self, error: Exception) -> str:
-        # aiosmtpd's default "500 Error: (Exc) text" looks permanent and leaks internals.
-        log.exception("SMTP session error", exc_info=error)
-        return replies.LOCAL_ERROR
+        # aiosmtpd's default "500 Error: (Exc) text" looks permanent and leaks internals. We do
+        # not know what state the session is in (an error mid-DATA could leave message lines
+        # to be read as commands), so the reply is a 421 and the server closes the connection.
+        log.error("SMTP session error", exc_info=error)
+        return replies.LOCAL_ERROR_CLOSING

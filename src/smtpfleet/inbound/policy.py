@@ -1,106 +1,178 @@
 """Inbound decisions on plain values: who may send where, and what data we refuse. Pure.
 
 Open relays are made by addresses that a relay further on reads differently from us, so an
-address is judged by every domain it could be routed to, not only the one after the last `@`:
+address is judged by every host it could be routed through, not only the one after the last `@`
+(`routing_domains`):
 
-- source routes ``<@a.example,@b.example:user@c.example>`` (RFC 5321 §4.1.2, appendix C):
-  every hop counts;
+- source routes ``<@a.example,@b.example:user@c.example>`` (RFC 5321 §4.1.2, §3.6.1, appendix
+  C): an old relay would send to the FIRST hop, so every hop counts, not only ``c.example``
+  (aiosmtpd already drops the route from RCPT, so on the wire only the last domain remains);
 - the percent hack ``user%foreign.example@ours.example``: ``foreign.example`` counts;
 - bang paths ``foreign.example!user@ours.example``: ``foreign.example`` counts;
 - a quoted local part with an ``@`` (``"user@foreign.example"@ours.example``): likewise;
-- domain literals ``user@[192.0.2.1]`` are never one of our accepted domains.
+- address literals ``user@[192.0.2.1]`` / ``user@[IPv6:::1]`` are hosts of their own and never
+  one of our accepted domains.
 
-A client outside the relay networks may only send to addresses whose every routing domain is
-an accepted domain.
+A client outside the relay networks may only send to addresses whose every routing host is an
+accepted domain. Relay clients are trusted to send anywhere, but still only to valid addresses.
+Hidden hosts (``%``, ``!``, a quoted ``@``) are legal characters of a local part (RFC 5321
+§4.1.2), so they never make an address invalid; they only make it foreign.
 
-SMTP smuggling policy (RFC 5321 §2.3.8): only CRLF ends a line and only CRLF.CRLF ends DATA
-(aiosmtpd reads DATA with ``readuntil(b"\\r\\n")``). A message with a bare CR or bare LF anywhere
-is refused whole with a 550: we never guess which line ending the client meant, so a bare line
-ending can neither end DATA early nor reach a relay, where it might.
+SMTP smuggling policy (RFC 5321 §2.3.8, §4.1.1.4): only CRLF ends a line and only CRLF.CRLF ends
+DATA (aiosmtpd 1.4.6 reads DATA with ``readuntil(b"\\r\\n")`` and ends it only on a line that is
+exactly ``.\\r\\n``). A message with a bare CR or bare LF anywhere is refused whole with a 550:
+we never guess which line ending the client meant, so a bare line ending can neither end DATA
+early here nor reach a relay, where it might. aiosmtpd undoes dot-stuffing on input (RFC 5321
+§4.5.2); the relay client stuffs again on output.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from email.utils import format_datetime
+from typing import Final
 
 from smtpfleet import replies
+from smtpfleet.config import InboundConfig
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-_LOCAL_SAFE = re.compile(r"^[^\s<>()\[\],;:\\\"]+$")
-MAX_HELO = 100
-_HEADER_END = b"\r\n\r\n"
-_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*((?:[^\r\n]|\r\n[ \t])*)")
-_RECEIVED = re.compile(rb"(?im)^received:")
+MAX_HELO: Final = 100
+NULL_PATHS: Final = frozenset({"", "<>"})
+
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+# RFC 5321 §4.1.2 Dot-string: atext and dots. Lenient on dot placement ("a..b" exists in the
+# wild and cannot route anywhere else); strict on everything that could.
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
+_QTEXT_OR_PAIR = re.compile(r"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")
+_HIDDEN_HOST_SEP = re.compile(r"[%@]")
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:(.*)", re.DOTALL)
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A parsed RFC 5321 path: optional source route, unquoted local part, domain."""
+
+    route: tuple[str, ...]  # source-route hops in order, lowercased
+    local: str  # quotes and quoted-pairs undone
+    domain: str  # lowercased, trailing dot removed; "[...]" for an address literal
+
+    @property
+    def hidden_hosts(self) -> tuple[str, ...]:
+        """Hosts named inside the local part, in the order an old relay would use them.
+
+        ``a!b!user`` goes to a, then b (UUCP); ``user%b%a`` goes to a, then b (the relay strips
+        the last ``%``). Mixed forms name every host either reading would use.
+        """
+        *bang_hosts, rest = self.local.split("!")
+        _user, *at_hosts = _HIDDEN_HOST_SEP.split(rest)
+        return tuple(_normal_host(h) for h in (*bang_hosts, *reversed(at_hosts)))
+
+    @property
+    def next_hop(self) -> str:
+        """The host an old relay holding this address would send it to next."""
+        return (*self.route, *self.hidden_hosts, self.domain)[0]
+
+
+def _normal_host(host: str) -> str:
+    return host.strip().lower().removesuffix(".")
+
+
+def _valid_literal(literal: str) -> bool:
+    """RFC 5321 §4.1.3 address literal: IPv4 dotted quad, or "IPv6:" and an IPv6 address."""
+    text = literal[1:-1]
+    try:
+        if text[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(text[5:])
+        else:
+            ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _valid_domain(domain: str) -> bool:
+    """A lowercased domain without its trailing dot, or an address literal."""
     if domain.startswith("[") and domain.endswith("]"):
-        literal = domain[1:-1]
-        literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
-        try:
-            ipaddress.ip_address(literal)
-        except ValueError:
-            return False
-        return True
-    labels = domain.rstrip(".").split(".")
-    return len(domain) <= 255 and all(_LABEL.match(label) for label in labels)
+        return _valid_literal(domain)
+    return 0 < len(domain) <= 253 and all(_LABEL.fullmatch(x) for x in domain.split("."))
 
 
-def _split_address(address: str) -> tuple[str, str] | None:
-    """(local part, domain) at the last @ outside quotes; a quoted local part is unquoted."""
-    if address.startswith('"'):
-        end = address.find('"', 1)
-        while end > 0 and address[end - 1] == "\\":
-            end = address.find('"', end + 1)
-        if end < 0 or not address[end + 1 :].startswith("@"):
-            return None
-        return address[1:end].replace("\\", ""), address[end + 2 :]
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not _LOCAL_SAFE.match(local):
+def _split_quoted(text: str) -> tuple[str, str] | None:
+    """``"local"@domain`` → (unquoted local, domain), or None."""
+    match = _QTEXT_OR_PAIR.match(text, 1)
+    end = match.end() if match else 1
+    if text[end : end + 2] != '"@':
+        return None
+    return re.sub(r"\\(.)", r"\1", text[1:end]), text[end + 2 :]
+
+
+def _split_mailbox(text: str) -> tuple[str, str] | None:
+    """(local part, domain) of ``local@domain``; the local part unquoted."""
+    if text.startswith('"'):
+        return _split_quoted(text)
+    local, at, domain = text.rpartition("@")
+    if not at or not _DOT_STRING.fullmatch(local):
         return None
     return local, domain
 
 
-def _local_part_domains(local: str) -> set[str]:
-    """Domains hidden in a local part by the percent hack, bang paths or a quoted @."""
-    found: set[str] = set()
-    if "@" in local:
-        found.add(local.rpartition("@")[2])
-    if "%" in local:
-        found.add(local.rpartition("%")[2])
-    if "!" in local:
-        found.add(local.partition("!")[0])
-    return {d.lower().rstrip(".") for d in found}
+def _split_route(text: str) -> tuple[tuple[str, ...], str] | None:
+    """RFC 5321 §4.1.2 ``@one,@two:mailbox`` → (hops, mailbox); no route → ((), text)."""
+    if not text.startswith("@"):
+        return (), text
+    route, colon, mailbox = text.partition(":")
+    hops = route.split(",")
+    if not colon or not all(hop.startswith("@") for hop in hops):
+        return None
+    return tuple(_normal_host(hop[1:]) for hop in hops), mailbox
 
 
-def routing_domains(address: str) -> frozenset[str] | None:
-    """Every domain the address could be routed to, lowercased; None if it is not an address."""
+def parse_mailbox(address: str) -> Mailbox | None:
+    """The path of MAIL FROM / RCPT TO (angle brackets optional); None if it is not valid."""
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
-    hops: list[str] = []
-    if text.startswith("@"):
-        route, colon, text = text.partition(":")
-        if not colon:
-            return None
-        hops = [hop.strip().lstrip("@") for hop in route.split(",")]
-    parts = _split_address(text)
-    if parts is None:
+    routed = _split_route(text)
+    parts = _split_mailbox(routed[1]) if routed else None
+    if routed is None or parts is None:
         return None
-    local, domain = parts
-    domains = {d.lower().rstrip(".") for d in [*hops, domain]} | _local_part_domains(local)
-    if not all(d and _valid_domain(d) for d in domains):
+    mailbox = Mailbox(route=routed[0], local=parts[0], domain=_normal_host(parts[1]))
+    if not parts[0] or not all(_valid_domain(d) for d in (*mailbox.route, mailbox.domain)):
         return None
-    return frozenset(domains)
+    return mailbox
+
+
+def routing_domains(address: str) -> frozenset[str] | None:
+    """Every host the address could be routed through, lowercased; None if it is invalid."""
+    mailbox = parse_mailbox(address)
+    if mailbox is None:
+        return None
+    return frozenset((*mailbox.route, *mailbox.hidden_hosts, mailbox.domain))
+
+
+def effective_domain(address: str) -> str | None:
+    """The host mail for this address would really go to next; None if it is invalid."""
+    mailbox = parse_mailbox(address)
+    return None if mailbox is None else mailbox.next_hop
 
 
 class RecipientPolicy:
+    """Who may send to whom: the open-relay guard (RFC 5321 §3.6.2, §7.1)."""
+
     def __init__(self, accepted_domains: Iterable[str], relay_networks: Iterable[str]) -> None:
-        self._accepted = frozenset(d.lower().rstrip(".") for d in accepted_domains)
+        # An address literal is never "ours", even if someone lists one.
+        normal = (_normal_host(d) for d in accepted_domains)
+        self._accepted = frozenset(d for d in normal if d and not d.startswith("["))
         self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in relay_networks)
+
+    @classmethod
+    def from_config(cls, config: InboundConfig) -> RecipientPolicy:
+        return cls(config.accepted_domains, config.relay_networks)
 
     def is_relay_client(self, client_ip: str) -> bool:
         try:
@@ -108,8 +180,11 @@ class RecipientPolicy:
         except ValueError:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+            ip = ip.ipv4_mapped  # a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d
         return any(ip in network for network in self._networks)
+
+    def is_accepted(self, domain: str) -> bool:
+        return _normal_host(domain) in self._accepted
 
     def check(self, recipient: str, client_ip: str) -> str | None:
         """None when the recipient is acceptable from this client, else the reply to send."""
@@ -121,41 +196,73 @@ class RecipientPolicy:
         return replies.RELAY_DENIED
 
     @staticmethod
-    def check_sender(sender: str) -> str | None:
-        if sender in ("", "<>"):
-            return None  # the null reverse-path: bounces and other notifications
-        return None if routing_domains(sender) is not None else replies.BAD_SENDER
+    def check_sender(address: str) -> str | None:
+        if address.strip() in NULL_PATHS:
+            return None  # the null reverse-path: bounces and other notifications (§4.5.5)
+        return None if parse_mailbox(address) is not None else replies.BAD_SENDER
 
 
-def header_section(data: bytes) -> bytes:
-    end = data.find(_HEADER_END)
-    return data if end < 0 else data[: end + 2]
+def _header_lines(data: bytes) -> Iterator[bytes]:
+    """Lines (without CRLF) up to the empty line that ends the header section."""
+    pos = 0
+    while (end := data.find(b"\r\n", pos)) > pos:
+        yield data[pos:end]
+        pos = end + 2
+
+
+def header_fields(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(lowercased name, unfolded value) of each header field (RFC 5322 §2.2, §2.2.3).
+
+    The section also ends at the first line that is neither a field nor a continuation, so a
+    message without headers is not searched through its body.
+    """
+    name: bytes | None = None
+    value: list[bytes] = []
+    for line in _header_lines(data):
+        if name is not None and line[:1] in (b" ", b"\t"):
+            value.append(line)
+            continue
+        if name is not None:
+            yield name, b"".join(value)
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            return
+        name, value = match[1].lower(), [match[2]]
+    if name is not None:
+        yield name, b"".join(value)
 
 
 def count_received_headers(data: bytes) -> int:
-    return len(_RECEIVED.findall(header_section(data)))
+    """Trace headers so far: the loop guard of RFC 5321 §6.3."""
+    return sum(1 for name, _ in header_fields(data) if name == b"received")
 
 
 def message_id(data: bytes) -> str | None:
-    match = _MESSAGE_ID.search(header_section(data))
-    if match is None:
-        return None
-    value = b" ".join(match.group(1).split()).decode("ascii", "replace")
-    return value or None
+    for name, value in header_fields(data):
+        if name == b"message-id":
+            text = " ".join(value.decode("ascii", "replace").split())
+            return text or None
+    return None
 
 
 def has_bare_line_ending(data: bytes) -> bool:
-    """A CR not followed by LF, or an LF not preceded by CR, anywhere in the data."""
-    if b"\r" not in data and b"\n" not in data:
-        return False
-    rest = data.replace(b"\r\n", b"")
-    return b"\r" in rest or b"\n" in rest
+    """True when a CR is not followed by LF or an LF is not preceded by CR.
+
+    Each CRLF holds one CR and one LF, so the three counts agree exactly when every CR and
+    every LF belongs to a CRLF; no copy of a message that may be 25 MB.
+    """
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
 def sanitize_helo(helo: str | None) -> str:
-    """The client's HELO goes into a header: keep it one short printable token."""
-    text = "".join(c for c in (helo or "") if c.isprintable() and not c.isspace() and c not in "()")
-    return text[:MAX_HELO] or "unknown"
+    """The client's HELO goes into a header: one short token of domain/literal characters."""
+    return _HELO_UNSAFE.sub("", helo or "")[:MAX_HELO] or "unknown"
+
+
+def _tcp_info(peer_ip: str) -> str:
+    """RFC 5321 §4.4 TCP-info is an address literal: IPv6 ones carry the "IPv6:" tag (§4.1.3)."""
+    return f"[IPv6:{peer_ip}]" if ":" in peer_ip else f"[{peer_ip}]"
 
 
 def received_header(
@@ -168,13 +275,17 @@ def received_header(
     when: datetime,
     esmtp: bool = True,
 ) -> bytes:
-    """RFC 5321 §4.4 trace header; `for` only names a single recipient (privacy)."""
-    protocol = "ESMTP" if esmtp else "SMTP"
+    """RFC 5321 §4.4 trace header, folded, CRLF-terminated.
+
+    `for` names only a single recipient: with several it would disclose Bcc recipients to each
+    other (RFC 5321 §7.2). The date is RFC 5322 §3.3 format, independent of the locale.
+    """
+    protocol = "ESMTP" if esmtp else "SMTP"  # RFC 3848 with-protocol names
     lines = [
-        f"Received: from {sanitize_helo(helo)} ([{peer_ip}])",
+        f"Received: from {sanitize_helo(helo)} ({_tcp_info(peer_ip)})",
         f"\tby {by_host} (smtpfleet) with {protocol} id {qid}",
     ]
     if recipient is not None:
-        lines.append(f"\tfor <{recipient}>")
-    lines[-1] += f"; {when.strftime('%a, %d %b %Y %H:%M:%S %z')}"
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+        lines.append(f"\tfor <{_UNPRINTABLE.sub('', recipient)}>")
+    lines[-1] += f"; {format_datetime(when)}"
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")

@@ -1,17 +1,22 @@
 """The SMTP listeners of a node: aiosmtpd sessions with our replies, caps and drain.
 
 aiosmtpd speaks the protocol; this module decides what happens around it: how many sessions
-run at once, what a session hears while the node drains, and what aiosmtpd's own (basic-code)
-error replies are rewritten to, in one table.
+run at once, what a session hears while the node drains, how the idle timer behaves around
+DATA, and what aiosmtpd's own (basic-code) replies are rewritten to, in one table.
+
+A reply of 421 always closes the connection here (RFC 5321 §3.8): the session cap, draining,
+the idle timeout and errors of unknown state all end that way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-import time
-from typing import Any, AnyStr
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, AnyStr, Final, cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -22,109 +27,201 @@ from smtpfleet.metrics import Metrics, reply_class
 
 log = logging.getLogger(__name__)
 
-# aiosmtpd's own error replies (by prefix) → ours, with RFC 3463 enhanced codes. A 500 with
-# exception text would look permanent to a client and leak internals; none passes through.
-REWRITES: tuple[tuple[str, str], ...] = (
-    ("552 Error: message size exceeds", replies.MESSAGE_TOO_BIG),
-    ("552 Error: Too much mail data", replies.MESSAGE_TOO_BIG),
-    ("500 Line too long", replies.LINE_TOO_LONG),
-    ("500 Command line too long", "500 5.5.2 Command line too long"),
-    ("500 Error: bad syntax", "500 5.5.2 Syntax error"),
-    ("500 Error: strict ASCII mode", "500 5.5.2 Non-ASCII command; SMTPUTF8 is not offered"),
-    ("500 Error: command", "500 5.5.1 Command not recognized"),
-    ("500 Error: (", replies.LOCAL_ERROR),
-    ("500 Error: Cannot describe error", replies.LOCAL_ERROR),
-    ("503 Error: need RCPT", replies.NO_RECIPIENTS),
-    ("503 Error: need MAIL", "503 5.5.1 Need MAIL command"),
-    ("503 Error: nested MAIL", "503 5.5.1 Nested MAIL command"),
-    ("503 Error: send HELO first", "503 5.5.1 Send HELO first"),
-    ("503 Error: send EHLO first", "503 5.5.1 Send EHLO first"),
+IDENT: Final = "ESMTP smtpfleet"  # the 220 banner: "220 <hostname> ESMTP smtpfleet"
+CLOSE_WAIT_S: Final = 2.0  # close(): how long session tasks get to unwind after an abort
+
+# aiosmtpd 1.4.6's own replies (smtp.py, matched whole) → ours, with RFC 3463 enhanced codes.
+# Texts that echo client input or exception details are replaced, never passed on: a 500 with
+# exception text would look permanent to a client and leak internals.
+REWRITES: Final[tuple[tuple[str, str], ...]] = (
+    # MAIL ... SIZE= above the limit (RFC 1870 §6.2), and DATA that grew beyond it.
+    (r"552 Error: message size exceeds fixed maximum message size", replies.MESSAGE_TOO_BIG),
+    (r"552 Error: Too much mail data", replies.MESSAGE_TOO_BIG),
+    (r"500 Line too long \(see RFC5321 4\.5\.3\.1\.6\)", replies.LINE_TOO_LONG),
+    (r"500 Command line too long", replies.COMMAND_TOO_LONG),
+    (r"500 Error: bad syntax", replies.SYNTAX_ERROR),
+    (r"500 Error: strict ASCII mode", replies.NON_ASCII_COMMAND),
+    (r"500 Error: command .* not recognized", replies.UNKNOWN_COMMAND),
+    # handle_exception itself failed: state unknown, so 421 and close (DESIGN invariant 1).
+    (r"500 Error: \(.*|500 Error: Cannot describe error", replies.LOCAL_ERROR_CLOSING),
+    (r"501 Syntax: (.*)", r"501 5.5.4 Syntax: \1"),
+    (
+        r"501 Error: BODY can only be one of 7BIT, 8BITMIME",
+        "501 5.5.4 BODY must be 7BIT or 8BITMIME",
+    ),
+    (r"501 Error: SMTPUTF8 .*", "555 5.5.4 SMTPUTF8 is not offered"),
+    (
+        r"555 (MAIL FROM|RCPT TO) parameters not recognized or not implemented",
+        r"555 5.5.4 \1 parameters not recognized or not implemented",
+    ),
+    (r"503 Error: need RCPT command", replies.NO_RECIPIENTS),
+    (r"503 Error: need MAIL command", replies.NEED_MAIL),
+    (r"503 Error: nested MAIL command", replies.NESTED_MAIL),
+    (r"503 Error: send (HELO|EHLO) first", r"503 5.5.1 Send \1 first"),
+    (r"502 Could not VRFY .*", "501 5.5.4 Syntax: VRFY <address>"),
+    (r"252 Cannot VRFY user, (.*)", r"252 2.0.0 Cannot VRFY user, \1"),
+    (r"502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
+    (r"454 TLS not available", "502 5.5.1 STARTTLS not offered"),
+    (r"250 OK", replies.OK),
+    (r"221 Bye", replies.CLOSING),
 )
+_REWRITES = tuple((re.compile(pattern), template) for pattern, template in REWRITES)
+_HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 
 def rewrite(reply: str) -> str:
-    for prefix, ours in REWRITES:
-        if reply.startswith(prefix):
-            return ours
+    """Our wording of one reply line; any other 4xx/5xx without an enhanced code gets X.0.0."""
+    for pattern, template in _REWRITES:
+        match = pattern.fullmatch(reply)
+        if match is not None:
+            return match.expand(template)
+    if reply[:1] in ("4", "5") and not _HAS_ENHANCED.match(reply):
+        return f"{reply[:4]}{reply[0]}.0.0 {reply[4:]}".rstrip()
     return reply
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # A session task ends with ConnectionResetError when the client vanished while we wrote
+    # to it; nobody is left to tell, so mark it retrieved rather than log it at GC.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("session ended: %r", task.exception())
+
+
 class InboundSMTP(SMTP):
-    """One SMTP session."""
+    """One SMTP session. Overrides private aiosmtpd 1.4.6 methods, noted where done."""
 
     def __init__(self, server: InboundServer, handler: InboundHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._server = server
+        self._refusal: str | None = None
+        self._busy = False  # a command is being handled
+        self._reading_data = False  # between DATA and the final dot
+        # aiosmtpd keeps these on the class and adds 26 to MAIL's limit on every EHLO, for all
+        # sessions: keep ours per session.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        # Every command passes the drain gate: one place, not one override per command.
+        self._smtp_methods = {n: self._gated(n, m) for n, m in self._smtp_methods.items()}
+        if "DATA" in self._handle_hooks:
+            self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
+
+    # -- lifecycle -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._server.sessions.add(self)
+        # No STARTTLS is offered, so this runs once per connection.
+        self._refusal = self._server.register(self)
         super().connection_made(transport)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.add_done_callback(_retrieve)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._server.sessions.discard(self)
-        self._server.session_ended()
         super().connection_lost(error)
+        self._server.unregister(self)
 
-    async def _handle_client(self) -> None:
-        refusal = self._server.admission()
+    async def _handle_client(self) -> None:  # private in aiosmtpd: the session's main loop
+        if self.transport is None or self.transport.is_closing():
+            return  # told to leave before the greeting
+        refusal = self._refusal or (replies.SHUTTING_DOWN if self._server.draining else None)
         if refusal is not None:
-            result = "refused_draining" if self._server.draining else "refused_capacity"
-            self._server.metrics.sessions.labels(result).inc()
-            await self.refuse(refusal)
+            with contextlib.suppress(ConnectionError):
+                await self.push(refusal)
             return
-        self._server.metrics.sessions.labels("accepted").inc()
         await super()._handle_client()
 
-    async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str):
-            status = rewrite(status)
-            if status[3:4] != "-":  # count a multi-line reply once, at its last line
-                self._server.metrics.replies.labels(reply_class(status)).inc()
-        await super().push(status)
+    @property
+    def handler_task(self) -> asyncio.Task[None] | None:
+        return self._handler_coroutine
 
     @property
     def in_transaction(self) -> bool:
         return self.envelope is not None and self.envelope.mail_from is not None
 
-    async def refuse(self, reply: str) -> None:
-        """Say why, then close (RFC 5321 §3.8: a server closing early sends 421)."""
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await super().push(reply)
+    def abort(self) -> None:
+        if self.transport is not None:
+            cast(asyncio.Transport, self.transport).abort()
+
+    # -- replies ---------------------------------------------------------------------------
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, bytes):  # only AUTH challenges, which we do not offer
+            await super().push(status)
+            return
+        reply = rewrite(status)
+        self._count(reply)
+        await super().push(reply)
+        if reply.startswith("421"):
+            self._close()
+
+    def _count(self, reply: str) -> None:
+        if reply[3:4] != "-":  # a multi-line reply counts once, at its last line
+            self._server.metrics.replies.labels(reply_class(reply)).inc()
+
+    def _say_and_close(self, reply: str) -> None:
+        """An unsolicited reply (RFC 5321 §3.8: 421 before closing), written without waiting."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._count(reply)
+            self._writer.write(reply.encode("ascii") + b"\r\n")
+        self._close()
+
+    def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self._writer.write(replies.TIMEOUT.encode() + b"\r\n")
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+    # -- drain -----------------------------------------------------------------------------
 
-    # While draining, a command that would start something new gets 421; a transaction in
-    # progress (RCPT, DATA after an accepted MAIL) runs to its end.
-    async def _drain_gate(self) -> bool:
-        if self._server.draining:
-            await self.refuse(replies.SHUTTING_DOWN)
-            return True
-        return False
+    def _gated(
+        self, command: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        async def gated(arg: str | None) -> None:
+            if self.transport is None or self.transport.is_closing():
+                return  # aiosmtpd would go on with commands already buffered: run none
+            if self._server.draining and not self.in_transaction and command != "QUIT":
+                await self.push(replies.SHUTTING_DOWN)
+                return
+            self._busy, self._reading_data = True, command == "DATA"
+            try:
+                await method(arg)
+            finally:
+                self._busy = self._reading_data = False
+            self.leave_if_draining()
 
-    async def smtp_MAIL(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command method
-        if not await self._drain_gate():
-            await super().smtp_MAIL(arg)
+        return gated
 
-    async def smtp_HELO(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command method
-        if not await self._drain_gate():
-            await super().smtp_HELO(arg)
+    def leave_if_draining(self) -> None:
+        """A draining session that is between transactions hears 421 now.
 
-    async def smtp_EHLO(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command method
-        if not await self._drain_gate():
-            await super().smtp_EHLO(arg)
+        Waiting for the client's next command could take until the idle timeout; a client that
+        sends one anyway reads this 421 as its reply, which is what it would have got.
+        """
+        if self._server.draining and not self._busy and not self.in_transaction:
+            self._say_and_close(replies.SHUTTING_DOWN)
 
-    async def smtp_NOOP(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command method
-        if not await self._drain_gate():
-            await super().smtp_NOOP(arg)
+    # -- idle timer ------------------------------------------------------------------------
 
-    async def smtp_RSET(self, arg: str) -> None:  # noqa: N802 - aiosmtpd's command method
-        if not await self._drain_gate():
-            await super().smtp_RSET(arg)
+    def data_received(self, data: bytes) -> None:
+        # aiosmtpd resets the idle timer only when a command arrives, so a large message on a
+        # slow link would be cut off mid-DATA. RFC 5321 §4.5.3.2.5 times each block instead.
+        if self._reading_data:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _untimed(self, hook: Callable[..., Awaitable[str]]) -> Callable[..., Awaitable[str]]:
+        async def untimed(*args: Any) -> str:
+            # The handler bounds its own wait (accept_timeout_s); the idle timer must not cancel
+            # an enqueue in flight and leave the client without any reply.
+            self._reading_data = False
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            try:
+                return await hook(*args)
+            finally:
+                if self.transport is not None:  # not after connection_lost cancelled it
+                    self._reset_timeout()
+
+        return untimed
+
+    def _timeout_cb(self) -> None:  # private in aiosmtpd, which closes without a word
+        log.info("%r idle timeout", self.session.peer if self.session else None)
+        self._say_and_close(replies.TIMEOUT)
 
 
 class InboundServer:
@@ -139,34 +236,40 @@ class InboundServer:
         self._config = config
         self._handler = handler
         self._hostname = hostname
-        self.sessions: set[InboundSMTP] = set()
-        self.draining = False
+        self._sessions: set[InboundSMTP] = set()  # admitted
+        self._refused: set[InboundSMTP] = set()  # being told 421
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self.draining = False
 
     def _protocol(self) -> InboundSMTP:
-        self._idle.clear()
         return InboundSMTP(
             self,
             self._handler,
             hostname=self._hostname,
-            ident="smtpfleet ESMTP",
-            data_size_limit=self._config.max_message_bytes,
+            ident=IDENT,
+            data_size_limit=self._config.max_message_bytes,  # also advertised as SIZE in EHLO
             timeout=self._config.idle_timeout_s,
             decode_data=False,
         )
 
     async def start(self) -> None:
+        """Bind every listen address; SO_REUSEPORT lets worker processes share a port."""
         loop = asyncio.get_running_loop()
-        for host, port in self._config.listen_addresses():
-            server = await loop.create_server(
-                self._protocol, host, port, reuse_address=True, reuse_port=True
-            )
-            self._servers.append(server)
+        try:
+            for host, port in self._config.listen_addresses():
+                server = await loop.create_server(
+                    self._protocol, host, port, reuse_address=True, reuse_port=True
+                )
+                self._servers.append(server)
+        except BaseException:
+            await self.close()
+            raise
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) pairs: the real port where the config said 0."""
         bound = []
         for server in self._servers:
             for sock in server.sockets:
@@ -176,18 +279,25 @@ class InboundServer:
 
     @property
     def active_sessions(self) -> int:
-        return len(self.sessions)
+        return len(self._sessions)
 
-    def admission(self) -> str | None:
-        """Why a new session may not start, or None."""
+    def register(self, session: InboundSMTP) -> str | None:
+        """Admit a new connection, or say why not (the reply it gets before we close)."""
+        self._idle.clear()
         if self.draining:
-            return replies.SHUTTING_DOWN
-        if len(self.sessions) > self._config.max_sessions:
-            return replies.TOO_MANY_SESSIONS
-        return None
+            refusal, result = replies.SHUTTING_DOWN, "refused_draining"
+        elif len(self._sessions) >= self._config.max_sessions:
+            refusal, result = replies.TOO_MANY_SESSIONS, "refused_capacity"
+        else:
+            refusal, result = None, "accepted"
+        self.metrics.sessions.labels(result).inc()
+        (self._sessions if refusal is None else self._refused).add(session)
+        return refusal
 
-    def session_ended(self) -> None:
-        if not self.sessions:
+    def unregister(self, session: InboundSMTP) -> None:
+        self._sessions.discard(session)
+        self._refused.discard(session)
+        if not self._sessions and not self._refused:
             self._idle.set()
 
     def start_draining(self) -> None:
@@ -197,25 +307,26 @@ class InboundServer:
         load balancer has not noticed yet) gets a clear 421 rather than a refused connection.
         """
         self.draining = True
-        for session in list(self.sessions):
-            if not session.in_transaction:
-                asyncio.get_running_loop().create_task(session.refuse(replies.SHUTTING_DOWN))
-        log.info("inbound draining: %d sessions open", len(self.sessions))
+        for session in list(self._sessions):
+            session.leave_if_draining()
+        log.info("inbound draining: %d sessions open", len(self._sessions))
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once every session has ended, False if some outlived the timeout."""
-        deadline = time.monotonic() + timeout_s
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - time.monotonic()))
-        return not self.sessions
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        return self._idle.is_set()
 
     async def close(self) -> None:
+        """Stop listening, cut every session, and wait for their tasks to unwind."""
         for server in self._servers:
             server.close()
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+        sessions = [*self._sessions, *self._refused]
+        for session in sessions:
+            session.abort()
+        tasks = [t for s in sessions if (t := s.handler_task) is not None and not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
         for server in self._servers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), timeout=5.0)
+            await server.wait_closed()
         self._servers.clear()

@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiosmtplib
+import pytest
+
+from smtpfleet.sink import Faults, Sink
+
+SENDER = "sender@example.org"
+MESSAGE = (
+    b"From: sender@example.org\r\n"
+    b"To: rcpt@example.net\r\n"
+    b"Subject: hello\r\n"
+    b"\r\n"
+    b"first line\r\n"
+    b".a line that starts with a dot\r\n"
+)
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    async with Sink(name="relay") as server:
+        yield server
+
+
+async def send(sink: Sink, recipients: list[str]) -> None:
+    """One message in its own session; aiosmtplib raises on anything but 2xx."""
+    await aiosmtplib.send(
+        MESSAGE,
+        sender=SENDER,
+        recipients=recipients,
+        hostname="127.0.0.1",
+        port=sink.port,
+        timeout=5,
+        start_tls=False,
+    )
+
+
+async def connected(sink: Sink, timeout_s: float = 5.0) -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=sink.port, timeout=timeout_s, start_tls=False
+    )
+    await client.connect()
+    return client
+
+
+async def test_accepted_mail_is_recorded_as_sent(sink: Sink) -> None:
+    await send(sink, ["rcpt@example.net", "other@example.net"])
+    assert sink.count == 1
+    [message] = sink.messages
+    assert message.sender == SENDER
+    assert message.recipients == ("rcpt@example.net", "other@example.net")
+    assert message.data == MESSAGE  # CRLF kept, dot-stuffing undone
+    assert message.peer.startswith("127.0.0.1:")
+    assert sink.address == f"127.0.0.1:{sink.port}"
+    assert set(sink.by_recipient()) == {"rcpt@example.net", "other@example.net"}
+    assert sink.rejected == []
+
+
+async def test_one_session_carries_many_messages(sink: Sink) -> None:
+    client = await connected(sink)
+    try:
+        for _ in range(3):
+            await client.sendmail(SENDER, ["rcpt@example.net"], MESSAGE)
+        assert sink.open_sessions == 1
+    finally:
+        await client.quit()
+    assert sink.connections == 1
+    assert len({m.peer for m in sink.messages}) == 1
+
+
+async def test_recipient_fault_is_seen_on_the_wire(sink: Sink) -> None:
+    sink.faults.rcpt_replies = {"gone@example.net": "550 5.1.1 User unknown"}
+    client = await connected(sink)
+    try:
+        recipients = ["GONE@example.net", "rcpt@example.net"]
+        refused, _ = await client.sendmail(SENDER, recipients, MESSAGE)
+    finally:
+        await client.quit()
+    assert refused["GONE@example.net"].code == 550
+    assert refused["GONE@example.net"].message == "5.1.1 User unknown"
+    assert sink.refused_recipients == ["GONE@example.net"]
+    assert sink.messages[0].recipients == ("rcpt@example.net",)
+
+
+async def test_data_replies_are_used_once_each_then_the_default(sink: Sink) -> None:
+    sink.faults.data_replies = ["451 4.3.0 Try again later"]
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send(sink, ["rcpt@example.net"])
+    assert refused.value.code == 451
+    assert sink.count == 0
+    assert len(sink.rejected) == 1  # the relay saw the attempt
+    assert sink.rejected[0].recipients == ("rcpt@example.net",)
+
+    await send(sink, ["rcpt@example.net"])
+    assert sink.count == 1
+    assert sink.faults.data_replies == []
+
+
+async def test_banner_fault_refuses_the_connection() -> None:
+    async with Sink(faults=Faults(banner="421 4.3.2 busy")) as sink:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, timeout=2)
+        with pytest.raises(aiosmtplib.SMTPConnectResponseError) as refused:
+            await client.connect()
+        assert refused.value.code == 421
+        assert sink.connections == 1
+
+
+async def test_blackhole_accepts_tcp_and_says_nothing_until_healed(sink: Sink) -> None:
+    sink.faults.blackhole = True
+    started = time.monotonic()
+    with pytest.raises(aiosmtplib.SMTPConnectTimeoutError):
+        await connected(sink, timeout_s=0.3)
+    assert time.monotonic() - started < 2
+    assert sink.connections == 1  # the TCP connection itself was accepted
+
+    sink.faults.blackhole = False
+    await send(sink, ["rcpt@example.net"])
+    assert sink.count == 1
+
+
+async def test_blackhole_silences_an_open_session(sink: Sink) -> None:
+    client = await connected(sink)
+    try:
+        await client.ehlo()
+        sink.faults.blackhole = True
+        with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+            await client.noop(timeout=0.3)
+    finally:
+        client.close()
+
+
+async def test_delay_slows_every_reply_but_the_greeting(sink: Sink) -> None:
+    sink.faults.delay_s = 0.3
+    started = time.monotonic()
+    client = await connected(sink)
+    try:
+        greeted = time.monotonic()
+        assert greeted - started < 0.3
+        await client.ehlo()  # a multi-line reply: delayed once, not once per line
+        replied = time.monotonic()
+        assert 0.3 <= replied - greeted < 0.6
+        await client.noop()
+        assert time.monotonic() - replied >= 0.3
+    finally:
+        client.close()
+
+
+async def test_close_after_data_drops_the_session(sink: Sink) -> None:
+    sink.faults.close_after_data = True
+    client = await connected(sink)
+    try:
+        await client.sendmail(SENDER, ["rcpt@example.net"], MESSAGE)
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await client.noop()
+    finally:
+        client.close()
+    assert sink.count == 1
+
+
+async def test_stop_drops_open_sessions_at_once(sink: Sink) -> None:
+    client = await connected(sink)
+    try:
+        await sink.stop()
+        assert sink.open_sessions == 0
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await client.noop(timeout=1)
+    finally:
+        client.close()
+
+
+async def test_a_new_sink_takes_over_the_port_of_a_stopped_one(sink: Sink) -> None:
+    port = sink.port
+    client = await connected(sink)  # an open session must not keep the port busy
+    await send(sink, ["rcpt@example.net"])
+    await sink.stop()
+    client.close()
+    async with Sink(port=port, name="relay-again") as reborn:
+        await send(reborn, ["rcpt@example.net"])
+        assert reborn.count == 1
+    await sink.start()  # the same object starts again on its port too
+    assert sink.port == port
+    await send(sink, ["rcpt@example.net"])
+    assert sink.count == 2
+
+
+async def test_wait_for_returns_on_arrival_and_says_how_many_came(sink: Sink) -> None:
+    waiter = asyncio.create_task(sink.wait_for(1, timeout_s=5))
+    await send(sink, ["rcpt@example.net"])
+    await waiter
+    with pytest.raises(TimeoutError, match="1 of 2 messages"):
+        await sink.wait_for(2, timeout_s=0.1)
