@@ -63,24 +63,27 @@ class _Session:
     last_used: float = 0.0
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """What every relay's sessions share: one node's delivery settings and hooks."""
+
+    config: DeliveryConfig
+    helo: str
+    limits: SharedLimits | None = None
+    owner: str = ""
+    on_tls: Callable[[str], None] | None = None
+
+
 class RelayClient:
     """Sessions to one relay."""
 
-    def __init__(
-        self,
-        relay: RelayConfig,
-        config: DeliveryConfig,
-        helo: str,
-        limits: SharedLimits | None = None,
-        owner: str = "",
-        on_tls: Callable[[str], None] | None = None,
-    ) -> None:
-        self._on_tls = on_tls
+    def __init__(self, relay: RelayConfig, settings: SessionSettings) -> None:
         self.relay = relay
-        self._config = config
-        self._helo = helo
-        self._limits = limits
-        self._owner = owner
+        self._config = settings.config
+        self._helo = settings.helo
+        self._limits = settings.limits
+        self._owner = settings.owner
+        self._on_tls = settings.on_tls
         self._idle: list[_Session] = []
         self._open: set[_Session] = set()
         self._slots = asyncio.Semaphore(relay.max_connections)
@@ -333,19 +336,13 @@ class Sender:
         owner: str = "",
         on_tls: Callable[[str], None] | None = None,
     ) -> None:
-        self._on_tls = on_tls
-        self._config = config
-        self._helo = helo
-        self._limits = limits
-        self._owner = owner
+        self._settings = SessionSettings(config, helo, limits, owner, on_tls)
         self._clients: dict[str, RelayClient] = {}
 
     def client(self, relay: RelayConfig) -> RelayClient:
         client = self._clients.get(relay.name)
         if client is None:
-            client = RelayClient(
-                relay, self._config, self._helo, self._limits, self._owner, self._on_tls
-            )
+            client = RelayClient(relay, self._settings)
             self._clients[relay.name] = client
         return client
 
