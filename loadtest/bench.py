@@ -4,8 +4,9 @@
 
 Measured on this machine, counted at the sink:
   (a) smtp-source straight to smtp-sink: the ceiling of the machine and the tools;
-  (b) through smtpfleet with 1 node and with 3 nodes (Redis `appendfsync always` and
-      `queue.durability: fsync`: fsynced before every 250, like Postfix);
+  (b) through smtpfleet: 1 node; 1 node with `serve --workers` one per core; 3 nodes
+      (Redis `appendfsync always` and `queue.durability: fsync`: fsynced before every 250,
+      like Postfix);
   (c) through Postfix configured as a relay to the same sink (installed from Debian's
       packages when missing; its configuration is restored afterwards).
 Throughput uses Postfix's C tools (smtp-source with sessions reused, smtp-sink), so the load
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -36,6 +38,7 @@ from smtpfleet.loadgen import run_load
 from smtpfleet.localcluster import LocalCluster
 from smtpfleet.redis_server import free_port
 
+_MESG = re.compile(rb"mesg=(\d+)\r")
 POSTFIX_FILES = ("/etc/postfix/main.cf", "/etc/postfix/master.cf")
 
 
@@ -78,12 +81,10 @@ class SmtpSink:
         loop = asyncio.get_running_loop()
         assert self.proc.stdout is not None
         while chunk := await loop.run_in_executor(None, self.proc.stdout.read1, 4096):  # type: ignore[attr-defined]
-            self._buffer = (self._buffer + chunk)[-64:]
-            numbers = [
-                p for p in self._buffer.replace(b"\n", b"\r").split(b"\r") if p.strip().isdigit()
-            ]
-            if numbers:
-                self.count = int(numbers[-1])
+            self._buffer = (self._buffer + chunk)[-128:]
+            # Each status line reads "sess=N quit=N mesg=N\r"; the last complete one counts.
+            if found := _MESG.findall(self._buffer):
+                self.count = int(found[-1])
 
     async def wait_for(self, count: int, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
@@ -158,20 +159,26 @@ async def measure(
     return Figure(name, rate, p50, p99)
 
 
-async def smtpfleet(nodes: int, sink: SmtpSink, args: argparse.Namespace) -> Figure:
+async def smtpfleet(
+    nodes: int, sink: SmtpSink, args: argparse.Namespace, workers: int = 1
+) -> Figure:
     overrides: dict[str, Any] = {
         "queue": {"durability": "fsync"},
         "inbound": {"max_sessions": 5000},
         "health": {"interval_s": 5.0},
     }
     cluster = LocalCluster(
-        nodes=nodes, relays=[sink.address], overrides=overrides, appendfsync="always"
+        nodes=nodes,
+        workers=workers,
+        relays=[sink.address],
+        overrides=overrides,
+        appendfsync="always",
     )
+    name = f"smtpfleet, {nodes} node{'s' if nodes > 1 else ''}"
+    if workers > 1:
+        name += f" x {workers} workers"
     async with cluster:
-        targets = [n.smtp for n in cluster.node_processes]
-        return await measure(
-            f"smtpfleet, {nodes} node{'s' if nodes > 1 else ''}", sink, targets, args
-        )
+        return await measure(name, sink, [n.smtp for n in cluster.node_processes], args)
 
 
 @contextlib.contextmanager
@@ -224,6 +231,7 @@ async def one_run(args: argparse.Namespace) -> list[Figure]:
             )
         ]
         figures.append(await smtpfleet(1, sink, args))
+        figures.append(await smtpfleet(1, sink, args, workers=os.cpu_count() or 1))
         figures.append(await smtpfleet(3, sink, args))
         with postfix_relay(sink) as postfix:
             figures.append(await measure("Postfix 3.7 relay", sink, [postfix], args))
@@ -256,7 +264,7 @@ def report(runs: list[list[Figure]], args: argparse.Namespace) -> None:
     ceiling = median[names[0]].msg_per_s or 1.0
     postfix = median[names[-1]].msg_per_s or 1.0
     print()
-    for name in names[1:3]:
+    for name in names[1:-1]:
         rate = median[name].msg_per_s
         print(f"{name}: {rate / postfix:.2f}x Postfix, {rate / ceiling:.2f}x the ceiling")
 

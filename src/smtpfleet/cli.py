@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from smtpfleet import __version__, loadtest, opscli
-from smtpfleet.config import Config, load_config, parse_hostport
+from smtpfleet.config import WORKERS_ENV, Config, load_config, parse_hostport
 from smtpfleet.drills import cli as drill_cli
 from smtpfleet.errors import ConfigError
 from smtpfleet.logs import configure_logging
@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one node (SMTP front + delivery workers)")
     serve.add_argument(
         "--config", default=os.environ.get(CONFIG_ENV), help=f"YAML file (${CONFIG_ENV})"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=os.environ.get(WORKERS_ENV, "1"),
+        help=f"node processes sharing the SMTP port, one per core (${WORKERS_ENV}, default 1)",
     )
 
     config = sub.add_parser("config", help="configuration tools")
@@ -66,10 +72,21 @@ def _load(path: str | None) -> Config:
     return load_config(path)
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if args.workers > 1:
+        from smtpfleet.supervisor import serve_workers
+
+        return serve_workers(config, args.config, args.workers, args.log_level, args.log_format)
     from smtpfleet.lifecycle import serve
 
-    return serve(_load(args.config))
+    return serve(config)
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:

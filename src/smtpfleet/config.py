@@ -23,6 +23,7 @@ from smtpfleet.errors import ConfigError
 ENV_PREFIX = "SMTPFLEET_"
 ENV_SEPARATOR = "__"
 # SMTPFLEET_* variables that are not configuration keys (read by the CLI and the tools).
+WORKERS_ENV = "SMTPFLEET_WORKERS"  # `serve --workers`: the supervisor's, never a worker's
 RESERVED_ENV = frozenset(
     {
         "SMTPFLEET_CONFIG",
@@ -31,6 +32,7 @@ RESERVED_ENV = frozenset(
         "SMTPFLEET_REDIS_SERVER",
         "SMTPFLEET_KEEP_WORKDIR",
         "SMTPFLEET_PARENT_PID",
+        WORKERS_ENV,
     }
 )
 
@@ -238,16 +240,27 @@ class RelayConfig(_Section):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+UNIX_PREFIX = "unix:"
+
+
 class HttpConfig(_Section):
-    # /metrics, /healthz, /readyz. Empty: no HTTP listener.
+    # /metrics, /healthz, /readyz on HOST:PORT, or unix:/PATH (how `serve --workers` reaches
+    # each worker). Empty: no HTTP listener.
     listen: str = "127.0.0.1:9125"
 
     @field_validator("listen")
     @classmethod
     def _address(cls, value: str) -> str:
-        if value:
+        if value.startswith(UNIX_PREFIX):
+            if not value[len(UNIX_PREFIX) :].startswith("/"):
+                raise ValueError(f"{value!r}: expected unix:/ABSOLUTE/PATH")
+        elif value:
             parse_hostport(value)
         return value
+
+    @property
+    def unix_path(self) -> str | None:
+        return self.listen[len(UNIX_PREFIX) :] if self.listen.startswith(UNIX_PREFIX) else None
 
 
 class DkimKey(_Section):

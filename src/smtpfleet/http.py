@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -22,22 +22,32 @@ MAX_REQUEST_LINE = 8192
 class HttpServer:
     def __init__(
         self,
-        host: str,
-        port: int,
+        host: str = "",
+        port: int = 0,
         *,
+        unix_path: str | None = None,
         registry: CollectorRegistry,
         not_ready_reason: Callable[[], str | None],
+        metrics_text: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
+        # metrics_text: how `serve --workers` serves every worker's series on one port.
         self._host = host
         self._port = port
+        self._unix_path = unix_path
         self._registry = registry
         self._not_ready_reason = not_ready_reason
+        self._metrics_text = metrics_text
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self._host, self._port, limit=MAX_REQUEST_LINE
-        )
+        if self._unix_path is not None:
+            self._server = await asyncio.start_unix_server(
+                self._serve, self._unix_path, limit=MAX_REQUEST_LINE
+            )
+        else:
+            self._server = await asyncio.start_server(
+                self._serve, self._host, self._port, limit=MAX_REQUEST_LINE
+            )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -52,8 +62,10 @@ class HttpServer:
                 await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
             self._server = None
 
-    def _route(self, path: str) -> tuple[int, str, bytes]:
+    async def _route(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":
+            if self._metrics_text is not None:
+                return 200, CONTENT_TYPE_LATEST, await self._metrics_text()
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
@@ -75,7 +87,7 @@ class HttpServer:
             if method != "GET":
                 status, kind, body = 405, "text/plain", b"GET only\n"
             else:
-                status, kind, body = self._route(path)
+                status, kind, body = await self._route(path)
             head = (
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
                 f"Content-Type: {kind}\r\nContent-Length: {len(body)}\r\n"

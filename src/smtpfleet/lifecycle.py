@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 import uvloop
 
@@ -47,7 +48,7 @@ async def _serve(config: Config) -> int:
         await node.close()
         return EXIT_STARTUP_FAILED
     watchers = [
-        asyncio.create_task(_watch_parent(stop)),
+        asyncio.create_task(watch_parent(stop.set)),
         asyncio.create_task(_relay_event(node.drain_requested, stop)),
     ]
     await stop.wait()
@@ -63,15 +64,15 @@ async def _relay_event(source: asyncio.Event, target: asyncio.Event) -> None:
     target.set()
 
 
-async def _watch_parent(stop: asyncio.Event) -> None:
-    """Drain when the process that started us (`smtpfleet dev`, a test) is gone."""
+async def watch_parent(on_gone: Callable[[], None]) -> None:
+    """Drain when the process that started us (`smtpfleet dev`, a test, a supervisor) is gone."""
     expected = os.environ.get(PARENT_PID_ENV)
     if not expected:
         return
     while os.getppid() == int(expected):  # noqa: ASYNC110 - no event tells of a dead parent
         await asyncio.sleep(1.0)
     log.warning("parent process %s is gone: draining", expected)
-    stop.set()
+    on_gone()
 
 
 def serve(config: Config) -> int:

@@ -47,6 +47,7 @@ class NodeProcess:
     log_path: Path
     smtp_port: int
     http_port: int
+    workers: int = 1  # > 1: `serve --workers`, worker processes behind a supervisor
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,7 +62,10 @@ class NodeProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "smtpfleet", "serve", "--config", str(self.config_path)],
+            [
+                *(sys.executable, "-m", "smtpfleet", "serve", "--config", str(self.config_path)),
+                *(("--workers", str(self.workers)) if self.workers > 1 else ()),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -104,16 +108,38 @@ class NodeProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
+    async def _all_ready(self) -> bool:
+        return await _http_status(self.http_port, "/readyz") == 200
+
     async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Ready when the SMTP port greets with 220 (the node opens it only once Redis is ok)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.running:
                 raise RuntimeError(f"node {self.index} exited at start:\n{self.log_tail()}")
-            if await _greets(self.smtp_port):
+            # With workers, the first to listen greets; /readyz waits for all of them.
+            if await _greets(self.smtp_port) and (self.workers == 1 or await self._all_ready()):
                 return
             await asyncio.sleep(0.05)
         raise TimeoutError(f"node {self.index} not ready in {timeout_s}s:\n{self.log_tail()}")
+
+
+async def _http_status(port: int, path: str) -> int:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, TimeoutError):
+        return 0
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        status_line = await asyncio.wait_for(reader.readline(), 2.0)
+        parts = status_line.split()
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    except (OSError, TimeoutError):
+        return 0
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 async def _greets(port: int) -> bool:
@@ -138,6 +164,7 @@ class LocalCluster:
     """Redis + sinks + nodes on 127.0.0.1; an async context manager."""
 
     nodes: int = 3
+    workers: int = 1  # worker processes per node (`serve --workers`)
     sinks: int = 2
     relays: Sequence[str] = ()  # HOST:PORT of real relays; when given, no sinks are started
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -209,7 +236,8 @@ class LocalCluster:
         path = self.workdir / f"node-{index}.yaml"
         config = self.node_config(index, smtp_port, http_port)
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        return NodeProcess(index, path, self.workdir / f"node-{index}.log", smtp_port, http_port)
+        log_path = self.workdir / f"node-{index}.log"
+        return NodeProcess(index, path, log_path, smtp_port, http_port, self.workers)
 
     def info(self) -> dict[str, Any]:
         assert self.redis is not None

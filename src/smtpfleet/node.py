@@ -90,7 +90,13 @@ class Node:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.http: HttpServer | None = None
-        if config.http.listen:
+        if config.http.unix_path is not None:
+            self.http = HttpServer(
+                unix_path=config.http.unix_path,
+                registry=self.registry,
+                not_ready_reason=self.not_ready_reason,
+            )
+        elif config.http.listen:
             host, port = parse_hostport(config.http.listen)
             self.http = HttpServer(
                 host, port, registry=self.registry, not_ready_reason=self.not_ready_reason

@@ -263,9 +263,11 @@ def _relay_switch(paused: bool) -> Callable[[Admin, argparse.Namespace, Config],
 
 
 async def _node_drain(admin: Admin, args: argparse.Namespace, config: Config) -> int:
-    await admin.request_drain(args.id)
-    text = f"asked node {args.id} to drain; it stops accepting and exits when its work is done"
-    return _emit(args, {"node": args.id, "state": "drain requested"}, lambda: text)
+    nodes = await admin.request_drain(args.id)
+    text = (
+        f"asked {', '.join(nodes)} to drain; each stops accepting and exits when its work is done"
+    )
+    return _emit(args, {"node": args.id, "nodes": nodes, "state": "drain requested"}, lambda: text)
 
 
 Command = Callable[[Admin, argparse.Namespace, Config], Awaitable[int]]

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import redis
 
 from smtpfleet.errors import RedisUnsuitable
 from smtpfleet.node import Node
@@ -23,6 +24,27 @@ async def test_fsync_durability_accepts_on_an_aof_redis(
     async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
         assert (await send(node.inbound.addresses[0])).code == 250
         await eventually(lambda: sink.count == 1)
+
+
+def _script_exists_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+async def test_enqueue_costs_no_script_lookups_and_survives_a_script_flush(
+    redis_url: str, prefix: str, sink: Sink, redis_client: redis.Redis
+) -> None:
+    overrides = {"redis": {"prefix": prefix}, "queue": {"durability": "fsync"}}
+    async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
+        address = node.inbound.addresses[0]
+        before = _script_exists_calls(redis_client)
+        codes = [(await send(address)).code for _ in range(20)]
+        # One round trip per accept: no SCRIPT EXISTS in front of each enqueue.
+        assert _script_exists_calls(redis_client) - before < 5
+        redis_client.script_flush()  # as after a Redis restart without its script cache
+        codes.append((await send(address)).code)
+        assert codes == [250] * 21
+        await eventually(lambda: sink.count == 21)
 
 
 async def test_unconfirmed_replication_answers_451_and_never_delivers(

@@ -339,7 +339,9 @@ class DeliveryWorker:
                 reason = "; ".join(f"{f.recipient}: {f.diagnostic}" for f in plan.failed)
                 finish = Finish(plan.retry, plan.retry_due_ms, dead=dead, dead_reason=reason)
         await self._queue.finish(delivery, finish)
-        log.info(
+        # The delivery.attempt event already tells a plain success; say more only otherwise.
+        log.log(
+            logging.INFO if plan.failed or plan.retry else logging.DEBUG,
             "%s: delivered=%d failed=%d retry=%d",
             message.qid,
             len(plan.delivered),

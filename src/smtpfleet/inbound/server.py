@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP
 from smtpfleet import replies
 from smtpfleet.config import InboundConfig
 from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.inbound.syntax import plain_path
 from smtpfleet.metrics import Metrics, reply_class
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ class InboundSMTP(SMTP):
         self._smtp_methods = {n: self._gated(n, m) for n, m in self._smtp_methods.items()}
         if "DATA" in self._handle_hooks:
             self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:  # private in aiosmtpd
+        # aiosmtpd's local_part_limit is 0 (off) here, so its parser's length check never
+        # applies and the fast path need not repeat it.
+        return plain_path(arg) or super()._getaddr(arg)
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -280,10 +280,19 @@ class Admin:
         views = await self.store.views(await self.store.members())
         return {relay for view in views.values() for relay in view}
 
-    async def request_drain(self, node_id: str) -> None:
-        if node_id not in await self.store.members():
+    async def request_drain(self, node_id: str) -> list[str]:
+        """Ask a node to drain; a pod's id under `serve --workers` drains all its workers."""
+        members = await self.store.members()
+        targets = (
+            [node_id]
+            if node_id in members
+            else sorted(m for m in members if m.startswith(f"{node_id}/"))
+        )
+        if not targets:
             raise NotFound(f"unknown node {node_id!r}")
-        await self._redis.set(self.keys.drain_request(node_id), "1", ex=3600)
+        for target in targets:
+            await self._redis.set(self.keys.drain_request(target), "1", ex=3600)
+        return targets
 
 
 def _entry(message: QueuedMessage, state: str, now: int) -> Entry:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
 from smtpfleet.envelope import EnqueueResult, Kind, NewMessage, QueuedMessage, now_ms, shard_of
@@ -160,19 +160,9 @@ class RedisQueue:
         self, shard: int, message: NewMessage, entry: QueuedMessage
     ) -> EnqueueResult:
         mode = self._queue.durability
-        async with self._redis.pipeline(transaction=False) as pipe:
-            await self._enqueue(
-                keys=self._enqueue_keys(shard, message),
-                args=self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER),
-                client=pipe,
-            )
-            if mode is Durability.FSYNC:
-                pipe.execute_command("WAITAOF", 1, 0, self._queue.durability_timeout_ms)
-            elif mode is Durability.REPLICATED:
-                pipe.execute_command(
-                    "WAIT", self._queue.replicas, self._queue.durability_timeout_ms
-                )
-            results: list[Any] = await self._guard(pipe.execute)
+        keys = self._enqueue_keys(shard, message)
+        args = self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER)
+        results = await self._guard(lambda: self._write_and_confirm(keys, args))
         outcome = [_text(part) for part in results[0]]
         if outcome[0] == "dup":
             return EnqueueResult(qid=outcome[1], duplicate=True)
@@ -183,6 +173,30 @@ class RedisQueue:
             body_key = self.keys.body(shard, message.qid)
             await self._guard(lambda: self._redis.hset(body_key, "ok", "1"))
         return EnqueueResult(qid=message.qid)
+
+    async def _write_and_confirm(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """The enqueue script and WAIT/WAITAOF, in one pipeline on one connection."""
+        for loaded in (False, True):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                # EVALSHA straight into the pipeline: redis-py's Script object in a pipeline
+                # first asks SCRIPT EXISTS, one more round trip per message.
+                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
+                self._add_confirmation(pipe)
+                try:
+                    return await pipe.execute()
+                except NoScriptError:
+                    # A restarted or new server: the script did not run, so sending it again
+                    # once it is loaded cannot write the message twice.
+                    if loaded:
+                        raise
+                    await self._redis.script_load(scripts.ENQUEUE)
+        raise AssertionError("unreachable")
+
+    def _add_confirmation(self, pipe: Any) -> None:
+        if self._queue.durability is Durability.FSYNC:
+            pipe.execute_command("WAITAOF", 1, 0, self._queue.durability_timeout_ms)
+        elif self._queue.durability is Durability.REPLICATED:
+            pipe.execute_command("WAIT", self._queue.replicas, self._queue.durability_timeout_ms)
 
     def _require_confirmation(self, mode: Durability, reply: Any) -> None:
         if mode is Durability.FSYNC:

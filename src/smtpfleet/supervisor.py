@@ -1,0 +1,284 @@
+"""`smtpfleet serve --workers N`: N node processes behind one SMTP port, one HTTP port.
+
+One Python process uses one core (PEERS.md), so a pod on a many-core machine runs several
+workers, as uvicorn and gunicorn do. Each worker is a whole node (SMTP front, delivery,
+membership) with its own id ``ID/wK``; every one binds the same SMTP addresses with
+SO_REUSEPORT and the kernel spreads connections between them. The supervisor binds the HTTP
+port: /metrics merges every worker's series with a ``worker`` label, /readyz is ready when
+every worker is, /healthz when the supervisor runs.
+
+Signals: the first SIGTERM/SIGINT is passed on (each worker drains); a second one is passed
+on too (each exits at once). A worker that crashes after it was ready is restarted, with a
+growing pause when it keeps crashing; one that fails its start before ever being ready stops
+the whole process with exit 1 (a bad Redis or port is not fixed by retrying here). A worker
+that drained and exited 0 (`smtpfleet node drain`) is not restarted; when all have, the
+supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from smtpfleet.config import WORKERS_ENV, Config, parse_hostport
+from smtpfleet.http import HttpServer
+from smtpfleet.lifecycle import (
+    EXIT_OK,
+    EXIT_STARTUP_FAILED,
+    FORCED_EXIT,
+    PARENT_PID_ENV,
+    watch_parent,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+FETCH_TIMEOUT_S = 2.0
+RESTART_PAUSES_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_AFTER_S = 30.0  # a worker up this long resets its restart pause
+
+
+@dataclass
+class Worker:
+    index: int
+    node_id: str
+    socket_path: str
+    process: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    ready: bool = False
+    was_ready: bool = False
+    crashes: int = 0
+    reason: str = "starting"
+
+
+@dataclass
+class Supervisor:
+    config: Config
+    config_path: str | None
+    workers: int
+    log_level: str = "INFO"
+    log_format: str = "auto"
+    _pool: list[Worker] = field(default_factory=list)
+    _stopping: bool = False
+    _exit_code: int = EXIT_OK
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="smtpfleet-workers-")
+        base = self.config.node.id or f"{socket.gethostname()}-{os.getpid()}"
+        self._pool = [
+            Worker(i, f"{base}/w{i}", str(Path(self._tmp.name) / f"w{i}.sock"))
+            for i in range(1, self.workers + 1)
+        ]
+        self.registry = CollectorRegistry()
+        self._restarts = Counter(
+            "smtpfleet_worker_restarts",
+            "Worker processes restarted after a crash",
+            registry=self.registry,
+        )
+        self._live = Gauge(
+            "smtpfleet_workers_live", "Worker processes running", registry=self.registry
+        )
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        http = self._http()
+        try:
+            if http is not None:
+                await http.start()
+            for worker in self._pool:
+                await self._spawn(worker)
+            watchers = [
+                asyncio.create_task(self._poll_readiness()),
+                asyncio.create_task(watch_parent(lambda: self._stop_all(signal.SIGTERM))),
+                *(asyncio.create_task(self._keep(w)) for w in self._pool),
+            ]
+            await asyncio.gather(*watchers[2:])
+            for task in watchers[:2]:
+                task.cancel()
+        finally:
+            if http is not None:
+                await http.close()
+            self._tmp.cleanup()
+        log.info("all %d workers stopped", self.workers)
+        return self._exit_code
+
+    def _http(self) -> HttpServer | None:
+        if not self.config.http.listen:
+            return None
+        host, port = parse_hostport(self.config.http.listen)
+        return HttpServer(
+            host,
+            port,
+            registry=self.registry,
+            not_ready_reason=self.not_ready_reason,
+            metrics_text=self.metrics_text,
+        )
+
+    def _child_env(self, worker: Worker) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != WORKERS_ENV}
+        env["SMTPFLEET_NODE__ID"] = worker.node_id
+        env["SMTPFLEET_HTTP__LISTEN"] = f"unix:{worker.socket_path}"
+        env[PARENT_PID_ENV] = str(os.getpid())  # a worker drains if we die
+        env["SMTPFLEET_LOG_LEVEL"], env["SMTPFLEET_LOG_FORMAT"] = self.log_level, self.log_format
+        return env
+
+    async def _spawn(self, worker: Worker) -> None:
+        command = [sys.executable, "-m", "smtpfleet", "serve"]
+        if self.config_path:
+            command += ["--config", self.config_path]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(worker.socket_path)  # left by a crashed worker
+        worker.process = await asyncio.create_subprocess_exec(
+            *command, env=self._child_env(worker), stdin=asyncio.subprocess.DEVNULL
+        )
+        worker.started, worker.ready, worker.reason = time.monotonic(), False, "starting"
+        self._live.inc()
+        log.info("worker %s started (pid %d)", worker.node_id, worker.process.pid)
+
+    async def _keep(self, worker: Worker) -> None:
+        """Wait for the worker to exit; restart it unless it should stay down."""
+        while True:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            self._live.dec()
+            worker.ready, worker.reason = False, f"exited with {code}"
+            if self._stopping or code == EXIT_OK:
+                log.info("worker %s exited with %d", worker.node_id, code)
+                return
+            if not worker.was_ready and code == EXIT_STARTUP_FAILED:
+                log.error("worker %s could not start: stopping all workers", worker.node_id)
+                self._exit_code = EXIT_STARTUP_FAILED
+                self._stop_all(signal.SIGTERM)
+                return
+            await self._pause_before_restart(worker, code)
+            if self._stopping:
+                return
+            self._restarts.inc()
+            await self._spawn(worker)
+
+    async def _pause_before_restart(self, worker: Worker, code: int) -> None:
+        if time.monotonic() - worker.started >= STABLE_AFTER_S:
+            worker.crashes = 0
+        pause = RESTART_PAUSES_S[min(worker.crashes, len(RESTART_PAUSES_S) - 1)]
+        worker.crashes += 1
+        log.error("worker %s exited with %d: restarting in %.1fs", worker.node_id, code, pause)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), pause)  # a signal cuts the pause
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stopping:
+            log.warning("second signal: workers exit without finishing in-flight work")
+            self._stop_all(signal.SIGTERM)  # a worker's second SIGTERM is its forced exit
+            self._exit_code = FORCED_EXIT
+            return
+        log.info("received %s: draining %d workers", signal.Signals(signum).name, self.workers)
+        self._stop_all(signal.SIGTERM)
+
+    def _stop_all(self, signum: int) -> None:
+        self._stopping = True
+        self._changed.set()
+        for worker in self._pool:
+            if worker.process is not None and worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signum)
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        if self._stopping:
+            return "draining"
+        waiting = [f"{w.node_id}: {w.reason}" for w in self._pool if not w.ready]
+        return "; ".join(waiting) or None
+
+    async def _poll_readiness(self) -> None:
+        while True:
+            for worker in self._pool:
+                running = worker.process is not None and worker.process.returncode is None
+                if running:
+                    status, body = await _get(worker.socket_path, "/readyz")
+                    worker.ready = status == 200
+                    worker.was_ready = worker.was_ready or worker.ready
+                    if not worker.ready:
+                        worker.reason = body.decode(errors="replace").strip() or "no answer"
+            await asyncio.sleep(POLL_S)
+
+    async def metrics_text(self) -> bytes:
+        """Every worker's series with a `worker` label, and the supervisor's own."""
+        texts = await asyncio.gather(*(_get(w.socket_path, "/metrics") for w in self._pool))
+        families: dict[str, Metric] = {}
+        for worker, (status, body) in zip(self._pool, texts, strict=True):
+            if status == 200:
+                _merge(families, text_string_to_metric_families(body.decode()), str(worker.index))
+        merged = CollectorRegistry()
+        merged.register(_Fixed(list(families.values())))
+        return generate_latest(merged) + generate_latest(self.registry)
+
+
+class _Fixed:
+    """A collector that yields families already built (prometheus_client's custom collector)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def _merge(families: dict[str, Metric], parsed: Iterable[Metric], worker: str) -> None:
+    for family in parsed:
+        target = families.get(family.name)
+        if target is None:
+            target = families[family.name] = Metric(family.name, family.documentation, family.type)
+        for sample in family.samples:
+            labels = {**sample.labels, "worker": worker}
+            target.add_sample(sample.name, labels, sample.value, sample.timestamp)
+
+
+async def _get(path: str, url: str) -> tuple[int, bytes]:
+    """GET over the worker's unix socket; (0, b"") when it does not answer."""
+    try:
+        async with asyncio.timeout(FETCH_TIMEOUT_S):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                writer.write(f"GET {url} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
+                response = await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return 0, b""
+    head, _, body = response.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
+
+
+def serve_workers(
+    config: Config, config_path: str | None, workers: int, log_level: str, log_format: str
+) -> int:
+    for host, port in config.inbound.listen_addresses():
+        if port == 0:
+            log.error("serve --workers needs fixed SMTP ports: %s:0 would differ per worker", host)
+            return EXIT_STARTUP_FAILED
+    supervisor = Supervisor(config, config_path, workers, log_level, log_format)
+    return uvloop.run(supervisor.run())

@@ -1,0 +1,170 @@
+"""`serve --workers N`: worker processes share one SMTP port, one HTTP port, one lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smtpfleet.localcluster import LocalCluster, NodeProcess
+from smtpfleet.redis_server import RedisServer, free_port
+from smtpfleet.sink import Sink
+from smtpfleet.testing import eventually, send
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    return await asyncio.get_running_loop().run_in_executor(None, get)
+
+
+async def ready(port: int) -> None:
+    for _ in range(200):
+        if (await http_get(port, "/readyz"))[0] == 200:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("not ready in 20 s")
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in metrics.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.startswith(name + "{"):
+            found = ",".join(sorted(series[len(name) + 1 : -1].split(",")))
+            if found == wanted:
+                return float(value)
+    return 0.0
+
+
+async def ops(*args: str) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smtpfleet", *args, stdout=asyncio.subprocess.DEVNULL
+    )
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_two_workers_share_the_port_and_report_on_one_http_port(sink: Sink) -> None:
+    async with LocalCluster(nodes=1, workers=2, relays=[sink.address]) as cluster:
+        node = cluster.node_processes[0]
+        workers = children(node.pid)
+        assert len(workers) == 2
+        assert (await http_get(node.http_port, "/readyz"))[0] == 200
+        codes = await asyncio.gather(*(send(node.smtp) for _ in range(60)))
+        assert [c.code for c in codes] == [250] * 60
+        await eventually(lambda: sink.count == 60, timeout_s=20)
+
+        status, metrics = await http_get(node.http_port, "/metrics")
+        assert status == 200
+        per_worker = [
+            sample(metrics, "smtpfleet_smtp_messages_total", result="queued", worker=w)
+            for w in ("1", "2")
+        ]
+        # The kernel spread 60 connections over both workers, and every message is counted.
+        assert sum(per_worker) == 60
+        assert min(per_worker) > 0
+        assert "smtpfleet_workers_live 2.0" in metrics
+
+        assert cluster.redis is not None
+        node.signal(signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(None, node.wait, 30.0) == 0
+        assert not any(alive(pid) for pid in workers)
+
+
+async def test_a_crashed_worker_is_restarted_and_a_drain_stops_them_all(sink: Sink) -> None:
+    async with LocalCluster(nodes=1, workers=2, relays=[sink.address]) as cluster:
+        node = cluster.node_processes[0]
+        first, second = children(node.pid)
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: len(children(node.pid)) == 2 and first not in children(node.pid))
+        await ready(node.http_port)
+        metrics = (await http_get(node.http_port, "/metrics"))[1]
+        assert "smtpfleet_worker_restarts_total 1.0" in metrics
+        assert (await send(node.smtp)).code == 250
+        await eventually(lambda: sink.count == 1)
+        assert alive(second)  # the others never noticed
+
+        assert cluster.redis is not None
+        # `node drain` with the node's own id reaches every worker (ids node-1/w1, node-1/w2).
+        assert await ops("node", "drain", "node-1", "--redis", cluster.redis.url) == 0
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, node.wait, 30.0) == 0
+
+
+async def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
+    with RedisServer(extra_args=["--maxmemory-policy", "allkeys-lru"]) as evicting:
+        config = {
+            "inbound": {"listen": [f"127.0.0.1:{free_port()}"]},
+            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "redis": {"url": evicting.url},
+        }
+        path = tmp_path / "node.yaml"
+        path.write_text(yaml.safe_dump(config))
+        node = NodeProcess(1, path, tmp_path / "node.log", 0, 0, workers=2)
+        node.start()
+        code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 60.0)
+        assert code == 1
+        assert "maxmemory-policy" in node.log_tail(50)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "0"], "at least 1"),
+        (["--workers", "two"], "at least 1"),
+    ],
+)
+async def test_bad_worker_counts_are_usage_errors(args: list[str], message: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpfleet",
+        "serve",
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert message in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_workers_need_a_fixed_smtp_port(tmp_path: Path, redis_url: str) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        yaml.safe_dump({"inbound": {"listen": ["127.0.0.1:0"]}, "redis": {"url": redis_url}})
+    )
+    node = NodeProcess(1, path, tmp_path / "node.log", 0, 0, workers=2)
+    node.start()
+    assert await asyncio.get_running_loop().run_in_executor(None, node.wait, 30.0) == 1
+    assert "fixed SMTP ports" in node.log_tail()
