@@ -20,6 +20,7 @@ from smtpfleet.config import Durability, QueueConfig, RedisConfig
 from smtpfleet.envelope import EnqueueResult, Kind, NewMessage, QueuedMessage, now_ms, shard_of
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
+from smtpfleet.queue.batcher import Batcher, Command
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,11 @@ class RedisQueue:
         self._enqueue = self._redis.register_script(scripts.ENQUEUE)
         self._cancel = self._redis.register_script(scripts.CANCEL)
         self._move_due = self._redis.register_script(scripts.MOVE_DUE)
+        self._finish = self._redis.register_script(scripts.FINISH)
+        # Accepts share pipelines and one confirmation per batch; deliveries share others,
+        # never waiting behind an fsync.
+        self._accepts = Batcher(self._redis, self._confirmation_command())
+        self._deliveries = Batcher(self._redis)
         self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))
 
     @property
@@ -91,7 +97,41 @@ class RedisQueue:
         return self._redis
 
     async def close(self) -> None:
+        await self._accepts.close()
+        await self._deliveries.close()
         await self._redis.aclose()
+
+    def _confirmation_command(self) -> Command | None:
+        timeout_ms = self._queue.durability_timeout_ms
+        if self._queue.durability is Durability.FSYNC:
+            return ("WAITAOF", 1, 0, timeout_ms)
+        if self._queue.durability is Durability.REPLICATED:
+            return ("WAIT", self._queue.replicas, timeout_ms)
+        return None
+
+    async def _script(
+        self,
+        batcher: Batcher,
+        script: Any,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        *,
+        confirm: bool = False,
+    ) -> list[Any]:
+        """EVALSHA through a batcher: no SCRIPT EXISTS round trip in front of every call.
+
+        NOSCRIPT (a restarted or new server) means the script did not run, so loading it and
+        sending the call again cannot apply it twice. Error replies are raised.
+        """
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        replies = await batcher.call(command, confirm=confirm)
+        if isinstance(replies[0], NoScriptError):
+            await self._redis.script_load(script.script)
+            replies = await batcher.call(command, confirm=confirm)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -159,44 +199,26 @@ class RedisQueue:
     async def _enqueue_durably(
         self, shard: int, message: NewMessage, entry: QueuedMessage
     ) -> EnqueueResult:
+        """The script and, batched with other accepts, one WAIT/WAITAOF: one round trip."""
         mode = self._queue.durability
         keys = self._enqueue_keys(shard, message)
         args = self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER)
-        results = await self._guard(lambda: self._write_and_confirm(keys, args))
+        confirm = mode is not Durability.SERVER
+        results = await self._guard(
+            lambda: self._script(self._accepts, self._enqueue, keys, args, confirm=confirm)
+        )
         outcome = [_text(part) for part in results[0]]
         if outcome[0] == "dup":
             return EnqueueResult(qid=outcome[1], duplicate=True)
         if outcome[0] == "full":
             raise QueueFull("queue above its high-water mark")
-        if mode is not Durability.SERVER:
+        if confirm:
             self._require_confirmation(mode, results[1])
+            # Not awaited: the 250 depends on the WAITAOF/WAIT only. A worker holds the entry
+            # until this mark lands (or its window ends, should we die first).
             body_key = self.keys.body(shard, message.qid)
-            await self._guard(lambda: self._redis.hset(body_key, "ok", "1"))
+            self._accepts.send(("EVAL", scripts.CONFIRM, 1, body_key))
         return EnqueueResult(qid=message.qid)
-
-    async def _write_and_confirm(self, keys: list[str], args: list[Any]) -> list[Any]:
-        """The enqueue script and WAIT/WAITAOF, in one pipeline on one connection."""
-        for loaded in (False, True):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                # EVALSHA straight into the pipeline: redis-py's Script object in a pipeline
-                # first asks SCRIPT EXISTS, one more round trip per message.
-                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
-                self._add_confirmation(pipe)
-                try:
-                    return await pipe.execute()
-                except NoScriptError:
-                    # A restarted or new server: the script did not run, so sending it again
-                    # once it is loaded cannot write the message twice.
-                    if loaded:
-                        raise
-                    await self._redis.script_load(scripts.ENQUEUE)
-        raise AssertionError("unreachable")
-
-    def _add_confirmation(self, pipe: Any) -> None:
-        if self._queue.durability is Durability.FSYNC:
-            pipe.execute_command("WAITAOF", 1, 0, self._queue.durability_timeout_ms)
-        elif self._queue.durability is Durability.REPLICATED:
-            pipe.execute_command("WAIT", self._queue.replicas, self._queue.durability_timeout_ms)
 
     def _require_confirmation(self, mode: Durability, reply: Any) -> None:
         if mode is Durability.FSYNC:
@@ -238,7 +260,10 @@ class RedisQueue:
             self.keys.dedupe(shard, message.fingerprint or "-"),
         ]
         try:
-            await asyncio.wait_for(self._cancel(keys=keys, args=[message.qid]), timeout=2.0)
+            # Through the accept batcher: it sends batches in order, so the tombstone cannot
+            # overtake an enqueue still in flight.
+            call = self._script(self._accepts, self._cancel, keys, [message.qid])
+            await asyncio.wait_for(call, timeout=2.0)
         except Exception:  # Redis is away: the worker's durability gate covers this case
             log.warning("could not tombstone %s after a failed accept", message.qid)
 
@@ -299,24 +324,32 @@ class RedisQueue:
 
     async def load_body(self, shard: int, qid: str) -> Body:
         key = self.keys.body(shard, qid)
-        data, ok = await self._guard(lambda: self._redis.hmget(key, ["d", "ok"]))
+        replies = await self._guard(lambda: self._deliveries.call(("HMGET", key, "d", "ok")))
+        if isinstance(replies[0], Exception):
+            raise QueueUnavailable(f"redis: {replies[0]}")
+        data, ok = replies[0]
         return Body(data=data if isinstance(data, bytes) else None, confirmed=ok is not None)
 
     async def finish(self, delivery: Delivery, outcome: Finish) -> None:
-        """Acknowledge the entry and record what is left of it, in one MULTI/EXEC."""
+        """Acknowledge the entry and record what is left of it, atomically (one script)."""
         shard, qid = delivery.shard, delivery.message.qid
-        stream = self.keys.stream(shard)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, delivery.entry_id)
-            pipe.xdel(stream, delivery.entry_id)
-            if outcome.retry is not None:
-                pipe.zadd(self.keys.retry(shard), {outcome.retry.encode(): outcome.retry_due_ms})
-            if outcome.dead is not None:
-                fields = {ENTRY_FIELD: outcome.dead.encode(), "reason": outcome.dead_reason[:500]}
-                pipe.xadd(self.keys.dead(shard), fields)  # type: ignore[arg-type]
-            if outcome.retry is None and outcome.dead is None and qid:
-                pipe.delete(self.keys.body(shard, qid))
-            await self._guard(pipe.execute)
+        keys = [
+            self.keys.stream(shard),
+            self.keys.retry(shard),
+            self.keys.dead(shard),
+            self.keys.body(shard, qid),
+        ]
+        done = outcome.retry is None and outcome.dead is None and bool(qid)
+        args = [
+            GROUP,
+            delivery.entry_id,
+            outcome.retry.encode() if outcome.retry is not None else "",
+            outcome.retry_due_ms,
+            outcome.dead.encode() if outcome.dead is not None else "",
+            outcome.dead_reason[:500],
+            "1" if done else "0",
+        ]
+        await self._guard(lambda: self._script(self._deliveries, self._finish, keys, args))
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
         async with self._redis.pipeline(transaction=False) as pipe:

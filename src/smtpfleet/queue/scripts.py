@@ -45,3 +45,24 @@ for _, entry in ipairs(due) do
 end
 return #due
 """
+
+# Mark a body's durability as confirmed, unless it is already gone (delivered, or tombstoned):
+# the mark goes out after the 250, so it must not bring a deleted body back as a stray key.
+# KEYS: body
+CONFIRM: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'ok', '1') end
+return 1
+"""
+
+# Record a delivery attempt's outcome in one atomic step: acknowledge and delete the entry,
+# schedule what is left to retry, dead-letter what failed, drop the body once nothing needs it.
+# KEYS: stream, retry, dead, body
+# ARGV: group, entry_id, retry_entry|"", retry_due_ms, dead_entry|"", dead_reason, drop_body
+FINISH: Final = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) end
+if ARGV[5] ~= '' then redis.call('XADD', KEYS[3], '*', 'm', ARGV[5], 'reason', ARGV[6]) end
+if ARGV[7] == '1' then redis.call('DEL', KEYS[4]) end
+return 1
+"""
