@@ -85,7 +85,15 @@ def test_parse_hostport_rejects(text: str) -> None:
 
 
 def test_tool_variables_are_not_mistaken_for_config_keys() -> None:
-    config = build_config({}, {"SMTPFLEET_PARENT_PID": "1", "SMTPFLEET_LOG_LEVEL": "DEBUG"})
+    tools = {"SMTPFLEET_PARENT_PID": "1", "SMTPFLEET_LOG_LEVEL": "DEBUG", "SMTPFLEET_WORKERS": "2"}
+    config = build_config({}, tools)
     assert config.redis.shards == 16
     with pytest.raises(ConfigError, match="typo"):
         build_config({}, {"SMTPFLEET_TYPO": "1"})
+
+
+def test_http_listens_on_a_port_or_a_unix_socket() -> None:
+    assert build_config({"http": {"listen": "unix:/run/w1.sock"}}).http.unix_path == "/run/w1.sock"
+    assert build_config({"http": {"listen": "127.0.0.1:9125"}}).http.unix_path is None
+    with pytest.raises(ConfigError, match="unix:/ABSOLUTE/PATH"):
+        build_config({"http": {"listen": "unix:w1.sock"}})
