@@ -26,4 +26,6 @@ def plain_path(arg: str) -> tuple[str, str] | None:
     match = _PLAIN_PATH.fullmatch(arg)
     if match is None:
         return None
-    return match.group(1) or "<>", match.group(2) or ""
+    if not match.group(1):
+        return "<>", arg[2:]  # aiosmtpd's parser keeps the blanks after a null path
+    return match.group(1), match.group(2) or ""
