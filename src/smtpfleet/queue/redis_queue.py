@@ -267,11 +267,6 @@ class RedisQueue:
         except Exception:  # Redis is away: the worker's durability gate covers this case
             log.warning("could not tombstone %s after a failed accept", message.qid)
 
-    async def cancel(self, qid: str, fingerprint: str | None = None) -> None:
-        shard = shard_of(qid)
-        keys = [self.keys.body(shard, qid), self.keys.dedupe(shard, fingerprint or "-")]
-        await self._guard(lambda: self._cancel(keys=keys, args=[qid]))
-
     # -- delivery side ----------------------------------------------------------------------
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
