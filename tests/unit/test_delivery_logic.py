@@ -171,3 +171,13 @@ def test_expired_dsn_says_so_and_long_diagnostics_stay_on_one_line() -> None:
     assert b"Status: 4.4.7" in data
     assert b"Remote-MTA" not in data
     assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+
+def test_the_last_retry_is_due_when_the_lifetime_ends_not_after() -> None:
+    # 10 s before expiry with a 60 s backoff: try once more at expiry, then bounce on failure.
+    now = 3_590_000
+    plan = plan_outcome(
+        MESSAGE, {r: _verdict(451) for r in MESSAGE.recipients}, now_ms=now, retry=RETRY
+    )
+    assert plan.retry is not None
+    assert plan.retry_due_ms == 3_600_000

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 
 from smtpfleet.config import RetryConfig
-from smtpfleet.delivery.backoff import is_expired, retry_delay_s
+from smtpfleet.delivery.backoff import is_expired, next_due_ms, retry_delay_s
 from smtpfleet.delivery.classify import Outcome, Verdict
 from smtpfleet.delivery.dsn import RecipientFailure
 from smtpfleet.envelope import QueuedMessage
@@ -62,7 +62,10 @@ def plan_outcome(
         jitter=retry.jitter,
         rng=rng,
     )
-    return Plan(delivered, tuple(failed), again, now_ms + int(delay_s * 1000), expired=False)
+    due_ms = next_due_ms(
+        now_ms, delay_s, accepted_ms=message.accepted_ms, lifetime_s=retry.lifetime_s
+    )
+    return Plan(delivered, tuple(failed), again, due_ms, expired=False)
 
 
 def _failure(recipient: str, attempt: Attempt, status: str | None = None) -> RecipientFailure:

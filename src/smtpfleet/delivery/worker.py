@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 from smtpfleet.config import Config, RelayConfig
 from smtpfleet.delivery.classify import Outcome, Verdict, classify_reply
-from smtpfleet.delivery.dsn import build_dsn
+from smtpfleet.delivery.dsn import build_dsn, is_bounce_worthy
 from smtpfleet.delivery.outcome import Attempt, Plan, plan_outcome
 from smtpfleet.delivery.sender import Sender
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
@@ -330,7 +330,7 @@ class DeliveryWorker:
         message = delivery.message
         finish = Finish(retry=plan.retry, retry_due_ms=plan.retry_due_ms)
         if plan.failed:
-            if _may_bounce(message):
+            if is_bounce_worthy(message.sender, message.kind):
                 await self._bounce(message, plan, data)
                 self._metrics.bounces.inc()
             else:
@@ -370,11 +370,6 @@ class DeliveryWorker:
             await self._queue.enqueue(bounce)
         except SpoolError as exc:
             raise QueueUnavailable(f"could not queue the DSN for {message.qid}: {exc}") from exc
-
-
-def _may_bounce(message: QueuedMessage) -> bool:
-    # Never bounce a bounce: null reverse-path or a DSN of ours (RFC 5321 4.5.5, RFC 3464).
-    return bool(message.sender) and message.kind is not Kind.DSN
 
 
 def _gate_pauses() -> Iterator[float]:
