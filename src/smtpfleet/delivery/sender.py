@@ -24,6 +24,7 @@ import aiosmtplib
 
 from smtpfleet.config import DeliveryConfig, RelayConfig, TlsPolicy
 from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply
+from smtpfleet.envelope import now_ms
 from smtpfleet.errors import QueueUnavailable
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class RelayClient:
                 if await self._limits.acquire_connection(
                     self.relay.name,
                     member,
-                    _ms(),
+                    now_ms(),
                     int(LEASE_TTL_S * 1000),
                     self.relay.max_connections,
                 ):
@@ -234,7 +235,7 @@ class RelayClient:
         for session in list(self._open):
             if session.lease:
                 await self._limits.acquire_connection(
-                    self.relay.name, session.lease, _ms(), ttl_ms, self.relay.max_connections
+                    self.relay.name, session.lease, now_ms(), ttl_ms, self.relay.max_connections
                 )
 
     async def _rate_slot(self) -> bool:
@@ -300,10 +301,6 @@ def _is_tls_failure(exc: BaseException) -> bool:
 
 def _is_stale(exc: Exception) -> bool:
     return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _start_tls(policy: TlsPolicy) -> bool | None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from smtpfleet.envelope import QueuedMessage, shard_of
+from smtpfleet.envelope import QueuedMessage, now_ms, shard_of
 from smtpfleet.health.state import cluster_verdict
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP
 from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.queue.redis_queue import RedisQueue, text
 
 RECENT_MINUTES = 5
 SCAN_LIMIT = 100_000
@@ -39,14 +38,6 @@ class Entry:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class Admin:
     def __init__(self, queue: RedisQueue) -> None:
         self.queue = queue
@@ -59,7 +50,7 @@ class Admin:
     # -- status ------------------------------------------------------------------------------
 
     async def status(self, lease_s: float, known_relays: Iterable[str] = ()) -> dict[str, Any]:
-        now = _now_ms()
+        now = now_ms()
         members = await self.store.members()
         info = await self.store.node_info(members)
         live = {n for n, beat in members.items() if now - beat < lease_s * 1000}
@@ -109,7 +100,7 @@ class Admin:
         out: dict[str, dict[str, int]] = {}
         for m in range(minute - RECENT_MINUTES + 1, minute + 1):
             for key, count in (await self._redis.hgetall(self.keys.outcomes(m))).items():
-                relay, _, outcome = _text(key).partition("|")
+                relay, _, outcome = text(key).partition("|")
                 bucket = out.setdefault(relay, {})
                 bucket[outcome] = bucket.get(outcome, 0) + int(count)
         return out
@@ -119,7 +110,7 @@ class Admin:
         for shard in self.keys.all_shards():
             summary = await self._redis.xpending(self.keys.stream(shard), GROUP)
             for row in summary.get("consumers") or []:
-                name = _text(row["name"])
+                name = text(row["name"])
                 counts[name] = counts.get(name, 0) + int(row["pending"])
         return counts
 
@@ -140,24 +131,24 @@ class Admin:
 
     async def _stream_entries(self, shard: int, limit: int) -> list[Entry]:
         stream = self.keys.stream(shard)
-        now = _now_ms()
+        now = now_ms()
         pending = {
-            _text(row["message_id"]): row
+            text(row["message_id"]): row
             for row in await self._redis.xpending_range(stream, GROUP, "-", "+", SCAN_LIMIT)
         }
         rows = []
         for entry_id, fields in await self._redis.xrange(stream, count=limit):
             message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
-            owner = pending.get(_text(entry_id))
+            owner = pending.get(text(entry_id))
             entry = _entry(message, "in_flight" if owner else "ready", now)
             if owner:
-                entry.owner = _text(owner["consumer"])
+                entry.owner = text(owner["consumer"])
                 entry.lease_age_s = round(int(owner["time_since_delivered"]) / 1000, 1)
             rows.append(entry)
         return rows
 
     async def _retry_entries(self, shard: int, limit: int) -> list[Entry]:
-        now = _now_ms()
+        now = now_ms()
         rows = []
         for member, score in await self._redis.zrange(
             self.keys.retry(shard), 0, limit - 1, withscores=True
@@ -168,11 +159,11 @@ class Admin:
         return rows
 
     async def _dead_entries(self, shard: int, limit: int) -> list[Entry]:
-        now = _now_ms()
+        now = now_ms()
         rows = []
         for _, fields in await self._redis.xrange(self.keys.dead(shard), count=limit):
             entry = _entry(QueuedMessage.decode(fields[ENTRY_FIELD.encode()]), "dead", now)
-            entry.reason = _text(fields.get(b"reason", b""))
+            entry.reason = text(fields.get(b"reason", b""))
             rows.append(entry)
         return rows
 
@@ -182,17 +173,17 @@ class Admin:
         for entry_id, fields in await self._redis.xrange(self.keys.stream(shard), count=SCAN_LIMIT):
             if QueuedMessage.decode(fields[ENTRY_FIELD.encode()]).qid == qid:
                 matches = [e for e in await self._stream_entries(shard, SCAN_LIMIT) if e.qid == qid]
-                return matches[0], _text(entry_id)
+                return matches[0], text(entry_id)
         for member in await self._redis.zrange(self.keys.retry(shard), 0, -1):
             message = QueuedMessage.decode(member)
             if message.qid == qid:
-                return _entry(message, "retry", _now_ms()), _text(member)
+                return _entry(message, "retry", now_ms()), text(member)
         for entry_id, fields in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
             message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
             if message.qid == qid:
-                entry = _entry(message, "dead", _now_ms())
-                entry.reason = _text(fields.get(b"reason", b""))
-                return entry, _text(entry_id)
+                entry = _entry(message, "dead", now_ms())
+                entry.reason = text(fields.get(b"reason", b""))
+                return entry, text(entry_id)
         raise NotFound(f"no queued message {qid}")
 
     def _shard(self, qid: str) -> int:
@@ -216,7 +207,7 @@ class Admin:
         entry, where = await self.find(qid)
         shard = self._shard(qid)
         if entry.state == "retry":
-            await self._redis.zadd(self.keys.retry(shard), {where: _now_ms()})
+            await self._redis.zadd(self.keys.retry(shard), {where: now_ms()})
             return "moved to the front of the retry schedule"
         if entry.state == "dead":
             await self._requeue_dead(shard, where)
@@ -252,7 +243,7 @@ class Admin:
         moved = 0
         for shard in self.keys.all_shards():
             for entry_id, _ in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
-                await self._requeue_dead(shard, _text(entry_id))
+                await self._requeue_dead(shard, text(entry_id))
                 moved += 1
         return moved
 

@@ -7,14 +7,13 @@ away" means for them (fencing, keeping the last known view, waiting for a slot).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from smtpfleet.errors import QueueUnavailable
 from smtpfleet.queue.keys import GROUP, Keys
-from smtpfleet.queue.redis_queue import Delivery, RedisQueue
+from smtpfleet.queue.redis_queue import Delivery, RedisQueue, guarded, text
 
 T = TypeVar("T")
 
@@ -33,22 +32,12 @@ return 0
 OUTCOME_TTL_S = 3600
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class ClusterStore:
     def __init__(self, queue: RedisQueue) -> None:
         self._queue = queue
         self._redis: aioredis.Redis = queue.client
         self.keys: Keys = queue.keys
         self._acquire = self._redis.register_script(ACQUIRE_LEASE)
-
-    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await call()
-        except Exception as exc:
-            raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
 
     # -- membership --------------------------------------------------------------------------
 
@@ -58,20 +47,20 @@ class ClusterStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.nodes(), {node_id: now_ms})
             pipe.set(self.keys.node(node_id), json.dumps(info), px=ttl_ms)
-            await self._guard(pipe.execute)
+            await guarded(pipe.execute)
 
     async def members(self) -> dict[str, int]:
         """Every node that ever registered and was not removed: id -> last heartbeat (ms)."""
-        rows: list[Any] = await self._guard(
+        rows: list[Any] = await guarded(
             lambda: self._redis.zrange(self.keys.nodes(), 0, -1, withscores=True)
         )
-        return {_text(node): int(score) for node, score in rows}
+        return {text(node): int(score) for node, score in rows}
 
     async def node_info(self, node_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = list(node_ids)
         if not ids:
             return {}
-        raw = await self._guard(lambda: self._redis.mget([self.keys.node(n) for n in ids]))
+        raw = await guarded(lambda: self._redis.mget([self.keys.node(n) for n in ids]))
         return {n: json.loads(v) for n, v in zip(ids, raw, strict=True) if v}
 
     async def forget_node(self, node_id: str) -> None:
@@ -80,7 +69,7 @@ class ClusterStore:
             pipe.delete(self.keys.node(node_id), self.keys.view(node_id))
             for shard in self.keys.all_shards():
                 pipe.xgroup_delconsumer(self.keys.stream(shard), GROUP, node_id)
-            await self._guard(pipe.execute)
+            await guarded(pipe.execute)
 
     # -- health views ------------------------------------------------------------------------
 
@@ -93,16 +82,16 @@ class ClusterStore:
             pipe.delete(key)
             pipe.hset(key, mapping=mapping)
             pipe.pexpire(key, ttl_ms)
-            await self._guard(pipe.execute)
+            await guarded(pipe.execute)
 
     async def views(self, node_ids: Iterable[str]) -> dict[str, dict[str, bool]]:
         ids = list(node_ids)
         async with self._redis.pipeline(transaction=False) as pipe:
             for node in ids:
                 pipe.hgetall(self.keys.view(node))
-            raw = await self._guard(pipe.execute)
+            raw = await guarded(pipe.execute)
         return {
-            node: {_text(relay): _text(up) == "1" for relay, up in view.items()}
+            node: {text(relay): text(up) == "1" for relay, up in view.items()}
             for node, view in zip(ids, raw, strict=True)
             if view
         }
@@ -118,7 +107,7 @@ class ClusterStore:
         claimed: list[Delivery] = []
         for shard in self.keys.all_shards():
             stream = self.keys.stream(shard)
-            pending = await self._guard(
+            pending = await guarded(
                 lambda stream=stream: self._redis.xpending_range(  # type: ignore[misc]
                     stream,
                     GROUP,
@@ -132,7 +121,7 @@ class ClusterStore:
             ids = [row["message_id"] for row in pending]
             if not ids:
                 continue
-            entries = await self._guard(
+            entries = await guarded(
                 lambda stream=stream, ids=ids: self._redis.xclaim(  # type: ignore[misc]
                     stream, GROUP, me, min_idle_ms, ids
                 )
@@ -143,7 +132,7 @@ class ClusterStore:
     async def pending_count(self, consumer: str) -> int:
         total = 0
         for shard in self.keys.all_shards():
-            rows = await self._guard(
+            rows = await guarded(
                 lambda shard=shard: self._redis.xpending_range(  # type: ignore[misc]
                     self.keys.stream(shard), GROUP, min="-", max="+", count=1, consumername=consumer
                 )
@@ -157,16 +146,16 @@ class ClusterStore:
             for shard, ids in entries.items():
                 if ids:
                     pipe.xclaim(self.keys.stream(shard), GROUP, me, 0, list[Any](ids), justid=True)
-            await self._guard(pipe.execute)
+            await guarded(pipe.execute)
 
     # -- operator controls and recent outcomes ------------------------------------------------
 
     async def paused_relays(self) -> set[str]:
-        members = await self._guard(lambda: self._redis.smembers(self.keys.paused_relays()))
-        return {_text(m) for m in members}
+        members = await guarded(lambda: self._redis.smembers(self.keys.paused_relays()))
+        return {text(m) for m in members}
 
     async def drain_requested(self, node_id: str) -> bool:
-        return bool(await self._guard(lambda: self._redis.exists(self.keys.drain_request(node_id))))
+        return bool(await guarded(lambda: self._redis.exists(self.keys.drain_request(node_id))))
 
     async def add_outcomes(self, minute: int, counts: Mapping[str, int]) -> None:
         key = self.keys.outcomes(minute)
@@ -174,7 +163,7 @@ class ClusterStore:
             for field, count in counts.items():
                 pipe.hincrby(key, field, count)
             pipe.expire(key, OUTCOME_TTL_S)
-            await self._guard(pipe.execute)
+            await guarded(pipe.execute)
 
     # -- shared relay limits -----------------------------------------------------------------
 
@@ -183,10 +172,10 @@ class ClusterStore:
     ) -> bool:
         keys = [self.keys.relay_connections(relay)]
         args: list[str | int] = [now_ms, member, now_ms + ttl_ms, limit]
-        return bool(await self._guard(lambda: self._acquire(keys=keys, args=args)))
+        return bool(await guarded(lambda: self._acquire(keys=keys, args=args)))
 
     async def release_connection(self, relay: str, member: str) -> None:
-        await self._guard(lambda: self._redis.zrem(self.keys.relay_connections(relay), member))
+        await guarded(lambda: self._redis.zrem(self.keys.relay_connections(relay), member))
 
     async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
         """One message in this second's budget for the relay, cluster-wide."""
@@ -194,5 +183,5 @@ class ClusterStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, 2)
-            count, _ = await self._guard(pipe.execute)
+            count, _ = await guarded(pipe.execute)
         return int(count) <= limit

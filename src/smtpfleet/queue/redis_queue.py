@@ -60,8 +60,19 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A Redis reply as str, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def guarded(call: Callable[[], Awaitable[T]]) -> T:
+    """The Redis boundary: anything the client raises means "away" (QueueUnavailable)."""
+    try:
+        return await call()
+    except (QueueFull, QueueUnavailable):
+        raise
+    except Exception as exc:  # during failovers redis-py raises more than RedisError
+        raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
 
 
 class RedisQueue:
@@ -133,20 +144,12 @@ class RedisQueue:
                 raise reply
         return replies
 
-    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await call()
-        except (QueueFull, QueueUnavailable):
-            raise
-        except Exception as exc:  # the Redis boundary: anything from the client means "away"
-            raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
-
     # -- start-up -------------------------------------------------------------------------
 
     async def check_server(self) -> str:
         """Refuse a Redis that cannot hold mail safely; return its version for the log."""
-        server = await self._guard(lambda: self._redis.info("server"))
-        memory = await self._guard(lambda: self._redis.info("memory"))
+        server = await guarded(lambda: self._redis.info("server"))
+        memory = await guarded(lambda: self._redis.info("memory"))
         version = str(server.get("valkey_version") or server.get("redis_version", "0"))
         compat = str(server.get("redis_version", "0"))
         if _version_tuple(compat) < MIN_REDIS_VERSION:
@@ -158,7 +161,7 @@ class RedisQueue:
                 f"set maxmemory-policy {SAFE_EVICTION_POLICY}"
             )
         if self._queue.durability is Durability.FSYNC:
-            persistence = await self._guard(lambda: self._redis.info("persistence"))
+            persistence = await guarded(lambda: self._redis.info("persistence"))
             if str(persistence.get("aof_enabled")) != "1":
                 raise RedisUnsuitable("durability: fsync needs appendonly yes on the Redis server")
         return version
@@ -204,10 +207,10 @@ class RedisQueue:
         keys = self._enqueue_keys(shard, message)
         args = self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER)
         confirm = mode is not Durability.SERVER
-        results = await self._guard(
+        results = await guarded(
             lambda: self._script(self._accepts, self._enqueue, keys, args, confirm=confirm)
         )
-        outcome = [_text(part) for part in results[0]]
+        outcome = [text(part) for part in results[0]]
         if outcome[0] == "dup":
             return EnqueueResult(qid=outcome[1], duplicate=True)
         if outcome[0] == "full":
@@ -272,7 +275,7 @@ class RedisQueue:
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         """New entries from every shard for this consumer (XREADGROUP ... >)."""
         streams: dict[Any, Any] = {self.keys.stream(s): ">" for s in self.keys.all_shards()}
-        reply = await self._guard(
+        reply = await guarded(
             lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
         )
         return self._parse_read(reply)
@@ -280,16 +283,14 @@ class RedisQueue:
     async def read_own_pending(self, consumer: str, count: int) -> list[Delivery]:
         """Entries this consumer read but never finished (e.g. Redis went away mid-delivery)."""
         streams: dict[Any, Any] = {self.keys.stream(s): "0" for s in self.keys.all_shards()}
-        reply = await self._guard(
-            lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count)
-        )
+        reply = await guarded(lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count))
         return self._parse_read(reply)
 
     async def claim_idle(self, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
         """The safety net: take over entries idle longer than any delivery attempt can take."""
         claimed: list[Delivery] = []
         for shard in self.keys.all_shards():
-            reply = await self._guard(
+            reply = await guarded(
                 lambda shard=shard: self._redis.xautoclaim(  # type: ignore[misc]
                     self.keys.stream(shard), GROUP, consumer, min_idle_ms, "0-0", count=count
                 )
@@ -303,7 +304,7 @@ class RedisQueue:
         pairs = reply.items() if isinstance(reply, dict) else reply
         deliveries: list[Delivery] = []
         for stream, entries in pairs:
-            shard = int(_text(stream).split(":")[-2].rstrip("}"))
+            shard = int(text(stream).split(":")[-2].rstrip("}"))
             deliveries.extend(self.deliveries(shard, entries))
         return deliveries
 
@@ -311,15 +312,15 @@ class RedisQueue:
         out = []
         for entry_id, fields in entries:
             if not fields:  # deleted while pending: nothing left to do but acknowledge
-                out.append(Delivery(shard, _text(entry_id), _EMPTY))
+                out.append(Delivery(shard, text(entry_id), _EMPTY))
                 continue
             raw = fields.get(ENTRY_FIELD.encode()) or fields.get(ENTRY_FIELD)
-            out.append(Delivery(shard, _text(entry_id), QueuedMessage.decode(raw)))
+            out.append(Delivery(shard, text(entry_id), QueuedMessage.decode(raw)))
         return out
 
     async def load_body(self, shard: int, qid: str) -> Body:
         key = self.keys.body(shard, qid)
-        replies = await self._guard(lambda: self._deliveries.call(("HMGET", key, "d", "ok")))
+        replies = await guarded(lambda: self._deliveries.call(("HMGET", key, "d", "ok")))
         if isinstance(replies[0], Exception):
             raise QueueUnavailable(f"redis: {replies[0]}")
         data, ok = replies[0]
@@ -344,7 +345,7 @@ class RedisQueue:
             outcome.dead_reason[:500],
             "1" if done else "0",
         ]
-        await self._guard(lambda: self._script(self._deliveries, self._finish, keys, args))
+        await guarded(lambda: self._script(self._deliveries, self._finish, keys, args))
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -354,7 +355,7 @@ class RedisQueue:
                     args=[now, limit],
                     client=pipe,
                 )
-            moved = await self._guard(pipe.execute)
+            moved = await guarded(pipe.execute)
         return sum(int(n) for n in moved)
 
     # -- views for tools and tests ------------------------------------------------------------
@@ -369,7 +370,7 @@ class RedisQueue:
                 pipe.zcard(self.keys.retry(shard))
                 pipe.xlen(self.keys.dead(shard))
                 pipe.xrange(stream, count=1)
-            rows = await self._guard(pipe.execute)
+            rows = await guarded(pipe.execute)
         totals = {"ready": 0.0, "in_flight": 0.0, "retry": 0.0, "dead": 0.0}
         oldest_ms = now
         for i in range(0, len(rows), 5):
@@ -380,7 +381,7 @@ class RedisQueue:
             totals["retry"] += int(retry)
             totals["dead"] += int(dead)
             if first:
-                oldest_ms = min(oldest_ms, int(_text(first[0][0]).split("-")[0]))
+                oldest_ms = min(oldest_ms, int(text(first[0][0]).split("-")[0]))
         totals["oldest_age_s"] = max(0.0, (now - oldest_ms) / 1000)
         return totals
 
@@ -391,7 +392,7 @@ class RedisQueue:
                 pipe.xlen(self.keys.stream(shard))
                 pipe.zcard(self.keys.retry(shard))
                 pipe.xlen(self.keys.dead(shard))
-            counts = await self._guard(pipe.execute)
+            counts = await guarded(pipe.execute)
         return {
             "stream": sum(counts[0::3]),
             "retry": sum(counts[1::3]),
