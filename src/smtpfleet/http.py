@@ -103,4 +103,27 @@ class HttpServer:
                 await writer.wait_closed()
 
 
+async def get(
+    path: str, *, port: int = 0, unix_path: str | None = None, timeout_s: float = 2.0
+) -> tuple[int, bytes]:
+    """GET from one of our own HTTP ports (127.0.0.1:port or a unix socket), for the
+    supervisor and the local cluster; (0, b"") when nothing answers in time."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            if unix_path is not None:
+                reader, writer = await asyncio.open_unix_connection(unix_path)
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+                response = await reader.read()  # one request per connection: read to close
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return 0, b""
+    head, _, body = response.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
+
+
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}

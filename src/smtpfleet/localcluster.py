@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from smtpfleet import http
 from smtpfleet.lifecycle import PARENT_PID_ENV
 from smtpfleet.redis_server import RedisServer, free_port
 from smtpfleet.sink import Sink
@@ -109,7 +110,8 @@ class NodeProcess:
         return ""
 
     async def _all_ready(self) -> bool:
-        return await _http_status(self.http_port, "/readyz") == 200
+        status, _ = await http.get("/readyz", port=self.http_port)
+        return status == 200
 
     async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Ready when the SMTP port greets with 220 (the node opens it only once Redis is ok)."""
@@ -122,24 +124,6 @@ class NodeProcess:
                 return
             await asyncio.sleep(0.05)
         raise TimeoutError(f"node {self.index} not ready in {timeout_s}s:\n{self.log_tail()}")
-
-
-async def _http_status(port: int, path: str) -> int:
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
-    except (OSError, TimeoutError):
-        return 0
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        status_line = await asyncio.wait_for(reader.readline(), 2.0)
-        parts = status_line.split()
-        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    except (OSError, TimeoutError):
-        return 0
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 async def _greets(port: int) -> bool:

@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpfleet import http
 from smtpfleet.config import WORKERS_ENV, Config, parse_hostport
 from smtpfleet.http import HttpServer
 from smtpfleet.lifecycle import (
@@ -48,7 +49,6 @@ from smtpfleet.lifecycle import (
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
-FETCH_TIMEOUT_S = 2.0
 RESTART_PAUSES_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 30.0  # a worker up this long resets its restart pause
 
@@ -73,10 +73,9 @@ class Supervisor:
     workers: int
     log_level: str = "INFO"
     log_format: str = "auto"
-    _pool: list[Worker] = field(default_factory=list)
-    _stopping: bool = False
-    _exit_code: int = EXIT_OK
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _pool: list[Worker] = field(init=False)
+    _exit_code: int = field(init=False, default=EXIT_OK)
+    _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="smtpfleet-workers-")
@@ -95,29 +94,32 @@ class Supervisor:
             "smtpfleet_workers_live", "Worker processes running", registry=self.registry
         )
 
+    @property
+    def _stopping(self) -> bool:
+        return self._stop.is_set()
+
     # -- running -------------------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        http = self._http()
+        front = self._http()
         try:
-            if http is not None:
-                await http.start()
+            if front is not None:
+                await front.start()
             for worker in self._pool:
                 await self._spawn(worker)
-            watchers = [
+            background = [
                 asyncio.create_task(self._poll_readiness()),
-                asyncio.create_task(watch_parent(lambda: self._stop_all(signal.SIGTERM))),
-                *(asyncio.create_task(self._keep(w)) for w in self._pool),
+                asyncio.create_task(watch_parent(self._stop_all)),
             ]
-            await asyncio.gather(*watchers[2:])
-            for task in watchers[:2]:
+            await asyncio.gather(*(self._keep(w) for w in self._pool))
+            for task in background:
                 task.cancel()
         finally:
-            if http is not None:
-                await http.close()
+            if front is not None:
+                await front.close()
             self._tmp.cleanup()
         log.info("all %d workers stopped", self.workers)
         return self._exit_code
@@ -168,7 +170,7 @@ class Supervisor:
             if not worker.was_ready and code == EXIT_STARTUP_FAILED:
                 log.error("worker %s could not start: stopping all workers", worker.node_id)
                 self._exit_code = EXIT_STARTUP_FAILED
-                self._stop_all(signal.SIGTERM)
+                self._stop_all()
                 return
             await self._pause_before_restart(worker, code)
             if self._stopping:
@@ -183,26 +185,26 @@ class Supervisor:
         worker.crashes += 1
         log.error("worker %s exited with %d: restarting in %.1fs", worker.node_id, code, pause)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), pause)  # a signal cuts the pause
+            await asyncio.wait_for(self._stop.wait(), pause)  # a signal cuts the pause
 
     # -- signals -----------------------------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
         if self._stopping:
             log.warning("second signal: workers exit without finishing in-flight work")
-            self._stop_all(signal.SIGTERM)  # a worker's second SIGTERM is its forced exit
+            self._stop_all()
             self._exit_code = FORCED_EXIT
             return
         log.info("received %s: draining %d workers", signal.Signals(signum).name, self.workers)
-        self._stop_all(signal.SIGTERM)
+        self._stop_all()
 
-    def _stop_all(self, signum: int) -> None:
-        self._stopping = True
-        self._changed.set()
+    def _stop_all(self) -> None:
+        """SIGTERM to every worker: the first drains it, a second one makes it exit at once."""
+        self._stop.set()
         for worker in self._pool:
             if worker.process is not None and worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signum)
+                    worker.process.send_signal(signal.SIGTERM)
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class Supervisor:
             for worker in self._pool:
                 running = worker.process is not None and worker.process.returncode is None
                 if running:
-                    status, body = await _get(worker.socket_path, "/readyz")
+                    status, body = await http.get("/readyz", unix_path=worker.socket_path)
                     worker.ready = status == 200
                     worker.was_ready = worker.was_ready or worker.ready
                     if not worker.ready:
@@ -226,7 +228,9 @@ class Supervisor:
 
     async def metrics_text(self) -> bytes:
         """Every worker's series with a `worker` label, and the supervisor's own."""
-        texts = await asyncio.gather(*(_get(w.socket_path, "/metrics") for w in self._pool))
+        texts = await asyncio.gather(
+            *(http.get("/metrics", unix_path=w.socket_path) for w in self._pool)
+        )
         families: dict[str, Metric] = {}
         for worker, (status, body) in zip(self._pool, texts, strict=True):
             if status == 200:
@@ -254,23 +258,6 @@ def _merge(families: dict[str, Metric], parsed: Iterable[Metric], worker: str) -
         for sample in family.samples:
             labels = {**sample.labels, "worker": worker}
             target.add_sample(sample.name, labels, sample.value, sample.timestamp)
-
-
-async def _get(path: str, url: str) -> tuple[int, bytes]:
-    """GET over the worker's unix socket; (0, b"") when it does not answer."""
-    try:
-        async with asyncio.timeout(FETCH_TIMEOUT_S):
-            reader, writer = await asyncio.open_unix_connection(path)
-            try:
-                writer.write(f"GET {url} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
-                response = await reader.read()
-            finally:
-                writer.close()
-    except (OSError, TimeoutError):
-        return 0, b""
-    head, _, body = response.partition(b"\r\n\r\n")
-    parts = head.split(b" ", 2)
-    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
 
 
 def serve_workers(

@@ -168,3 +168,23 @@ async def test_workers_need_a_fixed_smtp_port(tmp_path: Path, redis_url: str) ->
     node.start()
     assert await asyncio.get_running_loop().run_in_executor(None, node.wait, 30.0) == 1
     assert "fixed SMTP ports" in node.log_tail()
+
+
+async def test_a_second_signal_makes_every_worker_exit_at_once(sink: Sink) -> None:
+    async with LocalCluster(nodes=1, workers=2, relays=[sink.address]) as cluster:
+        node = cluster.node_processes[0]
+        workers = children(node.pid)
+        # Transactions in progress on both workers keep the first SIGTERM's drain waiting.
+        sessions = [await asyncio.open_connection(*node.smtp) for _ in range(8)]
+        for reader, writer in sessions:
+            await reader.readline()
+            writer.write(b"EHLO t\r\nMAIL FROM:<a@example.com>\r\n")
+        node.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert node.running
+        node.signal(signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
+        assert code == 130  # FORCED_EXIT, as a single node answers a second signal
+        assert not any(alive(pid) for pid in workers)
+        for _, writer in sessions:
+            writer.close()
