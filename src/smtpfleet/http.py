@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from smtpfleet.config import HttpConfig, parse_hostport
+
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
@@ -22,31 +24,29 @@ MAX_REQUEST_LINE = 8192
 class HttpServer:
     def __init__(
         self,
-        host: str = "",
-        port: int = 0,
+        config: HttpConfig,
         *,
-        unix_path: str | None = None,
         registry: CollectorRegistry,
         not_ready_reason: Callable[[], str | None],
         metrics_text: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         # metrics_text: how `serve --workers` serves every worker's series on one port.
-        self._host = host
-        self._port = port
-        self._unix_path = unix_path
+        self._config = config
         self._registry = registry
         self._not_ready_reason = not_ready_reason
         self._metrics_text = metrics_text
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        if self._unix_path is not None:
+        unix_path = self._config.unix_path
+        if unix_path is not None:
             self._server = await asyncio.start_unix_server(
-                self._serve, self._unix_path, limit=MAX_REQUEST_LINE
+                self._serve, unix_path, limit=MAX_REQUEST_LINE
             )
         else:
+            host, port = parse_hostport(self._config.listen)
             self._server = await asyncio.start_server(
-                self._serve, self._host, self._port, limit=MAX_REQUEST_LINE
+                self._serve, host, port, limit=MAX_REQUEST_LINE
             )
 
     @property

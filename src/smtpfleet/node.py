@@ -16,7 +16,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from smtpfleet.cluster.membership import Membership
-from smtpfleet.config import Config, parse_hostport
+from smtpfleet.config import Config
 from smtpfleet.delivery.sender import Sender
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
@@ -90,16 +90,9 @@ class Node:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.http: HttpServer | None = None
-        if config.http.unix_path is not None:
+        if config.http.listen:
             self.http = HttpServer(
-                unix_path=config.http.unix_path,
-                registry=self.registry,
-                not_ready_reason=self.not_ready_reason,
-            )
-        elif config.http.listen:
-            host, port = parse_hostport(config.http.listen)
-            self.http = HttpServer(
-                host, port, registry=self.registry, not_ready_reason=self.not_ready_reason
+                config.http, registry=self.registry, not_ready_reason=self.not_ready_reason
             )
         self._started = False
         self.inbound = InboundServer(

@@ -36,7 +36,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from smtpfleet import http
-from smtpfleet.config import WORKERS_ENV, Config, parse_hostport
+from smtpfleet.config import WORKERS_ENV, Config
 from smtpfleet.http import HttpServer
 from smtpfleet.lifecycle import (
     EXIT_OK,
@@ -127,10 +127,8 @@ class Supervisor:
     def _http(self) -> HttpServer | None:
         if not self.config.http.listen:
             return None
-        host, port = parse_hostport(self.config.http.listen)
         return HttpServer(
-            host,
-            port,
+            self.config.http,
             registry=self.registry,
             not_ready_reason=self.not_ready_reason,
             metrics_text=self.metrics_text,
