@@ -84,6 +84,8 @@ async def test_permanent_failure_bounces_once_to_sender(
             not in dsn.data.split(b"message/delivery-status")[1].split(b"text/rfc822-headers")[0]
         )
         assert b"Status: 5.1.1" in dsn.data
+        # RFC 3464 2.3.5: the host that answered, not our name for it.
+        assert b"Remote-MTA: dns; 127.0.0.1" in dsn.data
         assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
 
 

@@ -21,7 +21,10 @@ EXPIRED_STATUS = "4.4.7"
 
 @dataclass(frozen=True)
 class Attempt:
-    """The last answer for one recipient, and which relay gave it (None: no relay reached)."""
+    """The last answer for one recipient, and the relay host that gave it (None: none did).
+
+    The host, not the relay's configured name: it becomes the DSN's Remote-MTA (RFC 3464).
+    """
 
     verdict: Verdict
     relay: str | None

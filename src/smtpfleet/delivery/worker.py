@@ -288,7 +288,7 @@ class DeliveryWorker:
             if self._observe is not None:
                 self._observe(relay.name, verdicts)
             for recipient, verdict in verdicts.items():
-                attempts[recipient] = Attempt(verdict, relay.name)
+                attempts[recipient] = Attempt(verdict, relay.host)
             remaining = [r for r in remaining if verdicts[r].outcome is Outcome.TEMPORARY]
             if not remaining:
                 break
