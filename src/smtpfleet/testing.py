@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
+import redis.asyncio as aioredis
 
 from smtpfleet.config import Config, build_config
+from smtpfleet.envelope import shard_of
 from smtpfleet.localcluster import LocalCluster, NodeProcess, deep_merge
 from smtpfleet.node import Node
+from smtpfleet.queue.keys import GROUP, Keys
+from smtpfleet.queue.redis_queue import text
 from smtpfleet.redis_server import RedisServer, free_port
 from smtpfleet.sink import Faults, Sink
 
@@ -40,6 +44,7 @@ __all__ = [
     "node_config",
     "running_node",
     "send",
+    "whereabouts",
 ]
 
 # Fast schedules so tests see retries in seconds, not minutes.
@@ -229,6 +234,7 @@ class SteadyLoad:
     interval_s: float = 0.01
     accepted: list[str] = field(default_factory=list)
     codes: list[int] = field(default_factory=list)
+    qids: dict[str, str] = field(default_factory=dict)  # Message-ID -> qid of its 250
     failovers: int = 0  # a target refused or dropped us and the next one took the message
     _stop: bool = False
 
@@ -243,22 +249,76 @@ class SteadyLoad:
         while not self._stop:
             tag = f"<s{index}-{n}-{uuid.uuid4().hex[:6]}@steady.test>"
             n += 1
-            code = await self._send_once(index + n, tag)
-            self.codes.append(code)
-            if code == 250:
+            reply = await self._send_once(index + n, tag)
+            self.codes.append(reply.code)
+            if reply.code == 250:
                 self.accepted.append(tag)
+                self.qids[tag] = reply.text.rsplit(" ", 1)[-1]
             await asyncio.sleep(self.interval_s)
 
-    async def _send_once(self, start: int, tag: str) -> int:
-        code = 0
+    async def _send_once(self, start: int, tag: str) -> Reply:
+        reply = Reply(0, "no target")
         for attempt in range(len(self.targets)):
             target = self.targets[(start + attempt) % len(self.targets)]
             reply = await send(target, data=make_message(message_id=tag), timeout_s=10)
-            code = reply.code
-            if code == 250 or 500 <= code < 600:
-                return code
+            if reply.code == 250 or 500 <= reply.code < 600:
+                return reply
             self.failovers += 1
-        return code
+        return reply
+
+    async def wait_delivered(self, cluster: LocalCluster, timeout_s: float) -> None:
+        """Every accepted message at a sink within timeout_s; else say where each missing one is."""
+
+        def missing() -> list[str]:
+            return sorted(set(self.accepted) - set(message_ids(cluster.sink_servers)))
+
+        try:
+            await eventually(lambda: not missing(), timeout_s=timeout_s)
+        except TimeoutError:
+            lost = missing()
+            report = await whereabouts(cluster, {tag: self.qids[tag] for tag in lost[:5]})
+            raise AssertionError(
+                f"{len(lost)} accepted messages not delivered in {timeout_s}s:\n{report}"
+            ) from None
+
+
+async def whereabouts(cluster: LocalCluster, qids: Mapping[str, str]) -> str:
+    """Where the queue holds each message (tag -> qid), and what the nodes logged of it."""
+    assert cluster.redis is not None
+    client = aioredis.Redis.from_url(cluster.redis.url)
+    keys = Keys(prefix="smtpfleet", shards=16)
+    lines: list[str] = []
+    try:
+        for tag, qid in qids.items():
+            shard = shard_of(qid)
+            body = await client.hmget(keys.body(shard, qid), "d", "ok")
+            mine = [eid for eid, m in await _entries(client, keys.stream(shard)) if qid in m]
+            pending: Any = await client.xpending_range(keys.stream(shard), GROUP, "-", "+", 1000)
+            owners = [
+                (text(p["message_id"]), text(p["consumer"]), p["time_since_delivered"])
+                for p in pending
+            ]
+            retry = [e for e in await client.zrange(keys.retry(shard), 0, -1) if qid.encode() in e]
+            dead = [eid for eid, m in await _entries(client, keys.dead(shard)) if qid in m]
+            lines.append(
+                f"{tag} {qid}: body={'yes' if body[0] else 'no'} ok={body[1]!r} "
+                f"stream={mine} pending={[o for o in owners if o[0] in mine]} "
+                f"retry={len(retry)} dead={len(dead)}"
+            )
+            for node in cluster.node_processes:
+                lines.extend(
+                    f"  node-{node.index}: {line}"
+                    for line in node.log_tail(100_000).splitlines()
+                    if qid in line
+                )
+    finally:
+        await client.aclose()
+    return "\n".join(lines)
+
+
+async def _entries(client: aioredis.Redis, stream: str) -> list[tuple[str, str]]:
+    rows: Any = await client.xrange(stream)
+    return [(eid.decode(), fields[b"m"].decode()) for eid, fields in rows]
 
 
 def message_ids(sinks: Sequence[Sink]) -> collections.Counter[str]:

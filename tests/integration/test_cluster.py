@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from smtpfleet.testing import FAST_RETRY, LocalCluster, eventually, make_message, send
+from smtpfleet.testing import FAST_RETRY, LocalCluster, SteadyLoad, eventually, make_message, send
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -64,3 +64,21 @@ async def test_sigterm_drains_a_node_and_it_exits_zero() -> None:
         survivor = cluster.node_processes[1]
         assert (await send(survivor.smtp)).code == 250
         await eventually(lambda: cluster.sink_servers[0].count == 2, timeout_s=15)
+
+
+async def test_an_undelivered_message_is_reported_with_its_place_in_the_queue() -> None:
+    overrides = {"retry": {**FAST_RETRY, "initial_s": 60.0, "max_s": 60.0}}
+    async with LocalCluster(nodes=1, sinks=1, overrides=overrides) as cluster:
+        cluster.sink_servers[0].faults.data_replies = ["451 4.3.0 try later"] * 100
+        load = SteadyLoad([cluster.node_processes[0].smtp])
+        running = asyncio.create_task(load.run(senders=1))
+        await eventually(lambda: len(load.accepted) >= 1, timeout_s=10)
+        load.stop()
+        await running
+        with pytest.raises(AssertionError) as failure:
+            await load.wait_delivered(cluster, timeout_s=2.0)
+        report = str(failure.value)
+        first = load.accepted[0]
+        assert f"{first} {load.qids[first]}: body=yes" in report
+        assert "retry=1" in report
+        assert "node-1:" in report  # the node's own log lines about it

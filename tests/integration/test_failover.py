@@ -85,11 +85,7 @@ async def test_sigkill_of_a_node_under_load_loses_nothing() -> None:
         load.stop()
         await running
         assert set(load.codes) == {250}, "a sender saw an error it could not fail over from"
-
-        def all_delivered() -> bool:
-            return set(load.accepted) <= set(message_ids(cluster.sink_servers))
-
-        await eventually(all_delivered, timeout_s=CLUSTER["lease_s"] + 10)
+        await load.wait_delivered(cluster, timeout_s=CLUSTER["lease_s"] + 10)
         recovery_s = time.monotonic() - killed_at
         assert recovery_s <= CLUSTER["lease_s"] + 10
         duplicates = sum(c - 1 for c in message_ids(cluster.sink_servers).values())
@@ -114,7 +110,7 @@ async def test_stopped_relay_is_ejected_fast_and_rejoins() -> None:
         load.stop()
         await running
         assert set(load.codes) == {250}  # senders never noticed
-        await eventually(lambda: set(load.accepted) <= set(message_ids(cluster.sink_servers)), 15)
+        await load.wait_delivered(cluster, timeout_s=15)
         assert survivor.count > survivor_before
         assert detection_s <= DETECTION_BOUND_S + SLACK_S
 
@@ -205,5 +201,5 @@ async def test_sigterm_drain_under_load_loses_nothing() -> None:
         load.stop()
         await running
         assert set(load.codes) == {250}
-        await eventually(lambda: set(load.accepted) <= set(message_ids(cluster.sink_servers)), 15)
+        await load.wait_delivered(cluster, timeout_s=15)
         assert max(message_ids(cluster.sink_servers).values()) == 1
