@@ -70,8 +70,7 @@ class DeliveryWorker:
         self._config = config
         self._consumer = consumer
         self._hostname = hostname
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._shard_of_task: dict[str, int] = {}
+        self._inflight: dict[tuple[int, str], asyncio.Task[None]] = {}  # by Delivery.key
         self._slot_free = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -92,7 +91,7 @@ class DeliveryWorker:
         """Deliver entries claimed from a dead node."""
         self._metrics.redeliveries.inc(len(deliveries))
         for delivery in deliveries:
-            if delivery.entry_id not in self._inflight:
+            if delivery.key not in self._inflight:
                 self._spawn(delivery)
 
     async def stop(self, grace_s: float) -> int:
@@ -148,7 +147,7 @@ class DeliveryWorker:
     async def _next_batch(self, free: int) -> list[Delivery]:
         if self._rescan:
             batch = await self._queue.read_own_pending(self._consumer, free)
-            batch = [d for d in batch if d.entry_id not in self._inflight]
+            batch = [d for d in batch if d.key not in self._inflight]
             if not batch:
                 self._rescan = False
             return batch
@@ -177,7 +176,7 @@ class DeliveryWorker:
             except QueueUnavailable:
                 continue
             for delivery in claimed:
-                if delivery.entry_id not in self._inflight:
+                if delivery.key not in self._inflight:
                     log.info("claimed idle entry %s (%s)", delivery.entry_id, delivery.message.qid)
                     self._metrics.redeliveries.inc()
                     self._spawn(delivery)
@@ -189,9 +188,8 @@ class DeliveryWorker:
         while not self._stopping:
             await asyncio.sleep(self._config.cluster.lease_refresh_s)
             by_shard: dict[int, list[str]] = {}
-            for entry_id, task in list(self._inflight.items()):
-                shard = self._shard_of_task.get(entry_id)
-                if shard is not None and not task.done():
+            for (shard, entry_id), task in list(self._inflight.items()):
+                if not task.done():
                     by_shard.setdefault(shard, []).append(entry_id)
             with contextlib.suppress(QueueUnavailable):
                 await self._store.refresh_leases(self._consumer, by_shard)
@@ -210,14 +208,14 @@ class DeliveryWorker:
                     self._recent.update(counts)
 
     def _spawn(self, delivery: Delivery) -> None:
-        task = asyncio.create_task(self._guarded(delivery), name=f"deliver-{delivery.entry_id}")
-        self._inflight[delivery.entry_id] = task
-        self._shard_of_task[delivery.entry_id] = delivery.shard
-        task.add_done_callback(lambda _: self._done(delivery.entry_id))
+        task = asyncio.create_task(
+            self._guarded(delivery), name=f"deliver-{delivery.shard}-{delivery.entry_id}"
+        )
+        self._inflight[delivery.key] = task
+        task.add_done_callback(lambda _: self._done(delivery.key))
 
-    def _done(self, entry_id: str) -> None:
-        self._inflight.pop(entry_id, None)
-        self._shard_of_task.pop(entry_id, None)
+    def _done(self, key: tuple[int, str]) -> None:
+        self._inflight.pop(key, None)
         self._slot_free.set()
 
     async def _guarded(self, delivery: Delivery) -> None:

@@ -39,6 +39,11 @@ class Delivery:
     entry_id: str
     message: QueuedMessage
 
+    @property
+    def key(self) -> tuple[int, str]:
+        """Stream ids are per stream: shards' entries often share one (the same millisecond)."""
+        return (self.shard, self.entry_id)
+
 
 @dataclass(frozen=True)
 class Body:
