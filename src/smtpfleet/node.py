@@ -52,6 +52,7 @@ class Node:
             limits=self.store,
             owner=self.node_id,
             on_tls=lambda result: self.metrics.tls.labels("outbound", result).inc(),
+            lease_ttl_s=config.cluster.lease_s,
         )
         self.membership = Membership(
             store=self.store,

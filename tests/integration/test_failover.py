@@ -203,3 +203,30 @@ async def test_sigterm_drain_under_load_loses_nothing() -> None:
         assert set(load.codes) == {250}
         await load.wait_delivered(cluster, timeout_s=15)
         assert max(message_ids(cluster.sink_servers).values()) == 1
+
+
+async def test_a_killed_nodes_relay_connections_stop_counting_when_it_is_declared_dead() -> None:
+    async with Sink(name="relay-1") as sink:
+        relays = [{**relay_entries([sink])[0], "max_connections": 1}]
+        overrides = {**FAST, "relays": relays}
+        async with LocalCluster(nodes=2, relays=[sink.address], overrides=overrides) as cluster:
+            assert cluster.redis is not None
+            client = aioredis.Redis.from_url(cluster.redis.url, decode_responses=True)
+            leases = "{smtpfleet}:relay:relay-1:conns"
+            sink.faults.delay_s = 1.0  # the one session stays busy long enough to kill its node
+            try:
+                assert (await send(cluster.node_processes[0].smtp)).code == 250
+                await eventually(lambda: client.zcard(leases), timeout_s=5)
+                holder = (await client.zrange(leases, 0, 0))[0].split(":")[0]
+            finally:
+                await client.aclose()
+            victim = next(n for n in cluster.node_processes if f"node-{n.index}" == holder)
+            survivor = next(n for n in cluster.node_processes if n is not victim)
+            victim.kill()
+            killed_at = time.monotonic()
+            sink.faults.delay_s = 0.0
+            assert (await send(survivor.smtp)).code == 250
+            # Both messages need the relay's one connection; the dead node's lease must lapse
+            # with its membership (lease_s), not hold the relay for half a minute.
+            await eventually(lambda: len(message_ids([sink])) == 2, timeout_s=15)
+            assert time.monotonic() - killed_at <= CLUSTER["lease_s"] + 4 * SLACK_S

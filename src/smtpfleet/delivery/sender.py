@@ -37,7 +37,6 @@ MAX_IDLE_S = 30.0
 SHARED_IDLE_S = 1.0
 REAP_INTERVAL_S = 0.5
 CLOSING_CODE = 421
-LEASE_TTL_S = 30.0
 LIMIT_POLL_S = 0.05
 # Not the relay's fault: a 451 (not 421) so passive health checks do not count it.
 LIMIT_REACHED = classify_reply(451, "4.4.5 Relay connection or rate limit reached")
@@ -73,6 +72,9 @@ class SessionSettings:
     limits: SharedLimits | None = None
     owner: str = ""
     on_tls: Callable[[str], None] | None = None
+    # A session's cluster-wide lease lives this long unless refreshed: the cluster's node
+    # lease, so a killed node's connections stop counting when it is declared dead.
+    lease_ttl_s: float = 5.0
 
 
 class RelayClient:
@@ -85,6 +87,7 @@ class RelayClient:
         self._limits = settings.limits
         self._owner = settings.owner
         self._on_tls = settings.on_tls
+        self._lease_ttl_ms = int(settings.lease_ttl_s * 1000)
         self._idle: list[_Session] = []
         self._open: set[_Session] = set()
         self._slots = asyncio.Semaphore(relay.max_connections)
@@ -213,7 +216,7 @@ class RelayClient:
                     self.relay.name,
                     member,
                     now_ms(),
-                    int(LEASE_TTL_S * 1000),
+                    self._lease_ttl_ms,
                     self.relay.max_connections,
                 ):
                     return member
@@ -231,11 +234,14 @@ class RelayClient:
     async def refresh_leases(self) -> None:
         if self._limits is None:
             return
-        ttl_ms = int(LEASE_TTL_S * 1000)
         for session in list(self._open):
             if session.lease:
                 await self._limits.acquire_connection(
-                    self.relay.name, session.lease, now_ms(), ttl_ms, self.relay.max_connections
+                    self.relay.name,
+                    session.lease,
+                    now_ms(),
+                    self._lease_ttl_ms,
+                    self.relay.max_connections,
                 )
 
     async def _rate_slot(self) -> bool:
@@ -332,8 +338,9 @@ class Sender:
         limits: SharedLimits | None = None,
         owner: str = "",
         on_tls: Callable[[str], None] | None = None,
+        lease_ttl_s: float = 5.0,
     ) -> None:
-        self._settings = SessionSettings(config, helo, limits, owner, on_tls)
+        self._settings = SessionSettings(config, helo, limits, owner, on_tls, lease_ttl_s)
         self._clients: dict[str, RelayClient] = {}
 
     def client(self, relay: RelayConfig) -> RelayClient:
@@ -350,7 +357,7 @@ class Sender:
             await asyncio.sleep(REAP_INTERVAL_S)
             for client in list(self._clients.values()):
                 await client.reap_idle()
-            if time.monotonic() - last_refresh >= LEASE_TTL_S / 3:
+            if time.monotonic() - last_refresh >= self._settings.lease_ttl_s / 3:
                 last_refresh = time.monotonic()
                 for client in list(self._clients.values()):
                     with contextlib.suppress(QueueUnavailable):
