@@ -19,7 +19,7 @@ from typing import Any
 import aiosmtplib
 import redis.asyncio as aioredis
 
-from smtpfleet.config import Config, build_config
+from smtpfleet.config import Config, RedisConfig, build_config
 from smtpfleet.envelope import shard_of
 from smtpfleet.localcluster import LocalCluster, NodeProcess, deep_merge
 from smtpfleet.node import Node
@@ -286,7 +286,8 @@ async def whereabouts(cluster: LocalCluster, qids: Mapping[str, str]) -> str:
     """Where the queue holds each message (tag -> qid), and what the nodes logged of it."""
     assert cluster.redis is not None
     client = aioredis.Redis.from_url(cluster.redis.url)
-    keys = Keys(prefix="smtpfleet", shards=16)
+    redis_config = RedisConfig(**{**cluster.overrides.get("redis", {}), "url": cluster.redis.url})
+    keys = Keys(prefix=redis_config.prefix, shards=redis_config.shards)
     lines: list[str] = []
     try:
         for tag, qid in qids.items():
