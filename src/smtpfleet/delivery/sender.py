@@ -354,7 +354,7 @@ class Sender:
         """Reap idle sessions often; refresh the cluster-wide leases of open ones now and then."""
         last_refresh = time.monotonic()
         while True:
-            await asyncio.sleep(REAP_INTERVAL_S)
+            await asyncio.sleep(min(REAP_INTERVAL_S, self._settings.lease_ttl_s / 3))
             for client in list(self._clients.values()):
                 await client.reap_idle()
             if time.monotonic() - last_refresh >= self._settings.lease_ttl_s / 3:
