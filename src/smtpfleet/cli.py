@@ -150,9 +150,23 @@ OPS_COMMANDS = {"status", "queue", "dead", "relay", "node"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGPIPE stays ignored (Python's default): with it at SIG_DFL, a write to any socket
+    # whose peer is gone would kill a node, a drill or a dev cluster without a word.
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
+    except BrokenPipeError:
+        # The reader of our output went away (`smtpfleet queue list | head`): stop quietly,
+        # with the status a SIGPIPE would give, and no second error when stdout is flushed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command in OPS_COMMANDS:
         return opscli.run(args)
     if args.command == "loadtest":
