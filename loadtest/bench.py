@@ -4,7 +4,8 @@
 
 Measured on this machine, counted at the sink:
   (a) smtp-source straight to smtp-sink: the ceiling of the machine and the tools;
-  (b) through smtpfleet: 1 node; 1 node with `serve --workers` one per core; 3 nodes
+  (b) through smtpfleet: 1 node; 1 node with `delivery.concurrency: 16` (fewer deliveries
+      in flight, for accept latency); 1 node with `serve --workers` one per core; 3 nodes
       (Redis `appendfsync always` and `queue.durability: fsync`: fsynced before every 250,
       like Postfix);
   (c) through Postfix configured as a relay to the same sink (installed from Debian's
@@ -74,6 +75,7 @@ class SmtpSink:
         )
         self.count = 0
         self._buffer = b""
+        _wait_port(self.port, "smtp-sink")  # or the first path's load finds nobody listening
 
     @property
     def address(self) -> str:
@@ -90,7 +92,9 @@ class SmtpSink:
 
     async def wait_for(self, count: int, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
-        while self.count < count and time.monotonic() < deadline:  # noqa: ASYNC110 - a pipe
+        while self.count < count:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"smtp-sink counted {self.count} of {count} in {timeout_s}s")
             await asyncio.sleep(0.01)
 
     def stop(self) -> None:
@@ -167,13 +171,19 @@ async def measure(
 
 
 async def smtpfleet(
-    nodes: int, sink: SmtpSink, args: argparse.Namespace, workers: int = 1
+    nodes: int,
+    sink: SmtpSink,
+    args: argparse.Namespace,
+    workers: int = 1,
+    delivery_concurrency: int | None = None,
 ) -> Figure:
     overrides: dict[str, Any] = {
         "queue": {"durability": "fsync"},
         "inbound": {"max_sessions": 5000},
         "health": {"interval_s": 5.0},
     }
+    if delivery_concurrency is not None:
+        overrides["delivery"] = {"concurrency": delivery_concurrency}
     cluster = LocalCluster(
         nodes=nodes,
         workers=workers,
@@ -184,6 +194,8 @@ async def smtpfleet(
     name = f"smtpfleet, {nodes} node{'s' if nodes > 1 else ''}"
     if workers > 1:
         name += f" x {workers} workers"
+    if delivery_concurrency is not None:
+        name += f", delivery.concurrency {delivery_concurrency}"
     async with cluster:
         return await measure(name, sink, [n.smtp for n in cluster.node_processes], args)
 
@@ -218,14 +230,14 @@ def postfix_relay(sink: SmtpSink) -> Iterator[tuple[str, int]]:
             Path(path).write_bytes(data)
 
 
-def _wait_port(port: int) -> None:
+def _wait_port(port: int, what: str = "postfix") -> None:
     import socket
 
     for _ in range(100):
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.1)
-    raise RuntimeError(f"postfix did not listen on {port}")
+    raise RuntimeError(f"{what} did not listen on {port}")
 
 
 async def one_run(args: argparse.Namespace) -> list[Figure]:
@@ -238,6 +250,8 @@ async def one_run(args: argparse.Namespace) -> list[Figure]:
             )
         ]
         figures.append(await smtpfleet(1, sink, args))
+        # Fewer deliveries in flight: the accept latency side of the trade (performance.md).
+        figures.append(await smtpfleet(1, sink, args, delivery_concurrency=16))
         figures.append(await smtpfleet(1, sink, args, workers=os.cpu_count() or 1))
         figures.append(await smtpfleet(3, sink, args))
         with postfix_relay(sink) as postfix:
