@@ -23,6 +23,7 @@ async def test_drill_meets_its_objectives(name: str, tmp_path: Path) -> None:
     assert isinstance(accepted, int)
     assert accepted > 50
     assert result.metrics["lost"] == 0
+    assert isinstance(result.metrics["drill_loop_lag_ms"], float)
     report = paths[1].read_text()
     assert report.startswith(f"# Drill `{name}`: PASS")
     assert any(p.suffix == ".png" for p in paths)

@@ -9,11 +9,14 @@ load → settle (wait for every accepted message) → reconcile.
 - duplicates: deliveries beyond the first.
 - client_errors / client_5xx: final replies a sender saw after trying every node.
 - fault_p99_ms: accept latency p99 during the fault window.
+- drill_loop_lag_ms: the longest the drill's own event loop was late (its sampler's oversleep).
+  The load generator runs in that loop: a large lag means the latencies are partly the drill's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from smtpfleet.config import build_config
-from smtpfleet.drills.load import PacedLoad
+from smtpfleet.drills.load import PacedLoad, Sent
 from smtpfleet.drills.scenarios import DrillContext, Scenario
 from smtpfleet.loadgen import tag_of
 from smtpfleet.localcluster import LocalCluster
@@ -210,10 +213,7 @@ def _result(
     delivered, bounced = _outcomes(ctx.cluster)
     lost = accepted - set(delivered) - bounced
     inject, fault_end = marks["inject"], marks.get("heal", marks["inject"] + timing.fault_s)
-    t0 = time.monotonic() - (timeline[-1].t if timeline else 0.0)
-    in_fault = [
-        s.latency_s for s in load.sent if inject <= s.at - t0 <= fault_end and s.code == 250
-    ]
+    in_fault = fault_latencies(load.sent, start, inject, fault_end)
     if scenario.detected_by_clients:
         refused = [s.at - start for s in load.sent if s.code != 250 and s.at - start >= inject]
         if refused:
@@ -234,6 +234,7 @@ def _result(
         "detection_s": round(marks["detected"] - inject, 2) if "detected" in marks else None,
         "rto_s": rto,
         "fault_p99_ms": round(_p99(in_fault) * 1000, 1),
+        "drill_loop_lag_ms": round(loop_lag_s(timeline) * 1000, 1),
         "max_latency_s": round(max((s.latency_s for s in load.sent), default=0.0), 2),
         "retries": retries,
         "exit_code": ctx.notes.get("exit_code")
@@ -256,6 +257,17 @@ def _result(
 
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) else None
+
+
+def fault_latencies(sent: list[Sent], start: float, inject_s: float, end_s: float) -> list[float]:
+    """Accept latencies of the messages whose first attempt began inside the fault window."""
+    return [s.latency_s for s in sent if s.code == 250 and inject_s <= s.at - start <= end_s]
+
+
+def loop_lag_s(timeline: list[Sample]) -> float:
+    """How late the sampler woke at worst: the drill loop's own stall, not the cluster's."""
+    gaps = [b.t - a.t for a, b in itertools.pairwise(timeline)]
+    return max(0.0, max(gaps, default=SAMPLE_S) - SAMPLE_S)
 
 
 def _p99(values: list[float]) -> float:

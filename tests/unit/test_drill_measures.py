@@ -1,0 +1,37 @@
+"""The drill's pure measurements: the fault window's latencies and the drill loop's own lag."""
+
+from __future__ import annotations
+
+import pytest
+
+from smtpfleet.drills.load import Sent
+from smtpfleet.drills.runner import SAMPLE_S, Sample, fault_latencies, loop_lag_s
+
+START = 1000.0  # monotonic time the drill started
+
+
+def sent(at_s: float, latency_s: float, code: int = 250) -> Sent:
+    return Sent(tag=f"m{at_s}", at=START + at_s, code=code, latency_s=latency_s, attempts=1)
+
+
+def test_fault_latencies_are_those_sent_inside_the_window_measured_from_the_start() -> None:
+    messages = [
+        sent(2.9, 0.001),  # before the fault
+        sent(3.0, 0.5),
+        sent(4.5, 0.2),
+        sent(6.0, 0.3),
+        sent(6.1, 0.004),  # after the heal
+        sent(4.0, 9.9, code=451),  # refused: no accept latency to speak of
+    ]
+    assert fault_latencies(messages, START, 3.0, 6.0) == [0.5, 0.2, 0.3]
+
+
+def test_loop_lag_is_the_longest_oversleep_of_the_sampler() -> None:
+    times = [0.0, SAMPLE_S, 2 * SAMPLE_S, 2 * SAMPLE_S + 1.3, 3 * SAMPLE_S + 1.3]
+    timeline = [Sample(t, delivered=0, accepted=0) for t in times]
+    assert loop_lag_s(timeline) == pytest.approx(1.3 - SAMPLE_S)
+
+
+def test_an_on_time_or_empty_timeline_has_no_lag() -> None:
+    assert loop_lag_s([]) == 0.0
+    assert loop_lag_s([Sample(i * SAMPLE_S, 0, 0) for i in range(10)]) == pytest.approx(0.0)
