@@ -17,14 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
-import redis.asyncio as aioredis
 
-from smtpfleet.config import Config, RedisConfig, build_config
-from smtpfleet.envelope import shard_of
+from smtpfleet.config import Config, QueueConfig, RedisConfig, build_config
 from smtpfleet.localcluster import LocalCluster, NodeProcess, deep_merge
 from smtpfleet.node import Node
-from smtpfleet.queue.keys import GROUP, Keys
-from smtpfleet.queue.redis_queue import text
+from smtpfleet.queue.redis_admin import Admin, NotFound
+from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.redis_server import RedisServer, free_port
 from smtpfleet.sink import Faults, Sink
 
@@ -285,27 +283,13 @@ class SteadyLoad:
 async def whereabouts(cluster: LocalCluster, qids: Mapping[str, str]) -> str:
     """Where the queue holds each message (tag -> qid), and what the nodes logged of it."""
     assert cluster.redis is not None
-    client = aioredis.Redis.from_url(cluster.redis.url)
     redis_config = RedisConfig(**{**cluster.overrides.get("redis", {}), "url": cluster.redis.url})
-    keys = Keys(prefix=redis_config.prefix, shards=redis_config.shards)
+    queue = RedisQueue(redis_config, QueueConfig())
+    admin = Admin(queue)
     lines: list[str] = []
     try:
         for tag, qid in qids.items():
-            shard = shard_of(qid)
-            body = await client.hmget(keys.body(shard, qid), "d", "ok")
-            mine = [eid for eid, m in await _entries(client, keys.stream(shard)) if qid in m]
-            pending: Any = await client.xpending_range(keys.stream(shard), GROUP, "-", "+", 1000)
-            owners = [
-                (text(p["message_id"]), text(p["consumer"]), p["time_since_delivered"])
-                for p in pending
-            ]
-            retry = [e for e in await client.zrange(keys.retry(shard), 0, -1) if qid.encode() in e]
-            dead = [eid for eid, m in await _entries(client, keys.dead(shard)) if qid in m]
-            lines.append(
-                f"{tag} {qid}: body={'yes' if body[0] else 'no'} ok={body[1]!r} "
-                f"stream={mine} pending={[o for o in owners if o[0] in mine]} "
-                f"retry={len(retry)} dead={len(dead)}"
-            )
+            lines.append(f"{tag} {qid}: {await _place(admin, qid)}")
             for node in cluster.node_processes:
                 lines.extend(
                     f"  node-{node.index}: {line}"
@@ -313,13 +297,17 @@ async def whereabouts(cluster: LocalCluster, qids: Mapping[str, str]) -> str:
                     if qid in line
                 )
     finally:
-        await client.aclose()
+        await queue.close()
     return "\n".join(lines)
 
 
-async def _entries(client: aioredis.Redis, stream: str) -> list[tuple[str, str]]:
-    rows: Any = await client.xrange(stream)
-    return [(eid.decode(), fields[b"m"].decode()) for eid, fields in rows]
+async def _place(admin: Admin, qid: str) -> str:
+    body = "body kept" if await admin.headers(qid) else "no body"
+    try:
+        entry, _ = await admin.find(qid)
+    except NotFound:
+        return f"in no stream, retry set or dead letters; {body}"
+    return f"{entry.state} {entry.as_dict()}; {body}"
 
 
 def message_ids(sinks: Sequence[Sink]) -> collections.Counter[str]:
