@@ -11,6 +11,8 @@ import collections
 import contextlib
 import email.utils
 import inspect
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ __all__ = [
     "make_message",
     "message_ids",
     "node_config",
+    "run_cli",
     "running_node",
     "send",
     "whereabouts",
@@ -141,6 +144,24 @@ async def send(
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         return Reply(0, f"{exc.__class__.__name__}: {exc}")
     return Reply(250, text)
+
+
+async def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout_s: float = 30.0
+) -> tuple[int, str, str]:
+    """`python -m smtpfleet ARGS` as its own process: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpfleet",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env} if env else None,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 async def eventually(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from smtpfleet.dnscheck import (
     exit_code,
     render_table,
 )
+from smtpfleet.testing import run_cli
 from smtpfleet.testing_dns import DnsServer
 
 pytestmark = pytest.mark.timeout(30)
@@ -360,22 +359,12 @@ async def test_cli_table_json_and_exit_code(tmp_path: Path) -> None:
         f"dns:\n  dkim: [{{selector: s1, public_key: {KEY}}}]\n"
     )
     async with DnsServer(GOOD) as server:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "smtpfleet",
+        code, out, err = await run_cli(
             "check-dns",
             "good.test",
-            "--config",
-            str(config),
-            "--nameserver",
-            f"127.0.0.1:{server.port}",
-            "--json",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            *("--config", str(config), "--nameserver", f"127.0.0.1:{server.port}", "--json"),
         )
-        out, err = await proc.communicate()
-    assert proc.returncode == 2, err  # 203.0.113.9 is not in the SPF record
+    assert code == 2, err  # 203.0.113.9 is not in the SPF record
     rows = {r["check"]: r for r in json.loads(out)}
     assert rows["spf"]["status"] == "fail"
     assert "203.0.113.9" in rows["spf"]["detail"]

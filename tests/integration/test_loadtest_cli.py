@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import pytest
 
 from smtpfleet.redis_server import free_port
 from smtpfleet.sink import Sink
-from smtpfleet.testing import LocalCluster, eventually, node_config, running_node, send
+from smtpfleet.testing import LocalCluster, eventually, node_config, run_cli, running_node, send
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 async def loadtest(*args: str) -> tuple[int, dict[str, object]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smtpfleet",
-        "loadtest",
-        *args,
-        "--json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    assert proc.returncode is not None, err
-    return proc.returncode, json.loads(out)
+    code, out, err = await run_cli("loadtest", *args, "--json", timeout_s=90)
+    assert out, err
+    return code, json.loads(out)
 
 
 async def test_loadtest_reconciles_a_clean_run_and_catches_loss() -> None:
@@ -60,21 +49,9 @@ async def test_loadtest_reconciles_a_clean_run_and_catches_loss() -> None:
 
 
 async def test_loadtest_refuses_remote_targets_without_the_flag() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smtpfleet",
-        "loadtest",
-        "--target",
-        "192.0.2.1:25",
-        "--count",
-        "1",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    assert proc.returncode == 2
-    assert b"not loopback" in err
+    code, _, err = await run_cli("loadtest", "--target", "192.0.2.1:25", "--count", "1")
+    assert code == 2
+    assert "not loopback" in err
 
 
 async def test_a_small_redis_pool_makes_senders_wait_not_fail(

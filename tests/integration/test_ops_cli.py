@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from typing import Any
 
 import pytest
 
 from smtpfleet.sink import Sink
-from smtpfleet.testing import LocalCluster, eventually, node_config, running_node, send
+from smtpfleet.testing import LocalCluster, eventually, node_config, run_cli, running_node, send
 
 pytestmark = pytest.mark.timeout(90)
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smtpfleet",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def cli_json(*args: str) -> Any:
-    code, out, err = await cli(*args, "--json")
+    code, out, err = await run_cli(*args, "--json")
     assert code == 0, err
     return json.loads(out)
 
@@ -92,18 +76,9 @@ async def _with_prefix(prefix: str, *args: str) -> Any:
 
 
 async def _raw_with_prefix(prefix: str, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smtpfleet",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SMTPFLEET_REDIS__PREFIX": prefix, "SMTPFLEET_REDIS__SHARDS": "4"},
+    return await run_cli(
+        *args, env={"SMTPFLEET_REDIS__PREFIX": prefix, "SMTPFLEET_REDIS__SHARDS": "4"}
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_errors_are_one_line_never_a_traceback() -> None:
@@ -112,7 +87,7 @@ async def test_errors_are_one_line_never_a_traceback() -> None:
         ["queue", "show", "not-an-id", "--redis", "redis://127.0.0.1:1/0"],
         ["status", "--config", "/nonexistent.yaml"],
     ):
-        code, out, err = await cli(*args)
+        code, out, err = await run_cli(*args)
         assert code in (1, 2)
         assert out == ""
         assert "Traceback" not in err
@@ -127,9 +102,9 @@ async def test_relay_pause_and_node_drain_reach_the_running_cluster() -> None:
         ) as cluster:
             assert cluster.redis is not None
             target = ["--redis", cluster.redis.url]
-            code, _, err = await cli("relay", "pause", "relay-404", *target)
+            code, _, err = await run_cli("relay", "pause", "relay-404", *target)
             assert (code, err.strip()) == (1, "smtpfleet: unknown relay 'relay-404'")
-            assert (await cli("relay", "pause", "relay-1", *target))[0] == 0
+            assert (await run_cli("relay", "pause", "relay-1", *target))[0] == 0
             status = await cli_json("status", *target)
             assert {r["name"]: r["verdict"] for r in status["relays"]}["relay-1"] == "paused"
             await asyncio.sleep(1.0)  # every node reads the pause within a health interval
@@ -138,11 +113,11 @@ async def test_relay_pause_and_node_drain_reach_the_running_cluster() -> None:
                 assert (await send(cluster.node_processes[0].smtp)).code == 250
             await eventually(lambda: b.count >= 10, timeout_s=10)
             assert a.count == before
-            assert (await cli("relay", "resume", "relay-1", *target))[0] == 0
+            assert (await run_cli("relay", "resume", "relay-1", *target))[0] == 0
 
             leaving = cluster.node_processes[1]
-            assert (await cli("node", "drain", "node-2", *target))[0] == 0
+            assert (await run_cli("node", "drain", "node-2", *target))[0] == 0
             loop = asyncio.get_running_loop()
             assert await loop.run_in_executor(None, leaving.wait, 20.0) == 0
-            code, _, err = await cli("node", "drain", "node-9", *target)
+            code, _, err = await run_cli("node", "drain", "node-9", *target)
             assert (code, err.strip()) == (1, "smtpfleet: unknown node 'node-9'")

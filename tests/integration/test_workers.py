@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 from smtpfleet.localcluster import LocalCluster, NodeProcess
 from smtpfleet.redis_server import RedisServer, free_port
 from smtpfleet.sink import Sink
-from smtpfleet.testing import eventually, send
+from smtpfleet.testing import eventually, run_cli, send
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,13 +65,6 @@ def sample(metrics: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def ops(*args: str) -> int:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "smtpfleet", *args, stdout=asyncio.subprocess.DEVNULL
-    )
-    return await asyncio.wait_for(proc.wait(), 30)
-
-
 async def test_two_workers_share_the_port_and_report_on_one_http_port(sink: Sink) -> None:
     async with LocalCluster(nodes=1, workers=2, relays=[sink.address]) as cluster:
         node = cluster.node_processes[0]
@@ -115,7 +107,7 @@ async def test_a_crashed_worker_is_restarted_and_a_drain_stops_them_all(sink: Si
 
         assert cluster.redis is not None
         # `node drain` with the node's own id reaches every worker (ids node-1/w1, node-1/w2).
-        assert await ops("node", "drain", "node-1", "--redis", cluster.redis.url) == 0
+        assert (await run_cli("node", "drain", "node-1", "--redis", cluster.redis.url))[0] == 0
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, node.wait, 30.0) == 0
 
@@ -144,19 +136,10 @@ async def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -
     ],
 )
 async def test_bad_worker_counts_are_usage_errors(args: list[str], message: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smtpfleet",
-        "serve",
-        *args,
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 2
-    assert message in err.decode()
-    assert "Traceback" not in err.decode()
+    code, _, err = await run_cli("serve", *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
 
 
 async def test_workers_need_a_fixed_smtp_port(tmp_path: Path, redis_url: str) -> None:
