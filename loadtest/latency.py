@@ -26,21 +26,24 @@ from bench import SmtpSink, ensure_postfix_tools
 
 from smtpfleet.loadgen import run_load
 from smtpfleet.localcluster import LocalCluster
+from smtpfleet.testing import run_cli
 
-SETUPS: dict[str, dict[str, Any]] = {
-    "deliveries, concurrency 64": {"delivery": {"concurrency": 64}},
-    "deliveries, concurrency 16": {"delivery": {"concurrency": 16}},
-    "no deliveries (relay paused)": {},
+# name -> (node overrides, whether the relay is paused so nothing is delivered)
+SETUPS: dict[str, tuple[dict[str, Any], bool]] = {
+    "deliveries, concurrency 64": ({"delivery": {"concurrency": 64}}, False),
+    "deliveries, concurrency 16": ({"delivery": {"concurrency": 16}}, False),
+    "no deliveries (relay paused)": ({}, True),
 }
 PAUSE_SETTLE_S = 6.0  # nodes read the paused set with their health checks (5 s here)
 
 
 async def one_setup(name: str, sink: SmtpSink, args: argparse.Namespace) -> list[float]:
+    extra, paused = SETUPS[name]
     overrides: dict[str, Any] = {
         "queue": {"durability": "fsync"},
         "inbound": {"max_sessions": 5000},
         "health": {"interval_s": 5.0},
-        **SETUPS[name],
+        **extra,
     }
     cluster = LocalCluster(
         nodes=1, relays=[sink.address], overrides=overrides, appendfsync="always"
@@ -49,7 +52,7 @@ async def one_setup(name: str, sink: SmtpSink, args: argparse.Namespace) -> list
     async with cluster:
         assert cluster.redis is not None
         targets = [n.smtp for n in cluster.node_processes]
-        if "paused" in name:
+        if paused:
             await _pause(cluster)
         await run_load(targets, total=200, concurrency=10)  # warm-up
         for _ in range(args.runs):
@@ -64,17 +67,10 @@ async def one_setup(name: str, sink: SmtpSink, args: argparse.Namespace) -> list
 
 
 async def _pause(cluster: LocalCluster) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "smtpfleet",
-        "relay",
-        "pause",
-        "relay-1",
-        "--config",
-        str(cluster.node_processes[0].config_path),
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    if await proc.wait() != 0:
-        raise RuntimeError("smtpfleet relay pause failed")
+    config = str(cluster.node_processes[0].config_path)
+    code, _, err = await run_cli("relay", "pause", "relay-1", "--config", config)
+    if code != 0:
+        raise RuntimeError(f"smtpfleet relay pause failed: {err}")
     await asyncio.sleep(PAUSE_SETTLE_S)
 
 

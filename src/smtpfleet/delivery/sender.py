@@ -69,12 +69,12 @@ class SessionSettings:
 
     config: DeliveryConfig
     helo: str
+    # A session's cluster-wide lease lives this long unless refreshed: the cluster's node
+    # lease, so a killed node's connections stop counting when it is declared dead.
+    lease_ttl_s: float
     limits: SharedLimits | None = None
     owner: str = ""
     on_tls: Callable[[str], None] | None = None
-    # A session's cluster-wide lease lives this long unless refreshed: the cluster's node
-    # lease, so a killed node's connections stop counting when it is declared dead.
-    lease_ttl_s: float = 5.0
 
 
 class RelayClient:
@@ -335,12 +335,13 @@ class Sender:
         self,
         config: DeliveryConfig,
         helo: str,
+        *,
+        lease_ttl_s: float,
         limits: SharedLimits | None = None,
         owner: str = "",
         on_tls: Callable[[str], None] | None = None,
-        lease_ttl_s: float = 5.0,
     ) -> None:
-        self._settings = SessionSettings(config, helo, limits, owner, on_tls, lease_ttl_s)
+        self._settings = SessionSettings(config, helo, lease_ttl_s, limits, owner, on_tls)
         self._clients: dict[str, RelayClient] = {}
 
     def client(self, relay: RelayConfig) -> RelayClient:
