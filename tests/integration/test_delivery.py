@@ -7,6 +7,7 @@ import email.policy
 
 import pytest
 
+from smtpfleet.envelope import NewMessage, new_qid
 from smtpfleet.sink import Sink
 from smtpfleet.testing import eventually, make_message, node_config, running_node, send
 
@@ -159,3 +160,55 @@ async def test_foreign_domain_is_refused_for_outside_clients(
         assert ours.code == 250
         await eventually(lambda: sink.count == 1)
         assert sink.messages[0].recipients == ("someone@example.net",)
+
+
+async def test_a_poison_address_is_the_messages_fault_never_the_relays(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """Entries that our client refuses to send (queued before inbound refused such addresses,
+    or by any other path) fail permanently for that address alone, with a reason, and never
+    count against the relay's health."""
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        mixed = NewMessage(
+            qid=new_qid(0),
+            sender="sender@example.com",
+            recipients=("\x1fa..b@example.net", "ok@example.net"),
+            data=make_message(),
+        )
+        poison_sender = NewMessage(
+            qid=new_qid(1),
+            sender="\x0bpoison@fuzz.example",
+            recipients=("other@example.net",),
+            data=make_message(),
+        )
+        await node.queue.enqueue(mixed)
+        await node.queue.enqueue(poison_sender)
+        # The clean recipient, and a DSN for the poison one to its sender.
+        await eventually(lambda: sink.count == 2, timeout_s=10)
+        by_sender = {m.sender: m for m in sink.messages}
+        assert by_sender["sender@example.com"].recipients == ("ok@example.net",)
+        dsn = by_sender[""]
+        assert dsn.recipients == ("sender@example.com",)
+        assert b"Status: 5.1.3" in dsn.data
+        # The poison sender cannot be told: its failure ends in the dead letters, with the reason.
+        await eventually(lambda: node.worker.in_flight == 0)
+
+        async def settled() -> bool:
+            depth = await node.queue.depth()
+            return depth["stream"] == 0 and depth["retry"] == 0 and depth["dead"] >= 1
+
+        await eventually(settled, timeout_s=10)
+        registry = node.registry
+        labels = {"relay": "relay-1"}
+        unsendable = registry.get_sample_value(
+            "smtpfleet_deliveries_total", labels | {"outcome": "unsendable"}
+        )
+        assert unsendable is not None
+        assert unsendable == 2  # one per poison address; the second has no DSN to try
+        for trouble in ("connection_error", "timeout"):
+            seen = registry.get_sample_value(
+                "smtpfleet_deliveries_total", labels | {"outcome": trouble}
+            )
+            assert not seen, trouble
+        assert "relay-1" in node.health.healthy

@@ -361,6 +361,11 @@ def test_a_dsn_needs_a_failure_to_report() -> None:
         ("  ", Kind.MAIL, False),
         ("s@example.com", Kind.DSN, False),
         ("s@example.com", "dsn", False),
+        # A sender no command line can carry cannot be told (and its DSN header would break).
+        ("\x0bpoison@fuzz.example", Kind.MAIL, False),
+        ("s@example.com\r\nBcc: x@y", Kind.MAIL, False),
+        ("s\x1f@example.com", Kind.MAIL, False),
+        ('"John Smith"@example.com', Kind.MAIL, True),
     ],
 )
 def test_never_bounce_a_bounce(sender: str, kind: str, worthy: bool) -> None:

@@ -52,6 +52,9 @@ class FailureKind(StrEnum):
     REPLY_5XX = "5xx"
     CONNECTION = "connection_error"
     TIMEOUT = "timeout"
+    # Our own client refused to send it (an address no SMTP command line can carry): the
+    # message is at fault, never the relay, and no relay would ever take it.
+    UNSENDABLE = "unsendable"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,18 @@ def classify_exception(exc: BaseException) -> Verdict:
     # named by class so the log says what happened without echoing an unbounded message.
     text = f"{exc.__class__.__name__}: {_detail(exc)}"
     return _failure(FailureKind.CONNECTION, None, f"unexpected error: {text}")
+
+
+def unsendable(address: str, *, sender: bool) -> Verdict:
+    """Permanent for this message: our client will not put the address on a command line.
+
+    RFC 3463: X.1.7 bad sender address syntax, X.1.3 bad destination address syntax. No reply
+    code, because no relay was asked; passive health checks never count it.
+    """
+    status = "5.1.7" if sender else "5.1.3"
+    role = "sender" if sender else "recipient"
+    text = f"{status} {role} address {address!r} cannot be sent in an SMTP command"
+    return Verdict(Outcome.PERMANENT, FailureKind.UNSENDABLE, None, one_line(text), status)
 
 
 def _too_many_recipients(code: int, message: str) -> Verdict:

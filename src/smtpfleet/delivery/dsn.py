@@ -49,6 +49,9 @@ NULL_SENDERS: Final = frozenset({"", "<>"})
 _STATUS: Final = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _SMTP_REPLY: Final = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)")
 # RFC 6533 section 3, utf-8-addr-xtext: printable ASCII except "+", "=" and "\" stands as is.
+# What a reverse-path we can reply to looks like: printable ASCII (a quoted local part may hold
+# blanks), nothing that could end a header line or an SMTP command.
+_SENDABLE: Final = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
 _XTEXT_SAFE: Final = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "=", "\\"}
 
 
@@ -66,8 +69,11 @@ def is_bounce_worthy(sender: str, kind: str) -> bool:
     Never bounce a bounce: mail from the null reverse-path (RFC 5321 section 4.5.5), or a
     DSN we generated ourselves (RFC 3464 section 1), goes to the dead letters instead, or two
     broken mail systems could bounce each other's bounces forever.
+
+    A sender that no SMTP command line can carry (control characters, 8-bit) cannot be told
+    either: its DSN would be undeliverable, so its failures go to the dead letters too.
     """
-    return sender.strip() not in NULL_SENDERS and kind != Kind.DSN
+    return sender not in NULL_SENDERS and kind != Kind.DSN and bool(_SENDABLE.fullmatch(sender))
 
 
 def build_dsn(

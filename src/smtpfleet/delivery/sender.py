@@ -23,7 +23,7 @@ from typing import Protocol
 import aiosmtplib
 
 from smtpfleet.config import DeliveryConfig, RelayConfig, TlsPolicy
-from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply
+from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply, unsendable
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import QueueUnavailable
 
@@ -272,6 +272,10 @@ class RelayClient:
         except aiosmtplib.SMTPResponseException as exc:
             await _reset(smtp)
             return dict.fromkeys(recipients, classify_exception(exc))
+        except ValueError:
+            # aiosmtplib refuses addresses that could inject into the command line, before
+            # writing anything: the session is untouched and stays in the pool.
+            return dict.fromkeys(recipients, unsendable(sender, sender=True))
         accepted = await _recipients(smtp, recipients, verdicts)
         if not accepted:
             await _reset(smtp)
@@ -296,6 +300,8 @@ async def _recipients(
             await smtp.rcpt(recipient)
         except aiosmtplib.SMTPRecipientRefused as exc:
             verdicts[recipient] = classify_exception(exc)
+        except ValueError:  # refused by our client before it wrote anything, as for MAIL
+            verdicts[recipient] = unsendable(recipient, sender=False)
         else:
             accepted.append(recipient)
     return accepted

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from smtpfleet.config import Config, RelayConfig
-from smtpfleet.delivery.classify import Outcome, Verdict, classify_reply
+from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict, classify_reply
 from smtpfleet.delivery.dsn import build_dsn, is_bounce_worthy
 from smtpfleet.delivery.outcome import Attempt, Plan, plan_outcome
 from smtpfleet.delivery.sender import Sender
@@ -286,7 +286,9 @@ class DeliveryWorker:
             if self._observe is not None:
                 self._observe(relay.name, verdicts)
             for recipient, verdict in verdicts.items():
-                attempts[recipient] = Attempt(verdict, relay.host)
+                # Our own client's refusal names no Remote-MTA (RFC 3464 §2.3.5).
+                remote = None if verdict.kind is FailureKind.UNSENDABLE else relay.host
+                attempts[recipient] = Attempt(verdict, remote)
             remaining = [r for r in remaining if verdicts[r].outcome is Outcome.TEMPORARY]
             if not remaining:
                 break
