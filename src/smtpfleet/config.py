@@ -84,6 +84,9 @@ class InboundConfig(_Section):
     max_received_headers: PositiveInt = 30
     idle_timeout_s: PositiveFloat = 300.0
     max_sessions: PositiveInt = 1000
+    # Message bytes all sessions of a node may hold while receiving and queueing them; a
+    # message that would pass it gets 452 and is sent again later. At least one whole message.
+    max_receiving_bytes: PositiveInt = 256 * 1024 * 1024
     # Must stay well under 10 s so a client sees 451 before common client timeouts.
     accept_timeout_s: Annotated[float, Field(gt=0, le=10)] = 8.0
 
@@ -105,6 +108,12 @@ class InboundConfig(_Section):
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
         return [d.strip().lower().rstrip(".") for d in value]
+
+    @model_validator(mode="after")
+    def _budget_holds_a_message(self) -> InboundConfig:
+        if self.max_receiving_bytes < self.max_message_bytes:
+            raise ValueError("max_receiving_bytes must be at least max_message_bytes")
+        return self
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_hostport(item) for item in self.listen]

@@ -16,6 +16,7 @@ import uvloop
 
 from smtpfleet.config import Config
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.memory import return_freed_memory
 from smtpfleet.node import Node
 
 log = logging.getLogger(__name__)
@@ -76,4 +77,5 @@ async def watch_parent(on_gone: Callable[[], None]) -> None:
 
 
 def serve(config: Config) -> int:
+    return_freed_memory()
     return uvloop.run(_serve(config))

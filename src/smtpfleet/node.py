@@ -15,6 +15,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from smtpfleet import memory
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
 from smtpfleet.delivery.sender import Sender
@@ -122,6 +123,7 @@ class Node:
             asyncio.create_task(self.membership.run(), name="membership"),
             asyncio.create_task(self._sender.maintain_forever(), name="relay-sessions"),
             asyncio.create_task(self._export_queue_stats(), name="queue-stats"),
+            asyncio.create_task(memory.trim_forever(), name="memory-trim"),
         ]
         await self.health.check_once()  # a first view, so a dead relay is not tried first
         self._tasks.append(asyncio.create_task(self.health.run(), name="health"))

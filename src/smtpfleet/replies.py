@@ -16,6 +16,8 @@ RCPT_OK: Final = "250 2.1.5 Recipient ok"
 # Our own failures before the durable write are always temporary (DESIGN invariant 1).
 QUEUE_UNAVAILABLE: Final = "451 4.3.0 Queue temporarily unavailable, try again later"
 QUEUE_FULL: Final = "452 4.3.1 Queue full, try again later"
+# The node-wide budget of message bytes being received is spent (RFC 5321 §4.2.5: 452).
+NO_ROOM: Final = "452 4.3.1 Insufficient system storage, try again later"
 SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_SESSIONS: Final = "421 4.3.2 Too many connections, try again later"
 TIMEOUT: Final = "421 4.4.2 Idle timeout, closing connection"
@@ -31,6 +33,7 @@ LINE_TOO_LONG: Final = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
 # smuggling hides a second message; we refuse the whole message rather than guess.
 BARE_LINE_ENDING: Final = "550 5.6.11 Bare CR or LF in message data; lines must end with CRLF"
 LOOP_DETECTED: Final = "554 5.4.6 Too many Received headers: mail loop detected"
+BAD_HELO: Final = "501 5.5.4 Syntax: {command} hostname"
 NO_RECIPIENTS: Final = "503 5.5.1 Need RCPT command"
 
 # aiosmtpd's own protocol replies, given enhanced codes (RFC 3463) by inbound/server.py.
@@ -39,6 +42,8 @@ COMMAND_TOO_LONG: Final = "500 5.5.2 Command line too long (RFC 5321 section 4.5
 SYNTAX_ERROR: Final = "500 5.5.2 Syntax error"
 NON_ASCII_COMMAND: Final = "500 5.5.2 Non-ASCII command; SMTPUTF8 is not offered"
 UNKNOWN_COMMAND: Final = "500 5.5.1 Command not recognized"
+# RFC 5321 section 3.8: a server that gives up on a client says 421 before it closes.
+TOO_MANY_UNKNOWN: Final = "421 4.7.0 Too many unrecognized commands, closing connection"
 NEED_MAIL: Final = "503 5.5.1 Need MAIL command"
 NESTED_MAIL: Final = "503 5.5.1 Nested MAIL command"
 CLOSING: Final = "221 2.0.0 Bye"

@@ -56,6 +56,11 @@ def test_claim_idle_must_exceed_the_longest_attempt() -> None:
         build_config({"delivery": {"claim_idle_s": 30, "command_timeout_s": 60}})
 
 
+def test_the_receiving_budget_holds_at_least_one_message() -> None:
+    with pytest.raises(ConfigError, match="max_receiving_bytes"):
+        build_config({"inbound": {"max_message_bytes": 2_000_000, "max_receiving_bytes": 1_000}})
+
+
 def test_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match=r"redis\.shards"):
         build_config({}, {"SMTPFLEET_REDIS__SHARDS": "many"})

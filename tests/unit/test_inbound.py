@@ -589,3 +589,159 @@ async def test_helo_clients_get_smtp_in_the_trace_header(h: Harness) -> None:
 )
 def test_rewrite_table(aiosmtpd_says: str, we_say: str) -> None:
     assert rewrite(aiosmtpd_says) == we_say
+
+
+# -- hostile input found by fuzzing (issue 16) ---------------------------------------------------
+
+POISON_SENDERS = ["<\x0bpoison@fuzz.example>", "<\x0cp@fuzz.example>", "<\x1cp@fuzz.example>"]
+POISON_RECIPIENTS = ["<\x1fa..b@example.net>", "<\x1ep@example.net>", "<a@example.net\x1d>"]
+
+
+async def test_poison_addresses_are_refused_and_nothing_is_queued(h: Harness) -> None:
+    client = await h.connect()
+    for sender in POISON_SENDERS:
+        assert (await client.cmd(f"MAIL FROM:{sender}")).startswith("553 5.1.7"), repr(sender)
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250 2.1.0")
+    for recipient in POISON_RECIPIENTS:
+        assert (await client.cmd(f"RCPT TO:{recipient}")).startswith("553 5.1.3"), repr(recipient)
+    assert (await client.cmd("RCPT TO:<ok@example.net>")).startswith("250 2.1.5")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    [message] = h.spool.messages
+    assert message.sender == "s@example.com"
+    assert message.recipients == ("ok@example.net",)
+
+
+PARSE_ERRORS = [
+    ("VRFY <a@[>", "501 5.5.4"),
+    ("MAIL FROM:<a@[>", "553 5.1.7"),
+    ("MAIL FROM:<s@example.com>", "250 2.1.0"),
+    ("RCPT TO:<a@[1.2.3.4>", "553 5.1.3"),
+    ("RCPT TO:x@[127.0.0.1", "553 5.1.3"),
+    # Lenient parses that used to be accepted with 250.
+    ("RCPT TO:<a b@example.net>", "553 5.1.3"),
+    ("RCPT TO:<(comment)a@example.net>", "553 5.1.3"),
+    ("RCPT TO:<a@example.net(comment)>", "553 5.1.3"),
+    ("RCPT TO:<a@example.net", "553 5.1.3"),
+    ("RCPT TO:<a@b_c.example.net>", "553 5.1.3"),
+    ("RCPT TO:<" + "l" * 300 + "@example.net>", "553 5.1.3"),
+]
+
+
+async def test_address_parse_errors_are_answered_and_the_session_goes_on(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await h.connect()
+    for command, expected in PARSE_ERRORS:
+        reply = await client.cmd(command)
+        assert reply.startswith(expected), (command, reply)
+        assert "malformed" not in reply  # aiosmtpd's wording is not ours
+    assert (await client.cmd("RCPT TO:<ok@example.net>")).startswith("250 2.1.5")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    assert h.spool.messages[0].recipients == ("ok@example.net",)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize("command", ["EHLO a\x00b", "HELO a\x01b", "EHLO x\x7f"])
+async def test_control_characters_in_the_client_name_get_501(h: Harness, command: str) -> None:
+    client = await h.connect(ehlo=False)
+    assert (await client.cmd(command)).startswith("501 5.5.4"), repr(command)
+    # Not greeted: the name was refused, so MAIL needs a good HELO/EHLO first.
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("503 5.5.1")
+    assert (await client.cmd("HELO good.example")).startswith("250 mx.test")
+    assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250 2.1.0")
+
+
+async def test_help_lists_the_commands_and_their_syntax(h: Harness) -> None:
+    client = await h.connect()
+    listing = await client.cmd("HELP")
+    assert listing.startswith("250 "), listing
+    for command in ("DATA", "EHLO", "MAIL", "QUIT", "RCPT", "RSET"):
+        assert command in listing.split(), listing
+    assert (await client.cmd("HELP MAIL")).startswith("250 Syntax: MAIL FROM: <address>")
+    assert (await client.cmd("HELP BOGUS")).startswith("501 5.0.0 Supported commands: ")
+
+
+async def test_too_many_unknown_commands_421_is_read_before_the_close() -> None:
+    async with running() as h:
+        client = await h.connect()
+        # Five unknown commands and a burst of pipelined input behind them: the client must
+        # still read every reply and then a clean EOF, not a connection reset.
+        client.send(b"BOGUS\r\n" * 5 + b"NOISE " + b"x" * 200 + b"\r\n" * 2000)
+        replies_seen = [await client.reply() for _ in range(5)]
+        assert all(r.startswith("500 5.5.1") for r in replies_seen[:4]), replies_seen
+        assert replies_seen[4].startswith("421 4.7.0"), replies_seen
+        client.send(b"MORE NOISE\r\n" * 1000)  # still arriving after our last reply
+        assert await client.closed()
+
+
+async def test_a_client_that_resets_after_the_final_dot_still_gets_its_accept_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="smtpfleet.inbound.handler")
+    spool = MemorySpool(delay_s=0.3)
+    async with running(spool) as h:
+        client = await h.connect()
+        await client.start_transaction()
+        client.send(MESSAGE)
+        await asyncio.sleep(0.05)  # the enqueue is in flight
+        client.writer.transport.abort()  # RST, no reply read
+        for _ in range(50):
+            if spool.messages:
+                break
+            await asyncio.sleep(0.05)
+        [message] = spool.messages
+        records = [r for r in caplog.records if getattr(r, "event", "") == "smtp.transaction"]
+        for _ in range(20):
+            if records:
+                break
+            await asyncio.sleep(0.05)
+            records = [r for r in caplog.records if getattr(r, "event", "") == "smtp.transaction"]
+        assert [getattr(r, "qid", None) for r in records] == [message.qid]
+        assert [getattr(r, "code", None) for r in records] == [250]
+
+
+async def test_the_node_wide_byte_budget_refuses_with_452_and_is_given_back() -> None:
+    async with running(max_message_bytes=10_000, max_receiving_bytes=15_000) as h:
+        budget = h.server.budget
+        first, second, third = await h.connect(), await h.connect(), await h.connect()
+        await first.start_transaction()
+        first.send(b"Subject: a\r\n\r\n" + (b"a" * 78 + b"\r\n") * 100)  # 8 kB, no final dot
+        for _ in range(100):
+            if budget.held >= 8_000:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.held >= 8_000
+        # The budget cannot hold a second 8 kB message: refused after its final dot, with a
+        # temporary reply, and what it had taken is given back at once.
+        await second.start_transaction()
+        reply = await second.cmd(b"Subject: b\r\n\r\n" + (b"b" * 78 + b"\r\n") * 100 + b".\r\n")
+        assert reply.startswith("452 4.3.1"), reply
+        # A declared SIZE above what is left is refused before the data is sent.
+        assert (await third.cmd("MAIL FROM:<s@example.com> SIZE=9000")).startswith("250")
+        assert (await third.cmd("RCPT TO:<r@example.net>")).startswith("250")
+        assert (await third.cmd("DATA")).startswith("452 4.3.1")
+        assert (await first.cmd(b".\r\n")).startswith("250 2.0.0")
+        assert budget.held == 0
+        # With the budget free again, the refused message goes through.
+        reply = await second.transaction(b"Subject: b\r\n\r\n" + b"b" * 78 + b"\r\n.\r\n")
+        assert reply.startswith("250 2.0.0"), reply
+        assert [len(m.data) > 8_000 for m in h.spool.messages] == [True, False]
+        assert budget.held == 0
+
+
+async def test_data_is_unstuffed_and_refusals_wait_for_the_final_dot(h: Harness) -> None:
+    client = await h.connect()
+    await client.start_transaction()
+    reply = await client.cmd(b"A: 1\r\n\r\n..x\r\n...\r\n.\r\n")
+    assert reply.startswith("250 2.0.0"), reply
+    assert h.spool.messages[0].data.endswith(b"\r\n\r\n.x\r\n..\r\n")
+    await client.start_transaction()
+    # Too long a line, then more data: one refusal, after the final dot (RFC 5321 §4.2.5).
+    reply = await client.cmd(b"A: 1\r\n\r\n" + b"x" * 5000 + b"\r\nmore\r\n.\r\n")
+    assert reply.startswith("500 5.5.2"), reply
+    assert (await client.cmd("NOOP")).startswith("250"), "the rest was not read as commands"
+    assert len(h.spool.messages) == 1
+    assert h.server.budget.held == 0

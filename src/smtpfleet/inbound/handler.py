@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from datetime import UTC, datetime
 
@@ -31,6 +32,9 @@ from smtpfleet.queue.spool import Spool
 log = logging.getLogger(__name__)
 
 ENHANCED_STATUS_CODES = "250-ENHANCEDSTATUSCODES"  # RFC 2034: we send them on every reply
+# A control character in the client's name is never a host name (RFC 5321 §4.1.1.1), and the
+# name goes into our Received header and logs.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _result(reply: str) -> str:
@@ -42,6 +46,13 @@ def _result(reply: str) -> str:
 def _peer_ip(session: Session) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+
+def _outcome(accepting: asyncio.Future[tuple[str, str | None]]) -> tuple[str, str | None]:
+    """What an accept that outlived its session came to."""
+    if accepting.cancelled() or accepting.exception() is not None:
+        return replies.LOCAL_ERROR, None
+    return accepting.result()
 
 
 class InboundHandler:
@@ -65,6 +76,7 @@ class InboundHandler:
         self._max_recipients = max_recipients
         self._max_received = max_received_headers
         self._accept_timeout_s = accept_timeout_s
+        self._orphans: set[asyncio.Future[tuple[str, str | None]]] = set()
 
     async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
         self,
@@ -74,10 +86,20 @@ class InboundHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
+        if _CONTROL.search(hostname):
+            return [replies.BAD_HELO.format(command="EHLO")]
         # With an EHLO hook, aiosmtpd 1.4.6 leaves recording the client's name to the hook;
         # without it every later MAIL would get "503 send HELO first".
         session.host_name = hostname
         return [*responses[:-1], ENHANCED_STATUS_CODES, responses[-1]]
+
+    async def handle_HELO(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        if _CONTROL.search(hostname):
+            return replies.BAD_HELO.format(command="HELO")
+        session.host_name = hostname
+        return f"250 {self._hostname}"
 
     async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -110,8 +132,19 @@ class InboundHandler:
     ) -> str:
         started = time.perf_counter()
         data = bytes(envelope.original_content or b"")
+        accepting = asyncio.ensure_future(self._accept(session, envelope, data))
         try:
-            reply, qid = await self._accept(session, envelope, data)
+            # Shielded: a client that resets the connection right after the final dot cancels
+            # this hook, but the message may still be queued (and will be delivered), so its
+            # accept record and metrics must still be written when the enqueue ends.
+            reply, qid = await asyncio.shield(accepting)
+        except asyncio.CancelledError:
+            self._orphans.add(accepting)
+            accepting.add_done_callback(self._orphans.discard)
+            accepting.add_done_callback(
+                lambda done: self._observe(session, envelope, data, *_outcome(done), started)
+            )
+            raise
         except Exception:
             # Answered here rather than in handle_exception so that aiosmtpd still resets the
             # transaction and the session stays usable.
@@ -199,6 +232,13 @@ class InboundHandler:
             log.info("%s: duplicate of %s, not queued again", message.qid, result.qid)
             self._metrics.messages.labels("duplicate").inc()
         return replies.QUEUED_FMT.format(qid=result.qid)
+
+    async def close(self) -> None:
+        """Cancel accepts whose client has gone; the queue is about to close under them."""
+        orphans = list(self._orphans)
+        for accepting in orphans:
+            accepting.cancel()
+        await asyncio.gather(*orphans, return_exceptions=True)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default "500 Error: (Exc) text" looks permanent and leaks internals. We do

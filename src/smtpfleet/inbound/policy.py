@@ -42,7 +42,7 @@ from smtpfleet.config import InboundConfig
 MAX_HELO: Final = 100
 NULL_PATHS: Final = frozenset({"", "<>"})
 
-_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # RFC 5321 §4.1.2 Dot-string: atext and dots. Lenient on dot placement ("a..b" exists in the
 # wild and cannot route anywhere else); strict on everything that could.
 _DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
@@ -134,7 +134,9 @@ def _split_route(text: str) -> tuple[tuple[str, ...], str] | None:
 
 def parse_mailbox(address: str) -> Mailbox | None:
     """The path of MAIL FROM / RCPT TO (angle brackets optional); None if it is not valid."""
-    text = address.strip()
+    # No strip(): a blank or control character anywhere makes the address invalid, and what
+    # is judged here is exactly what gets stored and sent on.
+    text = address
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
     routed = _split_route(text)
@@ -197,7 +199,7 @@ class RecipientPolicy:
 
     @staticmethod
     def check_sender(address: str) -> str | None:
-        if address.strip() in NULL_PATHS:
+        if address in NULL_PATHS:
             return None  # the null reverse-path: bounces and other notifications (§4.5.5)
         return None if parse_mailbox(address) is not None else replies.BAD_SENDER
 

@@ -13,23 +13,36 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, Final, cast
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from smtpfleet import replies
 from smtpfleet.config import InboundConfig
+from smtpfleet.inbound.budget import ByteBudget
 from smtpfleet.inbound.handler import InboundHandler
-from smtpfleet.inbound.syntax import plain_path
+from smtpfleet.inbound.syntax import parse_path, parse_vrfy
 from smtpfleet.metrics import Metrics, reply_class
 
 log = logging.getLogger(__name__)
 
+Command = Callable[[str | None], Awaitable[None]]
+
 IDENT: Final = "ESMTP smtpfleet"  # the 220 banner: "220 <hostname> ESMTP smtpfleet"
 CLOSE_WAIT_S: Final = 2.0  # close(): how long session tasks get to unwind after an abort
+# After our last reply, how long a closing session goes on reading (and discarding) what the
+# client still sends. Closing a socket with unread input makes the kernel answer with a reset,
+# and a reset can destroy our final reply before the client reads it (RFC 5321 §3.8 wants the
+# 421 seen). Postfix reads pending input before it disconnects for the same reason.
+LINGER_S: Final = 2.0
+# Unknown commands before we give up on a client (aiosmtpd's own limit, BOGUS_LIMIT).
+MAX_UNKNOWN_COMMANDS: Final = 5
+# aiosmtpd's one reply for a path it could not read; we say which path it was.
+_MALFORMED: Final = "553 5.1.3 Error: malformed address"
 
 # aiosmtpd 1.4.6's own replies (smtp.py, matched whole) → ours, with RFC 3463 enhanced codes.
 # Texts that echo client input or exception details are replaced, never passed on: a 500 with
@@ -60,9 +73,9 @@ REWRITES: Final[tuple[tuple[str, str], ...]] = (
     (r"503 Error: nested MAIL command", replies.NESTED_MAIL),
     (r"503 Error: send (HELO|EHLO) first", r"503 5.5.1 Send \1 first"),
     (r"502 Could not VRFY .*", "501 5.5.4 Syntax: VRFY <address>"),
-    (r"252 Cannot VRFY user, (.*)", r"252 2.0.0 Cannot VRFY user, \1"),
     (r"502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
     (r"454 TLS not available", "502 5.5.1 STARTTLS not offered"),
+    (r"252 Cannot VRFY user, (.*)", r"252 2.0.0 Cannot VRFY user, \1"),
     (r"250 OK", replies.OK),
     (r"221 Bye", replies.CLOSING),
 )
@@ -97,18 +110,26 @@ class InboundSMTP(SMTP):
         self._refusal: str | None = None
         self._busy = False  # a command is being handled
         self._reading_data = False  # between DATA and the final dot
+        self._command = ""  # the command being handled
+        self._closing = False  # our last reply is out; input is read and discarded
+        self._linger: asyncio.TimerHandle | None = None
+        self._unknown_left = MAX_UNKNOWN_COMMANDS
         # aiosmtpd keeps these on the class and adds 26 to MAIL's limit on every EHLO, for all
         # sessions: keep ours per session.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         # Every command passes the drain gate: one place, not one override per command.
-        self._smtp_methods = {n: self._gated(n, m) for n, m in self._smtp_methods.items()}
+        self._smtp_methods = _Commands(
+            {n: self._gated(n, m) for n, m in self._smtp_methods.items()}, self._unknown
+        )
         if "DATA" in self._handle_hooks:
             self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:  # private in aiosmtpd
-        # aiosmtpd's local_part_limit is 0 (off) here, so its parser's length check never
-        # applies and the fast path need not repeat it.
-        return plain_path(arg) or super()._getaddr(arg)
+        # Our RFC 5321 reading replaces aiosmtpd's RFC 5322 one (inbound/syntax.py): a path we
+        # cannot read is refused here (553, or 501 for VRFY) and never reaches a relay.
+        if self._command == "VRFY":
+            return parse_vrfy(arg), ""
+        return parse_path(arg) or (None, None)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -120,8 +141,16 @@ class InboundSMTP(SMTP):
             self._handler_coroutine.add_done_callback(_retrieve)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(error)
         self._server.unregister(self)
+
+    def eof_received(self) -> bool | None:
+        if self._closing and self.transport is not None:
+            self.transport.close()  # the client read our last word and left: done lingering
+            return False
+        return super().eof_received()
 
     async def _handle_client(self) -> None:  # private in aiosmtpd: the session's main loop
         if self.transport is None or self.transport.is_closing():
@@ -148,10 +177,12 @@ class InboundSMTP(SMTP):
     # -- replies ---------------------------------------------------------------------------
 
     async def push(self, status: AnyStr) -> None:
+        if self._closing:
+            return  # our last reply is out; what the client still sends gets no answer
         if isinstance(status, bytes):  # only AUTH challenges, which we do not offer
             await super().push(status)
             return
-        reply = rewrite(status)
+        reply = self._rewrite(status)
         self._count(reply)
         await super().push(reply)
         if reply.startswith("421"):
@@ -169,21 +200,48 @@ class InboundSMTP(SMTP):
         self._close()
 
     def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close after a lingering read: FIN now, the socket once the client leaves."""
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is None or transport.is_closing() or self._closing:
+            return
+        self._closing = True
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+
+    def _rewrite(self, reply: str) -> str:
+        if reply == _MALFORMED:  # aiosmtpd says it for MAIL and RCPT alike
+            return replies.BAD_SENDER if self._command == "MAIL" else replies.BAD_ADDRESS
+        return rewrite(reply)
+
+    async def _unknown(self, command: str, arg: str | None) -> None:
+        """Any command we do not know; after MAX_UNKNOWN_COMMANDS, 421 and a lingering close.
+
+        aiosmtpd's own limit answers 502 and closes at once, so pipelined input makes the
+        kernel reset the connection over the reply.
+        """
+        if self._closing:
+            return
+        self._unknown_left -= 1
+        log.info("%r unknown command %.20r", self.session.peer if self.session else None, command)
+        await self.push(
+            replies.UNKNOWN_COMMAND if self._unknown_left > 0 else replies.TOO_MANY_UNKNOWN
+        )
 
     # -- drain -----------------------------------------------------------------------------
 
-    def _gated(
-        self, command: str, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
+    def _gated(self, command: str, method: Command) -> Command:
+        @functools.wraps(method)  # keeps aiosmtpd's syntax attributes, which HELP lists
         async def gated(arg: str | None) -> None:
-            if self.transport is None or self.transport.is_closing():
+            if self.transport is None or self.transport.is_closing() or self._closing:
                 return  # aiosmtpd would go on with commands already buffered: run none
             if self._server.draining and not self.in_transaction and command != "QUIT":
                 await self.push(replies.SHUTTING_DOWN)
                 return
             self._busy, self._reading_data = True, command == "DATA"
+            self._command = command
             try:
                 await method(arg)
             finally:
@@ -200,6 +258,49 @@ class InboundSMTP(SMTP):
         """
         if self._server.draining and not self._busy and not self.in_transaction:
             self._say_and_close(replies.SHUTTING_DOWN)
+
+    # -- DATA ------------------------------------------------------------------------------
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's command name
+        """DATA, read into one buffer that the node-wide byte budget pays for.
+
+        Replaces aiosmtpd 1.4.6's, which keeps each line as its own object (about twice the
+        message in memory) and then joins them (a third copy), and has no shared limit. The
+        protocol is the same: only CRLF.CRLF ends DATA (RFC 5321 §4.1.1.4), dot-stuffing is
+        undone (§4.5.2), and a refusal is answered only after the final dot (§4.2.5).
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(replies.NO_RECIPIENTS)
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        budget = self._server.budget
+        if budget.available < max(1, _declared_size(self.envelope.mail_options)):
+            budget.refusals += 1
+            await self.push(replies.NO_ROOM)  # tell now, before the client sends it all
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        reading = _Data(budget, self.data_size_limit or 0, self.line_length_limit)
+        try:
+            await reading.read(self._reader)
+            await self._finish_data(reading)
+        finally:
+            reading.release()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    async def _finish_data(self, reading: _Data) -> None:
+        assert self.envelope is not None
+        if reading.refusal is not None:
+            await self.push(reading.refusal)
+            return
+        self.envelope.original_content = reading.take()
+        status = await self._call_handler_hook("DATA")
+        await self.push(replies.OK if status is MISSING else status)
 
     # -- idle timer ------------------------------------------------------------------------
 
@@ -230,6 +331,88 @@ class InboundSMTP(SMTP):
         self._say_and_close(replies.TIMEOUT)
 
 
+class _Data:
+    """One message being read: a single buffer, its bytes held in the node's budget."""
+
+    def __init__(self, budget: ByteBudget, size_limit: int, line_limit: int) -> None:
+        self._budget = budget
+        self._size_limit = size_limit
+        self._line_limit = line_limit
+        self._buffer = bytearray()
+        self._held = 0
+        self._size = 0
+        self.refusal: str | None = None  # the reply after the final dot, when refused
+
+    async def read(self, reader: asyncio.StreamReader) -> None:
+        """Up to and including the final dot, storing what is still wanted."""
+        partial = False  # inside a line longer than the reader's limit
+        while True:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as overrun:
+                line = await reader.read(overrun.consumed)
+                self._refuse(replies.LINE_TOO_LONG)
+                partial = True
+                continue
+            if not partial and line == b".\r\n":
+                return
+            partial = False
+            self._store(line)
+
+    def _store(self, line: bytes) -> None:
+        self._size += len(line)
+        if self.refusal is not None:
+            return  # refused already: read on to the final dot, keep nothing
+        if len(line) > self._line_limit:
+            self._refuse(replies.LINE_TOO_LONG)
+        elif self._size_limit and self._size > self._size_limit:
+            self._refuse(replies.MESSAGE_TOO_BIG)
+        elif not self._budget.take(len(line)):
+            self._refuse(replies.NO_ROOM)
+        else:
+            self._held += len(line)
+            # RFC 5321 §4.5.2: a line that starts with a dot had one added by the client.
+            self._buffer += memoryview(line)[1:] if line[:1] == b"." else line
+
+    def _refuse(self, reply: str) -> None:
+        if self.refusal is None:
+            self.refusal = reply
+        self._buffer = bytearray()
+        self.release()
+
+    def take(self) -> bytes:
+        """The message, unstuffed; the buffer is freed (the budget is held until release)."""
+        data, self._buffer = bytes(self._buffer), bytearray()
+        return data
+
+    def release(self) -> None:
+        self._budget.release(self._held)
+        self._held = 0
+
+
+def _declared_size(mail_options: list[str]) -> int:
+    """The SIZE= of MAIL FROM (RFC 1870), 0 when none was given."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+class _Commands(dict[str, Command]):
+    """aiosmtpd's command table, with our handler for every command it does not hold."""
+
+    def __init__(
+        self, known: dict[str, Command], unknown: Callable[[str, str | None], Awaitable[None]]
+    ) -> None:
+        super().__init__(known)
+        self._unknown = unknown
+
+    def get(self, command: str, default: Command | None = None) -> Command:  # type: ignore[override]
+        known = super().get(command)
+        return known if known is not None else functools.partial(self._unknown, command)
+
+
 class InboundServer:
     def __init__(
         self,
@@ -239,6 +422,7 @@ class InboundServer:
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.budget = ByteBudget(config.max_receiving_bytes)
         self._config = config
         self._handler = handler
         self._hostname = hostname
@@ -333,6 +517,7 @@ class InboundServer:
         tasks = [t for s in sessions if (t := s.handler_task) is not None and not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+        await self._handler.close()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

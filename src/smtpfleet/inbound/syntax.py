@@ -1,31 +1,85 @@
-"""A fast path for the common MAIL/RCPT path argument. Pure.
+"""The MAIL/RCPT path argument, read by RFC 5321's grammar and nothing looser. Pure.
 
-aiosmtpd parses every path with the `email` package's RFC 5322 header parser: general, and
-about a tenth of a node's CPU per message under load. Nearly every real path is the plain
-``<dot-atom@domain>`` form, which one regular expression reads exactly as that parser does;
-anything else (quoted local parts, comments, address literals, source routes, a missing
-``>``) returns None and goes to aiosmtpd's parser unchanged.
+aiosmtpd reads paths with the `email` package's RFC 5322 header parser: it accepts comments,
+blanks inside the local part (rewriting ``<a b@c>`` to ``"a b"@c``), a missing ``>``, and
+control characters, and raises ``AttributeError`` on some broken address literals. What it
+lets through can then be refused by our outbound client at every delivery attempt (a poison
+message), so the node reads paths itself (RFC 5321 §4.1.2):
+
+    Path           = "<" [ A-d-l ":" ] Mailbox ">"
+    Mailbox        = Local-part "@" ( Domain / address-literal )
+    Local-part     = Dot-string / Quoted-string
+
+with the limits of §4.5.3.1 (local part 64 octets, domain 255, path 256). Two deliberate
+leniencies: dots in a Dot-string may repeat or lead (``a..b`` exists in the wild and cannot
+route anywhere else), and a source route is accepted and dropped (§3.6.1 allows ignoring it;
+what goes downstream is only the mailbox). Anything else, including every control or 8-bit
+character (SMTPUTF8 is not offered), makes the path invalid.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Final
 
-_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
-_PLAIN_PATH: Final = re.compile(
-    rf"<((?:{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*)?)>(?:[ \t]+([^(]*))?"
+MAX_LOCAL_PART: Final = 64  # RFC 5321 §4.5.3.1.1
+MAX_DOMAIN: Final = 255  # §4.5.3.1.2
+MAX_PATH: Final = 256  # §4.5.3.1.3, with the angle brackets
+NULL_PATH: Final = "<>"  # aiosmtpd's form of the null reverse-path (it needs a truthy value)
+
+_ATEXT: Final = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_DOT_STRING: Final = rf"[{_ATEXT}.]*[{_ATEXT}][{_ATEXT}.]*"
+_QUOTED_STRING: Final = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_SUB_DOMAIN: Final = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN: Final = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*"
+_LITERAL: Final = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_ADL: Final = rf"@{_DOMAIN}(?:,@{_DOMAIN})*:"
+_PATH: Final = re.compile(
+    rf"<(?:{_ADL})?(?P<local>{_DOT_STRING}|{_QUOTED_STRING})@(?P<domain>{_DOMAIN}|{_LITERAL})>"
+    # ESMTP parameters after one or more blanks: printable ASCII only, judged by aiosmtpd.
+    r"(?:[ \t]+(?P<rest>[\x20-\x7e\t]*))?"
 )
+_NULL: Final = re.compile(r"<>(?:[ \t]+(?P<rest>[\x20-\x7e\t]*))?")
+_VRFY_STRING: Final = re.compile(rf"[{_ATEXT}]+|{_QUOTED_STRING}")
 
 
-def plain_path(arg: str) -> tuple[str, str] | None:
-    """(address, the rest) for ``<local@domain> PARAMS`` and ``<>``; None for anything else.
+def _valid_literal(literal: str) -> bool:
+    """RFC 5321 §4.1.3: a dotted quad, or "IPv6:" and an IPv6 address; no general literals."""
+    text = literal[1:-1]
+    try:
+        if text[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(text[5:])
+        else:
+            ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
-    The address of ``<>`` is ``"<>"``, as aiosmtpd's own parser gives it.
+
+def parse_path(arg: str) -> tuple[str, str] | None:
+    """(mailbox, ESMTP parameters) of ``<local@domain> PARAMS``; None if it is not a path.
+
+    The null path gives ``"<>"`` as its mailbox, as aiosmtpd does; whether it may be used
+    (MAIL yes, RCPT no) is the policy's decision.
     """
-    match = _PLAIN_PATH.fullmatch(arg)
-    if match is None:
+    null = _NULL.fullmatch(arg)
+    if null is not None:
+        return NULL_PATH, null["rest"] or ""
+    match = _PATH.fullmatch(arg)
+    if match is None or match.end("domain") + 1 > MAX_PATH:
         return None
-    if not match.group(1):
-        return "<>", arg[2:]  # aiosmtpd's parser keeps the blanks after a null path
-    return match.group(1), match.group(2) or ""
+    local, domain = match["local"], match["domain"]
+    if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
+        return None
+    if domain.startswith("[") and not _valid_literal(domain):
+        return None
+    return f"{local}@{domain}", match["rest"] or ""
+
+
+def parse_vrfy(arg: str) -> str | None:
+    """VRFY's String (RFC 5321 §3.5.3: an Atom or Quoted-string, a user name), or a path."""
+    if _VRFY_STRING.fullmatch(arg):
+        return arg
+    path = parse_path(arg)
+    return None if path is None or path[1] else path[0]

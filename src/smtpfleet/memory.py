@@ -1,0 +1,69 @@
+"""Give memory back to the system after a burst of large messages.
+
+glibc serves large allocations from mmap and returns them on free, but it raises that
+threshold each time such a block is freed (up to 32 MB on 64-bit), after which message
+bodies come from the heap, where freed space is kept: a node that took four 20 MB messages
+at once stayed 220 MB larger ten minutes later. Fixing the threshold stops the raise, so a
+body's buffer goes back to the system as soon as the message is queued or delivered; and
+`trim_forever` hands back free heap pages that smaller allocations left between live ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import functools
+import logging
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD: Final = -1  # glibc malloc.h
+M_MMAP_THRESHOLD: Final = -3
+MMAP_THRESHOLD_BYTES: Final = 256 * 1024  # bodies and batches above this get their own mapping
+TRIM_THRESHOLD_BYTES: Final = 4 * 1024 * 1024  # free heap kept before giving the top back
+TRIM_INTERVAL_S: Final = 5.0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Tune glibc's allocator as above; False where it is not glibc (nothing to do there)."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)  # musl and others have none
+    if mallopt is None:
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
+    done = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1) and done
+    if not done:
+        log.warning("could not tune the allocator; memory may stay high after large messages")
+    return done
+
+
+def trim() -> bool:
+    """Give free heap pages back to the system now (glibc's malloc_trim); False elsewhere."""
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))
+
+
+async def trim_forever(interval_s: float = TRIM_INTERVAL_S) -> None:
+    """Trim now and then: a few milliseconds of work, only when there is something to free."""
+    while True:
+        await asyncio.sleep(interval_s)
+        trim()
