@@ -1,0 +1,55 @@
+"""Hostile sessions against a real node: the invariants of issue 16, a few seconds' worth.
+
+The same generator runs for minutes in `loadtest/fuzz.py`; a failure there replays here by
+seed. MX mode (no relay networks), as an anonymous client on the internet would find it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import pytest
+
+from smtpfleet.fuzzing import Driver, Generator, tokens_in
+from smtpfleet.localcluster import LocalCluster
+from smtpfleet.testing import eventually, send
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+SEED = int(os.environ.get("SMTPFLEET_FUZZ_SEED", "20261128"))
+SESSIONS = 150
+MX_MODE = {"inbound": {"relay_networks": [], "accepted_domains": ["example.net"]}}
+
+
+async def test_hostile_sessions_keep_every_invariant() -> None:
+    async with LocalCluster(nodes=1, sinks=1, overrides=MX_MODE) as cluster:
+        node, sink = cluster.node_processes[0], cluster.sink_servers[0]
+        generator = Generator(SEED)
+        sessions = [generator.session(n) for n in range(SESSIONS)]
+        findings = await Driver(node.smtp).run(sessions, concurrency=10)
+
+        assert not findings.violations, findings.violations[:10]
+        assert findings.sessions == SESSIONS
+        # A positive control: the generator does produce both outcomes.
+        assert len(findings.acknowledged) >= 20, findings
+        assert len(findings.refused) >= 20, findings
+
+        def delivered() -> collections.Counter[str]:
+            return collections.Counter(t for m in sink.messages for t in tokens_in(m.data))
+
+        # Everything acknowledged arrives (delivered, or bounced with its headers quoted).
+        await eventually(lambda: findings.acknowledged <= set(delivered()), timeout_s=30)
+        # Nothing refused is ever delivered (the messages above went through the same queue,
+        # so a refused one would have arrived with them).
+        assert not findings.refused & set(delivered())
+        # The node still answers a plain transaction.
+        assert (await send(node.smtp, recipients=["after@example.net"])).code == 250
+        await eventually(lambda: any("after@example.net" in m.recipients for m in sink.messages))
+        errors = [
+            line
+            for line in node.log_path.read_text(errors="replace").splitlines()
+            if line.startswith("{") and json.loads(line).get("level") in ("error", "critical")
+        ]
+        assert not errors, errors[:5]
