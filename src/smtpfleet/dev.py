@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from smtpfleet.localcluster import LocalCluster
+from smtpfleet.testing.localcluster import LocalCluster
 
 
 async def run_dev(*, nodes: int, sinks: int, relays: Sequence[str], as_json: bool) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from smtpfleet.config import parse_hostport
 from smtpfleet.loadgen import LoadResult, Reconciliation, reconcile, run_load, tag_of
-from smtpfleet.sink import Sink
+from smtpfleet.testing.sink import Sink
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from smtpfleet import redis_server
-from smtpfleet.redis_server import (
+from smtpfleet.testing import redis_server
+from smtpfleet.testing.redis_server import (
     BINARY_ENV,
     RedisServer,
     find_server_binary,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiosmtplib
 import pytest
 
-from smtpfleet.sink import Faults, Sink
+from smtpfleet.testing.sink import Faults, Sink
 
 SENDER = "sender@example.org"
 MESSAGE = (

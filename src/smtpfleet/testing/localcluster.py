@@ -23,8 +23,8 @@ import yaml
 
 from smtpfleet import http
 from smtpfleet.lifecycle import PARENT_PID_ENV
-from smtpfleet.redis_server import RedisServer, free_port
-from smtpfleet.sink import Sink
+from smtpfleet.testing.redis_server import RedisServer, free_port
+from smtpfleet.testing.sink import Sink
 
 READY_TIMEOUT_S = 30.0
 

@@ -315,7 +315,7 @@ def main() -> None:
 
     import uvloop
 
-    parser = argparse.ArgumentParser(prog="python -m smtpfleet.sink")
+    parser = argparse.ArgumentParser(prog="python -m smtpfleet.testing.sink")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--report-s", type=float, default=0.2)
