@@ -10,10 +10,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from smtpfleet import __version__, loadtest, opscli
+from smtpfleet import __version__, opscli
 from smtpfleet.config import WORKERS_ENV, Config, load_config, parse_hostport
 from smtpfleet.drills import cli as drill_cli
 from smtpfleet.errors import ConfigError
+from smtpfleet.loadgen import loadtest
 from smtpfleet.logs import configure_logging
 
 EXIT_OK = 0

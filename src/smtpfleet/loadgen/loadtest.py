@@ -17,7 +17,9 @@ import time
 from typing import Any
 
 from smtpfleet.config import parse_hostport
-from smtpfleet.loadgen import LoadResult, Reconciliation, reconcile, run_load, tag_of
+from smtpfleet.loadgen.generator import LoadResult, run_load
+from smtpfleet.loadgen.messages import tag_of
+from smtpfleet.loadgen.reconcile import Reconciliation, reconcile
 from smtpfleet.testing.sink import Sink
 
 EXIT_OK = 0
