@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from smtpfleet.loadgen.messages import RECIPIENT
+from smtpfleet.loadgen.messages import RECIPIENT, tag_of
+
+if TYPE_CHECKING:
+    from smtpfleet.testing.sink import Sink
+
+LATE_DUPLICATES_S = 0.5  # after the last delivery, how long a late duplicate may take
+SETTLE_POLL_S = 0.1
 
 
 @dataclass
@@ -57,3 +66,19 @@ def reconcile(
         misrouted=misrouted,
         unexpected=unexpected,
     )
+
+
+async def settle(accepted: Sequence[str], sinks: Sequence[Sink], settle_s: float) -> Reconciliation:
+    """Reconcile once every accepted message arrived at the sinks, or settle_s ran out."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        recon = reconcile(accepted, delivered(sinks))
+        if not recon.lost or time.monotonic() >= deadline:
+            await asyncio.sleep(LATE_DUPLICATES_S)  # late duplicates show up here
+            return reconcile(accepted, delivered(sinks))
+        await asyncio.sleep(SETTLE_POLL_S)
+
+
+def delivered(sinks: Sequence[Sink]) -> list[tuple[str | None, tuple[str, ...]]]:
+    """(tag, recipients) of every message the sinks accepted."""
+    return [(tag_of(m.data), m.recipients) for s in sinks for m in s.messages]

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import signal
 import sys
 from collections.abc import Sequence
 
+from smtpfleet.config import parse_hostport
+from smtpfleet.errors import ConfigError
 from smtpfleet.testing.localcluster import LocalCluster
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nodes < 1 or args.sinks < 0:
+        raise ConfigError("--nodes must be at least 1 and --sinks at least 0")
+    for relay in args.relay:
+        try:
+            parse_hostport(relay)
+        except ValueError as exc:
+            raise ConfigError(f"--relay {exc}") from None
+    if not args.relay and args.sinks < 1:
+        raise ConfigError("no relays: give --relay HOST:PORT or at least one --sinks")
+    return asyncio.run(
+        run_dev(nodes=args.nodes, sinks=args.sinks, relays=args.relay, as_json=args.json)
+    )
 
 
 async def run_dev(*, nodes: int, sinks: int, relays: Sequence[str], as_json: bool) -> int:
