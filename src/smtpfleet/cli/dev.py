@@ -15,6 +15,9 @@ from smtpfleet.testing.localcluster import LocalCluster
 from smtpfleet.testing.redis_server import INSTALL_HINT, NoServerBinary, find_server_binary
 
 EXIT_USAGE = 2
+# The demo relays count every message but keep only the last ones: a dev cluster left
+# running under a load test must not grow without bound (it reached 554 MB in a fuzz run).
+DEMO_SINK_KEEP = 1000
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +45,9 @@ async def run_dev(*, nodes: int, sinks: int, relays: Sequence[str], as_json: boo
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    cluster = LocalCluster(nodes=nodes, sinks=sinks, relays=relays, log_messages=True)
+    cluster = LocalCluster(
+        nodes=nodes, sinks=sinks, relays=relays, log_messages=True, sink_keep=DEMO_SINK_KEEP
+    )
     async with cluster:
         info = cluster.info()
         if as_json:
