@@ -36,8 +36,8 @@ from typing import Any
 import uvloop
 
 from smtpfleet.loadgen import run_load
-from smtpfleet.localcluster import LocalCluster
-from smtpfleet.redis_server import free_port
+from smtpfleet.testing.localcluster import LocalCluster
+from smtpfleet.testing.redis_server import free_port
 
 _MESG = re.compile(rb"mesg=(\d+)\r")
 # The Python generator tops out near 1.5k msg/s: a longer latency run only measures itself.

@@ -3,7 +3,7 @@
     python loadtest/fuzz.py [--seed N] [--minutes 10] [--nodes 2] [--concurrency 20]
     python loadtest/fuzz.py --seed N --replay 1234      # one session, its replies printed
 
-Sessions come from `smtpfleet.fuzzing.Generator(seed)`: session k is the same for the same
+Sessions come from `smtpfleet.testing.fuzz.Generator(seed)`: session k is the same for the same
 seed on any machine. Batches run against the nodes of a `LocalCluster` in MX mode (accepted
 domain example.net, no relay networks) until the time is up; then it checks that everything
 acknowledged arrived at the sinks, nothing refused did, no node logged an ERROR, and every node
@@ -21,9 +21,9 @@ from typing import Any
 
 import uvloop
 
-from smtpfleet.fuzzing import Driver, Findings, Generator, tokens_in
-from smtpfleet.localcluster import LocalCluster
 from smtpfleet.testing import eventually, send
+from smtpfleet.testing.fuzz import Driver, Findings, Generator, tokens_in
+from smtpfleet.testing.localcluster import LocalCluster
 
 MX_MODE: dict[str, Any] = {"inbound": {"relay_networks": [], "accepted_domains": ["example.net"]}}
 BATCH = 200

@@ -25,8 +25,8 @@ import uvloop
 from bench import SmtpSink, ensure_postfix_tools
 
 from smtpfleet.loadgen import run_load
-from smtpfleet.localcluster import LocalCluster
 from smtpfleet.testing import run_cli
+from smtpfleet.testing.localcluster import LocalCluster
 
 # name -> (node overrides, whether the relay is paused so nothing is delivered)
 SETUPS: dict[str, tuple[dict[str, Any], bool]] = {

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from smtpfleet.redis_server import RedisServer
-from smtpfleet.sink import Sink
+from smtpfleet.testing.redis_server import RedisServer
+from smtpfleet.testing.sink import Sink
 
 
 @pytest.fixture(scope="session")

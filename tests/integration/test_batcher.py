@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from smtpfleet.queue.batcher import Batcher
-from smtpfleet.redis_server import free_port
+from smtpfleet.testing.redis_server import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

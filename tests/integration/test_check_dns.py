@@ -19,7 +19,7 @@ from smtpfleet.dnscheck import (
     render_table,
 )
 from smtpfleet.testing import run_cli
-from smtpfleet.testing_dns import DnsServer
+from smtpfleet.testing.dns_server import DnsServer
 
 pytestmark = pytest.mark.timeout(30)
 

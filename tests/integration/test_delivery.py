@@ -8,8 +8,8 @@ import email.policy
 import pytest
 
 from smtpfleet.envelope import NewMessage, new_qid
-from smtpfleet.sink import Sink
 from smtpfleet.testing import eventually, make_message, node_config, running_node, send
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
 

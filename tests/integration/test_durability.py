@@ -10,9 +10,9 @@ import redis
 
 from smtpfleet.errors import RedisUnsuitable
 from smtpfleet.node import Node
-from smtpfleet.redis_server import RedisServer
-from smtpfleet.sink import Sink
 from smtpfleet.testing import eventually, make_message, node_config, running_node, send
+from smtpfleet.testing.redis_server import RedisServer
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from smtpfleet.sink import Sink
 from smtpfleet.testing import (
     FAST_RETRY,
     FaultProxy,
@@ -25,6 +24,7 @@ from smtpfleet.testing import (
     message_ids,
     send,
 )
+from smtpfleet.testing.sink import Sink
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 

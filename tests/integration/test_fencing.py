@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from smtpfleet.redis_server import RedisServer
-from smtpfleet.sink import Sink
 from smtpfleet.testing import eventually, node_config, running_node, send
+from smtpfleet.testing.redis_server import RedisServer
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from smtpfleet.fuzzing import Driver, Generator, tokens_in
-from smtpfleet.localcluster import LocalCluster
 from smtpfleet.testing import eventually, send
+from smtpfleet.testing.fuzz import Driver, Generator, tokens_in
+from smtpfleet.testing.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 

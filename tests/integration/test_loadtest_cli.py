@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from smtpfleet.redis_server import free_port
-from smtpfleet.sink import Sink
 from smtpfleet.testing import LocalCluster, eventually, node_config, run_cli, running_node, send
+from smtpfleet.testing.redis_server import free_port
+from smtpfleet.testing.sink import Sink
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 

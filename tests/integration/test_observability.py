@@ -8,7 +8,6 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from smtpfleet.sink import Sink
 from smtpfleet.testing import (
     LocalCluster,
     eventually,
@@ -17,6 +16,7 @@ from smtpfleet.testing import (
     running_node,
     send,
 )
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from smtpfleet.sink import Sink
 from smtpfleet.testing import LocalCluster, eventually, node_config, run_cli, running_node, send
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from smtpfleet.sink import Sink
 from smtpfleet.testing import eventually, node_config, running_node, send
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
 

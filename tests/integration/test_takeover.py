@@ -7,8 +7,8 @@ import redis.asyncio as aioredis
 
 from smtpfleet.envelope import QueuedMessage, new_qid, now_ms
 from smtpfleet.queue.keys import GROUP, Keys
-from smtpfleet.sink import Sink
 from smtpfleet.testing import eventually, make_message, message_ids, node_config, running_node
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
 

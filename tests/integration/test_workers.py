@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smtpfleet.localcluster import LocalCluster, NodeProcess
-from smtpfleet.redis_server import RedisServer, free_port
-from smtpfleet.sink import Sink
 from smtpfleet.testing import eventually, run_cli, send
+from smtpfleet.testing.localcluster import LocalCluster, NodeProcess
+from smtpfleet.testing.redis_server import RedisServer, free_port
+from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(120)
 

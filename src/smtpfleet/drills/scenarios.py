@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from smtpfleet.loadgen import RECIPIENT
-from smtpfleet.localcluster import LocalCluster
-from smtpfleet.sink import Sink
+from smtpfleet.loadgen.messages import RECIPIENT
+from smtpfleet.testing.localcluster import LocalCluster
+from smtpfleet.testing.sink import Sink
 
 
 @dataclass

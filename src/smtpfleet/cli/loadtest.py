@@ -13,12 +13,11 @@ import asyncio
 import ipaddress
 import json
 import sys
-import time
-from typing import Any
 
 from smtpfleet.config import parse_hostport
-from smtpfleet.loadgen import LoadResult, Reconciliation, reconcile, run_load, tag_of
-from smtpfleet.sink import Sink
+from smtpfleet.loadgen.generator import LoadResult, run_load
+from smtpfleet.loadgen.reconcile import Reconciliation, settle
+from smtpfleet.testing.sink import Sink
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -27,32 +26,6 @@ EXIT_USAGE = 2
 
 class UsageError(ValueError):
     pass
-
-
-def register(sub: Any) -> None:
-    load = sub.add_parser("loadtest", help="send load and reconcile it against the sinks")
-    load.add_argument("--target", action="append", required=True, metavar="HOST:PORT")
-    size = load.add_mutually_exclusive_group(required=True)
-    size.add_argument("--count", type=int, help="messages to send")
-    size.add_argument("--duration", type=float, metavar="SECONDS")
-    load.add_argument(
-        "--rate", type=float, help="messages per second (default: as fast as possible)"
-    )
-    load.add_argument("--concurrency", type=int, default=50)
-    load.add_argument("--size", type=int, default=2048, help="message size in bytes")
-    load.add_argument("--per-session", type=int, default=100, help="messages per connection")
-    load.add_argument(
-        "--sink",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="run a sink here (a relay of the cluster) and reconcile against it",
-    )
-    load.add_argument("--settle", type=float, default=30.0, help="seconds to wait for deliveries")
-    load.add_argument(
-        "--allow-remote", action="store_true", help="allow targets that are not loopback addresses"
-    )
-    load.add_argument("--json", action="store_true")
 
 
 def _addresses(values: list[str], allow_remote: bool, what: str) -> list[tuple[str, int]]:
@@ -110,26 +83,12 @@ async def _run(
             per_session=args.per_session,
             on_progress=_progress if sys.stderr.isatty() and not args.json else None,
         )
-        recon = await _settle(result, servers, args.settle) if servers else None
+        recon = await settle(result.accepted_ids, servers, args.settle) if servers else None
     finally:
         for server in servers:
             await server.stop()
     _print(result, recon, args.json)
     return EXIT_MISMATCH if recon is not None and not recon.clean else EXIT_OK
-
-
-async def _settle(result: LoadResult, sinks: list[Sink], settle_s: float) -> Reconciliation:
-    deadline = time.monotonic() + settle_s
-    while True:
-        recon = reconcile(result.accepted_ids, _delivered(sinks))
-        if not recon.lost or time.monotonic() >= deadline:
-            await asyncio.sleep(0.5)  # late duplicates show up here
-            return reconcile(result.accepted_ids, _delivered(sinks))
-        await asyncio.sleep(0.1)
-
-
-def _delivered(sinks: list[Sink]) -> list[tuple[str | None, tuple[str, ...]]]:
-    return [(tag_of(m.data), m.recipients) for s in sinks for m in s.messages]
 
 
 def _progress(result: LoadResult) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
@@ -180,6 +180,7 @@ class Sink:
         name: str = "sink",
         faults: Faults | None = None,
         record: bool = True,
+        keep: int | None = None,
         log_messages: bool = False,
     ) -> None:
         self.host = host
@@ -189,7 +190,9 @@ class Sink:
         self.record = record  # False: count only (benchmarks), keep no bodies
         self.log_messages = log_messages  # one log line per message (the dev cluster's demo)
         self.accepted = 0  # messages answered 2xx at the final dot
-        self.messages: list[ReceivedMessage] = []
+        # The last `keep` accepted messages (None: all of them, as tests and drills reconcile
+        # every one); a relay left running under load must not grow without bound.
+        self.messages: deque[ReceivedMessage] = deque(maxlen=keep)
         self.rejected: list[ReceivedMessage] = []  # refused at the final dot
         self.refused_recipients: list[str] = []  # refused at RCPT
         self.connections = 0  # sessions ever opened
@@ -315,7 +318,7 @@ def main() -> None:
 
     import uvloop
 
-    parser = argparse.ArgumentParser(prog="python -m smtpfleet.sink")
+    parser = argparse.ArgumentParser(prog="python -m smtpfleet.testing.sink")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--report-s", type=float, default=0.2)

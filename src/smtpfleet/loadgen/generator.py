@@ -14,12 +14,10 @@ import collections
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-RECIPIENT = "sink@example.net"
-SENDER = "load@example.com"
-TAG_DOMAIN = "loadgen.smtpfleet"
+from smtpfleet.loadgen.messages import RECIPIENT, SENDER, message_bytes
 
 
 @dataclass
@@ -55,26 +53,6 @@ class LoadResult:
                 "max": round(max(self.latencies_s, default=0) * 1000, 2),
             },
         }
-
-
-def message_bytes(tag: str, size: int) -> bytes:
-    head = (
-        f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: load {tag}\r\n"
-        f"Message-ID: <{tag}@{TAG_DOMAIN}>\r\n\r\n"
-    ).encode()
-    line = b"x" * 76 + b"\r\n"
-    body = line * max(1, (size - len(head)) // len(line))
-    return head + body + b".\r\n"
-
-
-def tag_of(data: bytes) -> str | None:
-    """The load tag in a received message's Message-ID, or None for foreign mail."""
-    head = data.split(b"\r\n\r\n", 1)[0]
-    marker = f"@{TAG_DOMAIN}>".encode()
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"message-id:") and marker in line:
-            return line.split(b"<", 1)[1].split(b"@", 1)[0].decode()
-    return None
 
 
 class _Session:
@@ -206,53 +184,3 @@ async def _report(result: LoadResult, on_progress: Callable[[LoadResult], None])
     while True:
         await asyncio.sleep(0.5)
         on_progress(result)
-
-
-@dataclass
-class Reconciliation:
-    accepted: int
-    delivered: int
-    lost: list[str]  # got 250, never delivered
-    duplicated: dict[str, int]  # delivered more than once
-    misrouted: list[str]  # delivered to a recipient that was not the one sent to
-    unexpected: int  # delivered, but never accepted in this run (or not ours at all)
-
-    @property
-    def clean(self) -> bool:
-        return not (self.lost or self.duplicated or self.misrouted)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "accepted": self.accepted,
-            "delivered": self.delivered,
-            "lost": len(self.lost),
-            "duplicated": sum(n - 1 for n in self.duplicated.values()),
-            "misrouted": len(self.misrouted),
-            "unexpected": self.unexpected,
-            "lost_examples": self.lost[:10],
-        }
-
-
-def reconcile(
-    accepted: Iterable[str], delivered: Iterable[tuple[str | None, Sequence[str]]]
-) -> Reconciliation:
-    """Compare the tags that got 250 with what the sinks received (tag, recipients)."""
-    wanted = set(accepted)
-    seen: collections.Counter[str] = collections.Counter()
-    misrouted, unexpected, count = [], 0, 0
-    for tag, recipients in delivered:
-        count += 1
-        if tag is None or tag not in wanted:
-            unexpected += 1
-            continue
-        seen[tag] += 1
-        if list(recipients) != [RECIPIENT]:
-            misrouted.append(tag)
-    return Reconciliation(
-        accepted=len(wanted),
-        delivered=count,
-        lost=sorted(wanted - set(seen)),
-        duplicated={t: n for t, n in seen.items() if n > 1},
-        misrouted=misrouted,
-        unexpected=unexpected,
-    )

@@ -2,7 +2,7 @@
 
 Each message goes over a fresh session to one node and, on a connection failure or a 4xx,
 to the next node, as an MTA tries the next MX. Only when every node refused is the failure
-"client-visible". Every message is tagged (loadgen.message_bytes), so deliveries can be
+"client-visible". Every message is tagged (loadgen.messages.message_bytes), so deliveries can be
 reconciled and timed.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from smtpfleet.loadgen import RECIPIENT, SENDER, message_bytes
+from smtpfleet.loadgen.messages import RECIPIENT, SENDER, message_bytes
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from smtpfleet.cli.parser import STATES
 from smtpfleet.config import Config, load_config
 from smtpfleet.errors import ConfigError
 from smtpfleet.queue.redis_admin import Admin, NotFound
@@ -23,62 +23,12 @@ from smtpfleet.queue.redis_queue import RedisQueue
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-STATES = ("ready", "in_flight", "retry", "dead")
 
 
 class OpsError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
-
-
-def add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis", metavar="URL", help="the cluster's Redis (overrides --config)")
-    parser.add_argument(
-        "--config", default=os.environ.get("SMTPFLEET_CONFIG"), help="a node's YAML config"
-    )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def register(sub: Any) -> None:
-    status = sub.add_parser("status", help="nodes, relays and queue of the whole cluster")
-    add_cluster_options(status)
-
-    queue = sub.add_parser("queue", help="inspect and change queued messages")
-    queue_sub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = queue_sub.add_parser("list", help="list queued messages, oldest first")
-    listing.add_argument("--state", action="append", choices=STATES, help="repeatable")
-    listing.add_argument("--limit", type=int, default=50)
-    for name, text in (("show", "one message"), ("retry", "retry now"), ("delete", "delete")):
-        action = queue_sub.add_parser(name, help=text)
-        action.add_argument("qid")
-        add_cluster_options(action)
-    add_cluster_options(listing)
-
-    dead = sub.add_parser("dead", help="dead letters: list, requeue, purge")
-    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dead_list = dead_sub.add_parser("list")
-    dead_list.add_argument("--limit", type=int, default=50)
-    for name in ("requeue", "purge"):
-        action = dead_sub.add_parser(name)
-        group = action.add_mutually_exclusive_group(required=True)
-        group.add_argument("qid", nargs="?")
-        group.add_argument("--all", action="store_true")
-        add_cluster_options(action)
-    add_cluster_options(dead_list)
-
-    relay = sub.add_parser("relay", help="pause or resume a relay, cluster-wide")
-    relay_sub = relay.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name in ("pause", "resume"):
-        action = relay_sub.add_parser(name)
-        action.add_argument("name")
-        add_cluster_options(action)
-
-    node = sub.add_parser("node", help="ask a node to drain and exit")
-    node_sub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
-    drain = node_sub.add_parser("drain")
-    drain.add_argument("id")
-    add_cluster_options(drain)
 
 
 def _config(args: argparse.Namespace) -> Config:

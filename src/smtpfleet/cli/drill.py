@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
-from typing import Any
 
 from smtpfleet.drills.report import write_reports
 from smtpfleet.drills.runner import Timing, run_drill
@@ -15,15 +13,6 @@ from smtpfleet.drills.scenarios import SCENARIOS
 EXIT_OK = 0
 EXIT_MISSED = 1
 EXIT_USAGE = 2
-
-
-def register(sub: Any) -> None:
-    drill = sub.add_parser("drill", help="failure-injection drills with verdicts")
-    drill.add_argument("scenario", nargs="?", help="a scenario name (see --list)")
-    drill.add_argument("--all", action="store_true", help="run every scenario in turn")
-    drill.add_argument("--list", action="store_true", help="name the scenarios")
-    drill.add_argument("--out", type=Path, default=Path("drill-reports"), help="report folder")
-    drill.add_argument("--short", action="store_true", help="shorter phases (CI)")
 
 
 def run(args: argparse.Namespace) -> int:

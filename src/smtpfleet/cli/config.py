@@ -1,0 +1,20 @@
+"""`smtpfleet config check FILE`: validate a config file offline."""
+
+from __future__ import annotations
+
+import argparse
+
+from smtpfleet.config import load_config
+
+EXIT_OK = 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    listen = ", ".join(config.inbound.listen)
+    print(
+        f"{args.file}: ok: listen {listen}; {len(config.relays)} relays; "
+        f"redis {config.redis.url.rsplit('@', 1)[-1]}; {config.redis.shards} shards; "
+        f"durability {config.queue.durability.value}"
+    )
+    return EXIT_OK

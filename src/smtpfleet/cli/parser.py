@@ -1,0 +1,168 @@
+"""Every subcommand's arguments, in one argparse tree that imports nothing heavy.
+
+The implementations live in one module per subcommand (`serve.py`, `ops.py`, ...), and the
+entry (`smtpfleet.cli.main`) imports only the one that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from smtpfleet import __version__
+from smtpfleet.config import WORKERS_ENV
+
+CONFIG_ENV = "SMTPFLEET_CONFIG"
+STATES = ("ready", "in_flight", "retry", "dead")  # of a queued message (`queue list --state`)
+DESCRIPTION = (
+    "The `smtpfleet` command. Errors are one line on stderr and an exit code, never a traceback."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtpfleet", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"smtpfleet {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("SMTPFLEET_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        default=os.environ.get("SMTPFLEET_LOG_FORMAT", "auto"),
+        help="auto: JSON unless stderr is a terminal",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve(sub)
+    _config(sub)
+    _dev(sub)
+    _ops(sub)
+    _loadtest(sub)
+    _drill(sub)
+    _check_dns(sub)
+    return parser
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def _serve(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run one node (SMTP front + delivery workers)")
+    serve.add_argument(
+        "--config", default=os.environ.get(CONFIG_ENV), help=f"YAML file (${CONFIG_ENV})"
+    )
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        default=os.environ.get(WORKERS_ENV, "1"),
+        help=f"node processes sharing the SMTP port, one per core (${WORKERS_ENV}, default 1)",
+    )
+
+
+def _config(sub: Any) -> None:
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser("check", help="validate a config file offline")
+    check.add_argument("file")
+
+
+def _dev(sub: Any) -> None:
+    dev = sub.add_parser("dev", help="run a local cluster: Redis, demo relays and N nodes")
+    dev.add_argument("--nodes", type=int, default=3, help="node processes (default 3)")
+    dev.add_argument("--sinks", type=int, default=2, help="demo sink relays (default 2)")
+    dev.add_argument(
+        "--relay", action="append", default=[], metavar="HOST:PORT", help="a real relay (repeat)"
+    )
+    dev.add_argument("--json", action="store_true", help="print one JSON line once ready")
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", metavar="URL", help="the cluster's Redis (overrides --config)")
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV), help="a node's YAML config")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _ops(sub: Any) -> None:
+    status = sub.add_parser("status", help="nodes, relays and queue of the whole cluster")
+    _cluster_options(status)
+
+    queue = sub.add_parser("queue", help="inspect and change queued messages")
+    queue_sub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = queue_sub.add_parser("list", help="list queued messages, oldest first")
+    listing.add_argument("--state", action="append", choices=STATES, help="repeatable")
+    listing.add_argument("--limit", type=int, default=50)
+    for name, text in (("show", "one message"), ("retry", "retry now"), ("delete", "delete")):
+        action = queue_sub.add_parser(name, help=text)
+        action.add_argument("qid")
+        _cluster_options(action)
+    _cluster_options(listing)
+
+    dead = sub.add_parser("dead", help="dead letters: list, requeue, purge")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dead_list = dead_sub.add_parser("list")
+    dead_list.add_argument("--limit", type=int, default=50)
+    for name in ("requeue", "purge"):
+        action = dead_sub.add_parser(name)
+        group = action.add_mutually_exclusive_group(required=True)
+        group.add_argument("qid", nargs="?")
+        group.add_argument("--all", action="store_true")
+        _cluster_options(action)
+    _cluster_options(dead_list)
+
+    relay = sub.add_parser("relay", help="pause or resume a relay, cluster-wide")
+    relay_sub = relay.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name in ("pause", "resume"):
+        action = relay_sub.add_parser(name)
+        action.add_argument("name")
+        _cluster_options(action)
+
+    node = sub.add_parser("node", help="ask a node to drain and exit")
+    node_sub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
+    drain = node_sub.add_parser("drain")
+    drain.add_argument("id")
+    _cluster_options(drain)
+
+
+def _loadtest(sub: Any) -> None:
+    load = sub.add_parser("loadtest", help="send load and reconcile it against the sinks")
+    load.add_argument("--target", action="append", required=True, metavar="HOST:PORT")
+    size = load.add_mutually_exclusive_group(required=True)
+    size.add_argument("--count", type=int, help="messages to send")
+    size.add_argument("--duration", type=float, metavar="SECONDS")
+    load.add_argument(
+        "--rate", type=float, help="messages per second (default: as fast as possible)"
+    )
+    load.add_argument("--concurrency", type=int, default=50)
+    load.add_argument("--size", type=int, default=2048, help="message size in bytes")
+    load.add_argument("--per-session", type=int, default=100, help="messages per connection")
+    load.add_argument(
+        "--sink",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="run a sink here (a relay of the cluster) and reconcile against it",
+    )
+    load.add_argument("--settle", type=float, default=30.0, help="seconds to wait for deliveries")
+    load.add_argument(
+        "--allow-remote", action="store_true", help="allow targets that are not loopback addresses"
+    )
+    load.add_argument("--json", action="store_true")
+
+
+def _drill(sub: Any) -> None:
+    drill = sub.add_parser("drill", help="failure-injection drills with verdicts")
+    drill.add_argument("scenario", nargs="?", help="a scenario name (see --list)")
+    drill.add_argument("--all", action="store_true", help="run every scenario in turn")
+    drill.add_argument("--list", action="store_true", help="name the scenarios")
+    drill.add_argument("--out", type=Path, default=Path("drill-reports"), help="report folder")
+    drill.add_argument("--short", action="store_true", help="shorter phases (CI)")
+
+
+def _check_dns(sub: Any) -> None:
+    dns_check = sub.add_parser("check-dns", help="check MX, SPF, DKIM and DMARC of a domain")
+    dns_check.add_argument("domain")
+    dns_check.add_argument("--config", default=os.environ.get(CONFIG_ENV), help="node config")
+    dns_check.add_argument("--nameserver", metavar="IP[:PORT]", help="ask this server")
+    dns_check.add_argument("--json", action="store_true")

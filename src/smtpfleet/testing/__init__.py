@@ -1,0 +1,68 @@
+"""Helpers for tests and drills, shipped with the package so users can reuse them.
+
+Everything here is real: a real Redis server process, real SMTP servers (aiosmtpd sinks) on
+loopback port 0, nodes in-process or as separate processes, a real SMTP client and a real
+DNS server. Nothing in the node imports this package (tests/qa checks that).
+
+The names below load their module on first use, so `import smtpfleet.testing.sink` (or the
+benchmark's `python -m smtpfleet.testing.sink`) does not start a node's worth of imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smtpfleet.testing.client import Reply, eventually, make_message, run_cli, send
+    from smtpfleet.testing.dns_server import DnsServer
+    from smtpfleet.testing.faultproxy import FaultProxy
+    from smtpfleet.testing.localcluster import LocalCluster, NodeProcess
+    from smtpfleet.testing.nodes import FAST_RETRY, node_config, running_node
+    from smtpfleet.testing.redis_server import RedisServer, free_port
+    from smtpfleet.testing.sink import Faults, ReceivedMessage, Sink
+    from smtpfleet.testing.steady import SteadyLoad, message_ids, whereabouts
+
+_HOMES = {
+    "client": ("Reply", "eventually", "make_message", "run_cli", "send"),
+    "dns_server": ("DnsServer",),
+    "faultproxy": ("FaultProxy",),
+    "localcluster": ("LocalCluster", "NodeProcess"),
+    "nodes": ("FAST_RETRY", "node_config", "running_node"),
+    "redis_server": ("RedisServer", "free_port"),
+    "sink": ("Faults", "ReceivedMessage", "Sink"),
+    "steady": ("SteadyLoad", "message_ids", "whereabouts"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = [
+    "FAST_RETRY",
+    "DnsServer",
+    "FaultProxy",
+    "Faults",
+    "LocalCluster",
+    "NodeProcess",
+    "ReceivedMessage",
+    "RedisServer",
+    "Reply",
+    "Sink",
+    "SteadyLoad",
+    "eventually",
+    "free_port",
+    "make_message",
+    "message_ids",
+    "node_config",
+    "run_cli",
+    "running_node",
+    "send",
+    "whereabouts",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
