@@ -1,19 +1,23 @@
 """End-to-end throughput and accept latency: smtpfleet against Postfix, in one run.
 
-    python loadtest/bench.py [--messages 20000] [--sessions 50] [--runs 3]
+    python loadtest/bench.py [--messages 6000] [--sessions 50] [--runs 3] [--no-latency]
 
-Measured on this machine, counted at the sink:
+Both load shapes, each counted at the sink until the last accepted message is delivered:
+  - a new connection per message (`smtp-source` without -d): how MX traffic arrives, the
+    headline row;
+  - sessions that reuse their connection (`smtp-source -d`).
+Paths, measured on this machine:
   (a) smtp-source straight to smtp-sink: the ceiling of the machine and the tools;
-  (b) through smtpfleet: 1 node; 1 node with `delivery.concurrency: 16` (fewer deliveries
-      in flight, for accept latency); 1 node with `serve --workers` one per core; 3 nodes
-      (Redis `appendfsync always` and `queue.durability: fsync`: fsynced before every 250,
-      like Postfix);
+  (b) through smtpfleet: 1 node, 1 worker; 1 node with `serve --workers` one per core (Redis
+      `appendfsync always` and `queue.durability: fsync`: fsynced before every 250, like
+      Postfix); `--all` adds 1 node with `delivery.concurrency: 16` and 3 nodes;
   (c) through Postfix configured as a relay to the same sink (installed from Debian's
       packages when missing; its configuration is restored afterwards).
-Throughput uses Postfix's C tools (smtp-source with sessions reused, smtp-sink), so the load
-generator is not the bottleneck. Accept latency is measured with smtpfleet's generator at half
-of each path's measured peak rate. Prints each figure and the ratios smtpfleet/Postfix and
-smtpfleet/ceiling. Every server listens on 127.0.0.1 only.
+For each smtpfleet path it reports the CPU the node processes used per message (user +
+system, from /proc) and the tail: how long after the last 250 the last message arrived, so a
+straggler waiting for a retry cannot hide. Accept latency is measured with smtpfleet's
+generator at half of each path's measured peak rate. Prints the ratios smtpfleet/Postfix and
+smtpfleet/ceiling per shape. Every server listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -45,12 +49,39 @@ LATENCY_MESSAGES_MAX = 3000
 POSTFIX_FILES = ("/etc/postfix/main.cf", "/etc/postfix/master.cf")
 
 
+SHAPES = ("new connection per message", "reused sessions")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Figure:
     path: str
+    shape: str
     msg_per_s: float
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    cpu_ms_per_msg: float = 0.0  # node processes only; 0 where not measured
+    tail_s: float = 0.0  # from the end of the load to the last delivery
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes and their reaped children (the worker processes
+    of `serve --workers` are children of the supervisor and counted while alive)."""
+    total = 0.0
+    for pid in _with_children(pids):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / CLK_TCK
+    return total
+
+
+def _with_children(pids: list[int]) -> list[int]:
+    found = list(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            found += _with_children([int(c) for c in children])
+    return found
 
 
 def ensure_postfix_tools() -> None:
@@ -102,7 +133,9 @@ class SmtpSink:
         self.proc.wait(10)
 
 
-async def source(targets: list[tuple[str, int]], messages: int, sessions: int, size: int) -> None:
+async def source(
+    targets: list[tuple[str, int]], messages: int, sessions: int, size: int, reuse: bool
+) -> None:
     """smtp-source, one process per target, splitting messages and sessions between them."""
     procs = []
     for i, (host, port) in enumerate(targets):
@@ -110,7 +143,7 @@ async def source(targets: list[tuple[str, int]], messages: int, sessions: int, s
         procs.append(
             await asyncio.create_subprocess_exec(
                 "smtp-source",
-                "-d",
+                *(["-d"] if reuse else []),
                 "-s",
                 str(max(1, sessions // len(targets))),
                 "-m",
@@ -132,13 +165,16 @@ async def source(targets: list[tuple[str, int]], messages: int, sessions: int, s
 
 
 async def throughput(
-    sink: SmtpSink, targets: list[tuple[str, int]], args: argparse.Namespace
-) -> float:
+    sink: SmtpSink, targets: list[tuple[str, int]], args: argparse.Namespace, reuse: bool
+) -> tuple[float, float]:
+    """Messages per second until the last one is delivered, and the tail after the load."""
     before = sink.count
     started = time.perf_counter()
-    await source(targets, args.messages, args.sessions, args.size)
+    await source(targets, args.messages, args.sessions, args.size, reuse)
+    loaded = time.perf_counter()
     await sink.wait_for(before + args.messages)
-    return (sink.count - before) / (time.perf_counter() - started)
+    finished = time.perf_counter()
+    return (sink.count - before) / (finished - started), finished - loaded
 
 
 async def latency(
@@ -155,19 +191,32 @@ async def latency(
 
 
 async def measure(
-    name: str, sink: SmtpSink, targets: list[tuple[str, int]], args: argparse.Namespace
-) -> Figure:
+    name: str,
+    sink: SmtpSink,
+    targets: list[tuple[str, int]],
+    args: argparse.Namespace,
+    pids: list[int] | None = None,
+) -> list[Figure]:
+    """One figure per load shape for one path."""
     before = sink.count
     warm_up = await run_load(targets, total=200, concurrency=10)
     await sink.wait_for(before + warm_up.accepted)  # nothing in flight when the clock starts
-    rate = await throughput(sink, targets, args)
-    p50, p99 = await latency(targets, rate / 2, args)
-    print(
-        f"  {name}: {rate:.0f} msg/s, accept p50 {p50:.1f} ms, "
-        f"p99 {p99:.1f} ms at {rate / 2:.0f} msg/s",
-        flush=True,
-    )
-    return Figure(name, rate, p50, p99)
+    figures = []
+    for shape in SHAPES:
+        cpu_before = cpu_seconds(pids or [])
+        rate, tail_s = await throughput(sink, targets, args, reuse=shape == SHAPES[1])
+        cpu_ms = (cpu_seconds(pids or []) - cpu_before) * 1000 / args.messages
+        p50 = p99 = 0.0
+        if args.latency:
+            p50, p99 = await latency(targets, rate / 2, args)
+        print(
+            f"  {name}, {shape}: {rate:.0f} msg/s, tail {tail_s:.2f} s"
+            + (f", node CPU {cpu_ms:.2f} ms/msg" if pids else "")
+            + (f", accept p50 {p50:.1f} ms, p99 {p99:.1f} ms at half peak" if p99 else ""),
+            flush=True,
+        )
+        figures.append(Figure(name, shape, rate, p50, p99, cpu_ms, tail_s))
+    return figures
 
 
 async def smtpfleet(
@@ -176,7 +225,7 @@ async def smtpfleet(
     args: argparse.Namespace,
     workers: int = 1,
     delivery_concurrency: int | None = None,
-) -> Figure:
+) -> list[Figure]:
     overrides: dict[str, Any] = {
         "queue": {"durability": "fsync"},
         "inbound": {"max_sessions": 5000},
@@ -197,7 +246,8 @@ async def smtpfleet(
     if delivery_concurrency is not None:
         name += f", delivery.concurrency {delivery_concurrency}"
     async with cluster:
-        return await measure(name, sink, [n.smtp for n in cluster.node_processes], args)
+        pids = [n.pid for n in cluster.node_processes]
+        return await measure(name, sink, [n.smtp for n in cluster.node_processes], args, pids)
 
 
 @contextlib.contextmanager
@@ -244,50 +294,51 @@ async def one_run(args: argparse.Namespace) -> list[Figure]:
     sink = SmtpSink()
     follower = asyncio.create_task(sink.follow())
     try:
-        figures = [
-            await measure(
-                "smtp-source -> smtp-sink (ceiling)", sink, [("127.0.0.1", sink.port)], args
-            )
-        ]
-        figures.append(await smtpfleet(1, sink, args))
-        # Fewer deliveries in flight: the accept latency side of the trade (performance.md).
-        figures.append(await smtpfleet(1, sink, args, delivery_concurrency=16))
-        figures.append(await smtpfleet(1, sink, args, workers=os.cpu_count() or 1))
-        figures.append(await smtpfleet(3, sink, args))
+        figures = await measure(
+            "smtp-source -> smtp-sink (ceiling)", sink, [("127.0.0.1", sink.port)], args
+        )
+        figures += await smtpfleet(1, sink, args)
+        figures += await smtpfleet(1, sink, args, workers=os.cpu_count() or 1)
+        if args.all:
+            # Fewer deliveries in flight: the accept latency side of the trade (performance.md).
+            figures += await smtpfleet(1, sink, args, delivery_concurrency=16)
+            figures += await smtpfleet(3, sink, args)
         with postfix_relay(sink) as postfix:
-            figures.append(await measure("Postfix 3.7 relay", sink, [postfix], args))
+            figures += await measure("Postfix 3.7 relay", sink, [postfix], args)
         return figures
     finally:
         sink.stop()
         follower.cancel()
 
 
+def _median(runs: list[list[Figure]], i: int) -> Figure:
+    first = runs[0][i]
+    values = [
+        statistics.median(getattr(r[i], key) for r in runs)
+        for key in ("msg_per_s", "p50_ms", "p99_ms", "cpu_ms_per_msg", "tail_s")
+    ]
+    return Figure(first.path, first.shape, *values)
+
+
 def report(runs: list[list[Figure]], args: argparse.Namespace) -> None:
-    names = [f.path for f in runs[0]]
-    median = {
-        name: Figure(
-            name,
-            statistics.median(r[i].msg_per_s for r in runs),
-            statistics.median(r[i].p50_ms for r in runs),
-            statistics.median(r[i].p99_ms for r in runs),
-        )
-        for i, name in enumerate(names)
-    }
+    medians = [_median(runs, i) for i in range(len(runs[0]))]
     print(
-        f"\n{args.messages} messages of {args.size} B, "
-        f"{args.sessions} sessions reusing connections, "
-        f"median of {len(runs)} run(s)\n"
+        f"\n{args.messages} messages of {args.size} B, {args.sessions} concurrent sessions, "
+        f"median of {len(runs)} run(s)"
     )
-    print("| path | delivered msg/s | accept p50 ms | accept p99 ms (at half peak) |")
-    print("|---|---|---|---|")
-    for f in median.values():
-        print(f"| {f.path} | {f.msg_per_s:,.0f} | {f.p50_ms:.1f} | {f.p99_ms:.1f} |")
-    ceiling = median[names[0]].msg_per_s or 1.0
-    postfix = median[names[-1]].msg_per_s or 1.0
-    print()
-    for name in names[1:-1]:
-        rate = median[name].msg_per_s
-        print(f"{name}: {rate / postfix:.2f}x Postfix, {rate / ceiling:.2f}x the ceiling")
+    for shape in SHAPES:
+        rows = [f for f in medians if f.shape == shape]
+        ceiling, postfix = rows[0].msg_per_s or 1.0, rows[-1].msg_per_s or 1.0
+        print(f"\n{shape}\n")
+        print("| path | msg/s | vs Postfix | vs ceiling | node CPU ms/msg | tail s | p50/p99 ms |")
+        print("|---|---|---|---|---|---|---|")
+        for f in rows:
+            cpu = f"{f.cpu_ms_per_msg:.2f}" if f.cpu_ms_per_msg else "-"
+            lat = f"{f.p50_ms:.1f} / {f.p99_ms:.1f}" if f.p99_ms else "-"
+            print(
+                f"| {f.path} | {f.msg_per_s:,.0f} | {f.msg_per_s / postfix:.2f}x "
+                f"| {f.msg_per_s / ceiling:.2f}x | {cpu} | {f.tail_s:.2f} | {lat} |"
+            )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -303,8 +354,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--messages", type=int, default=6_000)
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--all", action="store_true", help="also concurrency 16 and 3 nodes")
+    parser.add_argument(
+        "--no-latency", dest="latency", action="store_false", help="throughput only"
+    )
     uvloop.run(main(parser.parse_args()))
