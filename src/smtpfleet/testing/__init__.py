@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from smtpfleet.testing.redis_server import RedisServer, free_port
     from smtpfleet.testing.routing import domain_routed_first_to, ring_order
     from smtpfleet.testing.sink import Faults, ReceivedMessage, Sink
-    from smtpfleet.testing.steady import SteadyLoad, message_ids, whereabouts
+    from smtpfleet.testing.steady import SteadyLoad, message_ids, queue_is_empty, whereabouts
 
 _HOMES = {
     "client": ("Reply", "eventually", "make_message", "run_cli", "send"),
@@ -33,7 +33,7 @@ _HOMES = {
     "redis_server": ("RedisServer", "free_port"),
     "routing": ("domain_routed_first_to", "ring_order"),
     "sink": ("Faults", "ReceivedMessage", "Sink"),
-    "steady": ("SteadyLoad", "message_ids", "whereabouts"),
+    "steady": ("SteadyLoad", "message_ids", "queue_is_empty", "whereabouts"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -55,6 +55,7 @@ __all__ = [
     "make_message",
     "message_ids",
     "node_config",
+    "queue_is_empty",
     "ring_order",
     "run_cli",
     "running_node",
