@@ -19,6 +19,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import uvloop
 
+from smtpfleet.config import RedisConfig
+from smtpfleet.queue.keys import Keys
 from smtpfleet.testing import FAST_RETRY, LocalCluster, SteadyLoad, message_ids
 
 HEALTH = {"interval_s": 1.0, "timeout_s": 2.0, "fall": 2, "rise": 2}
@@ -31,7 +33,11 @@ async def relay_detection_s(cluster: LocalCluster) -> float:
     client = aioredis.Redis.from_url(cluster.redis.url, decode_responses=True)
     await cluster.sink_servers[0].stop()
     started = time.monotonic()
-    keys = [f"{{smtpfleet}}:view:node-{n.index}" for n in cluster.node_processes]
+    defaults = RedisConfig()  # the local cluster does not change the prefix or the shards
+    keys = [
+        Keys(defaults.prefix, defaults.shards).view(f"node-{n.index}")
+        for n in cluster.node_processes
+    ]
     while True:
         states = [await client.hget(key, "relay-1") for key in keys]
         if states == ["0"] * len(keys):

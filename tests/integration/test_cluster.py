@@ -9,7 +9,15 @@ import signal
 
 import pytest
 
-from smtpfleet.testing import FAST_RETRY, LocalCluster, SteadyLoad, eventually, make_message, send
+from smtpfleet.testing import (
+    FAST_RETRY,
+    LocalCluster,
+    SteadyLoad,
+    eventually,
+    make_message,
+    queue_is_empty,
+    send,
+)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -45,7 +53,9 @@ async def test_thousand_messages_through_three_nodes_are_each_delivered_once() -
             return sum(s.count for s in cluster.sink_servers)
 
         await eventually(lambda: delivered() >= total, timeout_s=60)
-        await asyncio.sleep(1.0)  # a duplicate would show up within this settle time
+        # Every entry finished (acked and deleted, nothing waiting): no delivery is left
+        # that could still bring a duplicate.
+        await eventually(lambda: queue_is_empty(cluster), timeout_s=15)
         seen = collections.Counter(
             _message_id(m.data) for s in cluster.sink_servers for m in s.messages
         )

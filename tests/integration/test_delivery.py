@@ -8,7 +8,15 @@ import email.policy
 import pytest
 
 from smtpfleet.envelope import NewMessage, new_qid
-from smtpfleet.testing import eventually, make_message, node_config, running_node, send
+from smtpfleet.testing import (
+    domain_routed_first_to,
+    eventually,
+    make_message,
+    node_config,
+    ring_order,
+    running_node,
+    send,
+)
 from smtpfleet.testing.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,17 +56,24 @@ async def test_tempfail_then_success_is_delivered_after_retry(
 async def test_tempfail_moves_to_next_relay_at_once(
     redis_url: str, prefix: str, sink: Sink, sink_b: Sink
 ) -> None:
-    sink.faults.data_replies = ["451 4.3.0 Try again later"] * 10
-    sink_b.faults.data_replies = ["451 4.3.0 Try again later"] * 10
     # Retries far in the future: the message may only arrive through the at-once fallback.
     overrides = {"redis": {"prefix": prefix}, "retry": {"initial_s": 3600, "max_s": 3600}}
     config = node_config(redis_url, [sink.address, sink_b.address], overrides)
-    sink_b.faults.data_replies = []
+    # The 451 relay (relay-1, `sink`) must come first for the key, or it is never tried.
+    domain = domain_routed_first_to(config, "relay-1")
+    assert ring_order(config, domain) == ["relay-1", "relay-2"]
+    sink.faults.data_replies = ["451 4.3.0 Try again later"] * 10
     async with running_node(config) as node:
-        for _ in range(4):
-            assert (await send(node.inbound.addresses[0])).code == 250
-        await eventually(lambda: sink_b.count == 4, timeout_s=10)
+        for n in range(1, 4):
+            # One at a time: nothing in flight, so bounded load cannot reorder the ring.
+            assert (
+                await send(node.inbound.addresses[0], recipients=[f"r{n}@{domain}"])
+            ).code == 250
+            await eventually(lambda n=n: sink_b.count == n, timeout_s=10)
+        assert len(sink.rejected) == 3  # each was tried on the 451 relay first
         assert sink.count == 0
+        await eventually(lambda: node.worker.in_flight == 0)
+        assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
 
 
 async def test_permanent_failure_bounces_once_to_sender(

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from smtpfleet.config import RedisConfig
+from smtpfleet.queue.keys import Keys
 from smtpfleet.testing import (
     FAST_RETRY,
     FaultProxy,
@@ -38,6 +40,13 @@ FAST: dict[str, Any] = {
 }
 DETECTION_BOUND_S = HEALTH["fall"] * HEALTH["interval_s"] + HEALTH["timeout_s"]
 SLACK_S = 2.0
+KEYS = Keys(RedisConfig().prefix, RedisConfig().shards)  # the local cluster's defaults
+
+
+async def load_moves_on(load: SteadyLoad, by: int = 20) -> None:
+    """Wait until `by` more messages were accepted: the load runs on through what happened."""
+    start = len(load.accepted)
+    await eventually(lambda: len(load.accepted) >= start + by, timeout_s=15)
 
 
 def relay_entries(
@@ -59,8 +68,7 @@ async def views(cluster: LocalCluster, relay: str) -> dict[str, str]:
     client = aioredis.Redis.from_url(cluster.redis.url, decode_responses=True)
     try:
         return {
-            f"node-{n.index}": (await client.hget(f"{{smtpfleet}}:view:node-{n.index}", relay))
-            or "?"
+            f"node-{n.index}": (await client.hget(KEYS.view(f"node-{n.index}"), relay)) or "?"
             for n in cluster.node_processes
             if n.running
         }
@@ -78,10 +86,10 @@ async def test_sigkill_of_a_node_under_load_loses_nothing() -> None:
             sink.faults.delay_s = 0.01  # deliveries take a while, so some are in flight
         load = SteadyLoad([n.smtp for n in cluster.node_processes])
         running = asyncio.create_task(load.run(senders=6))
-        await asyncio.sleep(2.0)
+        await eventually(lambda: sum(s.count for s in cluster.sink_servers) >= 100)
         cluster.node_processes[0].kill()
         killed_at = time.monotonic()
-        await asyncio.sleep(1.0)
+        await load_moves_on(load, by=50)
         load.stop()
         await running
         assert set(load.codes) == {250}, "a sender saw an error it could not fail over from"
@@ -99,14 +107,14 @@ async def test_stopped_relay_is_ejected_fast_and_rejoins() -> None:
         survivor_before = survivor.count
         load = SteadyLoad([n.smtp for n in cluster.node_processes])
         running = asyncio.create_task(load.run(senders=4))
-        await asyncio.sleep(1.0)
+        await eventually(lambda: doomed.count >= 20)  # the doomed relay has its share
         await doomed.stop()
         stopped_at = time.monotonic()
         await eventually(
             lambda: all_see(cluster, "relay-1", "0"), timeout_s=DETECTION_BOUND_S + SLACK_S
         )
         detection_s = time.monotonic() - stopped_at
-        await asyncio.sleep(1.0)
+        await load_moves_on(load)
         load.stop()
         await running
         assert set(load.codes) == {250}  # senders never noticed
@@ -192,12 +200,12 @@ async def test_sigterm_drain_under_load_loses_nothing() -> None:
     async with LocalCluster(nodes=3, sinks=2, overrides=FAST) as cluster:
         load = SteadyLoad([n.smtp for n in cluster.node_processes])
         running = asyncio.create_task(load.run(senders=6))
-        await asyncio.sleep(1.5)
+        await eventually(lambda: sum(s.count for s in cluster.sink_servers) >= 100)
         leaving = cluster.node_processes[0]
         leaving.signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, leaving.wait, 20.0) == 0
-        await asyncio.sleep(0.5)
+        await load_moves_on(load)
         load.stop()
         await running
         assert set(load.codes) == {250}
@@ -212,7 +220,7 @@ async def test_a_killed_nodes_relay_connections_stop_counting_when_it_is_declare
         async with LocalCluster(nodes=2, relays=[sink.address], overrides=overrides) as cluster:
             assert cluster.redis is not None
             client = aioredis.Redis.from_url(cluster.redis.url, decode_responses=True)
-            leases = "{smtpfleet}:relay:relay-1:conns"
+            leases = KEYS.relay_connections("relay-1")
             sink.faults.delay_s = 1.0  # the one session stays busy long enough to kill its node
             try:
                 assert (await send(cluster.node_processes[0].smtp)).code == 250

@@ -64,5 +64,11 @@ async def test_a_small_redis_pool_makes_senders_wait_not_fail(
         replies = await asyncio.gather(*(send(node.inbound.addresses[0]) for _ in range(40)))
         assert {r.code for r in replies} == {250}
         await eventually(lambda: sink.count == 40, timeout_s=20)
-        await asyncio.sleep(0.5)
+
+        async def finished() -> bool:
+            depth = await node.queue.depth()
+            return node.worker.in_flight == 0 and depth == {"stream": 0, "retry": 0, "dead": 0}
+
+        # Every entry finished (acked and deleted): no delivery is left that could repeat one.
+        await eventually(finished)
         assert sink.count == 40

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from smtpfleet.testing import eventually, run_cli, send
+from smtpfleet.testing import eventually, queue_is_empty, run_cli, send
 from smtpfleet.testing.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -51,7 +51,7 @@ async def test_a_burst_beyond_the_budget_gets_452_and_memory_comes_back() -> Non
         node, sink = cluster.node_processes[0], cluster.sink_servers[0]
         assert (await send(node.smtp)).code == 250
         await eventually(lambda: sink.count == 1)
-        await asyncio.sleep(1.0)
+        await eventually(lambda: queue_is_empty(cluster))  # that delivery has finished
         base_mb = _status_mb(node.pid, "VmRSS")
 
         # Deliveries wait while the burst arrives, so the peak is the accept path's alone.

@@ -7,7 +7,11 @@ import json
 from typing import Any
 
 import pytest
+import redis
 
+from smtpfleet.envelope import shard_of
+from smtpfleet.node import Node
+from smtpfleet.queue.keys import Keys
 from smtpfleet.testing import LocalCluster, eventually, node_config, run_cli, running_node, send
 from smtpfleet.testing.sink import Sink
 
@@ -69,6 +73,71 @@ async def test_status_queue_and_dead_letter_commands(
         assert err.strip() == f"smtpfleet: no queued message {busy_qid}"
 
 
+UNKNOWN = "550 5.1.1 User unknown"
+
+
+async def test_queue_delete_dead_purge_and_requeue_all(
+    redis_url: str, prefix: str, redis_client: redis.Redis, sink: Sink
+) -> None:
+    gone = [f"gone{n}@example.net" for n in range(1, 5)]
+    sink.faults.rcpt_replies = dict.fromkeys(gone, UNKNOWN) | {"busy@example.net": "451 4.2.1"}
+    overrides = {"redis": {"prefix": prefix}, "retry": {"initial_s": 3600, "max_s": 3600}}
+    config = node_config(redis_url, [sink.address], overrides)
+    keys = Keys(prefix, config.redis.shards)
+    target = ["--redis", redis_url]
+
+    def body_kept(qid: str) -> bool:
+        return bool(redis_client.exists(keys.body(shard_of(qid), qid)))
+
+    async with running_node(config) as node:
+        busy = await queue_one(node, "sender@example.com", "busy@example.net")
+        dead = [await queue_one(node, "", rcpt) for rcpt in gone]  # null sender: no DSN
+        await eventually(lambda: waiting(node, retry=1, dead=4), timeout_s=10)
+        assert all(body_kept(qid) for qid in [busy, *dead])  # positive control
+
+        deleted = await _with_prefix(prefix, "queue", "delete", busy, *target)
+        assert deleted["result"] == "deleted (retry)"
+        assert not body_kept(busy)
+        assert await waiting(node, retry=0, dead=4)
+
+        purged = await _with_prefix(prefix, "dead", "purge", dead[0], *target)
+        assert purged["result"] == "deleted (dead)"
+        assert not body_kept(dead[0])
+        assert all(body_kept(qid) for qid in dead[1:])
+        assert await waiting(node, retry=0, dead=3)
+
+        sink.faults.rcpt_replies = {}
+        assert await _with_prefix(prefix, "dead", "requeue", "--all", *target) == {"requeued": 3}
+        await eventually(lambda: sink.count == 3, timeout_s=10)
+        assert sorted(r for m in sink.messages for r in m.recipients) == gone[1:]
+        await eventually(lambda: waiting(node, retry=0, dead=0))
+
+        sink.faults.rcpt_replies = {"late@example.net": UNKNOWN}
+        late = await queue_one(node, "", "late@example.net")
+        await eventually(lambda: waiting(node, retry=0, dead=1), timeout_s=10)
+        assert body_kept(late)
+        assert await _with_prefix(prefix, "dead", "purge", "--all", *target) == {"purged": 1}
+        assert not body_kept(late)
+        assert await waiting(node, retry=0, dead=0)
+        assert sink.count == 3  # nothing deleted or purged was ever delivered
+
+
+async def queue_one(node: Node, sender: str, recipient: str) -> str:
+    reply = await send(node.inbound.addresses[0], sender=sender, recipients=[recipient])
+    assert reply.code == 250
+    return reply.text.rsplit(" ", 1)[-1]
+
+
+async def waiting(node: Node, *, retry: int, dead: int) -> bool:
+    stats = await node.queue.stats(10**13)
+    return (stats["ready"], stats["in_flight"], stats["retry"], stats["dead"]) == (
+        0,
+        0,
+        retry,
+        dead,
+    )
+
+
 async def _with_prefix(prefix: str, *args: str) -> Any:
     code, out, err = await _raw_with_prefix(prefix, *args, "--json")
     assert code == 0, err
@@ -107,7 +176,9 @@ async def test_relay_pause_and_node_drain_reach_the_running_cluster() -> None:
             assert (await run_cli("relay", "pause", "relay-1", *target))[0] == 0
             status = await cli_json("status", *target)
             assert {r["name"]: r["verdict"] for r in status["relays"]}["relay-1"] == "paused"
-            await asyncio.sleep(1.0)  # every node reads the pause within a health interval
+            # Every node reads the pause within a health interval, and says so.
+            for node in cluster.node_processes:
+                await eventually(lambda n=node: "paused relays: relay-1" in n.log_path.read_text())
             before = a.count
             for _ in range(10):
                 assert (await send(cluster.node_processes[0].smtp)).code == 250

@@ -69,7 +69,15 @@ async def test_when_no_relay_is_healthy_mail_waits_and_nothing_bounces(
         await eventually(lambda: not node.health.healthy, timeout_s=5)
         for _ in range(5):
             assert (await send(node.inbound.addresses[0])).code == 250
-        await asyncio.sleep(1.5)
+
+        def failed_checks() -> float:
+            labels = {"relay": "relay-1", "result": "fail"}
+            return node.registry.get_sample_value("smtpfleet_health_checks_total", labels) or 0
+
+        # The node keeps running with the relay down for several health intervals (each a
+        # chance to bounce or drop the mail) before we look at where the mail is.
+        after_sending = failed_checks()
+        await eventually(lambda: failed_checks() >= after_sending + 5, timeout_s=10)
         depth = await node.queue.depth()
         assert depth["stream"] + depth["retry"] == 5
         assert depth["dead"] == 0

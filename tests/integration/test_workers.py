@@ -163,8 +163,19 @@ async def test_a_second_signal_makes_every_worker_exit_at_once(sink: Sink) -> No
             await reader.readline()
             writer.write(b"EHLO t\r\nMAIL FROM:<a@example.com>\r\n")
         node.signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
-        assert node.running
+
+        async def refuses_new_sessions() -> bool:
+            try:
+                reader, writer = await asyncio.open_connection(*node.smtp)
+            except OSError:
+                return False
+            try:
+                return (await asyncio.wait_for(reader.readline(), 5)).startswith(b"421")
+            finally:
+                writer.close()
+
+        await eventually(refuses_new_sessions)  # the first SIGTERM took effect: draining
+        assert node.running  # ... and waits for the transactions in progress
         node.signal(signal.SIGTERM)
         code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
         assert code == 130  # FORCED_EXIT, as a single node answers a second signal

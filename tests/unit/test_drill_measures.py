@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from smtpfleet.drills.runner import SAMPLE_S, Sample, fault_latencies, loop_lag_s
+from smtpfleet.drills.runner import (
+    SAMPLE_S,
+    Sample,
+    _judge,
+    fault_delivery_max_s,
+    fault_latencies,
+    loop_lag_s,
+)
+from smtpfleet.drills.scenarios import SCENARIOS
 from smtpfleet.loadgen.paced import Sent
 
 START = 1000.0  # monotonic time the drill started
@@ -35,3 +43,20 @@ def test_loop_lag_is_the_longest_oversleep_of_the_sampler() -> None:
 def test_an_on_time_or_empty_timeline_has_no_lag() -> None:
     assert loop_lag_s([]) == 0.0
     assert loop_lag_s([Sample(i * SAMPLE_S, 0, 0) for i in range(10)]) == pytest.approx(0.0)
+
+
+def test_fault_delivery_is_the_slowest_send_to_first_arrival_inside_the_window() -> None:
+    messages = [sent(2.0, 0.01), sent(3.0, 0.01), sent(4.0, 0.01), sent(5.0, 0.01, code=451)]
+    arrivals = {"m2.0": START + 9.0, "m3.0": START + 3.2, "m4.0": START + 6.5}
+    assert fault_delivery_max_s(messages, arrivals, START, 3.0, 6.0) == pytest.approx(2.5)
+    assert fault_delivery_max_s(messages, {}, START, 3.0, 6.0) is None
+
+
+def test_a_floor_not_reached_fails_the_drill() -> None:
+    tempfail = SCENARIOS["relay-tempfail"]
+    assert tempfail.floors == {"relay_refusals": 1}
+    met = dict.fromkeys(tempfail.objectives, 0) | {"relay_refusals": 3}
+    assert _judge(tempfail, met) == []
+    assert _judge(tempfail, met | {"relay_refusals": 0}) == [
+        "relay_refusals = 0 < 1: the fault was not exercised"
+    ]

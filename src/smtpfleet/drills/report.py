@@ -33,6 +33,7 @@ def _as_json(result: DrillResult) -> dict[str, object]:
         "failures": result.failures,
         "metrics": result.metrics,
         "objectives": result.objectives,
+        "floors": result.floors,
         "marks_s": result.marks,
         "timeline": [asdict(s) for s in result.timeline],
     }
@@ -49,8 +50,9 @@ def markdown(result: DrillResult, picture: Path | None) -> str:
         "|---|---|---|",
     ]
     for name, value in result.metrics.items():
-        bound = result.objectives.get(name)
+        bound, floor = result.objectives.get(name), result.floors.get(name)
         objective = f"≤ {bound:g}" if bound is not None else ""
+        objective = f"≥ {floor:g}" if floor is not None else objective
         shown = "n/a" if value is None else value
         lines.append(f"| {name} | {shown} | {objective} |")
     if result.failures:

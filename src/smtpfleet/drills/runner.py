@@ -9,6 +9,9 @@ load → settle (wait for every accepted message) → reconcile.
 - duplicates: deliveries beyond the first.
 - client_errors / client_5xx: final replies a sender saw after trying every node.
 - fault_p99_ms: accept latency p99 during the fault window.
+- fault_delivery_max_s: the slowest message sent during the fault window, from its send to its
+  first delivery (a retry instead of the next relay at once shows here).
+- relay_refusals: recipients and messages the relays refused (4xx/5xx at RCPT or the dot).
 - drill_loop_lag_ms: the longest the drill's own event loop was late (its sampler's oversleep).
   The load generator runs in that loop: a large lag means the latencies are partly the drill's.
 """
@@ -29,7 +32,7 @@ from smtpfleet.drills.scenarios import DrillContext, Scenario
 from smtpfleet.loadgen.messages import tag_of
 from smtpfleet.loadgen.paced import PacedLoad, Sent
 from smtpfleet.queue.redis_queue import RedisQueue
-from smtpfleet.testing.localcluster import LocalCluster
+from smtpfleet.testing.localcluster import LocalCluster, deep_merge
 
 SAMPLE_S = 0.25
 
@@ -77,6 +80,7 @@ class DrillResult:
     latencies: list[tuple[float, float]]  # (t, accept latency s) relative to start
     marks: dict[str, float]  # inject, heal, detected, recovered (s since start)
     counts: dict[str, int] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -84,7 +88,8 @@ class DrillResult:
 
 
 async def run_drill(scenario: Scenario, timing: Timing) -> DrillResult:
-    cluster = LocalCluster(nodes=3, sinks=2, overrides=DRILL_CONFIG, appendfsync="always")
+    overrides = deep_merge(DRILL_CONFIG, scenario.overrides)
+    cluster = LocalCluster(nodes=3, sinks=2, overrides=overrides, appendfsync="always")
     async with cluster:
         assert cluster.redis is not None
         client = aioredis.Redis.from_url(cluster.redis.url, socket_timeout=1.0)
@@ -163,6 +168,34 @@ def _outcomes(cluster: LocalCluster) -> tuple[dict[str, int], set[str]]:
     return delivered, bounced
 
 
+def _first_arrivals(cluster: LocalCluster) -> dict[str, float]:
+    """When each tag first reached a relay (time.monotonic(), the drill's own clock)."""
+    first: dict[str, float] = {}
+    for sink in cluster.sink_servers:
+        for message in sink.messages:
+            tag = tag_of(message.data)
+            if tag is not None and message.sender != "":
+                first[tag] = min(first.get(tag, message.at), message.at)
+    return first
+
+
+def _refusals(cluster: LocalCluster) -> int:
+    return sum(len(s.refused_recipients) + len(s.rejected) for s in cluster.sink_servers)
+
+
+def fault_delivery_max_s(
+    sent: list[Sent], arrivals: dict[str, float], start: float, inject_s: float, end_s: float
+) -> float | None:
+    """Send to first delivery, at worst, of the messages sent in the fault window; None when
+    one of them never arrived (`lost` says so) or none was sent."""
+    waits = [
+        arrivals[s.tag] - s.at
+        for s in sent
+        if s.code == 250 and inject_s <= s.at - start <= end_s and s.tag in arrivals
+    ]
+    return round(max(waits), 2) if waits else None
+
+
 async def _settle(
     cluster: LocalCluster, load: PacedLoad, scenario: Scenario, settle_s: float
 ) -> None:
@@ -237,6 +270,10 @@ def _result(
         "drill_loop_lag_ms": round(loop_lag_s(timeline) * 1000, 1),
         "max_latency_s": round(max((s.latency_s for s in load.sent), default=0.0), 2),
         "retries": retries,
+        "fault_delivery_max_s": fault_delivery_max_s(
+            load.sent, _first_arrivals(ctx.cluster), start, inject, fault_end
+        ),
+        "relay_refusals": _refusals(ctx.cluster),
         "exit_code": ctx.notes.get("exit_code")
         if isinstance(ctx.notes.get("exit_code"), int)
         else None,  # type: ignore[dict-item]
@@ -252,6 +289,7 @@ def _result(
         timeline,
         latencies,
         marks,
+        floors=dict(scenario.floors),
     )
 
 
@@ -285,6 +323,10 @@ def _judge(scenario: Scenario, metrics: dict[str, float | int | None]) -> list[s
             failures.append(f"{name}: not measured (objective ≤ {bound})")
         elif value > bound:
             failures.append(f"{name} = {value} > {bound}")
+    for name, floor in scenario.floors.items():
+        value = metrics.get(name)
+        if value is None or value < floor:
+            failures.append(f"{name} = {value} < {floor}: the fault was not exercised")
     if scenario.expects_bounces and not metrics["bounced"]:
         failures.append("bounced = 0: the permanent failures produced no DSN")
     return failures

@@ -6,11 +6,15 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
+from smtpfleet.config import Config, RoutingKey, load_config
 from smtpfleet.loadgen.messages import RECIPIENT
+from smtpfleet.queue.keys import Keys
 from smtpfleet.testing.localcluster import LocalCluster
+from smtpfleet.testing.routing import ring_order
 from smtpfleet.testing.sink import Sink
 
 
@@ -22,8 +26,21 @@ class DrillContext:
 
     @property
     def relay(self) -> Sink:
-        """The relay the relay-* scenarios break."""
+        """The relay the relay-* scenarios break (unless a scenario picks its own)."""
+        faulty = self.notes.get("faulty_relay")
+        for sink in self.cluster.sink_servers:
+            if sink.name == faulty:
+                return sink
         return self.cluster.sink_servers[0]
+
+    @property
+    def config(self) -> Config:
+        """The configuration the first node runs with, read from its file."""
+        return load_config(self.cluster.node_processes[0].config_path, {})
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.config.redis.prefix, self.config.redis.shards)
 
 
 Step = Callable[[DrillContext], Awaitable[None]]
@@ -39,13 +56,17 @@ class Scenario:
     detected: Probe | None = None
     # metric -> the most it may be (the drill fails when any is exceeded)
     objectives: Mapping[str, float] = field(default_factory=dict)
+    # metric -> the least it must be (a fault that was never exercised proves nothing)
+    floors: Mapping[str, float] = field(default_factory=dict)
     expects_bounces: bool = False
     # Detection is the first 4xx a sender saw (the cluster telling clients it is in trouble).
     detected_by_clients: bool = False
+    # Configuration for this drill on top of the drills' own (runner.DRILL_CONFIG).
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 async def _views_down(ctx: DrillContext) -> bool:
-    keys = [f"{{smtpfleet}}:view:node-{n.index}" for n in ctx.cluster.node_processes if n.running]
+    keys = [ctx.keys.view(f"node-{n.index}") for n in ctx.cluster.node_processes if n.running]
     states = [await ctx.redis.hget(key, "relay-1") for key in keys]
     return bool(states) and all(s == b"0" for s in states)
 
@@ -77,12 +98,25 @@ def _faults(**faults: object) -> Step:
     return step
 
 
+TEMPFAIL = "451 4.3.0 Try again later"
+
+
+async def _tempfail_first_relay(ctx: DrillContext) -> None:
+    """451 from the relay the load's key is routed to first, so the fallback must be used."""
+    config = ctx.config
+    assert config.routing.key is RoutingKey.RECIPIENT_DOMAIN, "the drill routes by domain"
+    first = ring_order(config, RECIPIENT.rpartition("@")[2])[0]
+    ctx.notes["faulty_relay"] = first
+    assert ctx.relay.name == first, f"no sink for {first}"
+    await _set_faults(ctx, rcpt_replies={RECIPIENT: TEMPFAIL})
+
+
 async def _kill_node(ctx: DrillContext) -> None:
     ctx.cluster.node_processes[0].kill()
 
 
 async def _node_forgotten(ctx: DrillContext) -> bool:
-    return await ctx.redis.zscore("{smtpfleet}:nodes", "node-1") is None
+    return await ctx.redis.zscore(ctx.keys.nodes(), "node-1") is None
 
 
 async def _drain_node(ctx: DrillContext) -> None:
@@ -151,9 +185,14 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "relay-tempfail",
             "a relay answers 451 to every recipient: mail moves to the next relay at once",
-            inject=_faults(rcpt_replies={RECIPIENT: "451 4.3.0 Try again later"}),
+            inject=_tempfail_first_relay,
             heal=_faults(rcpt_replies={}),
-            objectives={**RELAY_FAULT, "rto_s": 5},
+            # Every message sent during the fault arrives without waiting for a retry (the
+            # drills' first retry is 0.5 s later, and the relay stays bad for seconds).
+            objectives={**RELAY_FAULT, "rto_s": 5, "fault_delivery_max_s": 2.0},
+            floors={"relay_refusals": 1},  # the 451 relay really was tried
+            # One key for all the load, routed first to the relay that answers 451.
+            overrides={"routing": {"key": "recipient_domain"}},
         ),
         Scenario(
             "relay-permfail",

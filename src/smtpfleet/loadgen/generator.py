@@ -114,6 +114,89 @@ class _Pacer:
             await asyncio.sleep(slot - now)
 
 
+class _Run:
+    """What every client of one run shares: the message numbers, targets, pace and result."""
+
+    def __init__(
+        self,
+        targets: Sequence[tuple[str, int]],
+        *,
+        total: int | None,
+        duration_s: float | None,
+        rate: float | None,
+        size: int,
+        per_session: int,
+        timeout_s: float,
+    ) -> None:
+        self.result = LoadResult(run_id=uuid.uuid4().hex[:10])
+        self.endpoints = itertools.cycle(targets)
+        self.pacer = _Pacer(rate)
+        self.size = size
+        self.per_session = per_session
+        self.timeout_s = timeout_s
+        self._counter = itertools.count()
+        self._total = total
+        self._deadline = time.perf_counter() + duration_s if duration_s else float("inf")
+
+    def next_number(self) -> int | None:
+        """The next message's number, or None once the count or the duration is reached."""
+        n = next(self._counter)
+        if (self._total is not None and n >= self._total) or time.perf_counter() >= self._deadline:
+            return None
+        return n
+
+    def record(self, tag: str, code: int) -> None:
+        self.result.sent += 1
+        self.result.codes[code] += 1
+        if code == 250:
+            self.result.accepted_ids.append(tag)
+
+
+class _Client:
+    """One sender: a session reused for `per_session` messages, reopened after 421 or an error."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._session: _Session | None = None
+        self._used = 0
+
+    async def run(self) -> None:
+        while (n := self._run.next_number()) is not None:
+            await self._run.pacer.wait()
+            tag = f"{self._run.result.run_id}-{n}"
+            self._run.record(tag, await self._send(tag))
+        self._close()
+
+    async def _send(self, tag: str) -> int:
+        """One message; its final reply code, 0 when the session failed."""
+        run = self._run
+        try:
+            session = await self._ready_session()
+            started = time.perf_counter()
+            async with asyncio.timeout(run.timeout_s):
+                code = await session.send(message_bytes(tag, run.size))
+            run.result.latencies_s.append(time.perf_counter() - started)
+            self._used += 1
+            if code == 421:
+                self._close()
+        except (OSError, ConnectionError, ValueError, TimeoutError):
+            self._session = None
+            return 0
+        return code
+
+    async def _ready_session(self) -> _Session:
+        if self._session is None or self._used >= self._run.per_session:
+            self._close()
+            self._session = await _open(*next(self._run.endpoints), self._run.timeout_s)
+            self._used = 0
+        return self._session
+
+    def _close(self) -> None:
+        if self._session is not None:
+            self._session.writer.close()
+            self._session = None
+
+
 async def run_load(
     targets: Sequence[tuple[str, int]],
     *,
@@ -129,49 +212,19 @@ async def run_load(
     """Send `total` messages, or for `duration_s`, over `concurrency` sessions."""
     if total is None and duration_s is None:
         raise ValueError("give a message count or a duration")
-    result = LoadResult(run_id=uuid.uuid4().hex[:10])
-    counter = itertools.count()
-    endpoints = itertools.cycle(targets)
-    pacer = _Pacer(rate)
-    deadline = time.perf_counter() + duration_s if duration_s else float("inf")
-
-    def more() -> int | None:
-        n = next(counter)
-        if (total is not None and n >= total) or time.perf_counter() >= deadline:
-            return None
-        return n
-
-    async def client() -> None:
-        session: _Session | None = None
-        used = 0
-        while (n := more()) is not None:
-            await pacer.wait()
-            tag = f"{result.run_id}-{n}"
-            try:
-                if session is None or used >= per_session:
-                    if session is not None:
-                        session.writer.close()
-                    session, used = await _open(*next(endpoints), timeout_s), 0
-                started = time.perf_counter()
-                async with asyncio.timeout(timeout_s):
-                    code = await session.send(message_bytes(tag, size))
-                result.latencies_s.append(time.perf_counter() - started)
-                used += 1
-                if code == 421:
-                    session.writer.close()
-                    session = None
-            except (OSError, ConnectionError, ValueError, TimeoutError):
-                code, session = 0, None
-            result.sent += 1
-            result.codes[code] += 1
-            if code == 250:
-                result.accepted_ids.append(tag)
-        if session is not None:
-            session.writer.close()
-
+    run = _Run(
+        targets,
+        total=total,
+        duration_s=duration_s,
+        rate=rate,
+        size=size,
+        per_session=per_session,
+        timeout_s=timeout_s,
+    )
+    result = run.result
     started = time.perf_counter()
     progress = asyncio.create_task(_report(result, on_progress)) if on_progress else None
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(_Client(run).run() for _ in range(concurrency)))
     result.elapsed_s = time.perf_counter() - started
     if progress is not None:
         progress.cancel()

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from smtpfleet.testing.localcluster import LocalCluster, NodeProcess
     from smtpfleet.testing.nodes import FAST_RETRY, node_config, running_node
     from smtpfleet.testing.redis_server import RedisServer, free_port
+    from smtpfleet.testing.routing import domain_routed_first_to, ring_order
     from smtpfleet.testing.sink import Faults, ReceivedMessage, Sink
-    from smtpfleet.testing.steady import SteadyLoad, message_ids, whereabouts
+    from smtpfleet.testing.steady import SteadyLoad, message_ids, queue_is_empty, whereabouts
 
 _HOMES = {
     "client": ("Reply", "eventually", "make_message", "run_cli", "send"),
@@ -30,8 +31,9 @@ _HOMES = {
     "localcluster": ("LocalCluster", "NodeProcess"),
     "nodes": ("FAST_RETRY", "node_config", "running_node"),
     "redis_server": ("RedisServer", "free_port"),
+    "routing": ("domain_routed_first_to", "ring_order"),
     "sink": ("Faults", "ReceivedMessage", "Sink"),
-    "steady": ("SteadyLoad", "message_ids", "whereabouts"),
+    "steady": ("SteadyLoad", "message_ids", "queue_is_empty", "whereabouts"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -47,11 +49,14 @@ __all__ = [
     "Reply",
     "Sink",
     "SteadyLoad",
+    "domain_routed_first_to",
     "eventually",
     "free_port",
     "make_message",
     "message_ids",
     "node_config",
+    "queue_is_empty",
+    "ring_order",
     "run_cli",
     "running_node",
     "send",

@@ -93,6 +93,19 @@ async def whereabouts(cluster: LocalCluster, qids: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+async def queue_is_empty(cluster: LocalCluster) -> bool:
+    """Nothing ready, in flight or waiting for a retry: every accepted message is finished,
+    so no delivery is left that could still arrive (dead letters do not count)."""
+    assert cluster.redis is not None
+    redis_config = RedisConfig(**{**cluster.overrides.get("redis", {}), "url": cluster.redis.url})
+    queue = RedisQueue(redis_config, QueueConfig())
+    try:
+        stats = await queue.stats(10**13)
+    finally:
+        await queue.close()
+    return stats["ready"] + stats["in_flight"] + stats["retry"] == 0
+
+
 async def _place(admin: Admin, qid: str) -> str:
     body = "body kept" if await admin.headers(qid) else "no body"
     try:

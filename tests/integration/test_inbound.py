@@ -23,6 +23,7 @@ from smtpfleet.errors import QueueFull, QueueUnavailable
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer, rewrite
+from smtpfleet.testing.client import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,8 +41,10 @@ class MemorySpool:
     delay_s: float = 0.0  # 3600 = hang
     duplicate_of: str | None = None
     cancelled: int = 0
+    started: int = 0  # enqueues begun (in flight or done)
 
     async def enqueue(self, message: NewMessage) -> EnqueueResult:
+        self.started += 1
         try:
             await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:
@@ -395,7 +398,7 @@ async def test_drain_refuses_new_work_but_finishes_the_transaction(h: Harness) -
     idle = await h.connect()
     await busy.start_transaction()
     busy.send(MESSAGE[:20])  # DATA in flight when the drain starts
-    await asyncio.sleep(0.05)
+    await eventually(lambda: h.server.budget.held > 0, timeout_s=WAIT_S)
     h.server.start_draining()
     assert (await idle.reply()).startswith("421 4.3.2")  # idle sessions are told at once
     assert await idle.closed()
@@ -513,7 +516,7 @@ async def test_close_is_prompt_and_cancels_work_in_flight() -> None:
         await waiting.start_transaction()
         waiting.send(MESSAGE)
         idle = await h.connect()
-        await asyncio.sleep(0.1)
+        await eventually(lambda: spool.started == 1, timeout_s=WAIT_S)  # the enqueue waits
         loop = asyncio.get_running_loop()
         started = loop.time()
         await h.server.close()
@@ -686,21 +689,19 @@ async def test_a_client_that_resets_after_the_final_dot_still_gets_its_accept_re
         client = await h.connect()
         await client.start_transaction()
         client.send(MESSAGE)
-        await asyncio.sleep(0.05)  # the enqueue is in flight
+        await eventually(lambda: spool.started == 1, timeout_s=WAIT_S)  # the enqueue is in flight
+        assert not spool.messages
         client.writer.transport.abort()  # RST, no reply read
-        for _ in range(50):
-            if spool.messages:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: spool.messages, timeout_s=WAIT_S)
         [message] = spool.messages
-        records = [r for r in caplog.records if getattr(r, "event", "") == "smtp.transaction"]
-        for _ in range(20):
-            if records:
-                break
-            await asyncio.sleep(0.05)
-            records = [r for r in caplog.records if getattr(r, "event", "") == "smtp.transaction"]
-        assert [getattr(r, "qid", None) for r in records] == [message.qid]
-        assert [getattr(r, "code", None) for r in records] == [250]
+
+        def records() -> list[Any]:
+            return [r for r in caplog.records if getattr(r, "event", "") == "smtp.transaction"]
+
+        await eventually(records, timeout_s=WAIT_S)
+        logged = records()
+        assert [getattr(r, "qid", None) for r in logged] == [message.qid]
+        assert [getattr(r, "code", None) for r in logged] == [250]
 
 
 async def test_the_node_wide_byte_budget_refuses_with_452_and_is_given_back() -> None:
@@ -709,11 +710,7 @@ async def test_the_node_wide_byte_budget_refuses_with_452_and_is_given_back() ->
         first, second, third = await h.connect(), await h.connect(), await h.connect()
         await first.start_transaction()
         first.send(b"Subject: a\r\n\r\n" + (b"a" * 78 + b"\r\n") * 100)  # 8 kB, no final dot
-        for _ in range(100):
-            if budget.held >= 8_000:
-                break
-            await asyncio.sleep(0.01)
-        assert budget.held >= 8_000
+        await eventually(lambda: budget.held >= 8_000, timeout_s=WAIT_S)
         # The budget cannot hold a second 8 kB message: refused after its final dot, with a
         # temporary reply, and what it had taken is given back at once.
         await second.start_transaction()
