@@ -125,6 +125,23 @@ class RedisConfig(_Section):
     shards: Annotated[int, Field(ge=1, le=4096)] = 16
     socket_timeout_s: PositiveFloat = 5.0
     max_connections: PositiveInt = 64
+    # Sentinel: when set, the primary of `master_name` is found through these (HOST:PORT) and
+    # followed across failovers; `url` then only gives the database number and TLS (rediss://).
+    sentinels: list[str] = Field(default_factory=list)
+    master_name: str = "smtpfleet"
+    # Credentials of the data nodes (ACL user and password) and of the Sentinels; a password
+    # in `url` works too. Never logged.
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = Field(default=None, repr=False)
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hostport(item)
+        return value
 
 
 class Durability(StrEnum):

@@ -21,6 +21,7 @@ from smtpfleet.envelope import EnqueueResult, Kind, NewMessage, QueuedMessage, n
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import Batcher, Command
+from smtpfleet.queue.connection import connect
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
 
 log = logging.getLogger(__name__)
@@ -86,18 +87,8 @@ class RedisQueue:
     def __init__(self, redis_config: RedisConfig, queue_config: QueueConfig) -> None:
         self.keys = Keys(redis_config.prefix, redis_config.shards)
         self._queue = queue_config
-        # A blocking pool: at its size, a command waits for a free connection instead of
-        # failing at once (redis-py's default pool raises "Too many connections", which under
-        # load turned good accepts into 451s and finished deliveries into redeliveries).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_config.url,
-            max_connections=redis_config.max_connections,
-            timeout=redis_config.socket_timeout_s,
-            socket_timeout=redis_config.socket_timeout_s,
-            socket_connect_timeout=redis_config.socket_timeout_s,
-            health_check_interval=30,
-        )
-        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
+        self._connection = connect(redis_config)  # one URL, or Sentinel's primary
+        self._redis: aioredis.Redis = self._connection.client
         self._enqueue = self._redis.register_script(scripts.ENQUEUE)
         self._cancel = self._redis.register_script(scripts.CANCEL)
         self._move_due = self._redis.register_script(scripts.MOVE_DUE)
@@ -115,7 +106,7 @@ class RedisQueue:
     async def close(self) -> None:
         await self._accepts.close()
         await self._deliveries.close()
-        await self._redis.aclose()
+        await self._connection.aclose()
 
     def _confirmation_command(self) -> Command | None:
         timeout_ms = self._queue.durability_timeout_ms

@@ -1,0 +1,87 @@
+"""How a node reaches Redis: one URL, or the primary of a Sentinel set, followed across failovers.
+
+Both give a blocking pool: at its size a command waits for a free connection instead of failing
+at once (redis-py's default pool raises "Too many connections", which under load turned good
+accepts into 451s and finished deliveries into redeliveries).
+
+With Sentinel, redis-py asks the Sentinels for the primary whenever a connection is made, and
+a connection that meets `READONLY` (its server was demoted) disconnects, so the next command
+reconnects to the new primary; until then our Redis boundary turns the errors into
+`QueueUnavailable` (451 on accept, a pause in delivery).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+from smtpfleet.config import RedisConfig, parse_hostport
+
+
+class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The primary's connections from Sentinel, with the blocking pool's waiting."""
+
+
+@dataclass
+class RedisConnection:
+    client: aioredis.Redis
+    sentinel: Sentinel | None = None  # its own connections to the Sentinels
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        if self.sentinel is not None:
+            await self.sentinel.aclose()
+
+
+def connect(config: RedisConfig) -> RedisConnection:
+    """A client for the queue's Redis (connections are made on first use)."""
+    timeouts = {
+        "socket_timeout": config.socket_timeout_s,
+        "socket_connect_timeout": config.socket_timeout_s,
+    }
+    if not config.sentinels:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            config.url,
+            max_connections=config.max_connections,
+            timeout=config.socket_timeout_s,
+            health_check_interval=30,
+            **_credentials(config),
+            **timeouts,
+        )
+        return RedisConnection(aioredis.Redis.from_pool(pool))
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        [parse_hostport(address) for address in config.sentinels],
+        sentinel_kwargs={**timeouts, **_sentinel_credentials(config)},
+        **timeouts,
+    )
+    pool = BlockingSentinelPool(  # type: ignore[no-untyped-call]
+        config.master_name,
+        sentinel,
+        max_connections=config.max_connections,
+        timeout=config.socket_timeout_s,
+        health_check_interval=30,
+        db=_database(config.url),
+        ssl=urlparse(config.url).scheme == "rediss",
+        **_credentials(config),
+        **timeouts,
+    )
+    return RedisConnection(aioredis.Redis.from_pool(pool), sentinel)
+
+
+def _credentials(config: RedisConfig) -> dict[str, Any]:
+    given = {"username": config.username, "password": config.password}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _sentinel_credentials(config: RedisConfig) -> dict[str, Any]:
+    given = {"username": config.sentinel_username, "password": config.sentinel_password}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _database(url: str) -> int:
+    path = urlparse(url).path.strip("/")
+    return int(path) if path.isdigit() else 0
