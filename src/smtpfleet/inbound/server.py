@@ -25,6 +25,7 @@ from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, Final, cast
 
+from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from smtpfleet import replies
@@ -33,6 +34,7 @@ from smtpfleet.errors import ConfigError
 from smtpfleet.inbound import tls
 from smtpfleet.inbound.budget import ByteBudget
 from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.inbound.proxy import client_of, in_networks, networks
 from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.syntax import parse_path, parse_vrfy
 from smtpfleet.metrics import Metrics, reply_class, tls_version
@@ -126,6 +128,7 @@ class InboundSMTP(SMTP):
         self._server = server
         self._listener = listener
         self._greeted = False  # the 220 banner went out
+        self._client: tuple[str, int] | None = None  # the client a PROXY header named
         self._lost = False  # connection_lost ran
         self._refusal: str | None = None
         self._busy = False  # a command is being handled
@@ -161,6 +164,10 @@ class InboundSMTP(SMTP):
         if not upgraded:
             self._refusal = self._server.register(self)
         super().connection_made(transport)
+        if upgraded and self._client is not None and self.session is not None:
+            # The fresh session is still the proxied client's. (aiosmtpd types peer as a str but
+            # stores the transport's peername tuple, as we do.)
+            self.session.peer = self._client  # type: ignore[assignment]
         if not upgraded and self._handler_coroutine is not None:
             self._handler_coroutine.add_done_callback(_retrieve)
 
@@ -183,8 +190,7 @@ class InboundSMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             return  # told to leave before the greeting
         if not await self._before_greeting():
-            if self.transport is not None:
-                self.transport.close()
+            self._close_before_greeting()
             return
         refusal = self._refusal or (replies.SHUTTING_DOWN if self._server.draining else None)
         if refusal is not None:
@@ -194,14 +200,64 @@ class InboundSMTP(SMTP):
         self._greeted = True
         await super()._handle_client()
 
+    def _close_before_greeting(self) -> None:
+        if self._original_transport is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        # A TLS handshake was cut short: asyncio will not tell the session, so we do.
+        self._original_transport.close()
+        self.connection_lost(None)
+
     async def _before_greeting(self) -> bool:
-        """What a listener needs before its banner: the TLS handshake of implicit TLS."""
+        """What a listener needs before its banner: a PROXY header, then implicit TLS."""
+        if self._listener.proxy_protocol and not self._from_trusted_proxy():
+            return False
         try:
             async with asyncio.timeout(self._server.pre_greeting_timeout_s):
+                if self._listener.proxy_protocol and not await self._read_proxy_header():
+                    return False
                 return not self._listener.implicit_tls or await self._start_tls()
         except TimeoutError:
             log.info("%r: nothing usable before the greeting timeout", self._peer())
+            if self._listener.proxy_protocol and self.session and not self.session.proxy_data:
+                self._server.metrics.proxy_headers.labels("invalid").inc()
+            else:
+                self._handshake("failed", None)
             return False
+
+    # -- PROXY protocol --------------------------------------------------------------------
+
+    def _from_trusted_proxy(self) -> bool:
+        """Only a trusted proxy may name the client; anyone else is closed without a word."""
+        peer = self.session.peer if self.session is not None else None
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if in_networks(address, self._server.trusted_proxies):
+            return True
+        log.warning("%s: not a trusted proxy, closed before the banner", address)
+        self._server.metrics.proxy_headers.labels("untrusted").inc()
+        return False
+
+    async def _read_proxy_header(self) -> bool:
+        """A v1 or v2 header (aiosmtpd's parser); its client becomes this session's peer."""
+        assert self.session is not None
+        try:
+            data = await get_proxy(self._reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            data = None
+        if not data:  # ProxyData is false when invalid
+            log.info("%r: no valid PROXY header, closed", self._peer())
+            self._server.metrics.proxy_headers.labels("invalid").inc()
+            return False
+        self.session.proxy_data = data
+        self._client = client_of(data)
+        if self._client is None:  # the proxy's own check (v2 LOCAL, v1 UNKNOWN)
+            self._server.metrics.proxy_headers.labels("local").inc()
+            return True
+        log.debug("%r: PROXY header names %r", self._peer(), self._client)
+        self.session.peer = self._client  # type: ignore[assignment]
+        self._server.metrics.proxy_headers.labels("ok").inc()
+        return True
 
     def _peer(self) -> object:
         return self.session.peer if self.session else None
@@ -522,6 +578,7 @@ class InboundServer:
         self.budget = ByteBudget(config.max_receiving_bytes)
         self.certificates: Reloading[ssl.SSLContext] | None = None  # loaded by start()
         self.pre_greeting_timeout_s = config.proxy_timeout_s
+        self.trusted_proxies = networks(config.trusted_proxies)
         self._config = config
         self._handler = handler
         self._hostname = hostname
