@@ -121,7 +121,7 @@ class InboundTlsConfig(_Section):
 class InboundAuthConfig(_Section):
     """SMTP AUTH (PLAIN, LOGIN) on submission listeners, only under TLS."""
 
-    # Lines of "user:hash" (argon2, as made by `smtpfleet auth hash`); reloaded on change.
+    # Lines of "user:hash" (argon2id, as argon2-cffi's PasswordHasher writes them).
     users_file: str = ""
     reload_interval_s: PositiveFloat = 10.0
     # Failed attempts per client IP (this node) within the window before 421 4.7.0.

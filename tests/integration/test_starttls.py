@@ -299,3 +299,15 @@ async def test_swaks_sends_over_starttls(front: Front, certs: TlsFiles) -> None:
     assert b"=== TLS started with cipher TLSv1.3" in output
     (message,) = front.spool.messages
     assert b"(using TLSv1.3 with cipher " in message.data
+
+
+async def test_auth_is_not_offered_in_clear_or_under_tls(front: Front, certs: TlsFiles) -> None:
+    wire = await Wire.open(front.address())
+    await wire.reply()
+    assert "AUTH" not in await wire.cmd("EHLO client.test")
+    assert await wire.cmd("AUTH PLAIN AHVzZXIAcGFzcw==") == replies.AUTH_NOT_OFFERED + "\r\n"
+    assert (await wire.cmd("STARTTLS")).startswith("220")
+    await wire.starttls(certs.client_context())
+    assert "AUTH" not in await wire.cmd("EHLO client.test")
+    assert await wire.cmd("AUTH PLAIN AHVzZXIAcGFzcw==") == replies.AUTH_NOT_OFFERED + "\r\n"
+    await wire.close()

@@ -146,6 +146,8 @@ class InboundSMTP(SMTP):
         )
         if "DATA" in self._handle_hooks:
             self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
+        if "EHLO" in self._handle_hooks:
+            self._handle_hooks["EHLO"] = _without_auth(self._handle_hooks["EHLO"])
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:  # private in aiosmtpd
         # Our RFC 5321 reading replaces aiosmtpd's RFC 5322 one (inbound/syntax.py): a path we
@@ -261,6 +263,14 @@ class InboundSMTP(SMTP):
 
     def _peer(self) -> object:
         return self.session.peer if self.session else None
+
+    # -- AUTH ------------------------------------------------------------------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's name
+        # Not offered on any listener yet (issue #12): aiosmtpd would offer AUTH under TLS
+        # with a callback that refuses everyone.
+        await self.push(replies.AUTH_NOT_OFFERED)
 
     # -- TLS -------------------------------------------------------------------------------
 
@@ -541,6 +551,15 @@ class _Data:
     def release(self) -> None:
         self._budget.release(self._held)
         self._held = 0
+
+
+def _without_auth(hook: Callable[..., Awaitable[list[str]]]) -> Callable[..., Awaitable[list[str]]]:
+    """The EHLO hook, with aiosmtpd's AUTH extension line left out."""
+
+    async def ehlo(*args: Any) -> list[str]:
+        return [line for line in await hook(*args) if not line.startswith("250-AUTH")]
+
+    return ehlo
 
 
 def _declared_size(mail_options: list[str]) -> int:
