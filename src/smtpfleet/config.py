@@ -75,8 +75,70 @@ class NodeConfig(_Section):
     startup_timeout_s: PositiveFloat = 30.0
 
 
+class ListenerProfile(StrEnum):
+    MX = "mx"  # port 25: mail for the accepted domains (and relay_networks), no AUTH
+    SUBMISSION = "submission"  # port 587/465: AUTH required, offered only under TLS (RFC 6409)
+
+
+class ListenerConfig(_Section):
+    """One SMTP listener: an address and what is expected of clients there."""
+
+    address: str
+    profile: ListenerProfile = ListenerProfile.MX
+    # TLS from the first byte, no STARTTLS (RFC 8314 "implicit TLS", port 465).
+    implicit_tls: bool = False
+    # Every command but EHLO, STARTTLS, NOOP and QUIT needs TLS first: 530 5.7.0 (RFC 3207 §4).
+    require_tls: bool = False
+    # The connection starts with a PROXY protocol v1/v2 header, sent by one of trusted_proxies.
+    proxy_protocol: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @property
+    def hostport(self) -> tuple[str, int]:
+        return parse_hostport(self.address)
+
+
+class InboundTlsConfig(_Section):
+    """The certificate the listeners present (PEM files, e.g. a mounted Kubernetes secret)."""
+
+    cert_file: str = ""  # the chain, leaf first
+    key_file: str = ""
+    # How often the files are checked for a change; a changed pair is loaded for new sessions.
+    reload_interval_s: PositiveFloat = 10.0
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> InboundTlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class InboundAuthConfig(_Section):
+    """SMTP AUTH (PLAIN, LOGIN) on submission listeners, only under TLS."""
+
+    # Lines of "user:hash" (argon2id, as argon2-cffi's PasswordHasher writes them).
+    users_file: str = ""
+    reload_interval_s: PositiveFloat = 10.0
+    # Failed attempts per client IP (this node) within the window before 421 4.7.0.
+    max_failures: PositiveInt = 5
+    failure_window_s: PositiveFloat = 300.0
+
+
 class InboundConfig(_Section):
+    # Listeners with the mx profile. Ignored when `listeners` is given and `listen` is not.
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:2525"])
+    listeners: list[ListenerConfig] = Field(default_factory=list)
+    tls: InboundTlsConfig = InboundTlsConfig()
+    auth: InboundAuthConfig = InboundAuthConfig()
+    # Who may send a PROXY header on a listener with proxy_protocol (load balancers).
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # A PROXY header (and an implicit TLS handshake) must arrive within this.
+    proxy_timeout_s: PositiveFloat = 5.0
     accepted_domains: list[str] = Field(default_factory=list)
     relay_networks: list[str] = Field(default_factory=list)
     max_message_bytes: PositiveInt = 25 * 1024 * 1024
@@ -97,7 +159,7 @@ class InboundConfig(_Section):
             parse_hostport(item)
         return value
 
-    @field_validator("relay_networks")
+    @field_validator("relay_networks", "trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         for item in value:
@@ -115,8 +177,33 @@ class InboundConfig(_Section):
             raise ValueError("max_receiving_bytes must be at least max_message_bytes")
         return self
 
+    @model_validator(mode="after")
+    def _listeners_have_what_they_need(self) -> InboundConfig:
+        listeners = self.all_listeners()
+        if not listeners:
+            raise ValueError("no listener: give inbound.listen or inbound.listeners")
+        needs_tls = [
+            x.address
+            for x in listeners
+            if x.implicit_tls or x.require_tls or x.profile is ListenerProfile.SUBMISSION
+        ]
+        if needs_tls and not self.tls.cert_file:
+            raise ValueError(f"tls.cert_file and tls.key_file are needed by {', '.join(needs_tls)}")
+        if not self.auth.users_file and any(
+            x.profile is ListenerProfile.SUBMISSION for x in listeners
+        ):
+            raise ValueError("auth.users_file is needed by a submission listener")
+        if not self.trusted_proxies and any(x.proxy_protocol for x in listeners):
+            raise ValueError("trusted_proxies is needed by a listener with proxy_protocol")
+        return self
+
+    def all_listeners(self) -> list[ListenerConfig]:
+        """`listen` (as mx listeners, unless only `listeners` was given), then `listeners`."""
+        legacy = self.listen if "listen" in self.model_fields_set or not self.listeners else []
+        return [ListenerConfig(address=a) for a in legacy] + list(self.listeners)
+
     def listen_addresses(self) -> list[tuple[str, int]]:
-        return [parse_hostport(item) for item in self.listen]
+        return [listener.hostport for listener in self.all_listeners()]
 
 
 class RedisConfig(_Section):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import uvloop
 
 from smtpfleet.config import Config
-from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.errors import ConfigError, QueueUnavailable, RedisUnsuitable
 from smtpfleet.memory import return_freed_memory
 from smtpfleet.node import Node
 
@@ -44,7 +44,7 @@ async def _serve(config: Config) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await node.start()
-    except (RedisUnsuitable, QueueUnavailable, OSError) as exc:
+    except (RedisUnsuitable, QueueUnavailable, ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
         await node.close()
         return EXIT_STARTUP_FAILED

@@ -15,6 +15,16 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
 
+TLS_VERSIONS = frozenset({"TLSv1.2", "TLSv1.3"})
+
+
+def tls_version(version: str | None) -> str:
+    """A bounded label value for a negotiated TLS version ("none": no handshake)."""
+    if version is None:
+        return "none"
+    return version if version in TLS_VERSIONS else "other"
+
+
 def reply_class(reply: str) -> str:
     return f"{reply[:1]}xx" if reply[:1] in "2345" and reply[:1] else "other"
 
@@ -77,8 +87,17 @@ class Metrics:
         )
         self.tls = Counter(
             "smtpfleet_tls_handshakes",
-            "TLS handshakes by direction and result",
-            ["direction", "result"],
+            "TLS handshakes by direction, result and TLS version",
+            ["direction", "result", "version"],
+            registry=r,
+        )
+        self.auth = Counter(
+            "smtpfleet_smtp_auth", "SMTP AUTH attempts by result", ["result"], registry=r
+        )
+        self.proxy_headers = Counter(
+            "smtpfleet_proxy_headers",
+            "PROXY protocol connections by result",
+            ["result"],
             registry=r,
         )
         self.health_checks = Counter(
@@ -116,6 +135,9 @@ class Metrics:
             self.messages.labels(result)
         for cls in ("2xx", "4xx", "5xx"):
             self.replies.labels(cls)
-        for direction in ("inbound", "outbound"):
-            for result in ("ok", "failed"):
-                self.tls.labels(direction, result)
+        self.tls.labels("inbound", "failed", "none")
+        self.tls.labels("outbound", "failed", "none")
+        for result in ("ok", "failed", "blocked", "refused_clear"):
+            self.auth.labels(result)
+        for result in ("ok", "local", "untrusted", "invalid"):
+            self.proxy_headers.labels(result)

@@ -26,7 +26,7 @@ from smtpfleet.http import HttpServer
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
-from smtpfleet.metrics import Metrics
+from smtpfleet.metrics import Metrics, tls_version
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import Delivery, RedisQueue
 from smtpfleet.relays.ring import Ring
@@ -52,7 +52,9 @@ class Node:
             helo,
             limits=self.store,
             owner=self.node_id,
-            on_tls=lambda result: self.metrics.tls.labels("outbound", result).inc(),
+            on_tls=lambda result, version: self.metrics.tls.labels(
+                "outbound", result, tls_version(version)
+            ).inc(),
             lease_ttl_s=config.cluster.lease_s,
         )
         self.membership = Membership(

@@ -47,3 +47,19 @@ TOO_MANY_UNKNOWN: Final = "421 4.7.0 Too many unrecognized commands, closing con
 NEED_MAIL: Final = "503 5.5.1 Need MAIL command"
 NESTED_MAIL: Final = "503 5.5.1 Nested MAIL command"
 CLOSING: Final = "221 2.0.0 Bye"
+
+# STARTTLS (RFC 3207) and AUTH (RFC 4954); RFC 3207 §4: 530 until the client starts TLS.
+TLS_READY: Final = "220 2.0.0 Ready to start TLS"
+MUST_STARTTLS: Final = "530 5.7.0 Must issue a STARTTLS command first"
+TLS_NOT_OFFERED: Final = "502 5.5.1 STARTTLS not offered"
+TLS_ACTIVE: Final = "503 5.5.1 TLS already active"
+AUTH_REQUIRED: Final = "530 5.7.0 Authentication required"
+# RFC 4954 §6: a mechanism that would send the password in clear is refused with 538.
+ENCRYPTION_REQUIRED: Final = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_NOT_OFFERED: Final = "502 5.5.1 AUTH not offered on this port"
+AUTH_OK: Final = "235 2.7.0 Authentication successful"
+AUTH_INVALID: Final = "535 5.7.8 Authentication credentials invalid"
+AUTH_ALREADY: Final = "503 5.5.1 Already authenticated"
+AUTH_SYNTAX: Final = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
+# Per client IP; the client may come back later (RFC 3463 X.7.0, as Postfix's anvil does).
+AUTH_TOO_MANY_FAILURES: Final = "421 4.7.0 Too many failed authentication attempts, closing"

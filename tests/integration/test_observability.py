@@ -65,7 +65,7 @@ async def test_metrics_and_probes(redis_url: str, prefix: str, sink: Sink) -> No
         assert metrics[("smtpfleet_live_nodes", ())] == 1
         assert (
             "smtpfleet_tls_handshakes_total",
-            (("direction", "inbound"), ("result", "failed")),
+            (("direction", "inbound"), ("result", "failed"), ("version", "none")),
         ) in metrics
         node.draining = True
         assert await http_get(http, "/readyz") == (503, "not ready: draining\n")

@@ -27,7 +27,7 @@ def test_environment_overrides_file_values_including_list_items() -> None:
     )
     assert config.queue.durability is Durability.FSYNC
     assert config.relays[1].port == 2526
-    assert config.inbound.listen_addresses() == [("127.0.0.1", 25), ("::1", 25)]
+    assert config.inbound.listen == ["127.0.0.1:25", "[::1]:25"]
 
 
 def test_every_problem_is_reported_at_once_naming_its_key() -> None:

@@ -11,7 +11,10 @@ EXIT_OK = 0
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    listen = ", ".join(config.inbound.listen)
+    listen = ", ".join(
+        f"{x.address} ({x.profile.value}{', implicit TLS' if x.implicit_tls else ''})"
+        for x in config.inbound.all_listeners()
+    )
     print(
         f"{args.file}: ok: listen {listen}; {len(config.relays)} relays; "
         f"redis {config.redis.url.rsplit('@', 1)[-1]}; {config.redis.shards} shards; "

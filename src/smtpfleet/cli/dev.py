@@ -77,9 +77,11 @@ def _summary(info: dict[str, object], cluster: LocalCluster) -> str:
             for addr in cluster.relay_addresses()
         ),
         f"  logs    {info['logs']}",
+        f"  tls CA  {info['tls_ca']}   (a throwaway CA: the nodes offer STARTTLS)",
         "",
         "Send a message (nodes relay for loopback clients):",
         f"  swaks --server {smtp[0]} --to someone@example.net   (or any SMTP client)",
+        f"  swaks --server {smtp[0]} --to someone@example.net --tls --tls-ca-path {info['tls_ca']}",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)

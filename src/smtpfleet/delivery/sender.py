@@ -74,7 +74,7 @@ class SessionSettings:
     lease_ttl_s: float
     limits: SharedLimits | None = None
     owner: str = ""
-    on_tls: Callable[[str], None] | None = None
+    on_tls: Callable[[str, str | None], None] | None = None
 
 
 class RelayClient:
@@ -157,20 +157,21 @@ class RelayClient:
             await smtp.connect(timeout=self._config.connect_timeout_s)
         except (ssl.SSLError, aiosmtplib.SMTPException) as exc:
             if relay.tls is not TlsPolicy.NONE and _is_tls_failure(exc):
-                self._tls("failed")
+                self._tls("failed", None)
             raise
         if relay.tls is TlsPolicy.REQUIRED or (
             relay.tls is TlsPolicy.OPPORTUNISTIC and smtp.get_transport_info("sslcontext")
         ):
-            self._tls("ok")
+            ssl_object = smtp.get_transport_info("ssl_object")
+            self._tls("ok", ssl_object.version() if ssl_object is not None else None)
         _set_nodelay(smtp)
         if relay.username and relay.password is not None:
             await smtp.login(relay.username, relay.password)
         return smtp
 
-    def _tls(self, result: str) -> None:
+    def _tls(self, result: str, version: str | None) -> None:
         if self._on_tls is not None:
-            self._on_tls(result)
+            self._on_tls(result, version)
 
     def _give_back(self, session: _Session) -> None:
         if session.messages >= self._config.max_messages_per_connection:
@@ -345,7 +346,7 @@ class Sender:
         lease_ttl_s: float,
         limits: SharedLimits | None = None,
         owner: str = "",
-        on_tls: Callable[[str], None] | None = None,
+        on_tls: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self._settings = SessionSettings(config, helo, lease_ttl_s, limits, owner, on_tls)
         self._clients: dict[str, RelayClient] = {}

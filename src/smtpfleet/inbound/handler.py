@@ -26,6 +26,7 @@ from smtpfleet.inbound.policy import (
     message_id,
     received_header,
 )
+from smtpfleet.inbound.tls import describe as describe_tls
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.spool import Spool
 
@@ -119,7 +120,9 @@ class InboundHandler:
         if len(envelope.rcpt_tos) >= self._max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 makes the client send the rest in another transaction.
             return replies.TOO_MANY_RECIPIENTS
-        refusal = self._policy.check(address, _peer_ip(session))
+        refusal = self._policy.check(
+            address, _peer_ip(session), authenticated=bool(session.authenticated)
+        )
         if refusal is not None:
             log.info("refused rcpt from %s: %s", _peer_ip(session), refusal)
             return refusal
@@ -203,6 +206,8 @@ class InboundHandler:
             recipient=recipients[0] if len(recipients) == 1 else None,
             when=datetime.now(UTC),
             esmtp=bool(session.extended_smtp),
+            tls=describe_tls(session.ssl),
+            authenticated=bool(session.authenticated),
         )
         return NewMessage(
             qid=qid,

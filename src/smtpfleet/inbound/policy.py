@@ -188,12 +188,16 @@ class RecipientPolicy:
     def is_accepted(self, domain: str) -> bool:
         return _normal_host(domain) in self._accepted
 
-    def check(self, recipient: str, client_ip: str) -> str | None:
-        """None when the recipient is acceptable from this client, else the reply to send."""
+    def check(self, recipient: str, client_ip: str, *, authenticated: bool = False) -> str | None:
+        """None when the recipient is acceptable from this client, else the reply to send.
+
+        A client that authenticated (SMTP AUTH, only ever under TLS) may relay like one in
+        the relay networks (RFC 6409 §4.3).
+        """
         domains = routing_domains(recipient)
         if domains is None:
             return replies.BAD_ADDRESS
-        if self.is_relay_client(client_ip) or domains <= self._accepted:
+        if authenticated or self.is_relay_client(client_ip) or domains <= self._accepted:
             return None
         return replies.RELAY_DENIED
 
@@ -276,15 +280,23 @@ def received_header(
     recipient: str | None,
     when: datetime,
     esmtp: bool = True,
+    tls: str | None = None,
+    authenticated: bool = False,
 ) -> bytes:
     """RFC 5321 §4.4 trace header, folded, CRLF-terminated.
 
     `for` names only a single recipient: with several it would disclose Bcc recipients to each
     other (RFC 5321 §7.2). The date is RFC 5322 §3.3 format, independent of the locale.
+    `tls` describes the session's TLS (version and cipher, as Postfix writes them); the
+    with-protocol says TLS and AUTH (RFC 3848: ESMTPS, ESMTPA, ESMTPSA). The user name is
+    never written.
     """
     protocol = "ESMTP" if esmtp else "SMTP"  # RFC 3848 with-protocol names
+    if esmtp:
+        protocol += ("S" if tls else "") + ("A" if authenticated else "")
     lines = [
         f"Received: from {sanitize_helo(helo)} ({_tcp_info(peer_ip)})",
+        *([f"\t({_UNPRINTABLE.sub('', tls)})"] if tls else []),
         f"\tby {by_host} (smtpfleet) with {protocol} id {qid}",
     ]
     if recipient is not None:

@@ -6,6 +6,10 @@ DATA, and what aiosmtpd's own (basic-code) replies are rewritten to, in one tabl
 
 A reply of 421 always closes the connection here (RFC 5321 §3.8): the session cap, draining,
 the idle timeout and errors of unknown state all end that way.
+
+Each listener has a profile (`ListenerConfig`): STARTTLS where a certificate is configured,
+implicit TLS from the first byte, TLS required before mail. A TLS upgrade makes aiosmtpd call
+`connection_made` again on the same session object: it is admitted (and counted) once.
 """
 
 from __future__ import annotations
@@ -16,17 +20,24 @@ import contextlib
 import functools
 import logging
 import re
+import ssl
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, Final, cast
 
+from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from smtpfleet import replies
-from smtpfleet.config import InboundConfig
+from smtpfleet.config import InboundConfig, ListenerConfig
+from smtpfleet.errors import ConfigError
+from smtpfleet.inbound import tls
 from smtpfleet.inbound.budget import ByteBudget
 from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.inbound.proxy import client_of, in_networks, networks
+from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.syntax import parse_path, parse_vrfy
-from smtpfleet.metrics import Metrics, reply_class
+from smtpfleet.metrics import Metrics, reply_class, tls_version
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +85,9 @@ REWRITES: Final[tuple[tuple[str, str], ...]] = (
     (r"503 Error: send (HELO|EHLO) first", r"503 5.5.1 Send \1 first"),
     (r"502 Could not VRFY .*", "501 5.5.4 Syntax: VRFY <address>"),
     (r"502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
-    (r"454 TLS not available", "502 5.5.1 STARTTLS not offered"),
+    (r"454 TLS not available", replies.TLS_NOT_OFFERED),
+    (r"530 Must issue a STARTTLS command first", replies.MUST_STARTTLS),
+    (r"501 Syntax: STARTTLS", "501 5.5.4 Syntax: STARTTLS"),
     (r"252 Cannot VRFY user, (.*)", r"252 2.0.0 Cannot VRFY user, \1"),
     (r"250 OK", replies.OK),
     (r"221 Bye", replies.CLOSING),
@@ -104,9 +117,19 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 class InboundSMTP(SMTP):
     """One SMTP session. Overrides private aiosmtpd 1.4.6 methods, noted where done."""
 
-    def __init__(self, server: InboundServer, handler: InboundHandler, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        server: InboundServer,
+        handler: InboundHandler,
+        listener: ListenerConfig,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._server = server
+        self._listener = listener
+        self._greeted = False  # the 220 banner went out
+        self._client: tuple[str, int] | None = None  # the client a PROXY header named
+        self._lost = False  # connection_lost ran
         self._refusal: str | None = None
         self._busy = False  # a command is being handled
         self._reading_data = False  # between DATA and the final dot
@@ -123,6 +146,8 @@ class InboundSMTP(SMTP):
         )
         if "DATA" in self._handle_hooks:
             self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
+        if "EHLO" in self._handle_hooks:
+            self._handle_hooks["EHLO"] = _without_auth(self._handle_hooks["EHLO"])
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:  # private in aiosmtpd
         # Our RFC 5321 reading replaces aiosmtpd's RFC 5322 one (inbound/syntax.py): a path we
@@ -134,13 +159,24 @@ class InboundSMTP(SMTP):
     # -- lifecycle -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # No STARTTLS is offered, so this runs once per connection.
-        self._refusal = self._server.register(self)
+        # aiosmtpd calls this again once TLS is up (STARTTLS, implicit TLS) with the TLS
+        # transport: a fresh session (RFC 3207 §4.2) and the plaintext read so far thrown away
+        # (§6: commands pipelined after STARTTLS). The connection was admitted the first time.
+        upgraded = self._original_transport is not None
+        if not upgraded:
+            self._refusal = self._server.register(self)
         super().connection_made(transport)
-        if self._handler_coroutine is not None:
+        if upgraded and self._client is not None and self.session is not None:
+            # The fresh session is still the proxied client's. (aiosmtpd types peer as a str but
+            # stores the transport's peername tuple, as we do.)
+            self.session.peer = self._client  # type: ignore[assignment]
+        if not upgraded and self._handler_coroutine is not None:
             self._handler_coroutine.add_done_callback(_retrieve)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:
+            return  # after a failed TLS handshake we call it ourselves (asyncio does not)
+        self._lost = True
         if self._linger is not None:
             self._linger.cancel()
         super().connection_lost(error)
@@ -155,12 +191,136 @@ class InboundSMTP(SMTP):
     async def _handle_client(self) -> None:  # private in aiosmtpd: the session's main loop
         if self.transport is None or self.transport.is_closing():
             return  # told to leave before the greeting
+        if not await self._before_greeting():
+            self._close_before_greeting()
+            return
         refusal = self._refusal or (replies.SHUTTING_DOWN if self._server.draining else None)
         if refusal is not None:
             with contextlib.suppress(ConnectionError):
                 await self.push(refusal)
             return
+        self._greeted = True
         await super()._handle_client()
+
+    def _close_before_greeting(self) -> None:
+        if self._original_transport is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        # A TLS handshake was cut short: asyncio will not tell the session, so we do.
+        self._original_transport.close()
+        self.connection_lost(None)
+
+    async def _before_greeting(self) -> bool:
+        """What a listener needs before its banner: a PROXY header, then implicit TLS."""
+        if self._listener.proxy_protocol and not self._from_trusted_proxy():
+            return False
+        try:
+            async with asyncio.timeout(self._server.pre_greeting_timeout_s):
+                if self._listener.proxy_protocol and not await self._read_proxy_header():
+                    return False
+                return not self._listener.implicit_tls or await self._start_tls()
+        except TimeoutError:
+            log.info("%r: nothing usable before the greeting timeout", self._peer())
+            if self._listener.proxy_protocol and self.session and not self.session.proxy_data:
+                self._server.metrics.proxy_headers.labels("invalid").inc()
+            else:
+                self._handshake("failed", None)
+            return False
+
+    # -- PROXY protocol --------------------------------------------------------------------
+
+    def _from_trusted_proxy(self) -> bool:
+        """Only a trusted proxy may name the client; anyone else is closed without a word."""
+        peer = self.session.peer if self.session is not None else None
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if in_networks(address, self._server.trusted_proxies):
+            return True
+        log.warning("%s: not a trusted proxy, closed before the banner", address)
+        self._server.metrics.proxy_headers.labels("untrusted").inc()
+        return False
+
+    async def _read_proxy_header(self) -> bool:
+        """A v1 or v2 header (aiosmtpd's parser); its client becomes this session's peer."""
+        assert self.session is not None
+        try:
+            data = await get_proxy(self._reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            data = None
+        if not data:  # ProxyData is false when invalid
+            log.info("%r: no valid PROXY header, closed", self._peer())
+            self._server.metrics.proxy_headers.labels("invalid").inc()
+            return False
+        self.session.proxy_data = data
+        self._client = client_of(data)
+        if self._client is None:  # the proxy's own check (v2 LOCAL, v1 UNKNOWN)
+            self._server.metrics.proxy_headers.labels("local").inc()
+            return True
+        log.debug("%r: PROXY header names %r", self._peer(), self._client)
+        self.session.peer = self._client  # type: ignore[assignment]
+        self._server.metrics.proxy_headers.labels("ok").inc()
+        return True
+
+    def _peer(self) -> object:
+        return self.session.peer if self.session else None
+
+    # -- AUTH ------------------------------------------------------------------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's name
+        # Not offered on any listener yet (issue #12): aiosmtpd would offer AUTH under TLS
+        # with a callback that refuses everyone.
+        await self.push(replies.AUTH_NOT_OFFERED)
+
+    # -- TLS -------------------------------------------------------------------------------
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's name
+        """RFC 3207: aiosmtpd's, plus a failed handshake that is counted and ends quietly."""
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+        elif self._tls_protocol is not None:
+            await self.push(replies.TLS_ACTIVE)
+        elif not self.tls_context:
+            await self.push(replies.TLS_NOT_OFFERED)
+        else:
+            await self.push(replies.TLS_READY)
+            await self._start_tls()
+
+    async def _start_tls(self) -> bool:
+        """Run the server side of a TLS handshake on this connection (aiosmtpd's STARTTLS).
+
+        On success aiosmtpd's `connection_made` runs again with the TLS transport. On failure
+        asyncio never tells the session that the connection is gone, so we do.
+        """
+        assert self.tls_context is not None
+        assert self.transport is not None
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(
+            self.loop,
+            self,
+            self.tls_context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT_S,
+        )
+        self._original_transport = self.transport
+        cast(asyncio.Transport, self.transport).set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except (OSError, EOFError) as exc:  # ssl.SSLError, a reset, a handshake timeout
+            self._handshake("failed", None)
+            log.info("%r TLS handshake failed: %s", self._peer(), exc)
+            self.connection_lost(exc)
+            return False
+        ssl_object = self._tls_protocol._extra.get("ssl_object")
+        self._handshake("ok", ssl_object.version() if ssl_object is not None else None)
+        return True
+
+    def _handshake(self, result: str, version: str | None) -> None:
+        self._server.metrics.tls.labels("inbound", result, tls_version(version)).inc()
 
     @property
     def handler_task(self) -> asyncio.Task[None] | None:
@@ -328,6 +488,9 @@ class InboundSMTP(SMTP):
 
     def _timeout_cb(self) -> None:  # private in aiosmtpd, which closes without a word
         log.info("%r idle timeout", self.session.peer if self.session else None)
+        if not self._greeted:
+            self.abort()  # nothing was said yet: a 421 would be noise before a TLS handshake
+            return
         self._say_and_close(replies.TIMEOUT)
 
 
@@ -390,6 +553,15 @@ class _Data:
         self._held = 0
 
 
+def _without_auth(hook: Callable[..., Awaitable[list[str]]]) -> Callable[..., Awaitable[list[str]]]:
+    """The EHLO hook, with aiosmtpd's AUTH extension line left out."""
+
+    async def ehlo(*args: Any) -> list[str]:
+        return [line for line in await hook(*args) if not line.startswith("250-AUTH")]
+
+    return ehlo
+
+
 def _declared_size(mail_options: list[str]) -> int:
     """The SIZE= of MAIL FROM (RFC 1870), 0 when none was given."""
     for option in mail_options:
@@ -423,6 +595,9 @@ class InboundServer:
     ) -> None:
         self.metrics = metrics or Metrics()
         self.budget = ByteBudget(config.max_receiving_bytes)
+        self.certificates: Reloading[ssl.SSLContext] | None = None  # loaded by start()
+        self.pre_greeting_timeout_s = config.proxy_timeout_s
+        self.trusted_proxies = networks(config.trusted_proxies)
         self._config = config
         self._handler = handler
         self._hostname = hostname
@@ -433,10 +608,15 @@ class InboundServer:
         self._idle.set()
         self.draining = False
 
-    def _protocol(self) -> InboundSMTP:
+    def _protocol(self, listener: ListenerConfig) -> InboundSMTP:
+        # The context current now: a renewed certificate is used from the next session on.
+        context = self.certificates.get() if self.certificates is not None else None
         return InboundSMTP(
             self,
             self._handler,
+            listener,
+            tls_context=context,
+            require_starttls=listener.require_tls,
             hostname=self._hostname,
             ident=IDENT,
             data_size_limit=self._config.max_message_bytes,  # also advertised as SIZE in EHLO
@@ -445,17 +625,30 @@ class InboundServer:
         )
 
     async def start(self) -> None:
-        """Bind every listen address; SO_REUSEPORT lets worker processes share a port."""
+        """Bind every listener, in order; SO_REUSEPORT lets worker processes share a port."""
         loop = asyncio.get_running_loop()
+        self._load_files()
         try:
-            for host, port in self._config.listen_addresses():
+            for listener in self._config.all_listeners():
+                host, port = listener.hostport
                 server = await loop.create_server(
-                    self._protocol, host, port, reuse_address=True, reuse_port=True
+                    functools.partial(self._protocol, listener),
+                    host,
+                    port,
+                    reuse_address=True,
+                    reuse_port=True,
                 )
                 self._servers.append(server)
         except BaseException:
             await self.close()
             raise
+
+    def _load_files(self) -> None:
+        """The certificate (and credentials): a file that cannot be used stops the start."""
+        try:
+            self.certificates = tls.certificates(self._config.tls)
+        except OSError as exc:  # ssl.SSLError too
+            raise ConfigError(f"inbound.tls: {exc}") from None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

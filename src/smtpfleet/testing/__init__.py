@@ -17,23 +17,27 @@ if TYPE_CHECKING:
     from smtpfleet.testing.client import Reply, eventually, make_message, run_cli, send
     from smtpfleet.testing.dns_server import DnsServer
     from smtpfleet.testing.faultproxy import FaultProxy
+    from smtpfleet.testing.inbound import Front, MemorySpool, inbound_front
     from smtpfleet.testing.localcluster import LocalCluster, NodeProcess
     from smtpfleet.testing.nodes import FAST_RETRY, node_config, running_node
     from smtpfleet.testing.redis_server import RedisServer, free_port
     from smtpfleet.testing.routing import domain_routed_first_to, ring_order
     from smtpfleet.testing.sink import Faults, ReceivedMessage, Sink
     from smtpfleet.testing.steady import SteadyLoad, message_ids, queue_is_empty, whereabouts
+    from smtpfleet.testing.tls import TlsFiles, make_tls_files
 
 _HOMES = {
     "client": ("Reply", "eventually", "make_message", "run_cli", "send"),
     "dns_server": ("DnsServer",),
     "faultproxy": ("FaultProxy",),
+    "inbound": ("Front", "MemorySpool", "inbound_front"),
     "localcluster": ("LocalCluster", "NodeProcess"),
     "nodes": ("FAST_RETRY", "node_config", "running_node"),
     "redis_server": ("RedisServer", "free_port"),
     "routing": ("domain_routed_first_to", "ring_order"),
     "sink": ("Faults", "ReceivedMessage", "Sink"),
     "steady": ("SteadyLoad", "message_ids", "queue_is_empty", "whereabouts"),
+    "tls": ("TlsFiles", "make_tls_files"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -42,17 +46,22 @@ __all__ = [
     "DnsServer",
     "FaultProxy",
     "Faults",
+    "Front",
     "LocalCluster",
+    "MemorySpool",
     "NodeProcess",
     "ReceivedMessage",
     "RedisServer",
     "Reply",
     "Sink",
     "SteadyLoad",
+    "TlsFiles",
     "domain_routed_first_to",
     "eventually",
     "free_port",
+    "inbound_front",
     "make_message",
+    "make_tls_files",
     "message_ids",
     "node_config",
     "queue_is_empty",

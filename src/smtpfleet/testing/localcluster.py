@@ -26,6 +26,7 @@ from smtpfleet import http
 from smtpfleet.lifecycle import PARENT_PID_ENV
 from smtpfleet.testing.redis_server import RedisServer, free_port
 from smtpfleet.testing.sink import Sink
+from smtpfleet.testing.tls import TlsFiles, make_tls_files
 
 READY_TIMEOUT_S = 30.0
 KEEP_WORKDIR_ENV = "SMTPFLEET_KEEP_WORKDIR"  # set: leave the logs, configs and Redis data
@@ -161,6 +162,7 @@ class LocalCluster:
     log_messages: bool = False  # the demo sinks log each message (`smtpfleet dev`)
     sink_keep: int | None = None  # messages each sink keeps (None: all, to reconcile them)
     redis: RedisServer | None = None
+    tls: TlsFiles | None = None  # the nodes' throwaway certificate (STARTTLS), made by start()
     sink_servers: list[Sink] = field(default_factory=list)
     node_processes: list[NodeProcess] = field(default_factory=list)
     _own_workdir: bool = False  # made by start(); removed by stop() unless KEEP_WORKDIR_ENV
@@ -182,6 +184,8 @@ class LocalCluster:
             # collected, whatever KEEP_WORKDIR_ENV says.
             self.workdir = Path(tempfile.mkdtemp(prefix="smtpfleet-"))
             self._own_workdir = True
+        # A throwaway CA and certificate, so every node offers STARTTLS out of the box.
+        self.tls = make_tls_files(self.workdir / "tls")
         self.redis = RedisServer(data_dir=self.workdir / "redis", appendfsync=self.appendfsync)
         self.redis.start()
         if not self.relays:
@@ -202,6 +206,7 @@ class LocalCluster:
 
     def node_config(self, index: int, smtp_port: int, http_port: int) -> dict[str, Any]:
         assert self.redis is not None
+        assert self.tls is not None
         relays = []
         for i, address in enumerate(self.relay_addresses()):
             host, _, port = address.rpartition(":")
@@ -211,6 +216,7 @@ class LocalCluster:
             "inbound": {
                 "listen": [f"127.0.0.1:{smtp_port}"],
                 "relay_networks": ["127.0.0.0/8", "::1/128"],
+                "tls": {"cert_file": str(self.tls.cert_file), "key_file": str(self.tls.key_file)},
             },
             "http": {"listen": f"127.0.0.1:{http_port}"},
             "redis": {"url": self.redis.url},
@@ -238,6 +244,7 @@ class LocalCluster:
             "metrics": [f"http://127.0.0.1:{n.http_port}/metrics" for n in self.node_processes],
             "redis": self.redis.url,
             "relays": self.relay_addresses(),
+            "tls_ca": str(self.tls.ca_file) if self.tls is not None else None,
             "logs": str(self.workdir),
         }
 

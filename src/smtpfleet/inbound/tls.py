@@ -1,0 +1,51 @@
+"""Inbound TLS: the server context from PEM files, and what a session's TLS looks like.
+
+TLS 1.2 is the oldest version offered (RFC 8996 retired 1.0 and 1.1; RFC 8314 §4.1). The
+context is built again when the files change (`Reloading`), so a rotated Kubernetes secret
+is used by the next session without a restart; sessions already in TLS keep theirs.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from typing import Any, Final
+
+from smtpfleet.config import InboundTlsConfig
+from smtpfleet.inbound.reload import Reloading
+
+MIN_VERSION: Final = ssl.TLSVersion.TLSv1_2
+HANDSHAKE_TIMEOUT_S: Final = 10  # seconds (asyncio's SSLProtocol is typed for an int)
+
+
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context that asks for no client certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = MIN_VERSION
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def certificates(config: InboundTlsConfig) -> Reloading[ssl.SSLContext] | None:
+    """The listeners' context, reloaded on change; None when no certificate is configured."""
+    if not config.cert_file:
+        return None
+    return Reloading(
+        (config.cert_file, config.key_file),
+        lambda: server_context(config.cert_file, config.key_file),
+        interval_s=config.reload_interval_s,
+        what=f"TLS certificate {config.cert_file}",
+    )
+
+
+def describe(extra: Mapping[str, Any] | None) -> str | None:
+    """The TLS of a session for its Received header, as Postfix writes it; None: no TLS.
+
+    `extra` is the TLS transport's extra info (aiosmtpd keeps it as `session.ssl`).
+    """
+    if not extra or not extra.get("cipher"):
+        return None
+    name, protocol, bits = extra["cipher"]
+    ssl_object = extra.get("ssl_object")
+    version = ssl_object.version() if ssl_object is not None else None
+    return f"using {version or protocol} with cipher {name} ({bits}/{bits} bits)"

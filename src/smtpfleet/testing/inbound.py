@@ -1,0 +1,68 @@
+"""One node's SMTP front in-process, over an in-memory spool: for tests of what is on the wire.
+
+The spool is our own `Spool` protocol in memory, so a test sees exactly what inbound would
+hand to the queue (and no Redis is needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpfleet.config import InboundConfig
+from smtpfleet.envelope import EnqueueResult, NewMessage
+from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.inbound.policy import RecipientPolicy
+from smtpfleet.inbound.server import InboundServer
+from smtpfleet.metrics import Metrics
+
+
+@dataclass
+class MemorySpool:
+    """Accepted messages, in order."""
+
+    messages: list[NewMessage] = field(default_factory=list)
+
+    async def enqueue(self, message: NewMessage) -> EnqueueResult:
+        await asyncio.sleep(0)
+        self.messages.append(message)
+        return EnqueueResult(message.qid)
+
+
+@dataclass
+class Front:
+    server: InboundServer
+    spool: MemorySpool
+    metrics: Metrics
+
+    def address(self, listener: int = 0) -> tuple[str, int]:
+        return self.server.addresses[listener]
+
+    def sample(self, name: str, labels: Mapping[str, str]) -> float:
+        return self.metrics.registry.get_sample_value(name, dict(labels)) or 0.0
+
+
+@asynccontextmanager
+async def inbound_front(settings: Mapping[str, Any]) -> AsyncIterator[Front]:
+    """An `InboundServer` for `inbound:` settings (listen on port 0), started and closed."""
+    config = InboundConfig.model_validate(settings)
+    spool, metrics = MemorySpool(), Metrics()
+    handler = InboundHandler(
+        spool=spool,
+        policy=RecipientPolicy.from_config(config),
+        hostname="mx.test",
+        shards=4,
+        max_recipients=config.max_recipients,
+        max_received_headers=config.max_received_headers,
+        accept_timeout_s=config.accept_timeout_s,
+        metrics=metrics,
+    )
+    server = InboundServer(config, handler, "mx.test", metrics=metrics)
+    await server.start()
+    try:
+        yield Front(server, spool, metrics)
+    finally:
+        await server.close()

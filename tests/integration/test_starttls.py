@@ -1,0 +1,313 @@
+"""Inbound TLS with real clients on loopback: STARTTLS, implicit TLS, require_tls, reloads.
+
+Certificates come from a CA each test makes (trustme); clients trust that CA only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import smtplib
+import ssl
+import subprocess
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpfleet import replies
+from smtpfleet.testing.inbound import Front, inbound_front
+from smtpfleet.testing.tls import TlsFiles, make_tls_files
+
+pytestmark = pytest.mark.timeout(60)
+
+WAIT_S = 5.0
+MESSAGE = b"Subject: hi\r\nMessage-ID: <tls@test>\r\n\r\nbody\r\n"
+SESSIONS = "smtpfleet_smtp_sessions_total"
+HANDSHAKES = "smtpfleet_tls_handshakes_total"
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> TlsFiles:
+    return make_tls_files(tmp_path / "tls")
+
+
+def tls_settings(certs: TlsFiles, **extra: Any) -> dict[str, Any]:
+    return {
+        "listen": ["127.0.0.1:0"],
+        "accepted_domains": ["example.net"],
+        "tls": {"cert_file": str(certs.cert_file), "key_file": str(certs.key_file)},
+        **extra,
+    }
+
+
+@pytest.fixture
+async def front(certs: TlsFiles) -> AsyncIterator[Front]:
+    async with inbound_front(tls_settings(certs)) as running:
+        yield running
+
+
+class Wire:
+    """A raw client: exact bytes and codes, every read bounded."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, address: tuple[str, int], **kwargs: Any) -> Wire:
+        return cls(*await asyncio.open_connection(*address, **kwargs))
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.reader.readline(), WAIT_S)).decode()
+            if not line:
+                return "".join(lines) or "<closed>"
+            lines.append(line)
+            if line[3:4] != "-":
+                return "".join(lines)
+
+    async def cmd(self, line: str | bytes) -> str:
+        self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def starttls(self, context: ssl.SSLContext) -> None:
+        await self.writer.start_tls(context, server_hostname="localhost")
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+def send_with_smtplib(address: tuple[str, int], context: ssl.SSLContext) -> tuple[str, str]:
+    """EHLO, STARTTLS, EHLO, one message: (extensions before, extensions after)."""
+    with smtplib.SMTP(*address, local_hostname="client.test", timeout=WAIT_S) as client:
+        client.ehlo()
+        before = " ".join(client.esmtp_features)
+        client.starttls(context=context)
+        client.ehlo()
+        after = " ".join(client.esmtp_features)
+        client.sendmail("sender@example.com", ["rcpt@example.net"], MESSAGE)
+    return before, after
+
+
+async def test_smtplib_starttls_delivers_and_records_tls(front: Front, certs: TlsFiles) -> None:
+    before, after = await asyncio.to_thread(
+        send_with_smtplib, front.address(), certs.client_context()
+    )
+    assert "starttls" in before
+    assert "starttls" not in after  # RFC 3207 §4.2: not offered again
+    (message,) = front.spool.messages
+    trace = message.data.split(b"\r\n\tby", 1)[0].decode() + message.data.decode().split("\n")[2]
+    assert "(using TLSv1.3 with cipher TLS_" in trace
+    assert " with ESMTPS id " in message.data.decode()
+    assert (
+        front.sample(HANDSHAKES, {"direction": "inbound", "result": "ok", "version": "TLSv1.3"})
+        == 1
+    )
+    # connection_made ran twice (plain, then TLS): the session was admitted once.
+    assert front.sample(SESSIONS, {"result": "accepted"}) == 1
+
+
+async def test_plain_session_is_recorded_without_tls(front: Front) -> None:
+    wire = await Wire.open(front.address())
+    assert (await wire.reply()).startswith("220 ")
+    assert "250-STARTTLS" in await wire.cmd("EHLO client.test")
+    assert (await wire.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+    assert (await wire.cmd("RCPT TO:<r@example.net>")).startswith("250")
+    assert (await wire.cmd("DATA")).startswith("354")
+    assert (await wire.cmd(MESSAGE + b".\r\n")).startswith("250 2.0.0")
+    await wire.close()
+    data = front.spool.messages[0].data.decode()
+    assert " with ESMTP id " in data
+    assert "using TLS" not in data
+
+
+async def test_commands_pipelined_after_starttls_are_discarded(
+    front: Front, certs: TlsFiles
+) -> None:
+    """RFC 3207 §6 (CVE-2011-0411): plaintext sent with STARTTLS must not run under TLS."""
+    wire = await Wire.open(front.address())
+    await wire.reply()
+    await wire.cmd("EHLO client.test")
+    wire.writer.write(
+        b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\nRCPT TO:<r@example.net>\r\n"
+    )
+    assert (await wire.reply()).startswith("220 2.0.0")
+    await wire.starttls(certs.client_context())
+    # The first reply under TLS is the one to our EHLO, not one to an injected command.
+    assert (await wire.cmd("EHLO client.test")).startswith("250-mx.test")
+    assert await wire.cmd("RCPT TO:<r@example.net>") == replies.NEED_MAIL + "\r\n"
+    assert (await wire.cmd("MAIL FROM:<s@example.com>")).startswith("250 2.1.0")
+    await wire.close()
+    assert front.spool.messages == []
+
+
+async def test_starttls_twice_is_refused(front: Front, certs: TlsFiles) -> None:
+    wire = await Wire.open(front.address())
+    await wire.reply()
+    await wire.cmd("EHLO client.test")
+    assert (await wire.cmd("STARTTLS")).startswith("220 2.0.0")
+    await wire.starttls(certs.client_context())
+    assert (await wire.cmd("STARTTLS")) == replies.TLS_ACTIVE + "\r\n"
+    await wire.close()
+
+
+async def test_failed_handshake_is_counted_and_frees_the_session(front: Front) -> None:
+    untrusting = ssl.create_default_context()  # does not trust the test CA
+    wire = await Wire.open(front.address())
+    await wire.reply()
+    await wire.cmd("EHLO client.test")
+    assert (await wire.cmd("STARTTLS")).startswith("220")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await wire.starttls(untrusting)
+    await wire.close()
+    labels = {"direction": "inbound", "result": "failed", "version": "none"}
+    for _ in range(100):
+        if front.server.active_sessions == 0 and front.sample(HANDSHAKES, labels) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert front.sample(HANDSHAKES, labels) == 1
+    assert front.server.active_sessions == 0  # no session left registered
+
+
+async def test_tls_older_than_1_2_is_refused(front: Front, certs: TlsFiles) -> None:
+    old = certs.client_context()
+    with warnings.catch_warnings():  # a client stuck in 2010 is what this test plays
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    wire = await Wire.open(front.address())
+    await wire.reply()
+    await wire.cmd("EHLO client.test")
+    assert (await wire.cmd("STARTTLS")).startswith("220")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await wire.starttls(old)
+    await wire.close()
+
+
+async def test_require_tls_refuses_mail_in_clear(certs: TlsFiles) -> None:
+    settings = tls_settings(
+        certs, listen=[], listeners=[{"address": "127.0.0.1:0", "require_tls": True}]
+    )
+    async with inbound_front(settings) as front:
+        wire = await Wire.open(front.address())
+        await wire.reply()
+        await wire.cmd("EHLO client.test")
+        assert await wire.cmd("MAIL FROM:<s@example.com>") == replies.MUST_STARTTLS + "\r\n"
+        assert (await wire.cmd("STARTTLS")).startswith("220")
+        await wire.starttls(certs.client_context())
+        await wire.cmd("EHLO client.test")
+        assert (await wire.cmd("MAIL FROM:<s@example.com>")).startswith("250 2.1.0")
+        await wire.close()
+
+
+async def test_no_certificate_no_starttls() -> None:
+    async with inbound_front({"listen": ["127.0.0.1:0"]}) as front:
+        wire = await Wire.open(front.address())
+        await wire.reply()
+        assert "STARTTLS" not in await wire.cmd("EHLO client.test")
+        assert await wire.cmd("STARTTLS") == replies.TLS_NOT_OFFERED + "\r\n"
+        await wire.close()
+
+
+async def test_implicit_tls_listener(certs: TlsFiles) -> None:
+    settings = tls_settings(
+        certs,
+        listen=[],
+        listeners=[
+            {"address": "127.0.0.1:0"},
+            {"address": "127.0.0.1:0", "implicit_tls": True},
+        ],
+    )
+    async with inbound_front(settings) as front:
+        wire = await Wire.open(
+            front.address(1), ssl=certs.client_context(), server_hostname="localhost"
+        )
+        assert (await wire.reply()).startswith("220 mx.test")
+        assert "STARTTLS" not in await wire.cmd("EHLO client.test")
+        assert (await wire.cmd("MAIL FROM:<s@example.com>")).startswith("250")
+        assert (await wire.cmd("RCPT TO:<r@example.net>")).startswith("250")
+        assert (await wire.cmd("DATA")).startswith("354")
+        assert (await wire.cmd(MESSAGE + b".\r\n")).startswith("250 2.0.0")
+        await wire.close()
+        assert b" with ESMTPS id " in front.spool.messages[0].data
+        assert front.sample(SESSIONS, {"result": "accepted"}) == 1
+        # The plain listener beside it still offers STARTTLS.
+        plain = await Wire.open(front.address(0))
+        await plain.reply()
+        assert "250-STARTTLS" in await plain.cmd("EHLO client.test")
+        await plain.close()
+
+
+def _issuer(address: tuple[str, int], context: ssl.SSLContext) -> str:
+    with smtplib.SMTP(*address, timeout=WAIT_S) as client:
+        client.starttls(context=context)
+        sock = client.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        cert = sock.getpeercert()
+        return str(cert["serialNumber"])
+
+
+async def test_a_renewed_certificate_is_used_by_new_sessions(tmp_path: Path) -> None:
+    first = make_tls_files(tmp_path / "first")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy(first.cert_file.parent / name, live / name)
+    settings = {
+        "listen": ["127.0.0.1:0"],
+        "tls": {
+            "cert_file": str(live / "cert.pem"),
+            "key_file": str(live / "key.pem"),
+            "reload_interval_s": 0.1,
+        },
+    }
+    async with inbound_front(settings) as front:
+        old_serial = await asyncio.to_thread(_issuer, front.address(), first.client_context())
+        second = make_tls_files(tmp_path / "second")  # another CA: a real rotation
+        for name in ("cert.pem", "key.pem"):
+            shutil.copy(second.cert_file.parent / name, live / name)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(_issuer, front.address(), second.client_context())  # reload
+        new_serial = await asyncio.to_thread(_issuer, front.address(), second.client_context())
+        assert new_serial != old_serial
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(_issuer, front.address(), first.client_context())
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+async def test_swaks_sends_over_starttls(front: Front, certs: TlsFiles) -> None:
+    host, port = front.address()
+    process = await asyncio.create_subprocess_exec(
+        "swaks",
+        *("--server", host, "--port", str(port), "--helo", "swaks.test"),
+        *("--from", "sender@example.com", "--to", "rcpt@example.net"),
+        *("--tls", "--tls-verify", "--tls-ca-path", str(certs.ca_file)),
+        *("--tls-sni", "localhost"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, output.decode()
+    assert b"<-  220 2.0.0 Ready to start TLS" in output
+    assert b"=== TLS started with cipher TLSv1.3" in output
+    (message,) = front.spool.messages
+    assert b"(using TLSv1.3 with cipher " in message.data
+
+
+async def test_auth_is_not_offered_in_clear_or_under_tls(front: Front, certs: TlsFiles) -> None:
+    wire = await Wire.open(front.address())
+    await wire.reply()
+    assert "AUTH" not in await wire.cmd("EHLO client.test")
+    assert await wire.cmd("AUTH PLAIN AHVzZXIAcGFzcw==") == replies.AUTH_NOT_OFFERED + "\r\n"
+    assert (await wire.cmd("STARTTLS")).startswith("220")
+    await wire.starttls(certs.client_context())
+    assert "AUTH" not in await wire.cmd("EHLO client.test")
+    assert await wire.cmd("AUTH PLAIN AHVzZXIAcGFzcw==") == replies.AUTH_NOT_OFFERED + "\r\n"
+    await wire.close()
