@@ -36,12 +36,14 @@ from smtpfleet.inbound.budget import ByteBudget
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.proxy import client_of, in_networks, networks
 from smtpfleet.inbound.reload import Reloading
+from smtpfleet.inbound.session_init import init_session
 from smtpfleet.inbound.syntax import parse_path, parse_vrfy
 from smtpfleet.metrics import Metrics, reply_class, tls_version
 
 log = logging.getLogger(__name__)
 
 Command = Callable[[str | None], Awaitable[None]]
+Gate = Callable[[str, Command, str | None], Awaitable[None]]
 
 IDENT: Final = "ESMTP smtpfleet"  # the 220 banner: "220 <hostname> ESMTP smtpfleet"
 CLOSE_WAIT_S: Final = 2.0  # close(): how long session tasks get to unwind after an abort
@@ -124,7 +126,8 @@ class InboundSMTP(SMTP):
         listener: ListenerConfig,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        # aiosmtpd's constructor without its per-session introspection (session_init.py).
+        init_session(self, handler, **kwargs)
         self._server = server
         self._listener = listener
         self._greeted = False  # the 220 banner went out
@@ -141,9 +144,7 @@ class InboundSMTP(SMTP):
         # sessions: keep ours per session.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         # Every command passes the drain gate: one place, not one override per command.
-        self._smtp_methods = _Commands(
-            {n: self._gated(n, m) for n, m in self._smtp_methods.items()}, self._unknown
-        )
+        self._smtp_methods = _Commands(self._smtp_methods, self._gated, self._unknown)
         if "DATA" in self._handle_hooks:
             self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
         if "EHLO" in self._handle_hooks:
@@ -392,23 +393,20 @@ class InboundSMTP(SMTP):
 
     # -- drain -----------------------------------------------------------------------------
 
-    def _gated(self, command: str, method: Command) -> Command:
-        @functools.wraps(method)  # keeps aiosmtpd's syntax attributes, which HELP lists
-        async def gated(arg: str | None) -> None:
-            if self.transport is None or self.transport.is_closing() or self._closing:
-                return  # aiosmtpd would go on with commands already buffered: run none
-            if self._server.draining and not self.in_transaction and command != "QUIT":
-                await self.push(replies.SHUTTING_DOWN)
-                return
-            self._busy, self._reading_data = True, command == "DATA"
-            self._command = command
-            try:
-                await method(arg)
-            finally:
-                self._busy = self._reading_data = False
-            self.leave_if_draining()
-
-        return gated
+    async def _gated(self, command: str, method: Command, arg: str | None) -> None:
+        """Every command passes here: the drain gate, and what the session is doing."""
+        if self.transport is None or self.transport.is_closing() or self._closing:
+            return  # aiosmtpd would go on with commands already buffered: run none
+        if self._server.draining and not self.in_transaction and command != "QUIT":
+            await self.push(replies.SHUTTING_DOWN)
+            return
+        self._busy, self._reading_data = True, command == "DATA"
+        self._command = command
+        try:
+            await method(arg)
+        finally:
+            self._busy = self._reading_data = False
+        self.leave_if_draining()
 
     def leave_if_draining(self) -> None:
         """A draining session that is between transactions hears 421 now.
@@ -571,18 +569,42 @@ def _declared_size(mail_options: list[str]) -> int:
     return 0
 
 
+class _Gated:
+    """A command on its way through the session's gate; aiosmtpd's syntax attributes (which
+    HELP reads) come from the command itself."""
+
+    __slots__ = ("_command", "_gate", "_method")
+
+    def __init__(self, gate: Gate, command: str, method: Command) -> None:
+        self._gate, self._command, self._method = gate, command, method
+
+    def __call__(self, arg: str | None) -> Awaitable[None]:
+        return self._gate(self._command, self._method, arg)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+
 class _Commands(dict[str, Command]):
-    """aiosmtpd's command table, with our handler for every command it does not hold."""
+    """aiosmtpd's command table: every command it holds is gated, one object per call (not a
+    closure per command per session), and our handler answers every command it does not hold.
+    """
 
     def __init__(
-        self, known: dict[str, Command], unknown: Callable[[str, str | None], Awaitable[None]]
+        self,
+        known: dict[str, Command],
+        gate: Gate,
+        unknown: Callable[[str, str | None], Awaitable[None]],
     ) -> None:
         super().__init__(known)
+        self._gate = gate
         self._unknown = unknown
 
     def get(self, command: str, default: Command | None = None) -> Command:  # type: ignore[override]
         known = super().get(command)
-        return known if known is not None else functools.partial(self._unknown, command)
+        if known is None:
+            return functools.partial(self._unknown, command)
+        return _Gated(self._gate, command, known)
 
 
 class InboundServer:

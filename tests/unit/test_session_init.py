@@ -1,0 +1,91 @@
+"""Sessions built by our constructor equal those built by aiosmtpd's, attribute by attribute.
+
+inbound/session_init.py copies aiosmtpd 1.4.6's `SMTP.__init__` without its per-session
+introspection; if an aiosmtpd release changes that constructor, this fails first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ssl
+import weakref
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from smtpfleet.config import InboundConfig, ListenerConfig
+from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.inbound.policy import RecipientPolicy
+from smtpfleet.inbound.server import InboundServer, InboundSMTP
+from smtpfleet.inbound.session_init import init_session
+from smtpfleet.testing.inbound import MemorySpool
+
+
+def _handler() -> InboundHandler:
+    config = InboundConfig(accepted_domains=["example.net"])
+    return InboundHandler(
+        spool=MemorySpool(),
+        policy=RecipientPolicy.from_config(config),
+        hostname="mx.test",
+        shards=4,
+        max_recipients=100,
+        max_received_headers=30,
+        accept_timeout_s=1.0,
+    )
+
+
+def _comparable(value: Any, session: object) -> Any:
+    """Objects made per session compare by kind, methods by function and owner (the session
+    itself or another object); everything else by value."""
+    if inspect.ismethod(value):
+        owner = "session" if value.__self__ is session else value.__self__
+        return ("method", value.__func__, owner)
+    if isinstance(value, tuple):
+        return tuple(_comparable(v, session) for v in value)
+    if isinstance(value, asyncio.StreamReader):
+        return ("StreamReader", value._limit)  # type: ignore[attr-defined]
+    if isinstance(value, asyncio.Future):
+        return ("Future", value.done())
+    if isinstance(value, weakref.ref):
+        return ("weakref", type(value()).__name__)
+    if isinstance(value, dict):
+        return {k: _comparable(v, session) for k, v in value.items()}
+    return value
+
+
+SETTINGS: list[dict[str, Any]] = [
+    {"hostname": "mx.test", "ident": "ESMTP smtpfleet", "data_size_limit": 1000, "timeout": 5},
+    {
+        "hostname": "mx.test",
+        "tls_context": ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+        "require_starttls": True,
+        "auth_required": True,
+        "auth_exclude_mechanism": ["LOGIN"],
+        "command_call_limit": {"*": 7, "NOOP": 3},
+        "proxy_protocol_timeout": 5.0,
+    },
+    {"hostname": "mx.test", "authenticator": lambda *a: None, "command_call_limit": 9},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+async def test_our_constructor_sets_what_aiosmtpds_sets(settings: dict[str, Any]) -> None:
+    handler = _handler()
+    theirs = object.__new__(InboundSMTP)
+    SMTP.__init__(theirs, handler, **settings)
+    ours = object.__new__(InboundSMTP)
+    init_session(ours, handler, **settings)
+    assert set(vars(ours)) == set(vars(theirs))
+    for name, value in vars(theirs).items():
+        assert _comparable(getattr(ours, name), ours) == _comparable(value, theirs), name
+
+
+async def test_a_whole_session_object_still_builds_and_wraps_its_commands() -> None:
+    config = InboundConfig(listen=["127.0.0.1:0"])
+    server = InboundServer(config, _handler(), "mx.test")
+    session = server._protocol(ListenerConfig(address="127.0.0.1:0"))
+    assert isinstance(session, InboundSMTP)
+    assert {"EHLO", "MAIL", "RCPT", "DATA", "QUIT", "HELP"} <= set(session._smtp_methods)
+    assert session._handle_hooks["MAIL"].__self__ is server._handler  # type: ignore[attr-defined]
