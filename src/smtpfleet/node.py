@@ -27,8 +27,9 @@ from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
 from smtpfleet.metrics import Metrics
+from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import Delivery, RedisQueue
+from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.relays.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Node:
         self.worker = DeliveryWorker(
             queue=self.queue,
             ring=ring,
-            sender=self._sender,
+            relays=self._sender,
             config=config,
             consumer=self.node_id,
             hostname=self.hostname,

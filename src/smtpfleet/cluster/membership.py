@@ -17,11 +17,11 @@ import socket
 import time
 from collections.abc import Callable
 
+from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.metrics import Metrics
-from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import Delivery
+from smtpfleet.queue.deliveries import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Membership:
     def __init__(
         self,
         *,
-        store: ClusterStore,
+        store: MembershipStore,
         config: ClusterConfig,
         node_id: str,
         adopt: Callable[[list[Delivery]], None],

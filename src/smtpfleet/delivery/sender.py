@@ -18,10 +18,10 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import aiosmtplib
 
+from smtpfleet.cluster.store import SharedLimits
 from smtpfleet.config import DeliveryConfig, RelayConfig, TlsPolicy
 from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply, unsendable
 from smtpfleet.envelope import now_ms
@@ -41,18 +41,6 @@ LIMIT_POLL_S = 0.05
 # Not the relay's fault: a 451 (not 421) so passive health checks do not count it.
 LIMIT_REACHED = classify_reply(451, "4.4.5 Relay connection or rate limit reached")
 NO_SESSION = classify_reply(421, "4.4.1 No session to the relay could be opened")
-
-
-class SharedLimits(Protocol):
-    """Cluster-wide relay limits (implemented on Redis by ClusterStore)."""
-
-    async def acquire_connection(
-        self, relay: str, member: str, now_ms: int, ttl_ms: int, limit: int
-    ) -> bool: ...
-
-    async def release_connection(self, relay: str, member: str) -> None: ...
-
-    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool: ...
 
 
 @dataclass(eq=False)

@@ -8,13 +8,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from smtpfleet.cluster.store import HealthViews
 from smtpfleet.config import HealthConfig, RelayConfig
 from smtpfleet.delivery.classify import FailureKind, Verdict
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.health.probe import probe
 from smtpfleet.health.state import PassiveEjector, RiseFall, cluster_verdict, healthy_set, tier_map
 from smtpfleet.metrics import Metrics
-from smtpfleet.queue.redis_cluster import ClusterStore
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class HealthMonitor:
         *,
         relays: Sequence[RelayConfig],
         config: HealthConfig,
-        store: ClusterStore,
+        store: HealthViews,
         node_id: str,
         helo: str,
         live_nodes: Callable[[], set[str]],

@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.keys import GROUP, Keys
-from smtpfleet.queue.redis_queue import Delivery, RedisQueue, guarded, text
+from smtpfleet.queue.redis_queue import RedisQueue, guarded, text
 
 T = TypeVar("T")
 
