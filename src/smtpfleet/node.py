@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from smtpfleet import memory
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
-from smtpfleet.delivery.sender import Sender
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
 from smtpfleet.health.checker import HealthMonitor
@@ -30,6 +29,7 @@ from smtpfleet.metrics import Metrics
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.relays.pool import RelayPool
 from smtpfleet.relays.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Node:
         self.metrics = Metrics(self.registry)
         self.queue = RedisQueue(config.redis, config.queue)
         self.store = ClusterStore(self.queue)
-        self._sender = Sender(
+        self._relays = RelayPool(
             config.delivery,
             helo,
             limits=self.store,
@@ -81,7 +81,7 @@ class Node:
         self.worker = DeliveryWorker(
             queue=self.queue,
             ring=ring,
-            relays=self._sender,
+            relays=self._relays,
             config=config,
             consumer=self.node_id,
             hostname=self.hostname,
@@ -122,7 +122,7 @@ class Node:
         await self.membership.tick()  # registered before we take any work
         self._tasks = [
             asyncio.create_task(self.membership.run(), name="membership"),
-            asyncio.create_task(self._sender.maintain_forever(), name="relay-sessions"),
+            asyncio.create_task(self._relays.maintain_forever(), name="relay-sessions"),
             asyncio.create_task(self._export_queue_stats(), name="queue-stats"),
             asyncio.create_task(memory.trim_forever(), name="memory-trim"),
         ]
@@ -213,5 +213,5 @@ class Node:
         await self._stop_tasks()
         await self.worker.stop(0.0)
         await self.inbound.close()
-        await self._sender.close()
+        await self._relays.close()
         await self.queue.close()

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from smtpfleet.cluster.liveness import live_nodes
 from smtpfleet.envelope import QueuedMessage, now_ms, shard_of
 from smtpfleet.health.state import cluster_verdict
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP
@@ -53,7 +54,7 @@ class Admin:
         now = now_ms()
         members = await self.store.members()
         info = await self.store.node_info(members)
-        live = {n for n, beat in members.items() if now - beat < lease_s * 1000}
+        live = live_nodes(members, now_ms=now, lease_s=lease_s)
         views = await self.store.views(members)
         relays = sorted(set(known_relays) | {r for v in views.values() for r in v})
         verdict = cluster_verdict(relays, views, live)
