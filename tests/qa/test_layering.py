@@ -21,6 +21,8 @@ PURE = [
     "relays/ring.py",
     "health/state.py",
     "queue/keys.py",
+    "queue/suitability.py",
+    "cluster/liveness.py",
 ]
 
 
@@ -107,7 +109,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
         "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
-        "inbound.budget",
+        "inbound.budget", "queue.suitability",
     ),
     "protocols": ("queue.spool", "queue.deliveries", "cluster.store", "relays.clients"),
     "io": (),  # everything else of the product

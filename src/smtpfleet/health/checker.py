@@ -10,21 +10,20 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from smtpfleet.cluster.store import HealthViews
 from smtpfleet.config import HealthConfig, RelayConfig
-from smtpfleet.delivery.classify import FailureKind, Verdict
+from smtpfleet.delivery.classify import Verdict, is_relay_trouble
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.health.probe import probe
-from smtpfleet.health.state import PassiveEjector, RiseFall, cluster_verdict, healthy_set, tier_map
+from smtpfleet.health.state import (
+    PassiveEjector,
+    RiseFall,
+    cluster_verdict,
+    healthy_set,
+    tier_map,
+    view_ttl_ms,
+)
 from smtpfleet.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-CLOSING = 421
-
-
-def is_relay_trouble(verdict: Verdict) -> bool:
-    """What passive checks count: the relay failed to talk, not a recipient it refused."""
-    return verdict.kind in (FailureKind.CONNECTION, FailureKind.TIMEOUT) or verdict.code == CLOSING
-
 
 Probe = Callable[[RelayConfig], Awaitable[tuple[bool, str]]]
 
@@ -105,7 +104,7 @@ class HealthMonitor:
         """Publish our view and read everyone's; keep the last verdict while Redis is away."""
         view = self.own_view()
         try:
-            ttl_ms = int(self._config.interval_s * 5000) + 5000
+            ttl_ms = view_ttl_ms(self._config.interval_s)
             await self._store.publish_view(self._node_id, view, ttl_ms)
             live = self._live_nodes() | {self._node_id}
             views = await self._store.views(live)

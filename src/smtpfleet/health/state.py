@@ -104,6 +104,13 @@ def cluster_verdict(
     return verdict
 
 
+def view_ttl_ms(interval_s: float) -> int:
+    """How long a node's published view counts: five check intervals plus 5 s. A node that
+    stops publishing (dead, or cut off from Redis) stops voting soon after; a slow check or
+    two does not make a live node's view vanish."""
+    return int(interval_s * 5000) + 5000
+
+
 def healthy_set(verdict: Mapping[str, bool], own_view: Mapping[str, bool]) -> set[str]:
     """What this node routes to: up for the cluster and not down from here."""
     return {relay for relay, up in verdict.items() if up and own_view.get(relay, True)}

@@ -24,17 +24,12 @@ from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import Batcher, Command
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
+from smtpfleet.queue.suitability import server_version, unsuitable_reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NO_LIMIT = 2**53
-MIN_REDIS_VERSION = (6, 2, 0)  # XAUTOCLAIM
-SAFE_EVICTION_POLICY = "noeviction"
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
 def text(value: bytes | str) -> str:
@@ -125,23 +120,16 @@ class RedisQueue:
 
     async def check_server(self) -> str:
         """Refuse a Redis that cannot hold mail safely; return its version for the log."""
+        mode = self._queue.durability
         server = await guarded(lambda: self._redis.info("server"))
         memory = await guarded(lambda: self._redis.info("memory"))
-        version = str(server.get("valkey_version") or server.get("redis_version", "0"))
-        compat = str(server.get("redis_version", "0"))
-        if _version_tuple(compat) < MIN_REDIS_VERSION:
-            raise RedisUnsuitable(f"Redis {compat} is too old: smtpfleet needs 6.2 or newer")
-        policy = str(memory.get("maxmemory_policy", ""))
-        if policy != SAFE_EVICTION_POLICY:
-            raise RedisUnsuitable(
-                f"Redis maxmemory-policy is {policy!r}: it may evict queued mail; "
-                f"set maxmemory-policy {SAFE_EVICTION_POLICY}"
-            )
-        if self._queue.durability is Durability.FSYNC:
+        persistence = None
+        if mode is Durability.FSYNC:
             persistence = await guarded(lambda: self._redis.info("persistence"))
-            if str(persistence.get("aof_enabled")) != "1":
-                raise RedisUnsuitable("durability: fsync needs appendonly yes on the Redis server")
-        return version
+        reason = unsuitable_reason(server, memory, persistence, mode)
+        if reason is not None:
+            raise RedisUnsuitable(reason)
+        return server_version(server)
 
     async def ensure_groups(self) -> None:
         """Create every shard's stream and consumer group (id 0: include entries already there)."""
@@ -281,7 +269,7 @@ class RedisQueue:
         pairs = reply.items() if isinstance(reply, dict) else reply
         deliveries: list[Delivery] = []
         for stream, entries in pairs:
-            shard = int(text(stream).split(":")[-2].rstrip("}"))
+            shard = self.keys.shard_of_stream(text(stream))
             deliveries.extend(self.deliveries(shard, entries))
         return deliveries
 

@@ -24,9 +24,17 @@ import aiosmtplib
 
 from smtpfleet.cluster.store import SharedLimits
 from smtpfleet.config import DeliveryConfig, RelayConfig, TlsPolicy
-from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply, unsendable
+from smtpfleet.delivery.classify import (
+    Verdict,
+    classify_exception,
+    classify_reply,
+    limit_reached,
+    no_session,
+    unsendable,
+)
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import LimitsUnavailable
+from smtpfleet.replies import CLOSING_CODE
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +45,9 @@ MAX_IDLE_S = 30.0
 # or a busy node's idle pool would starve the other nodes.
 SHARED_IDLE_S = 1.0
 REAP_INTERVAL_S = 0.5
-CLOSING_CODE = 421
 LIMIT_POLL_S = 0.05
-# Not the relay's fault: a 451 (not 421) so passive health checks do not count it.
-LIMIT_REACHED = classify_reply(451, "4.4.5 Relay connection or rate limit reached")
-NO_SESSION = classify_reply(421, "4.4.1 No session to the relay could be opened")
+LIMIT_REACHED = limit_reached()
+NO_SESSION = no_session()
 
 
 class SmtpSession(Protocol):
