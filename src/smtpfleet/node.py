@@ -19,6 +19,7 @@ from smtpfleet import memory
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
 from smtpfleet.delivery.worker import DeliveryWorker
+from smtpfleet.envelope import EntryState
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
@@ -38,6 +39,11 @@ QUEUE_STATS_INTERVAL_S = 5.0
 
 
 class Node:
+    """One smtpfleet node: the one place that builds the concrete pieces (RedisQueue,
+    ClusterStore, RelayPool, Membership, HealthMonitor, DeliveryWorker, the SMTP and HTTP
+    listeners) and runs their lifecycle: `start`, `drain` (421 to new sessions, finish
+    in-flight work within the grace period), `close`."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.node_id = config.node.id or f"{socket.gethostname()}-{os.getpid()}"
@@ -162,9 +168,9 @@ class Node:
                 stats = await self.queue.stats(int(time.time() * 1000))
             except QueueUnavailable:
                 stats = {}
-            for state in ("ready", "in_flight", "retry", "dead"):
+            for state in EntryState:
                 if state in stats:
-                    self.metrics.queue.labels(state).set(stats[state])
+                    self.metrics.queue.labels(state.value).set(stats[state])
             if "oldest_age_s" in stats:
                 self.metrics.oldest.set(stats["oldest_age_s"])
             await asyncio.sleep(QUEUE_STATS_INTERVAL_S)

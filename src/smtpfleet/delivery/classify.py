@@ -42,6 +42,8 @@ CONGESTION_STATUS: Final = "4.4.5"  # RFC 3463 X.4.5: mail system congestion
 
 
 class Outcome(StrEnum):
+    """What a verdict means for one recipient (DESIGN invariant 3)."""
+
     DELIVERED = "delivered"
     TEMPORARY = "temporary"
     PERMANENT = "permanent"
@@ -65,6 +67,8 @@ class FailureKind(StrEnum):
 
 @dataclass(frozen=True)
 class Verdict:
+    """One recipient's result from one relay attempt: outcome, bounded kind, code, text, status."""
+
     outcome: Outcome
     kind: FailureKind
     code: int | None  # the SMTP reply code, when the relay sent a well-formed one

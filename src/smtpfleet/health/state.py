@@ -21,6 +21,9 @@ from smtpfleet.config import HealthConfig, RelayConfig
 
 @dataclass
 class RiseFall:
+    """Active-check state of one relay: down after `fall` failed probes in a row, up after
+    `rise` good ones."""
+
     fall: int
     rise: int
     up: bool = True
@@ -48,6 +51,9 @@ class _Outlier:
 
 @dataclass
 class PassiveEjector:
+    """Passive checks: eject a relay that keeps failing real deliveries, for a doubling time,
+    never more than `max_ejection_percent` of a tier at once."""
+
     config: HealthConfig
     tiers: Mapping[str, int]  # relay name -> priority
     _state: dict[str, _Outlier] = field(default_factory=dict)

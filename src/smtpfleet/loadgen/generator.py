@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from smtpfleet.loadgen.messages import RECIPIENT, SENDER, message_bytes
+from smtpfleet.replies import CLOSING_CODE
 
 
 @dataclass
@@ -157,7 +158,7 @@ async def run_load(
                     code = await session.send(message_bytes(tag, size))
                 result.latencies_s.append(time.perf_counter() - started)
                 used += 1
-                if code == 421:
+                if code == CLOSING_CODE:
                     session.writer.close()
                     session = None
             except (OSError, ConnectionError, ValueError, TimeoutError):

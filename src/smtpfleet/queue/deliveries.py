@@ -41,6 +41,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Body:
+    """A message's stored body, as a worker reads it before sending."""
+
     data: bytes | None  # None: cancelled (tombstoned) or already finished
     confirmed: bool  # durability was confirmed before the client got 250
 

@@ -14,6 +14,8 @@ ENTRY_FIELD = "m"  # the stream entry's one field: QueuedMessage.encode()
 
 @dataclass(frozen=True)
 class Keys:
+    """Every Redis key name of one deployment (prefix, shard count), and the parsing of them."""
+
     prefix: str
     shards: int
 

@@ -18,7 +18,15 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
 from smtpfleet.delivery.outcome import Finish
-from smtpfleet.envelope import EnqueueResult, Kind, NewMessage, QueuedMessage, now_ms, shard_of
+from smtpfleet.envelope import (
+    EnqueueResult,
+    EntryState,
+    Kind,
+    NewMessage,
+    QueuedMessage,
+    now_ms,
+    shard_of,
+)
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import Batcher, Command
@@ -334,15 +342,15 @@ class RedisQueue:
                 pipe.xlen(self.keys.dead(shard))
                 pipe.xrange(stream, count=1)
             rows = await guarded(pipe.execute)
-        totals = {"ready": 0.0, "in_flight": 0.0, "retry": 0.0, "dead": 0.0}
+        totals = {str(state): 0.0 for state in EntryState}
         oldest_ms = now
         for i in range(0, len(rows), 5):
             length, pending, retry, dead, first = rows[i : i + 5]
             in_flight = int(pending["pending"]) if isinstance(pending, dict) else int(pending[0])
-            totals["in_flight"] += in_flight
-            totals["ready"] += max(0, int(length) - in_flight)
-            totals["retry"] += int(retry)
-            totals["dead"] += int(dead)
+            totals[EntryState.IN_FLIGHT] += in_flight
+            totals[EntryState.READY] += max(0, int(length) - in_flight)
+            totals[EntryState.RETRY] += int(retry)
+            totals[EntryState.DEAD] += int(dead)
             if first:
                 oldest_ms = min(oldest_ms, int(text(first[0][0]).split("-")[0]))
         totals["oldest_age_s"] = max(0.0, (now - oldest_ms) / 1000)

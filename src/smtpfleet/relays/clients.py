@@ -14,12 +14,16 @@ from smtpfleet.delivery.classify import Verdict
 
 
 class MessageSender(Protocol):
+    """One relay's client."""
+
     async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Verdict]:
         """A verdict per recipient. Never raises for relay trouble: that is a verdict too."""
         ...
 
 
 class RelayClients(Protocol):
+    """A client per relay."""
+
     def client(self, relay: RelayConfig) -> MessageSender:
         """The client of this relay (made on first use)."""
         ...
