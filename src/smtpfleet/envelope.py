@@ -16,6 +16,15 @@ class Kind(StrEnum):
     DSN = "dsn"  # a bounce we generated: never bounced again (RFC 3464 section 1)
 
 
+class EntryState(StrEnum):
+    """Where a queued message is (DESIGN invariant 2: "still queued and visible")."""
+
+    READY = "ready"  # in a stream, not read by any worker yet
+    IN_FLIGHT = "in_flight"  # read by a worker (pending in the consumer group)
+    RETRY = "retry"  # waiting in a retry set for its due time
+    DEAD = "dead"  # in the dead letters, with its body, for an operator
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -19,6 +19,15 @@ class QueueUnavailable(SpoolError, ConnectionError):
     """Redis is unreachable, too slow, or did not confirm durability in time."""
 
 
+class Fenced(SmtpfleetError):
+    """This node has not reached Redis for nearly a lease: it starts no delivery step, so
+    nothing it does can race the survivor that will claim its work (DESIGN invariant 4)."""
+
+
+class LimitsUnavailable(SmtpfleetError, ConnectionError):
+    """The cluster-wide relay limits cannot be read; the per-node caps still hold."""
+
+
 class QueueFull(SpoolError):
     """The queue is above its high-water mark."""
 

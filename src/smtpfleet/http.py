@@ -22,6 +22,8 @@ MAX_REQUEST_LINE = 8192
 
 
 class HttpServer:
+    """/metrics, /healthz (alive) and /readyz (ready, or why not) for one node."""
+
     def __init__(
         self,
         config: HttpConfig,

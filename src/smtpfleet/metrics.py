@@ -30,6 +30,9 @@ def reply_class(reply: str) -> str:
 
 
 class Metrics:
+    """Every series a node exports, on one registry; required wherever a series is written, so
+    none goes to a registry nobody scrapes."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 from smtpfleet import memory
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
-from smtpfleet.delivery.sender import Sender
 from smtpfleet.delivery.worker import DeliveryWorker
+from smtpfleet.envelope import EntryState
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
@@ -27,8 +27,10 @@ from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
 from smtpfleet.metrics import Metrics, tls_version
+from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import Delivery, RedisQueue
+from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.relays.pool import RelayPool
 from smtpfleet.relays.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,11 @@ QUEUE_STATS_INTERVAL_S = 5.0
 
 
 class Node:
+    """One smtpfleet node: the one place that builds the concrete pieces (RedisQueue,
+    ClusterStore, RelayPool, Membership, HealthMonitor, DeliveryWorker, the SMTP and HTTP
+    listeners) and runs their lifecycle: `start`, `drain` (421 to new sessions, finish
+    in-flight work within the grace period), `close`."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.node_id = config.node.id or f"{socket.gethostname()}-{os.getpid()}"
@@ -47,7 +54,7 @@ class Node:
         self.metrics = Metrics(self.registry)
         self.queue = RedisQueue(config.redis, config.queue)
         self.store = ClusterStore(self.queue)
-        self._sender = Sender(
+        self._relays = RelayPool(
             config.delivery,
             helo,
             limits=self.store,
@@ -82,7 +89,7 @@ class Node:
         self.worker = DeliveryWorker(
             queue=self.queue,
             ring=ring,
-            sender=self._sender,
+            relays=self._relays,
             config=config,
             consumer=self.node_id,
             hostname=self.hostname,
@@ -123,7 +130,7 @@ class Node:
         await self.membership.tick()  # registered before we take any work
         self._tasks = [
             asyncio.create_task(self.membership.run(), name="membership"),
-            asyncio.create_task(self._sender.maintain_forever(), name="relay-sessions"),
+            asyncio.create_task(self._relays.maintain_forever(), name="relay-sessions"),
             asyncio.create_task(self._export_queue_stats(), name="queue-stats"),
             asyncio.create_task(memory.trim_forever(), name="memory-trim"),
         ]
@@ -163,9 +170,9 @@ class Node:
                 stats = await self.queue.stats(int(time.time() * 1000))
             except QueueUnavailable:
                 stats = {}
-            for state in ("ready", "in_flight", "retry", "dead"):
+            for state in EntryState:
                 if state in stats:
-                    self.metrics.queue.labels(state).set(stats[state])
+                    self.metrics.queue.labels(state.value).set(stats[state])
             if "oldest_age_s" in stats:
                 self.metrics.oldest.set(stats["oldest_age_s"])
             await asyncio.sleep(QUEUE_STATS_INTERVAL_S)
@@ -214,5 +221,5 @@ class Node:
         await self._stop_tasks()
         await self.worker.stop(0.0)
         await self.inbound.close()
-        await self._sender.close()
+        await self._relays.close()
         await self.queue.close()

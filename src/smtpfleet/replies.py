@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Final
 
+# RFC 5321 §3.8 / §4.2.3: "service not available, closing transmission channel", whoever says
+# it: a relay closing our session, or we closing a client's. The one name for the code.
+CLOSING_CODE: Final = 421
+
 QUEUED_FMT: Final = "250 2.0.0 Ok: queued as {qid}"
 OK: Final = "250 2.0.0 Ok"
 SENDER_OK: Final = "250 2.1.0 Sender ok"
@@ -46,7 +50,7 @@ UNKNOWN_COMMAND: Final = "500 5.5.1 Command not recognized"
 TOO_MANY_UNKNOWN: Final = "421 4.7.0 Too many unrecognized commands, closing connection"
 NEED_MAIL: Final = "503 5.5.1 Need MAIL command"
 NESTED_MAIL: Final = "503 5.5.1 Nested MAIL command"
-CLOSING: Final = "221 2.0.0 Bye"
+BYE: Final = "221 2.0.0 Bye"
 
 # STARTTLS (RFC 3207) and AUTH (RFC 4954); RFC 3207 §4: 530 until the client starts TLS.
 TLS_READY: Final = "220 2.0.0 Ready to start TLS"

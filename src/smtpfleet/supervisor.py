@@ -55,6 +55,8 @@ STABLE_AFTER_S = 30.0  # a worker up this long resets its restart pause
 
 @dataclass
 class Worker:
+    """One node process of `serve --workers N`, and what the supervisor knows of it."""
+
     index: int
     node_id: str
     socket_path: str
@@ -68,6 +70,8 @@ class Worker:
 
 @dataclass
 class Supervisor:
+    """Runs N node processes on one SMTP port, merges their /metrics, restarts crashed ones."""
+
     config: Config
     config_path: str | None
     workers: int

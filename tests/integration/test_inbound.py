@@ -23,6 +23,7 @@ from smtpfleet.errors import QueueFull, QueueUnavailable
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer, rewrite
+from smtpfleet.metrics import Metrics
 from smtpfleet.testing.client import eventually
 
 pytestmark = pytest.mark.timeout(30)
@@ -143,6 +144,7 @@ async def running(spool: MemorySpool | None = None, **overrides: Any) -> AsyncIt
         "accept_timeout_s": 1.0,
     }
     config = InboundConfig(**(settings | overrides))
+    metrics = Metrics()
     handler = InboundHandler(
         spool=spool,
         policy=RecipientPolicy.from_config(config),
@@ -151,8 +153,9 @@ async def running(spool: MemorySpool | None = None, **overrides: Any) -> AsyncIt
         max_recipients=config.max_recipients,
         max_received_headers=config.max_received_headers,
         accept_timeout_s=config.accept_timeout_s,
+        metrics=metrics,
     )
-    server = InboundServer(config, handler, "mx.test")
+    server = InboundServer(config, handler, "mx.test", metrics=metrics)
     await server.start()
     harness = Harness(server, spool)
     try:

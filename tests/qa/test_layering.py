@@ -21,6 +21,8 @@ PURE = [
     "relays/ring.py",
     "health/state.py",
     "queue/keys.py",
+    "queue/suitability.py",
+    "cluster/liveness.py",
 ]
 
 
@@ -94,3 +96,108 @@ def test_nothing_imports_the_cli() -> None:
     for path in SRC.rglob("*.py"):
         if SRC / "cli" not in path.parents and path.name != "__main__.py":
             assert "smtpfleet.cli" not in path.read_text(), path
+
+
+# The layer order, lowest first. A module imports modules of its own layer or below, never
+# above; and an I/O implementation never imports another package's I/O implementation (they
+# meet in node.py, which wires them). A product module listed nowhere is an I/O module.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "foundations": (
+        "config", "envelope", "replies", "errors", "logs", "metrics", "queue.keys",
+        "queue.scripts",
+    ),
+    "decisions": (
+        "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
+        "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
+        "inbound.budget", "queue.suitability",
+    ),
+    "protocols": ("queue.spool", "queue.deliveries", "cluster.store", "relays.clients"),
+    "io": (),  # everything else of the product
+    "node": ("node", "lifecycle", "supervisor"),
+    "tooling": ("testing", "loadgen", "drills"),
+    "cli": ("cli",),
+}  # fmt: skip
+ORDER = list(LAYERS)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> str:
+    for layer, members in LAYERS.items():
+        if any(module == m or module.startswith(f"{m}.") for m in members):
+            return layer
+    return "io"
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[0] if "." in module else ""
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the smtpfleet modules it imports (names relative to the package)."""
+    paths = [p for p in SRC.rglob("*.py") if p.name != "__main__.py" and p != SRC / "__init__.py"]
+    modules = {module_name(p) for p in paths}
+    graph = {}
+    for path in paths:
+        found = set()
+        for name in imported_modules(path):
+            short = name.removeprefix("smtpfleet.")
+            if name.startswith("smtpfleet.") and short in modules:
+                found.add(short)
+        # `from smtpfleet.queue import keys` names the package and the module: keep the module.
+        packages = {m for m in found if any(o.startswith(f"{m}.") for o in found)}
+        graph[module_name(path)] = found - packages
+    return graph
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, imports in sorted(graph.items()):
+        mine = ORDER.index(layer_of(module))
+        for imported in sorted(imports):
+            theirs = ORDER.index(layer_of(imported))
+            if theirs > mine:
+                found.append(f"{module} ({ORDER[mine]}) imports {imported} ({ORDER[theirs]})")
+            elif mine == theirs == ORDER.index("io") and package_of(module) != package_of(imported):
+                found.append(f"{module} imports {imported}: I/O of another package (wire in node)")
+    return found
+
+
+def test_imports_follow_the_layer_order() -> None:
+    assert violations(import_graph()) == []
+
+
+def test_every_listed_module_exists() -> None:
+    graph = import_graph()
+    for members in LAYERS.values():
+        for member in members:
+            assert any(m == member or m.startswith(f"{member}.") for m in graph), member
+
+
+@pytest.mark.parametrize(
+    ("module", "planted", "complaint"),
+    [
+        (
+            "delivery.outcome",
+            "queue.deliveries",
+            "(decisions) imports queue.deliveries (protocols)",
+        ),
+        ("config", "metrics", ""),  # same layer: allowed
+        ("health.checker", "queue.redis_cluster", "I/O of another package"),
+        ("cluster.store", "queue.redis_queue", "(protocols) imports queue.redis_queue (io)"),
+        ("queue.redis_admin", "node", "(io) imports node (node)"),
+    ],
+)
+def test_the_layer_check_catches_a_planted_violation(
+    module: str, planted: str, complaint: str
+) -> None:
+    graph = import_graph()
+    graph[module] = graph[module] | {planted}
+    found = violations(graph)
+    if complaint:
+        assert any(complaint in v for v in found), found
+    else:
+        assert found == []

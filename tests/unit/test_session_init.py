@@ -20,6 +20,7 @@ from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundSMTP
 from smtpfleet.inbound.session_init import init_session
+from smtpfleet.metrics import Metrics
 from smtpfleet.testing.inbound import MemorySpool
 
 
@@ -33,6 +34,7 @@ def _handler() -> InboundHandler:
         max_recipients=100,
         max_received_headers=30,
         accept_timeout_s=1.0,
+        metrics=Metrics(),
     )
 
 

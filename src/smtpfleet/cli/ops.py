@@ -16,6 +16,7 @@ from typing import Any
 
 from smtpfleet.cli.parser import STATES
 from smtpfleet.config import Config, load_config
+from smtpfleet.envelope import EntryState
 from smtpfleet.errors import ConfigError
 from smtpfleet.queue.redis_admin import Admin, NotFound
 from smtpfleet.queue.redis_queue import RedisQueue
@@ -186,7 +187,7 @@ async def _dead_requeue(admin: Admin, args: argparse.Namespace, config: Config) 
         count = await admin.requeue_all_dead()
         return _emit(args, {"requeued": count}, lambda: f"requeued {count} dead letters")
     entry, _ = await admin.find(args.qid)
-    if entry.state != "dead":
+    if entry.state is not EntryState.DEAD:
         raise OpsError(f"{args.qid} is not a dead letter (it is {entry.state})")
     result = await admin.retry_now(args.qid)
     return _emit(args, {"qid": args.qid, "result": result}, lambda: f"{args.qid}: {result}")
@@ -197,7 +198,7 @@ async def _dead_purge(admin: Admin, args: argparse.Namespace, config: Config) ->
         count = await admin.purge_dead()
         return _emit(args, {"purged": count}, lambda: f"purged {count} dead letters")
     entry, _ = await admin.find(args.qid)
-    if entry.state != "dead":
+    if entry.state is not EntryState.DEAD:
         raise OpsError(f"{args.qid} is not a dead letter (it is {entry.state})")
     result = await admin.delete(args.qid)
     return _emit(args, {"qid": args.qid, "result": result}, lambda: f"{args.qid}: {result}")

@@ -15,7 +15,9 @@ from smtpfleet import __version__
 from smtpfleet.config import WORKERS_ENV
 
 CONFIG_ENV = "SMTPFLEET_CONFIG"
-STATES = ("ready", "in_flight", "retry", "dead")  # of a queued message (`queue list --state`)
+# Of a queued message (`queue list --state`): EntryState's values, spelled out here so the
+# parser imports nothing (a test checks they match).
+STATES = ("ready", "in_flight", "retry", "dead")
 DESCRIPTION = (
     "The `smtpfleet` command. Errors are one line on stderr and an exit code, never a traceback."
 )

@@ -17,11 +17,13 @@ import socket
 import time
 from collections.abc import Callable
 
+from smtpfleet.cluster.liveness import live_nodes, must_fence, takeover_guard_ms
+from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
+from smtpfleet.envelope import now_ms
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.metrics import Metrics
-from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import Delivery
+from smtpfleet.queue.deliveries import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +31,28 @@ CLAIM_BATCH = 200
 
 
 class Membership:
+    """This node's place in the cluster: its heartbeat, the live set, takeover of dead nodes'
+    pending entries (handed to `adopt`), self-fencing (`fenced`), and operator drain requests.
+
+    `clock` (monotonic seconds) and `wall_ms` are injectable so tests can move time.
+    """
+
     def __init__(
         self,
         *,
-        store: ClusterStore,
+        store: MembershipStore,
         config: ClusterConfig,
         node_id: str,
         adopt: Callable[[list[Delivery]], None],
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         on_drain_request: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = now_ms,
     ) -> None:
         self._on_drain_request = on_drain_request
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
+        self._clock = clock
+        self._wall_ms = wall_ms
         self._store = store
         self._config = config
         self.node_id = node_id
@@ -50,8 +62,8 @@ class Membership:
         self.role = "active"
         self.takeovers = 0
         self.claimed = 0
-        self._last_ok = time.monotonic()
-        self._started_ms = int(time.time() * 1000)
+        self._last_ok = clock()
+        self._started_ms = wall_ms()
 
     @property
     def lease_ms(self) -> int:
@@ -71,18 +83,18 @@ class Membership:
             await asyncio.sleep(self._config.heartbeat_interval_s)
 
     async def tick(self) -> None:
-        now_ms = int(time.time() * 1000)
+        now = self._wall_ms()
         try:
-            await self._store.heartbeat(self.node_id, now_ms, self.info(), 2 * self.lease_ms)
+            await self._store.heartbeat(self.node_id, now, self.info(), 2 * self.lease_ms)
         except QueueUnavailable as exc:
             self._maybe_fence(exc)
             return
-        self._last_ok = time.monotonic()
+        self._last_ok = self._clock()
         if self.fenced:
             log.warning("Redis is back: %s starts deliveries again", self.node_id)
             self.fenced = False
         try:
-            await self._watch_members(now_ms)
+            await self._watch_members(now)
             if self._on_drain_request and await self._store.drain_requested(self.node_id):
                 log.warning("an operator asked %s to drain", self.node_id)
                 self._on_drain_request()
@@ -90,24 +102,25 @@ class Membership:
             log.warning("membership check failed: %s", exc)
 
     def _maybe_fence(self, exc: Exception) -> None:
-        # Others declare us dead `lease_s` after our last heartbeat; stop one interval sooner.
-        silent_s = time.monotonic() - self._last_ok
-        if not self.fenced and silent_s >= self._config.lease_s - self._config.heartbeat_interval_s:
+        silent_s = self._clock() - self._last_ok
+        config = self._config
+        if not self.fenced and must_fence(
+            silent_s, lease_s=config.lease_s, heartbeat_interval_s=config.heartbeat_interval_s
+        ):
             log.error(
                 "no Redis for %.1fs: %s stops starting deliveries (%s)", silent_s, self.node_id, exc
             )
             self.fenced = True
 
-    async def _watch_members(self, now_ms: int) -> None:
+    async def _watch_members(self, now: int) -> None:
         members = await self._store.members()
-        self.live = {n for n, beat in members.items() if now_ms - beat < self.lease_ms}
-        self.live.add(self.node_id)
+        self.live = live_nodes(members, now_ms=now, lease_s=self._config.lease_s) | {self.node_id}
         self._metrics.live_nodes.set(len(self.live))
         for dead in sorted(set(members) - self.live):
             await self._take_over(dead)
 
     async def _take_over(self, dead: str) -> None:
-        guard_ms = int(2 * self._config.heartbeat_interval_s * 1000)
+        guard_ms = takeover_guard_ms(self._config.heartbeat_interval_s)
         claimed = await self._store.claim_from(dead, self.node_id, guard_ms, CLAIM_BATCH)
         if claimed:
             self._metrics.takeovers.inc()

@@ -18,6 +18,8 @@ from typing import Final
 
 import aiosmtplib
 
+from smtpfleet.replies import CLOSING_CODE
+
 # Verdict texts end up in logs, queue entries (last_errors) and DSNs: keep them short.
 MAX_TEXT: Final = 200
 # RFC 3463 section 2: class "." subject "." detail, subject and detail 1*3digit; RFC 2034
@@ -36,9 +38,12 @@ _RCPT_TOO_MANY: Final = 552
 # RFC 3463 section 3.5: X.4.1 "no answer from host", X.4.2 "bad connection" (time-out).
 CONNECTION_STATUS: Final = "4.4.1"
 TIMEOUT_STATUS: Final = "4.4.2"
+CONGESTION_STATUS: Final = "4.4.5"  # RFC 3463 X.4.5: mail system congestion
 
 
 class Outcome(StrEnum):
+    """What a verdict means for one recipient (DESIGN invariant 3)."""
+
     DELIVERED = "delivered"
     TEMPORARY = "temporary"
     PERMANENT = "permanent"
@@ -55,10 +60,15 @@ class FailureKind(StrEnum):
     # Our own client refused to send it (an address no SMTP command line can carry): the
     # message is at fault, never the relay, and no relay would ever take it.
     UNSENDABLE = "unsendable"
+    # Held back by our own cluster-wide relay limit (connections, messages per second): the
+    # relay was never asked, so this says nothing about it.
+    LIMITED = "limited"
 
 
 @dataclass(frozen=True)
 class Verdict:
+    """One recipient's result from one relay attempt: outcome, bounded kind, code, text, status."""
+
     outcome: Outcome
     kind: FailureKind
     code: int | None  # the SMTP reply code, when the relay sent a well-formed one
@@ -132,6 +142,34 @@ def unsendable(address: str, *, sender: bool) -> Verdict:
     role = "sender" if sender else "recipient"
     text = f"{status} {role} address {address!r} cannot be sent in an SMTP command"
     return Verdict(Outcome.PERMANENT, FailureKind.UNSENDABLE, None, one_line(text), status)
+
+
+def limit_reached() -> Verdict:
+    """Temporary: the relay's cluster-wide connection or rate limit is spent right now.
+
+    RFC 3463 X.4.5 (mail system congestion). No reply code: no relay said anything, so passive
+    health checks do not count it against the relay.
+    """
+    text = "4.4.5 relay connection or rate limit reached"
+    return _failure(FailureKind.LIMITED, None, text, CONGESTION_STATUS)
+
+
+def no_session() -> Verdict:
+    """Temporary: no session to the relay could be opened (every try found it closed).
+
+    Relay trouble, like a refused connection (RFC 3463 X.4.1: no answer from host).
+    """
+    return _failure(FailureKind.CONNECTION, None, "no session to the relay could be opened")
+
+
+def is_relay_trouble(verdict: Verdict) -> bool:
+    """What passive health checks count: the relay failed to talk (connection error, timeout,
+    a refused session) or is closing (421), not an answer about a recipient, an address our
+    client refused, or our own limit."""
+    return (
+        verdict.kind in (FailureKind.CONNECTION, FailureKind.TIMEOUT)
+        or verdict.code == CLOSING_CODE
+    )
 
 
 def _too_many_recipients(code: int, message: str) -> Verdict:

@@ -2,21 +2,52 @@
 
 Per recipient (DESIGN invariant 3): 2xx is done; 5xx bounces; 4xx, connection errors and
 timeouts (already tried on every relay in order) wait in the retry set until the lifetime
-runs out, and then bounce with 4.4.7 (RFC 3463: delivery time expired).
+runs out, and then bounce with 4.4.7 (RFC 3463: delivery time expired). Failed recipients
+get a DSN when their sender may be told (`is_bounce_worthy`), else they go to the dead
+letters. The result is a `Finish`: what the queue records, in one transaction, when it
+acknowledges the entry. The worker carries it out; it decides nothing again.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 from smtpfleet.config import RetryConfig
 from smtpfleet.delivery.backoff import is_expired, next_due_ms, retry_delay_s
 from smtpfleet.delivery.classify import Outcome, Verdict
-from smtpfleet.delivery.dsn import RecipientFailure
+from smtpfleet.delivery.dsn import RecipientFailure, is_bounce_worthy
 from smtpfleet.envelope import QueuedMessage
 
 EXPIRED_STATUS = "4.4.7"
+# No relay could be tried: the entry waits this long, without counting an attempt.
+PARK_MS = 2000
+# The dead-letter reason is a summary for the operator, not a transcript.
+MAX_REASON = 500
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What to record when an entry is acknowledged, in one transaction.
+
+    The entry always leaves the stream. What is left of the message, if anything, goes to the
+    retry set (`retry`, due at `retry_due_ms`) and/or the dead letters (`dead`, with a reason).
+    With neither, the message is done and its body is deleted.
+    """
+
+    retry: QueuedMessage | None = None  # recipients still to try
+    retry_due_ms: int = 0
+    dead: QueuedMessage | None = None  # recipients that go to the dead-letter stream
+    dead_reason: str = ""
+
+    @property
+    def done(self) -> bool:
+        """Nothing refers to the body any more."""
+        return self.retry is None and self.dead is None
+
+
+DONE = Finish()
 
 
 @dataclass(frozen=True)
@@ -32,11 +63,15 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Plan:
+    """The outcome of one attempt: who is done, who failed for good, who waits, and how it ends."""
+
     delivered: tuple[str, ...]
     failed: tuple[RecipientFailure, ...]
     retry: QueuedMessage | None
     retry_due_ms: int
     expired: bool
+    bounce: bool = False  # the failed recipients get a DSN to the sender (queued before `finish`)
+    finish: Finish = DONE
 
 
 def plan_outcome(
@@ -51,10 +86,10 @@ def plan_outcome(
     failed = [_failure(r, a) for r, a in attempts.items() if a.verdict.outcome is Outcome.PERMANENT]
     waiting = {r: a for r, a in attempts.items() if a.verdict.outcome is Outcome.TEMPORARY}
     if not waiting:
-        return Plan(delivered, tuple(failed), None, 0, expired=False)
+        return _planned(message, delivered, tuple(failed), None, 0, expired=False)
     if is_expired(message.accepted_ms, now_ms, retry.lifetime_s):
         failed.extend(_failure(r, a, status=EXPIRED_STATUS) for r, a in waiting.items())
-        return Plan(delivered, tuple(failed), None, 0, expired=True)
+        return _planned(message, delivered, tuple(failed), None, 0, expired=True)
     errors = {r: a.verdict.text for r, a in waiting.items()}
     again = message.retry_of(tuple(waiting), errors)
     delay_s = retry_delay_s(
@@ -68,7 +103,55 @@ def plan_outcome(
     due_ms = next_due_ms(
         now_ms, delay_s, accepted_ms=message.accepted_ms, lifetime_s=retry.lifetime_s
     )
-    return Plan(delivered, tuple(failed), again, due_ms, expired=False)
+    return _planned(message, delivered, tuple(failed), again, due_ms, expired=False)
+
+
+def _planned(
+    message: QueuedMessage,
+    delivered: tuple[str, ...],
+    failed: tuple[RecipientFailure, ...],
+    again: QueuedMessage | None,
+    due_ms: int,
+    *,
+    expired: bool,
+) -> Plan:
+    """Bounce or dead letter for the failed recipients; the Finish that records it all."""
+    bounce = bool(failed) and is_bounce_worthy(message.sender, message.kind)
+    finish = Finish(retry=again, retry_due_ms=due_ms)
+    if failed and not bounce:
+        dead = message.retry_of(tuple(f.recipient for f in failed), {})
+        reason = "; ".join(f"{f.recipient}: {f.diagnostic}" for f in failed)[:MAX_REASON]
+        finish = Finish(again, due_ms, dead=dead, dead_reason=reason)
+    return Plan(delivered, failed, again, due_ms, expired, bounce, finish)
+
+
+def park(message: QueuedMessage, *, now_ms: int) -> Finish:
+    """No relay could be tried (none healthy): wait a moment in the retry set.
+
+    No attempt is counted and nothing bounces: the message did nothing wrong. DESIGN: parked
+    mail costs Redis nothing until it is due, unlike a per-message retry storm.
+    """
+    return Finish(retry=message, retry_due_ms=now_ms + PARK_MS)
+
+
+def set_aside(message: QueuedMessage, error: str, *, now_ms: int, retry: RetryConfig) -> Finish:
+    """A delivery that failed unexpectedly (a bug, not an answer): retry it later, with backoff.
+
+    Re-reading it at once would turn a deterministic bug into a hot loop against Redis. The
+    attempt counts, so the delay grows; the error is kept for the operator (`queue show`).
+    Never bounced for it: the mail did nothing wrong, and the lifetime check of a later
+    attempt decides its end. The delay never drops below `initial_s`, even past the lifetime.
+    """
+    again = message.retry_of(message.recipients, dict.fromkeys(message.recipients, error))
+    delay_s = retry_delay_s(
+        again.attempts,
+        initial_s=retry.initial_s,
+        max_s=retry.max_s,
+        multiplier=retry.multiplier,
+        jitter=0.0,
+    )
+    due_ms = now_ms + math.ceil(max(delay_s, retry.initial_s) * 1000)
+    return Finish(retry=again, retry_due_ms=due_ms)
 
 
 def _failure(recipient: str, attempt: Attempt, status: str | None = None) -> RecipientFailure:

@@ -1,8 +1,9 @@
-"""Delivery workers: read the shared streams as this node's consumer and deliver each entry.
+"""Delivery workers: read the shared queue as this node's consumer and deliver each entry.
 
 One reader feeds up to `delivery.concurrency` deliveries at once. An entry stays pending in
-this consumer until its outcome is recorded in one transaction (`RedisQueue.finish`), so a
-node that dies mid-delivery leaves nothing that survivors cannot claim.
+this consumer until its outcome is recorded in one transaction (`DeliveryQueue.finish`), so a
+node that dies mid-delivery leaves nothing that survivors cannot claim. What the outcome is,
+`outcome.py` decides; this module does the I/O around it.
 """
 
 from __future__ import annotations
@@ -14,24 +15,22 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+from smtpfleet.cluster.store import DeliveryBookkeeping
 from smtpfleet.config import Config, RelayConfig
-from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict, classify_reply
-from smtpfleet.delivery.dsn import build_dsn, is_bounce_worthy
-from smtpfleet.delivery.outcome import Attempt, Plan, plan_outcome
-from smtpfleet.delivery.sender import Sender
+from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
+from smtpfleet.delivery.dsn import build_dsn
+from smtpfleet.delivery.outcome import DONE, Attempt, Plan, park, plan_outcome, set_aside
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
-from smtpfleet.errors import QueueUnavailable, SpoolError
+from smtpfleet.errors import Fenced, QueueUnavailable, SpoolError
 from smtpfleet.metrics import Metrics
-from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import Body, Delivery, Finish, RedisQueue
+from smtpfleet.queue.deliveries import Body, Delivery, DeliveryQueue
+from smtpfleet.relays.clients import RelayClients
 from smtpfleet.relays.ring import Ring, routing_key
 
 log = logging.getLogger(__name__)
 
-NO_RELAY = classify_reply(421, "4.4.1 No relay available")
 REDIS_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 PAUSE_S = 0.1
-PARK_S = 2.0
 OUTCOME_FLUSH_S = 5.0
 GATE_POLL_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -41,22 +40,30 @@ def _always() -> bool:
 
 
 class DeliveryWorker:
+    """This node's consumer of the queue: reads entries, sends them over the relays in each
+    key's ring order, and records each outcome. Also runs the retry scheduler, the idle-entry
+    safety net, and keeps the leases of its in-flight entries fresh.
+
+    `healthy` names the relays to route over (the health monitor's set), `may_deliver` is
+    False while the node is fenced, `observe` hears every attempt's verdicts (passive checks).
+    """
+
     def __init__(
         self,
         *,
-        queue: RedisQueue,
+        queue: DeliveryQueue,
         ring: Ring,
-        sender: Sender,
+        relays: RelayClients,
         config: Config,
         consumer: str,
         hostname: str,
-        store: ClusterStore | None = None,
+        store: DeliveryBookkeeping,
+        metrics: Metrics,
         healthy: Callable[[], set[str]] | None = None,
         may_deliver: Callable[[], bool] = _always,
         observe: Callable[[str, dict[str, Verdict]], None] | None = None,
-        metrics: Metrics | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._queue = queue
         self._ring = ring
         self._store = store
@@ -66,7 +73,7 @@ class DeliveryWorker:
         self._observe = observe
         self._load: collections.Counter[str] = collections.Counter()
         self._recent: collections.Counter[str] = collections.Counter()
-        self._sender = sender
+        self._relays = relays
         self._config = config
         self._consumer = consumer
         self._hostname = hostname
@@ -177,14 +184,12 @@ class DeliveryWorker:
                 continue
             for delivery in claimed:
                 if delivery.key not in self._inflight:
-                    log.info("claimed idle entry %s (%s)", delivery.entry_id, delivery.message.qid)
+                    log.info("claimed idle entry %s (%s)", delivery.entry_id, delivery.label)
                     self._metrics.redeliveries.inc()
                     self._spawn(delivery)
 
     async def _lease_loop(self) -> None:
         """Keep in-flight entries fresh so neither takeover nor the safety net can claim them."""
-        if self._store is None:
-            return
         while not self._stopping:
             await asyncio.sleep(self._config.cluster.lease_refresh_s)
             by_shard: dict[int, list[str]] = {}
@@ -196,8 +201,6 @@ class DeliveryWorker:
 
     async def _outcomes_loop(self) -> None:
         """Share recent per-relay outcome counts, for `smtpfleet status`."""
-        if self._store is None:
-            return
         while not self._stopping:
             await asyncio.sleep(OUTCOME_FLUSH_S)
             counts, self._recent = self._recent, collections.Counter()
@@ -221,50 +224,62 @@ class DeliveryWorker:
     async def _guarded(self, delivery: Delivery) -> None:
         try:
             await self._handle(delivery)
-        except QueueUnavailable as exc:
+        except (QueueUnavailable, Fenced) as exc:
             # The entry stays pending under this consumer; the rescan picks it up again.
-            log.warning("delivery of %s interrupted: %s", delivery.message.qid, exc)
+            log.warning("delivery of %s interrupted: %s", delivery.label, exc)
             self._rescan = True
-        except Exception:
-            log.exception("delivery of %s failed unexpectedly", delivery.message.qid)
-            self._rescan = True
+        except Exception as exc:
+            log.exception("delivery of %s failed unexpectedly", delivery.label)
+            await self._set_aside(delivery, exc)
+
+    async def _set_aside(self, delivery: Delivery, exc: Exception) -> None:
+        """Retry an entry that failed unexpectedly later, with backoff: re-reading it at once
+        would turn a deterministic bug into a hot loop against the queue."""
+        if delivery.message is None:
+            return  # left pending: the idle-claim safety net takes it again, much later
+        error = f"local error: {exc.__class__.__name__}"
+        finish = set_aside(delivery.message, error, now_ms=now_ms(), retry=self._config.retry)
+        try:
+            await self._queue.finish(delivery, finish)
+        except Exception:  # left pending: the idle-claim safety net takes it again, much later
+            log.exception("could not set %s aside", delivery.label)
 
     # -- one entry ---------------------------------------------------------------------------
 
     async def _handle(self, delivery: Delivery) -> None:
         message = delivery.message
-        if not message.qid:
-            await self._queue.finish(delivery, Finish())
+        if message is None:
+            await self._queue.finish(delivery, DONE)  # deleted while pending: acknowledge it
             return
         body = await self._queue.load_body(delivery.shard, message.qid)
         if body.data is not None and not body.confirmed:
-            body = await self._await_confirmation(delivery, body)
+            body = await self._await_confirmation(delivery, message, body)
         if body.data is None:
             log.info("%s: cancelled before delivery (the client was told 4xx)", message.qid)
-            await self._queue.finish(delivery, Finish())
+            await self._queue.finish(delivery, DONE)
             return
         attempts = await self._attempt(message, body.data)
         if attempts is None:
-            # No healthy relay: park it without counting an attempt; nothing bounces for it.
-            due = now_ms() + int(PARK_S * 1000)
-            await self._queue.finish(delivery, Finish(retry=message, retry_due_ms=due))
+            await self._queue.finish(delivery, park(message, now_ms=now_ms()))
             return
         plan = plan_outcome(message, attempts, now_ms=now_ms(), retry=self._config.retry)
-        await self._record(delivery, plan, body.data)
+        await self._record(delivery, message, plan, body.data)
 
-    async def _await_confirmation(self, delivery: Delivery, body: Body) -> Body:
+    async def _await_confirmation(
+        self, delivery: Delivery, message: QueuedMessage, body: Body
+    ) -> Body:
         """Hold an entry whose durability is not confirmed yet (WAIT/WAITAOF still running).
 
         If the accept fails, the body is deleted (the tombstone) and we must not send it; if
         the confirmation mark was lost in a failover, the window's end lets it go.
         """
         window_ms = self._config.queue.durability_timeout_ms + 1000
-        deadline = delivery.message.accepted_ms + window_ms
+        deadline = message.accepted_ms + window_ms
         for pause in _gate_pauses():
             if now_ms() >= deadline:
                 break
             await asyncio.sleep(pause)
-            body = await self._queue.load_body(delivery.shard, delivery.message.qid)
+            body = await self._queue.load_body(delivery.shard, message.qid)
             if body.data is None or body.confirmed:
                 return body
         return body
@@ -277,11 +292,11 @@ class DeliveryWorker:
         if not order:
             return None
         remaining = list(message.recipients)
-        attempts = {r: Attempt(NO_RELAY, None) for r in remaining}
+        attempts: dict[str, Attempt] = {}
         for relay in order:
             if not self._may_deliver():
                 # Fenced mid-delivery: leave the entry pending for whoever claims it.
-                raise QueueUnavailable("fenced: Redis unreachable for too long")
+                raise Fenced(f"{self._consumer} is fenced: no next relay for {message.qid}")
             verdicts = await self._send(message, relay, remaining, data)
             if self._observe is not None:
                 self._observe(relay.name, verdicts)
@@ -301,7 +316,7 @@ class DeliveryWorker:
         self._load[name] += 1
         started = time.perf_counter()
         try:
-            verdicts = await self._sender.client(relay).send(message.sender, recipients, data)
+            verdicts = await self._relays.client(relay).send(message.sender, recipients, data)
         finally:
             self._load[name] -= 1
         elapsed = time.perf_counter() - started
@@ -326,19 +341,15 @@ class DeliveryWorker:
         )
         return verdicts
 
-    async def _record(self, delivery: Delivery, plan: Plan, data: bytes) -> None:
-        message = delivery.message
-        finish = Finish(retry=plan.retry, retry_due_ms=plan.retry_due_ms)
-        if plan.failed:
-            if is_bounce_worthy(message.sender, message.kind):
-                await self._bounce(message, plan, data)
-                self._metrics.bounces.inc()
-            else:
-                self._metrics.dead_letters.inc(len(plan.failed))
-                dead = message.retry_of(tuple(f.recipient for f in plan.failed), {})
-                reason = "; ".join(f"{f.recipient}: {f.diagnostic}" for f in plan.failed)
-                finish = Finish(plan.retry, plan.retry_due_ms, dead=dead, dead_reason=reason)
-        await self._queue.finish(delivery, finish)
+    async def _record(
+        self, delivery: Delivery, message: QueuedMessage, plan: Plan, data: bytes
+    ) -> None:
+        if plan.bounce:
+            await self._bounce(message, plan, data)
+            self._metrics.bounces.inc()
+        elif plan.failed:
+            self._metrics.dead_letters.inc(len(plan.failed))
+        await self._queue.finish(delivery, plan.finish)
         # The delivery.attempt event already tells a plain success; say more only otherwise.
         log.log(
             logging.INFO if plan.failed or plan.retry else logging.DEBUG,

@@ -6,39 +6,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from smtpfleet.cluster.store import HealthViews
 from smtpfleet.config import HealthConfig, RelayConfig
-from smtpfleet.delivery.classify import FailureKind, Verdict
+from smtpfleet.delivery.classify import Verdict, is_relay_trouble
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.health.probe import probe
-from smtpfleet.health.state import PassiveEjector, RiseFall, cluster_verdict, healthy_set, tier_map
+from smtpfleet.health.state import (
+    PassiveEjector,
+    RiseFall,
+    cluster_verdict,
+    healthy_set,
+    tier_map,
+    view_ttl_ms,
+)
 from smtpfleet.metrics import Metrics
-from smtpfleet.queue.redis_cluster import ClusterStore
 
 log = logging.getLogger(__name__)
 
-CLOSING = 421
-
-
-def is_relay_trouble(verdict: Verdict) -> bool:
-    """What passive checks count: the relay failed to talk, not a recipient it refused."""
-    return verdict.kind in (FailureKind.CONNECTION, FailureKind.TIMEOUT) or verdict.code == CLOSING
+Probe = Callable[[RelayConfig], Awaitable[tuple[bool, str]]]
 
 
 class HealthMonitor:
+    """This node's view of the relays and the healthy set the worker routes over.
+
+    Active probes (rise/fall) and passive checks (`record`, after every real attempt) make the
+    node's own view; it is published, and the cluster verdict is a quorum of the live nodes'
+    views. `healthy` is the verdict, minus what this node sees down, minus paused relays.
+    `probe` is injectable (tests script it); by default it speaks SMTP to each relay.
+    """
+
     def __init__(
         self,
         *,
         relays: Sequence[RelayConfig],
         config: HealthConfig,
-        store: ClusterStore,
+        store: HealthViews,
         node_id: str,
         helo: str,
         live_nodes: Callable[[], set[str]],
-        metrics: Metrics | None = None,
+        metrics: Metrics,
+        probe: Probe | None = None,
     ) -> None:
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
+        self._probe = probe or self._smtp_probe
         self._relays = list(relays)
         self._config = config
         self._store = store
@@ -76,9 +88,7 @@ class HealthMonitor:
             await self.check_once()
 
     async def check_once(self) -> None:
-        results = await asyncio.gather(
-            *(probe(r, timeout_s=self._config.timeout_s, helo=self._helo) for r in self._relays)
-        )
+        results = await asyncio.gather(*(self._probe(r) for r in self._relays))
         for relay, (ok, reason) in zip(self._relays, results, strict=True):
             self.probe_results[relay.name] = (ok, reason)
             self._metrics.health_checks.labels(relay.name, "ok" if ok else "fail").inc()
@@ -87,11 +97,14 @@ class HealthMonitor:
                 log.warning("relay %s is %s as seen from %s", relay.name, state, self._node_id)
         await self._share()
 
+    async def _smtp_probe(self, relay: RelayConfig) -> tuple[bool, str]:
+        return await probe(relay, timeout_s=self._config.timeout_s, helo=self._helo)
+
     async def _share(self) -> None:
         """Publish our view and read everyone's; keep the last verdict while Redis is away."""
         view = self.own_view()
         try:
-            ttl_ms = int(self._config.interval_s * 5000) + 5000
+            ttl_ms = view_ttl_ms(self._config.interval_s)
             await self._store.publish_view(self._node_id, view, ttl_ms)
             live = self._live_nodes() | {self._node_id}
             views = await self._store.views(live)

@@ -21,6 +21,9 @@ from smtpfleet.config import HealthConfig, RelayConfig
 
 @dataclass
 class RiseFall:
+    """Active-check state of one relay: down after `fall` failed probes in a row, up after
+    `rise` good ones."""
+
     fall: int
     rise: int
     up: bool = True
@@ -48,6 +51,9 @@ class _Outlier:
 
 @dataclass
 class PassiveEjector:
+    """Passive checks: eject a relay that keeps failing real deliveries, for a doubling time,
+    never more than `max_ejection_percent` of a tier at once."""
+
     config: HealthConfig
     tiers: Mapping[str, int]  # relay name -> priority
     _state: dict[str, _Outlier] = field(default_factory=dict)
@@ -102,6 +108,13 @@ def cluster_verdict(
         down = sum(1 for view in voters.values() if view.get(relay) is False)
         verdict[relay] = down < quorum
     return verdict
+
+
+def view_ttl_ms(interval_s: float) -> int:
+    """How long a node's published view counts: five check intervals plus 5 s. A node that
+    stops publishing (dead, or cut off from Redis) stops voting soon after; a slow check or
+    two does not make a live node's view vanish."""
+    return int(interval_s * 5000) + 5000
 
 
 def healthy_set(verdict: Mapping[str, bool], own_view: Mapping[str, bool]) -> set[str]:

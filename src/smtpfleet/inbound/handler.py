@@ -38,10 +38,11 @@ ENHANCED_STATUS_CODES = "250-ENHANCEDSTATUSCODES"  # RFC 2034: we send them on e
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _result(reply: str) -> str:
-    if reply.startswith("250") and "queued as" in reply:
+def _result(code: int, qid: str | None) -> str:
+    """The accept's metric label, from the reply code and whether a queue id was given."""
+    if code == 250 and qid is not None:
         return "queued"
-    return "tempfail" if reply.startswith("4") else "rejected"
+    return "tempfail" if 400 <= code < 500 else "rejected"
 
 
 def _peer_ip(session: Session) -> str:
@@ -67,9 +68,9 @@ class InboundHandler:
         max_recipients: int,
         max_received_headers: int,
         accept_timeout_s: float,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._spool = spool
         self._policy = policy
         self._hostname = hostname
@@ -166,7 +167,7 @@ class InboundHandler:
         started: float,
     ) -> None:
         self._metrics.accept_latency.observe(time.perf_counter() - started)
-        self._metrics.messages.labels(_result(reply)).inc()
+        self._metrics.messages.labels(_result(int(reply[:3]), qid)).inc()
         log.info(
             "smtp transaction",
             extra={

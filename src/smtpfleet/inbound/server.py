@@ -92,7 +92,7 @@ REWRITES: Final[tuple[tuple[str, str], ...]] = (
     (r"501 Syntax: STARTTLS", "501 5.5.4 Syntax: STARTTLS"),
     (r"252 Cannot VRFY user, (.*)", r"252 2.0.0 Cannot VRFY user, \1"),
     (r"250 OK", replies.OK),
-    (r"221 Bye", replies.CLOSING),
+    (r"221 Bye", replies.BYE),
 )
 _REWRITES = tuple((re.compile(pattern), template) for pattern, template in REWRITES)
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
@@ -346,7 +346,7 @@ class InboundSMTP(SMTP):
         reply = self._rewrite(status)
         self._count(reply)
         await super().push(reply)
-        if reply.startswith("421"):
+        if int(reply[:3]) == replies.CLOSING_CODE:  # RFC 5321 §3.8: 421 means we close
             self._close()
 
     def _count(self, reply: str) -> None:
@@ -613,9 +613,9 @@ class InboundServer:
         config: InboundConfig,
         handler: InboundHandler,
         hostname: str,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self.budget = ByteBudget(config.max_receiving_bytes)
         self.certificates: Reloading[ssl.SSLContext] | None = None  # loaded by start()
         self.pre_greeting_timeout_s = config.proxy_timeout_s

@@ -33,6 +33,8 @@ class _Call:
 
 
 class Batcher:
+    """Group commit: concurrent callers' commands share one pipeline per batch, batches in order."""
+
     def __init__(self, client: aioredis.Redis, confirmation: Command | None = None) -> None:
         self._redis = client
         self._confirmation = confirmation

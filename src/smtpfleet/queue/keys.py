@@ -14,6 +14,8 @@ ENTRY_FIELD = "m"  # the stream entry's one field: QueuedMessage.encode()
 
 @dataclass(frozen=True)
 class Keys:
+    """Every Redis key name of one deployment (prefix, shard count), and the parsing of them."""
+
     prefix: str
     shards: int
 
@@ -38,6 +40,17 @@ class Keys:
     def dead(self, shard: int) -> str:
         """Dead letters: undeliverable bounces and failures for null senders."""
         return f"{self.tag(shard)}:dead"
+
+    def shard_of_stream(self, key: str) -> int:
+        """The shard of a key built by `stream` (XREADGROUP replies name streams, not shards)."""
+        head, sep, tail = key.rpartition("}:")
+        prefix = f"{{{self.prefix}:"
+        if not sep or tail != "stream" or not head.startswith(prefix):
+            raise ValueError(f"not a stream key of prefix {self.prefix!r}: {key!r}")
+        shard = head.removeprefix(prefix)
+        if not shard.isdigit() or int(shard) >= self.shards:
+            raise ValueError(f"not a stream key of prefix {self.prefix!r}: {key!r}")
+        return int(shard)
 
     def all_shards(self) -> range:
         return range(self.shards)

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from smtpfleet.envelope import QueuedMessage, now_ms, shard_of
+from smtpfleet.cluster.liveness import live_nodes
+from smtpfleet.envelope import EntryState, QueuedMessage, now_ms, shard_of
 from smtpfleet.health.state import cluster_verdict
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP
 from smtpfleet.queue.redis_cluster import ClusterStore
@@ -22,8 +23,10 @@ class NotFound(LookupError):
 
 @dataclass
 class Entry:
+    """One queued message as the operator sees it, wherever it is."""
+
     qid: str
-    state: str  # ready | in_flight | retry | dead
+    state: EntryState
     sender: str
     recipients: list[str]
     attempts: int
@@ -39,6 +42,9 @@ class Entry:
 
 
 class Admin:
+    """The operator's reads and changes: status, listing and finding entries, retry, delete,
+    dead letters, pausing relays, drain requests."""
+
     def __init__(self, queue: RedisQueue) -> None:
         self.queue = queue
         self.store = ClusterStore(queue)
@@ -53,7 +59,7 @@ class Admin:
         now = now_ms()
         members = await self.store.members()
         info = await self.store.node_info(members)
-        live = {n for n, beat in members.items() if now - beat < lease_s * 1000}
+        live = live_nodes(members, now_ms=now, lease_s=lease_s)
         views = await self.store.views(members)
         relays = sorted(set(known_relays) | {r for v in views.values() for r in v})
         verdict = cluster_verdict(relays, views, live)
@@ -117,14 +123,14 @@ class Admin:
     # -- listing and finding entries ---------------------------------------------------------
 
     async def entries(self, states: Iterable[str], limit: int) -> list[Entry]:
-        wanted = set(states)
+        wanted = {EntryState(s) for s in states}
         found: list[Entry] = []
         for shard in self.keys.all_shards():
-            if wanted & {"ready", "in_flight"}:
+            if wanted & {EntryState.READY, EntryState.IN_FLIGHT}:
                 found += [e for e in await self._stream_entries(shard, limit) if e.state in wanted]
-            if "retry" in wanted:
+            if EntryState.RETRY in wanted:
                 found += await self._retry_entries(shard, limit)
-            if "dead" in wanted:
+            if EntryState.DEAD in wanted:
                 found += await self._dead_entries(shard, limit)
         found.sort(key=lambda e: -e.age_s)
         return found[:limit]
@@ -140,7 +146,7 @@ class Admin:
         for entry_id, fields in await self._redis.xrange(stream, count=limit):
             message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
             owner = pending.get(text(entry_id))
-            entry = _entry(message, "in_flight" if owner else "ready", now)
+            entry = _entry(message, EntryState.IN_FLIGHT if owner else EntryState.READY, now)
             if owner:
                 entry.owner = text(owner["consumer"])
                 entry.lease_age_s = round(int(owner["time_since_delivered"]) / 1000, 1)
@@ -153,7 +159,7 @@ class Admin:
         for member, score in await self._redis.zrange(
             self.keys.retry(shard), 0, limit - 1, withscores=True
         ):
-            entry = _entry(QueuedMessage.decode(member), "retry", now)
+            entry = _entry(QueuedMessage.decode(member), EntryState.RETRY, now)
             entry.due_in_s = round(max(0.0, (score - now) / 1000), 1)
             rows.append(entry)
         return rows
@@ -162,7 +168,7 @@ class Admin:
         now = now_ms()
         rows = []
         for _, fields in await self._redis.xrange(self.keys.dead(shard), count=limit):
-            entry = _entry(QueuedMessage.decode(fields[ENTRY_FIELD.encode()]), "dead", now)
+            entry = _entry(QueuedMessage.decode(fields[ENTRY_FIELD.encode()]), EntryState.DEAD, now)
             entry.reason = text(fields.get(b"reason", b""))
             rows.append(entry)
         return rows
@@ -177,11 +183,11 @@ class Admin:
         for member in await self._redis.zrange(self.keys.retry(shard), 0, -1):
             message = QueuedMessage.decode(member)
             if message.qid == qid:
-                return _entry(message, "retry", now_ms()), text(member)
+                return _entry(message, EntryState.RETRY, now_ms()), text(member)
         for entry_id, fields in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
             message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
             if message.qid == qid:
-                entry = _entry(message, "dead", now_ms())
+                entry = _entry(message, EntryState.DEAD, now_ms())
                 entry.reason = text(fields.get(b"reason", b""))
                 return entry, text(entry_id)
         raise NotFound(f"no queued message {qid}")
@@ -206,10 +212,10 @@ class Admin:
     async def retry_now(self, qid: str) -> str:
         entry, where = await self.find(qid)
         shard = self._shard(qid)
-        if entry.state == "retry":
+        if entry.state is EntryState.RETRY:
             await self._redis.zadd(self.keys.retry(shard), {where: now_ms()})
             return "moved to the front of the retry schedule"
-        if entry.state == "dead":
+        if entry.state is EntryState.DEAD:
             await self._requeue_dead(shard, where)
             return "requeued from the dead letters"
         return f"nothing to do: it is {entry.state.replace('_', ' ')}"
@@ -228,10 +234,10 @@ class Admin:
         entry, where = await self.find(qid)
         shard = self._shard(qid)
         async with self._redis.pipeline(transaction=True) as pipe:
-            if entry.state in ("ready", "in_flight"):
+            if entry.state in (EntryState.READY, EntryState.IN_FLIGHT):
                 pipe.xack(self.keys.stream(shard), GROUP, where)
                 pipe.xdel(self.keys.stream(shard), where)
-            elif entry.state == "retry":
+            elif entry.state is EntryState.RETRY:
                 pipe.zrem(self.keys.retry(shard), where)
             else:
                 pipe.xdel(self.keys.dead(shard), where)
@@ -286,7 +292,7 @@ class Admin:
         return targets
 
 
-def _entry(message: QueuedMessage, state: str, now: int) -> Entry:
+def _entry(message: QueuedMessage, state: EntryState, now: int) -> Entry:
     return Entry(
         qid=message.qid,
         state=state,

@@ -1,19 +1,22 @@
 """Cluster state in Redis: heartbeats, health views, takeover, shared relay limits.
 
-Like redis_queue, every failure surfaces as QueueUnavailable: callers decide what "Redis is
-away" means for them (fencing, keeping the last known view, waiting for a slot).
+It implements the Protocols of cluster/store.py. Like redis_queue, every failure surfaces as
+QueueUnavailable (LimitsUnavailable for the relay limits): callers decide what "Redis is away"
+means for them (fencing, keeping the last known view, failing open on a limit).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from smtpfleet.errors import LimitsUnavailable, QueueUnavailable
+from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.keys import GROUP, Keys
-from smtpfleet.queue.redis_queue import Delivery, RedisQueue, guarded, text
+from smtpfleet.queue.redis_queue import RedisQueue, guarded, text
 
 T = TypeVar("T")
 
@@ -32,7 +35,16 @@ return 0
 OUTCOME_TTL_S = 3600
 
 
+async def _limit(call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await guarded(call)
+    except QueueUnavailable as exc:
+        raise LimitsUnavailable(str(exc)) from exc
+
+
 class ClusterStore:
+    """Heartbeats, health views, takeover claims, bookkeeping and relay limits, in Redis."""
+
     def __init__(self, queue: RedisQueue) -> None:
         self._queue = queue
         self._redis: aioredis.Redis = queue.client
@@ -172,10 +184,10 @@ class ClusterStore:
     ) -> bool:
         keys = [self.keys.relay_connections(relay)]
         args: list[str | int] = [now_ms, member, now_ms + ttl_ms, limit]
-        return bool(await guarded(lambda: self._acquire(keys=keys, args=args)))
+        return bool(await _limit(lambda: self._acquire(keys=keys, args=args)))
 
     async def release_connection(self, relay: str, member: str) -> None:
-        await guarded(lambda: self._redis.zrem(self.keys.relay_connections(relay), member))
+        await _limit(lambda: self._redis.zrem(self.keys.relay_connections(relay), member))
 
     async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
         """One message in this second's budget for the relay, cluster-wide."""
@@ -183,5 +195,5 @@ class ClusterStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, 2)
-            count, _ = await guarded(pipe.execute)
+            count, _ = await _limit(pipe.execute)
         return int(count) <= limit

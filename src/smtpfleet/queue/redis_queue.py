@@ -1,8 +1,9 @@
 """The Redis side of the queue: the only module that knows how mail is laid out in Redis.
 
-Inbound sees it as a `Spool` (enqueue); delivery workers use the rest (read, finish, retry,
-claim). Every call that can fail because Redis is away raises `QueueUnavailable`, whatever the
-client library threw: during failovers redis-py raises more than `RedisError` (DESIGN.md).
+Inbound sees it as a `Spool` (enqueue); delivery workers as a `DeliveryQueue` (read, finish,
+retry, claim). Every call that can fail because Redis is away raises `QueueUnavailable`,
+whatever the client library threw: during failovers redis-py raises more than `RedisError`
+(DESIGN.md).
 """
 
 from __future__ import annotations
@@ -10,60 +11,34 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
-from smtpfleet.envelope import EnqueueResult, Kind, NewMessage, QueuedMessage, now_ms, shard_of
+from smtpfleet.delivery.outcome import Finish
+from smtpfleet.envelope import (
+    EnqueueResult,
+    EntryState,
+    Kind,
+    NewMessage,
+    QueuedMessage,
+    now_ms,
+    shard_of,
+)
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import Batcher, Command
 from smtpfleet.queue.connection import connect
+from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
+from smtpfleet.queue.suitability import server_version, unsuitable_reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NO_LIMIT = 2**53
-MIN_REDIS_VERSION = (6, 2, 0)  # XAUTOCLAIM
-SAFE_EVICTION_POLICY = "noeviction"
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One stream entry handed to a worker."""
-
-    shard: int
-    entry_id: str
-    message: QueuedMessage
-
-    @property
-    def key(self) -> tuple[int, str]:
-        """Stream ids are per stream: shards' entries often share one (the same millisecond)."""
-        return (self.shard, self.entry_id)
-
-
-@dataclass(frozen=True)
-class Body:
-    data: bytes | None  # None: cancelled (tombstoned) or already finished
-    confirmed: bool  # durability was confirmed before the client got 250
-
-
-@dataclass(frozen=True)
-class Finish:
-    """What to do with an entry once a delivery attempt ends, in one transaction."""
-
-    retry: QueuedMessage | None = None  # recipients still to try
-    retry_due_ms: int = 0
-    dead: QueuedMessage | None = None  # recipients that go to the dead-letter stream
-    dead_reason: str = ""
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
 
 def text(value: bytes | str) -> str:
@@ -144,23 +119,16 @@ class RedisQueue:
 
     async def check_server(self) -> str:
         """Refuse a Redis that cannot hold mail safely; return its version for the log."""
+        mode = self._queue.durability
         server = await guarded(lambda: self._redis.info("server"))
         memory = await guarded(lambda: self._redis.info("memory"))
-        version = str(server.get("valkey_version") or server.get("redis_version", "0"))
-        compat = str(server.get("redis_version", "0"))
-        if _version_tuple(compat) < MIN_REDIS_VERSION:
-            raise RedisUnsuitable(f"Redis {compat} is too old: smtpfleet needs 6.2 or newer")
-        policy = str(memory.get("maxmemory_policy", ""))
-        if policy != SAFE_EVICTION_POLICY:
-            raise RedisUnsuitable(
-                f"Redis maxmemory-policy is {policy!r}: it may evict queued mail; "
-                f"set maxmemory-policy {SAFE_EVICTION_POLICY}"
-            )
-        if self._queue.durability is Durability.FSYNC:
+        persistence = None
+        if mode is Durability.FSYNC:
             persistence = await guarded(lambda: self._redis.info("persistence"))
-            if str(persistence.get("aof_enabled")) != "1":
-                raise RedisUnsuitable("durability: fsync needs appendonly yes on the Redis server")
-        return version
+        reason = unsuitable_reason(server, memory, persistence, mode)
+        if reason is not None:
+            raise RedisUnsuitable(reason)
+        return server_version(server)
 
     async def ensure_groups(self) -> None:
         """Create every shard's stream and consumer group (id 0: include entries already there)."""
@@ -300,15 +268,15 @@ class RedisQueue:
         pairs = reply.items() if isinstance(reply, dict) else reply
         deliveries: list[Delivery] = []
         for stream, entries in pairs:
-            shard = int(text(stream).split(":")[-2].rstrip("}"))
+            shard = self.keys.shard_of_stream(text(stream))
             deliveries.extend(self.deliveries(shard, entries))
         return deliveries
 
     def deliveries(self, shard: int, entries: Sequence[Any]) -> list[Delivery]:
         out = []
         for entry_id, fields in entries:
-            if not fields:  # deleted while pending: nothing left to do but acknowledge
-                out.append(Delivery(shard, text(entry_id), _EMPTY))
+            if not fields:  # XDEL'd while pending: a Delivery without a message
+                out.append(Delivery(shard, text(entry_id), None))
                 continue
             raw = fields.get(ENTRY_FIELD.encode()) or fields.get(ENTRY_FIELD)
             out.append(Delivery(shard, text(entry_id), QueuedMessage.decode(raw)))
@@ -324,21 +292,19 @@ class RedisQueue:
 
     async def finish(self, delivery: Delivery, outcome: Finish) -> None:
         """Acknowledge the entry and record what is left of it, atomically (one script)."""
-        shard, qid = delivery.shard, delivery.message.qid
-        keys = [
-            self.keys.stream(shard),
-            self.keys.retry(shard),
-            self.keys.dead(shard),
-            self.keys.body(shard, qid),
-        ]
-        done = outcome.retry is None and outcome.dead is None and bool(qid)
+        shard, message = delivery.shard, delivery.message
+        # Every key in the shard's slot (Redis Cluster), even a deleted entry's unused body key.
+        body = self.keys.body(shard, message.qid if message is not None else "")
+        keys = [self.keys.stream(shard), self.keys.retry(shard), self.keys.dead(shard), body]
+        # A deleted entry's body is not ours to delete: nothing says which it was.
+        done = outcome.done and message is not None
         args = [
             GROUP,
             delivery.entry_id,
             outcome.retry.encode() if outcome.retry is not None else "",
             outcome.retry_due_ms,
             outcome.dead.encode() if outcome.dead is not None else "",
-            outcome.dead_reason[:500],
+            outcome.dead_reason,
             "1" if done else "0",
         ]
         await guarded(lambda: self._script(self._deliveries, self._finish, keys, args))
@@ -367,15 +333,15 @@ class RedisQueue:
                 pipe.xlen(self.keys.dead(shard))
                 pipe.xrange(stream, count=1)
             rows = await guarded(pipe.execute)
-        totals = {"ready": 0.0, "in_flight": 0.0, "retry": 0.0, "dead": 0.0}
+        totals = {str(state): 0.0 for state in EntryState}
         oldest_ms = now
         for i in range(0, len(rows), 5):
             length, pending, retry, dead, first = rows[i : i + 5]
             in_flight = int(pending["pending"]) if isinstance(pending, dict) else int(pending[0])
-            totals["in_flight"] += in_flight
-            totals["ready"] += max(0, int(length) - in_flight)
-            totals["retry"] += int(retry)
-            totals["dead"] += int(dead)
+            totals[EntryState.IN_FLIGHT] += in_flight
+            totals[EntryState.READY] += max(0, int(length) - in_flight)
+            totals[EntryState.RETRY] += int(retry)
+            totals[EntryState.DEAD] += int(dead)
             if first:
                 oldest_ms = min(oldest_ms, int(text(first[0][0]).split("-")[0]))
         totals["oldest_age_s"] = max(0.0, (now - oldest_ms) / 1000)
@@ -394,6 +360,3 @@ class RedisQueue:
             "retry": sum(counts[1::3]),
             "dead": sum(counts[2::3]),
         }
-
-
-_EMPTY = QueuedMessage(qid="", sender="", recipients=(), accepted_ms=0)

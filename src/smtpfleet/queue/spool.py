@@ -8,6 +8,8 @@ from smtpfleet.envelope import EnqueueResult, NewMessage
 
 
 class Spool(Protocol):
+    """Durable acceptance of one message: what inbound calls before it answers 250."""
+
     async def enqueue(self, message: NewMessage) -> EnqueueResult:
         """Store the message durably, or raise.
 

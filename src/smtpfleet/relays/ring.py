@@ -69,6 +69,12 @@ class _TierRing:
 
 
 class Ring:
+    """The relays' consistent-hash rings, one per priority tier (lowest first, like MX
+    preference). `order` gives a routing key's relays, healthy ones only, with bounded load
+    (a relay above `load_factor` × its fair share passes the key on) and `warm_percent` of
+    keys sent to the next tier to keep it warm. Pure: the same inputs give the same order on
+    every node."""
+
     def __init__(
         self, relays: Sequence[RelayConfig], *, load_factor: float = 1.25, warm_percent: float = 0.0
     ) -> None:

@@ -1,8 +1,10 @@
 """Helpers for tests and drills, shipped with the package so users can reuse them.
 
-Everything here is real: a real Redis server process, real SMTP servers (aiosmtpd sinks) on
-loopback port 0, nodes in-process or as separate processes, a real SMTP client and a real
-DNS server. Nothing in the node imports this package (tests/qa checks that).
+Almost everything here is real: a real Redis server process, real SMTP servers (aiosmtpd
+sinks) on loopback port 0, nodes in-process or as separate processes, a real SMTP client and a
+real DNS server. The exception is `memory`: in-memory doubles of the queue, the cluster store
+and the relays, for unit tests of the rules around them. Nothing in the node imports this
+package (tests/qa checks that).
 
 The names below load their module on first use, so `import smtpfleet.testing.sink` (or the
 benchmark's `python -m smtpfleet.testing.sink`) does not start a node's worth of imports.
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from smtpfleet.testing.faultproxy import FaultProxy
     from smtpfleet.testing.inbound import Front, MemorySpool, inbound_front
     from smtpfleet.testing.localcluster import LocalCluster, NodeProcess
+    from smtpfleet.testing.memory import Clock, MemoryClusterStore, MemoryQueue, ScriptedRelays
     from smtpfleet.testing.nodes import FAST_RETRY, node_config, running_node
     from smtpfleet.testing.redis_server import RedisServer, free_port
     from smtpfleet.testing.routing import domain_routed_first_to, ring_order
@@ -32,6 +35,7 @@ _HOMES = {
     "faultproxy": ("FaultProxy",),
     "inbound": ("Front", "MemorySpool", "inbound_front"),
     "localcluster": ("LocalCluster", "NodeProcess"),
+    "memory": ("Clock", "MemoryClusterStore", "MemoryQueue", "ScriptedRelays"),
     "nodes": ("FAST_RETRY", "node_config", "running_node"),
     "redis_server": ("RedisServer", "free_port"),
     "routing": ("domain_routed_first_to", "ring_order"),
@@ -43,16 +47,20 @@ _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names
 
 __all__ = [
     "FAST_RETRY",
+    "Clock",
     "DnsServer",
     "FaultProxy",
     "Faults",
     "Front",
     "LocalCluster",
+    "MemoryClusterStore",
+    "MemoryQueue",
     "MemorySpool",
     "NodeProcess",
     "ReceivedMessage",
     "RedisServer",
     "Reply",
+    "ScriptedRelays",
     "Sink",
     "SteadyLoad",
     "TlsFiles",

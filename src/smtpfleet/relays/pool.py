@@ -1,4 +1,4 @@
-"""Pooled SMTP sessions to the relays (aiosmtplib): many messages per connection.
+"""The relay pool: pooled SMTP sessions to the relays (aiosmtplib), many messages per connection.
 
 One `RelayClient` per relay holds idle sessions and caps how many are open at once: per node
 with a semaphore, and across the cluster with connection leases and a per-second message
@@ -16,16 +16,25 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiosmtplib
 
+from smtpfleet.cluster.store import SharedLimits
 from smtpfleet.config import DeliveryConfig, RelayConfig, TlsPolicy
-from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply, unsendable
+from smtpfleet.delivery.classify import (
+    Verdict,
+    classify_exception,
+    classify_reply,
+    limit_reached,
+    no_session,
+    unsendable,
+)
 from smtpfleet.envelope import now_ms
-from smtpfleet.errors import QueueUnavailable
+from smtpfleet.errors import LimitsUnavailable
+from smtpfleet.replies import CLOSING_CODE
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +45,36 @@ MAX_IDLE_S = 30.0
 # or a busy node's idle pool would starve the other nodes.
 SHARED_IDLE_S = 1.0
 REAP_INTERVAL_S = 0.5
-CLOSING_CODE = 421
 LIMIT_POLL_S = 0.05
-# Not the relay's fault: a 451 (not 421) so passive health checks do not count it.
-LIMIT_REACHED = classify_reply(451, "4.4.5 Relay connection or rate limit reached")
-NO_SESSION = classify_reply(421, "4.4.1 No session to the relay could be opened")
+LIMIT_REACHED = limit_reached()
+NO_SESSION = no_session()
 
 
-class SharedLimits(Protocol):
-    """Cluster-wide relay limits (implemented on Redis by ClusterStore)."""
+class SmtpSession(Protocol):
+    """The part of an aiosmtplib.SMTP session a relay client uses once it is connected."""
 
-    async def acquire_connection(
-        self, relay: str, member: str, now_ms: int, ttl_ms: int, limit: int
-    ) -> bool: ...
+    @property
+    def is_connected(self) -> bool: ...
 
-    async def release_connection(self, relay: str, member: str) -> None: ...
+    async def mail(self, sender: str) -> aiosmtplib.SMTPResponse: ...
 
-    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool: ...
+    async def rcpt(self, recipient: str) -> aiosmtplib.SMTPResponse: ...
+
+    async def data(self, message: bytes) -> aiosmtplib.SMTPResponse: ...
+
+    async def rset(self) -> aiosmtplib.SMTPResponse: ...
+
+    async def quit(self) -> aiosmtplib.SMTPResponse: ...
+
+    def close(self) -> None: ...
+
+
+Connect = Callable[[RelayConfig], Awaitable[SmtpSession]]
 
 
 @dataclass(eq=False)
 class _Session:
-    smtp: aiosmtplib.SMTP
+    smtp: SmtpSession
     lease: str | None
     messages: int = 0
     last_used: float = 0.0
@@ -75,10 +92,12 @@ class SessionSettings:
     limits: SharedLimits | None = None
     owner: str = ""
     on_tls: Callable[[str, str | None], None] | None = None
+    # Opens a session; None: aiosmtplib to the relay's host (tests pass scripted sessions).
+    connect: Connect | None = None
 
 
 class RelayClient:
-    """Sessions to one relay."""
+    """Sessions to one relay: a per-node cap, cluster-wide leases and budget, idle pooling."""
 
     def __init__(self, relay: RelayConfig, settings: SessionSettings) -> None:
         self.relay = relay
@@ -87,6 +106,7 @@ class RelayClient:
         self._limits = settings.limits
         self._owner = settings.owner
         self._on_tls = settings.on_tls
+        self._connect_to = settings.connect
         self._lease_ttl_ms = int(settings.lease_ttl_s * 1000)
         self._idle: list[_Session] = []
         self._open: set[_Session] = set()
@@ -133,7 +153,7 @@ class RelayClient:
         if lease is None:
             return LIMIT_REACHED
         try:
-            smtp = await self._connect()
+            smtp = await (self._connect_to or self._connect)(self.relay)
         except Exception as exc:
             await self._release(lease or None)
             verdict = classify_exception(exc)
@@ -143,8 +163,7 @@ class RelayClient:
         self._open.add(session)
         return session, False
 
-    async def _connect(self) -> aiosmtplib.SMTP:
-        relay = self.relay
+    async def _connect(self, relay: RelayConfig) -> SmtpSession:
         smtp = aiosmtplib.SMTP(
             hostname=relay.host,
             port=relay.port,
@@ -221,7 +240,7 @@ class RelayClient:
                     self.relay.max_connections,
                 ):
                     return member
-            except QueueUnavailable:
+            except LimitsUnavailable:
                 return ""  # Redis away: the per-node cap still holds
             if time.monotonic() >= deadline:
                 return None
@@ -229,7 +248,7 @@ class RelayClient:
 
     async def _release(self, lease: str | None) -> None:
         if lease and self._limits is not None:
-            with contextlib.suppress(QueueUnavailable):
+            with contextlib.suppress(LimitsUnavailable):
                 await self._limits.release_connection(self.relay.name, lease)
 
     async def refresh_leases(self) -> None:
@@ -255,7 +274,7 @@ class RelayClient:
             try:
                 if await self._limits.take_rate_slot(self.relay.name, int(now), limit):
                     return True
-            except QueueUnavailable:
+            except LimitsUnavailable:
                 return True  # fail open: the per-node connection cap still bounds the rate
             if time.monotonic() >= deadline:
                 return False
@@ -293,7 +312,7 @@ class RelayClient:
 
 
 async def _recipients(
-    smtp: aiosmtplib.SMTP, recipients: Sequence[str], verdicts: dict[str, Verdict]
+    smtp: SmtpSession, recipients: Sequence[str], verdicts: dict[str, Verdict]
 ) -> list[str]:
     accepted = []
     for recipient in recipients:
@@ -330,13 +349,14 @@ def _set_nodelay(smtp: aiosmtplib.SMTP) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _reset(smtp: aiosmtplib.SMTP) -> None:
+async def _reset(smtp: SmtpSession) -> None:
     with contextlib.suppress(aiosmtplib.SMTPException):
         await smtp.rset()
 
 
-class Sender:
-    """A RelayClient per relay, made on first use."""
+class RelayPool:
+    """The node's relay clients: a RelayClient per relay, made on first use, and the upkeep
+    of their sessions (idle reaping, refreshing the cluster-wide leases of open ones)."""
 
     def __init__(
         self,
@@ -368,7 +388,7 @@ class Sender:
             if time.monotonic() - last_refresh >= self._settings.lease_ttl_s / 3:
                 last_refresh = time.monotonic()
                 for client in list(self._clients.values()):
-                    with contextlib.suppress(QueueUnavailable):
+                    with contextlib.suppress(LimitsUnavailable):
                         await client.refresh_leases()
 
     async def close(self) -> None:

@@ -1,0 +1,28 @@
+"""Who is alive, when a node must fence itself, and how takeover avoids double claims. Pure.
+
+Every node heartbeats each `heartbeat_interval_s`. A node whose last heartbeat is `lease_s` old
+is dead (for membership and for `smtpfleet status` alike). A node that has not reached Redis
+for one interval less than that stops starting deliveries, so it is fenced before anyone may
+take its work (DESIGN invariant 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def live_nodes(heartbeats: Mapping[str, int], *, now_ms: int, lease_s: float) -> set[str]:
+    """The nodes whose last heartbeat (ms) is younger than the lease."""
+    lease_ms = lease_s * 1000
+    return {node for node, beat in heartbeats.items() if now_ms - beat < lease_ms}
+
+
+def must_fence(silent_s: float, *, lease_s: float, heartbeat_interval_s: float) -> bool:
+    """Others declare us dead `lease_s` after our last heartbeat; stop one interval sooner."""
+    return silent_s >= lease_s - heartbeat_interval_s
+
+
+def takeover_guard_ms(heartbeat_interval_s: float) -> int:
+    """The min-idle of a takeover claim: a claim resets an entry's idle time, so of several
+    survivors racing for one entry within this window, exactly one gets it."""
+    return int(2 * heartbeat_interval_s * 1000)

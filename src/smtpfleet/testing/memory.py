@@ -1,0 +1,318 @@
+"""In-memory doubles of what the node shares through Redis, and of the relays, for unit tests.
+
+- `MemoryQueue` is a `DeliveryQueue`: shards of entries, a pending list per consumer, a retry
+  set, dead letters and bodies, with the same contract as `RedisQueue` (an entry leaves only
+  through `finish`; a deleted entry stays pending without a message, as XDEL leaves it).
+- `MemoryClusterStore` implements the cluster Protocols (`cluster/store.py`) on top of it.
+- `ScriptedRelays` is a `RelayClients` whose relays answer what a test tells them to.
+
+Set `unavailable = True` on the queue or the store to make every call raise as Redis does when
+it is away. Time is the wall clock unless a test passes a `Clock` it moves. These doubles are
+for the rules around the queue; anything that claims Redis behaviour is tested on a real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpfleet.config import RelayConfig
+from smtpfleet.delivery.classify import Verdict, classify_reply
+from smtpfleet.delivery.outcome import Finish
+from smtpfleet.envelope import EnqueueResult, NewMessage, QueuedMessage, now_ms
+from smtpfleet.errors import LimitsUnavailable, QueueUnavailable
+from smtpfleet.queue.deliveries import Body, Delivery
+
+DELIVERED = classify_reply(250, "2.0.0 Ok")
+
+
+@dataclass
+class Clock:
+    """Milliseconds that move only when a test says so."""
+
+    ms: int = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+
+
+@dataclass
+class _Pending:
+    consumer: str
+    delivered_ms: int
+
+
+@dataclass
+class MemoryQueue:
+    """A `DeliveryQueue` in memory. `finished` records every Finish, in order."""
+
+    shards: int = 4
+    clock: Callable[[], int] = now_ms
+    unavailable: bool = False
+    streams: dict[int, dict[str, QueuedMessage | None]] = field(default_factory=dict)
+    pending: dict[tuple[int, str], _Pending] = field(default_factory=dict)
+    bodies: dict[str, Body] = field(default_factory=dict)
+    retries: list[tuple[int, QueuedMessage]] = field(default_factory=list)
+    dead: list[tuple[QueuedMessage, str]] = field(default_factory=list)
+    finished: list[tuple[Delivery, Finish]] = field(default_factory=list)
+    enqueued: list[NewMessage] = field(default_factory=list)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _delivered: set[tuple[int, str]] = field(default_factory=set)
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise QueueUnavailable("redis: ConnectionError: (memory queue set unavailable)")
+
+    # -- filling it --------------------------------------------------------------------------
+
+    def add(
+        self, message: QueuedMessage, data: bytes | None = b"x", *, confirmed: bool = True
+    ) -> str:
+        """Put an entry (and its body, unless `data` is None) in its shard; its entry id."""
+        entry_id = f"{next(self._ids)}-0"
+        self.streams.setdefault(message.shard, {})[entry_id] = message
+        if data is not None:
+            self.bodies[message.qid] = Body(data, confirmed)
+        return entry_id
+
+    def hand_out(self, message: QueuedMessage, consumer: str) -> Delivery:
+        """Add an entry as already read by `consumer` (pending there), as a worker gets it."""
+        entry_id = self.add(message)
+        self._delivered.add((message.shard, entry_id))
+        self.pending[(message.shard, entry_id)] = _Pending(consumer, self.clock())
+        return Delivery(message.shard, entry_id, message)
+
+    def delete(self, qid: str) -> None:
+        """What an operator's `queue delete` does: the entry goes, pending or not."""
+        for stream in self.streams.values():
+            for entry_id, message in stream.items():
+                if message is not None and message.qid == qid:
+                    stream[entry_id] = None
+        self.bodies.pop(qid, None)
+
+    def pending_of(self, consumer: str) -> list[tuple[int, str]]:
+        return [key for key, p in self.pending.items() if p.consumer == consumer]
+
+    # -- DeliveryQueue -----------------------------------------------------------------------
+
+    async def enqueue(self, message: NewMessage) -> EnqueueResult:
+        self._check()
+        self.enqueued.append(message)
+        entry = QueuedMessage(
+            message.qid, message.sender, message.recipients, self.clock(), kind=message.kind
+        )
+        self.add(entry, message.data)
+        return EnqueueResult(message.qid)
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        self._check()
+        out: list[Delivery] = []
+        for shard in range(self.shards):
+            fresh = [
+                (i, m)
+                for i, m in self.streams.get(shard, {}).items()
+                if (shard, i) not in self._delivered
+            ][:count]
+            for entry_id, message in fresh:
+                self._delivered.add((shard, entry_id))
+                self.pending[(shard, entry_id)] = _Pending(consumer, self.clock())
+                out.append(Delivery(shard, entry_id, message))
+        if not out:
+            await asyncio.sleep(min(block_ms, 10) / 1000)
+        return out
+
+    async def read_own_pending(self, consumer: str, count: int) -> list[Delivery]:
+        self._check()
+        return [self._delivery(key) for key in self.pending_of(consumer)][:count]
+
+    async def claim_idle(self, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        self._check()
+        return self.claim(lambda p: self.clock() - p.delivered_ms >= min_idle_ms, consumer, count)
+
+    def claim(self, which: Callable[[_Pending], bool], consumer: str, count: int) -> list[Delivery]:
+        """Move matching pending entries to `consumer`, resetting their idle time."""
+        keys = [key for key, p in self.pending.items() if which(p)][:count]
+        for key in keys:
+            self.pending[key] = _Pending(consumer, self.clock())
+        return [self._delivery(key) for key in keys]
+
+    def _delivery(self, key: tuple[int, str]) -> Delivery:
+        shard, entry_id = key
+        return Delivery(shard, entry_id, self.streams.get(shard, {}).get(entry_id))
+
+    async def load_body(self, shard: int, qid: str) -> Body:
+        self._check()
+        return self.bodies.get(qid, Body(None, confirmed=False))
+
+    async def finish(self, delivery: Delivery, outcome: Finish) -> None:
+        self._check()
+        self.pending.pop(delivery.key, None)
+        self.streams.get(delivery.shard, {}).pop(delivery.entry_id, None)
+        if outcome.retry is not None:
+            self.retries.append((outcome.retry_due_ms, outcome.retry))
+        if outcome.dead is not None:
+            self.dead.append((outcome.dead, outcome.dead_reason))
+        if outcome.done and delivery.message is not None:
+            self.bodies.pop(delivery.message.qid, None)
+        self.finished.append((delivery, outcome))
+
+    async def move_due_retries(self, now: int, limit: int = 500) -> int:
+        self._check()
+        due = [r for r in self.retries if r[0] <= now][:limit]
+        for item in due:
+            self.retries.remove(item)
+            self.add(item[1], data=None)
+        return len(due)
+
+
+@dataclass
+class MemoryClusterStore:
+    """The cluster Protocols (membership, health views, bookkeeping, relay limits) in memory."""
+
+    queue: MemoryQueue
+    unavailable: bool = False
+    heartbeats: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    view_of: dict[str, dict[str, bool]] = field(default_factory=dict)
+    paused: set[str] = field(default_factory=set)
+    drain_requests: set[str] = field(default_factory=set)
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    lease_refreshes: list[dict[int, list[str]]] = field(default_factory=list)
+    connections: dict[str, dict[str, int]] = field(default_factory=dict)  # relay -> member -> exp
+    rate: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    limits_unavailable: bool = False
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise QueueUnavailable("redis: ConnectionError: (memory store set unavailable)")
+
+    # membership
+    async def heartbeat(
+        self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
+    ) -> None:
+        self._check()
+        self.heartbeats[node_id] = now_ms
+        self.info[node_id] = dict(info)
+
+    async def members(self) -> dict[str, int]:
+        self._check()
+        return dict(self.heartbeats)
+
+    async def claim_from(self, dead: str, me: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        self._check()
+        now = self.queue.clock()
+        return self.queue.claim(
+            lambda p: p.consumer == dead and now - p.delivered_ms >= min_idle_ms, me, count
+        )
+
+    async def pending_count(self, consumer: str) -> int:
+        self._check()
+        return len(self.queue.pending_of(consumer))
+
+    async def forget_node(self, node_id: str) -> None:
+        self._check()
+        self.heartbeats.pop(node_id, None)
+        self.view_of.pop(node_id, None)
+
+    async def drain_requested(self, node_id: str) -> bool:
+        self._check()
+        return node_id in self.drain_requests
+
+    # health views
+    async def publish_view(self, node_id: str, view: Mapping[str, bool], ttl_ms: int) -> None:
+        self._check()
+        self.view_of[node_id] = dict(view)
+
+    async def views(self, node_ids: Iterable[str]) -> dict[str, dict[str, bool]]:
+        self._check()
+        return {n: dict(self.view_of[n]) for n in node_ids if n in self.view_of}
+
+    async def paused_relays(self) -> set[str]:
+        self._check()
+        return set(self.paused)
+
+    # delivery bookkeeping
+    async def refresh_leases(self, me: str, entries: Mapping[int, list[str]]) -> None:
+        self._check()
+        self.lease_refreshes.append({s: list(ids) for s, ids in entries.items()})
+        for shard, ids in entries.items():
+            for entry_id in ids:
+                if (shard, entry_id) in self.queue.pending:
+                    self.queue.pending[(shard, entry_id)] = _Pending(me, self.queue.clock())
+
+    async def add_outcomes(self, minute: int, counts: Mapping[str, int]) -> None:
+        self._check()
+        self.outcomes.update(counts)
+
+    # shared relay limits
+    def _check_limits(self) -> None:
+        if self.limits_unavailable:
+            raise LimitsUnavailable("relay limits: (memory store set unavailable)")
+
+    async def acquire_connection(
+        self, relay: str, member: str, now_ms: int, ttl_ms: int, limit: int
+    ) -> bool:
+        self._check_limits()
+        held = {m: e for m, e in self.connections.get(relay, {}).items() if e > now_ms}
+        self.connections[relay] = held
+        if member in held or len(held) < limit:
+            held[member] = now_ms + ttl_ms
+            return True
+        return False
+
+    async def release_connection(self, relay: str, member: str) -> None:
+        self._check_limits()
+        self.connections.get(relay, {}).pop(member, None)
+
+    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
+        self._check_limits()
+        self.rate[(relay, second)] += 1
+        return self.rate[(relay, second)] <= limit
+
+
+Script = Callable[[str], Verdict]
+
+
+@dataclass
+class ScriptedRelay:
+    """One relay's client: each recipient gets `script(recipient)` (delivered by default)."""
+
+    name: str
+    script: Script = lambda _recipient: DELIVERED
+    log: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    before_send: Callable[[], Awaitable[None] | None] | None = None
+
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Verdict]:
+        self.log.append((self.name, tuple(recipients)))
+        if self.before_send is not None:
+            waited = self.before_send()
+            if waited is not None:
+                await waited
+        return {r: self.script(r) for r in recipients}
+
+
+@dataclass
+class ScriptedRelays:
+    """A `RelayClients` of scripted relays, made on first use; `sent` lists every call as
+    (relay, recipients), in order."""
+
+    relays: dict[str, ScriptedRelay] = field(default_factory=dict)
+    sent: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+
+    def client(self, relay: RelayConfig) -> ScriptedRelay:
+        return self.relay(relay.name)
+
+    def relay(self, name: str) -> ScriptedRelay:
+        return self.relays.setdefault(name, ScriptedRelay(name, log=self.sent))
+
+    def script(self, name: str, script: Script) -> ScriptedRelay:
+        client = self.relay(name)
+        client.script = script
+        return client

@@ -1,0 +1,150 @@
+"""Membership on the in-memory store: heartbeats, takeover of dead nodes, self-fencing, drain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from smtpfleet.cluster.membership import Membership
+from smtpfleet.config import ClusterConfig
+from smtpfleet.envelope import QueuedMessage, new_qid
+from smtpfleet.metrics import Metrics
+from smtpfleet.queue.deliveries import Delivery
+from smtpfleet.testing.memory import Clock, MemoryClusterStore, MemoryQueue
+
+CONFIG = ClusterConfig(heartbeat_interval_s=1.0, lease_s=5.0, lease_refresh_s=1.0)
+
+
+@dataclass
+class Seconds:
+    """A monotonic clock that moves with the wall clock of the test."""
+
+    wall: Clock
+
+    def __call__(self) -> float:
+        return self.wall.ms / 1000
+
+
+@dataclass
+class Bench:
+    clock: Clock = field(default_factory=Clock)
+    adopted: list[Delivery] = field(default_factory=list)
+    drains: list[str] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    queue: MemoryQueue = field(init=False)
+    store: MemoryClusterStore = field(init=False)
+    node: Membership = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = MemoryQueue(clock=self.clock)
+        self.store = MemoryClusterStore(self.queue)
+        self.node = Membership(
+            store=self.store,
+            config=CONFIG,
+            node_id="node-a",
+            adopt=self.adopted.extend,
+            metrics=self.metrics,
+            on_drain_request=lambda: self.drains.append("node-a"),
+            clock=Seconds(self.clock),
+            wall_ms=self.clock,
+        )
+
+    def pending_for(self, consumer: str) -> Delivery:
+        return self.queue.hand_out(QueuedMessage(new_qid(0), "s@x", ("r@y",), 0), consumer)
+
+
+@pytest.fixture
+def bench() -> Bench:
+    return Bench()
+
+
+async def test_a_tick_writes_the_heartbeat(bench: Bench) -> None:
+    await bench.node.tick()
+
+    assert bench.store.heartbeats == {"node-a": bench.clock.ms}
+    assert bench.store.info["node-a"]["role"] == "active"
+    assert bench.node.live == {"node-a"}
+
+
+async def test_a_node_silent_for_a_lease_is_taken_over(bench: Bench) -> None:
+    bench.store.heartbeats["node-b"] = bench.clock.ms
+    entry = bench.pending_for("node-b")
+    bench.clock.advance(CONFIG.lease_s)
+
+    await bench.node.tick()
+
+    assert bench.node.live == {"node-a"}
+    assert [d.key for d in bench.adopted] == [entry.key]
+    assert bench.queue.pending_of("node-a") == [entry.key]
+    assert bench.metrics.registry.get_sample_value("smtpfleet_takeovers_total") == 1
+    assert "node-b" in bench.store.heartbeats  # forgotten only once nothing is left pending
+
+    await bench.node.tick()
+    assert "node-b" not in bench.store.heartbeats
+
+
+async def test_a_live_node_is_left_alone(bench: Bench) -> None:
+    bench.store.heartbeats["node-b"] = bench.clock.ms
+    bench.pending_for("node-b")
+    bench.clock.advance(CONFIG.lease_s - 0.1)
+
+    await bench.node.tick()
+
+    assert bench.node.live == {"node-a", "node-b"}
+    assert bench.adopted == []
+    assert len(bench.queue.pending_of("node-b")) == 1
+
+
+async def test_entries_touched_within_the_guard_are_not_claimed(bench: Bench) -> None:
+    """The min-idle guard: an entry the dead node (or another survivor) touched just now is
+    not claimed again, so exactly one survivor gets each entry."""
+    bench.store.heartbeats["node-b"] = bench.clock.ms - int(CONFIG.lease_s * 1000)
+    bench.pending_for("node-b")  # delivered to node-b just now
+
+    await bench.node.tick()
+
+    assert bench.adopted == []
+    assert "node-b" in bench.store.heartbeats  # still has work pending
+    bench.clock.advance(2 * CONFIG.heartbeat_interval_s)
+    await bench.node.tick()
+    assert len(bench.adopted) == 1
+
+
+async def test_the_node_fences_itself_one_interval_before_its_lease_runs_out(
+    bench: Bench,
+) -> None:
+    await bench.node.tick()
+    bench.store.unavailable = True
+    bench.clock.advance(CONFIG.lease_s - CONFIG.heartbeat_interval_s - 0.1)
+    await bench.node.tick()
+    assert not bench.node.fenced
+
+    bench.clock.advance(0.1)
+    await bench.node.tick()
+    assert bench.node.fenced
+
+    bench.store.unavailable = False
+    await bench.node.tick()
+    assert not bench.node.fenced
+
+
+async def test_an_operator_drain_request_reaches_the_node(bench: Bench) -> None:
+    await bench.node.tick()
+    assert bench.drains == []
+    bench.store.drain_requests.add("node-a")
+
+    await bench.node.tick()
+
+    assert bench.drains == ["node-a"]
+
+
+async def test_leaving_deregisters_only_when_nothing_is_pending(bench: Bench) -> None:
+    await bench.node.tick()
+    bench.pending_for("node-a")
+    await bench.node.leave()
+    assert "node-a" in bench.store.heartbeats  # survivors must still find its work
+
+    bench.queue.pending.clear()
+    await bench.node.leave()
+    assert "node-a" not in bench.store.heartbeats
