@@ -85,3 +85,31 @@ async def test_when_no_relay_is_healthy_mail_waits_and_nothing_bounces(
         async with Sink(port=port, name="back") as back:
             await eventually(lambda: back.count == 5, timeout_s=10)
             assert all(m.sender == "sender@example.com" for m in back.messages)  # no DSN
+
+
+async def test_mail_held_back_by_our_own_limit_is_not_sent_to_the_backoff(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """FINDINGS.md: with the relay's one connection busy on the other node, a delivery that
+    found no lease was retried like a relay's 4xx, minutes later. Now it is parked for
+    seconds and counted as no attempt, so everything arrives although the retry is an hour."""
+    sink.faults.delay_s = 0.05  # each session holds the one lease for a while
+    overrides = limited(prefix, sink, max_connections=1) | {
+        "retry": {"initial_s": 3600, "max_s": 3600, "jitter": 0, "scheduler_interval_s": 0.1}
+    }
+    configs = [
+        node_config(redis_url, [], overrides | {"node": {"id": name}}) for name in ("a", "b")
+    ]
+    async with running_node(configs[0]) as a, running_node(configs[1]) as b:
+        addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
+        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(24)))
+        assert {r.code for r in replies} == {250}
+        await eventually(lambda: sink.count == 24, timeout_s=45)
+        limited_attempts = sum(
+            node.registry.get_sample_value(
+                "smtpfleet_deliveries_total", {"relay": "only", "outcome": "limited"}
+            )
+            or 0
+            for node in (a, b)
+        )
+        assert limited_attempts > 0, "the limit was never reached: the test proves nothing"

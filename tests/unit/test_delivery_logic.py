@@ -20,9 +20,10 @@ from smtpfleet.delivery.classify import (
     classify_exception,
     classify_reply,
     enhanced_status,
+    limit_reached,
 )
 from smtpfleet.delivery.dsn import RecipientFailure, build_dsn
-from smtpfleet.delivery.outcome import Attempt, plan_outcome
+from smtpfleet.delivery.outcome import PARK_MS, Attempt, plan_outcome
 from smtpfleet.envelope import QueuedMessage
 
 
@@ -113,6 +114,24 @@ def test_plan_splits_recipients_by_outcome() -> None:
     assert plan.retry.attempts == 1
     assert plan.retry_due_ms == 1000 + 60_000
     assert not plan.expired
+
+
+def test_our_own_limit_parks_without_counting_an_attempt_or_backing_off() -> None:
+    """FINDINGS.md: a cluster-wide connection limit once sent mail to the 5-minute retry."""
+    limited = Attempt(limit_reached(), None)
+    plan = plan_outcome(MESSAGE, {"a@x": limited, "b@x": limited}, now_ms=1000, retry=RETRY)
+    assert plan.retry is not None
+    assert plan.retry.recipients == ("a@x", "b@x")
+    assert plan.retry.attempts == MESSAGE.attempts  # no relay was asked
+    assert plan.retry_due_ms == 1000 + PARK_MS
+    assert plan.finish.retry_due_ms == 1000 + PARK_MS
+    # A relay's own 4xx alongside still takes the backoff.
+    mixed = plan_outcome(
+        MESSAGE, {"a@x": limited, "b@x": _verdict(451, "4.2.0 busy")}, now_ms=1000, retry=RETRY
+    )
+    assert mixed.retry is not None
+    assert mixed.retry.attempts == 1
+    assert mixed.retry_due_ms == 1000 + 60_000
 
 
 def test_plan_expires_temporary_failures_past_the_lifetime() -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from smtpfleet.config import RetryConfig
 from smtpfleet.delivery.backoff import is_expired, next_due_ms, retry_delay_s
-from smtpfleet.delivery.classify import Outcome, Verdict
+from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
 from smtpfleet.delivery.dsn import RecipientFailure, is_bounce_worthy
 from smtpfleet.envelope import QueuedMessage
 
@@ -90,6 +90,12 @@ def plan_outcome(
     if is_expired(message.accepted_ms, now_ms, retry.lifetime_s):
         failed.extend(_failure(r, a, status=EXPIRED_STATUS) for r, a in waiting.items())
         return _planned(message, delivered, tuple(failed), None, 0, expired=True)
+    if all(a.verdict.kind is FailureKind.LIMITED for a in waiting.values()):
+        # Only our own cluster-wide limits held them back: no relay was asked, so no attempt
+        # is counted and no backoff taken; they come back as soon as parked mail does (a
+        # "451" of our own once sent such mail to the 5-minute retry with a healthy relay).
+        again = replace(message, recipients=tuple(waiting))
+        return _planned(message, delivered, tuple(failed), again, now_ms + PARK_MS, expired=False)
     errors = {r: a.verdict.text for r, a in waiting.items()}
     again = message.retry_of(tuple(waiting), errors)
     delay_s = retry_delay_s(

@@ -47,6 +47,7 @@ SHARED_IDLE_S = 1.0
 REAP_INTERVAL_S = 0.5
 LIMIT_POLL_S = 0.05
 LIMIT_REACHED = limit_reached()
+LEASE_WAIT_S = 1.0  # longest wait for a cluster-wide connection lease before parking
 NO_SESSION = no_session()
 
 
@@ -229,7 +230,9 @@ class RelayClient:
         if self._limits is None:
             return ""
         member = f"{self._owner}:{next(self._tokens)}"
-        deadline = time.monotonic() + self._config.connect_timeout_s
+        # Not the connect timeout: a delivery slot waiting long for a lease delays everything
+        # behind it, and mail that finds the relay full is parked and back in seconds.
+        deadline = time.monotonic() + min(self._config.connect_timeout_s, LEASE_WAIT_S)
         while True:
             try:
                 if await self._limits.acquire_connection(
