@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import aiosmtplib
 
@@ -47,6 +47,18 @@ SHARED_IDLE_S = 1.0
 REAP_INTERVAL_S = 0.5
 LIMIT_POLL_S = 0.05
 LIMIT_REACHED = limit_reached()
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a new session got from the relay's cluster-wide connection limit."""
+
+    member: str | None = None  # the lease held in Redis; None: none is held
+    full: bool = False  # the limit had no room within LEASE_WAIT_S: park, do not connect
+
+
+UNLIMITED: Final = Lease()  # no shared limit configured, or Redis away (the per-node cap holds)
+FULL: Final = Lease(full=True)
 LEASE_WAIT_S = 1.0  # longest wait for a cluster-wide connection lease before parking
 NO_SESSION = no_session()
 
@@ -151,16 +163,16 @@ class RelayClient:
                 return session, True
             await self._discard(session)
         lease = await self._lease()
-        if lease is None:
+        if lease.full:
             return LIMIT_REACHED
         try:
             smtp = await (self._connect_to or self._connect)(self.relay)
         except Exception as exc:
-            await self._release(lease or None)
+            await self._release(lease.member)
             verdict = classify_exception(exc)
             log.info("relay %s: connect failed: %s", self.relay.name, verdict.text)
             return verdict
-        session = _Session(smtp, lease or None, last_used=time.monotonic())
+        session = _Session(smtp, lease.member, last_used=time.monotonic())
         self._open.add(session)
         return session, False
 
@@ -224,11 +236,11 @@ class RelayClient:
 
     # -- cluster-wide limits -----------------------------------------------------------------
 
-    async def _lease(self) -> str | None:
-        """A cluster-wide connection lease; "" when there is no shared limit, None if none
-        came free within the connect timeout."""
+    async def _lease(self) -> Lease:
+        """A cluster-wide connection lease, UNLIMITED when no shared limit applies, or FULL
+        when none came free in time."""
         if self._limits is None:
-            return ""
+            return UNLIMITED
         member = f"{self._owner}:{next(self._tokens)}"
         # Not the connect timeout: a delivery slot waiting long for a lease delays everything
         # behind it, and mail that finds the relay full is parked and back in seconds.
@@ -242,11 +254,11 @@ class RelayClient:
                     self._lease_ttl_ms,
                     self.relay.max_connections,
                 ):
-                    return member
+                    return Lease(member)
             except LimitsUnavailable:
-                return ""  # Redis away: the per-node cap still holds
+                return UNLIMITED  # Redis away: the per-node cap still holds
             if time.monotonic() >= deadline:
-                return None
+                return FULL
             await asyncio.sleep(LIMIT_POLL_S)
 
     async def _release(self, lease: str | None) -> None:
