@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
 from smtpfleet import http
 from smtpfleet.config import InboundTlsConfig, ListenerConfig
@@ -738,3 +739,52 @@ def test_dashboard_queries_known_metrics() -> None:
     for topic in ("queue depth", "oldest", "accept", "latency", "relay and outcome", "relay up",
                   "live nodes", "replies", "redis"):  # fmt: skip
         assert topic in titles, topic
+
+
+def _known_labels() -> dict[str, set[str]]:
+    """Metric name (as scraped, with _total/_bucket/...) to its label names, plus the target
+    labels Prometheus adds."""
+    target = {"instance", "job"}
+    labels: dict[str, set[str]] = {
+        "smtpfleet_workers_live": set(target),
+        "smtpfleet_worker_restarts_total": set(target),
+        "up": set(target),
+    }
+    for metric in vars(Metrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            names = set(metric._labelnames) | target
+            for suffix in ("", "_total", "_count", "_sum", "_created"):
+                labels[f"{metric._name}{suffix}"] = names
+            labels[f"{metric._name}_bucket"] = names | {"le"}
+    return labels
+
+
+def _label_problems(expression: str, known: Mapping[str, set[str]]) -> list[str]:
+    """Labels a PromQL expression selects or groups by that its metrics do not have."""
+    problems = []
+    used = re.findall(r"\b((?:smtpfleet_[a-z_]+)|up)\{([^}]*)\}", expression)
+    metrics = set(re.findall(r"\bsmtpfleet_[a-z_]+", expression)) | {m for m, _ in used}
+    for metric, matchers in used:
+        for label in re.findall(r"([a-zA-Z_]+)\s*(?:=~|!~|!=|=)", matchers):
+            if label not in known.get(metric, set()):
+                problems.append(f"{metric}{{{label}}} in {expression}")
+    grouped = set().union(*(known.get(m, set()) for m in metrics)) if metrics else set()
+    for clause in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expression):
+        for label in filter(None, (x.strip() for x in clause.split(","))):
+            if label not in grouped:
+                problems.append(f"by ({label}) in {expression}")
+    return problems
+
+
+def test_dashboard_and_alerts_use_labels_that_exist() -> None:
+    known = _known_labels()
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    expressions += [rule["expr"] for rule in rules]
+    problems = [p for expr in expressions for p in _label_problems(expr, known)]
+    assert problems == []
+    # The checker sees a wrong label.
+    assert _label_problems('sum by (tls) (smtpfleet_tls_handshakes_total{dir="in"})', known)
