@@ -28,8 +28,10 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
 from smtpfleet import http
+from smtpfleet.config import InboundTlsConfig, ListenerConfig
 from smtpfleet.lifecycle import PARENT_PID_ENV
 from smtpfleet.metrics import Metrics
 from smtpfleet.testing import eventually, send
@@ -46,8 +48,6 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 KUBE_VERSION = "1.30.0"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-# Values sets whose config the smtpfleet of this tree can load (listener profiles not yet).
-CHECKABLE_VALUES = [p for p in CI_VALUES if p.name != "listener-profiles-values.yaml"]
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def test_chart_lints_and_renders_valid_manifests(values_file: Path) -> None:
         kubernetes_validate.validate(document, KUBE_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("values_file", CHECKABLE_VALUES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
 def test_chart_config_passes_config_check(values_file: Path, tmp_path: Path) -> None:
     """The ConfigMap's file plus the Deployment's environment, as the node will read them."""
     rendered = render(load_values(values_file))
@@ -455,6 +455,8 @@ def test_chart_config_passes_config_check(values_file: Path, tmp_path: Path) -> 
     relays = yaml.safe_load(config)["relays"]
     assert not [r for r in relays if "password" in r], "relay passwords belong in Secrets"
     assert "not-a-real-password" not in config
+    redis = yaml.safe_load(config).get("redis", {})
+    assert not {"password", "sentinel_password"} & redis.keys(), "Redis passwords too"
 
 
 def test_chart_deployment_is_ha() -> None:
@@ -523,37 +525,133 @@ def test_chart_refuses_open_relay_behind_a_balancer() -> None:
     render({**base, "service": {"externalTrafficPolicy": "Local"}})
     render({**base, "service": {"type": "ClusterIP"}})
     render({**hidden, "smtp": {"relayNetworks": []}})
-    # PROXY protocol carries the IP: allowed, once the node has listener profiles.
-    proxied = {**hidden, "proxyProtocol": {"enabled": True}}
-    assert "listenerProfiles=true" in render_error(proxied)
+    # PROXY protocol carries the IP, once the listeners expect it from trusted proxies only.
+    proxied = {**hidden, "proxyProtocol": {"enabled": True, "trustedProxies": ["10.0.0.0/8"]}}
+    config = yaml.safe_load(
+        one(render(proxied), "ConfigMap", "mx-smtpfleet")["data"]["smtpfleet.yaml"]
+    )
+    assert [x["proxy_protocol"] for x in config["inbound"]["listeners"]] == [True]
+    assert config["inbound"]["trusted_proxies"] == ["10.0.0.0/8"]
+    untrusted = {**hidden, "proxyProtocol": {"enabled": True}}
+    assert "proxyProtocol.trustedProxies" in render_error(untrusted)
     rendered = render(load_values(CHART / "ci" / "listener-profiles-values.yaml"))
     inbound = yaml.safe_load(one(rendered, "ConfigMap", "mx-smtpfleet")["data"]["smtpfleet.yaml"])
     listeners = inbound["inbound"]["listeners"]
-    assert [item["profile"] for item in listeners] == ["mx", "submission"]
+    assert [item["profile"] for item in listeners] == ["mx", "submission", "submission"]
     assert all(item["proxy_protocol"] is True for item in listeners)
     assert "listen" not in inbound["inbound"]
+
+
+def test_chart_listeners_use_the_node_keys_and_every_port_is_exposed() -> None:
+    """inbound.listeners[] items carry exactly ListenerConfig's keys; each listener's port is
+    on the container, the Service and the NetworkPolicy; TLS and AUTH files are mounted where
+    the config says."""
+    rendered = render(load_values(CHART / "ci" / "listener-profiles-values.yaml"))
+    config = yaml.safe_load(one(rendered, "ConfigMap", "mx-smtpfleet")["data"]["smtpfleet.yaml"])
+    inbound = config["inbound"]
+    listeners = inbound["listeners"]
+    assert all(set(item) == set(ListenerConfig.model_fields) for item in listeners)
+    assert set(inbound["tls"]) == set(InboundTlsConfig.model_fields)
+    assert [(x["address"], x["implicit_tls"]) for x in listeners] == [
+        ("0.0.0.0:2525", False),
+        ("0.0.0.0:2587", False),
+        ("0.0.0.0:2465", True),
+    ]
+    pod = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    service = one(rendered, "Service", "mx-smtpfleet")["spec"]["ports"]
+    assert {(p["port"], container_ports[p["targetPort"]]) for p in service} == {
+        (25, 2525),
+        (587, 2587),
+        (465, 2465),
+    }
+    ingress = one(rendered, "NetworkPolicy")["spec"]["ingress"][0]["ports"]
+    assert {p["port"] for p in ingress} == {p["targetPort"] for p in service}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in (
+        inbound["tls"]["cert_file"],
+        inbound["tls"]["key_file"],
+        inbound["auth"]["users_file"],
+    ):
+        directory, _, name = path.rpartition("/")
+        items = volumes[mounts[directory]]["secret"]["items"]
+        assert name in [item["path"] for item in items], path
+    assert volumes["tls"]["secret"]["secretName"] == "smtpfleet-tls"
+    assert volumes["auth"]["secret"]["secretName"] == "smtpfleet-smtp-users"
+
+
+def test_chart_redis_sentinel() -> None:
+    """Sentinel addresses and master name in the ConfigMap; passwords only as Secret refs."""
+    rendered = render(load_values(CHART / "ci" / "sentinel-values.yaml"))
+    config = yaml.safe_load(one(rendered, "ConfigMap", "mx-smtpfleet")["data"]["smtpfleet.yaml"])
+    redis = config["redis"]
+    assert redis["master_name"] == "mymaster"
+    assert len(redis["sentinels"]) == 3
+    assert redis["url"] == "redis://mymaster/0", "only the db number (and rediss://) counts"
+    assert config["queue"] == {"durability": "replicated", "replicas": 1}
+    env = one(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in env
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs == {
+        "SMTPFLEET_REDIS__PASSWORD": {"name": "redis-credentials", "key": "password"},
+        "SMTPFLEET_REDIS__SENTINEL_PASSWORD": {
+            "name": "redis-credentials",
+            "key": "sentinel-password",
+        },
+    }
+    assert not [o for o in objects(rendered) if o["kind"] == "Secret"], "no URL Secret"
+    values = load_values(CHART / "ci" / "sentinel-values.yaml")
+    values["redis"]["sentinel"]["tls"] = True
+    values["redis"]["sentinel"]["db"] = 3
+    config = yaml.safe_load(
+        one(render(values), "ConfigMap", "mx-smtpfleet")["data"]["smtpfleet.yaml"]
+    )
+    assert config["redis"]["url"] == "rediss://mymaster/3"
+
+
+R = {"url": "redis://r"}
+SENTINEL = {"enabled": True, "addresses": ["s:26379"]}
+SUBMISSION = {"listeners": {"submission": {"enabled": True}}}
+TLS = {"enabled": True, "existingSecret": "tls"}
 
 
 @pytest.mark.parametrize(
     ("values", "says"),
     [
         ({}, "set redis.url"),
-        (
-            {"redis": {"sentinel": {"enabled": True, "addresses": ["s:26379"]}}},
-            "connects to one Redis URL",
-        ),
-        (
-            {"redis": {"url": "redis://r"}, "terminationGracePeriodSeconds": 30},
-            "must be longer than",
-        ),
-        (
-            {"redis": {"url": "redis://r"}, "config": {"inbound": {"relay_networks": ["0/0"]}}},
-            "smtp.relayNetworks",
-        ),
-        ({"redis": {"url": "redis://r"}, "config": {"redis": {"url": "x"}}}, "Secret"),
-        ({"redis": {"url": "redis://r"}, "tls": {"enabled": True}}, "listenerProfiles"),
+        ({"redis": {"cluster": {"enabled": True}}}, "Redis Cluster is not supported"),
+        ({"redis": {"sentinel": {"enabled": True}}}, "redis.sentinel.addresses"),
+        ({"redis": {**R, "sentinel": SENTINEL}}, "a password in a URL is not used"),
+        ({"redis": R, "terminationGracePeriodSeconds": 30}, "must be longer than"),
+        ({"redis": R, "config": {"inbound": {"relay_networks": ["0/0"]}}}, "smtp.relayNetworks"),
+        ({"redis": R, "config": {"inbound": {"listeners": []}}}, "smtp.listeners"),
+        ({"redis": R, "config": {"redis": {"url": "x"}}}, "Secret"),
+        ({"redis": R, "config": {"redis": {"password": "x"}}}, "never in the ConfigMap"),
+        ({"redis": R, "tls": {"enabled": True}}, "tls.existingSecret"),
+        ({"redis": R, "smtp": SUBMISSION}, "tls.enabled=true"),
+        ({"redis": R, "smtp": SUBMISSION, "tls": TLS}, "smtp.auth.existingSecret"),
+        ({"redis": R, "smtp": {"listeners": {"mx": {"enabled": False}}}}, "enable mx"),
     ],
-    ids=["no-redis", "sentinel", "short-grace", "relay-networks-in-config", "url-in-config", "tls"],
+    ids=[
+        "no-redis",
+        "redis-cluster",
+        "sentinel-no-addresses",
+        "sentinel-and-url",
+        "short-grace",
+        "relay-networks-in-config",
+        "listeners-in-config",
+        "url-in-config",
+        "password-in-config",
+        "tls-no-secret",
+        "submission-no-tls",
+        "submission-no-auth",
+        "no-listener",
+    ],
 )
 def test_chart_refuses_unsafe_values(values: dict[str, Any], says: str) -> None:
     assert says in render_error(values)
@@ -641,3 +739,52 @@ def test_dashboard_queries_known_metrics() -> None:
     for topic in ("queue depth", "oldest", "accept", "latency", "relay and outcome", "relay up",
                   "live nodes", "replies", "redis"):  # fmt: skip
         assert topic in titles, topic
+
+
+def _known_labels() -> dict[str, set[str]]:
+    """Metric name (as scraped, with _total/_bucket/...) to its label names, plus the target
+    labels Prometheus adds."""
+    target = {"instance", "job"}
+    labels: dict[str, set[str]] = {
+        "smtpfleet_workers_live": set(target),
+        "smtpfleet_worker_restarts_total": set(target),
+        "up": set(target),
+    }
+    for metric in vars(Metrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            names = set(metric._labelnames) | target
+            for suffix in ("", "_total", "_count", "_sum", "_created"):
+                labels[f"{metric._name}{suffix}"] = names
+            labels[f"{metric._name}_bucket"] = names | {"le"}
+    return labels
+
+
+def _label_problems(expression: str, known: Mapping[str, set[str]]) -> list[str]:
+    """Labels a PromQL expression selects or groups by that its metrics do not have."""
+    problems = []
+    used = re.findall(r"\b((?:smtpfleet_[a-z_]+)|up)\{([^}]*)\}", expression)
+    metrics = set(re.findall(r"\bsmtpfleet_[a-z_]+", expression)) | {m for m, _ in used}
+    for metric, matchers in used:
+        for label in re.findall(r"([a-zA-Z_]+)\s*(?:=~|!~|!=|=)", matchers):
+            if label not in known.get(metric, set()):
+                problems.append(f"{metric}{{{label}}} in {expression}")
+    grouped = set().union(*(known.get(m, set()) for m in metrics)) if metrics else set()
+    for clause in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expression):
+        for label in filter(None, (x.strip() for x in clause.split(","))):
+            if label not in grouped:
+                problems.append(f"by ({label}) in {expression}")
+    return problems
+
+
+def test_dashboard_and_alerts_use_labels_that_exist() -> None:
+    known = _known_labels()
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    expressions += [rule["expr"] for rule in rules]
+    problems = [p for expr in expressions for p in _label_problems(expr, known)]
+    assert problems == []
+    # The checker sees a wrong label.
+    assert _label_problems('sum by (tls) (smtpfleet_tls_handshakes_total{dir="in"})', known)

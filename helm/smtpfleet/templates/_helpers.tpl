@@ -50,31 +50,81 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The SMTP listeners, in a fixed order, as a JSON array of
+     {key (the value's name), name (the port's), port, containerPort, profile, implicit_tls,
+     require_tls}: the ConfigMap, the
+     container's ports, the Service and the NetworkPolicy all read this one list. */}}
+{{- define "smtpfleet.listeners" -}}
+{{- $v := .Values }}
+{{- $profiles := dict "mx" "mx" "submission" "submission" "submissions" "submission" }}
+{{- $listeners := list }}
+{{- range $name := list "mx" "submission" "submissions" }}
+{{- $l := index $v.smtp.listeners $name }}
+{{- if and $l $l.enabled }}
+{{- $listeners = append $listeners (dict
+  "key" $name
+  "name" (ternary "smtp" $name (eq $name "mx"))
+  "port" (int $l.port)
+  "containerPort" (int $l.containerPort)
+  "profile" (index $profiles $name)
+  "implicit_tls" (eq $name "submissions")
+  "require_tls" (default false $l.requireTls)
+) }}
+{{- end }}
+{{- end }}
+{{- toJson $listeners }}
+{{- end }}
+
 {{/* Every check that refuses to render, with a message that says what to change. */}}
 {{- define "smtpfleet.validate" -}}
 {{- $v := .Values }}
-{{- if and (not $v.redis.url) (not $v.redis.existingSecret) (not $v.redis.sentinel.enabled) (not $v.redis.cluster.enabled) }}
-{{- fail "redis: set redis.url (redis://HOST:6379/0) or redis.existingSecret. The chart bundles no Redis: a single Redis pod is not HA, and the queue must outlive any node." }}
+{{- $sentinel := $v.redis.sentinel.enabled }}
+{{- if $v.redis.cluster.enabled }}
+{{- fail "redis.cluster: Redis Cluster is not supported: a node talks to one primary, directly (redis.url) or found through Sentinel. Use a primary with replicas under Sentinel (redis.sentinel.enabled, see docs/cluster.md) or one primary endpoint (redis.url)." }}
 {{- end }}
-{{- if or $v.redis.sentinel.enabled $v.redis.cluster.enabled }}
-{{- fail "redis.sentinel / redis.cluster: this smtpfleet version connects to one Redis URL (redis.url). Point it at the primary endpoint your HA Redis offers (a managed service's primary endpoint, or a Sentinel-aware proxy); see docs/deployment.md." }}
+{{- if $sentinel }}
+{{- if not $v.redis.sentinel.addresses }}
+{{- fail "redis.sentinel.addresses: list the Sentinels as HOST:PORT (e.g. [sentinel-0.sentinel:26379, sentinel-1.sentinel:26379, sentinel-2.sentinel:26379])" }}
+{{- end }}
+{{- if not $v.redis.sentinel.masterName }}
+{{- fail "redis.sentinel.masterName: the name the Sentinels monitor the primary under (sentinel monitor NAME ...)" }}
+{{- end }}
+{{- if or $v.redis.url $v.redis.existingSecret }}
+{{- fail "redis.url / redis.existingSecret: with redis.sentinel the primary comes from the Sentinels, and a password in a URL is not used: set redis.sentinel.db and redis.sentinel.tls, and the passwords with redis.passwordSecret and redis.sentinel.passwordSecret" }}
+{{- end }}
+{{- else if and (not $v.redis.url) (not $v.redis.existingSecret) }}
+{{- fail "redis: set redis.url (redis://HOST:6379/0) or redis.existingSecret, or redis.sentinel. The chart bundles no Redis: a single Redis pod is not HA, and the queue must outlive any node." }}
 {{- end }}
 {{- $drain := add (int $v.drain.preStopDelaySeconds) (int (ceil $v.drain.graceSeconds)) }}
 {{- if and $v.terminationGracePeriodSeconds (le (int $v.terminationGracePeriodSeconds) $drain) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than drain.preStopDelaySeconds + drain.graceSeconds (%d), or the kubelet kills nodes in the middle of their drain" (int $v.terminationGracePeriodSeconds) $drain) }}
 {{- end }}
-{{- range $key := list "listen" "accepted_domains" "relay_networks" }}
+{{- range $key := list "listen" "listeners" "accepted_domains" "relay_networks" "trusted_proxies" }}
 {{- if hasKey (default dict $v.config.inbound) $key }}
-{{- fail (printf "config.inbound.%s: set it with the chart's smtp.* values (smtp.listeners, smtp.acceptedDomains, smtp.relayNetworks)" $key) }}
+{{- fail (printf "config.inbound.%s: set it with the chart's values (smtp.listeners, smtp.acceptedDomains, smtp.relayNetworks, proxyProtocol.trustedProxies)" $key) }}
 {{- end }}
+{{- end }}
+{{- $inboundConfig := default dict $v.config.inbound }}
+{{- if or (hasKey (default dict $inboundConfig.tls) "cert_file") (hasKey (default dict $inboundConfig.tls) "key_file") }}
+{{- fail "config.inbound.tls.cert_file / key_file: use tls.enabled and tls.existingSecret (a kubernetes.io/tls Secret, mounted at /etc/smtpfleet/tls)" }}
+{{- end }}
+{{- if hasKey (default dict $inboundConfig.auth) "users_file" }}
+{{- fail "config.inbound.auth.users_file: use smtp.auth.existingSecret (a Secret holding the users file, mounted at /etc/smtpfleet/auth)" }}
 {{- end }}
 {{- range $key := list "http" "relays" }}
 {{- if hasKey $v.config $key }}
 {{- fail (printf "config.%s: the chart sets it (relays: the relays value; http: metrics.port)" $key) }}
 {{- end }}
 {{- end }}
-{{- if hasKey (default dict $v.config.redis) "url" }}
-{{- fail "config.redis.url: use redis.url or redis.existingSecret (a URL may carry a password; it goes in a Secret)" }}
+{{- range $key := list "url" "password" "sentinel_password" }}
+{{- if hasKey (default dict $v.config.redis) $key }}
+{{- fail (printf "config.redis.%s: use redis.url or redis.existingSecret, redis.passwordSecret, redis.sentinel.passwordSecret (URLs and passwords go in Secrets, never in the ConfigMap)" $key) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "sentinels" "master_name" "username" "sentinel_username" }}
+{{- if hasKey (default dict $v.config.redis) $key }}
+{{- fail (printf "config.redis.%s: use the chart's redis.sentinel.* and redis.username values" $key) }}
+{{- end }}
 {{- end }}
 {{- if or (hasKey (default dict $v.config.node) "id") (hasKey (default dict $v.config.node) "drain_grace_s") }}
 {{- fail "config.node.id / config.node.drain_grace_s: the chart sets them (the pod name; drain.graceSeconds)" }}
@@ -82,31 +132,42 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if hasKey (default dict $v.config.queue) "durability" }}
 {{- fail "config.queue.durability: use the durability value" }}
 {{- end }}
-{{- if not (or $v.smtp.listeners.mx.enabled $v.smtp.listeners.submission.enabled) }}
-{{- fail "smtp.listeners: enable mx or submission (or both)" }}
+{{- $listeners := include "smtpfleet.listeners" . | fromJsonArray }}
+{{- if not $listeners }}
+{{- fail "smtp.listeners: enable mx, submission or submissions (or several)" }}
 {{- end }}
-{{- if not $v.listenerProfiles }}
-{{- if $v.smtp.listeners.submission.enabled }}
-{{- fail "smtp.listeners.submission needs listener profiles (STARTTLS + AUTH on 587), which this smtpfleet image does not have yet: set listenerProfiles=true once it does" }}
+{{- $needTls := list }}
+{{- $submission := list }}
+{{- range $listeners }}
+{{- if or .implicit_tls .require_tls (eq .profile "submission") }}
+{{- $needTls = append $needTls (printf "smtp.listeners.%s" .key) }}
 {{- end }}
-{{- if $v.proxyProtocol.enabled }}
-{{- fail "proxyProtocol.enabled needs inbound.listeners[].proxy_protocol, which this smtpfleet image does not have yet: set listenerProfiles=true once it does, or keep the client IP with service.externalTrafficPolicy=Local" }}
+{{- if eq .profile "submission" }}
+{{- $submission = append $submission (printf "smtp.listeners.%s" .key) }}
 {{- end }}
-{{- if $v.tls.enabled }}
-{{- fail "tls.enabled (inbound STARTTLS) needs listener profiles, which this smtpfleet image does not have yet: set listenerProfiles=true once it does" }}
 {{- end }}
+{{- if and $needTls (not $v.tls.enabled) }}
+{{- fail (printf "%s: needs a certificate: set tls.enabled=true and tls.existingSecret (a kubernetes.io/tls Secret)" (join ", " $needTls)) }}
 {{- end }}
 {{- if and $v.tls.enabled (not $v.tls.existingSecret) }}
-{{- fail "tls.enabled: set tls.existingSecret to a kubernetes.io/tls Secret" }}
+{{- fail "tls.enabled: set tls.existingSecret to a kubernetes.io/tls Secret (tls.crt, tls.key)" }}
+{{- end }}
+{{- if and $submission (not $v.smtp.auth.existingSecret) }}
+{{- fail (printf "%s: the submission profile needs SMTP AUTH users: set smtp.auth.existingSecret to a Secret whose key %s holds user:$argon2id$... lines" (join ", " $submission) (default "users" $v.smtp.auth.usersKey)) }}
+{{- end }}
+{{- if and $v.proxyProtocol.enabled (not $v.proxyProtocol.trustedProxies) }}
+{{- fail "proxyProtocol.trustedProxies: list the CIDRs the balancer's connections arrive from (with externalTrafficPolicy Cluster: the cluster nodes' addresses); a PROXY header from anyone else is refused" }}
 {{- end }}
 {{- /* The open-relay guard: behind a LoadBalancer or NodePort with externalTrafficPolicy
        Cluster, kube-proxy SNATs every connection, so the node sees a node IP of the cluster
        (usually inside 10.0.0.0/8) instead of the client's. relay_networks would then let
-       the whole Internet relay. Keep the IP (Local) or carry it (PROXY protocol). */}}
+       the whole Internet relay, on any listener. Keep the IP (Local) or carry it (PROXY
+       protocol: proxy_protocol on the listeners and trusted_proxies set). */}}
 {{- $exposed := has $v.service.type (list "LoadBalancer" "NodePort") }}
-{{- if and $exposed (ne $v.service.externalTrafficPolicy "Local") (not $v.proxyProtocol.enabled) }}
+{{- $proxied := and $v.proxyProtocol.enabled $v.proxyProtocol.trustedProxies }}
+{{- if and $exposed (ne $v.service.externalTrafficPolicy "Local") (not $proxied) }}
 {{- if $v.smtp.relayNetworks }}
-{{- fail (printf "refusing to render: service.type %s with externalTrafficPolicy %s and no PROXY protocol hides the client IP (every connection seems to come from a cluster node), but smtp.relayNetworks %v decides who may relay by that IP: this would be an open relay. Set service.externalTrafficPolicy=Local, or proxyProtocol.enabled=true (and PROXY protocol at the balancer), or empty smtp.relayNetworks." $v.service.type (default "Cluster" $v.service.externalTrafficPolicy) $v.smtp.relayNetworks) }}
+{{- fail (printf "refusing to render: service.type %s with externalTrafficPolicy %s and no PROXY protocol hides the client IP (every connection seems to come from a cluster node), but smtp.relayNetworks %v decides who may relay by that IP: this would be an open relay. Set service.externalTrafficPolicy=Local, or proxyProtocol.enabled=true with proxyProtocol.trustedProxies (and PROXY protocol at the balancer), or empty smtp.relayNetworks." $v.service.type (default "Cluster" $v.service.externalTrafficPolicy) $v.smtp.relayNetworks) }}
 {{- end }}
 {{- end }}
 {{- range $v.relays }}
@@ -117,7 +178,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* The node configuration file (the ConfigMap's smtpfleet.yaml). Secrets are not in it:
-     redis.url and relay passwords come from the environment (SMTPFLEET_* from Secrets). */}}
+     the Redis URL, the Redis and Sentinel passwords and relay passwords come from the
+     environment (SMTPFLEET_* from Secrets); TLS keys and AUTH users are mounted files. */}}
 {{- define "smtpfleet.config" -}}
 {{- $v := .Values }}
 {{- $relays := list }}
@@ -129,26 +191,39 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $relays = append $relays $relay }}
 {{- end }}
 {{- $inbound := dict "accepted_domains" $v.smtp.acceptedDomains "relay_networks" $v.smtp.relayNetworks }}
-{{- if $v.listenerProfiles }}
-{{- /* Listener profiles (inbound.listeners): rendered once the node has them. */}}
 {{- $listeners := list }}
-{{- range $profile := list "mx" "submission" }}
-{{- $l := index $v.smtp.listeners $profile }}
-{{- if $l.enabled }}
-{{- $listener := dict "name" $profile "profile" $profile "listen" (printf "0.0.0.0:%d" (int $l.containerPort)) }}
-{{- if $v.proxyProtocol.enabled }}
-{{- $_ := set $listener "proxy_protocol" true }}
-{{- $_ := set $listener "trusted_proxies" $v.proxyProtocol.trustedProxies }}
-{{- end }}
-{{- if $v.tls.enabled }}
-{{- $_ := set $listener "tls" (dict "cert_file" "/etc/smtpfleet/tls/tls.crt" "key_file" "/etc/smtpfleet/tls/tls.key") }}
-{{- end }}
-{{- $listeners = append $listeners $listener }}
-{{- end }}
+{{- range include "smtpfleet.listeners" . | fromJsonArray }}
+{{- $listeners = append $listeners (dict
+  "address" (printf "0.0.0.0:%d" (int .containerPort))
+  "profile" .profile
+  "implicit_tls" .implicit_tls
+  "require_tls" .require_tls
+  "proxy_protocol" (and $v.proxyProtocol.enabled true)
+) }}
 {{- end }}
 {{- $_ := set $inbound "listeners" $listeners }}
-{{- else }}
-{{- $_ := set $inbound "listen" (list (printf "0.0.0.0:%d" (int $v.smtp.listeners.mx.containerPort))) }}
+{{- if $v.proxyProtocol.enabled }}
+{{- $_ := set $inbound "trusted_proxies" $v.proxyProtocol.trustedProxies }}
+{{- end }}
+{{- if $v.tls.enabled }}
+{{- $_ := set $inbound "tls" (dict "cert_file" "/etc/smtpfleet/tls/tls.crt" "key_file" "/etc/smtpfleet/tls/tls.key" "reload_interval_s" $v.tls.reloadIntervalSeconds) }}
+{{- end }}
+{{- if $v.smtp.auth.existingSecret }}
+{{- $_ := set $inbound "auth" (dict "users_file" (printf "/etc/smtpfleet/auth/%s" (default "users" $v.smtp.auth.usersKey))) }}
+{{- end }}
+{{- $redis := dict }}
+{{- if $v.redis.username }}
+{{- $_ := set $redis "username" $v.redis.username }}
+{{- end }}
+{{- if $v.redis.sentinel.enabled }}
+{{- $s := $v.redis.sentinel }}
+{{- /* With Sentinel, url only gives the database number and TLS (rediss://). */}}
+{{- $_ := set $redis "url" (printf "%s://%s/%d" (ternary "rediss" "redis" (and $s.tls true)) $s.masterName (int $s.db)) }}
+{{- $_ := set $redis "sentinels" $s.addresses }}
+{{- $_ := set $redis "master_name" $s.masterName }}
+{{- if $s.username }}
+{{- $_ := set $redis "sentinel_username" $s.username }}
+{{- end }}
 {{- end }}
 {{- $chart := dict
   "node" (dict "drain_grace_s" $v.drain.graceSeconds)
@@ -157,6 +232,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "relays" $relays
   "http" (dict "listen" (printf "0.0.0.0:%d" (int $v.metrics.port)))
 }}
+{{- if $redis }}
+{{- $_ := set $chart "redis" $redis }}
+{{- end }}
 {{- $config := mergeOverwrite (deepCopy $v.config) $chart }}
 {{- toYaml $config }}
 {{- end }}
