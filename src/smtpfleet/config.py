@@ -230,6 +230,12 @@ class RedisConfig(_Section):
             parse_hostport(item)
         return value
 
+    def describe(self) -> str:
+        """Where the node's Redis is, for logs: never the credentials."""
+        if self.sentinels:
+            return f"sentinels {', '.join(self.sentinels)} (primary of {self.master_name!r})"
+        return self.url.rsplit("@", 1)[-1]
+
 
 class Durability(StrEnum):
     SERVER = "server"  # reply after Redis applied the write (its own persistence settings)

@@ -145,7 +145,7 @@ class Node:
             "node %s ready: smtp %s, redis %s (server %s), %d relays",
             self.node_id,
             ", ".join(f"{h}:{p}" for h, p in self.inbound.addresses),
-            self.config.redis.url.rsplit("@", 1)[-1],
+            self.config.redis.describe(),
             version,
             len(self.config.relays),
         )

@@ -49,3 +49,16 @@ def test_sentinels_give_the_primary_of_the_named_set_with_waiting() -> None:
     assert addresses == [("10.0.0.1", 26379), ("::1", 26380)]
     kwargs = connection.sentinel.sentinels[0].connection_pool.connection_kwargs
     assert kwargs["password"] == "sentinel-secret"
+
+
+def test_a_password_in_the_url_reaches_the_sentinel_pool_too() -> None:
+    config = RedisConfig(url="redis://mailer:p%40ss@primary/0", sentinels=["127.0.0.1:26379"])
+    pool = connect(config).client.connection_pool
+    assert pool.connection_kwargs["username"] == "mailer"
+    assert pool.connection_kwargs["password"] == "p@ss"
+
+
+def test_logs_name_the_sentinels_and_never_a_password() -> None:
+    sentinel = RedisConfig(sentinels=["s1:26379", "s2:26379"], master_name="mail")
+    assert sentinel.describe() == "sentinels s1:26379, s2:26379 (primary of 'mail')"
+    assert RedisConfig(url="redis://u:secret@db:6379/0").describe() == "db:6379/0"

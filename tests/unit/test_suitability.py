@@ -40,3 +40,14 @@ def test_fsync_durability_needs_an_append_only_file() -> None:
     assert unsuitable_reason(GOOD_SERVER, GOOD_MEMORY, off, Durability.SERVER) is None
     on = {"aof_enabled": 1}
     assert unsuitable_reason(GOOD_SERVER, GOOD_MEMORY, on, Durability.FSYNC) is None
+
+
+def test_fsync_durability_needs_waitaof() -> None:
+    """Debian 12's Redis 7.0 would answer every accept with 451: refuse it at start."""
+    aof = {"aof_enabled": 1}
+    old = {"redis_version": "7.0.15"}
+    reason = unsuitable_reason(old, GOOD_MEMORY, aof, Durability.FSYNC)
+    assert reason is not None
+    assert "WAITAOF" in reason
+    assert unsuitable_reason(old, GOOD_MEMORY, aof, Durability.REPLICATED) is None
+    assert unsuitable_reason(GOOD_SERVER, GOOD_MEMORY, aof, Durability.FSYNC) is None

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"{args.file}: ok: listen {listen}; {len(config.relays)} relays; "
-        f"redis {config.redis.url.rsplit('@', 1)[-1]}; {config.redis.shards} shards; "
+        f"redis {config.redis.describe()}; {config.redis.shards} shards; "
         f"durability {config.queue.durability.value}"
     )
     return EXIT_OK

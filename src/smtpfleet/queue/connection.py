@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -73,7 +73,13 @@ def connect(config: RedisConfig) -> RedisConnection:
 
 
 def _credentials(config: RedisConfig) -> dict[str, Any]:
-    given = {"username": config.username, "password": config.password}
+    """The data nodes' ACL user and password: the settings, else those written in the URL
+    (from_url reads them itself; the Sentinel pool needs them given)."""
+    url = urlparse(config.url)
+    given = {
+        "username": config.username or (unquote(url.username) if url.username else None),
+        "password": config.password or (unquote(url.password) if url.password else None),
+    }
     return {key: value for key, value in given.items() if value is not None}
 
 

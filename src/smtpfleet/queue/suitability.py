@@ -12,6 +12,7 @@ from typing import Any
 from smtpfleet.config import Durability
 
 MIN_REDIS_VERSION = (6, 2, 0)  # XAUTOCLAIM
+MIN_WAITAOF_VERSION = (7, 2, 0)  # WAITAOF, which durability: fsync waits on
 SAFE_EVICTION_POLICY = "noeviction"
 
 
@@ -36,7 +37,17 @@ def unsuitable_reason(
             f"Redis maxmemory-policy is {policy!r}: it may evict queued mail; "
             f"set maxmemory-policy {SAFE_EVICTION_POLICY}"
         )
-    if durability is Durability.FSYNC and str((persistence or {}).get("aof_enabled")) != "1":
+    if durability is Durability.FSYNC:
+        return _fsync_reason(compat, persistence)
+    return None
+
+
+def _fsync_reason(compat: str, persistence: Mapping[str, Any] | None) -> str | None:
+    # Without WAITAOF every accept would wait for a confirmation that cannot come, and answer
+    # 451 to all mail: refuse to start instead, saying why.
+    if _version_tuple(compat) < MIN_WAITAOF_VERSION:
+        return f"durability: fsync needs WAITAOF (Redis 7.2 or newer); this Redis is {compat}"
+    if str((persistence or {}).get("aof_enabled")) != "1":
         return "durability: fsync needs appendonly yes on the Redis server"
     return None
 
