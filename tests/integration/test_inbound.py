@@ -25,6 +25,7 @@ from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer, rewrite
 from smtpfleet.metrics import Metrics
 from smtpfleet.testing.client import eventually
+from smtpfleet.testing.wire import Wire
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -59,29 +60,8 @@ class MemorySpool:
         return EnqueueResult(message.qid)
 
 
-class Client:
-    """A raw SMTP client: every read is bounded."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), WAIT_S)).decode()
-            if not line:
-                return "".join(lines) or "<closed>"
-            lines.append(line)
-            if line[3:4] != "-":
-                return "".join(lines)
-
-    def send(self, line: str | bytes) -> None:
-        self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
-
-    async def cmd(self, line: str | bytes) -> str:
-        self.send(line)
-        return await self.reply()
+class Client(Wire):
+    """The raw client, with the transaction steps these tests repeat."""
 
     async def start_transaction(self, recipients: Sequence[str] = ("rcpt@example.net",)) -> None:
         assert (await self.cmd("MAIL FROM:<sender@example.com>")).startswith("250 2.1.0")
@@ -94,18 +74,6 @@ class Client:
     ) -> str:
         await self.start_transaction(recipients)
         return await self.cmd(data)
-
-    async def closed(self) -> bool:
-        """True when the server closes the connection (EOF) within WAIT_S."""
-        with contextlib.suppress(ConnectionError):
-            rest = await asyncio.wait_for(self.reader.read(), WAIT_S)
-            return rest == b""
-        return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
 
 
 class Harness:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import struct
 from typing import Any
@@ -11,12 +9,12 @@ from typing import Any
 import pytest
 
 from smtpfleet import replies
-from smtpfleet.testing.inbound import Front, inbound_front
+from smtpfleet.testing.inbound import inbound_front
 from smtpfleet.testing.tls import make_tls_files
+from smtpfleet.testing.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 
-WAIT_S = 5.0
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 MESSAGE = b"Subject: hi\r\nMessage-ID: <proxy@test>\r\n\r\nbody\r\n.\r\n"
 PROXIES = "smtpfleet_proxy_headers_total"
@@ -55,41 +53,6 @@ def settings(**extra: Any) -> dict[str, Any]:
     return base | extra
 
 
-class Wire:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, front: Front) -> Wire:
-        return cls(*await asyncio.open_connection(*front.address()))
-
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), WAIT_S)).decode()
-            if not line:
-                return "".join(lines) or "<closed>"
-            lines.append(line)
-            if line[3:4] != "-":
-                return "".join(lines)
-
-    async def cmd(self, line: str | bytes) -> str:
-        self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
-        return await self.reply()
-
-    async def said_nothing(self) -> bool:
-        """True when the server closed without a byte (a reset over unread input counts)."""
-        try:
-            return await asyncio.wait_for(self.reader.read(), WAIT_S) == b""
-        except ConnectionResetError:
-            return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
 async def relay_attempt(wire: Wire) -> str:
     """EHLO, MAIL, and a RCPT to a domain that is not ours: the relay check's verdict."""
     await wire.cmd("EHLO proxied.test")
@@ -100,7 +63,7 @@ async def relay_attempt(wire: Wire) -> str:
 @pytest.mark.parametrize("header", [v1, v2])
 async def test_proxied_client_address_is_the_one_judged(header: Any) -> None:
     async with inbound_front(settings()) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         wire.writer.write(header("198.51.100.7"))
         assert (await wire.reply()).startswith("220 ")
         # The connection comes from 127.0.0.1 (a relay network); the client is not.
@@ -112,7 +75,7 @@ async def test_proxied_client_address_is_the_one_judged(header: Any) -> None:
 @pytest.mark.parametrize("header", [v1, v2])
 async def test_proxied_client_in_relay_networks_relays_and_is_in_received(header: Any) -> None:
     async with inbound_front(settings()) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         wire.writer.write(header("192.0.2.9"))
         await wire.reply()
         assert (await relay_attempt(wire)).startswith("250 2.1.5")
@@ -124,7 +87,7 @@ async def test_proxied_client_in_relay_networks_relays_and_is_in_received(header
 
 async def test_proxied_ipv6_client_v2() -> None:
     async with inbound_front(settings()) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         wire.writer.write(v2("2001:db8::5"))
         await wire.reply()
         assert await relay_attempt(wire) == replies.RELAY_DENIED + "\r\n"
@@ -133,7 +96,7 @@ async def test_proxied_ipv6_client_v2() -> None:
 
 async def test_v2_local_is_the_proxy_itself() -> None:
     async with inbound_front(settings()) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         wire.writer.write(v2("198.51.100.7", local=True))
         assert (await wire.reply()).startswith("220 ")
         assert (await relay_attempt(wire)).startswith("250")  # 127.0.0.1: a relay network
@@ -143,7 +106,7 @@ async def test_v2_local_is_the_proxy_itself() -> None:
 
 async def test_untrusted_peer_is_closed_before_the_banner() -> None:
     async with inbound_front(settings(trusted_proxies=["10.0.0.0/8"])) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         wire.writer.write(v1("192.0.2.9"))
         assert await wire.said_nothing()
         await wire.close()
@@ -154,7 +117,7 @@ async def test_untrusted_peer_is_closed_before_the_banner() -> None:
 async def test_missing_or_broken_header_is_closed_before_the_banner() -> None:
     async with inbound_front(settings()) as front:
         for opening in (b"EHLO direct.test\r\n", b"PROXY TCP4 nonsense\r\n"):
-            wire = await Wire.open(front)
+            wire = await Wire.open(front.address())
             wire.writer.write(opening)
             assert await wire.said_nothing()
             await wire.close()
@@ -163,7 +126,7 @@ async def test_missing_or_broken_header_is_closed_before_the_banner() -> None:
 
 async def test_silent_client_is_closed_after_the_proxy_timeout() -> None:
     async with inbound_front(settings(proxy_timeout_s=0.3)) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         assert await wire.said_nothing()
         await wire.close()
 
@@ -171,7 +134,7 @@ async def test_silent_client_is_closed_after_the_proxy_timeout() -> None:
 async def test_proxy_line_on_a_plain_listener_is_an_unknown_command() -> None:
     plain = settings(listen=["127.0.0.1:0"], listeners=[], relay_networks=["192.0.2.0/24"])
     async with inbound_front(plain) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         assert (await wire.reply()).startswith("220 ")
         assert await wire.cmd(v1("192.0.2.9")) == replies.UNKNOWN_COMMAND + "\r\n"
         # The spoofed 192.0.2.9 (a relay network) was not believed: 127.0.0.1 is not one.
@@ -183,7 +146,7 @@ async def test_proxied_address_survives_starttls(tmp_path: Any) -> None:
     certs = make_tls_files(tmp_path / "tls")
     tls = {"cert_file": str(certs.cert_file), "key_file": str(certs.key_file)}
     async with inbound_front(settings(tls=tls)) as front:
-        wire = await Wire.open(front)
+        wire = await Wire.open(front.address())
         wire.writer.write(v1("198.51.100.7"))
         await wire.reply()
         await wire.cmd("EHLO proxied.test")

@@ -6,7 +6,6 @@ Certificates come from a CA each test makes (trustme); clients trust that CA onl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import smtplib
 import ssl
@@ -21,6 +20,7 @@ import pytest
 from smtpfleet import replies
 from smtpfleet.testing.inbound import Front, inbound_front
 from smtpfleet.testing.tls import TlsFiles, make_tls_files
+from smtpfleet.testing.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,39 +48,6 @@ def tls_settings(certs: TlsFiles, **extra: Any) -> dict[str, Any]:
 async def front(certs: TlsFiles) -> AsyncIterator[Front]:
     async with inbound_front(tls_settings(certs)) as running:
         yield running
-
-
-class Wire:
-    """A raw client: exact bytes and codes, every read bounded."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, address: tuple[str, int], **kwargs: Any) -> Wire:
-        return cls(*await asyncio.open_connection(*address, **kwargs))
-
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), WAIT_S)).decode()
-            if not line:
-                return "".join(lines) or "<closed>"
-            lines.append(line)
-            if line[3:4] != "-":
-                return "".join(lines)
-
-    async def cmd(self, line: str | bytes) -> str:
-        self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
-        return await self.reply()
-
-    async def starttls(self, context: ssl.SSLContext) -> None:
-        await self.writer.start_tls(context, server_hostname="localhost")
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await self.writer.wait_closed()
 
 
 def send_with_smtplib(address: tuple[str, int], context: ssl.SSLContext) -> tuple[str, str]:

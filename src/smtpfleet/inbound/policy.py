@@ -38,6 +38,7 @@ from typing import Final
 
 from smtpfleet import replies
 from smtpfleet.config import InboundConfig
+from smtpfleet.inbound.syntax import valid_literal
 
 MAX_HELO: Final = 100
 NULL_PATHS: Final = frozenset({"", "<>"})
@@ -82,23 +83,10 @@ def _normal_host(host: str) -> str:
     return host.strip().lower().removesuffix(".")
 
 
-def _valid_literal(literal: str) -> bool:
-    """RFC 5321 §4.1.3 address literal: IPv4 dotted quad, or "IPv6:" and an IPv6 address."""
-    text = literal[1:-1]
-    try:
-        if text[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(text[5:])
-        else:
-            ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _valid_domain(domain: str) -> bool:
     """A lowercased domain without its trailing dot, or an address literal."""
     if domain.startswith("[") and domain.endswith("]"):
-        return _valid_literal(domain)
+        return valid_literal(domain)
     return 0 < len(domain) <= 253 and all(_LABEL.fullmatch(x) for x in domain.split("."))
 
 

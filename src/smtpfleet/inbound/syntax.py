@@ -44,7 +44,7 @@ _NULL: Final = re.compile(r"<>(?:[ \t]+(?P<rest>[\x20-\x7e\t]*))?")
 _VRFY_STRING: Final = re.compile(rf"[{_ATEXT}]+|{_QUOTED_STRING}")
 
 
-def _valid_literal(literal: str) -> bool:
+def valid_literal(literal: str) -> bool:
     """RFC 5321 §4.1.3: a dotted quad, or "IPv6:" and an IPv6 address; no general literals."""
     text = literal[1:-1]
     try:
@@ -72,7 +72,7 @@ def parse_path(arg: str) -> tuple[str, str] | None:
     local, domain = match["local"], match["domain"]
     if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
         return None
-    if domain.startswith("[") and not _valid_literal(domain):
+    if domain.startswith("[") and not valid_literal(domain):
         return None
     return f"{local}@{domain}", match["rest"] or ""
 
