@@ -222,10 +222,14 @@ class RedisConfig(_Section):
     password: str | None = Field(default=None, repr=False)
     sentinel_username: str | None = None
     sentinel_password: str | None = Field(default=None, repr=False)
+    # Redis Cluster: `url`'s host (and `cluster_nodes`, HOST:PORT) are the seed nodes; the
+    # client learns the rest. Every shard lives in one hash slot; use 64 or more shards.
+    cluster: bool = False
+    cluster_nodes: list[str] = Field(default_factory=list)
 
-    @field_validator("sentinels")
+    @field_validator("sentinels", "cluster_nodes")
     @classmethod
-    def _sentinel_addresses(cls, value: list[str]) -> list[str]:
+    def _addresses(cls, value: list[str]) -> list[str]:
         for item in value:
             parse_hostport(item)
         return value
@@ -234,7 +238,18 @@ class RedisConfig(_Section):
         """Where the node's Redis is, for logs: never the credentials."""
         if self.sentinels:
             return f"sentinels {', '.join(self.sentinels)} (primary of {self.master_name!r})"
+        if self.cluster:
+            seeds = [self.url.rsplit("@", 1)[-1], *self.cluster_nodes]
+            return f"cluster via {', '.join(seeds)}"
         return self.url.rsplit("@", 1)[-1]
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> RedisConfig:
+        if self.cluster and self.sentinels:
+            raise ValueError("redis.cluster and redis.sentinels exclude each other")
+        if self.cluster_nodes and not self.cluster:
+            raise ValueError("redis.cluster_nodes needs redis.cluster: true")
+        return self
 
 
 class Durability(StrEnum):

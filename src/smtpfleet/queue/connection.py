@@ -17,9 +17,17 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from smtpfleet.config import RedisConfig, parse_hostport
+from smtpfleet.queue.batcher import Command
+from smtpfleet.queue.keys import Keys
+from smtpfleet.queue.routes import ClusterRoutes, Routes, SingleRoutes, route_for
+
+# The client for commands that name their keys: one server's, or the cluster's (which sends
+# each command to the primary of its key's slot and follows MOVED/ASK).
+RedisClient = aioredis.Redis | RedisCluster
 
 
 class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -28,13 +36,21 @@ class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPo
 
 @dataclass
 class RedisConnection:
-    client: aioredis.Redis
+    client: RedisClient
     sentinel: Sentinel | None = None  # its own connections to the Sentinels
+    # Redis Cluster: the options for each primary's own client (see queue/routes.py).
+    node_options: dict[str, Any] | None = None
 
     async def aclose(self) -> None:
         await self.client.aclose()
         if self.sentinel is not None:
             await self.sentinel.aclose()
+
+    def routes(self, keys: Keys, confirmation: Command | None) -> Routes:
+        """Where each shard's batched commands go: this client, or each slot's primary."""
+        if isinstance(self.client, RedisCluster):
+            return ClusterRoutes(self.client, keys, confirmation, self.node_options or {})
+        return SingleRoutes(route_for("redis", self.client, confirmation))
 
 
 def connect(config: RedisConfig) -> RedisConnection:
@@ -43,6 +59,8 @@ def connect(config: RedisConfig) -> RedisConnection:
         "socket_timeout": config.socket_timeout_s,
         "socket_connect_timeout": config.socket_timeout_s,
     }
+    if config.cluster:
+        return _cluster(config, timeouts)
     if not config.sentinels:
         pool = aioredis.BlockingConnectionPool.from_url(
             config.url,
@@ -70,6 +88,32 @@ def connect(config: RedisConfig) -> RedisConnection:
         **timeouts,
     )
     return RedisConnection(aioredis.Redis.from_pool(pool), sentinel)
+
+
+def _cluster(config: RedisConfig, timeouts: dict[str, Any]) -> RedisConnection:
+    url = urlparse(config.url)
+    seeds = [(url.hostname or "127.0.0.1", url.port or 6379)]
+    seeds += [parse_hostport(address) for address in config.cluster_nodes]
+    tls: dict[str, Any] = {"ssl": True} if url.scheme == "rediss" else {}
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        max_connections=config.max_connections,
+        # A node may hold no slot for a moment (a failover): keep serving the other shards.
+        require_full_coverage=False,
+        **tls,
+        **_credentials(config),
+        **timeouts,
+    )
+    node_options = {
+        "max_connections": config.max_connections,
+        "timeout": config.socket_timeout_s,
+        "health_check_interval": 30,
+        **_credentials(config),
+        **timeouts,
+    }
+    if tls:
+        node_options["connection_class"] = aioredis.SSLConnection
+    return RedisConnection(client, node_options=node_options)
 
 
 def _credentials(config: RedisConfig) -> dict[str, Any]:

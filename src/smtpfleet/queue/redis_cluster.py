@@ -11,9 +11,8 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-
 from smtpfleet.errors import LimitsUnavailable, QueueUnavailable
+from smtpfleet.queue.connection import RedisClient
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.keys import GROUP, Keys
 from smtpfleet.queue.redis_queue import RedisQueue, guarded, text
@@ -47,7 +46,7 @@ class ClusterStore:
 
     def __init__(self, queue: RedisQueue) -> None:
         self._queue = queue
-        self._redis: aioredis.Redis = queue.client
+        self._redis: RedisClient = queue.client
         self.keys: Keys = queue.keys
         self._acquire = self._redis.register_script(ACQUIRE_LEASE)
 

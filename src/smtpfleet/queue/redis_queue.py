@@ -9,11 +9,12 @@ whatever the client library threw: during failovers redis-py raises more than `R
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
@@ -29,16 +30,20 @@ from smtpfleet.envelope import (
 )
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
-from smtpfleet.queue.batcher import Batcher, Command
-from smtpfleet.queue.connection import connect
+from smtpfleet.queue.batcher import Command
+from smtpfleet.queue.connection import RedisClient, connect
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
+from smtpfleet.queue.routes import Route, SingleRoutes, is_redirect
 from smtpfleet.queue.suitability import server_version, unsuitable_reason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NO_LIMIT = 2**53
+REDIRECT_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.2, 0.2, 0.5, 0.5)  # a slot moving: ~2 s
+SWEEP_PASSES = 4
+POLL_MAX_S = 0.1  # Redis Cluster: the longest pause between two empty read sweeps
 
 
 def text(value: bytes | str) -> str:
@@ -62,25 +67,25 @@ class RedisQueue:
     def __init__(self, redis_config: RedisConfig, queue_config: QueueConfig) -> None:
         self.keys = Keys(redis_config.prefix, redis_config.shards)
         self._queue = queue_config
-        self._connection = connect(redis_config)  # one URL, or Sentinel's primary
-        self._redis: aioredis.Redis = self._connection.client
+        self._connection = connect(redis_config)  # one URL, Sentinel's primary, or a cluster
+        self._redis: RedisClient = self._connection.client
         self._enqueue = self._redis.register_script(scripts.ENQUEUE)
         self._cancel = self._redis.register_script(scripts.CANCEL)
         self._move_due = self._redis.register_script(scripts.MOVE_DUE)
         self._finish = self._redis.register_script(scripts.FINISH)
-        # Accepts share pipelines and one confirmation per batch; deliveries share others,
-        # never waiting behind an fsync.
-        self._accepts = Batcher(self._redis, self._confirmation_command())
-        self._deliveries = Batcher(self._redis)
+        # Each shard's commands go through the batchers of the server that holds it (one for
+        # every shard, except on Redis Cluster: one per primary).
+        self._routes = self._connection.routes(self.keys, self._confirmation_command())
+        self._sharded = not isinstance(self._routes, SingleRoutes)
+        self._rotation = itertools.count()
         self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         return self._redis
 
     async def close(self) -> None:
-        await self._accepts.close()
-        await self._deliveries.close()
+        await self._routes.close()
         await self._connection.aclose()
 
     def _confirmation_command(self) -> Command | None:
@@ -93,42 +98,78 @@ class RedisQueue:
 
     async def _script(
         self,
-        batcher: Batcher,
+        shard: int,
         script: Any,
         keys: Sequence[Any],
         args: Sequence[Any],
         *,
+        accept: bool = False,
         confirm: bool = False,
     ) -> list[Any]:
-        """EVALSHA through a batcher: no SCRIPT EXISTS round trip in front of every call.
+        """EVALSHA through the shard's batcher: no SCRIPT EXISTS round trip in front of every call.
 
         NOSCRIPT (a restarted or new server) means the script did not run, so loading it and
         sending the call again cannot apply it twice. Error replies are raised.
         """
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        replies = await batcher.call(command, confirm=confirm)
-        if isinstance(replies[0], NoScriptError):
-            await self._redis.script_load(script.script)
-            replies = await batcher.call(command, confirm=confirm)
+        replies = await self._call(shard, command, accept=accept, confirm=confirm, script=script)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         return replies
+
+    async def _call(
+        self,
+        shard: int,
+        command: Command,
+        *,
+        accept: bool = False,
+        confirm: bool = False,
+        script: Any = None,
+    ) -> list[Any]:
+        """One command through the shard's accept or delivery batcher.
+
+        On Redis Cluster a MOVED/ASK/TRYAGAIN reply means the command did not run (its slot
+        moved, or is moving, to another primary): reload the slot table and send it again to
+        the primary holding the slot now, for about two seconds at most.
+        """
+        for pause in (*REDIRECT_RETRY_S, None):
+            route = await self._routes.for_shard(shard)
+            batcher = route.accepts if accept else route.deliveries
+            try:
+                replies = await batcher.call(command, confirm=confirm)
+            except Exception:
+                await self._refresh_routes()  # that primary may have been replaced
+                raise
+            if script is not None and isinstance(replies[0], NoScriptError):
+                await route.client.script_load(script.script)
+                replies = await batcher.call(command, confirm=confirm)
+            if not is_redirect(replies[0]) or pause is None:
+                return replies
+            await asyncio.sleep(pause)
+            await self._routes.refresh()
+        raise AssertionError("unreachable")
 
     # -- start-up -------------------------------------------------------------------------
 
     async def check_server(self) -> str:
         """Refuse a Redis that cannot hold mail safely; return its version for the log."""
         mode = self._queue.durability
-        server = await guarded(lambda: self._redis.info("server"))
-        memory = await guarded(lambda: self._redis.info("memory"))
-        persistence = None
-        if mode is Durability.FSYNC:
-            persistence = await guarded(lambda: self._redis.info("persistence"))
-        reason = unsuitable_reason(server, memory, persistence, mode)
-        if reason is not None:
-            raise RedisUnsuitable(reason)
-        return server_version(server)
+        version = ""
+        for route in await guarded(self._routes.primaries):  # every primary of a cluster
+            client = route.client
+            server = await guarded(lambda client=client: client.info("server"))  # type: ignore[misc]
+            memory = await guarded(lambda client=client: client.info("memory"))  # type: ignore[misc]
+            persistence = None
+            if mode is Durability.FSYNC:
+                persistence = await guarded(
+                    lambda client=client: client.info("persistence")  # type: ignore[misc]
+                )
+            reason = unsuitable_reason(server, memory, persistence, mode)
+            if reason is not None:
+                raise RedisUnsuitable(f"{route.address}: {reason}" if self._sharded else reason)
+            version = server_version(server)
+        return version
 
     async def ensure_groups(self) -> None:
         """Create every shard's stream and consumer group (id 0: include entries already there)."""
@@ -172,7 +213,7 @@ class RedisQueue:
         args = self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER)
         confirm = mode is not Durability.SERVER
         results = await guarded(
-            lambda: self._script(self._accepts, self._enqueue, keys, args, confirm=confirm)
+            lambda: self._script(shard, self._enqueue, keys, args, accept=True, confirm=confirm)
         )
         outcome = [text(part) for part in results[0]]
         if outcome[0] == "dup":
@@ -184,7 +225,8 @@ class RedisQueue:
             # Not awaited: the 250 depends on the WAITAOF/WAIT only. A worker holds the entry
             # until this mark lands (or its window ends, should we die first).
             body_key = self.keys.body(shard, message.qid)
-            self._accepts.send(("EVAL", scripts.CONFIRM, 1, body_key))
+            route = await self._routes.for_shard(shard)
+            route.accepts.send(("EVAL", scripts.CONFIRM, 1, body_key))
         return EnqueueResult(qid=message.qid)
 
     def _require_confirmation(self, mode: Durability, reply: Any) -> None:
@@ -229,7 +271,7 @@ class RedisQueue:
         try:
             # Through the accept batcher: it sends batches in order, so the tombstone cannot
             # overtake an enqueue still in flight.
-            call = self._script(self._accepts, self._cancel, keys, [message.qid])
+            call = self._script(shard, self._cancel, keys, [message.qid], accept=True)
             await asyncio.wait_for(call, timeout=2.0)
         except Exception:  # Redis is away: the worker's durability gate covers this case
             log.warning("could not tombstone %s after a failed accept", message.qid)
@@ -238,6 +280,8 @@ class RedisQueue:
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         """New entries from every shard for this consumer (XREADGROUP ... >)."""
+        if self._sharded:
+            return await guarded(lambda: self._read_sharded(consumer, count, block_ms, ">"))
         streams: dict[Any, Any] = {self.keys.stream(s): ">" for s in self.keys.all_shards()}
         reply = await guarded(
             lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
@@ -246,9 +290,97 @@ class RedisQueue:
 
     async def read_own_pending(self, consumer: str, count: int) -> list[Delivery]:
         """Entries this consumer read but never finished (e.g. Redis went away mid-delivery)."""
+        if self._sharded:
+            return await guarded(lambda: self._read_sharded(consumer, count, 0, "0"))
         streams: dict[Any, Any] = {self.keys.stream(s): "0" for s in self.keys.all_shards()}
         reply = await guarded(lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count))
         return self._parse_read(reply)
+
+    async def _read_sharded(
+        self, consumer: str, count: int, block_ms: int, start: str
+    ) -> list[Delivery]:
+        """Redis Cluster: one XREADGROUP per shard (a multi-stream read would be CROSSSLOT),
+        pipelined per primary, the primaries in parallel. An empty sweep is repeated after a
+        pause growing to `POLL_MAX_S` until `block_ms` has passed: a blocking read would hold
+        a connection per shard."""
+        deadline = time.monotonic() + block_ms / 1000
+        pause = 0.005
+        while True:
+            got = await self._sweep(consumer, count, start)
+            left = deadline - time.monotonic()
+            if got or left <= 0:
+                return got
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, POLL_MAX_S)
+
+    async def _sweep(self, consumer: str, count: int, start: str) -> list[Delivery]:
+        """Up to `count` entries: an equal share from each shard (starting at a rotating shard
+        so none is always last), then what is left from the shards that had more."""
+        shards = list(self.keys.all_shards())
+        first = next(self._rotation) % len(shards)
+        candidates = shards[first:] + shards[:first]
+        got: list[Delivery] = []
+        for _ in range(SWEEP_PASSES):
+            wanted = count - len(got)
+            if wanted <= 0 or not candidates:
+                break
+            share = max(1, wanted // len(candidates))
+            asked = candidates[: max(1, wanted // share)]
+            found = await self._read_shards(consumer, asked, share, start)
+            got.extend(found)
+            per_shard = {s: sum(d.shard == s for d in found) for s in asked}
+            candidates = [s for s in asked if per_shard[s] >= share]
+        return got
+
+    async def _read_shards(
+        self, consumer: str, shards: list[int], share: int, start: str
+    ) -> list[Delivery]:
+        wanted = set(shards)
+        groups = [
+            (route, [s for s in group if s in wanted])
+            for route, group in await self._routes.by_route(self.keys.all_shards())
+        ]
+        replies = await asyncio.gather(
+            *(
+                self._read_on(route, group, consumer, share, start)
+                for route, group in groups
+                if group
+            ),
+            return_exceptions=True,
+        )
+        found = [d for reply in replies if not isinstance(reply, BaseException) for d in reply]
+        failed = [reply for reply in replies if isinstance(reply, BaseException)]
+        if failed:
+            await self._refresh_routes()  # a primary away: maybe replaced by its replica
+            if not found:  # what the other primaries gave is pending here now: return it
+                raise failed[0]
+        return found
+
+    async def _refresh_routes(self) -> None:
+        try:
+            await self._routes.refresh()
+        except Exception as exc:  # the next call tries again
+            log.debug("redis cluster: slot table not refreshed: %s", exc)
+
+    async def _read_on(
+        self, route: Route, shards: list[int], consumer: str, share: int, start: str
+    ) -> list[Delivery]:
+        async with route.client.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.xreadgroup(GROUP, consumer, {self.keys.stream(shard): start}, count=share)
+            replies = await pipe.execute(raise_on_error=False)
+        found: list[Delivery] = []
+        moved = False
+        for reply in replies:
+            if is_redirect(reply):
+                moved = True
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                found.extend(self._parse_read(reply))
+        if moved:  # read those shards from their new primary next time
+            await self._routes.refresh()
+        return found
 
     async def claim_idle(self, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
         """The safety net: take over entries idle longer than any delivery attempt can take."""
@@ -284,7 +416,7 @@ class RedisQueue:
 
     async def load_body(self, shard: int, qid: str) -> Body:
         key = self.keys.body(shard, qid)
-        replies = await guarded(lambda: self._deliveries.call(("HMGET", key, "d", "ok")))
+        replies = await guarded(lambda: self._call(shard, ("HMGET", key, "d", "ok")))
         if isinstance(replies[0], Exception):
             raise QueueUnavailable(f"redis: {replies[0]}")
         data, ok = replies[0]
@@ -307,15 +439,30 @@ class RedisQueue:
             outcome.dead_reason,
             "1" if done else "0",
         ]
-        await guarded(lambda: self._script(self._deliveries, self._finish, keys, args))
+        await guarded(lambda: self._script(shard, self._finish, keys, args))
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
+        if self._sharded:
+            per_shard = await guarded(
+                lambda: asyncio.gather(
+                    *(
+                        self._script(
+                            s,
+                            self._move_due,
+                            [self.keys.stream(s), self.keys.retry(s)],
+                            [now, limit],
+                        )
+                        for s in self.keys.all_shards()
+                    )
+                )
+            )
+            return sum(int(replies[0]) for replies in per_shard)
         async with self._redis.pipeline(transaction=False) as pipe:
             for shard in self.keys.all_shards():
                 await self._move_due(
                     keys=[self.keys.stream(shard), self.keys.retry(shard)],
                     args=[now, limit],
-                    client=pipe,
+                    client=pipe,  # type: ignore[arg-type]  # one server here: a Pipeline
                 )
             moved = await guarded(pipe.execute)
         return sum(int(n) for n in moved)

@@ -29,7 +29,7 @@ from smtpfleet.testing.redis_server import (
 MASTER_NAME = "smtpfleet"
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
-START_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 30.0  # discovery takes a few hello rounds; more on a loaded machine
 
 
 class SentinelProcess:

@@ -1,0 +1,205 @@
+"""The queue on a real Redis Cluster: 3 primaries, 3 replicas on loopback (valkey-cli --cluster).
+
+Every accept goes to its shard's primary with its WAIT on the same connection; reads are one
+XREADGROUP per shard, pipelined per primary. Faults: SIGKILL of a primary under load in
+`replicated` mode, and a shard's slot moved to another primary under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from smtpfleet.config import Durability, QueueConfig, RedisConfig
+from smtpfleet.delivery.outcome import DONE
+from smtpfleet.envelope import NewMessage, new_qid
+from smtpfleet.errors import QueueUnavailable
+from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.testing.redis_cluster import RedisClusterServers
+
+# The cluster client leaves sockets to the garbage collector on close (to investigate).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+SHARDS = 16
+CONSUMER = "node-a"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    try:
+        servers = RedisClusterServers(primaries=3, replicas=1)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build a Redis Cluster here: {exc}")
+    try:
+        servers.start()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        servers.close()
+        pytest.skip(f"cannot create a Redis Cluster here: {exc}")
+    yield servers
+    servers.close()
+
+
+_prefixes = iter(range(1000))
+
+
+@contextlib.asynccontextmanager
+async def open_queue(
+    cluster: RedisClusterServers, durability: Durability = Durability.SERVER
+) -> AsyncIterator[RedisQueue]:
+    config = RedisConfig(
+        url=cluster.url,
+        cluster=True,
+        shards=SHARDS,
+        prefix=f"t{next(_prefixes)}",
+        socket_timeout_s=5,
+    )
+    queue = RedisQueue(config, QueueConfig(durability=durability, replicas=1))
+    await queue.ensure_groups()
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+def message(shard: int, n: int) -> NewMessage:
+    return NewMessage(
+        qid=new_qid(shard), sender="a@example.org", recipients=("b@example.net",), data=b"m%d" % n
+    )
+
+
+async def drain(queue: RedisQueue, expect: int, timeout_s: float = 20.0) -> list[str]:
+    """Read and finish entries until `expect` were seen (or the time is up); their queue ids."""
+    seen: list[str] = []
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    rescan = True  # like the worker: after an error, re-read our own pending entries first
+    while len(seen) < expect and asyncio.get_running_loop().time() < deadline:
+        try:
+            batch = await queue.read_own_pending(CONSUMER, 64) if rescan else []
+            rescan = bool(batch)
+            batch = batch or await queue.read(CONSUMER, 64, 200)
+            for delivery in batch:
+                assert delivery.message is not None
+                body = await queue.load_body(delivery.shard, delivery.message.qid)
+                await queue.finish(delivery, DONE)
+                if body.data is not None:  # None: a tombstoned (451-answered) accept
+                    seen.append(delivery.message.qid)
+        except QueueUnavailable:
+            rescan = True
+            await asyncio.sleep(0.1)
+    return seen
+
+
+async def test_every_shard_enqueues_reads_and_finishes_on_its_primary(
+    cluster: RedisClusterServers,
+) -> None:
+    async with open_queue(cluster, Durability.REPLICATED) as queue:
+        assert (await queue.check_server()) != ""
+        sent = [(await queue.enqueue(message(s, s))).qid for s in range(SHARDS) for _ in range(3)]
+        seen = await drain(queue, len(sent))
+        assert sorted(seen) == sorted(sent)
+        assert await queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
+        # The shards spread over all three primaries, each shard's keys in one slot.
+        routes = await queue._routes.by_route(queue.keys.all_shards())
+        assert len(routes) == 3
+
+
+async def test_retries_come_back_from_every_primary(cluster: RedisClusterServers) -> None:
+    async with open_queue(cluster) as queue:
+        for s in range(SHARDS):
+            await queue.enqueue(message(s, s))
+        batch: list = []
+        while len(batch) < SHARDS:
+            batch += await queue.read(CONSUMER, 64, 200)
+        from smtpfleet.delivery.outcome import park
+
+        for delivery in batch:
+            assert delivery.message is not None
+            await queue.finish(delivery, park(delivery.message, now_ms=0))
+        assert (await queue.depth())["retry"] == SHARDS
+        assert await queue.move_due_retries(now=2**50) == SHARDS
+        assert len(await drain(queue, SHARDS)) == SHARDS
+
+
+async def _load(queue: RedisQueue, acked: list[str], stop: asyncio.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        n += 1
+        try:
+            result = await queue.enqueue(message(n % SHARDS, n))
+        except QueueUnavailable:
+            await asyncio.sleep(0.02)
+            continue
+        acked.append(result.qid)
+
+
+async def test_killing_a_primary_under_load_loses_no_replicated_accept(
+    cluster: RedisClusterServers,
+) -> None:
+    async with open_queue(cluster, Durability.REPLICATED) as queue:
+        acked: list[str] = []
+        stop = asyncio.Event()
+        writers = [asyncio.create_task(_load(queue, acked, stop)) for _ in range(8)]
+        await asyncio.sleep(0.5)
+        victim = cluster.server_for_slot(queue._redis.keyslot(queue.keys.stream(0)))
+        await asyncio.to_thread(cluster.kill, victim)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*writers)
+        assert len(acked) > 100
+        seen = await drain(queue, len(acked), timeout_s=30)
+        assert set(acked) <= set(seen), f"lost {len(set(acked) - set(seen))} acknowledged"
+        await asyncio.to_thread(cluster.start_node, victim)
+
+
+def _move_slot(cluster: RedisClusterServers, slot: int) -> None:
+    """Move one slot, keys and all, from its primary to another (what `--cluster reshard` does)."""
+    source = cluster.server_for_slot(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    with cluster.client(source) as src, cluster.client(target) as dst:
+        src_id = src.execute_command("CLUSTER", "MYID")
+        dst_id = dst.execute_command("CLUSTER", "MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        for node in (dst, src):
+            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    for server in cluster.primaries():
+        with contextlib.suppress(redis.RedisError), cluster.client(server) as other:
+            other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+
+async def test_moving_a_shards_slot_under_load_loses_nothing_and_delivers_once(
+    cluster: RedisClusterServers,
+) -> None:
+    async with open_queue(cluster) as queue:
+        acked: list[str] = []
+        stop = asyncio.Event()
+        writers = [asyncio.create_task(_load(queue, acked, stop)) for _ in range(8)]
+        seen: list[str] = []
+        reader = asyncio.create_task(_read_until(queue, seen, stop))
+        await asyncio.sleep(0.5)
+        slot = queue._redis.keyslot(queue.keys.stream(1))
+        before = cluster.server_for_slot(slot)
+        await asyncio.to_thread(_move_slot, cluster, slot)
+        assert cluster.server_for_slot(slot) is not before
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*writers)
+        await reader
+        seen += await drain(queue, len(acked) - len(seen), timeout_s=20)
+        assert len(acked) > 100
+        assert sorted(seen) == sorted(acked)  # everything, each once
+
+
+async def _read_until(queue: RedisQueue, seen: list[str], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        seen += await drain(queue, 1, timeout_s=0.2)
