@@ -124,7 +124,8 @@ class InboundAuthConfig(_Section):
     # Lines of "user:hash" (argon2id, as argon2-cffi's PasswordHasher writes them).
     users_file: str = ""
     reload_interval_s: PositiveFloat = 10.0
-    # Failed attempts per client IP (this node) within the window before 421 4.7.0.
+    # Failed attempts per client IP, across the cluster (Redis), within the window: the one
+    # that reaches max_failures and every AUTH after it until the window ends get 421 4.7.0.
     max_failures: PositiveInt = 5
     failure_window_s: PositiveFloat = 300.0
 

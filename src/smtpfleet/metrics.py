@@ -140,7 +140,7 @@ class Metrics:
             self.replies.labels(cls)
         self.tls.labels("inbound", "failed", "none")
         self.tls.labels("outbound", "failed", "none")
-        for result in ("ok", "failed", "blocked", "refused_clear"):
+        for result in ("ok", "bad_credentials", "locked_out", "malformed", "in_clear"):
             self.auth.labels(result)
         for result in ("ok", "local", "untrusted", "invalid"):
             self.proxy_headers.labels(result)

@@ -23,10 +23,12 @@ from smtpfleet.envelope import EntryState
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
+from smtpfleet.inbound.auth import LocalFailureCounter
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
 from smtpfleet.metrics import Metrics, tls_version
+from smtpfleet.queue.auth_failures import RedisFailureCounter
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
@@ -106,8 +108,18 @@ class Node:
                 config.http, registry=self.registry, not_ready_reason=self.not_ready_reason
             )
         self._started = False
+        window_s = config.inbound.auth.failure_window_s
         self.inbound = InboundServer(
-            config.inbound, self._handler(), self.hostname, metrics=self.metrics
+            config.inbound,
+            self._handler(),
+            self.hostname,
+            metrics=self.metrics,
+            auth_failures=RedisFailureCounter(
+                self.queue.client,
+                self.queue.keys,
+                window_s=window_s,
+                fallback=LocalFailureCounter(window_s),
+            ),
         )
         self.draining = False
 

@@ -111,7 +111,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
         "inbound.budget", "queue.suitability",
     ),
-    "protocols": ("queue.spool", "queue.deliveries", "cluster.store", "relays.clients"),
+    "protocols": (
+        "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",
+    ),
     "io": (),  # everything else of the product
     "node": ("node", "lifecycle", "supervisor"),
     "tooling": ("testing", "loadgen", "drills"),

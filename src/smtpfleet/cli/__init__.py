@@ -29,6 +29,7 @@ MODULES = {
     "config": "config",
     "dev": "dev",
     "check-dns": "check_dns",
+    "auth": "auth",
     "loadtest": "loadtest",
     "drill": "drill",
     **dict.fromkeys(("status", "queue", "dead", "relay", "node"), "ops"),

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _loadtest(sub)
     _drill(sub)
     _check_dns(sub)
+    _auth(sub)
     return parser
 
 
@@ -168,3 +169,12 @@ def _check_dns(sub: Any) -> None:
     dns_check.add_argument("--config", default=os.environ.get(CONFIG_ENV), help="node config")
     dns_check.add_argument("--nameserver", metavar="IP[:PORT]", help="ask this server")
     dns_check.add_argument("--json", action="store_true")
+
+
+def _auth(sub: Any) -> None:
+    auth = sub.add_parser("auth", help="SMTP AUTH tools")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
+    hash_ = auth_sub.add_parser(
+        "hash", help="print a users-file line; the password is read from stdin"
+    )
+    hash_.add_argument("user")

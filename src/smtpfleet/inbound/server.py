@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import ipaddress
 import logging
 import re
 import ssl
@@ -26,13 +27,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, Final, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from smtpfleet import replies
-from smtpfleet.config import InboundConfig, ListenerConfig
+from smtpfleet.config import InboundConfig, ListenerConfig, ListenerProfile
 from smtpfleet.errors import ConfigError
-from smtpfleet.inbound import tls
+from smtpfleet.inbound import redact, tls
+from smtpfleet.inbound.auth import AuthCheck, Authenticator
 from smtpfleet.inbound.budget import ByteBudget
+from smtpfleet.inbound.failures import FailureCounter
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.proxy import client_of, in_networks, networks
 from smtpfleet.inbound.reload import Reloading
@@ -91,6 +94,8 @@ REWRITES: Final[tuple[tuple[str, str], ...]] = (
     (r"530 Must issue a STARTTLS command first", replies.MUST_STARTTLS),
     (r"501 Syntax: STARTTLS", "501 5.5.4 Syntax: STARTTLS"),
     (r"252 Cannot VRFY user, (.*)", r"252 2.0.0 Cannot VRFY user, \1"),
+    (r"503 Already authenticated", replies.AUTH_ALREADY),
+    (r"501 (Not enough value|Too many values)", replies.AUTH_SYNTAX),
     (r"250 OK", replies.OK),
     (r"221 Bye", replies.BYE),
 )
@@ -126,10 +131,12 @@ class InboundSMTP(SMTP):
         listener: ListenerConfig,
         **kwargs: Any,
     ) -> None:
-        # aiosmtpd's constructor without its per-session introspection (session_init.py).
-        init_session(self, handler, **kwargs)
+        # aiosmtpd's constructor without its per-session introspection (session_init.py); it
+        # reads PLAIN and LOGIN and hands the pair to its authenticator hook.
+        init_session(self, handler, authenticator=self._take_credentials, **kwargs)
         self._server = server
         self._listener = listener
+        self._offered: LoginPassword | None = None  # what the client sent in AUTH
         self._greeted = False  # the 220 banner went out
         self._client: tuple[str, int] | None = None  # the client a PROXY header named
         self._lost = False  # connection_lost ran
@@ -147,8 +154,15 @@ class InboundSMTP(SMTP):
         self._smtp_methods = _Commands(self._smtp_methods, self._gated, self._unknown)
         if "DATA" in self._handle_hooks:
             self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
-        if "EHLO" in self._handle_hooks:
+        if "EHLO" in self._handle_hooks and not self.offers_auth:
             self._handle_hooks["EHLO"] = _without_auth(self._handle_hooks["EHLO"])
+
+    @property
+    def offers_auth(self) -> bool:
+        """Submission listeners do (under TLS only: aiosmtpd's `auth_require_tls`)."""
+        return (
+            self._listener.profile is ListenerProfile.SUBMISSION and self._server.auth is not None
+        )
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:  # private in aiosmtpd
         # Our RFC 5321 reading replaces aiosmtpd's RFC 5322 one (inbound/syntax.py): a path we
@@ -265,13 +279,61 @@ class InboundSMTP(SMTP):
     def _peer(self) -> object:
         return self.session.peer if self.session else None
 
-    # -- AUTH ------------------------------------------------------------------------------
+    # -- AUTH (RFC 4954) -------------------------------------------------------------------
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's name
-        # Not offered on any listener yet (issue #12): aiosmtpd would offer AUTH under TLS
-        # with a callback that refuses everyone.
-        await self.push(replies.AUTH_NOT_OFFERED)
+        """PLAIN and LOGIN on submission listeners, under TLS only, within the failure limit."""
+        auth = self._server.auth
+        if auth is None or not self.offers_auth:
+            await self.push(replies.AUTH_NOT_OFFERED)
+        elif self._tls_protocol is None:
+            # RFC 4954 §4: a password never crosses in clear. Answered before anything more is
+            # read, so an initial response sent anyway is never decoded.
+            self._count_auth("in_clear")
+            await self.push(replies.ENCRYPTION_REQUIRED)
+        elif await auth.blocked(self._client_ip()):
+            self._count_auth(AuthCheck.BLOCKED)
+            await self.push(replies.AUTH_TOO_MANY_FAILURES)  # 421: and close
+        else:
+            await self._auth_exchange(auth, _upper_mechanism(arg or ""))
+
+    async def _auth_exchange(self, auth: Authenticator, arg: str) -> None:
+        self._offered = None
+        # aiosmtpd checks EHLO, reads the mechanism's exchange and answers what is malformed
+        # (501, 503, 504); a user name and password reach _take_credentials, unanswered.
+        await super().smtp_AUTH(arg)
+        offered, self._offered = self._offered, None
+        if offered is None:
+            self._count_auth("malformed")
+            return
+        result = await auth.check(self._client_ip(), offered.login, offered.password)
+        self._count_auth(result)
+        if result is AuthCheck.OK and self.session is not None:
+            self.session.authenticated = True  # may relay; Received says ESMTPSA
+        await self.push(_AUTH_REPLIES[result])
+
+    def _take_credentials(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: object
+    ) -> AuthResult:
+        """aiosmtpd's authenticator hook. It is synchronous and argon2 is slow: keep the pair
+        for `_auth_exchange` to verify in a thread, and let aiosmtpd say nothing."""
+        self._offered = data if isinstance(data, LoginPassword) else None
+        return AuthResult(success=False, handled=True)
+
+    def _client_ip(self) -> str:
+        """The client's address (the PROXY header's, when there is one); an IPv4 client on a
+        dual-stack listener counts as its IPv4 address."""
+        peer = self.session.peer if self.session is not None else None
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        with contextlib.suppress(ValueError):
+            mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)
+            if mapped is not None:
+                return str(mapped)
+        return address
+
+    def _count_auth(self, result: str) -> None:
+        self._server.metrics.auth.labels(str(result)).inc()
 
     # -- TLS -------------------------------------------------------------------------------
 
@@ -340,7 +402,7 @@ class InboundSMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         if self._closing:
             return  # our last reply is out; what the client still sends gets no answer
-        if isinstance(status, bytes):  # only AUTH challenges, which we do not offer
+        if isinstance(status, bytes):  # only AUTH challenges ("334 ...")
             await super().push(status)
             return
         reply = self._rewrite(status)
@@ -386,7 +448,8 @@ class InboundSMTP(SMTP):
         if self._closing:
             return
         self._unknown_left -= 1
-        log.info("%r unknown command %.20r", self.session.peer if self.session else None, command)
+        # Not the command itself: it may be a LOGIN user name or password sent out of turn.
+        log.info("%r unknown command", self.session.peer if self.session else None)
         await self.push(
             replies.UNKNOWN_COMMAND if self._unknown_left > 0 else replies.TOO_MANY_UNKNOWN
         )
@@ -551,6 +614,21 @@ class _Data:
         self._held = 0
 
 
+# What each verdict of `Authenticator.check` is answered with.
+_AUTH_REPLIES: Final = {
+    AuthCheck.OK: replies.AUTH_OK,
+    AuthCheck.INVALID: replies.AUTH_INVALID,
+    AuthCheck.BLOCKED: replies.AUTH_TOO_MANY_FAILURES,
+}
+
+
+def _upper_mechanism(arg: str) -> str:
+    """SASL mechanism names are upper case (RFC 4422 §3.1); clients that write `auth plain`
+    are common and Postfix takes them. aiosmtpd looks the name up as it came."""
+    mechanism, space, rest = arg.strip().partition(" ")
+    return f"{mechanism.upper()}{space}{rest}"
+
+
 def _without_auth(hook: Callable[..., Awaitable[list[str]]]) -> Callable[..., Awaitable[list[str]]]:
     """The EHLO hook, with aiosmtpd's AUTH extension line left out."""
 
@@ -614,8 +692,11 @@ class InboundServer:
         handler: InboundHandler,
         hostname: str,
         metrics: Metrics,
+        auth_failures: FailureCounter | None = None,
     ) -> None:
         self.metrics = metrics
+        self.auth: Authenticator | None = None  # loaded by start()
+        self._auth_failures = auth_failures  # default: this node's own count
         self.budget = ByteBudget(config.max_receiving_bytes)
         self.certificates: Reloading[ssl.SSLContext] | None = None  # loaded by start()
         self.pre_greeting_timeout_s = config.proxy_timeout_s
@@ -639,6 +720,9 @@ class InboundServer:
             listener,
             tls_context=context,
             require_starttls=listener.require_tls,
+            # RFC 6409 §4.3: a submission server takes mail from authenticated clients only.
+            auth_required=listener.profile is ListenerProfile.SUBMISSION,
+            auth_require_tls=True,
             hostname=self._hostname,
             ident=IDENT,
             data_size_limit=self._config.max_message_bytes,  # also advertised as SIZE in EHLO
@@ -649,6 +733,7 @@ class InboundServer:
     async def start(self) -> None:
         """Bind every listener, in order; SO_REUSEPORT lets worker processes share a port."""
         loop = asyncio.get_running_loop()
+        redact.install()
         self._load_files()
         try:
             for listener in self._config.all_listeners():
@@ -666,11 +751,15 @@ class InboundServer:
             raise
 
     def _load_files(self) -> None:
-        """The certificate (and credentials): a file that cannot be used stops the start."""
+        """The certificate and the users file: a file that cannot be used stops the start."""
         try:
             self.certificates = tls.certificates(self._config.tls)
         except OSError as exc:  # ssl.SSLError too
             raise ConfigError(f"inbound.tls: {exc}") from None
+        try:
+            self.auth = Authenticator.from_config(self._config.auth, self._auth_failures)
+        except (OSError, ValueError) as exc:  # the message names the file and line, no content
+            raise ConfigError(f"inbound.auth.users_file: {exc}") from None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -86,3 +86,7 @@ class Keys:
     def outcomes(self, minute: int) -> str:
         """Hash "relay|outcome" -> count of delivery verdicts in that minute (for `status`)."""
         return f"{{{self.prefix}}}:outcomes:{minute}"
+
+    def auth_failures(self, client_ip: str) -> str:
+        """Counter of failed SMTP AUTH attempts from one client IP; expires with its window."""
+        return f"{{{self.prefix}}}:authfail:{client_ip}"
