@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -227,6 +228,24 @@ class RedisConfig(_Section):
     # client learns the rest. Every shard lives in one hash slot; use 64 or more shards.
     cluster: bool = False
     cluster_nodes: list[str] = Field(default_factory=list)
+    # TLS to the data nodes (a `rediss://` url): the CA bundle (PEM) that signed the server's
+    # certificate ("": the system CAs), and a client certificate and key when the server asks
+    # for one (`tls-auth-clients yes`). The server's name in `url` is verified.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @model_validator(mode="after")
+    def _client_cert_pair(self) -> RedisConfig:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if (self.tls_ca_file or self.tls_cert_file) and not self.tls:
+            raise ValueError("tls_ca_file, tls_cert_file and tls_key_file need a rediss:// url")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "rediss"
 
     @field_validator("sentinels", "cluster_nodes")
     @classmethod
@@ -356,6 +375,9 @@ class RelayConfig(_Section):
     weight: PositiveInt = 1
     tls: TlsPolicy = TlsPolicy.NONE
     tls_verify: bool = True
+    # The CA bundle (PEM) the relay's certificate is verified against, for delivery and the
+    # health check alike; "": the system CAs.
+    tls_ca_file: str = ""
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     max_connections: PositiveInt = 16  # cluster-wide, shared through Redis

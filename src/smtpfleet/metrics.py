@@ -94,6 +94,18 @@ class Metrics:
             ["direction", "result", "version"],
             registry=r,
         )
+        self.relay_tls = Counter(
+            "smtpfleet_relay_tls_handshakes",
+            "Outbound TLS handshakes per relay (deliveries and health checks) by result, version",
+            ["relay", "result", "version"],
+            registry=r,
+        )
+        self.relay_cert_expiry = Gauge(
+            "smtpfleet_relay_certificate_expiry_days",
+            "Days until the relay's certificate expires, as the health check last saw it",
+            ["relay"],
+            registry=r,
+        )
         self.auth = Counter(
             "smtpfleet_smtp_auth", "SMTP AUTH attempts by result", ["result"], registry=r
         )
@@ -129,6 +141,11 @@ class Metrics:
             registry=r,
         )
         self._zero_fill()
+
+    def outbound_tls(self, relay: str, result: str, version: str | None) -> None:
+        """One handshake with a relay (a delivery session or a health check)."""
+        self.tls.labels("outbound", result, tls_version(version)).inc()
+        self.relay_tls.labels(relay, result, tls_version(version)).inc()
 
     def _zero_fill(self) -> None:
         """Series exist from the start, so `rate()` and absent-alerts work before any event."""

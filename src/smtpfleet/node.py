@@ -27,7 +27,7 @@ from smtpfleet.inbound.auth import LocalFailureCounter
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
-from smtpfleet.metrics import Metrics, tls_version
+from smtpfleet.metrics import Metrics
 from smtpfleet.queue.auth_failures import RedisFailureCounter
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
@@ -61,9 +61,7 @@ class Node:
             helo,
             limits=self.store,
             owner=self.node_id,
-            on_tls=lambda result, version: self.metrics.tls.labels(
-                "outbound", result, tls_version(version)
-            ).inc(),
+            on_tls=self.metrics.outbound_tls,
             lease_ttl_s=config.cluster.lease_s,
         )
         self.membership = Membership(

@@ -115,13 +115,14 @@ def _status_table(data: dict[str, Any]) -> str:
         ],
     )
     relays = format_table(
-        ["RELAY", "VERDICT", "VIEWS", "LAST 5 MIN"],
+        ["RELAY", "VERDICT", "VIEWS", "LAST 5 MIN", "WHY DOWN"],
         [
             [
                 r["name"],
                 r["verdict"].upper() if r["verdict"] != "up" else "up",
                 " ".join(f"{n}={v}" for n, v in sorted(r["views"].items())),
                 " ".join(f"{k}={v}" for k, v in sorted(r["recent"].items())),
+                "; ".join(sorted(set(r["reasons"].values()))),
             ]
             for r in data["relays"]
         ],

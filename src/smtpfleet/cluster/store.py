@@ -40,7 +40,14 @@ class MembershipStore(Protocol):
 class HealthViews(Protocol):
     """Each node's own view of the relays, and the relays an operator paused."""
 
-    async def publish_view(self, node_id: str, view: Mapping[str, bool], ttl_ms: int) -> None: ...
+    async def publish_view(
+        self,
+        node_id: str,
+        view: Mapping[str, bool],
+        ttl_ms: int,
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
+        """`reasons`: why a relay this node sees down is down (for `smtpfleet status`)."""
 
     async def views(self, node_ids: Iterable[str]) -> dict[str, dict[str, bool]]: ...
 

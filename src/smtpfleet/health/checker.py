@@ -25,6 +25,8 @@ from smtpfleet.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+PASSIVE_REASON = "ejected by passive checks (failed deliveries)"
+
 Probe = Callable[[RelayConfig], Awaitable[tuple[bool, str]]]
 
 
@@ -62,6 +64,7 @@ class HealthMonitor:
         self.verdict: dict[str, bool] = {r.name: True for r in relays}
         self.healthy: set[str] = {r.name for r in relays}
         self.probe_results: dict[str, tuple[bool, str]] = {}
+        self._last_failure: dict[str, str] = {}  # each relay's last failed check: why it is down
         self.paused: set[str] = set()  # by an operator, cluster-wide (`smtpfleet relay pause`)
 
     def own_view(self) -> dict[str, bool]:
@@ -91,6 +94,8 @@ class HealthMonitor:
         results = await asyncio.gather(*(self._probe(r) for r in self._relays))
         for relay, (ok, reason) in zip(self._relays, results, strict=True):
             self.probe_results[relay.name] = (ok, reason)
+            if not ok:
+                self._last_failure[relay.name] = reason
             self._metrics.health_checks.labels(relay.name, "ok" if ok else "fail").inc()
             if self._active[relay.name].observe(ok):
                 state = "up" if ok else f"down ({reason})"
@@ -98,14 +103,28 @@ class HealthMonitor:
         await self._share()
 
     async def _smtp_probe(self, relay: RelayConfig) -> tuple[bool, str]:
-        return await probe(relay, timeout_s=self._config.timeout_s, helo=self._helo)
+        result = await probe(relay, timeout_s=self._config.timeout_s, helo=self._helo)
+        if result.tls_version is not None or result.tls_failed:
+            result_label = "failed" if result.tls_failed else "ok"
+            self._metrics.outbound_tls(relay.name, result_label, result.tls_version)
+        if result.cert_days_left is not None:
+            self._metrics.relay_cert_expiry.labels(relay.name).set(round(result.cert_days_left, 3))
+        return result.ok, result.reason
+
+    def down_reasons(self) -> dict[str, str]:
+        """Why each relay this node sees down is down (published with the view, for status)."""
+        return {
+            name: self._last_failure.get(name, "") if not self._active[name].up else PASSIVE_REASON
+            for name, up in self.own_view().items()
+            if not up
+        }
 
     async def _share(self) -> None:
         """Publish our view and read everyone's; keep the last verdict while Redis is away."""
         view = self.own_view()
         try:
             ttl_ms = view_ttl_ms(self._config.interval_s)
-            await self._store.publish_view(self._node_id, view, ttl_ms)
+            await self._store.publish_view(self._node_id, view, ttl_ms, self.down_reasons())
             live = self._live_nodes() | {self._node_id}
             views = await self._store.views(live)
             paused = await self._store.paused_relays()

@@ -8,6 +8,9 @@ With Sentinel, redis-py asks the Sentinels for the primary whenever a connection
 a connection that meets `READONLY` (its server was demoted) disconnects, so the next command
 reconnects to the new primary; until then our Redis boundary turns the errors into
 `QueueUnavailable` (451 on accept, a pause in delivery).
+
+`rediss://` means TLS on both paths, verified against `tls_ca_file` (or the system CAs), with a
+client certificate when one is configured.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def connect(config: RedisConfig) -> RedisConnection:
             timeout=config.socket_timeout_s,
             health_check_interval=30,
             **_credentials(config),
+            **_tls(config),
             **timeouts,
         )
         return RedisConnection(aioredis.Redis.from_pool(pool))
@@ -83,8 +87,9 @@ def connect(config: RedisConfig) -> RedisConnection:
         timeout=config.socket_timeout_s,
         health_check_interval=30,
         db=_database(config.url),
-        ssl=urlparse(config.url).scheme == "rediss",
+        ssl=config.tls,
         **_credentials(config),
+        **_tls(config),
         **timeouts,
     )
     return RedisConnection(aioredis.Redis.from_pool(pool), sentinel)
@@ -125,6 +130,16 @@ def _credentials(config: RedisConfig) -> dict[str, Any]:
         "password": config.password or (unquote(url.password) if url.password else None),
     }
     return {key: value for key, value in given.items() if value is not None}
+
+
+def _tls(config: RedisConfig) -> dict[str, Any]:
+    """The TLS settings of a `rediss://` connection (redis-py verifies the server's name)."""
+    given = {
+        "ssl_ca_certs": config.tls_ca_file,
+        "ssl_certfile": config.tls_cert_file,
+        "ssl_keyfile": config.tls_key_file,
+    }
+    return {key: value for key, value in given.items() if value} if config.tls else {}
 
 
 def _sentinel_credentials(config: RedisConfig) -> dict[str, Any]:

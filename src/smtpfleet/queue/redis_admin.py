@@ -61,6 +61,7 @@ class Admin:
         info = await self.store.node_info(members)
         live = live_nodes(members, now_ms=now, lease_s=lease_s)
         views = await self.store.views(members)
+        reasons = await self.store.view_reasons(members)
         relays = sorted(set(known_relays) | {r for v in views.values() for r in v})
         verdict = cluster_verdict(relays, views, live)
         paused = await self.store.paused_relays()
@@ -80,6 +81,7 @@ class Admin:
                         n: ("up" if v[relay] else "down") for n, v in views.items() if relay in v
                     },
                     "recent": recent.get(relay, {}),
+                    "reasons": {n: r[relay] for n, r in reasons.items() if relay in r},
                 }
                 for relay in relays
             ],

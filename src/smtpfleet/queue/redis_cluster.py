@@ -84,9 +84,17 @@ class ClusterStore:
 
     # -- health views ------------------------------------------------------------------------
 
-    async def publish_view(self, node_id: str, view: Mapping[str, bool], ttl_ms: int) -> None:
+    async def publish_view(
+        self,
+        node_id: str,
+        view: Mapping[str, bool],
+        ttl_ms: int,
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
         key = self.keys.view(node_id)
-        mapping: dict[Any, Any] = {relay: "1" if up else "0" for relay, up in view.items()}
+        mapping: dict[Any, Any] = {
+            relay: _view_value(up, (reasons or {}).get(relay, "")) for relay, up in view.items()
+        }
         if not mapping:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -96,13 +104,26 @@ class ClusterStore:
             await guarded(pipe.execute)
 
     async def views(self, node_ids: Iterable[str]) -> dict[str, dict[str, bool]]:
+        return {
+            node: {relay: value == "1" for relay, value in view.items()}
+            for node, view in (await self._raw_views(node_ids)).items()
+        }
+
+    async def view_reasons(self, node_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        """node -> relay -> why that node sees the relay down (relays it sees up are left out)."""
+        return {
+            node: {relay: value[2:] for relay, value in view.items() if value.startswith("0 ")}
+            for node, view in (await self._raw_views(node_ids)).items()
+        }
+
+    async def _raw_views(self, node_ids: Iterable[str]) -> dict[str, dict[str, str]]:
         ids = list(node_ids)
         async with self._redis.pipeline(transaction=False) as pipe:
             for node in ids:
                 pipe.hgetall(self.keys.view(node))
             raw = await guarded(pipe.execute)
         return {
-            node: {text(relay): text(up) == "1" for relay, up in view.items()}
+            node: {text(relay): text(value) for relay, value in view.items()}
             for node, view in zip(ids, raw, strict=True)
             if view
         }
@@ -196,3 +217,11 @@ class ClusterStore:
             pipe.expire(key, 2)
             count, _ = await _limit(pipe.execute)
         return int(count) <= limit
+
+
+def _view_value(up: bool, reason: str) -> str:
+    # "1" up, "0" down, or "0 <reason>": readers that only test == "1" still read it right.
+    if up:
+        return "1"
+    reason = " ".join(reason.split())
+    return f"0 {reason}" if reason else "0"

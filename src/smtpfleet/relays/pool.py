@@ -104,7 +104,7 @@ class SessionSettings:
     lease_ttl_s: float
     limits: SharedLimits | None = None
     owner: str = ""
-    on_tls: Callable[[str, str | None], None] | None = None
+    on_tls: Callable[[str, str, str | None], None] | None = None
     # Opens a session; None: aiosmtplib to the relay's host (tests pass scripted sessions).
     connect: Connect | None = None
 
@@ -184,6 +184,7 @@ class RelayClient:
             timeout=self._config.command_timeout_s,
             start_tls=_start_tls(relay.tls),
             validate_certs=relay.tls_verify,
+            cert_bundle=relay.tls_ca_file or None,
         )
         try:
             await smtp.connect(timeout=self._config.connect_timeout_s)
@@ -198,12 +199,16 @@ class RelayClient:
             self._tls("ok", ssl_object.version() if ssl_object is not None else None)
         _set_nodelay(smtp)
         if relay.username and relay.password is not None:
-            await smtp.login(relay.username, relay.password)
+            try:
+                await smtp.login(relay.username, relay.password)
+            except BaseException:
+                smtp.close()  # refused credentials: not a session the pool may keep or leak
+                raise
         return smtp
 
     def _tls(self, result: str, version: str | None) -> None:
         if self._on_tls is not None:
-            self._on_tls(result, version)
+            self._on_tls(self.relay.name, result, version)
 
     def _give_back(self, session: _Session) -> None:
         if session.messages >= self._config.max_messages_per_connection:
@@ -381,7 +386,7 @@ class RelayPool:
         lease_ttl_s: float,
         limits: SharedLimits | None = None,
         owner: str = "",
-        on_tls: Callable[[str, str | None], None] | None = None,
+        on_tls: Callable[[str, str, str | None], None] | None = None,
     ) -> None:
         self._settings = SessionSettings(config, helo, lease_ttl_s, limits, owner, on_tls)
         self._clients: dict[str, RelayClient] = {}

@@ -181,6 +181,7 @@ class MemoryClusterStore:
     heartbeats: dict[str, int] = field(default_factory=dict)
     info: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     view_of: dict[str, dict[str, bool]] = field(default_factory=dict)
+    reasons_of: dict[str, dict[str, str]] = field(default_factory=dict)
     paused: set[str] = field(default_factory=set)
     drain_requests: set[str] = field(default_factory=set)
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -226,9 +227,16 @@ class MemoryClusterStore:
         return node_id in self.drain_requests
 
     # health views
-    async def publish_view(self, node_id: str, view: Mapping[str, bool], ttl_ms: int) -> None:
+    async def publish_view(
+        self,
+        node_id: str,
+        view: Mapping[str, bool],
+        ttl_ms: int,
+        reasons: Mapping[str, str] | None = None,
+    ) -> None:
         self._check()
         self.view_of[node_id] = dict(view)
+        self.reasons_of[node_id] = dict(reasons or {})
 
     async def views(self, node_ids: Iterable[str]) -> dict[str, dict[str, bool]]:
         self._check()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 __all__ = ["Faults", "ReceivedMessage", "Sink"]
 
@@ -37,6 +38,8 @@ class ReceivedMessage:
     data: bytes  # as received: CRLF line endings, dot-stuffing undone
     peer: str  # "host:port" of the client; one port per session, so it shows connection reuse
     at: float  # time.monotonic()
+    tls_version: str | None = None  # e.g. "TLSv1.3" when the session ran STARTTLS; None: plain
+    login: str | None = None  # the AUTH user of the session, when it authenticated
 
 
 @dataclass
@@ -92,6 +95,8 @@ class _Recorder:
             data=bytes(envelope.original_content or b""),
             peer=_peer(session.peer),
             at=time.monotonic(),
+            tls_version=_tls_version(session),
+            login=_login(session),
         )
         reply = self._sink.faults.next_data_reply() or OK_DATA
         if _accepted(reply):
@@ -100,6 +105,16 @@ class _Recorder:
             # Kept apart so a test can tell "the relay saw it and refused" from "never arrived".
             self._sink.rejected.append(message)
         return reply
+
+
+def _tls_version(session: Session) -> str | None:
+    ssl_object = (session.ssl or {}).get("ssl_object")
+    return ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+
+
+def _login(session: Session) -> str | None:
+    data = session.auth_data
+    return data.login.decode() if isinstance(data, LoginPassword) else None
 
 
 def _peer(peer: Any) -> str:
@@ -182,6 +197,9 @@ class Sink:
         record: bool = True,
         keep: int | None = None,
         log_messages: bool = False,
+        tls: ssl.SSLContext | None = None,
+        require_tls: bool = False,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port  # 0 until start() binds; then kept, so stop() + start() reuses it
@@ -197,6 +215,13 @@ class Sink:
         self.refused_recipients: list[str] = []  # refused at RCPT
         self.connections = 0  # sessions ever opened
         self.peak_sessions = 0  # most sessions open at once
+        # A relay that offers STARTTLS with this server context (and insists on it before
+        # MAIL with require_tls), and one that insists on AUTH (PLAIN, LOGIN) with these
+        # credentials (only under TLS when it offers TLS, as real relays do).
+        self.tls = tls
+        self.require_tls = require_tls
+        self.credentials = credentials
+        self.auth_failures = 0  # AUTH attempts refused
         self._protocols: set[_FaultySMTP] = set()
         self._server: asyncio.Server | None = None
 
@@ -236,12 +261,36 @@ class Sink:
                 data_size_limit=DATA_SIZE_LIMIT,
                 timeout=IDLE_TIMEOUT_S,
                 loop=loop,
+                **self._security(),
             ),
             self.host,
             self.port,
             reuse_address=True,  # a restarted relay binds its old port at once
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+
+    def _security(self) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "tls_context": self.tls,
+            "require_starttls": self.require_tls,
+            "auth_require_tls": self.tls is not None,
+        }
+        if self.credentials is not None:
+            settings.update(auth_required=True, authenticator=self._authenticate)
+        return settings
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        given = (
+            (data.login.decode(), data.password.decode())
+            if isinstance(data, LoginPassword)
+            else None
+        )
+        if given is not None and given == self.credentials:
+            return AuthResult(success=True, auth_data=data)
+        self.auth_failures += 1
+        return AuthResult(success=False, handled=False)
 
     async def stop(self) -> None:
         """Close the listener and every open session at once (a relay that goes away)."""
