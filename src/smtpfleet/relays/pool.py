@@ -4,7 +4,8 @@ One `RelayClient` per relay holds idle sessions and caps how many are open at on
 with a semaphore, and across the cluster with connection leases and a per-second message
 budget in Redis (`SharedLimits`), so a whole cluster draining a backlog after an outage does
 not flood a relay. A message is sent as MAIL, one RCPT per recipient, DATA: every recipient
-gets its own verdict.
+gets its own verdict. Relays that advertise PIPELINING get the envelope in one write
+(relays/pipelining.py); the others get it step by step.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from smtpfleet.delivery.classify import (
 )
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import LimitsUnavailable
+from smtpfleet.relays import pipelining
 from smtpfleet.replies import CLOSING_CODE
 
 log = logging.getLogger(__name__)
@@ -306,6 +308,10 @@ class RelayClient:
         self, session: _Session, sender: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Verdict]:
         smtp = session.smtp
+        if isinstance(smtp, aiosmtplib.SMTP) and smtp.is_ehlo_or_helo_needed:
+            await smtp._ehlo_or_helo_if_needed()  # the relay's extensions, before the first MAIL
+        if pipelining.can_pipeline(smtp):
+            return await self._pipelined(session, sender, recipients, data)
         verdicts: dict[str, Verdict] = {}
         try:
             await smtp.mail(sender)
@@ -328,6 +334,27 @@ class RelayClient:
         verdicts.update(dict.fromkeys(accepted, verdict))
         session.messages += 1
         session.last_used = time.monotonic()
+        return verdicts
+
+    async def _pipelined(
+        self, session: _Session, sender: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Verdict]:
+        """RFC 2920: the envelope in one write, the message in a second; exact verdicts."""
+        smtp = session.smtp
+        assert isinstance(smtp, aiosmtplib.SMTP)  # can_pipeline said so
+        try:
+            envelope = pipelining.envelope(sender, recipients)
+        except ValueError:  # as in the step-by-step path: nothing written, session untouched
+            return dict.fromkeys(recipients, unsendable(sender, sender=True))
+        if not envelope.rcpts:
+            return envelope.unsendable
+        timeout_s = self._config.command_timeout_s
+        verdicts, sent = await pipelining.transaction(smtp, envelope, data, timeout_s)
+        if sent:
+            session.messages += 1
+            session.last_used = time.monotonic()
+        else:
+            await _reset(smtp)
         return verdicts
 
 

@@ -47,6 +47,7 @@ class Faults:
     """What the sink does wrong. Mutable: changes apply to the next reply of every session."""
 
     banner: str | None = None  # e.g. "421 4.3.2 busy": greet with this, then close
+    mail_reply: str | None = None  # e.g. "550 5.7.1 sender refused": the reply to every MAIL
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # recipient -> reply line
     data_replies: list[str] = field(default_factory=list)  # for the final dot, one per message
     delay_s: float = 0.0  # before every reply except the greeting: a slow relay
@@ -73,6 +74,30 @@ class _Recorder:
 
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # with this hook in place, aiosmtpd leaves it to us
+        if self._sink.pipelining:
+            # aiosmtpd reads commands line by line, so a pipelined group just works (RFC 2920);
+            # it only never says so.
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self._sink.faults.mail_reply or "250 2.1.0 Ok"
+        if _accepted(reply):
+            envelope.mail_from = address  # with a hook in place aiosmtpd leaves it to us
+            envelope.mail_options.extend(options)
+        return reply
 
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -141,6 +166,10 @@ class _FaultySMTP(SMTP):
         self._sink._session_closed(self)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        self._sink.reads += 1  # one per segment read: shows how many writes a client made
+        super().data_received(data)
+
     async def _handle_client(self) -> None:
         # A reset or broken pipe is how clients often leave; aiosmtpd re-raises it from the
         # session task, and asyncio would log "Task exception was never retrieved".
@@ -200,6 +229,7 @@ class Sink:
         tls: ssl.SSLContext | None = None,
         require_tls: bool = False,
         credentials: tuple[str, str] | None = None,
+        pipelining: bool = False,
     ) -> None:
         self.host = host
         self.port = port  # 0 until start() binds; then kept, so stop() + start() reuses it
@@ -207,6 +237,8 @@ class Sink:
         self.faults = faults or Faults()
         self.record = record  # False: count only (benchmarks), keep no bodies
         self.log_messages = log_messages  # one log line per message (the dev cluster's demo)
+        self.pipelining = pipelining  # advertise PIPELINING (RFC 2920) in the EHLO reply
+        self.reads = 0  # reads from clients, all sessions: a pipelined envelope is one
         self.accepted = 0  # messages answered 2xx at the final dot
         # The last `keep` accepted messages (None: all of them, as tests and drills reconcile
         # every one); a relay left running under load must not grow without bound.
@@ -350,9 +382,9 @@ class Sink:
         self._protocols.discard(protocol)
 
 
-async def _serve(host: str, port: int, report_s: float) -> None:
+async def _serve(host: str, port: int, report_s: float, pipelining: bool) -> None:
     """Run a sink until killed, printing `count N` whenever the count changes (for benchmarks)."""
-    async with Sink(host, port, name="sink", record=False) as sink:
+    async with Sink(host, port, name="sink", record=False, pipelining=pipelining) as sink:
         print(f"listening {sink.address}", flush=True)
         last = -1
         while True:
@@ -371,9 +403,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--report-s", type=float, default=0.2)
+    parser.add_argument("--pipelining", action="store_true", help="advertise PIPELINING")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve(args.host, args.port, args.report_s))
+        uvloop.run(_serve(args.host, args.port, args.report_s, args.pipelining))
 
 
 if __name__ == "__main__":

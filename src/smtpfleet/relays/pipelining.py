@@ -1,0 +1,150 @@
+"""Outbound PIPELINING (RFC 2920) on an aiosmtplib session: the envelope in one write.
+
+MAIL, every RCPT and DATA go out in one write and their replies are read in order; after the
+354 the message goes out in a second write. Two round trips per message instead of three plus
+one per recipient. Built on aiosmtplib's own connection rather than a second client: its
+protocol's command lock (no other command interleaves), its write and reply parser, and its
+address quoting and body encoding, so the bytes are those its step-by-step commands send.
+
+Every reply is read, even after a refusal. RFC 2920 §3.1: the server answers each command of
+the group, so a refused MAIL is followed by refused RCPTs and DATA, and a DATA with no accepted
+recipient is answered 503/554 (§3.1: "the server ... must reject the DATA"). Consuming them all
+keeps the next command's reply paired with its command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
+    PERIOD_REGEX,
+    SMTPProtocol,
+    normalize_message_line_endings,
+)
+
+from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply, unsendable
+
+START_INPUT = 354  # RFC 5321 §4.2: "Start mail input"
+
+
+def can_pipeline(smtp: object) -> bool:
+    """True for an aiosmtplib session whose relay advertised PIPELINING in its EHLO reply."""
+    return isinstance(smtp, aiosmtplib.SMTP) and smtp.supports_extension("pipelining")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The command lines of one transaction; addresses our client refuses are left out."""
+
+    mail: bytes
+    rcpts: list[tuple[str, bytes]]
+    unsendable: dict[str, Verdict]
+
+
+def envelope(sender: str, recipients: Sequence[str]) -> Envelope:
+    """Raises ValueError for a sender our client will not put on a command line (as MAIL does)."""
+    mail = _line(b"MAIL FROM:", sender)
+    rcpts: list[tuple[str, bytes]] = []
+    refused: dict[str, Verdict] = {}
+    for recipient in recipients:
+        try:
+            rcpts.append((recipient, _line(b"RCPT TO:", recipient)))
+        except ValueError:
+            refused[recipient] = unsendable(recipient, sender=False)
+    return Envelope(mail, rcpts, refused)
+
+
+def _line(verb: bytes, address: str) -> bytes:
+    # What aiosmtplib's mail()/rcpt() send: the quoted address, ASCII, no control characters
+    # (UnicodeEncodeError is a ValueError, as there).
+    argument = quote_address(address).encode("ascii")
+    if COMMAND_INJECTION_REGEX.search(argument):
+        raise ValueError("address contains a prohibited control character")
+    return verb + argument + b"\r\n"
+
+
+async def transaction(
+    smtp: aiosmtplib.SMTP, env: Envelope, data: bytes, timeout_s: float
+) -> tuple[dict[str, Verdict], bool]:
+    """Per-recipient verdicts, and whether a message went out (a session must then be RSET
+    when it did not). Connection trouble raises, as aiosmtplib's commands do."""
+    protocol = smtp.protocol
+    lock = protocol._command_lock if protocol is not None else None
+    if protocol is None or lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    try:
+        async with lock:
+            return await _exchange(protocol, env, data, timeout_s)
+    except (aiosmtplib.SMTPServerDisconnected, TimeoutError):
+        # A lost reply leaves the session out of step: close it, as aiosmtplib does.
+        smtp.close()
+        raise
+
+
+async def _exchange(
+    protocol: SMTPProtocol, env: Envelope, data: bytes, timeout_s: float
+) -> tuple[dict[str, Verdict], bool]:
+    _write(protocol, b"".join([env.mail, *(line for _, line in env.rcpts), b"DATA\r\n"]))
+    mail = await _reply(protocol, timeout_s)
+    verdicts = dict(env.unsendable)
+    accepted: list[str] = []
+    for recipient, _ in env.rcpts:
+        reply = await _reply(protocol, timeout_s)
+        if mail.code != 250:
+            exc: Exception = aiosmtplib.SMTPSenderRefused(mail.code, mail.message, "")
+            verdicts[recipient] = classify_exception(exc)
+        elif reply.code in (250, 251):
+            accepted.append(recipient)
+        else:
+            exc = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
+            verdicts[recipient] = classify_exception(exc)
+    go_ahead = await _reply(protocol, timeout_s)
+    if go_ahead.code != START_INPUT:
+        # DATA refused: with recipients accepted, that is their verdict; without, it is the
+        # expected 503/554 (consumed above) and the caller resets the transaction.
+        exc = aiosmtplib.SMTPDataError(go_ahead.code, go_ahead.message)
+        verdicts.update(dict.fromkeys(accepted, classify_exception(exc)))
+        return verdicts, False
+    # 354 with no recipient accepted (a server that ignores §3.1): end the message at once.
+    body = _body(data) if accepted else b".\r\n"
+    _write(protocol, body)
+    final = await _reply(protocol, timeout_s)
+    if final.code == 250:
+        verdicts.update(dict.fromkeys(accepted, classify_reply(final.code, final.message)))
+    else:
+        exc = aiosmtplib.SMTPDataError(final.code, final.message)
+        verdicts.update(dict.fromkeys(accepted, classify_exception(exc)))
+    return verdicts, bool(accepted)
+
+
+def _body(data: bytes) -> bytes:
+    # What aiosmtplib's data() sends: CRLF line endings, dot-stuffing, the final dot.
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+
+
+def _write(protocol: SMTPProtocol, payload: bytes) -> None:
+    # Armed before the write, as aiosmtplib's execute_command does: a reply arriving before
+    # the first read must not be taken for unsolicited data and dropped.
+    protocol._response_pending = True
+    protocol.write(payload)
+
+
+async def _reply(protocol: SMTPProtocol, timeout_s: float) -> aiosmtplib.SMTPResponse:
+    """The next reply: one already buffered behind the last (several replies often arrive in
+    one segment; aiosmtplib parses one per read), or the next to arrive."""
+    buffered = protocol._read_response_from_buffer()
+    if buffered is not None:
+        return buffered
+    # asyncio.timeout, not read_response's own timeout (wait_for): wait_for wakes this task
+    # one loop turn after the reply, and a segment arriving in that turn, with the reply
+    # waiter still full, would be dropped by the protocol.
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await protocol.read_response(timeout=None)
+    except TimeoutError as exc:
+        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc

@@ -1,0 +1,156 @@
+"""Outbound PIPELINING (RFC 2920) against a real aiosmtpd relay: the envelope in one write,
+exact per-recipient verdicts for every refusal, and step by step for relays that do not
+advertise it. Writes are counted as reads at the relay."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from smtpfleet.config import DeliveryConfig, RelayConfig
+from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
+from smtpfleet.relays.pool import RelayClient, SessionSettings
+from smtpfleet.testing.sink import Sink
+
+BODY = b"Subject: t\r\n\r\n.leading dot\r\nbody\r\n"
+RCPTS = ("a@example.net", "b@example.net", "c@example.net")
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Sink]:
+    async with Sink(name="pipelining", pipelining=True) as sink:
+        yield sink
+
+
+def client_for(sink: Sink) -> RelayClient:
+    config = DeliveryConfig(connect_timeout_s=2.0, command_timeout_s=2.0)
+    relay = RelayConfig(name=sink.name, host=sink.host, port=sink.port)
+    return RelayClient(relay, SessionSettings(config, "mx.test", lease_ttl_s=5.0))
+
+
+async def send_counting(
+    client: RelayClient,
+    sink: Sink,
+    recipients: Sequence[str] = RCPTS,
+    sender: str = "s@example.com",
+) -> tuple[dict[str, Verdict], int]:
+    """Verdicts, and the reads the relay made for them (on a session already open)."""
+    before = sink.reads
+    verdicts = await client.send(sender, recipients, BODY)
+    return verdicts, sink.reads - before
+
+
+async def warm(client: RelayClient, sink: Sink) -> None:
+    verdicts = await client.send("s@example.com", ["warm@example.net"], BODY)
+    assert verdicts["warm@example.net"].outcome is Outcome.DELIVERED
+    await sink.wait_for(1)
+
+
+async def test_the_envelope_goes_in_one_write_and_the_message_in_another(relay: Sink) -> None:
+    client = client_for(relay)
+    await warm(client, relay)
+    verdicts, reads = await send_counting(client, relay)
+    assert reads == 2  # MAIL + 3 RCPT + DATA, then the message
+    assert {v.outcome for v in verdicts.values()} == {Outcome.DELIVERED}
+    message = relay.messages[-1]
+    assert message.recipients == RCPTS
+    assert message.data == BODY  # dot-stuffing undone by the relay: the bytes we sent
+    assert relay.connections == 1
+    await client.close()
+
+
+async def test_a_fresh_session_pipelines_its_first_message(relay: Sink) -> None:
+    client = client_for(relay)
+    verdicts = await client.send("s@example.com", RCPTS, BODY)
+    assert {v.outcome for v in verdicts.values()} == {Outcome.DELIVERED}
+    assert relay.reads == 3  # EHLO, the envelope, the message
+    await client.close()
+
+
+async def test_a_refused_recipient_gets_its_own_verdict(relay: Sink) -> None:
+    relay.faults.rcpt_replies = {
+        "b@example.net": "550 5.1.1 no such user",
+        "c@example.net": "452 4.5.3 too many recipients",
+    }
+    client = client_for(relay)
+    await warm(client, relay)
+    verdicts, reads = await send_counting(client, relay)
+    assert reads == 2
+    assert verdicts["a@example.net"].outcome is Outcome.DELIVERED
+    assert (verdicts["b@example.net"].outcome, verdicts["b@example.net"].code) == (
+        Outcome.PERMANENT,
+        550,
+    )
+    assert verdicts["c@example.net"].outcome is Outcome.TEMPORARY
+    assert verdicts["c@example.net"].code == 452
+    assert relay.messages[-1].recipients == ("a@example.net",)
+    await client.close()
+
+
+async def test_all_recipients_refused_consumes_the_data_refusal_and_resets(relay: Sink) -> None:
+    relay.faults.rcpt_replies = dict.fromkeys(RCPTS, "550 5.1.1 no such user")
+    client = client_for(relay)
+    await warm(client, relay)
+    verdicts, _ = await send_counting(client, relay)
+    assert {(v.outcome, v.code) for v in verdicts.values()} == {(Outcome.PERMANENT, 550)}
+    assert relay.count == 1  # only the warm-up message
+    # The session is still in step: the next message on it gets its own replies.
+    relay.faults.rcpt_replies = {}
+    verdicts, _ = await send_counting(client, relay)
+    assert {v.outcome for v in verdicts.values()} == {Outcome.DELIVERED}
+    assert relay.connections == 1
+    await client.close()
+
+
+async def test_a_refused_mail_is_every_recipients_verdict(relay: Sink) -> None:
+    client = client_for(relay)
+    await warm(client, relay)
+    relay.faults.mail_reply = "451 4.7.1 try later"
+    verdicts, reads = await send_counting(client, relay)
+    assert reads == 2  # the envelope, then RSET after the refused MAIL/RCPT/DATA replies
+    assert {(v.outcome, v.code) for v in verdicts.values()} == {(Outcome.TEMPORARY, 451)}
+    relay.faults.mail_reply = None
+    verdicts, _ = await send_counting(client, relay)
+    assert {v.outcome for v in verdicts.values()} == {Outcome.DELIVERED}
+    assert relay.connections == 1
+    await client.close()
+
+
+async def test_a_refusal_at_the_final_dot_is_every_accepted_recipients(relay: Sink) -> None:
+    relay.faults.rcpt_replies = {"c@example.net": "550 5.1.1 no such user"}
+    client = client_for(relay)
+    await warm(client, relay)
+    relay.faults.data_replies = ["554 5.6.0 content refused"]
+    verdicts, _ = await send_counting(client, relay)
+    assert (verdicts["a@example.net"].code, verdicts["b@example.net"].code) == (554, 554)
+    assert verdicts["c@example.net"].code == 550
+    assert len(relay.rejected) == 1
+    await client.close()
+
+
+async def test_addresses_our_client_refuses_stay_unsendable(relay: Sink) -> None:
+    client = client_for(relay)
+    await warm(client, relay)
+    verdicts, _ = await send_counting(client, relay, ["a@example.net", "b\x00@example.net"])
+    assert verdicts["a@example.net"].outcome is Outcome.DELIVERED
+    assert verdicts["b\x00@example.net"].kind is FailureKind.UNSENDABLE
+    assert relay.messages[-1].recipients == ("a@example.net",)
+    verdicts, reads = await send_counting(client, relay, sender="s\x00@example.com")
+    assert reads == 0  # nothing written
+    assert {v.kind for v in verdicts.values()} == {FailureKind.UNSENDABLE}
+    assert relay.connections == 1
+    await client.close()
+
+
+async def test_a_relay_without_pipelining_gets_the_envelope_step_by_step() -> None:
+    async with Sink(name="plain") as relay:
+        client = client_for(relay)
+        await warm(client, relay)
+        relay.faults.rcpt_replies = {"b@example.net": "550 5.1.1 no such user"}
+        verdicts, reads = await send_counting(client, relay)
+        assert reads == 6  # MAIL, 3 RCPT, DATA, the message
+        assert verdicts["a@example.net"].outcome is Outcome.DELIVERED
+        assert verdicts["b@example.net"].code == 550
+        assert relay.messages[-1].recipients == ("a@example.net", "c@example.net")
+        await client.close()
