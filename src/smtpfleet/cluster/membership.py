@@ -51,6 +51,10 @@ class Membership:
         self.takeovers = 0
         self.claimed = 0
         self._last_ok = time.monotonic()
+        # Since when our heartbeats have been landing without a miss (None: not now). Peers'
+        # heartbeats stop while Redis is away too: judge them only after a whole lease of
+        # contact, so that every live peer has had time to beat again.
+        self._in_contact_since: float | None = time.monotonic()
         self._started_ms = int(time.time() * 1000)
 
     @property
@@ -75,9 +79,12 @@ class Membership:
         try:
             await self._store.heartbeat(self.node_id, now_ms, self.info(), 2 * self.lease_ms)
         except QueueUnavailable as exc:
+            self._in_contact_since = None
             self._maybe_fence(exc)
             return
         self._last_ok = time.monotonic()
+        if self._in_contact_since is None:
+            self._in_contact_since = self._last_ok
         if self.fenced:
             log.warning("Redis is back: %s starts deliveries again", self.node_id)
             self.fenced = False
@@ -100,11 +107,18 @@ class Membership:
 
     async def _watch_members(self, now_ms: int) -> None:
         members = await self._store.members()
+        if not self._may_judge():
+            self.live = {*members, self.node_id}  # stale beats say nothing yet
+            return
         self.live = {n for n, beat in members.items() if now_ms - beat < self.lease_ms}
         self.live.add(self.node_id)
         self._metrics.live_nodes.set(len(self.live))
         for dead in sorted(set(members) - self.live):
             await self._take_over(dead)
+
+    def _may_judge(self) -> bool:
+        since = self._in_contact_since
+        return since is not None and time.monotonic() - since >= self._config.lease_s
 
     async def _take_over(self, dead: str) -> None:
         guard_ms = int(2 * self._config.heartbeat_interval_s * 1000)
