@@ -29,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"smtpfleet: unknown scenario {unknown[0]!r} (see --list)", file=sys.stderr)
         return EXIT_USAGE
     timing = Timing.short() if args.short else Timing()
+    overrides = {"queue": {"durability": args.durability}} if args.durability else {}
     missed = 0
     for name in names:
-        result = asyncio.run(run_drill(SCENARIOS[name], timing))
+        result = asyncio.run(run_drill(SCENARIOS[name], timing, overrides))
         paths = write_reports(result, args.out)
         verdict = "PASS" if result.passed else "FAIL"
         shown = ", ".join(f"{k}={v}" for k, v in result.metrics.items() if k in _HEADLINE)
@@ -42,4 +43,13 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_MISSED if missed else EXIT_OK
 
 
-_HEADLINE = ("lost", "duplicates", "client_errors", "detection_s", "rto_s", "fault_p99_ms")
+_HEADLINE = (
+    "lost",
+    "duplicates",
+    "client_errors",
+    "detection_s",
+    "rto_s",
+    "accept_rto_s",
+    "refusal_window_s",
+    "fault_p99_ms",
+)

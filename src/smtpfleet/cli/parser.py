@@ -158,6 +158,11 @@ def _drill(sub: Any) -> None:
     drill.add_argument("--list", action="store_true", help="name the scenarios")
     drill.add_argument("--out", type=Path, default=Path("drill-reports"), help="report folder")
     drill.add_argument("--short", action="store_true", help="shorter phases (CI)")
+    drill.add_argument(
+        "--durability",
+        choices=("server", "fsync", "replicated"),
+        help="queue.durability for the drill's cluster (default: the scenario's own)",
+    )
 
 
 def _check_dns(sub: Any) -> None:

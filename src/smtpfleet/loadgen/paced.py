@@ -26,6 +26,7 @@ class Sent:
     code: int  # the final reply after failover (0: no node reachable)
     latency_s: float  # of the final attempt: DATA's final dot to the reply
     attempts: int  # nodes tried
+    done: float | None = None  # monotonic time the final reply came (None: not recorded)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class PacedLoad:
             code, latency = await self._attempt(host, port, data)
             if code == 250 or 500 <= code < 600:
                 break
-        self.sent.append(Sent(tag, started, code, latency, attempts))
+        self.sent.append(Sent(tag, started, code, latency, attempts, time.monotonic()))
 
     async def _attempt(self, host: str, port: int, data: bytes) -> tuple[int, float]:
         client = aiosmtplib.SMTP(hostname=host, port=port, timeout=self.timeout_s, start_tls=False)

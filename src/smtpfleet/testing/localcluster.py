@@ -160,6 +160,9 @@ class LocalCluster:
     drain_grace_s: float = 10.0
     log_messages: bool = False  # the demo sinks log each message (`smtpfleet dev`)
     sink_keep: int | None = None  # messages each sink keeps (None: all, to reconcile them)
+    # An existing Redis to use instead of starting one (with `redis.sentinels` in the overrides
+    # the nodes use only its database number): the Sentinel drills bring their own set.
+    redis_url: str | None = None
     redis: RedisServer | None = None
     sink_servers: list[Sink] = field(default_factory=list)
     node_processes: list[NodeProcess] = field(default_factory=list)
@@ -182,8 +185,10 @@ class LocalCluster:
             # collected, whatever KEEP_WORKDIR_ENV says.
             self.workdir = Path(tempfile.mkdtemp(prefix="smtpfleet-"))
             self._own_workdir = True
-        self.redis = RedisServer(data_dir=self.workdir / "redis", appendfsync=self.appendfsync)
-        self.redis.start()
+        if self.redis_url is None:
+            self.redis = RedisServer(data_dir=self.workdir / "redis", appendfsync=self.appendfsync)
+            self.redis.start()
+            self.redis_url = self.redis.url
         if not self.relays:
             for i in range(self.sinks):
                 sink = Sink(
@@ -201,7 +206,7 @@ class LocalCluster:
         return list(self.relays) or [s.address for s in self.sink_servers]
 
     def node_config(self, index: int, smtp_port: int, http_port: int) -> dict[str, Any]:
-        assert self.redis is not None
+        assert self.redis_url is not None
         relays = []
         for i, address in enumerate(self.relay_addresses()):
             host, _, port = address.rpartition(":")
@@ -213,7 +218,7 @@ class LocalCluster:
                 "relay_networks": ["127.0.0.0/8", "::1/128"],
             },
             "http": {"listen": f"127.0.0.1:{http_port}"},
-            "redis": {"url": self.redis.url},
+            "redis": {"url": self.redis_url},
             "retry": {"initial_s": 5.0, "max_s": 60.0},
             "relays": relays,
         }
@@ -231,12 +236,11 @@ class LocalCluster:
         return NodeProcess(index, path, log_path, smtp_port, http_port, self.workers)
 
     def info(self) -> dict[str, Any]:
-        assert self.redis is not None
         return {
             "smtp": [f"127.0.0.1:{n.smtp_port}" for n in self.node_processes],
             "pids": [n.pid for n in self.node_processes],
             "metrics": [f"http://127.0.0.1:{n.http_port}/metrics" for n in self.node_processes],
-            "redis": self.redis.url,
+            "redis": self.redis_url,
             "relays": self.relay_addresses(),
             "logs": str(self.workdir),
         }
