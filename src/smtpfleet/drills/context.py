@@ -3,27 +3,67 @@ steps act on (the cluster, a Redis client, the Sentinel set when there is one, n
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
 
 from smtpfleet.config import Config, Durability, load_config
 from smtpfleet.queue.keys import Keys
 from smtpfleet.testing.localcluster import LocalCluster
-from smtpfleet.testing.sink import Sink
+from smtpfleet.testing.sink import ReceivedMessage, Sink
 
 if TYPE_CHECKING:
+    from smtpfleet.drills.remote import RemoteCluster
     from smtpfleet.testing.sentinel import SentinelSet
+
+
+class Relay(Protocol):
+    """What the drill reads of a relay: a local Sink, or a RemoteSink over HTTP."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def messages(self) -> Sequence[ReceivedMessage]: ...
+    @property
+    def refused_recipients(self) -> Sized: ...
+    @property
+    def rejected(self) -> Sized: ...
 
 
 @dataclass
 class DrillContext:
-    cluster: LocalCluster
     redis: aioredis.Redis
+    local: LocalCluster | None = None  # a cluster the drill started (None: --target)
+    remote: RemoteCluster | None = None  # a running cluster named by a target file
     notes: dict[str, object] = field(default_factory=dict)
     sentinels: SentinelSet | None = None  # the Redis HA drills run on a Sentinel set
+
+    @property
+    def cluster(self) -> LocalCluster:
+        """The local cluster; only scenarios that act on local processes ask for it."""
+        assert self.local is not None, "this step needs a local cluster"
+        return self.local
+
+    @property
+    def sinks(self) -> Sequence[Relay]:
+        if self.remote is not None:
+            return self.remote.sinks
+        return self.cluster.sink_servers
+
+    @property
+    def smtp_targets(self) -> list[tuple[str, int]]:
+        if self.remote is not None:
+            return list(self.remote.smtp)
+        return [n.smtp for n in self.cluster.node_processes]
+
+    async def refresh(self) -> None:
+        """Fetch what remote relays received since the last call (local sinks are live)."""
+        if self.remote is not None:
+            await self.remote.refresh()
 
     @property
     def relay(self) -> Sink:
@@ -36,7 +76,9 @@ class DrillContext:
 
     @property
     def config(self) -> Config:
-        """The configuration the first node runs with, read from its file."""
+        """The configuration the first node runs with (read from its file), or the target's."""
+        if self.remote is not None:
+            return self.remote.config
         return load_config(self.cluster.node_processes[0].config_path, {})
 
     @property

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import statistics
 import time
-from collections.abc import AsyncIterator, Mapping
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,9 @@ import redis.asyncio as aioredis
 from smtpfleet import http
 from smtpfleet.config import Config, load_config
 from smtpfleet.drills import measures
-from smtpfleet.drills.context import DrillContext, Scenario
+from smtpfleet.drills.context import DrillContext, Relay, Scenario
+from smtpfleet.drills.target import Target, on_target, remote_cluster
+from smtpfleet.loadgen.generator import run_load
 from smtpfleet.loadgen.messages import tag_of
 from smtpfleet.loadgen.paced import PacedLoad, Sent
 from smtpfleet.queue.redis_queue import RedisQueue
@@ -42,19 +46,37 @@ from smtpfleet.testing.localcluster import LocalCluster, deep_merge
 SENTINEL_DB_URL = "redis://127.0.0.1:1/0"
 
 SAMPLE_S = 0.25
+PEAK_S = 4.0  # how long the peak measurement pushes unpaced load
 
 
 @dataclass(frozen=True)
 class Timing:
+    """The phases, and the load: `rate` messages per second of `size` bytes, each over a
+    fresh session (as MTAs send), to a cluster of `nodes` (local clusters only)."""
+
     warmup_s: float = 4.0
     fault_s: float = 4.0
     recovery_s: float = 5.0
     settle_s: float = 30.0
     rate: float = 40.0
+    size: int = 2048
+    nodes: int = 3
+    # Set: measure what the cluster carries first (PEAK_S of unpaced load, a fresh session
+    # per message as the drill sends) and run at this fraction of it instead of `rate`.
+    rate_fraction: float | None = None
 
     @classmethod
     def short(cls) -> Timing:
         return cls(warmup_s=3.0, fault_s=3.0, recovery_s=4.0, settle_s=25.0, rate=30.0)
+
+    @classmethod
+    def lasting(cls, duration_s: float, **load: Any) -> Timing:
+        """Phases for a drill whose load runs `duration_s`: a quarter of warm-up (at least
+        3 s, for the baseline), a third of fault, the rest to recover; settling scales too."""
+        warmup = max(3.0, duration_s / 4)
+        fault = max(2.0, duration_s / 3)
+        recovery = max(3.0, duration_s - warmup - fault)
+        return cls(warmup, fault, recovery, settle_s=max(30.0, duration_s), **load)
 
 
 DRILL_CONFIG: dict[str, Any] = {
@@ -97,18 +119,31 @@ class DrillResult:
         return not self.failures
 
 
+async def run_target_drill(scenario: Scenario, timing: Timing, target: Target) -> DrillResult:
+    """The scenario against a running cluster, through the target file's commands."""
+    remote = remote_cluster(target)
+    client = _redis_client(remote.config)
+    try:
+        ctx = DrillContext(client, remote=remote)
+        return await _drive(on_target(scenario, target, timing.fault_s), timing, ctx)
+    finally:
+        await client.aclose()
+
+
 async def run_drill(
     scenario: Scenario, timing: Timing, overrides: Mapping[str, Any] | None = None
 ) -> DrillResult:
     """One drill on a fresh local cluster; `overrides` go on top of the drill's configuration
     (e.g. `{"queue": {"durability": "server"}}` to measure another durability mode)."""
     config = deep_merge(deep_merge(DRILL_CONFIG, scenario.overrides), overrides or {})
-    async with _deployment(scenario, config) as ctx:
+    async with _deployment(scenario, config, timing) as ctx:
         return await _drive(scenario, timing, ctx)
 
 
 @contextlib.asynccontextmanager
-async def _deployment(scenario: Scenario, config: dict[str, Any]) -> AsyncIterator[DrillContext]:
+async def _deployment(
+    scenario: Scenario, config: dict[str, Any], timing: Timing
+) -> AsyncIterator[DrillContext]:
     """Redis (one server, or a Sentinel set), two sink relays and three nodes on loopback."""
     async with contextlib.AsyncExitStack() as stack:
         sentinels = None
@@ -122,12 +157,12 @@ async def _deployment(scenario: Scenario, config: dict[str, Any]) -> AsyncIterat
             config = deep_merge(config, {"redis": {"sentinels": sentinels.sentinel_addresses}})
             redis_url = SENTINEL_DB_URL
         cluster = LocalCluster(
-            nodes=3, sinks=2, overrides=config, appendfsync="always", redis_url=redis_url
+            nodes=timing.nodes, sinks=2, overrides=config, appendfsync="always", redis_url=redis_url
         )
         await stack.enter_async_context(cluster)
         client = _redis_client(load_config(cluster.node_processes[0].config_path, {}))
         stack.push_async_callback(client.aclose)
-        yield DrillContext(cluster, client, sentinels=sentinels)
+        yield DrillContext(client, local=cluster, sentinels=sentinels)
 
 
 def _redis_client(config: Config) -> aioredis.Redis:
@@ -142,11 +177,16 @@ def _redis_client(config: Config) -> aioredis.Redis:
 
 
 async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> DrillResult:
-    cluster = ctx.cluster
-    load = PacedLoad([n.smtp for n in cluster.node_processes], rate=timing.rate)
+    if timing.rate_fraction is not None:
+        peak = await measure_peak(ctx, timing)
+        ctx.notes["peak_rate"] = peak
+        timing = dataclasses.replace(timing, rate=round(max(1.0, peak * timing.rate_fraction)))
+    # A run id of its own: relays of a running cluster keep what earlier drills sent.
+    run_id = f"{scenario.name}-{uuid.uuid4().hex[:8]}"
+    load = PacedLoad(ctx.smtp_targets, rate=timing.rate, size=timing.size, run_id=run_id)
     start = time.monotonic()
     timeline: list[Sample] = []
-    sampler = asyncio.create_task(_sample(cluster, load, start, timeline))
+    sampler = asyncio.create_task(_sample(ctx, load, start, timeline))
     running = asyncio.create_task(load.run())
     marks: dict[str, float] = {}
     await asyncio.sleep(timing.warmup_s)
@@ -161,21 +201,48 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     load.stop()
     await running
     marks["load_stopped"] = time.monotonic() - start
-    await _settle(cluster, load, scenario, timing.settle_s)
+    await _settle(ctx, load, timing.settle_s)
+    await _finish_commands(ctx)
     await asyncio.sleep(0.5)
     sampler.cancel()
     detector.cancel()
+    await ctx.refresh()
     counts = {
         "retries": await _retry_depth(ctx),
         "takeovers": await _takeovers(ctx),
-        "live_declared_dead": _live_declared_dead(ctx.cluster),
+        "live_declared_dead": _live_declared_dead(ctx.local),
     }
     return _result(scenario, timing, load, start, timeline, marks, counts, ctx)
 
 
-async def _sample(cluster: LocalCluster, load: PacedLoad, start: float, out: list[Sample]) -> None:
+async def measure_peak(ctx: DrillContext, timing: Timing) -> float:
+    """Accepted messages per second under unpaced load (50 senders, a session per message),
+    then wait until the relays have it all, so the drill starts from an empty queue."""
+    await ctx.refresh()
+    before = sum(s.count for s in ctx.sinks)
+    result = await run_load(
+        ctx.smtp_targets, duration_s=PEAK_S, concurrency=50, size=timing.size, per_session=1
+    )
+    deadline = time.monotonic() + timing.settle_s
+    while time.monotonic() < deadline:
+        await ctx.refresh()
+        if sum(s.count for s in ctx.sinks) >= before + result.accepted:
+            break
+        await asyncio.sleep(0.2)
+    return round(result.accepted / result.elapsed_s, 1) if result.elapsed_s else 0.0
+
+
+async def _finish_commands(ctx: DrillContext) -> None:
+    tasks = ctx.notes.pop("command_tasks", [])
+    assert isinstance(tasks, list)
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _sample(ctx: DrillContext, load: PacedLoad, start: float, out: list[Sample]) -> None:
     while True:
-        delivered = sum(s.count for s in cluster.sink_servers)
+        await ctx.refresh()
+        delivered = sum(s.count for s in ctx.sinks)
         accepted = sum(1 for s in load.sent if s.code == 250)
         out.append(Sample(time.monotonic() - start, delivered, accepted))
         await asyncio.sleep(SAMPLE_S)
@@ -196,11 +263,11 @@ async def _detect(
         await asyncio.sleep(0.05)
 
 
-def _outcomes(cluster: LocalCluster) -> tuple[dict[str, int], set[str]]:
+def _outcomes(sinks: Sequence[Relay]) -> tuple[dict[str, int], set[str]]:
     """Deliveries per tag, and the tags that came back as a DSN."""
     delivered: dict[str, int] = {}
     bounced: set[str] = set()
-    for sink in cluster.sink_servers:
+    for sink in sinks:
         for message in sink.messages:
             if message.sender == "":
                 marker = b"@loadgen.smtpfleet>"
@@ -214,10 +281,10 @@ def _outcomes(cluster: LocalCluster) -> tuple[dict[str, int], set[str]]:
     return delivered, bounced
 
 
-def _first_arrivals(cluster: LocalCluster) -> dict[str, float]:
+def _first_arrivals(sinks: Sequence[Relay]) -> dict[str, float]:
     """When each tag first reached a relay (time.monotonic(), the drill's own clock)."""
     first: dict[str, float] = {}
-    for sink in cluster.sink_servers:
+    for sink in sinks:
         for message in sink.messages:
             tag = tag_of(message.data)
             if tag is not None and message.sender != "":
@@ -225,8 +292,8 @@ def _first_arrivals(cluster: LocalCluster) -> dict[str, float]:
     return first
 
 
-def _refusals(cluster: LocalCluster) -> int:
-    return sum(len(s.refused_recipients) + len(s.rejected) for s in cluster.sink_servers)
+def _refusals(sinks: Sequence[Relay]) -> int:
+    return sum(len(s.refused_recipients) + len(s.rejected) for s in sinks)
 
 
 def fault_delivery_max_s(
@@ -242,13 +309,12 @@ def fault_delivery_max_s(
     return round(max(waits), 2) if waits else None
 
 
-async def _settle(
-    cluster: LocalCluster, load: PacedLoad, scenario: Scenario, settle_s: float
-) -> None:
+async def _settle(ctx: DrillContext, load: PacedLoad, settle_s: float) -> None:
     accepted = {s.tag for s in load.sent if s.code == 250}
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
-        delivered, bounced = _outcomes(cluster)
+        await ctx.refresh()
+        delivered, bounced = _outcomes(ctx.sinks)
         if accepted <= set(delivered) | bounced:
             return
         await asyncio.sleep(0.1)
@@ -263,9 +329,11 @@ async def _retry_depth(ctx: DrillContext) -> int:
         await queue.close()
 
 
-async def _takeovers(ctx: DrillContext) -> int:
+async def _takeovers(ctx: DrillContext) -> int | None:
     """Takeovers the running nodes performed (their /metrics): a node that was never dead
     must not be taken over, so outside kill-node this should be 0."""
+    if ctx.remote is not None:
+        return await ctx.remote.takeovers()
     total = 0
     for node in ctx.cluster.node_processes:
         if node.running:
@@ -274,8 +342,11 @@ async def _takeovers(ctx: DrillContext) -> int:
     return total
 
 
-def _live_declared_dead(cluster: LocalCluster) -> int:
-    """Times a node judged dead (took over, or removed) a node that was running all along."""
+def _live_declared_dead(cluster: LocalCluster | None) -> int | None:
+    """Times a node judged dead (took over, or removed) a node that was running all along
+    (from the nodes' logs: None for a cluster the drill did not start)."""
+    if cluster is None:
+        return None
     alive = {f"node-{n.index}" for n in cluster.node_processes if n.running}
     total = 0
     for node in cluster.node_processes:
@@ -306,11 +377,11 @@ def _result(
     start: float,
     timeline: list[Sample],
     marks: dict[str, float],
-    counts: dict[str, int],
+    counts: dict[str, int | None],
     ctx: DrillContext,
 ) -> DrillResult:
     accepted = {s.tag for s in load.sent if s.code == 250}
-    delivered, bounced = _outcomes(ctx.cluster)
+    delivered, bounced = _outcomes(ctx.sinks)
     lost = accepted - set(delivered) - bounced
     inject, fault_end = marks["inject"], marks.get("heal", marks["inject"] + timing.fault_s)
     in_fault = fault_latencies(load.sent, start, inject, fault_end)
@@ -340,9 +411,9 @@ def _result(
         "takeovers": counts["takeovers"],
         "live_declared_dead": counts["live_declared_dead"],
         "fault_delivery_max_s": fault_delivery_max_s(
-            load.sent, _first_arrivals(ctx.cluster), start, inject, fault_end
+            load.sent, _first_arrivals(ctx.sinks), start, inject, fault_end
         ),
-        "relay_refusals": _refusals(ctx.cluster),
+        "relay_refusals": _refusals(ctx.sinks),
         "exit_code": ctx.notes.get("exit_code")
         if isinstance(ctx.notes.get("exit_code"), int)
         else None,  # type: ignore[dict-item]
@@ -368,7 +439,14 @@ def _result(
         latencies,
         marks,
         floors=dict(scenario.floors),
-        settings={"durability": str(durability), "rate": timing.rate, "nodes": 3},
+        settings={
+            "durability": str(durability),
+            "rate": timing.rate,
+            "size": timing.size,
+            "nodes": len(ctx.smtp_targets),
+            **({"peak_rate": ctx.notes["peak_rate"]} if "peak_rate" in ctx.notes else {}),
+            **({"commands": ctx.notes["commands"]} if "commands" in ctx.notes else {}),
+        },
         waived=waived,
     )
 
