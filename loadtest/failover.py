@@ -40,7 +40,7 @@ async def relay_detection_s(cluster: LocalCluster) -> float:
     ]
     while True:
         states = [await client.hget(key, "relay-1") for key in keys]
-        if states == ["0"] * len(keys):
+        if all(s is not None and str(s).startswith("0") for s in states):  # "0 <reason>"
             break
         await asyncio.sleep(0.02)
     await client.aclose()

@@ -56,7 +56,7 @@ def test_a_floor_not_reached_fails_the_drill() -> None:
     tempfail = SCENARIOS["relay-tempfail"]
     assert tempfail.floors == {"relay_refusals": 1}
     met = dict.fromkeys(tempfail.objectives, 0) | {"relay_refusals": 3}
-    assert _judge(tempfail, met) == []
-    assert _judge(tempfail, met | {"relay_refusals": 0}) == [
+    assert _judge(tempfail, tempfail.objectives, met) == []
+    assert _judge(tempfail, tempfail.objectives, met | {"relay_refusals": 0}) == [
         "relay_refusals = 0 < 1: the fault was not exercised"
     ]

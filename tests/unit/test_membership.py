@@ -99,6 +99,7 @@ async def test_a_live_node_is_left_alone(bench: Bench) -> None:
 async def test_entries_touched_within_the_guard_are_not_claimed(bench: Bench) -> None:
     """The min-idle guard: an entry the dead node (or another survivor) touched just now is
     not claimed again, so exactly one survivor gets each entry."""
+    bench.clock.advance(CONFIG.lease_s)  # a lease of contact: peers' beats now say something
     bench.store.heartbeats["node-b"] = bench.clock.ms - int(CONFIG.lease_s * 1000)
     bench.pending_for("node-b")  # delivered to node-b just now
 
@@ -148,3 +149,24 @@ async def test_leaving_deregisters_only_when_nothing_is_pending(bench: Bench) ->
     bench.queue.pending.clear()
     await bench.node.leave()
     assert "node-a" not in bench.store.heartbeats
+
+
+async def test_back_from_a_redis_outage_peers_are_not_judged_for_a_lease(bench: Bench) -> None:
+    """Nobody's heartbeat landed while Redis was away (a failover): a node that judged its
+    peers the moment it was back would take over every live node's work."""
+    bench.clock.advance(CONFIG.lease_s)
+    await bench.node.tick()
+    bench.store.unavailable = True
+    bench.clock.advance(CONFIG.lease_s + 1)
+    await bench.node.tick()
+    bench.store.unavailable = False
+    bench.store.heartbeats["node-b"] = bench.clock.ms - int((CONFIG.lease_s + 1) * 1000)
+    bench.pending_for("node-b")
+    bench.clock.advance(2 * CONFIG.heartbeat_interval_s)  # past the claim guard
+    await bench.node.tick()
+    assert "node-b" in bench.node.live
+    assert bench.adopted == []
+    bench.clock.advance(CONFIG.lease_s)  # node-b stayed silent through a lease of contact
+    await bench.node.tick()
+    assert "node-b" not in bench.node.live
+    assert len(bench.adopted) == 1

@@ -1,18 +1,23 @@
-"""`smtpfleet drill SCENARIO | --all | --list [--out DIR] [--short]`."""
+"""`smtpfleet drill SCENARIO | --all | --list [--target FILE] [--out DIR] [--short]
+[--rate N] [--duration S] [--nodes N] [--size BYTES] [--durability MODE]`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from smtpfleet.drills.report import write_reports
-from smtpfleet.drills.runner import Timing, run_drill
+from smtpfleet.drills.runner import DrillResult, Timing, run_drill, run_target_drill
 from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.target import Target, TargetError, load_target, plan
 
 EXIT_OK = 0
 EXIT_MISSED = 1
 EXIT_USAGE = 2
+# Without --rate, drills run at this fraction of the rate the cluster was measured to carry.
+DEFAULT_RATE_FRACTION = 0.5
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,26 +25,83 @@ def run(args: argparse.Namespace) -> int:
         for scenario in SCENARIOS.values():
             print(f"{scenario.name:18} {scenario.proves}")
         return EXIT_OK
-    names = list(SCENARIOS) if args.all else [args.scenario] if args.scenario else []
-    if not names:
-        print("smtpfleet: name a scenario, or --all, or --list", file=sys.stderr)
+    names = _names(args)
+    if names is None:
         return EXIT_USAGE
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        print(f"smtpfleet: unknown scenario {unknown[0]!r} (see --list)", file=sys.stderr)
-        return EXIT_USAGE
-    timing = Timing.short() if args.short else Timing()
-    missed = 0
-    for name in names:
-        result = asyncio.run(run_drill(SCENARIOS[name], timing))
-        paths = write_reports(result, args.out)
-        verdict = "PASS" if result.passed else "FAIL"
-        shown = ", ".join(f"{k}={v}" for k, v in result.metrics.items() if k in _HEADLINE)
-        print(f"{name:18} {verdict}  {shown}  -> {paths[1]}")
-        for failure in result.failures:
-            print(f"    missed: {failure}")
-        missed += not result.passed
+    target = None
+    if args.target is not None:
+        try:
+            target = load_target(args.target)
+        except (TargetError, OSError) as exc:
+            print(f"smtpfleet: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        names = [n for n in names if n in target.faults] if args.all else names
+        print(plan(target, names, _load_text(args)), flush=True)
+        if args.dry_run:
+            return EXIT_OK
+    timing = timing_from(args)
+    missed = sum(not _one(name, timing, args, target) for name in names)
     return EXIT_MISSED if missed else EXIT_OK
 
 
-_HEADLINE = ("lost", "duplicates", "client_errors", "detection_s", "rto_s", "fault_p99_ms")
+def _names(args: argparse.Namespace) -> list[str] | None:
+    names = list(SCENARIOS) if args.all else [args.scenario] if args.scenario else []
+    if not names:
+        print("smtpfleet: name a scenario, or --all, or --list", file=sys.stderr)
+        return None
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"smtpfleet: unknown scenario {unknown[0]!r} (see --list)", file=sys.stderr)
+        return None
+    return names
+
+
+def timing_from(args: argparse.Namespace) -> Timing:
+    load = {"size": args.size, "nodes": args.nodes}
+    if args.rate is not None:
+        load["rate"] = args.rate
+    base = Timing.lasting(args.duration, **load) if args.duration else None
+    if base is None:
+        base = Timing.short() if args.short else Timing()
+        base = Timing(**{**base.__dict__, **load})
+    fraction = None if args.rate is not None else DEFAULT_RATE_FRACTION
+    return Timing(**{**base.__dict__, "rate_fraction": fraction})
+
+
+def _load_text(args: argparse.Namespace) -> str:
+    rate = f"{args.rate:g} msg/s" if args.rate is not None else "half the measured peak"
+    return f"{rate} of {args.size} bytes, a session per message"
+
+
+def _one(name: str, timing: Timing, args: argparse.Namespace, target: Target | None) -> bool:
+    scenario = SCENARIOS[name]
+    if target is not None:
+        result = asyncio.run(run_target_drill(scenario, timing, target))
+    else:
+        overrides = {"queue": {"durability": args.durability}} if args.durability else {}
+        result = asyncio.run(run_drill(scenario, timing, overrides))
+    _print(result, write_reports(result, args.out))
+    return result.passed
+
+
+def _print(result: DrillResult, paths: list[Path]) -> None:
+    verdict = "PASS" if result.passed else "FAIL"
+    shown = ", ".join(f"{k}={v}" for k, v in result.metrics.items() if k in _HEADLINE)
+    print(f"{result.scenario:18} {verdict}  rate={result.settings.get('rate')}  {shown}")
+    print(f"{'':18} -> {paths[1]}")
+    for failure in result.failures:
+        print(f"    missed: {failure}")
+    for waived in result.waived:
+        print(f"    known issue: {waived}")
+
+
+_HEADLINE = (
+    "lost",
+    "duplicates",
+    "client_errors",
+    "detection_s",
+    "rto_s",
+    "accept_rto_s",
+    "refusal_window_s",
+    "fault_p99_ms",
+)

@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
@@ -161,6 +171,21 @@ def _drill(sub: Any) -> None:
     drill.add_argument("--list", action="store_true", help="name the scenarios")
     drill.add_argument("--out", type=Path, default=Path("drill-reports"), help="report folder")
     drill.add_argument("--short", action="store_true", help="shorter phases (CI)")
+    drill.add_argument(
+        "--durability",
+        choices=("server", "fsync", "replicated"),
+        help="queue.durability for the drill's cluster (default: the scenario's own)",
+    )
+    drill.add_argument(
+        "--target", type=Path, metavar="FILE", help="drill a running cluster (docs/drills.md)"
+    )
+    drill.add_argument("--dry-run", action="store_true", help="print the plan, do nothing")
+    drill.add_argument(
+        "--rate", type=positive_float, help="msg/s (default: half of the measured peak)"
+    )
+    drill.add_argument("--duration", type=positive_float, help="seconds of load per drill")
+    drill.add_argument("--nodes", type=positive_int, default=3, help="nodes of a local cluster")
+    drill.add_argument("--size", type=positive_int, default=2048, help="message bytes")
 
 
 def _check_dns(sub: Any) -> None:

@@ -26,3 +26,12 @@ def takeover_guard_ms(heartbeat_interval_s: float) -> int:
     """The min-idle of a takeover claim: a claim resets an entry's idle time, so of several
     survivors racing for one entry within this window, exactly one gets it."""
     return int(2 * heartbeat_interval_s * 1000)
+
+
+def may_judge_peers(in_contact_since: float | None, now: float, lease_s: float) -> bool:
+    """Whether peers' heartbeats say anything yet: only after a whole lease of contact.
+
+    While Redis was away (a failover, a partition) nobody's heartbeat landed; judging peers
+    the moment we are back would declare every live node dead and take over its work.
+    """
+    return in_contact_since is not None and now - in_contact_since >= lease_s

@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from smtpfleet.cluster.liveness import live_nodes, must_fence, takeover_guard_ms
+from smtpfleet.cluster.liveness import live_nodes, may_judge_peers, must_fence, takeover_guard_ms
 from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
 from smtpfleet.envelope import now_ms
@@ -63,6 +63,10 @@ class Membership:
         self.takeovers = 0
         self.claimed = 0
         self._last_ok = clock()
+        # Since when our heartbeats have been landing without a miss (None: not now). Peers'
+        # heartbeats stop while Redis is away too: judge them only after a whole lease of
+        # contact, so that every live peer has had time to beat again.
+        self._in_contact_since: float | None = clock()
         self._started_ms = wall_ms()
 
     @property
@@ -87,9 +91,12 @@ class Membership:
         try:
             await self._store.heartbeat(self.node_id, now, self.info(), 2 * self.lease_ms)
         except QueueUnavailable as exc:
+            self._in_contact_since = None
             self._maybe_fence(exc)
             return
         self._last_ok = self._clock()
+        if self._in_contact_since is None:
+            self._in_contact_since = self._last_ok
         if self.fenced:
             log.warning("Redis is back: %s starts deliveries again", self.node_id)
             self.fenced = False
@@ -114,6 +121,9 @@ class Membership:
 
     async def _watch_members(self, now: int) -> None:
         members = await self._store.members()
+        if not may_judge_peers(self._in_contact_since, self._clock(), self._config.lease_s):
+            self.live = {*members, self.node_id}  # stale beats say nothing yet
+            return
         self.live = live_nodes(members, now_ms=now, lease_s=self._config.lease_s) | {self.node_id}
         self._metrics.live_nodes.set(len(self.live))
         for dead in sorted(set(members) - self.live):

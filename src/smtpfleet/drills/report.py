@@ -31,6 +31,8 @@ def _as_json(result: DrillResult) -> dict[str, object]:
         "proves": result.proves,
         "verdict": "pass" if result.passed else "fail",
         "failures": result.failures,
+        "known_issues": result.waived,
+        "settings": result.settings,
         "metrics": result.metrics,
         "objectives": result.objectives,
         "floors": result.floors,
@@ -57,6 +59,10 @@ def markdown(result: DrillResult, picture: Path | None) -> str:
         lines.append(f"| {name} | {shown} | {objective} |")
     if result.failures:
         lines += ["", "Missed objectives:", *(f"- {f}" for f in result.failures)]
+    if result.waived:
+        lines += ["", "Missed because of a known issue:", *(f"- {f}" for f in result.waived)]
+    if result.settings:
+        lines += ["", "Run with " + ", ".join(f"{k} {v}" for k, v in result.settings.items())]
     lines += [
         "",
         "Timeline (seconds since start): "

@@ -19,35 +19,64 @@ load → settle (wait for every accepted message) → reconcile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import statistics
 import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from smtpfleet.config import build_config
-from smtpfleet.drills.scenarios import DrillContext, Scenario
+from smtpfleet import http
+from smtpfleet.config import Config, load_config
+from smtpfleet.drills import measures
+from smtpfleet.drills.context import DrillContext, Relay, Scenario
+from smtpfleet.drills.target import Target, on_target, remote_cluster
+from smtpfleet.loadgen.generator import run_load
 from smtpfleet.loadgen.messages import tag_of
 from smtpfleet.loadgen.paced import PacedLoad, Sent
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing.localcluster import LocalCluster, deep_merge
 
+# With Sentinels configured the nodes take only the database number from `redis.url`.
+SENTINEL_DB_URL = "redis://127.0.0.1:1/0"
+
 SAMPLE_S = 0.25
+PEAK_S = 4.0  # how long the peak measurement pushes unpaced load
 
 
 @dataclass(frozen=True)
 class Timing:
+    """The phases, and the load: `rate` messages per second of `size` bytes, each over a
+    fresh session (as MTAs send), to a cluster of `nodes` (local clusters only)."""
+
     warmup_s: float = 4.0
     fault_s: float = 4.0
     recovery_s: float = 5.0
     settle_s: float = 30.0
     rate: float = 40.0
+    size: int = 2048
+    nodes: int = 3
+    # Set: measure what the cluster carries first (PEAK_S of unpaced load, a fresh session
+    # per message as the drill sends) and run at this fraction of it instead of `rate`.
+    rate_fraction: float | None = None
 
     @classmethod
     def short(cls) -> Timing:
         return cls(warmup_s=3.0, fault_s=3.0, recovery_s=4.0, settle_s=25.0, rate=30.0)
+
+    @classmethod
+    def lasting(cls, duration_s: float, **load: Any) -> Timing:
+        """Phases for a drill whose load runs `duration_s`: a quarter of warm-up (at least
+        3 s, for the baseline), a third of fault, the rest to recover; settling scales too."""
+        warmup = max(3.0, duration_s / 4)
+        fault = max(2.0, duration_s / 3)
+        recovery = max(3.0, duration_s - warmup - fault)
+        return cls(warmup, fault, recovery, settle_s=max(30.0, duration_s), **load)
 
 
 DRILL_CONFIG: dict[str, Any] = {
@@ -81,30 +110,83 @@ class DrillResult:
     marks: dict[str, float]  # inject, heal, detected, recovered (s since start)
     counts: dict[str, int] = field(default_factory=dict)
     floors: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)  # durability, rate, nodes
+    # Objectives missed because of a known, reported bug: shown in every report, not failed.
+    waived: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
 
-async def run_drill(scenario: Scenario, timing: Timing) -> DrillResult:
-    overrides = deep_merge(DRILL_CONFIG, scenario.overrides)
-    cluster = LocalCluster(nodes=3, sinks=2, overrides=overrides, appendfsync="always")
-    async with cluster:
-        assert cluster.redis is not None
-        client = aioredis.Redis.from_url(cluster.redis.url, socket_timeout=1.0)
-        try:
-            return await _drive(scenario, timing, DrillContext(cluster, client))
-        finally:
-            await client.aclose()
+async def run_target_drill(scenario: Scenario, timing: Timing, target: Target) -> DrillResult:
+    """The scenario against a running cluster, through the target file's commands."""
+    remote = remote_cluster(target)
+    client = _redis_client(remote.config)
+    try:
+        ctx = DrillContext(client, remote=remote)
+        return await _drive(on_target(scenario, target, timing.fault_s), timing, ctx)
+    finally:
+        await client.aclose()
+
+
+async def run_drill(
+    scenario: Scenario, timing: Timing, overrides: Mapping[str, Any] | None = None
+) -> DrillResult:
+    """One drill on a fresh local cluster; `overrides` go on top of the drill's configuration
+    (e.g. `{"queue": {"durability": "server"}}` to measure another durability mode)."""
+    config = deep_merge(deep_merge(DRILL_CONFIG, scenario.overrides), overrides or {})
+    async with _deployment(scenario, config, timing) as ctx:
+        return await _drive(scenario, timing, ctx)
+
+
+@contextlib.asynccontextmanager
+async def _deployment(
+    scenario: Scenario, config: dict[str, Any], timing: Timing
+) -> AsyncIterator[DrillContext]:
+    """Redis (one server, or a Sentinel set), two sink relays and three nodes on loopback."""
+    async with contextlib.AsyncExitStack() as stack:
+        sentinels = None
+        redis_url = None
+        if scenario.sentinel:
+            from smtpfleet.testing.sentinel import SentinelSet
+
+            sentinels = SentinelSet(replicas=2, sentinels=3, appendfsync="always")
+            stack.callback(sentinels.close)
+            await asyncio.to_thread(sentinels.start)
+            config = deep_merge(config, {"redis": {"sentinels": sentinels.sentinel_addresses}})
+            redis_url = SENTINEL_DB_URL
+        cluster = LocalCluster(
+            nodes=timing.nodes, sinks=2, overrides=config, appendfsync="always", redis_url=redis_url
+        )
+        await stack.enter_async_context(cluster)
+        client = _redis_client(load_config(cluster.node_processes[0].config_path, {}))
+        stack.push_async_callback(client.aclose)
+        yield DrillContext(client, local=cluster, sentinels=sentinels)
+
+
+def _redis_client(config: Config) -> aioredis.Redis:
+    """The drill's own client for its probes: through the Sentinels when there are some."""
+    if not config.redis.sentinels:
+        return aioredis.Redis.from_url(config.redis.url, socket_timeout=1.0)
+    from redis.asyncio.sentinel import Sentinel
+
+    hosts = [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in config.redis.sentinels]
+    sentinel = Sentinel(hosts, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+    return sentinel.master_for(config.redis.master_name, socket_timeout=1.0)  # type: ignore[no-any-return]
 
 
 async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> DrillResult:
-    cluster = ctx.cluster
-    load = PacedLoad([n.smtp for n in cluster.node_processes], rate=timing.rate)
+    if timing.rate_fraction is not None:
+        peak = await measure_peak(ctx, timing)
+        ctx.notes["peak_rate"] = peak
+        timing = dataclasses.replace(timing, rate=round(max(1.0, peak * timing.rate_fraction)))
+    # A run id of its own: relays of a running cluster keep what earlier drills sent.
+    run_id = f"{scenario.name}-{uuid.uuid4().hex[:8]}"
+    load = PacedLoad(ctx.smtp_targets, rate=timing.rate, size=timing.size, run_id=run_id)
     start = time.monotonic()
     timeline: list[Sample] = []
-    sampler = asyncio.create_task(_sample(cluster, load, start, timeline))
+    sampler = asyncio.create_task(_sample(ctx, load, start, timeline))
     running = asyncio.create_task(load.run())
     marks: dict[str, float] = {}
     await asyncio.sleep(timing.warmup_s)
@@ -119,17 +201,48 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     load.stop()
     await running
     marks["load_stopped"] = time.monotonic() - start
-    await _settle(cluster, load, scenario, timing.settle_s)
+    await _settle(ctx, load, timing.settle_s)
+    await _finish_commands(ctx)
     await asyncio.sleep(0.5)
     sampler.cancel()
     detector.cancel()
-    retries = await _retry_depth(ctx)
-    return _result(scenario, timing, load, start, timeline, marks, retries, ctx)
+    await ctx.refresh()
+    counts = {
+        "retries": await _retry_depth(ctx),
+        "takeovers": await _takeovers(ctx),
+        "live_declared_dead": _live_declared_dead(ctx.local),
+    }
+    return _result(scenario, timing, load, start, timeline, marks, counts, ctx)
 
 
-async def _sample(cluster: LocalCluster, load: PacedLoad, start: float, out: list[Sample]) -> None:
+async def measure_peak(ctx: DrillContext, timing: Timing) -> float:
+    """Accepted messages per second under unpaced load (50 senders, a session per message),
+    then wait until the relays have it all, so the drill starts from an empty queue."""
+    await ctx.refresh()
+    before = sum(s.count for s in ctx.sinks)
+    result = await run_load(
+        ctx.smtp_targets, duration_s=PEAK_S, concurrency=50, size=timing.size, per_session=1
+    )
+    deadline = time.monotonic() + timing.settle_s
+    while time.monotonic() < deadline:
+        await ctx.refresh()
+        if sum(s.count for s in ctx.sinks) >= before + result.accepted:
+            break
+        await asyncio.sleep(0.2)
+    return round(result.accepted / result.elapsed_s, 1) if result.elapsed_s else 0.0
+
+
+async def _finish_commands(ctx: DrillContext) -> None:
+    tasks = ctx.notes.pop("command_tasks", [])
+    assert isinstance(tasks, list)
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _sample(ctx: DrillContext, load: PacedLoad, start: float, out: list[Sample]) -> None:
     while True:
-        delivered = sum(s.count for s in cluster.sink_servers)
+        await ctx.refresh()
+        delivered = sum(s.count for s in ctx.sinks)
         accepted = sum(1 for s in load.sent if s.code == 250)
         out.append(Sample(time.monotonic() - start, delivered, accepted))
         await asyncio.sleep(SAMPLE_S)
@@ -150,11 +263,11 @@ async def _detect(
         await asyncio.sleep(0.05)
 
 
-def _outcomes(cluster: LocalCluster) -> tuple[dict[str, int], set[str]]:
+def _outcomes(sinks: Sequence[Relay]) -> tuple[dict[str, int], set[str]]:
     """Deliveries per tag, and the tags that came back as a DSN."""
     delivered: dict[str, int] = {}
     bounced: set[str] = set()
-    for sink in cluster.sink_servers:
+    for sink in sinks:
         for message in sink.messages:
             if message.sender == "":
                 marker = b"@loadgen.smtpfleet>"
@@ -168,10 +281,10 @@ def _outcomes(cluster: LocalCluster) -> tuple[dict[str, int], set[str]]:
     return delivered, bounced
 
 
-def _first_arrivals(cluster: LocalCluster) -> dict[str, float]:
+def _first_arrivals(sinks: Sequence[Relay]) -> dict[str, float]:
     """When each tag first reached a relay (time.monotonic(), the drill's own clock)."""
     first: dict[str, float] = {}
-    for sink in cluster.sink_servers:
+    for sink in sinks:
         for message in sink.messages:
             tag = tag_of(message.data)
             if tag is not None and message.sender != "":
@@ -179,8 +292,8 @@ def _first_arrivals(cluster: LocalCluster) -> dict[str, float]:
     return first
 
 
-def _refusals(cluster: LocalCluster) -> int:
-    return sum(len(s.refused_recipients) + len(s.rejected) for s in cluster.sink_servers)
+def _refusals(sinks: Sequence[Relay]) -> int:
+    return sum(len(s.refused_recipients) + len(s.rejected) for s in sinks)
 
 
 def fault_delivery_max_s(
@@ -196,26 +309,51 @@ def fault_delivery_max_s(
     return round(max(waits), 2) if waits else None
 
 
-async def _settle(
-    cluster: LocalCluster, load: PacedLoad, scenario: Scenario, settle_s: float
-) -> None:
+async def _settle(ctx: DrillContext, load: PacedLoad, settle_s: float) -> None:
     accepted = {s.tag for s in load.sent if s.code == 250}
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
-        delivered, bounced = _outcomes(cluster)
+        await ctx.refresh()
+        delivered, bounced = _outcomes(ctx.sinks)
         if accepted <= set(delivered) | bounced:
             return
         await asyncio.sleep(0.1)
 
 
 async def _retry_depth(ctx: DrillContext) -> int:
-    assert ctx.cluster.redis is not None
-    config = build_config({"redis": {"url": ctx.cluster.redis.url}})
+    config = ctx.config
     queue = RedisQueue(config.redis, config.queue)
     try:
         return int((await queue.stats(int(time.time() * 1000)))["retry"])
     finally:
         await queue.close()
+
+
+async def _takeovers(ctx: DrillContext) -> int | None:
+    """Takeovers the running nodes performed (their /metrics): a node that was never dead
+    must not be taken over, so outside kill-node this should be 0."""
+    if ctx.remote is not None:
+        return await ctx.remote.takeovers()
+    total = 0
+    for node in ctx.cluster.node_processes:
+        if node.running:
+            status, body = await http.get("/metrics", port=node.http_port)
+            total += measures.takeovers_in(body) if status == 200 else 0
+    return total
+
+
+def _live_declared_dead(cluster: LocalCluster | None) -> int | None:
+    """Times a node judged dead (took over, or removed) a node that was running all along
+    (from the nodes' logs: None for a cluster the drill did not start)."""
+    if cluster is None:
+        return None
+    alive = {f"node-{n.index}" for n in cluster.node_processes if n.running}
+    total = 0
+    for node in cluster.node_processes:
+        with contextlib.suppress(OSError):
+            lines = node.log_path.read_text(errors="replace").splitlines()
+            total += measures.declared_dead(lines, alive)
+    return total
 
 
 def _rto(timeline: list[Sample], marks: dict[str, float], timing: Timing) -> float:
@@ -239,11 +377,11 @@ def _result(
     start: float,
     timeline: list[Sample],
     marks: dict[str, float],
-    retries: int,
+    counts: dict[str, int | None],
     ctx: DrillContext,
 ) -> DrillResult:
     accepted = {s.tag for s in load.sent if s.code == 250}
-    delivered, bounced = _outcomes(ctx.cluster)
+    delivered, bounced = _outcomes(ctx.sinks)
     lost = accepted - set(delivered) - bounced
     inject, fault_end = marks["inject"], marks.get("heal", marks["inject"] + timing.fault_s)
     in_fault = fault_latencies(load.sent, start, inject, fault_end)
@@ -269,28 +407,70 @@ def _result(
         "fault_p99_ms": round(_p99(in_fault) * 1000, 1),
         "drill_loop_lag_ms": round(loop_lag_s(timeline) * 1000, 1),
         "max_latency_s": round(max((s.latency_s for s in load.sent), default=0.0), 2),
-        "retries": retries,
+        "retries": counts["retries"],
+        "takeovers": counts["takeovers"],
+        "live_declared_dead": counts["live_declared_dead"],
         "fault_delivery_max_s": fault_delivery_max_s(
-            load.sent, _first_arrivals(ctx.cluster), start, inject, fault_end
+            load.sent, _first_arrivals(ctx.sinks), start, inject, fault_end
         ),
-        "relay_refusals": _refusals(ctx.cluster),
+        "relay_refusals": _refusals(ctx.sinks),
         "exit_code": ctx.notes.get("exit_code")
         if isinstance(ctx.notes.get("exit_code"), int)
         else None,  # type: ignore[dict-item]
     }
-    failures = _judge(scenario, metrics)
+    metrics.update(_availability(load.sent, start, timeline, marks, metrics))
+    durability = ctx.config.queue.durability
+    objectives = scenario.objectives_for(durability)
+    missed = _judge(scenario, objectives, metrics)
+    failures = [f for f in missed if f.split(" ", 1)[0] not in scenario.known_issues]
+    waived = [
+        f"{f} (known issue: {scenario.known_issues[f.split(' ', 1)[0]]})"
+        for f in missed
+        if f not in failures
+    ]
     latencies = [(s.at - start, s.latency_s) for s in load.sent if s.code == 250]
     return DrillResult(
         scenario.name,
         scenario.proves,
         metrics,
-        dict(scenario.objectives),
+        objectives,
         failures,
         timeline,
         latencies,
         marks,
         floors=dict(scenario.floors),
+        settings={
+            "durability": str(durability),
+            "rate": timing.rate,
+            "size": timing.size,
+            "nodes": len(ctx.smtp_targets),
+            **({"peak_rate": ctx.notes["peak_rate"]} if "peak_rate" in ctx.notes else {}),
+            **({"commands": ctx.notes["commands"]} if "commands" in ctx.notes else {}),
+        },
+        waived=waived,
     )
+
+
+def _availability(
+    sent: list[Sent],
+    start: float,
+    timeline: list[Sample],
+    marks: dict[str, float],
+    metrics: dict[str, float | int | None],
+) -> dict[str, float | int | None]:
+    """When senders were refused, when the fleet took mail again, and how many duplicates
+    exceed what was in flight while the fault lasted."""
+    inject = marks["inject"]
+    fault_end = max(marks.get("heal", inject), marks.get("detected", inject)) + 1.0
+    in_flight = measures.in_flight_max(timeline, inject, fault_end)
+    duplicates = metrics["duplicates"]
+    assert isinstance(duplicates, int)
+    return {
+        "refusal_window_s": measures.refusal_window_s(sent, start, inject),
+        "accept_rto_s": measures.accept_rto_s(sent, start, inject),
+        "in_flight_max": in_flight,
+        "excess_duplicates": max(0, duplicates - in_flight),
+    }
 
 
 def _int_or_none(value: object) -> int | None:
@@ -315,9 +495,11 @@ def _p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def _judge(scenario: Scenario, metrics: dict[str, float | int | None]) -> list[str]:
+def _judge(
+    scenario: Scenario, objectives: Mapping[str, float], metrics: dict[str, float | int | None]
+) -> list[str]:
     failures = []
-    for name, bound in scenario.objectives.items():
+    for name, bound in objectives.items():
         value = metrics.get(name)
         if value is None:
             failures.append(f"{name}: not measured (objective ≤ {bound})")

@@ -161,6 +161,9 @@ class LocalCluster:
     drain_grace_s: float = 10.0
     log_messages: bool = False  # the demo sinks log each message (`smtpfleet dev`)
     sink_keep: int | None = None  # messages each sink keeps (None: all, to reconcile them)
+    # An existing Redis to use instead of starting one (with `redis.sentinels` in the overrides
+    # the nodes use only its database number): the Sentinel drills bring their own set.
+    redis_url: str | None = None
     redis: RedisServer | None = None
     tls: TlsFiles | None = None  # the nodes' throwaway certificate (STARTTLS), made by start()
     sink_servers: list[Sink] = field(default_factory=list)
@@ -186,8 +189,10 @@ class LocalCluster:
             self._own_workdir = True
         # A throwaway CA and certificate, so every node offers STARTTLS out of the box.
         self.tls = make_tls_files(self.workdir / "tls")
-        self.redis = RedisServer(data_dir=self.workdir / "redis", appendfsync=self.appendfsync)
-        self.redis.start()
+        if self.redis_url is None:
+            self.redis = RedisServer(data_dir=self.workdir / "redis", appendfsync=self.appendfsync)
+            self.redis.start()
+            self.redis_url = self.redis.url
         if not self.relays:
             for i in range(self.sinks):
                 sink = Sink(
@@ -205,7 +210,7 @@ class LocalCluster:
         return list(self.relays) or [s.address for s in self.sink_servers]
 
     def node_config(self, index: int, smtp_port: int, http_port: int) -> dict[str, Any]:
-        assert self.redis is not None
+        assert self.redis_url is not None
         assert self.tls is not None
         relays = []
         for i, address in enumerate(self.relay_addresses()):
@@ -219,7 +224,7 @@ class LocalCluster:
                 "tls": {"cert_file": str(self.tls.cert_file), "key_file": str(self.tls.key_file)},
             },
             "http": {"listen": f"127.0.0.1:{http_port}"},
-            "redis": {"url": self.redis.url},
+            "redis": {"url": self.redis_url},
             "retry": {"initial_s": 5.0, "max_s": 60.0},
             "relays": relays,
         }
@@ -237,12 +242,11 @@ class LocalCluster:
         return NodeProcess(index, path, log_path, smtp_port, http_port, self.workers)
 
     def info(self) -> dict[str, Any]:
-        assert self.redis is not None
         return {
             "smtp": [f"127.0.0.1:{n.smtp_port}" for n in self.node_processes],
             "pids": [n.pid for n in self.node_processes],
             "metrics": [f"http://127.0.0.1:{n.http_port}/metrics" for n in self.node_processes],
-            "redis": self.redis.url,
+            "redis": self.redis_url,
             "relays": self.relay_addresses(),
             "tls_ca": str(self.tls.ca_file) if self.tls is not None else None,
             "logs": str(self.workdir),
