@@ -68,7 +68,8 @@ async def views(cluster: LocalCluster, relay: str) -> dict[str, str]:
     client = aioredis.Redis.from_url(cluster.redis.url, decode_responses=True)
     try:
         return {
-            f"node-{n.index}": (await client.hget(KEYS.view(f"node-{n.index}"), relay)) or "?"
+            # "1" up, "0" or "0 <reason>" down: the state is the first character.
+            f"node-{n.index}": ((await client.hget(KEYS.view(f"node-{n.index}"), relay)) or "?")[0]
             for n in cluster.node_processes
             if n.running
         }

@@ -62,7 +62,7 @@ async def test_real_421s_eject_the_relay_and_mail_goes_to_the_other(
         await eventually(lambda: "relay-1" not in node.health.healthy)
         assert node.health.healthy == {"relay-2"}
         assert relay_up("relay-1", "node") == 0
-        await eventually(lambda: redis_client.hget(view, "relay-1") == b"0")
+        await eventually(lambda: (redis_client.hget(view, "relay-1") or b"")[:1] == b"0")
         await eventually(lambda: relay_up("relay-1", "cluster") == 0)  # a majority of one
         # Ejected: new mail for relay-1's key goes straight to relay-2, relay-1 is not asked.
         assert (await send(node.inbound.addresses[0], recipients=[f"later@{domain}"])).code == 250

@@ -123,6 +123,7 @@ class Membership:
         members = await self._store.members()
         if not may_judge_peers(self._in_contact_since, self._clock(), self._config.lease_s):
             self.live = {*members, self.node_id}  # stale beats say nothing yet
+            self._metrics.live_nodes.set(len(self.live))
             return
         self.live = live_nodes(members, now_ms=now, lease_s=self._config.lease_s) | {self.node_id}
         self._metrics.live_nodes.set(len(self.live))
