@@ -52,7 +52,9 @@ class Node:
         self.drain_requested = asyncio.Event()  # `smtpfleet node drain ID`
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.queue = RedisQueue(config.redis, config.queue)
+        self.queue = RedisQueue(
+            config.redis, config.queue, observe_batch=self.metrics.observe_batch
+        )
         self.store = ClusterStore(self.queue)
         self._relays = RelayPool(
             config.delivery,

@@ -29,7 +29,7 @@ from smtpfleet.envelope import (
 )
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
-from smtpfleet.queue.batcher import Batcher, Command
+from smtpfleet.queue.batcher import Batcher, BatchObserver, Command
 from smtpfleet.queue.connection import connect
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
@@ -59,7 +59,13 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
 class RedisQueue:
     """The mail queue in Redis streams, sharded by hash tag."""
 
-    def __init__(self, redis_config: RedisConfig, queue_config: QueueConfig) -> None:
+    def __init__(
+        self,
+        redis_config: RedisConfig,
+        queue_config: QueueConfig,
+        *,
+        observe_batch: Callable[[str], BatchObserver] | None = None,
+    ) -> None:
         self.keys = Keys(redis_config.prefix, redis_config.shards)
         self._queue = queue_config
         self._connection = connect(redis_config)  # one URL, or Sentinel's primary
@@ -70,8 +76,12 @@ class RedisQueue:
         self._finish = self._redis.register_script(scripts.FINISH)
         # Accepts share pipelines and one confirmation per batch; deliveries share others,
         # never waiting behind an fsync.
-        self._accepts = Batcher(self._redis, self._confirmation_command())
-        self._deliveries = Batcher(self._redis)
+        # observe_batch("accept"/"delivery"): the node's metrics for each batcher's batches.
+        accepts, deliveries = (
+            (observe_batch("accept"), observe_batch("delivery")) if observe_batch else (None, None)
+        )
+        self._accepts = Batcher(self._redis, self._confirmation_command(), observe=accepts)
+        self._deliveries = Batcher(self._redis, observe=deliveries)
         self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))
 
     @property
