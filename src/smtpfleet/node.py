@@ -21,6 +21,7 @@ from smtpfleet.config import Config
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.envelope import EntryState
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.fdlimit import raise_fd_limit
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
 from smtpfleet.inbound.handler import InboundHandler
@@ -127,6 +128,7 @@ class Node:
         )
 
     async def start(self) -> None:
+        raise_fd_limit(self.config)  # before any listener or pool opens a descriptor
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
         await self.membership.tick()  # registered before we take any work
