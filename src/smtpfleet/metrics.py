@@ -9,9 +9,12 @@ node exports the same value: aggregate them with `max`, never `sum` (docs/operat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
 
@@ -140,12 +143,36 @@ class Metrics:
             "Entries claimed from dead or stuck consumers: deliveries that may be duplicates",
             registry=r,
         )
+        self.redis_batch_commands = Histogram(
+            "smtpfleet_redis_batch_commands",
+            "Commands per group-commit pipeline, by batcher (accept, delivery)",
+            ["batcher"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.redis_confirmations = Counter(
+            "smtpfleet_redis_confirmations",
+            "WAITAOF/WAIT sent: one per accept batch that asked for durability",
+            registry=r,
+        )
         self._zero_fill()
 
     def outbound_tls(self, relay: str, result: str, version: str | None) -> None:
         """One handshake with a relay (a delivery session or a health check)."""
         self.tls.labels("outbound", result, tls_version(version)).inc()
         self.relay_tls.labels(relay, result, tls_version(version)).inc()
+
+    def observe_batch(self, batcher: str) -> Callable[[int, bool], None]:
+        """The group-commit observer for one batcher (queue/batcher.py's BatchObserver)."""
+        histogram = self.redis_batch_commands.labels(batcher)
+        confirmations = self.redis_confirmations
+
+        def observe(commands: int, confirmed: bool) -> None:
+            histogram.observe(commands)
+            if confirmed:
+                confirmations.inc()
+
+        return observe
 
     def _zero_fill(self) -> None:
         """Series exist from the start, so `rate()` and absent-alerts work before any event."""

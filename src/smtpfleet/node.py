@@ -21,6 +21,7 @@ from smtpfleet.config import Config
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.envelope import EntryState
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.fdlimit import raise_fd_limit
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
 from smtpfleet.inbound.auth import LocalFailureCounter
@@ -54,7 +55,9 @@ class Node:
         self.drain_requested = asyncio.Event()  # `smtpfleet node drain ID`
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.queue = RedisQueue(config.redis, config.queue)
+        self.queue = RedisQueue(
+            config.redis, config.queue, observe_batch=self.metrics.observe_batch
+        )
         self.store = ClusterStore(self.queue)
         self._relays = RelayPool(
             config.delivery,
@@ -135,6 +138,7 @@ class Node:
         )
 
     async def start(self) -> None:
+        raise_fd_limit(self.config)  # before any listener or pool opens a descriptor
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
         await self.membership.tick()  # registered before we take any work

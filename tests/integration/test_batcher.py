@@ -61,3 +61,23 @@ async def test_a_lost_connection_fails_every_caller_of_the_batch() -> None:
     )
     await client.aclose()
     assert all(isinstance(r, RedisConnectionError) for r in results), results
+
+
+async def test_the_observer_hears_each_batch_and_its_confirmation(
+    redis_url: str, prefix: str
+) -> None:
+    seen: list[tuple[int, bool]] = []
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, ("PING",), observe=lambda n, confirmed: seen.append((n, confirmed)))
+    await asyncio.gather(
+        *(
+            batcher.call(("INCR", f"{prefix}:a"), ("INCR", f"{prefix}:b"), confirm=True)
+            for _ in range(5)
+        ),
+        batcher.call(("INCR", f"{prefix}:c")),
+    )
+    await batcher.call(("INCR", f"{prefix}:c"))
+    await client.aclose()
+    # One event-loop turn's callers share a batch (11 commands, one confirmation); a lone
+    # call without `confirm` is a batch without one.
+    assert seen == [(11, True), (1, False)]

@@ -63,6 +63,12 @@ async def test_metrics_and_probes(redis_url: str, prefix: str, sink: Sink) -> No
         assert metrics[("smtpfleet_accept_latency_seconds_count", ())] == 3
         assert metrics[("smtpfleet_relay_up", (("relay", "relay-1"), ("view", "cluster")))] == 1
         assert metrics[("smtpfleet_live_nodes", ())] == 1
+        # Group commit: every enqueue went through the accept batcher's pipelines.
+        accept_batches = (("batcher", "accept"),)
+        assert metrics[("smtpfleet_redis_batch_commands_count", accept_batches)] >= 1
+        assert metrics[("smtpfleet_redis_batch_commands_sum", accept_batches)] >= 3
+        assert metrics[("smtpfleet_redis_batch_commands_count", (("batcher", "delivery"),))] >= 1
+        assert ("smtpfleet_redis_confirmations_total", ()) in metrics
         assert (
             "smtpfleet_tls_handshakes_total",
             (("direction", "inbound"), ("result", "failed"), ("version", "none")),

@@ -9,13 +9,16 @@ it: it covers every write before it on the connection, so N accepts wait for one
 Batches go out one at a time, in the order their commands arrived: a tombstone sent after an
 enqueue never overtakes it. Replies come back per caller, error replies as exception values;
 a connection failure fails every caller of the batch with the same exception.
+
+An optional observer hears of each batch sent (its size in commands, whether it carried a
+confirmation): the node feeds its metrics from it, so this module needs no metrics import.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,9 @@ import redis.asyncio as aioredis
 
 Command = tuple[Any, ...]
 MAX_BATCH_COMMANDS = 512
+# Hears of each batch sent: its commands (the confirmation not counted), and whether it
+# carried a confirmation (one fsync or replica wait for the whole batch).
+BatchObserver = Callable[[int, bool], None]
 
 
 @dataclass
@@ -35,9 +41,16 @@ class _Call:
 class Batcher:
     """Group commit: concurrent callers' commands share one pipeline per batch, batches in order."""
 
-    def __init__(self, client: aioredis.Redis, confirmation: Command | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        confirmation: Command | None = None,
+        *,
+        observe: BatchObserver | None = None,
+    ) -> None:
         self._redis = client
         self._confirmation = confirmation
+        self._observe = observe
         self._pending: list[_Call] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -92,13 +105,19 @@ class Batcher:
         return batch
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
+        commands = 0
+        confirm = self._confirmation is not None and any(call.confirm for call in batch)
         async with self._redis.pipeline(transaction=False) as pipe:
             for call in batch:
+                commands += len(call.commands)
                 for command in call.commands:
                     pipe.execute_command(*command)
-            if self._confirmation is not None and any(call.confirm for call in batch):
+            if confirm and self._confirmation is not None:
                 pipe.execute_command(*self._confirmation)
-            return await pipe.execute(raise_on_error=False)
+            replies = await pipe.execute(raise_on_error=False)
+        if self._observe is not None:
+            self._observe(commands, confirm)
+        return replies
 
 
 def _deliver(batch: list[_Call], replies: list[Any]) -> None:

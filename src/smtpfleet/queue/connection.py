@@ -26,7 +26,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from smtpfleet.config import RedisConfig, parse_hostport
 from smtpfleet.queue.batcher import Command
 from smtpfleet.queue.keys import Keys
-from smtpfleet.queue.routes import ClusterRoutes, Routes, SingleRoutes, route_for
+from smtpfleet.queue.routes import ClusterRoutes, Observers, Routes, SingleRoutes, route_for
 
 # The client for commands that name their keys: one server's, or the cluster's (which sends
 # each command to the primary of its key's slot and follows MOVED/ASK).
@@ -49,11 +49,12 @@ class RedisConnection:
         if self.sentinel is not None:
             await self.sentinel.aclose()
 
-    def routes(self, keys: Keys, confirmation: Command | None) -> Routes:
+    def routes(self, keys: Keys, confirmation: Command | None, observers: Observers) -> Routes:
         """Where each shard's batched commands go: this client, or each slot's primary."""
         if isinstance(self.client, RedisCluster):
-            return ClusterRoutes(self.client, keys, confirmation, self.node_options or {})
-        return SingleRoutes(route_for("redis", self.client, confirmation))
+            options = self.node_options or {}
+            return ClusterRoutes(self.client, keys, confirmation, options, observers)
+        return SingleRoutes(route_for("redis", self.client, confirmation, observers))
 
 
 def connect(config: RedisConfig) -> RedisConnection:

@@ -30,11 +30,11 @@ from smtpfleet.envelope import (
 )
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
-from smtpfleet.queue.batcher import Command
+from smtpfleet.queue.batcher import BatchObserver, Command
 from smtpfleet.queue.connection import RedisClient, connect
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
-from smtpfleet.queue.routes import Route, SingleRoutes, is_redirect
+from smtpfleet.queue.routes import Observers, Route, SingleRoutes, is_redirect
 from smtpfleet.queue.suitability import server_version, unsuitable_reason
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,13 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
 class RedisQueue:
     """The mail queue in Redis streams, sharded by hash tag."""
 
-    def __init__(self, redis_config: RedisConfig, queue_config: QueueConfig) -> None:
+    def __init__(
+        self,
+        redis_config: RedisConfig,
+        queue_config: QueueConfig,
+        *,
+        observe_batch: Callable[[str], BatchObserver] | None = None,
+    ) -> None:
         self.keys = Keys(redis_config.prefix, redis_config.shards)
         self._queue = queue_config
         self._connection = connect(redis_config)  # one URL, Sentinel's primary, or a cluster
@@ -74,8 +80,12 @@ class RedisQueue:
         self._move_due = self._redis.register_script(scripts.MOVE_DUE)
         self._finish = self._redis.register_script(scripts.FINISH)
         # Each shard's commands go through the batchers of the server that holds it (one for
-        # every shard, except on Redis Cluster: one per primary).
-        self._routes = self._connection.routes(self.keys, self._confirmation_command())
+        # every shard, except on Redis Cluster: one per primary); observe_batch("accept" or
+        # "delivery") gives the node's group-commit metrics for each kind of batcher.
+        observers = Observers(
+            *((observe_batch("accept"), observe_batch("delivery")) if observe_batch else ())
+        )
+        self._routes = self._connection.routes(self.keys, self._confirmation_command(), observers)
         self._sharded = not isinstance(self._routes, SingleRoutes)
         self._rotation = itertools.count()
         self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from smtpfleet.queue.batcher import Batcher, Command
+from smtpfleet.queue.batcher import Batcher, BatchObserver, Command
 from smtpfleet.queue.keys import Keys
 
 # Replies meaning "this command did not run here; the slot is elsewhere or moving".
@@ -41,10 +41,24 @@ class Route:
         await self.deliveries.close()
 
 
-def route_for(address: str, client: aioredis.Redis, confirmation: Command | None) -> Route:
+@dataclass(frozen=True)
+class Observers:
+    """The group-commit metrics of the accept and the delivery batchers (None: not observed)."""
+
+    accepts: BatchObserver | None = None
+    deliveries: BatchObserver | None = None
+
+
+def route_for(
+    address: str,
+    client: aioredis.Redis,
+    confirmation: Command | None,
+    observers: Observers = Observers(),
+) -> Route:
     # Accepts share pipelines and one confirmation per batch; deliveries share others,
     # never waiting behind an fsync.
-    return Route(address, client, Batcher(client, confirmation), Batcher(client))
+    accepts = Batcher(client, confirmation, observe=observers.accepts)
+    return Route(address, client, accepts, Batcher(client, observe=observers.deliveries))
 
 
 @dataclass
@@ -77,6 +91,7 @@ class ClusterRoutes:
     keys: Keys
     confirmation: Command | None
     client_options: dict[str, Any]
+    observers: Observers = field(default_factory=Observers)
     _routes: dict[str, Route] = field(default_factory=dict)  # by "host:port"
     _shard_address: dict[int, str] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -117,7 +132,9 @@ class ClusterRoutes:
                             host=node.host, port=node.port, **self.client_options
                         )
                     )
-                    self._routes[address] = route_for(address, client, self.confirmation)
+                    self._routes[address] = route_for(
+                        address, client, self.confirmation, self.observers
+                    )
                 self._shard_address[shard] = address
 
     async def close(self) -> None:
