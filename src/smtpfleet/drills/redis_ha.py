@@ -108,7 +108,9 @@ REDIS_HA_SCENARIOS = [
         inject=_kill_primary,
         heal=_restart_old_primary,
         detected=_promoted,
-        objectives=OBJECTIVES,
+        # What was in flight here includes acks not yet replicated when the primary died,
+        # which no sample of the backlog sees: duplicates are reported, not bounded.
+        objectives={k: v for k, v in OBJECTIVES.items() if k != "excess_duplicates"},
         overrides=REPLICATED,
         sentinel=True,
         lossless_only_when_replicated=True,
