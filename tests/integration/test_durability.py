@@ -8,8 +8,10 @@ import time
 import pytest
 import redis
 
-from smtpfleet.errors import RedisUnsuitable
+from smtpfleet.envelope import NewMessage, choose_shard, dedupe_fingerprint, new_qid
+from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
 from smtpfleet.node import Node
+from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing import eventually, make_message, node_config, running_node, send
 from smtpfleet.testing.redis_server import RedisServer
 from smtpfleet.testing.sink import Sink
@@ -123,3 +125,54 @@ async def test_redis_down_mid_load_gives_451_only_and_loses_nothing(sink: Sink) 
                 return set(accepted) <= seen
 
             await eventually(all_delivered, timeout_s=30)
+
+
+async def test_a_resend_is_never_answered_with_a_copy_that_gets_tombstoned(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/drills.md, known issue 3: node A's accept was not confirmed (451, its tombstone
+    still on the way); the sender's resend reached node B, whose dedupe answered 250 with A's
+    copy; then A's tombstone deleted that copy: acknowledged mail, gone."""
+
+    config = node_config(
+        redis_url, [], {"redis": {"prefix": prefix}, "queue": {"durability": "fsync"}}
+    )
+    queue = RedisQueue(config.redis, config.queue)
+    fingerprint = dedupe_fingerprint("<resent@test>", "s@example.com", ("r@example.net",))
+    shard = choose_shard(fingerprint, config.redis.shards)
+
+    def message() -> NewMessage:
+        return NewMessage(
+            qid=new_qid(shard),
+            sender="s@example.com",
+            recipients=("r@example.net",),
+            data=make_message(message_id="<resent@test>"),
+            fingerprint=fingerprint,
+        )
+
+    def unconfirmed(*args: object) -> None:
+        raise QueueUnavailable("WAITAOF: the AOF fsync was not confirmed in time")
+
+    tombstones: list[NewMessage] = []
+
+    async def later(shard_: int, message_: NewMessage) -> None:
+        tombstones.append(message_)  # the tombstone is still on its way
+
+    try:
+        first = message()
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "_require_confirmation", unconfirmed)
+            patch.setattr(queue, "_cancel_quietly", later)
+            with pytest.raises(QueueUnavailable):
+                await queue.enqueue(first)
+        resent = await queue.enqueue(message())
+        await queue._cancel_quietly(shard, tombstones[0])  # A's tombstone lands now
+        assert not resent.duplicate
+        body = await queue.load_body(shard, resent.qid)
+        assert body.data is not None, "the acknowledged resend was deleted with the first copy"
+        # A confirmed copy still answers for its resends (RFC 1047).
+        again = await queue.enqueue(message())
+        assert again.duplicate
+        assert again.qid == resent.qid
+    finally:
+        await queue.close()

@@ -10,7 +10,16 @@ ENQUEUE: Final = """
 local dedupe = tonumber(ARGV[4]) > 0
 if dedupe then
   local original = redis.call('GET', KEYS[4])
-  if original then return {'dup', original} end
+  if original then
+    -- The first copy answers for this one only if its 250 went out (ok) or it is delivered
+    -- already (body gone; a cancelled copy takes its dedupe key with it). A copy whose
+    -- accept has not been confirmed may still be tombstoned after a 451: answering the resend
+    -- with its id would lose both, so the resend is queued as a copy of its own.
+    local body = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[1]) .. original
+    if redis.call('EXISTS', body) == 0 or redis.call('HGET', body, 'ok') == '1' then
+      return {'dup', original}
+    end
+  end
 end
 if redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
   return {'full'}
