@@ -111,6 +111,12 @@ REDIS_HA_SCENARIOS = [
         # What was in flight here includes acks not yet replicated when the primary died,
         # which no sample of the backlog sees: duplicates are reported, not bounded.
         objectives={k: v for k, v in OBJECTIVES.items() if k != "excess_duplicates"},
+        # The same stale-heartbeat issue as the forced failover (docs/drills.md, known issue
+        # 2): seen here too in a full CI-like run; reported, not yet fixed.
+        known_issues={
+            "live_declared_dead": STALE_BEATS_AFTER_FAILOVER,
+            "takeovers": STALE_BEATS_AFTER_FAILOVER,
+        },
         overrides=REPLICATED,
         sentinel=True,
         lossless_only_when_replicated=True,
