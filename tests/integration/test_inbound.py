@@ -11,20 +11,17 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from smtpfleet import replies
-from smtpfleet.config import InboundConfig
-from smtpfleet.envelope import EnqueueResult, NewMessage
 from smtpfleet.errors import QueueFull, QueueUnavailable
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer, rewrite
-from smtpfleet.metrics import Metrics
 from smtpfleet.testing.client import eventually
+from smtpfleet.testing.inbound import MemorySpool, inbound_front
 from smtpfleet.testing.wire import Wire
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,32 +29,6 @@ pytestmark = pytest.mark.timeout(30)
 WAIT_S = 5.0
 ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3} ")
 MESSAGE = b"Subject: hi\r\nMessage-ID: <a@b>\r\n\r\nline one\r\n..starts with a dot\r\n.\r\n"
-
-
-@dataclass
-class MemorySpool:
-    """Our `Spool` protocol in memory, with faults on demand."""
-
-    messages: list[NewMessage] = field(default_factory=list)
-    fail_with: Exception | None = None
-    delay_s: float = 0.0  # 3600 = hang
-    duplicate_of: str | None = None
-    cancelled: int = 0
-    started: int = 0  # enqueues begun (in flight or done)
-
-    async def enqueue(self, message: NewMessage) -> EnqueueResult:
-        self.started += 1
-        try:
-            await asyncio.sleep(self.delay_s)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        if self.fail_with is not None:
-            raise self.fail_with
-        if self.duplicate_of is not None:
-            return EnqueueResult(self.duplicate_of, duplicate=True)
-        self.messages.append(message)
-        return EnqueueResult(message.qid)
 
 
 class Client(Wire):
@@ -111,25 +82,12 @@ async def running(spool: MemorySpool | None = None, **overrides: Any) -> AsyncIt
         "max_received_headers": 5,
         "accept_timeout_s": 1.0,
     }
-    config = InboundConfig(**(settings | overrides))
-    metrics = Metrics()
-    handler = InboundHandler(
-        spool=spool,
-        policy=RecipientPolicy.from_config(config),
-        hostname="mx.test",
-        shards=4,
-        max_recipients=config.max_recipients,
-        max_received_headers=config.max_received_headers,
-        accept_timeout_s=config.accept_timeout_s,
-        metrics=metrics,
-    )
-    server = InboundServer(config, handler, "mx.test", metrics=metrics)
-    await server.start()
-    harness = Harness(server, spool)
-    try:
-        yield harness
-    finally:
-        await harness.aclose()
+    async with inbound_front(settings | overrides, spool) as front:
+        harness = Harness(front.server, spool)
+        try:
+            yield harness
+        finally:
+            await harness.aclose()
 
 
 @pytest.fixture

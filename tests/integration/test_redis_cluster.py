@@ -21,6 +21,7 @@ from smtpfleet.envelope import NewMessage, new_qid
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing.redis_cluster import RedisClusterServers
+from smtpfleet.testing.tools import unavailable
 
 # The cluster client leaves sockets to the garbage collector on close (to investigate).
 pytestmark = [
@@ -37,12 +38,12 @@ def cluster() -> Iterator[RedisClusterServers]:
     try:
         servers = RedisClusterServers(primaries=3, replicas=1)
     except RuntimeError as exc:
-        pytest.skip(f"cannot build a Redis Cluster here: {exc}")
+        unavailable(f"cannot build a Redis Cluster here: {exc}")
     try:
         servers.start()
     except (RuntimeError, subprocess.SubprocessError) as exc:
         servers.close()
-        pytest.skip(f"cannot create a Redis Cluster here: {exc}")
+        unavailable(f"cannot create a Redis Cluster here: {exc}")
     yield servers
     servers.close()
 

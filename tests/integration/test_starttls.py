@@ -20,6 +20,7 @@ import pytest
 from smtpfleet import replies
 from smtpfleet.testing.inbound import Front, inbound_front
 from smtpfleet.testing.tls import TlsFiles, make_tls_files
+from smtpfleet.testing.tools import need_program
 from smtpfleet.testing.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
@@ -248,11 +249,10 @@ async def test_a_renewed_certificate_is_used_by_new_sessions(tmp_path: Path) -> 
             await asyncio.to_thread(_issuer, front.address(), first.client_context())
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
 async def test_swaks_sends_over_starttls(front: Front, certs: TlsFiles) -> None:
     host, port = front.address()
     process = await asyncio.create_subprocess_exec(
-        "swaks",
+        need_program("swaks", "apt install swaks"),
         *("--server", host, "--port", str(port), "--helo", "swaks.test"),
         *("--from", "sender@example.com", "--to", "rcpt@example.net"),
         *("--tls", "--tls-verify", "--tls-ca-path", str(certs.ca_file)),

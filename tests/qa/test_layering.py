@@ -4,23 +4,10 @@ and the node's own modules never import the tooling that ships beside them."""
 from __future__ import annotations
 
 import ast
-import gc
 from pathlib import Path
 
 import pytest
-
-
-def parse(source: str) -> ast.Module:
-    """ast.parse with the garbage collector held off: CPython 3.11 before 3.11.8 can fail with
-    "AST constructor recursion depth mismatch" when a collection runs finalizers mid-parse
-    (gh-106905), which a long test session full of sockets makes likely."""
-    gc.collect()
-    gc.disable()
-    try:
-        return ast.parse(source)
-    finally:
-        gc.enable()
-
+from sources import parse
 
 SRC = Path(__file__).parents[2] / "src" / "smtpfleet"
 IO_MODULES = {"redis", "aiosmtplib", "aiosmtpd", "socket", "asyncio", "subprocess"}

@@ -22,12 +22,26 @@ from smtpfleet.metrics import Metrics
 
 @dataclass
 class MemorySpool:
-    """Accepted messages, in order."""
+    """Accepted messages, in order, with faults on demand."""
 
     messages: list[NewMessage] = field(default_factory=list)
+    fail_with: Exception | None = None  # raised by every enqueue
+    delay_s: float = 0.0  # before each enqueue completes (3600: a queue that hangs)
+    duplicate_of: str | None = None  # answer every enqueue as a duplicate of this qid
+    cancelled: int = 0  # enqueues cancelled while waiting
+    started: int = 0  # enqueues begun (in flight or done)
 
     async def enqueue(self, message: NewMessage) -> EnqueueResult:
-        await asyncio.sleep(0)
+        self.started += 1
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail_with is not None:
+            raise self.fail_with
+        if self.duplicate_of is not None:
+            return EnqueueResult(self.duplicate_of, duplicate=True)
         self.messages.append(message)
         return EnqueueResult(message.qid)
 
@@ -46,10 +60,12 @@ class Front:
 
 
 @asynccontextmanager
-async def inbound_front(settings: Mapping[str, Any]) -> AsyncIterator[Front]:
+async def inbound_front(
+    settings: Mapping[str, Any], spool: MemorySpool | None = None
+) -> AsyncIterator[Front]:
     """An `InboundServer` for `inbound:` settings (listen on port 0), started and closed."""
     config = InboundConfig.model_validate(settings)
-    spool, metrics = MemorySpool(), Metrics()
+    spool, metrics = spool or MemorySpool(), Metrics()
     handler = InboundHandler(
         spool=spool,
         policy=RecipientPolicy.from_config(config),
