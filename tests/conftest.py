@@ -1,13 +1,72 @@
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from types import FrameType
 
 import pytest
 import redis
 
 from smtpfleet.testing.redis_server import RedisServer
 from smtpfleet.testing.sink import Sink
+
+TASK_DUMP_LEAD_S = 3.0
+
+
+def _dump_asyncio_tasks(signum: int, frame: FrameType | None) -> None:
+    """Print every task of the loop running in this (the main) thread, with its stack.
+
+    pytest-timeout shows the threads' stacks only, and an async test that hangs is always
+    "in select()": this says which await it is.
+    """
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return
+    print(f"\n--- asyncio tasks {TASK_DUMP_LEAD_S:.0f} s before the timeout ---", file=sys.stderr)
+    for task in asyncio.all_tasks(loop):
+        print(f"{task!r}", file=sys.stderr)
+        for where in _awaiting(task.get_coro()):
+            print(f"    {where}", file=sys.stderr)
+
+
+def _awaiting(coro: object) -> Iterator[str]:
+    """The chain of awaits under a coroutine, outermost first (Task.print_stack shows one)."""
+    for _ in range(40):
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            yield f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        nested = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        if nested is None:
+            yield repr(coro)
+            return
+        coro = nested
+
+
+@pytest.fixture(autouse=True)
+def _tasks_dumped_before_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    marker = request.node.get_closest_marker("timeout")
+    limit = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(request.config.getini("timeout") or 0)
+    )
+    if limit <= TASK_DUMP_LEAD_S or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGUSR1, _dump_asyncio_tasks)
+    timer = threading.Timer(limit - TASK_DUMP_LEAD_S, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
 
 
 @pytest.fixture(scope="session")

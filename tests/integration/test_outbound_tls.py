@@ -22,7 +22,7 @@ from smtpfleet.testing import eventually, node_config, run_cli, running_node, se
 from smtpfleet.testing.sink import Sink
 from smtpfleet.testing.tls import TlsFiles, make_tls_files
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # above the sum of its bounded waits
 
 RELAY_TLS = "smtpfleet_relay_tls_handshakes_total"
 EXPIRY = "smtpfleet_relay_certificate_expiry_days"

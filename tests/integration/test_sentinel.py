@@ -86,9 +86,15 @@ async def test_acked_mail_survives_a_failover_and_the_node_follows(
             return set(message_ids([sink]))
 
         await eventually(lambda: acked <= delivered(), timeout_s=30)
-        # Nothing twice. A message answered 451 whose tombstone was lost with the old primary
-        # may still go out once: its dedupe key went with it, so the client's resend (same
-        # Message-ID) gets the first copy's 250 and is not queued again (docs/cluster.md).
-        assert max(message_ids([sink]).values()) == 1
+        # Duplicates stay confined to deliveries in flight at the switch (DESIGN.md invariant 4):
+        # a delivery's ack written to the demoted primary is lost with it, so the entry is pending
+        # again on the new one and goes out a second time. The sender here has one message in
+        # flight at a time, so that is at most the message or two around the switch, and none
+        # goes out three times. (A message answered 451 whose tombstone was lost with the old
+        # primary may still go out once: docs/cluster.md.)
+        counts = message_ids([sink])
+        twice = {mid: n for mid, n in counts.items() if n > 1}
+        assert len(twice) <= 2, (twice, codes)
+        assert max(counts.values()) <= 2, (twice, codes)
         # And the node still takes mail on the new primary.
         assert (await send(address)).code == 250
