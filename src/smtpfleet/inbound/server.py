@@ -101,6 +101,9 @@ REWRITES: Final[tuple[tuple[str, str], ...]] = (
 )
 _REWRITES = tuple((re.compile(pattern), template) for pattern, template in REWRITES)
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# asyncio's default of 100 drops the SYNs of a burst of new connections, and each dropped
+# client waits for its SYN retry (1, 3, 7 s ...): the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 def rewrite(reply: str) -> str:
@@ -744,6 +747,7 @@ class InboundServer:
                     port,
                     reuse_address=True,
                     reuse_port=True,
+                    backlog=LISTEN_BACKLOG,
                 )
                 self._servers.append(server)
         except BaseException:
