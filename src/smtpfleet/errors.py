@@ -34,3 +34,7 @@ class QueueFull(SpoolError):
 
 class RedisUnsuitable(SmtpfleetError):
     """The Redis server cannot hold mail safely (too old, or may evict keys)."""
+
+
+class SigningFailed(SmtpfleetError):
+    """A message of a signing domain could not be DKIM-signed, and the config says 451."""

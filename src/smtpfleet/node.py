@@ -28,6 +28,7 @@ from smtpfleet.inbound.auth import LocalFailureCounter
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
+from smtpfleet.inbound.signing import DkimSigner
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.auth_failures import RedisFailureCounter
 from smtpfleet.queue.deliveries import Delivery
@@ -109,6 +110,7 @@ class Node:
                 config.http, registry=self.registry, not_ready_reason=self.not_ready_reason
             )
         self._started = False
+        self.signer = DkimSigner(config.dkim, self.metrics) if config.dkim.keys else None
         window_s = config.inbound.auth.failure_window_s
         self.inbound = InboundServer(
             config.inbound,
@@ -135,10 +137,13 @@ class Node:
             max_received_headers=inbound.max_received_headers,
             accept_timeout_s=inbound.accept_timeout_s,
             metrics=self.metrics,
+            signer=self.signer,
         )
 
     async def start(self) -> None:
         raise_fd_limit(self.config)  # before any listener or pool opens a descriptor
+        if self.signer is not None:
+            self.signer.load()  # a key that cannot be used stops the start (ConfigError)
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
         await self.membership.tick()  # registered before we take any work
