@@ -32,6 +32,7 @@ RESERVED_ENV = frozenset(
         "SMTPFLEET_LOG_LEVEL",
         "SMTPFLEET_LOG_FORMAT",
         "SMTPFLEET_REDIS_SERVER",
+        "SMTPFLEET_REDIS_TLS_SERVER",  # a Redis built with TLS, for tests (testing/redis_server)
         "SMTPFLEET_KEEP_WORKDIR",
         "SMTPFLEET_PARENT_PID",
         WORKERS_ENV,

@@ -20,7 +20,7 @@ from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.envelope import EntryState
-from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.errors import QueueUnavailable, RedisAccessDenied, RedisUnsuitable
 from smtpfleet.fdlimit import raise_fd_limit
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
@@ -31,6 +31,7 @@ from smtpfleet.inbound.server import InboundServer
 from smtpfleet.inbound.signing import DkimSigner
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.auth_failures import RedisFailureCounter
+from smtpfleet.queue.connection import access_denied
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
@@ -178,6 +179,9 @@ class Node:
             except RedisUnsuitable:
                 raise
             except QueueUnavailable as exc:
+                denied = access_denied(exc)
+                if denied is not None:  # a wrong password or CA does not fix itself
+                    raise RedisAccessDenied(f"{self.config.redis.describe()}: {denied}") from exc
                 if time.monotonic() >= deadline:
                     raise QueueUnavailable(f"Redis not reachable at start: {exc}") from exc
                 log.warning("waiting for Redis: %s", exc)
