@@ -69,6 +69,28 @@ async def test_delivered_mail_verifies_and_other_domains_go_unsigned(
     assert not dkim.verify(signed.replace(b"hello", b"HELLO"), dnsfunc=published)
 
 
+async def test_mail_from_the_internet_with_our_from_is_not_signed(
+    redis_url: str, prefix: str, sink: Sink, key: DkimKeyFile
+) -> None:
+    """A forged From: of ours, sent to an accepted domain by a client that may not relay, must
+    not leave with our signature."""
+    inbound = {"relay_networks": [], "accepted_domains": ["example.net"]}
+    overrides = {"redis": {"prefix": prefix}, "inbound": inbound, **dkim_settings(key.key_file)}
+    config = node_config(redis_url, [sink.address], overrides)
+    async with running_node(config) as node:
+        forged = make_message(sender="ceo@example.com", recipients=["staff@example.net"])
+        reply = await send(
+            node.inbound.addresses[0],
+            sender="ceo@example.com",
+            recipients=["staff@example.net"],
+            data=forged,
+        )
+        assert reply.code == 250
+        await eventually(lambda: sink.count == 1)
+        assert metric(node, "example.com", "signed") == 0
+    assert b"DKIM-Signature" not in sink.messages[0].data
+
+
 async def test_a_node_with_an_unusable_key_does_not_start(
     redis_url: str, prefix: str, tmp_path: Path
 ) -> None:

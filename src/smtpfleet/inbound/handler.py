@@ -201,13 +201,19 @@ class InboundHandler:
         if count_received_headers(data) > self._max_received:
             return replies.LOOP_DETECTED, None
         message = self._new_message(session, envelope, data)
-        if self._signer is not None:
+        if self._signer is not None and self._may_sign(session):
             # Signed once, before the write: every delivery of it carries this signature.
             try:
                 message = replace(message, data=await self._signer.sign(message.data))
             except SigningFailed:
                 return replies.NOT_SIGNED, None
         return await self._enqueue(message), message.qid
+
+    def _may_sign(self, session: Session) -> bool:
+        """Only our own clients' mail is signed (relay_networks, or authenticated): mail from
+        the internet to an accepted domain with a forged From: of ours must not get our
+        signature (OpenDKIM signs for its InternalHosts and authenticated clients alone)."""
+        return bool(session.authenticated) or self._policy.is_relay_client(_peer_ip(session))
 
     def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
         # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue
