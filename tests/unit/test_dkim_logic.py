@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import os
 from pathlib import Path
 
 import dkim
@@ -297,5 +299,23 @@ async def test_a_failure_is_a_tempfail_when_configured(key: DkimKeyFile) -> None
 
 async def test_a_large_message_is_signed_too(key: DkimKeyFile) -> None:
     signer, _ = signer_for(key)
-    large = MESSAGE + (b"x" * 76 + b"\r\n") * 5000  # above INLINE_BYTES: signed in a thread
+    large = MESSAGE + (b"x" * 76 + b"\r\n") * 5000
     assert verifies(await signer.sign(large), key)
+
+
+async def test_a_replaced_key_file_is_used_and_a_broken_one_is_not(
+    key: DkimKeyFile, tmp_path: Path
+) -> None:
+    current = make_dkim_key(tmp_path / "current.pem")
+    signer, _ = signer_for(current, reload_interval_s=0.001)
+    assert verifies(await signer.sign(MESSAGE), current)
+    # How a Kubernetes secret changes: a new file swapped in under the same name.
+    replacement = make_dkim_key(tmp_path / "next.pem")
+    os.replace(replacement.key_file, current.key_file)
+    await asyncio.sleep(0.01)
+    assert verifies(await signer.sign(MESSAGE), replacement)
+    broken = tmp_path / "broken.pem"
+    broken.write_text("not a key")
+    os.replace(broken, current.key_file)
+    await asyncio.sleep(0.01)
+    assert verifies(await signer.sign(MESSAGE), replacement)  # the last good key stays

@@ -30,9 +30,6 @@ from smtpfleet.metrics import Metrics
 log = logging.getLogger(__name__)
 
 NO_DOMAIN = "none"  # the metric's domain label when the From: domain has no key
-# Messages up to this size are signed on the event loop; larger ones in a thread, so the
-# canonicalization of a 25 MB body (about 1.5 s here) does not stall every session.
-INLINE_BYTES = 256 * 1024
 
 
 def read_key(config: DkimSigningKey) -> SigningKey:
@@ -101,10 +98,10 @@ class DkimSigner:
             return message
         key = reloading.get()
         try:
-            if len(message) <= INLINE_BYTES:
-                header = signature(message, key)
-            else:
-                header = await asyncio.to_thread(signature, message, key)
+            # In a thread: dkimpy's RSA is pure Python (about 12 ms a signature at 2048 bits)
+            # and a 25 MB body takes 1.5 s to canonicalize. The GIL still serializes it, but
+            # the loop runs between its steps instead of stalling every session for all of it.
+            header = await asyncio.to_thread(signature, message, key)
         except dkim.DKIMException as exc:
             return self._failed(message, key.domain, exc)
         self._metrics.dkim.labels(key.domain, "signed").inc()
