@@ -3,10 +3,13 @@ compares the published key with the private key in use, over real DNS on loopbac
 
 from __future__ import annotations
 
+import asyncio
 import json
+import smtplib
 from pathlib import Path
 from typing import Any
 
+import argon2
 import dkim
 import pytest
 
@@ -22,6 +25,7 @@ from smtpfleet.testing import (
 )
 from smtpfleet.testing.dkim import DkimKeyFile, make_dkim_key, txt_lookup
 from smtpfleet.testing.sink import Sink
+from smtpfleet.testing.tls import TlsFiles, make_tls_files
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,6 +93,39 @@ async def test_mail_from_the_internet_with_our_from_is_not_signed(
         await eventually(lambda: sink.count == 1)
         assert metric(node, "example.com", "signed") == 0
     assert b"DKIM-Signature" not in sink.messages[0].data
+
+
+def submit(address: tuple[str, int], certs: TlsFiles, message: bytes) -> None:
+    """STARTTLS, AUTH PLAIN as alice, one message: a submission client as people run one."""
+    with smtplib.SMTP(*address, local_hostname="client.test", timeout=10) as client:
+        client.starttls(context=certs.client_context())
+        client.login("alice", "alice-password")
+        client.sendmail("alice@example.com", ["x@foreign.example"], message)
+
+
+async def test_an_authenticated_submission_client_gets_its_mail_signed(
+    redis_url: str, prefix: str, sink: Sink, key: DkimKeyFile, tmp_path: Path
+) -> None:
+    certs = make_tls_files(tmp_path / "tls")
+    users = tmp_path / "users"
+    hasher = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    users.write_text(f"alice:{hasher.hash('alice-password')}\n")
+    inbound = {
+        "relay_networks": [],  # only AUTH lets a client relay (and get signed)
+        "listen": [],
+        "listeners": [{"address": "127.0.0.1:0", "profile": "submission"}],
+        "tls": {"cert_file": str(certs.cert_file), "key_file": str(certs.key_file)},
+        "auth": {"users_file": str(users)},
+    }
+    overrides = {"redis": {"prefix": prefix}, "inbound": inbound, **dkim_settings(key.key_file)}
+    config = node_config(redis_url, [sink.address], overrides)
+    async with running_node(config) as node:
+        message = make_message(sender="alice@example.com", recipients=["x@foreign.example"])
+        await asyncio.to_thread(submit, node.inbound.addresses[0], certs, message)
+        await eventually(lambda: sink.count == 1)
+    received = sink.messages[0].data
+    assert b" with ESMTPSA id " in received
+    assert dkim.verify(received, dnsfunc=txt_lookup({RECORD_NAME: key.txt_record()}))
 
 
 async def test_a_node_with_an_unusable_key_does_not_start(
