@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from smtpfleet.config import build_config
 from smtpfleet.errors import ConfigError, SigningFailed
 from smtpfleet.inbound import dkim as inbound_dkim
+from smtpfleet.inbound import signing
 from smtpfleet.inbound.dkim import (
     KeyProblem,
     SigningKey,
@@ -319,3 +320,18 @@ async def test_a_replaced_key_file_is_used_and_a_broken_one_is_not(
     os.replace(broken, current.key_file)
     await asyncio.sleep(0.01)
     assert verifies(await signer.sign(MESSAGE), replacement)  # the last good key stays
+
+
+async def test_an_unexpected_error_follows_on_failure_too(
+    key: DkimKeyFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(message: bytes, key: SigningKey) -> bytes:
+        raise RuntimeError("a bug in the signing path")
+
+    monkeypatch.setattr(signing, "signature", broken)
+    signer, metrics = signer_for(key)
+    assert await signer.sign(MESSAGE) == MESSAGE
+    tempfail, _ = signer_for(key, on_failure="tempfail")
+    with pytest.raises(SigningFailed):
+        await tempfail.sign(MESSAGE)
+    assert count(metrics, "example.com", "failed") == 1

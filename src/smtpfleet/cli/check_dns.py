@@ -18,11 +18,8 @@ def dkim_expectations(config: Config, domain: str) -> tuple[tuple[str, str], ...
     with (derived from the private key in use), then the `dns.dkim` entries."""
     keys = load_keys(config.dkim)  # ConfigError when a key file cannot be used
     wanted = domain.rstrip(".").lower()
-    signing = {
-        reloading.get().selector: public_key(reloading.get().pem)
-        for name, reloading in keys.items()
-        if name == wanted
-    }
+    in_use = [reloading.get() for name, reloading in keys.items() if name == wanted]
+    signing = {key.selector: public_key(key.pem) for key in in_use}
     listed = {key.selector: key.public_key for key in config.dns.dkim}
     return tuple({**listed, **signing}.items())
 
