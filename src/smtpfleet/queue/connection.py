@@ -102,7 +102,8 @@ def _cluster(config: RedisConfig, timeouts: dict[str, Any]) -> RedisConnection:
     url = urlparse(config.url)
     seeds = [(url.hostname or "127.0.0.1", url.port or 6379)]
     seeds += [parse_hostport(address) for address in config.cluster_nodes]
-    tls: dict[str, Any] = {"ssl": True} if url.scheme == "rediss" else {}
+    # rediss://: TLS to every node, verified against tls_ca_file (with the client certificate).
+    tls: dict[str, Any] = {"ssl": True, **_tls(config)} if url.scheme == "rediss" else {}
     client = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in seeds],
         max_connections=config.max_connections,
@@ -121,6 +122,7 @@ def _cluster(config: RedisConfig, timeouts: dict[str, Any]) -> RedisConnection:
     }
     if tls:
         node_options["connection_class"] = aioredis.SSLConnection
+        node_options.update(_tls(config))
     return RedisConnection(client, node_options=node_options)
 
 
