@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -31,6 +32,7 @@ RESERVED_ENV = frozenset(
         "SMTPFLEET_LOG_LEVEL",
         "SMTPFLEET_LOG_FORMAT",
         "SMTPFLEET_REDIS_SERVER",
+        "SMTPFLEET_REDIS_TLS_SERVER",  # a Redis built with TLS, for tests (testing/redis_server)
         "SMTPFLEET_KEEP_WORKDIR",
         "SMTPFLEET_PARENT_PID",
         WORKERS_ENV,
@@ -433,6 +435,80 @@ class DnsConfig(_Section):
     max_ttl_s: PositiveInt = 300  # longer TTLs slow down failover
 
 
+class Canonicalization(StrEnum):
+    """header/body canonicalization (RFC 6376 §3.4); relaxed survives re-folding in transit."""
+
+    RELAXED_RELAXED = "relaxed/relaxed"
+    RELAXED_SIMPLE = "relaxed/simple"
+    SIMPLE_RELAXED = "simple/relaxed"
+    SIMPLE_SIMPLE = "simple/simple"
+
+
+class SigningFailure(StrEnum):
+    """What the client is told when a message of a signing domain cannot be signed."""
+
+    ACCEPT = "accept"  # queue it unsigned (logged, counted): the mail goes out
+    TEMPFAIL = "tempfail"  # 451 4.3.0: the client keeps it and retries
+
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+# RFC 6376 §5.4.1: trace and per-recipient fields change in transit and are never signed.
+UNSIGNABLE_HEADERS = frozenset(
+    {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
+)
+
+
+class DkimSigningKey(_Section):
+    """One signing domain: mail whose From: header is in `domain` is signed with this key."""
+
+    domain: str
+    selector: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    # The RSA private key (PEM, PKCS#1 or PKCS#8, unencrypted; a mounted secret).
+    key_file: str
+    # Header fields to sign, From first; []: the fields of RFC 6376 §5.4.1 that the message
+    # has, From signed twice so none can be added.
+    headers: list[str] = Field(default_factory=list)
+    canonicalization: Canonicalization = Canonicalization.RELAXED_RELAXED
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        domain = value.strip().lower().rstrip(".")
+        if not _DOMAIN.fullmatch(domain):
+            raise ValueError(f"{value!r} is not a domain name")
+        return domain
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower() for name in value]
+        if names and "from" not in names:
+            raise ValueError("must include From (RFC 6376 §5.4)")
+        unsignable = sorted(set(names) & UNSIGNABLE_HEADERS)
+        if unsignable:
+            raise ValueError(f"must not sign {', '.join(unsignable)} (RFC 6376 §5.4.1)")
+        return names
+
+
+class DkimConfig(_Section):
+    """DKIM signing at accept time, before the message is queued (docs/security.md)."""
+
+    keys: list[DkimSigningKey] = Field(default_factory=list)
+    # How often the key files are checked for a change (a rotated secret is used at once).
+    reload_interval_s: PositiveFloat = 10.0
+    on_failure: SigningFailure = SigningFailure.ACCEPT
+
+    @field_validator("keys")
+    @classmethod
+    def _one_key_per_domain(cls, value: list[DkimSigningKey]) -> list[DkimSigningKey]:
+        domains = [key.domain for key in value]
+        duplicates = sorted({d for d in domains if domains.count(d) > 1})
+        if duplicates:
+            raise ValueError(f"one key per domain: {', '.join(duplicates)} repeated")
+        return value
+
+
 class BounceConfig(_Section):
     # The display sender of DSNs; the envelope sender is always null (RFC 3464, RFC 5321 4.5.5).
     from_address: str = ""
@@ -452,6 +528,7 @@ class Config(_Section):
     bounce: BounceConfig = BounceConfig()
     http: HttpConfig = HttpConfig()
     dns: DnsConfig = DnsConfig()
+    dkim: DkimConfig = DkimConfig()
 
     @field_validator("relays")
     @classmethod

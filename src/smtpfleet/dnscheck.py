@@ -27,6 +27,8 @@ import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.TXT
 import dns.resolver
 
+from smtpfleet.inbound.dkim import same_public_key
+
 MAX_SPF_LOOKUPS = 10  # RFC 7208 §4.6.4: include, a, mx, ptr, exists and redirect count
 MAX_SPF_VOID_LOOKUPS = 2  # RFC 7208 §4.6.4: lookups answered NXDOMAIN or with no records
 MAX_SPF_MX_NAMES = 10  # RFC 7208 §4.6.4: an mx mechanism looks up at most 10 exchanges
@@ -430,7 +432,8 @@ def _dkim_record(name: str, where: str, tags: dict[str, str], key: str) -> Check
         base64.b64decode(published, validate=True)
     except (binascii.Error, ValueError):
         return Check(name, Status.FAIL, f"p= at {where} is not base64")
-    if key and published != key:
+    # Key material, not text: p= may be a SubjectPublicKeyInfo or a bare RSAPublicKey.
+    if key and not same_public_key(published, key):
         return Check(
             name,
             Status.FAIL,

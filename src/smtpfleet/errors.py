@@ -34,3 +34,12 @@ class QueueFull(SpoolError):
 
 class RedisUnsuitable(SmtpfleetError):
     """The Redis server cannot hold mail safely (too old, or may evict keys)."""
+
+
+class RedisAccessDenied(RedisUnsuitable):
+    """Redis refused our credentials or ACL, or its TLS certificate is not trusted: waiting
+    for it cannot help, so a node stops at start instead of retrying."""
+
+
+class SigningFailed(SmtpfleetError):
+    """A message of a signing domain could not be DKIM-signed, and the config says 451."""

@@ -112,6 +112,13 @@ class Metrics:
         self.auth = Counter(
             "smtpfleet_smtp_auth", "SMTP AUTH attempts by result", ["result"], registry=r
         )
+        self.dkim = Counter(
+            "smtpfleet_dkim_signatures",
+            "Accepted messages by signing domain (configured ones; 'none': no key for the "
+            "From: domain) and result (signed, failed, no_key)",
+            ["domain", "result"],
+            registry=r,
+        )
         self.proxy_headers = Counter(
             "smtpfleet_proxy_headers",
             "PROXY protocol connections by result",

@@ -20,7 +20,7 @@ from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.envelope import EntryState
-from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
+from smtpfleet.errors import QueueUnavailable, RedisAccessDenied, RedisUnsuitable
 from smtpfleet.fdlimit import raise_fd_limit
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
@@ -28,8 +28,10 @@ from smtpfleet.inbound.auth import LocalFailureCounter
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
+from smtpfleet.inbound.signing import DkimSigner
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.auth_failures import RedisFailureCounter
+from smtpfleet.queue.connection import access_denied
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
@@ -109,6 +111,7 @@ class Node:
                 config.http, registry=self.registry, not_ready_reason=self.not_ready_reason
             )
         self._started = False
+        self.signer = DkimSigner(config.dkim, self.metrics) if config.dkim.keys else None
         window_s = config.inbound.auth.failure_window_s
         self.inbound = InboundServer(
             config.inbound,
@@ -135,10 +138,13 @@ class Node:
             max_received_headers=inbound.max_received_headers,
             accept_timeout_s=inbound.accept_timeout_s,
             metrics=self.metrics,
+            signer=self.signer,
         )
 
     async def start(self) -> None:
         raise_fd_limit(self.config)  # before any listener or pool opens a descriptor
+        if self.signer is not None:
+            self.signer.load()  # a key that cannot be used stops the start (ConfigError)
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
         await self.membership.tick()  # registered before we take any work
@@ -173,6 +179,9 @@ class Node:
             except RedisUnsuitable:
                 raise
             except QueueUnavailable as exc:
+                denied = access_denied(exc)
+                if denied is not None:  # a wrong password or CA does not fix itself
+                    raise RedisAccessDenied(f"{self.config.redis.describe()}: {denied}") from exc
                 if time.monotonic() >= deadline:
                     raise QueueUnavailable(f"Redis not reachable at start: {exc}") from exc
                 log.warning("waiting for Redis: %s", exc)

@@ -26,6 +26,8 @@ SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_SESSIONS: Final = "421 4.3.2 Too many connections, try again later"
 TIMEOUT: Final = "421 4.4.2 Idle timeout, closing connection"
 LOCAL_ERROR: Final = "451 4.3.0 Local error in processing, try again later"
+# dkim.on_failure: tempfail (docs/security.md): the client keeps the message and retries.
+NOT_SIGNED: Final = "451 4.3.0 Message could not be DKIM-signed, try again later"
 
 RELAY_DENIED: Final = "550 5.7.1 Relaying denied"
 BAD_ADDRESS: Final = "553 5.1.3 Bad recipient address syntax"

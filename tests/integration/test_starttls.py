@@ -159,6 +159,36 @@ async def test_tls_older_than_1_2_is_refused(front: Front, certs: TlsFiles) -> N
     await wire.close()
 
 
+def tls12_client(certs: TlsFiles, ciphers: str) -> ssl.SSLContext:
+    context = certs.client_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(ciphers)
+    return context
+
+
+async def starttls_with(front: Front, context: ssl.SSLContext) -> str:
+    """The cipher a STARTTLS with this client context agrees on."""
+    wire = await Wire.open(front.address())
+    await wire.reply()
+    await wire.cmd("EHLO client.test")
+    assert (await wire.cmd("STARTTLS")).startswith("220")
+    try:
+        await wire.starttls(context)
+        ssl_object = wire.writer.get_extra_info("ssl_object")
+        return str(ssl_object.cipher()[0])
+    finally:
+        await wire.close()
+
+
+async def test_tls_1_2_offers_aead_suites_only(front: Front, certs: TlsFiles) -> None:
+    """testssl.sh flagged the CBC suites OpenSSL offers by default (docs/security.md)."""
+    aead = await starttls_with(front, tls12_client(certs, "ECDHE+AESGCM"))
+    assert aead.startswith("ECDHE-")
+    assert "GCM" in aead
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await starttls_with(front, tls12_client(certs, "ECDHE+AES256+SHA384:ECDHE+AES128+SHA256"))
+
+
 async def test_require_tls_refuses_mail_in_clear(certs: TlsFiles) -> None:
     settings = tls_settings(
         certs, listen=[], listeners=[{"address": "127.0.0.1:0", "require_tls": True}]

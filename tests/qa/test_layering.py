@@ -16,6 +16,7 @@ PURE = [
     "envelope.py",
     "replies.py",
     "inbound/policy.py",
+    "inbound/dkim.py",
     "delivery/backoff.py",
     "delivery/dsn.py",
     "delivery/outcome.py",
@@ -110,7 +111,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
         "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
-        "inbound.budget", "queue.suitability",
+        "inbound.budget", "inbound.dkim", "queue.suitability",
     ),
     "protocols": (
         "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
+
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelManagedSSLConnection
 
 from smtpfleet.config import RedisConfig
-from smtpfleet.queue.connection import BlockingSentinelPool, connect
+from smtpfleet.errors import QueueUnavailable
+from smtpfleet.queue.connection import BlockingSentinelPool, access_denied, connect
 
 
 def test_a_url_gives_a_blocking_pool_with_the_credentials() -> None:
@@ -62,3 +68,61 @@ def test_logs_name_the_sentinels_and_never_a_password() -> None:
     sentinel = RedisConfig(sentinels=["s1:26379", "s2:26379"], master_name="mail")
     assert sentinel.describe() == "sentinels s1:26379, s2:26379 (primary of 'mail')"
     assert RedisConfig(url="redis://u:secret@db:6379/0").describe() == "db:6379/0"
+
+
+TLS = {"tls_ca_file": "/ca.pem", "tls_cert_file": "/client.pem", "tls_key_file": "/client.key"}
+TLS_KWARGS = {
+    "ssl_ca_certs": "/ca.pem",
+    "ssl_certfile": "/client.pem",
+    "ssl_keyfile": "/client.key",
+}
+
+
+def _subset(kwargs: dict[str, object]) -> dict[str, object]:
+    return {key: kwargs.get(key) for key in TLS_KWARGS}
+
+
+def test_rediss_verifies_against_the_ca_file_on_one_server() -> None:
+    pool = connect(RedisConfig(url="rediss://db:6380/0", **TLS)).client.connection_pool
+    assert pool.connection_class is aioredis.SSLConnection
+    assert _subset(pool.connection_kwargs) == TLS_KWARGS
+
+
+def test_rediss_verifies_against_the_ca_file_behind_sentinel() -> None:
+    config = RedisConfig(url="rediss:///0", sentinels=["127.0.0.1:26379"], **TLS)
+    pool = connect(config).client.connection_pool
+    assert pool.connection_class is SentinelManagedSSLConnection
+    assert _subset(pool.connection_kwargs) == TLS_KWARGS
+
+
+def test_rediss_verifies_against_the_ca_file_on_every_cluster_node() -> None:
+    """The cluster client once got ssl=True alone: the CA file and client certificate were
+    dropped, so a private CA could never be verified."""
+    config = RedisConfig(url="rediss://seed:7000/0", cluster=True, shards=64, **TLS)
+    connection = connect(config)
+    cluster = connection.client
+    assert isinstance(cluster, RedisCluster)
+    assert _subset(cluster.nodes_manager.connection_kwargs) == TLS_KWARGS
+    assert connection.node_options is not None  # each primary's own client (queue/routes.py)
+    assert connection.node_options["connection_class"] is aioredis.SSLConnection
+    assert _subset(connection.node_options) == TLS_KWARGS
+
+
+def _chained(error: BaseException) -> QueueUnavailable:
+    wrapper = redis.exceptions.ConnectionError("Error 1 connecting to db:6380.")
+    wrapper.__context__ = error
+    unavailable = QueueUnavailable(f"redis: {wrapper}")
+    unavailable.__cause__ = wrapper
+    return unavailable
+
+
+def test_access_denied_names_what_will_not_fix_itself() -> None:
+    wrong_password = redis.exceptions.AuthenticationError("invalid username-password pair")
+    assert "authentication refused" in (access_denied(_chained(wrong_password)) or "")
+    untrusted = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    assert "not trusted (redis.tls_ca_file)" in (access_denied(_chained(untrusted)) or "")
+    acl = redis.exceptions.NoPermissionError("this user has no permissions to run 'info'")
+    assert "ACL user" in (access_denied(_chained(acl)) or "")
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert access_denied(_chained(refused)) is None  # Redis may still come: keep waiting
+    assert access_denied(QueueUnavailable("timeout")) is None

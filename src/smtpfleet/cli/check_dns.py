@@ -6,16 +6,29 @@ import argparse
 import asyncio
 import json
 
-from smtpfleet.config import load_config, parse_hostport
+from smtpfleet.config import Config, load_config, parse_hostport
 from smtpfleet.dnscheck import DnsExpectations, check_domain, exit_code, render_table
 from smtpfleet.errors import ConfigError
+from smtpfleet.inbound.dkim import public_key
+from smtpfleet.inbound.signing import load_keys
+
+
+def dkim_expectations(config: Config, domain: str) -> tuple[tuple[str, str], ...]:
+    """(selector, base64 public key) to find published: the key this domain's mail is signed
+    with (derived from the private key in use), then the `dns.dkim` entries."""
+    keys = load_keys(config.dkim)  # ConfigError when a key file cannot be used
+    wanted = domain.rstrip(".").lower()
+    in_use = [reloading.get() for name, reloading in keys.items() if name == wanted]
+    signing = {key.selector: public_key(key.pem) for key in in_use}
+    listed = {key.selector: key.public_key for key in config.dns.dkim}
+    return tuple({**listed, **signing}.items())
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     expectations = DnsExpectations(
         egress_addresses=tuple(ip for relay in config.relays for ip in relay.egress_addresses),
-        dkim=tuple((key.selector, key.public_key) for key in config.dns.dkim),
+        dkim=dkim_expectations(config, args.domain),
         active_active=config.dns.active_active,
         max_ttl_s=config.dns.max_ttl_s,
     )

@@ -11,13 +11,15 @@ import asyncio
 import logging
 import re
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtpfleet import replies
 from smtpfleet.envelope import NewMessage, choose_shard, dedupe_fingerprint, new_qid
-from smtpfleet.errors import QueueFull, QueueUnavailable
+from smtpfleet.errors import QueueFull, QueueUnavailable, SigningFailed
 from smtpfleet.inbound.policy import (
     NULL_PATHS,
     RecipientPolicy,
@@ -36,6 +38,14 @@ ENHANCED_STATUS_CODES = "250-ENHANCEDSTATUSCODES"  # RFC 2034: we send them on e
 # A control character in the client's name is never a host name (RFC 5321 §4.1.1.1), and the
 # name goes into our Received header and logs.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Signer(Protocol):
+    """Signs an accepted message before it is queued (inbound/signing.py: DKIM)."""
+
+    async def sign(self, message: bytes) -> bytes:
+        """The message to queue; raises SigningFailed when the client must retry."""
+        ...
 
 
 def _result(code: int, qid: str | None) -> str:
@@ -69,8 +79,10 @@ class InboundHandler:
         max_received_headers: int,
         accept_timeout_s: float,
         metrics: Metrics,
+        signer: Signer | None = None,
     ) -> None:
         self._metrics = metrics
+        self._signer = signer
         self._spool = spool
         self._policy = policy
         self._hostname = hostname
@@ -189,7 +201,19 @@ class InboundHandler:
         if count_received_headers(data) > self._max_received:
             return replies.LOOP_DETECTED, None
         message = self._new_message(session, envelope, data)
+        if self._signer is not None and self._may_sign(session):
+            # Signed once, before the write: every delivery of it carries this signature.
+            try:
+                message = replace(message, data=await self._signer.sign(message.data))
+            except SigningFailed:
+                return replies.NOT_SIGNED, None
         return await self._enqueue(message), message.qid
+
+    def _may_sign(self, session: Session) -> bool:
+        """Only our own clients' mail is signed (relay_networks, or authenticated): mail from
+        the internet to an accepted domain with a forged From: of ours must not get our
+        signature (OpenDKIM signs for its InternalHosts and authenticated clients alone)."""
+        return bool(session.authenticated) or self._policy.is_relay_client(_peer_ip(session))
 
     def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
         # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue

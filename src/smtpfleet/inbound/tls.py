@@ -15,6 +15,23 @@ from smtpfleet.config import InboundTlsConfig
 from smtpfleet.inbound.reload import Reloading
 
 MIN_VERSION: Final = ssl.TLSVersion.TLSv1_2
+# TLS 1.2 suites: forward secret and AEAD only, Mozilla's "intermediate" list. OpenSSL's
+# default also offers the CBC suites (ECDHE-*-AES*-SHA256/384), which testssl.sh flags as
+# obsolete and LUCKY13-prone (docs/security.md); every TLS 1.2 client has GCM. TLS 1.3 suites
+# are all AEAD and are not set here.
+TLS12_CIPHERS: Final = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
 HANDSHAKE_TIMEOUT_S: Final = 10  # seconds (asyncio's SSLProtocol is typed for an int)
 
 
@@ -22,6 +39,7 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server context that asks for no client certificate."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MIN_VERSION
+    context.set_ciphers(TLS12_CIPHERS)
     context.load_cert_chain(cert_file, key_file)
     return context
 

@@ -15,11 +15,13 @@ client certificate when one is configured.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
@@ -100,7 +102,8 @@ def _cluster(config: RedisConfig, timeouts: dict[str, Any]) -> RedisConnection:
     url = urlparse(config.url)
     seeds = [(url.hostname or "127.0.0.1", url.port or 6379)]
     seeds += [parse_hostport(address) for address in config.cluster_nodes]
-    tls: dict[str, Any] = {"ssl": True} if url.scheme == "rediss" else {}
+    # rediss://: TLS to every node, verified against tls_ca_file (with the client certificate).
+    tls: dict[str, Any] = {"ssl": True, **_tls(config)} if url.scheme == "rediss" else {}
     client = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in seeds],
         max_connections=config.max_connections,
@@ -119,6 +122,7 @@ def _cluster(config: RedisConfig, timeouts: dict[str, Any]) -> RedisConnection:
     }
     if tls:
         node_options["connection_class"] = aioredis.SSLConnection
+        node_options.update(_tls(config))
     return RedisConnection(client, node_options=node_options)
 
 
@@ -151,3 +155,23 @@ def _sentinel_credentials(config: RedisConfig) -> dict[str, Any]:
 def _database(url: str) -> int:
     path = urlparse(url).path.strip("/")
     return int(path) if path.isdigit() else 0
+
+
+def access_denied(error: BaseException) -> str | None:
+    """Why Redis will not take us whatever we wait for (credentials, ACL, an untrusted
+    certificate), from an exception and its causes; None: anything else (maybe transient).
+
+    redis-py wraps the TLS error in a ConnectionError whose context is the ssl error.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, redis.exceptions.AuthenticationError):
+            return f"authentication refused (redis.username, redis.password): {seen}"
+        if isinstance(seen, redis.exceptions.NoPermissionError):
+            return f"the ACL user may not run a command smtpfleet needs: {seen}"
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+            seen
+        ):
+            return f"the server's TLS certificate is not trusted (redis.tls_ca_file): {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None

