@@ -170,3 +170,35 @@ async def test_back_from_a_redis_outage_peers_are_not_judged_for_a_lease(bench: 
     await bench.node.tick()
     assert "node-b" not in bench.node.live
     assert len(bench.adopted) == 1
+
+
+async def test_heartbeats_lost_in_a_failover_hold_judgement_for_a_lease(bench: Bench) -> None:
+    """A forced failover loses the writes that went to the old primary without an error: the
+    node sees it only because its own last heartbeat is not there. Its peers' beats of that
+    time are lost too, so it must not take their work as if they had died."""
+    bench.clock.advance(CONFIG.lease_s)
+    await bench.node.tick()
+    written = bench.store.heartbeats["node-a"]
+    bench.clock.advance(CONFIG.lease_s + 1)  # our beats and node-b's land on a doomed primary
+    bench.store.heartbeats["node-a"] = written - 1000  # the new primary has an older one
+    bench.store.heartbeats["node-b"] = bench.clock.ms - int((CONFIG.lease_s + 1) * 1000)
+    bench.pending_for("node-b")
+    bench.clock.advance(2 * CONFIG.heartbeat_interval_s)  # past the claim guard
+    await bench.node.tick()
+    assert "node-b" in bench.node.live
+    assert bench.adopted == []
+    bench.clock.advance(CONFIG.lease_s)  # node-b stayed silent through a lease of contact
+    await bench.node.tick()
+    assert "node-b" not in bench.node.live
+    assert len(bench.adopted) == 1
+
+
+async def test_a_node_removed_as_dead_while_it_lived_holds_judgement_too(bench: Bench) -> None:
+    bench.clock.advance(CONFIG.lease_s)
+    await bench.node.tick()
+    del bench.store.heartbeats["node-a"]  # a peer judged us dead on lost beats and forgot us
+    bench.store.heartbeats["node-b"] = bench.clock.ms - int((CONFIG.lease_s + 1) * 1000)
+    bench.pending_for("node-b")
+    bench.clock.advance(2 * CONFIG.heartbeat_interval_s)
+    await bench.node.tick()
+    assert bench.adopted == []

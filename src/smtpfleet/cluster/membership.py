@@ -67,6 +67,7 @@ class Membership:
         # heartbeats stop while Redis is away too: judge them only after a whole lease of
         # contact, so that every live peer has had time to beat again.
         self._in_contact_since: float | None = clock()
+        self._last_beat_ms: int | None = None  # the last heartbeat Redis took from us
         self._started_ms = wall_ms()
 
     @property
@@ -89,14 +90,17 @@ class Membership:
     async def tick(self) -> None:
         now = self._wall_ms()
         try:
-            await self._store.heartbeat(self.node_id, now, self.info(), 2 * self.lease_ms)
+            previous = await self._store.heartbeat(
+                self.node_id, now, self.info(), 2 * self.lease_ms
+            )
         except QueueUnavailable as exc:
             self._in_contact_since = None
             self._maybe_fence(exc)
             return
         self._last_ok = self._clock()
-        if self._in_contact_since is None:
+        if self._in_contact_since is None or self._beats_were_lost(previous):
             self._in_contact_since = self._last_ok
+        self._last_beat_ms = now
         if self.fenced:
             log.warning("Redis is back: %s starts deliveries again", self.node_id)
             self.fenced = False
@@ -107,6 +111,19 @@ class Membership:
                 self._on_drain_request()
         except QueueUnavailable as exc:
             log.warning("membership check failed: %s", exc)
+
+    def _beats_were_lost(self, previous: int | None) -> bool:
+        """Writes that landed on a primary that was then replaced (a forced failover) fail
+        nowhere: only the beat we find in place of our last one shows it. Every peer's beats of
+        that time are gone too, so like after an outage, judge nobody for a lease."""
+        if self._last_beat_ms is None or (previous is not None and previous >= self._last_beat_ms):
+            return False
+        log.warning(
+            "%s: our last heartbeats are not in Redis (a failover lost them): "
+            "judging no peer for a lease",
+            self.node_id,
+        )
+        return True
 
     def _maybe_fence(self, exc: Exception) -> None:
         silent_s = self._clock() - self._last_ok

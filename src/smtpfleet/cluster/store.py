@@ -20,7 +20,9 @@ class MembershipStore(Protocol):
 
     async def heartbeat(
         self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
-    ) -> None: ...
+    ) -> int | None:
+        """Record this beat; return the beat it replaced (None: this node was not a member)."""
+        ...
 
     async def members(self) -> dict[str, int]:
         """Every node that registered and was not removed: id -> last heartbeat (ms)."""

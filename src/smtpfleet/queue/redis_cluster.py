@@ -54,11 +54,13 @@ class ClusterStore:
 
     async def heartbeat(
         self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
-    ) -> None:
+    ) -> int | None:
         async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(self.keys.nodes(), node_id)
             pipe.zadd(self.keys.nodes(), {node_id: now_ms})
             pipe.set(self.keys.node(node_id), json.dumps(info), px=ttl_ms)
-            await guarded(pipe.execute)
+            previous, _, _ = await guarded(pipe.execute)
+        return None if previous is None else int(previous)
 
     async def members(self) -> dict[str, int]:
         """Every node that ever registered and was not removed: id -> last heartbeat (ms)."""

@@ -197,10 +197,12 @@ class MemoryClusterStore:
     # membership
     async def heartbeat(
         self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
-    ) -> None:
+    ) -> int | None:
         self._check()
+        previous = self.heartbeats.get(node_id)
         self.heartbeats[node_id] = now_ms
         self.info[node_id] = dict(info)
+        return previous
 
     async def members(self) -> dict[str, int]:
         self._check()
