@@ -64,7 +64,7 @@ async def test_status_queue_and_dead_letter_commands(
         code, table, err = await _raw_with_prefix(prefix, "status", *target)
         assert code == 0, err
         assert "redis: single\nREDIS" in table
-        assert [host_port, "primary", version, "0-3"] in [r.split() for r in table.splitlines()]
+        assert [host_port, "primary", version, "4"] in [r.split() for r in table.splitlines()]
 
         listed = await _with_prefix(prefix, "queue", "list", *target)
         assert {(e["qid"], e["state"]) for e in listed} == {(busy_qid, "retry"), (dead_qid, "dead")}

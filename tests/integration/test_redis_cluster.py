@@ -132,6 +132,7 @@ async def test_status_shows_every_primary_its_replica_and_the_shards_it_holds(
     code, table, err = await run_cli("status", env=env)
     assert code == 0, err
     assert table.count("  replica ") == 3, table
+    assert table.count("shards on ") == 3, table
 
 
 async def test_every_shard_enqueues_reads_and_finishes_on_its_primary(

@@ -139,31 +139,36 @@ def _status_table(data: dict[str, Any]) -> str:
 
 
 def redis_table(redis: dict[str, Any]) -> str:
-    """The Redis servers: one row per primary and replica, then the Sentinels' answers."""
+    """The Redis servers: one row per primary and replica, which shards each primary holds (on
+    a Cluster), then the Sentinels' answers."""
     rows: list[list[Any]] = []
     for p in redis["primaries"]:
         role = p["role"].upper() if p["role"] != "primary" else p["role"]
-        rows.append([p["address"], role, p["version"], compact_ranges(p["shards"]), "", ""])
-        if p["error"]:
-            rows[-1][4] = f"NOT ANSWERING: {p['error']}"
+        problem = f"NOT ANSWERING: {p['error']}" if p["error"] else ""
+        rows.append([p["address"], role, p["version"], len(p["shards"]), problem, ""])
         rows += [
             [f"  {r['address']}", "replica", "", "", _link(r["link"]), _lag(r)]
             for r in p["replicas"]
         ]
     table = format_table(["REDIS", "ROLE", "VERSION", "SHARDS", "LINK", "LAG"], rows)
     lines = [f"redis: {redis['mode']}", table]
+    if redis["mode"] == "cluster":
+        lines += [
+            f"shards on {p['address']}: {compact_ranges(p['shards'])}" for p in redis["primaries"]
+        ]
     if redis["unassigned_shards"]:
         lines.append(f"SHARDS NOT SERVED: {compact_ranges(redis['unassigned_shards'])}")
     if redis["sentinels"]:
-        answered = [s for s in redis["sentinels"] if not s["error"]]
-        lines.append(
-            f"sentinels: {len(answered)} of {len(redis['sentinels'])} answered"
-            + "".join(
-                f"; {s['address']} " + (f"says {s['primary']}" if not s["error"] else "NO ANSWER")
-                for s in redis["sentinels"]
-            )
-        )
+        lines.append(_sentinels_line(redis["sentinels"]))
     return "\n".join(lines)
+
+
+def _sentinels_line(sentinels: list[dict[str, Any]]) -> str:
+    answered = [s for s in sentinels if not s["error"]]
+    return f"sentinels: {len(answered)} of {len(sentinels)} answered" + "".join(
+        f"; {s['address']} " + (f"says {s['primary']}" if not s["error"] else "NO ANSWER")
+        for s in sentinels
+    )
 
 
 def _link(link: str) -> str:
