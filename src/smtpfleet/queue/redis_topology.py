@@ -46,7 +46,7 @@ async def topology(connection: RedisConnection, keys: Keys, master_name: str) ->
     listed = replicas_from_info(replication)
     if connection.sentinel is None:
         kwargs = client.connection_pool.connection_kwargs
-        address = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        address = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         return Topology("single", (_primary(address, server, replication, listed, keys),))
     answers, known = await _ask_sentinels(connection.sentinel.sentinels, master_name)
     address = agreed_primary(answers) or "?"
