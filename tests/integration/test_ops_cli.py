@@ -52,6 +52,19 @@ async def test_status_queue_and_dead_letter_commands(
         assert status["relays"][0]["verdict"] == "up"
         assert status["queue"]["retry"] == 1
         assert status["queue"]["dead"] == 1
+        # The Redis it sees: one server, a primary, its version, all four shards on it.
+        server_info = redis.Redis.from_url(redis_url).info("server")
+        version = server_info.get("valkey_version") or server_info["redis_version"]
+        host_port = redis_url.removeprefix("redis://").split("/")[0]
+        assert status["redis"]["mode"] == "single"
+        assert [
+            (p["address"], p["role"], p["version"], p["shards"], p["replicas"])
+            for p in status["redis"]["primaries"]
+        ] == [(host_port, "primary", version, [0, 1, 2, 3], [])]
+        code, table, err = await _raw_with_prefix(prefix, "status", *target)
+        assert code == 0, err
+        assert "redis: single\nREDIS" in table
+        assert [host_port, "primary", version, "4"] in [r.split() for r in table.splitlines()]
 
         listed = await _with_prefix(prefix, "queue", "list", *target)
         assert {(e["qid"], e["state"]) for e in listed} == {(busy_qid, "retry"), (dead_qid, "dead")}

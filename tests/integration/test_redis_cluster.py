@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
 from smtpfleet.delivery.outcome import DONE
 from smtpfleet.envelope import NewMessage, new_qid
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.testing import run_cli
 from smtpfleet.testing.redis_cluster import RedisClusterServers
+from smtpfleet.testing.redis_server import LOOPBACK
 from smtpfleet.testing.tools import unavailable
 
 # The cluster client leaves sockets to the garbage collector on close (to investigate).
@@ -96,6 +100,39 @@ async def drain(queue: RedisQueue, expect: int, timeout_s: float = 20.0) -> list
             rescan = True
             await asyncio.sleep(0.1)
     return seen
+
+
+async def test_status_shows_every_primary_its_replica_and_the_shards_it_holds(
+    cluster: RedisClusterServers,
+) -> None:
+    async with open_queue(cluster) as queue:  # its consumer groups, as a node makes them
+        keys = queue.keys
+    env = {
+        "SMTPFLEET_REDIS__URL": cluster.url,
+        "SMTPFLEET_REDIS__CLUSTER": "true",
+        "SMTPFLEET_REDIS__SHARDS": str(SHARDS),
+        "SMTPFLEET_REDIS__PREFIX": keys.prefix,
+    }
+    code, out, err = await run_cli("status", "--json", env=env)
+    assert code == 0, err
+    redis_view = json.loads(out)["redis"]
+    assert redis_view["mode"] == "cluster"
+    primaries = {p["address"]: p for p in redis_view["primaries"]}
+    assert sorted(primaries) == sorted(f"{LOOPBACK}:{s.port}" for s in cluster.primaries())
+    for primary in primaries.values():
+        assert primary["role"] == "primary"
+        assert [r["link"] for r in primary["replicas"]] == ["up"]
+    # Every shard on exactly one primary: the one serving its slot (redis-py's own hashing).
+    held = sorted(s for p in primaries.values() for s in p["shards"])
+    assert held == list(range(SHARDS))
+    assert redis_view["unassigned_shards"] == []
+    for shard in range(SHARDS):
+        owner = cluster.server_for_slot(key_slot(keys.stream(shard).encode()))
+        assert shard in primaries[f"{LOOPBACK}:{owner.port}"]["shards"]
+    code, table, err = await run_cli("status", env=env)
+    assert code == 0, err
+    assert table.count("  replica ") == 3, table
+    assert table.count("shards on ") == 3, table
 
 
 async def test_every_shard_enqueues_reads_and_finishes_on_its_primary(

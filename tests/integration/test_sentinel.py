@@ -9,7 +9,9 @@ lose it (DESIGN.md: WAIT to all replicas lost none where one replica lost 68 %).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -18,9 +20,11 @@ from smtpfleet.testing import (
     make_message,
     message_ids,
     node_config,
+    run_cli,
     running_node,
     send,
 )
+from smtpfleet.testing.redis_server import LOOPBACK
 from smtpfleet.testing.sentinel import SentinelSet
 from smtpfleet.testing.sink import Sink
 
@@ -45,6 +49,20 @@ def _config(servers: SentinelSet, sink: Sink, prefix: str) -> object:
     }
     # The URL is only used for its database number when Sentinels are configured.
     return node_config("redis://127.0.0.1:1/0", [sink.address], overrides)
+
+
+async def _redis_status(servers: SentinelSet, prefix: str) -> dict[str, Any]:
+    """The `redis` part of `smtpfleet status --json`, found through the Sentinels."""
+    env = {
+        "SMTPFLEET_REDIS__URL": "redis://127.0.0.1:1/0",
+        "SMTPFLEET_REDIS__SENTINELS": json.dumps(servers.sentinel_addresses),
+        "SMTPFLEET_REDIS__PREFIX": prefix,
+        "SMTPFLEET_REDIS__SHARDS": "4",  # as node_config's
+    }
+    code, out, err = await run_cli("status", "--json", env=env)
+    assert code == 0, err
+    redis: dict[str, Any] = json.loads(out)["redis"]
+    return redis
 
 
 async def _send_during(
@@ -73,8 +91,31 @@ async def test_acked_mail_survives_a_failover_and_the_node_follows(
         assert (await send(address)).code == 250
         await eventually(lambda: sink.count == 1)
         old_primary = sentinel_set.master_port()
+        # `status` shows what was started: the primary, both replicas in sync, 3 Sentinels.
+        before = await _redis_status(sentinel_set, prefix)
+        assert before["mode"] == "sentinel"
+        assert [p["address"] for p in before["primaries"]] == [f"{LOOPBACK}:{old_primary}"]
+        replicas = before["primaries"][0]["replicas"]
+        assert [r["address"] for r in replicas] == sorted(
+            f"{LOOPBACK}:{r.port}" for r in sentinel_set.replicas
+        )
+        assert all(r["link"] == "up" and r["lag_bytes"] is not None for r in replicas)
+        assert sorted(s["address"] for s in before["sentinels"] if not s["error"]) == sorted(
+            sentinel_set.sentinel_addresses
+        )
+        assert {s["primary"] for s in before["sentinels"]} == {f"{LOOPBACK}:{old_primary}"}
+
         codes, new_primary = await _send_during(address, getattr(sentinel_set, fault))
         assert new_primary != old_primary
+
+        # And status follows the switch: it names the new primary. (The Sentinels agree within
+        # a hello round or two; until then it shows each one's answer and names the primary
+        # most of them name.)
+        async def status_names_the_new_primary() -> bool:
+            after = await _redis_status(sentinel_set, prefix)
+            return [p["address"] for p in after["primaries"]] == [f"{LOOPBACK}:{new_primary}"]
+
+        await eventually(status_names_the_new_primary, timeout_s=15, interval_s=0.5)
         # Our trouble is only ever temporary: 250, or 451 while the primary moved.
         assert set(codes.values()) <= {250, 451}, codes
         acked = {mid for mid, code in codes.items() if code == 250}

@@ -25,6 +25,7 @@ PURE = [
     "queue/keys.py",
     "queue/suitability.py",
     "cluster/liveness.py",
+    "queue/topology.py",
 ]
 
 
@@ -111,7 +112,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
         "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
-        "inbound.budget", "inbound.dkim", "queue.suitability",
+        "inbound.budget", "inbound.dkim", "queue.suitability", "queue.topology",
     ),
     "protocols": (
         "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",

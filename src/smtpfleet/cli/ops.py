@@ -20,6 +20,7 @@ from smtpfleet.envelope import EntryState
 from smtpfleet.errors import ConfigError
 from smtpfleet.queue.redis_admin import Admin, NotFound
 from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.queue.topology import compact_ranges
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -95,7 +96,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 async def _status(admin: Admin, args: argparse.Namespace, config: Config) -> int:
     data = await admin.status(config.cluster.lease_s, [r.name for r in config.relays])
-    return _emit(args, data, lambda: _status_table(data))
+    data["redis"] = (await admin.topology(config.redis.master_name)).as_dict()
+    return _emit(args, data, lambda: f"{_status_table(data)}\n\n{redis_table(data['redis'])}")
 
 
 def _status_table(data: dict[str, Any]) -> str:
@@ -134,6 +136,49 @@ def _status_table(data: dict[str, Any]) -> str:
         f"oldest {q['oldest_age_s']:.0f}s"
     )
     return f"{nodes}\n\n{relays}\n\n{queue}"
+
+
+def redis_table(redis: dict[str, Any]) -> str:
+    """The Redis servers: one row per primary and replica, which shards each primary holds (on
+    a Cluster), then the Sentinels' answers."""
+    rows: list[list[Any]] = []
+    for p in redis["primaries"]:
+        role = p["role"].upper() if p["role"] != "primary" else p["role"]
+        problem = f"NOT ANSWERING: {p['error']}" if p["error"] else ""
+        rows.append([p["address"], role, p["version"], len(p["shards"]), problem, ""])
+        rows += [
+            [f"  {r['address']}", "replica", "", "", _link(r["link"]), _lag(r)]
+            for r in p["replicas"]
+        ]
+    table = format_table(["REDIS", "ROLE", "VERSION", "SHARDS", "LINK", "LAG"], rows)
+    lines = [f"redis: {redis['mode']}", table]
+    if redis["mode"] == "cluster":
+        lines += [
+            f"shards on {p['address']}: {compact_ranges(p['shards'])}" for p in redis["primaries"]
+        ]
+    if redis["unassigned_shards"]:
+        lines.append(f"SHARDS NOT SERVED: {compact_ranges(redis['unassigned_shards'])}")
+    if redis["sentinels"]:
+        lines.append(_sentinels_line(redis["sentinels"]))
+    return "\n".join(lines)
+
+
+def _sentinels_line(sentinels: list[dict[str, Any]]) -> str:
+    answered = [s for s in sentinels if not s["error"]]
+    return f"sentinels: {len(answered)} of {len(sentinels)} answered" + "".join(
+        f"; {s['address']} " + (f"says {s['primary']}" if not s["error"] else "NO ANSWER")
+        for s in sentinels
+    )
+
+
+def _link(link: str) -> str:
+    return link if link == "up" else link.upper()
+
+
+def _lag(replica: dict[str, Any]) -> str:
+    if replica["lag_bytes"] is None:
+        return ""
+    return f"{replica['lag_bytes']} B, ack {replica['last_ack_s']}s ago"
 
 
 async def _queue_list(admin: Admin, args: argparse.Namespace, config: Config) -> int:

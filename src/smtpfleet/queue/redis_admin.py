@@ -12,6 +12,8 @@ from smtpfleet.health.state import cluster_verdict
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue, text
+from smtpfleet.queue.redis_topology import topology
+from smtpfleet.queue.topology import Topology
 
 RECENT_MINUTES = 5
 SCAN_LIMIT = 100_000
@@ -87,6 +89,11 @@ class Admin:
             ],
             "queue": {**stats, "in_flight_by_node": await self._in_flight_by_node()},
         }
+
+    async def topology(self, master_name: str) -> Topology:
+        """The Redis servers as they answer now: primaries, replicas and lag, Sentinels, and
+        which shards each primary holds."""
+        return await topology(self.queue.connection, self.keys, master_name)
 
     @staticmethod
     def _node_row(

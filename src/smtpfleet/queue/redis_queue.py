@@ -31,7 +31,7 @@ from smtpfleet.envelope import (
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import BatchObserver, Command
-from smtpfleet.queue.connection import RedisClient, connect
+from smtpfleet.queue.connection import RedisClient, RedisConnection, connect
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
 from smtpfleet.queue.routes import Observers, Route, SingleRoutes, is_redirect
@@ -93,6 +93,11 @@ class RedisQueue:
     @property
     def client(self) -> RedisClient:
         return self._redis
+
+    @property
+    def connection(self) -> RedisConnection:
+        """How this queue reaches Redis (the Sentinels too, with Sentinel): for `status`."""
+        return self._connection
 
     async def close(self) -> None:
         await self._routes.close()
