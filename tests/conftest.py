@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import ast
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -8,6 +10,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from types import FrameType
+from typing import Any
 
 import pytest
 import redis
@@ -16,6 +19,25 @@ from smtpfleet.testing.redis_server import RedisServer
 from smtpfleet.testing.sink import Sink
 
 TASK_DUMP_LEAD_S = 3.0
+
+
+def _parse_without_gc(*args: Any, **kwargs: Any) -> Any:
+    """ast.parse with the collector held off. CPython before 3.11.8 can fail with "SystemError:
+    AST constructor recursion depth mismatch" when a collection runs finalizers mid-parse
+    (gh-106905); pytest parses while it rewrites asserts and formats tracebacks, and a session
+    full of sockets and transports makes such a collection likely (seen once here)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _ast_parse(*args, **kwargs)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+if sys.version_info < (3, 11, 8):
+    _ast_parse = ast.parse
+    ast.parse = _parse_without_gc
 
 
 def _dump_asyncio_tasks(signum: int, frame: FrameType | None) -> None:
