@@ -37,6 +37,7 @@ from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.relays.pool import RelayPool
 from smtpfleet.relays.ring import Ring
+from smtpfleet.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +234,7 @@ class Node:
         await self.close()
 
     async def _stop_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         self._tasks = []
 
     async def close(self) -> None:

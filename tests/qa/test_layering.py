@@ -107,7 +107,7 @@ def test_nothing_imports_the_cli() -> None:
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundations": (
         "config", "envelope", "replies", "errors", "logs", "metrics", "queue.keys",
-        "queue.scripts",
+        "queue.scripts", "tasks",
     ),
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",

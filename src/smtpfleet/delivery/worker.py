@@ -26,6 +26,7 @@ from smtpfleet.metrics import Metrics
 from smtpfleet.queue.deliveries import Body, Delivery, DeliveryQueue
 from smtpfleet.relays.clients import RelayClients
 from smtpfleet.relays.ring import Ring, routing_key
+from smtpfleet.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,11 @@ class DeliveryWorker:
         pending in Redis, where a survivor claims them.
         """
         self._stopping = True
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await cancel_all(self._loops)
         running = list(self._inflight.values())
         if running:
             _, still = await asyncio.wait(running, timeout=grace_s)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+            await cancel_all(still)
             return len(still)
         return 0
 

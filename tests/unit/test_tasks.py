@@ -1,0 +1,41 @@
+"""cancel_all ends tasks even when a library turned the first cancellation into an error."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from smtpfleet.tasks import cancel_all
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def swallows_one_cancellation(log: list[str]) -> None:
+    """A loop like Membership.run whose I/O turns CancelledError into a caught error."""
+    while True:
+        try:
+            await asyncio.sleep(3600)  # the client library's read
+        except asyncio.CancelledError:
+            if log:
+                raise
+            log.append("swallowed")  # "Redis away": the loop goes on
+        await asyncio.sleep(0)
+
+
+async def test_a_task_that_swallowed_its_cancellation_is_cancelled_again() -> None:
+    log: list[str] = []
+    task = asyncio.create_task(swallows_one_cancellation(log))
+    plain = asyncio.create_task(asyncio.sleep(3600))
+    await asyncio.sleep(0)
+    await cancel_all([task, plain], recancel_s=0.05)
+    assert log == ["swallowed"]
+    assert task.cancelled()
+    assert plain.cancelled()
+
+
+async def test_finished_tasks_are_left_as_they_are() -> None:
+    done = asyncio.create_task(asyncio.sleep(0, result="ok"))
+    await done
+    await cancel_all([done])
+    assert done.result() == "ok"
