@@ -8,10 +8,11 @@ validates the result into a frozen tree, and reports every problem at once, nami
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -502,11 +503,16 @@ class DkimConfig(_Section):
     @field_validator("keys")
     @classmethod
     def _one_key_per_domain(cls, value: list[DkimSigningKey]) -> list[DkimSigningKey]:
-        domains = [key.domain for key in value]
-        duplicates = sorted({d for d in domains if domains.count(d) > 1})
+        duplicates = _repeated(key.domain for key in value)
         if duplicates:
             raise ValueError(f"one key per domain: {', '.join(duplicates)} repeated")
         return value
+
+
+def _repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    counts = collections.Counter(names)
+    return sorted(name for name, n in counts.items() if n > 1)
 
 
 class BounceConfig(_Section):
@@ -533,8 +539,7 @@ class Config(_Section):
     @field_validator("relays")
     @classmethod
     def _unique_relay_names(cls, value: list[RelayConfig]) -> list[RelayConfig]:
-        names = [relay.name for relay in value]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = _repeated(relay.name for relay in value)
         if duplicates:
             raise ValueError(f"relay names must be unique: {', '.join(duplicates)}")
         return value

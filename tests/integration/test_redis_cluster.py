@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -23,9 +22,8 @@ from smtpfleet.envelope import NewMessage, new_qid
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing import run_cli
-from smtpfleet.testing.redis_cluster import RedisClusterServers
+from smtpfleet.testing.redis_cluster import RedisClusterServers, started_cluster
 from smtpfleet.testing.redis_server import LOOPBACK
-from smtpfleet.testing.tools import unavailable
 
 # The cluster client leaves sockets to the garbage collector on close (to investigate).
 pytestmark = [
@@ -39,15 +37,7 @@ CONSUMER = "node-a"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisClusterServers]:
-    try:
-        servers = RedisClusterServers(primaries=3, replicas=1)
-    except RuntimeError as exc:
-        unavailable(f"cannot build a Redis Cluster here: {exc}")
-    try:
-        servers.start()
-    except (RuntimeError, subprocess.SubprocessError) as exc:
-        servers.close()
-        unavailable(f"cannot create a Redis Cluster here: {exc}")
+    servers = started_cluster(primaries=3, replicas=1)
     yield servers
     servers.close()
 

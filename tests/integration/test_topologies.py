@@ -8,7 +8,6 @@ failovers and killed primaries are test_sentinel.py's and test_redis_cluster.py'
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,11 +25,10 @@ from smtpfleet.testing import (
     running_node,
     send,
 )
-from smtpfleet.testing.redis_cluster import RedisClusterServers
+from smtpfleet.testing.redis_cluster import started_cluster
 from smtpfleet.testing.redis_server import RedisServer
 from smtpfleet.testing.sentinel import SentinelSet
 from smtpfleet.testing.sink import Sink
-from smtpfleet.testing.tools import unavailable
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -52,25 +50,11 @@ def topology(request: pytest.FixtureRequest, redis_server: RedisServer) -> Itera
             # The URL gives only the database number when Sentinels are configured.
             yield {"url": "redis://127.0.0.1:1/0", "sentinels": servers.sentinel_addresses}
     else:
-        servers = _cluster()
+        servers = started_cluster(primaries=3, replicas=0)
         try:
             yield {"url": servers.url, "cluster": True}
         finally:
             servers.close()
-
-
-def _cluster() -> RedisClusterServers:
-    """A started cluster (the caller closes it), or unavailable() saying why not."""
-    try:
-        servers = RedisClusterServers(primaries=3, replicas=0)
-    except RuntimeError as exc:
-        unavailable(f"cannot build a Redis Cluster here: {exc}")
-    try:
-        servers.start()
-    except (RuntimeError, subprocess.SubprocessError) as exc:
-        servers.close()
-        unavailable(f"cannot create a Redis Cluster here: {exc}")
-    return servers
 
 
 def _config(topology: dict[str, Any], sink: Sink, prefix: str) -> Config:

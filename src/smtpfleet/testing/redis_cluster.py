@@ -25,6 +25,7 @@ from smtpfleet.testing.redis_server import (
     RedisServer,
     find_server_binary,
 )
+from smtpfleet.testing.tools import unavailable
 
 MAX_PORT = 55535  # the cluster bus is port + 10000
 NODE_TIMEOUT_MS = 1000
@@ -241,3 +242,18 @@ def _parse_nodes(raw: str) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def started_cluster(primaries: int = 3, replicas: int = 1) -> RedisClusterServers:
+    """A started cluster (the caller closes it), or `unavailable()`: skipped locally where no
+    cluster can be built, a failure under CI."""
+    try:
+        servers = RedisClusterServers(primaries=primaries, replicas=replicas)
+    except RuntimeError as exc:
+        unavailable(f"cannot build a Redis Cluster here: {exc}")
+    try:
+        servers.start()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        servers.close()
+        unavailable(f"cannot create a Redis Cluster here: {exc}")
+    return servers
