@@ -98,9 +98,9 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def _query(port: int, command: bytes) -> bytes:
+def _query(port: int, command: bytes, host: str = LOOPBACK) -> bytes:
     """Send one inline command; the reply's payload (bulk) or its status/error line."""
-    with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+    with socket.create_connection((host, port), timeout=0.5) as sock:
         sock.sendall(command + b"\r\n")
         buffer = b""
         while b"\r\n" not in buffer:
@@ -120,14 +120,14 @@ def _query(port: int, command: bytes) -> bytes:
         return body[:size]
 
 
-def _serving(port: int, pid: int) -> bool:
+def _serving(port: int, pid: int, host: str = LOOPBACK) -> bool:
     """True once *our* process answers and has finished loading its AOF.
 
     PING alone is not enough: another test's server may hold the port after ours failed to
     bind, and a server replaying a large AOF answers before it accepts writes.
     """
     try:
-        info = _query(port, b"INFO")
+        info = _query(port, b"INFO", host)
     except (OSError, ValueError):
         return False
     return (
@@ -137,11 +137,16 @@ def _serving(port: int, pid: int) -> bool:
 
 
 class RedisServer:
-    """One server process on 127.0.0.1.
+    """One server process on 127.0.0.1 (or on `host`, run through `wrapper`).
 
     `stop()` keeps the data dir, so `start()` or `restart()` brings the same data back (the AOF
     is replayed) on the same port. `close()` (and leaving the `with` block) also removes the
     private temp dir when no data_dir was given. Anything left running is stopped at exit.
+
+    `host` and `wrapper` put the server elsewhere than loopback, for the network-fault tests:
+    `RedisServer(host="10.231.5.2", port=6379, wrapper=["ip", "netns", "exec", "ns"])` runs
+    it inside a network namespace on an address the test created (`testing.netns`). The
+    wrapper must exec the server (as `ip netns exec` does), so its pid is the server's.
     """
 
     def __init__(
@@ -152,12 +157,16 @@ class RedisServer:
         appendfsync: str = "everysec",
         binary: Path | None = None,
         extra_args: Sequence[str] = (),
+        host: str = LOOPBACK,
+        wrapper: Sequence[str] = (),
     ) -> None:
         if appendfsync not in APPENDFSYNC_MODES:
             raise ValueError(f"appendfsync must be one of {sorted(APPENDFSYNC_MODES)}")
         # Only a port we picked ourselves may be replaced when another process takes it first.
         self._port_is_ours = port == 0
-        self._port = port or free_port()
+        self.host = host
+        self.wrapper = list(wrapper)
+        self._port = port or free_port(host)
         self._private_dir: Path | None = None
         if data_dir is None:
             data_dir = self._private_dir = Path(tempfile.mkdtemp(prefix="smtpfleet-redis-"))
@@ -175,7 +184,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self._port}/0"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self._port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -192,8 +202,9 @@ class RedisServer:
 
     def _args(self) -> list[str]:
         return [
+            *self.wrapper,
             str(self.binary),
-            *("--bind", LOOPBACK, "--port", str(self._port), "--daemonize", "no"),
+            *("--bind", self.host, "--port", str(self._port), "--daemonize", "no"),
             *("--appendonly", "yes", "--appendfsync", self.appendfsync),
             *("--maxmemory-policy", "noeviction", "--save", ""),
             *("--dir", str(self.data_dir), "--logfile", str(self.log_path)),
@@ -212,7 +223,7 @@ class RedisServer:
             if self._spawn_and_wait(timeout_s):
                 return
             if attempt + 1 < attempts and "Address already in use" in self.log_tail():
-                self._port = free_port()
+                self._port = free_port(self.host)
                 continue
             break
         raise RuntimeError(f"redis server did not start on port {self._port}:\n{self.log_tail()}")
@@ -227,7 +238,7 @@ class RedisServer:
             )
         self._process = process
         deadline = time.monotonic() + timeout_s
-        while not _serving(self._port, process.pid):
+        while not _serving(self._port, process.pid, self.host):
             if process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 return False
