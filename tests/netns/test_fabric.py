@@ -59,13 +59,19 @@ def test_cut_impair_and_heal_act_on_real_traffic() -> None:
             assert _ping_ms(member.address, 6379) < 100
 
 
-def test_everything_is_removed_even_when_the_test_fails() -> None:
-    fabric = Fabric()
-    with pytest.raises(RuntimeError, match="boom"), fabric:
+def _fail_inside(fabric: Fabric, started: list[subprocess.Popen[bytes]]) -> None:
+    with fabric:
         member = fabric.add_member("node1")
-        sleeper = subprocess.Popen([*fabric.exec_prefix(member), "sleep", "60"])
+        started.append(subprocess.Popen([*fabric.exec_prefix(member), "sleep", "60"]))
         fabric.impair(member, loss_percent=5)
         assert _leftovers(fabric.run_id)
         raise RuntimeError("boom")
-    assert sleeper.wait(timeout=5) != 0  # killed with its namespace
+
+
+def test_everything_is_removed_even_when_the_test_fails() -> None:
+    fabric = Fabric()
+    started: list[subprocess.Popen[bytes]] = []
+    with pytest.raises(RuntimeError, match="boom"):
+        _fail_inside(fabric, started)
+    assert started[0].wait(timeout=5) != 0  # killed with its namespace
     assert _leftovers(fabric.run_id) == ""

@@ -46,7 +46,7 @@ def write_summary(entries: Sequence[Entry], out_dir: Path, title: str) -> list[P
 
 def _injected(result: DrillResult) -> str:
     """The fault, from the scenario's one-line claim ("what: what must hold")."""
-    return result.proves.split(":", 1)[0]
+    return result.proves.split(":", 1)[0].replace("|", "\\|")  # a table cell
 
 
 def _seconds(value: object) -> str:
@@ -55,7 +55,7 @@ def _seconds(value: object) -> str:
 
 def _row(entry: Entry, out_dir: Path) -> str:
     if entry.result is None:
-        return f"| {entry.name} | – | – | – | – | – | – | – | skipped: {entry.skipped} | – |"
+        return f"| {entry.name} | – | – | – | – | – | – | – | skipped: {entry.skipped} | – | – |"
     result, metrics = entry.result, entry.result.metrics
     verdict = "**PASS**" if result.passed else "**FAIL**"
     if result.waived:
@@ -67,7 +67,7 @@ def _row(entry: Entry, out_dir: Path) -> str:
         f"| {_seconds(metrics.get('accept_rto_s'))} | {_seconds(metrics.get('lost'))} "
         f"| {_seconds(metrics.get('duplicates'))} "
         f"| {_seconds(metrics.get('client_4xx'))} / {_seconds(metrics.get('client_5xx'))} "
-        f"| {verdict} | {links} |"
+        f"| {verdict} | {links} | {_seconds(result.settings.get('rate'))} |"
     )
 
 
@@ -90,8 +90,8 @@ def markdown(entries: Sequence[Entry], title: str, picture: Path | None, out_dir
         + (f"; {skipped} skipped." if skipped else "."),
         "",
         "| scenario | injected | detected s | recovery (RTO) s | accepts again s | lost "
-        "| duplicates | senders' 4xx / 5xx | verdict | report |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| duplicates | senders' 4xx / 5xx | verdict | report | msg/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(e, out_dir) for e in entries),
         "",
         "Detected: inject until the cluster noticed (views in Redis, a takeover, the first 4xx). "
@@ -114,7 +114,7 @@ def _details(results: Sequence[DrillResult]) -> list[str]:
         lines += [f"- known issue: {w}" for w in result.waived]
     if results:
         settings = results[0].settings
-        shown = {k: v for k, v in settings.items() if k not in ("commands", "peak_rate")}
+        shown = {k: v for k, v in settings.items() if k not in ("commands", "peak_rate", "rate")}
         lines += ["", "Run with " + ", ".join(f"{k} {v}" for k, v in shown.items())]
     return lines
 
