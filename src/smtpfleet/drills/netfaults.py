@@ -92,7 +92,8 @@ async def _probe_node1(ctx: DrillContext) -> None:
     reply = await send(node.smtp, timeout_s=PROBE_TIMEOUT_S)
     _measure(ctx, "cut_node_reply", reply.code)
     _measure(ctx, "cut_node_4xx", int(400 <= reply.code < 500))
-    _measure(ctx, "cut_node_fenced", int(FENCE_LOG in node.log_tail(200)))
+    log = node.log_path.read_text(errors="replace")  # all of it: at peak it logs a lot
+    _measure(ctx, "cut_node_fenced", int(FENCE_LOG in log))
 
 
 async def _heal_redis_cut(ctx: DrillContext) -> None:
