@@ -72,7 +72,7 @@ def _result(name: str, *, passed: bool) -> DrillResult:
         timeline,
         [],
         {"inject": 3.0, "heal": 6.0, "detected": 4.5},
-        settings={"rate": 30.0},
+        settings={"rate": 30.0, "commands": [{"command": f"kubectl {name}", "exit": 0}]},
     )
 
 
@@ -95,6 +95,7 @@ def test_without_matplotlib_the_page_is_written_and_says_how_to_get_the_picture(
     assert _row(page, "redis-restart")[8] == "**FAIL**"
     assert "- missed: lost = 3 > 0" in page
     assert "skipped: network namespaces need root (this runs as uid 1000)" in page
+    assert "- relay-down: `kubectl relay-down` (exit 0)" in page  # what a target's drill ran
     assert not (tmp_path / "summary.png").exists()
 
 

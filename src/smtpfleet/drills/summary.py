@@ -100,6 +100,7 @@ def markdown(entries: Sequence[Entry], title: str, picture: Path | None, out_dir
         "sender saw after trying every node.",
     ]
     lines += _details(ran)
+    lines += _commands(ran)
     lines += ["", f"![every scenario's timeline]({picture.name})" if picture else NO_PICTURE]
     return "\n".join(lines) + "\n"
 
@@ -117,6 +118,19 @@ def _details(results: Sequence[DrillResult]) -> list[str]:
         shown = {k: v for k, v in settings.items() if k not in ("commands", "peak_rate", "rate")}
         lines += ["", "Run with " + ", ".join(f"{k} {v}" for k, v in shown.items())]
     return lines
+
+
+def _commands(results: Sequence[DrillResult]) -> list[str]:
+    """What a target's drills ran (the file's commands or the preset's kubectl): the exact
+    injection, for the review."""
+    lines: list[str] = []
+    for result in results:
+        ran = result.settings.get("commands")
+        for command in ran if isinstance(ran, list) else []:
+            if isinstance(command, dict):
+                lines.append(f"- {result.scenario}: `{command.get('command')}` "
+                             f"(exit {command.get('exit')})")  # fmt: skip
+    return ["", "## Commands run", "", *lines] if lines else []
 
 
 def _plot(results: Sequence[DrillResult], path: Path) -> Path | None:
