@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from smtpfleet.testing import ipcmd
 from smtpfleet.testing.netns import Fabric, unavailable_reason
 from smtpfleet.testing.redis_server import RedisServer
 
@@ -75,3 +76,17 @@ def test_everything_is_removed_even_when_the_test_fails() -> None:
         _fail_inside(fabric, started)
     assert started[0].wait(timeout=5) != 0  # killed with its namespace
     assert _leftovers(fabric.run_id) == ""
+
+
+def test_what_a_killed_run_left_is_swept_by_the_next() -> None:
+    # A run killed with SIGKILL: its mark names a process that is gone, its namespace remains.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_id = "dead01"
+    subprocess.run(["ip", "netns", "add", f"sf{run_id}-hub"], check=True)
+    ipcmd.OWNERS_DIR.mkdir(mode=0o700, exist_ok=True)
+    (ipcmd.OWNERS_DIR / run_id).write_text(str(dead.pid))
+    assert _leftovers(run_id)
+    assert run_id in ipcmd.sweep_stale()
+    assert _leftovers(run_id) == ""
+    assert not (ipcmd.OWNERS_DIR / run_id).exists()

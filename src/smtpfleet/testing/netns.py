@@ -13,26 +13,27 @@ Faults happen in the hub (the network), never in the processes:
 - `link_down(member)` / `link_up(member)`: the member's cable is pulled.
 - `impair(member, delay_ms=, loss_percent=)`: frames leaving the member are delayed or lost.
   With `sch_netem` in the kernel that is `tc qdisc add ... netem`; without it (some CI kernels,
-  this one) a userspace forwarder in the hub (`testing.netem`) does the same to the frames.
+  this one) a userspace forwarder in the hub (`testing.netem`) does the same to the frames
+  (`testing.impairment`).
 
 `close()` kills every process left in the fabric's namespaces (by pid, from `ip netns pids`),
 deletes the namespaces (their veths go with them) and the test's own veth. It runs when the
-`with` block ends, and at interpreter exit for a fabric nobody closed.
+`with` block ends, and at interpreter exit for a fabric nobody closed; what a run killed with
+SIGKILL left is swept by the next one (`ipcmd.sweep_stale`).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
-import os
 import random
 import secrets
-import shutil
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
+
+from smtpfleet.testing import ipcmd
+from smtpfleet.testing.impairment import Impairments, Link
+from smtpfleet.testing.ipcmd import NetnsError, kill_inside, unavailable_reason
+from smtpfleet.testing.ipcmd import run as _run
 
 __all__ = ["Cut", "Fabric", "Member", "NetnsError", "unavailable_reason"]
 
@@ -41,44 +42,6 @@ HOST_ADDRESS = 254  # the test's own address on the fabric; its extra ones from 
 EXTRA_ADDRESS = 200
 BRIDGE = "br0"
 BLACKHOLE = "bh0"  # a veth left down in the hub: whatever is redirected to it is dropped
-READY_LINE = b"ready"
-FORWARDER_START_S = 10.0
-COMMAND_TIMEOUT_S = 10.0
-
-
-class NetnsError(RuntimeError):
-    """An `ip` or `tc` command failed; the message has the command and what it said."""
-
-
-def _run(*argv: str, check: bool = True) -> str:
-    try:
-        done = subprocess.run(  # noqa: S603 - ip/tc with arguments we built
-            argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NetnsError(f"{' '.join(argv)}: {exc}") from exc
-    if check and done.returncode != 0:
-        raise NetnsError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
-    return done.stdout
-
-
-@functools.cache
-def unavailable_reason() -> str | None:
-    """Why this machine cannot run the network-fault tests, in plain words; None if it can."""
-    if sys.platform != "linux":
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return f"network namespaces need root (this runs as uid {os.geteuid()})"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"network namespaces need the `{tool}` command (iproute2), not on PATH"
-    probe = f"sfprobe{os.getpid()}"
-    try:
-        _run("ip", "netns", "add", probe)
-    except NetnsError as exc:
-        return f"cannot create a network namespace here: {exc}"
-    _run("ip", "netns", "del", probe, check=False)
-    return None
 
 
 @dataclass(frozen=True)
@@ -102,13 +65,6 @@ class Cut:
 
 
 @dataclass
-class _Impairment:
-    member: Member
-    forwarder: subprocess.Popen[bytes] | None  # None: kernel netem
-    spare: tuple[str, str] = ("", "")  # the veth pair the forwarder uses (userspace only)
-
-
-@dataclass
 class Fabric:
     """The switch and its namespaces; a context manager that always cleans up."""
 
@@ -116,7 +72,7 @@ class Fabric:
     subnet: str = ""
     members: dict[str, Member] = field(default_factory=dict)
     host_addresses: list[str] = field(default_factory=list)
-    _impairments: dict[str, _Impairment] = field(default_factory=dict)
+    _impairments: Impairments | None = None
     _next_pref: int = 100
     _started: bool = False
 
@@ -151,8 +107,10 @@ class Fabric:
         reason = unavailable_reason()
         if reason is not None:
             raise NetnsError(reason)
+        ipcmd.sweep_stale()  # what a run killed with SIGKILL left behind
         self.subnet = self.subnet or _unused_subnet()
         _OPEN.add(self)
+        ipcmd.mark(self.run_id)
         self._started = True
         hub = self.hub
         _run("ip", "netns", "add", hub)
@@ -242,89 +200,28 @@ class Fabric:
         _run("ip", "-n", self.hub, "link", "set", member.port, "up")
 
     def impair(self, member: Member, *, delay_ms: int = 0, loss_percent: float = 0.0) -> str:
-        """Delay or lose the frames leaving `member` (its replies, for Redis); returns the
-        means used: "netem" (the kernel's) or "forwarder" (testing.netem, in userspace)."""
-        current = self._impairments.get(member.role)
-        if current is not None and current.forwarder is not None:
-            _control(current.forwarder, delay_ms, loss_percent)  # changed in place, no gap
-            return "forwarder"
-        netem = [*(("delay", f"{delay_ms}ms") if delay_ms else ())]
-        netem += [*(("loss", f"{loss_percent:g}%") if loss_percent else ())]
-        verb = "change" if current is not None else "add"
-        try:
-            _run("ip", "netns", "exec", member.namespace, "tc", "qdisc", verb, "dev",
-                 member.inner, "root", "netem", *netem)  # fmt: skip
-        except NetnsError as exc:
-            if "unknown" not in str(exc).lower():
-                raise
-        else:
-            self._impairments[member.role] = _Impairment(member, None)
-            return "netem"
-        self._impairments[member.role] = self._forwarder(member, delay_ms, loss_percent)
-        return "forwarder"
-
-    def _forwarder(self, member: Member, delay_ms: int, loss_percent: float) -> _Impairment:
-        """Take the member's port off the bridge and forward its frames in userspace, through
-        a spare veth pair whose other end is on the bridge. The forwarder opens its sockets
-        first and starts only once the port is off the bridge: the switch loses no frame."""
-        index = member.port.rpartition("p")[2]
-        spare = (f"sf{self.run_id}f{index}", f"sf{self.run_id}g{index}")
-        hub = self.hub
-        _run("ip", "-n", hub, "link", "add", spare[0], "type", "veth", "peer", "name", spare[1])
-        _run("ip", "-n", hub, "link", "set", spare[0], "master", BRIDGE, "up")
-        _run("ip", "-n", hub, "link", "set", spare[1], "up")
-        process = subprocess.Popen(  # noqa: S603 - our interpreter and module
-            [
-                *("ip", "netns", "exec", hub, sys.executable, "-m", "smtpfleet.testing.netem"),
-                *("--from", member.port, "--to", spare[1]),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        impairment = _Impairment(member, process, spare)
-        assert process.stdout is not None
-        if process.stdout.readline().strip() != READY_LINE:
-            self._stop_forwarder(impairment)
-            raise NetnsError(f"the netem forwarder for {member.role} did not start")
-        _run("ip", "-n", hub, "link", "set", member.port, "nomaster")
-        _control(process, delay_ms, loss_percent)
-        return impairment
+        """Delay or lose the frames leaving `member` (its replies, for Redis); a second call
+        changes the figures in place. Returns the means: "netem" (the kernel's) or
+        "forwarder" (testing.netem, in userspace, where the kernel has no sch_netem)."""
+        if self._impairments is None:
+            self._impairments = Impairments.of(self.hub, BRIDGE, f"sf{self.run_id}")
+        return self._impairments.set(_link(member), delay_ms, loss_percent)
 
     def unimpair(self, member: Member) -> None:
-        impairment = self._impairments.pop(member.role, None)
-        if impairment is None:
-            return
-        if impairment.forwarder is None:
-            _run("ip", "netns", "exec", member.namespace, "tc", "qdisc", "del", "dev",
-                 member.inner, "root", check=False)  # fmt: skip
-            return
-        # Back on the bridge first, then stop the forwarder: no gap (what it still holds
-        # arrives late, or twice, which TCP takes in its stride).
-        _run("ip", "-n", self.hub, "link", "set", member.port, "master", BRIDGE, check=False)
-        self._stop_forwarder(impairment)
-
-    def _stop_forwarder(self, impairment: _Impairment) -> None:
-        process = impairment.forwarder
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdin, process.stdout) if process is not None else ():
-            if stream is not None:
-                stream.close()
-        if impairment.spare[0]:
-            _run("ip", "-n", self.hub, "link", "del", impairment.spare[0], check=False)
+        if self._impairments is not None:
+            self._impairments.clear(_link(member))
 
     def close(self) -> None:
         """Kill what runs in our namespaces, delete them and our veth. Idempotent."""
-        for impairment in list(self._impairments.values()):
-            self._stop_forwarder(impairment)
-        self._impairments.clear()
+        if self._impairments is not None:
+            self._impairments.stop_all()
         if self._started:
             for namespace in [m.namespace for m in self.members.values()] + [self.hub]:
-                _kill_inside(namespace)
+                kill_inside(namespace)
                 _run("ip", "netns", "del", namespace, check=False)
             # Deleting the hub destroyed our veth's peer, and so our veth; make sure.
             _run("ip", "link", "del", self.host_veth, check=False)
+            ipcmd.unmark(self.run_id)
             self._started = False
         _OPEN.discard(self)
 
@@ -332,18 +229,8 @@ class Fabric:
         return hash(self.run_id)
 
 
-def _control(forwarder: subprocess.Popen[bytes], delay_ms: int, loss_percent: float) -> None:
-    assert forwarder.stdin is not None
-    forwarder.stdin.write(f"{delay_ms} {loss_percent}\n".encode())
-    forwarder.stdin.flush()
-
-
-def _kill_inside(namespace: str) -> None:
-    """SIGKILL every process still in one of our namespaces (only we start processes there)."""
-    for pid in _run("ip", "netns", "pids", namespace, check=False).split():
-        if pid.isdigit():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(pid), signal.SIGKILL)
+def _link(member: Member) -> Link:
+    return Link(member.namespace, member.inner, member.port)
 
 
 def _unused_subnet() -> str:
