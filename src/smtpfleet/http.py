@@ -106,16 +106,21 @@ class HttpServer:
 
 
 async def get(
-    path: str, *, port: int = 0, unix_path: str | None = None, timeout_s: float = 2.0
+    path: str,
+    *,
+    port: int = 0,
+    unix_path: str | None = None,
+    timeout_s: float = 2.0,
+    host: str = "127.0.0.1",
 ) -> tuple[int, bytes]:
-    """GET from one of our own HTTP ports (127.0.0.1:port or a unix socket), for the
-    supervisor and the local cluster; (0, b"") when nothing answers in time."""
+    """GET from one of our own HTTP ports (127.0.0.1:port, `host`:port or a unix socket), for
+    the supervisor and the local cluster; (0, b"") when nothing answers in time."""
     try:
         async with asyncio.timeout(timeout_s):
             if unix_path is not None:
                 reader, writer = await asyncio.open_unix_connection(unix_path)
             else:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection(host, port)
             try:
                 writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
                 response = await reader.read()  # one request per connection: read to close

@@ -150,7 +150,8 @@ def test_a_picked_port_taken_before_start_moves_to_another(
         holder.listen()
         taken = holder.getsockname()[1]
         ports = iter([taken])
-        monkeypatch.setattr(redis_server, "free_port", lambda: next(ports, free_port()))
+        # The server picks its port on its own host (free_port(host)).
+        monkeypatch.setattr(redis_server, "free_port", lambda host: next(ports, free_port(host)))
         with RedisServer() as server:
             assert server.port != taken
             assert pings(server)

@@ -11,6 +11,7 @@ from pathlib import Path
 from smtpfleet.drills.report import write_reports
 from smtpfleet.drills.runner import DrillResult, Timing, run_drill, run_target_drill
 from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.summary import Entry, write_summary
 from smtpfleet.drills.target import Target, TargetError, load_target, plan
 
 EXIT_OK = 0
@@ -40,8 +41,20 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return EXIT_OK
     timing = timing_from(args)
-    missed = sum(not _one(name, timing, args, target) for name in names)
+    entries = [_one(name, timing, args, target) for name in names]
+    if args.all:
+        _summarize(entries, args.out, target)
+    missed = sum(e.result is not None and not e.result.passed for e in entries)
     return EXIT_MISSED if missed else EXIT_OK
+
+
+def _summarize(entries: list[Entry], out: Path, target: Target | None) -> None:
+    """The game-day page over every scenario of the run."""
+    title = f"target {target.name}" if target is not None else "local cluster"
+    paths = write_summary(entries, out, title)
+    print(f"game day summary -> {paths[0]}")
+    if len(paths) == 1:
+        print("    (no picture: it needs matplotlib, pip install -e '.[drills]')")
 
 
 def _names(args: argparse.Namespace) -> list[str] | None:
@@ -73,15 +86,31 @@ def _load_text(args: argparse.Namespace) -> str:
     return f"{rate} of {args.size} bytes, a session per message"
 
 
-def _one(name: str, timing: Timing, args: argparse.Namespace, target: Target | None) -> bool:
+def skip_reason(name: str, target: Target | None) -> str | None:
+    """Why a scenario cannot run here, in plain words (None: it can)."""
+    if not SCENARIOS[name].netns:
+        return None
+    if target is not None:
+        return "a network-namespace drill runs only on the local cluster it builds"
+    from smtpfleet.testing.netns import unavailable_reason
+
+    return unavailable_reason()
+
+
+def _one(name: str, timing: Timing, args: argparse.Namespace, target: Target | None) -> Entry:
     scenario = SCENARIOS[name]
+    reason = skip_reason(name, target)
+    if reason is not None:
+        print(f"{name:18} SKIP  {reason}", flush=True)
+        return Entry(name, skipped=reason)
     if target is not None:
         result = asyncio.run(run_target_drill(scenario, timing, target))
     else:
         overrides = {"queue": {"durability": args.durability}} if args.durability else {}
         result = asyncio.run(run_drill(scenario, timing, overrides))
-    _print(result, write_reports(result, args.out))
-    return result.passed
+    paths = write_reports(result, args.out)
+    _print(result, paths)
+    return Entry(name, result, paths)
 
 
 def _print(result: DrillResult, paths: list[Path]) -> None:

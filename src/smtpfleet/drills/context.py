@@ -108,6 +108,8 @@ class Scenario:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     # Runs on a Sentinel set (a primary, two replicas, three Sentinels) instead of one Redis.
     sentinel: bool = False
+    # Runs in network namespaces (testing.netns_cluster): needs root and `ip` (drills.netfaults).
+    netns: bool = False
     # Replication is asynchronous: only `durability: replicated` promises that a 250 survives
     # the loss of the primary, so in the other modes `lost` is measured, not held to 0.
     lossless_only_when_replicated: bool = False

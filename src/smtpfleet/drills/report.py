@@ -83,7 +83,7 @@ def _plot(result: DrillResult, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    times, rates = _rates(result)
+    times, rates = delivered_rates(result)
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     ax.plot(times, rates, color="tab:blue", label="delivered msg/s")
     ax.set_xlabel("seconds")
@@ -111,7 +111,7 @@ def _plot(result: DrillResult, path: Path) -> Path | None:
     return path
 
 
-def _rates(result: DrillResult) -> tuple[list[float], list[float]]:
+def delivered_rates(result: DrillResult) -> tuple[list[float], list[float]]:
     window = int(1.0 / SAMPLE_S)
     samples = result.timeline
     times = [samples[i].t for i in range(window, len(samples))]

@@ -156,13 +156,25 @@ async def _deployment(
             await asyncio.to_thread(sentinels.start)
             config = deep_merge(config, {"redis": {"sentinels": sentinels.sentinel_addresses}})
             redis_url = SENTINEL_DB_URL
-        cluster = LocalCluster(
+        cluster = _cluster_for(scenario)(
             nodes=timing.nodes, sinks=2, overrides=config, appendfsync="always", redis_url=redis_url
         )
         await stack.enter_async_context(cluster)
         client = _redis_client(load_config(cluster.node_processes[0].config_path, {}))
         stack.push_async_callback(client.aclose)
         yield DrillContext(client, local=cluster, sentinels=sentinels)
+
+
+def _cluster_for(scenario: Scenario) -> type[LocalCluster]:
+    if not scenario.netns:
+        return LocalCluster
+    from smtpfleet.testing.netns import NetnsError, unavailable_reason
+    from smtpfleet.testing.netns_cluster import NetnsCluster
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise NetnsError(f"{scenario.name} needs network namespaces: {reason}")
+    return NetnsCluster
 
 
 def _redis_client(config: Config) -> aioredis.Redis:
@@ -186,9 +198,14 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     load = PacedLoad(ctx.smtp_targets, rate=timing.rate, size=timing.size, run_id=run_id)
     start = time.monotonic()
     timeline: list[Sample] = []
-    sampler = asyncio.create_task(_sample(ctx, load, start, timeline))
+    await ctx.refresh()
+    # The relays' count so far (the peak measurement's mail, earlier drills' on a target's
+    # relays) is not this drill's: the timeline counts only what arrives from now on.
+    earlier = sum(s.count for s in ctx.sinks)
+    sampler = asyncio.create_task(_sample(ctx, load, start, timeline, earlier))
     running = asyncio.create_task(load.run())
     marks: dict[str, float] = {}
+    ctx.notes["fault_s"] = float(timing.fault_s)
     await asyncio.sleep(timing.warmup_s)
     marks["inject"] = time.monotonic() - start
     await scenario.inject(ctx)
@@ -210,7 +227,7 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     counts = {
         "retries": await _retry_depth(ctx),
         "takeovers": await _takeovers(ctx),
-        "live_declared_dead": _live_declared_dead(ctx.local),
+        "live_declared_dead": _live_declared_dead(ctx.local, _cut_off(ctx)),
     }
     return _result(scenario, timing, load, start, timeline, marks, counts, ctx)
 
@@ -239,10 +256,12 @@ async def _finish_commands(ctx: DrillContext) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _sample(ctx: DrillContext, load: PacedLoad, start: float, out: list[Sample]) -> None:
+async def _sample(
+    ctx: DrillContext, load: PacedLoad, start: float, out: list[Sample], earlier: int
+) -> None:
     while True:
         await ctx.refresh()
-        delivered = sum(s.count for s in ctx.sinks)
+        delivered = sum(s.count for s in ctx.sinks) - earlier
         accepted = sum(1 for s in load.sent if s.code == 250)
         out.append(Sample(time.monotonic() - start, delivered, accepted))
         await asyncio.sleep(SAMPLE_S)
@@ -337,17 +356,24 @@ async def _takeovers(ctx: DrillContext) -> int | None:
     total = 0
     for node in ctx.cluster.node_processes:
         if node.running:
-            status, body = await http.get("/metrics", port=node.http_port)
+            status, body = await http.get("/metrics", port=node.http_port, host=node.host)
             total += measures.takeovers_in(body) if status == 200 else 0
     return total
 
 
-def _live_declared_dead(cluster: LocalCluster | None) -> int | None:
+def _cut_off(ctx: DrillContext) -> set[str]:
+    """Nodes a network drill cut off from Redis: judging them dead is right, not a fault."""
+    cut_off = ctx.notes.get("cut_off", set())
+    assert isinstance(cut_off, set)
+    return cut_off
+
+
+def _live_declared_dead(cluster: LocalCluster | None, excused: set[str]) -> int | None:
     """Times a node judged dead (took over, or removed) a node that was running all along
-    (from the nodes' logs: None for a cluster the drill did not start)."""
+    and never cut off (from the nodes' logs: None for a cluster the drill did not start)."""
     if cluster is None:
         return None
-    alive = {f"node-{n.index}" for n in cluster.node_processes if n.running}
+    alive = {f"node-{n.index}" for n in cluster.node_processes if n.running} - excused
     total = 0
     for node in cluster.node_processes:
         with contextlib.suppress(OSError):
@@ -419,6 +445,7 @@ def _result(
         else None,  # type: ignore[dict-item]
     }
     metrics.update(_availability(load.sent, start, timeline, marks, metrics))
+    metrics.update(_scenario_measures(ctx))
     durability = ctx.config.queue.durability
     objectives = scenario.objectives_for(durability)
     missed = _judge(scenario, objectives, metrics)
@@ -446,6 +473,11 @@ def _result(
             "nodes": len(ctx.smtp_targets),
             **({"peak_rate": ctx.notes["peak_rate"]} if "peak_rate" in ctx.notes else {}),
             **({"commands": ctx.notes["commands"]} if "commands" in ctx.notes else {}),
+            **(
+                {"network_faults_by": ctx.notes["impaired_by"]}
+                if "impaired_by" in ctx.notes
+                else {}
+            ),
         },
         waived=waived,
     )
@@ -471,6 +503,13 @@ def _availability(
         "in_flight_max": in_flight,
         "excess_duplicates": max(0, duplicates - in_flight),
     }
+
+
+def _scenario_measures(ctx: DrillContext) -> dict[str, float | int | None]:
+    """What a scenario's own steps measured (e.g. the reply of a node cut off from Redis)."""
+    measures = ctx.notes.get("measures", {})
+    assert isinstance(measures, dict)
+    return {str(k): v for k, v in measures.items() if isinstance(v, int | float)}
 
 
 def _int_or_none(value: object) -> int | None:

@@ -7,6 +7,7 @@ import time
 
 from smtpfleet.config import RoutingKey
 from smtpfleet.drills.context import DrillContext, Probe, Scenario, Step
+from smtpfleet.drills.netfaults import NET_SCENARIOS
 from smtpfleet.drills.redis_ha import REDIS_HA_SCENARIOS
 from smtpfleet.loadgen.messages import RECIPIENT
 from smtpfleet.testing.routing import ring_order
@@ -186,5 +187,6 @@ SCENARIOS: dict[str, Scenario] = {
             detected_by_clients=True,
         ),
         *REDIS_HA_SCENARIOS,
+        *NET_SCENARIOS,
     ]
 }

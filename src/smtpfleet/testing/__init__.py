@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from smtpfleet.testing.inbound import Front, MemorySpool, inbound_front
     from smtpfleet.testing.localcluster import LocalCluster, NodeProcess
     from smtpfleet.testing.memory import Clock, MemoryClusterStore, MemoryQueue, ScriptedRelays
+    from smtpfleet.testing.netns import Fabric
+    from smtpfleet.testing.netns_cluster import NetnsCluster
     from smtpfleet.testing.nodes import FAST_RETRY, node_config, running_node
     from smtpfleet.testing.redis_server import RedisServer, free_port
     from smtpfleet.testing.routing import domain_routed_first_to, ring_order
@@ -36,6 +38,8 @@ _HOMES = {
     "inbound": ("Front", "MemorySpool", "inbound_front"),
     "localcluster": ("LocalCluster", "NodeProcess"),
     "memory": ("Clock", "MemoryClusterStore", "MemoryQueue", "ScriptedRelays"),
+    "netns": ("Fabric",),
+    "netns_cluster": ("NetnsCluster",),
     "nodes": ("FAST_RETRY", "node_config", "running_node"),
     "redis_server": ("RedisServer", "free_port"),
     "routing": ("domain_routed_first_to", "ring_order"),
@@ -49,6 +53,7 @@ __all__ = [
     "FAST_RETRY",
     "Clock",
     "DnsServer",
+    "Fabric",
     "FaultProxy",
     "Faults",
     "Front",
@@ -56,6 +61,7 @@ __all__ = [
     "MemoryClusterStore",
     "MemoryQueue",
     "MemorySpool",
+    "NetnsCluster",
     "NodeProcess",
     "ReceivedMessage",
     "RedisServer",

@@ -53,10 +53,14 @@ class NodeProcess:
     http_port: int
     workers: int = 1  # > 1: `serve --workers`, worker processes behind a supervisor
     process: subprocess.Popen[bytes] | None = None
+    # Elsewhere than loopback: the node's address, and a command it runs under that must exec
+    # it (`ip netns exec NS`, for the network-fault tests: testing.netns_cluster).
+    host: str = "127.0.0.1"
+    argv_prefix: tuple[str, ...] = ()
 
     @property
     def smtp(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.smtp_port)
+        return (self.host, self.smtp_port)
 
     @property
     def pid(self) -> int:
@@ -67,6 +71,7 @@ class NodeProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [
+                *self.argv_prefix,
                 *(sys.executable, "-m", "smtpfleet", "serve", "--config", str(self.config_path)),
                 *(("--workers", str(self.workers)) if self.workers > 1 else ()),
             ],
@@ -123,15 +128,17 @@ class NodeProcess:
             if not self.running:
                 raise RuntimeError(f"node {self.index} exited at start:\n{self.log_tail()}")
             # With workers, the first to listen greets; /readyz waits for all of them.
-            if await _greets(self.smtp_port) and (self.workers == 1 or await self._all_ready()):
+            if await _greets(self.smtp_port, self.host) and (
+                self.workers == 1 or await self._all_ready()
+            ):
                 return
             await asyncio.sleep(0.05)
         raise TimeoutError(f"node {self.index} not ready in {timeout_s}s:\n{self.log_tail()}")
 
 
-async def _greets(port: int) -> bool:
+async def _greets(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
     except (OSError, TimeoutError):
         return False
     try:

@@ -157,12 +157,13 @@ class _Probe:
 
     tls: ssl.SSLContext | None = None
     login: AclUser | None = None
+    host: str = LOOPBACK
 
 
 def _query(port: int, command: bytes, probe: _Probe = _Probe()) -> bytes:
     """Send one inline command; the reply's payload (bulk) or its status/error line."""
-    raw = socket.create_connection((LOOPBACK, port), timeout=0.5)
-    sock = raw if probe.tls is None else probe.tls.wrap_socket(raw, server_hostname=LOOPBACK)
+    raw = socket.create_connection((probe.host, port), timeout=0.5)
+    sock = raw if probe.tls is None else probe.tls.wrap_socket(raw, server_hostname=probe.host)
     with sock, sock.makefile("rb") as reader:
         if probe.login is not None:
             sock.sendall(
@@ -196,11 +197,16 @@ def _serving(port: int, pid: int, probe: _Probe) -> bool:
 
 
 class RedisServer:
-    """One server process on 127.0.0.1.
+    """One server process on 127.0.0.1 (or on `host`, run through `wrapper`).
 
     `stop()` keeps the data dir, so `start()` or `restart()` brings the same data back (the AOF
     is replayed) on the same port. `close()` (and leaving the `with` block) also removes the
     private temp dir when no data_dir was given. Anything left running is stopped at exit.
+
+    `host` and `wrapper` put the server elsewhere than loopback, for the network-fault tests:
+    `RedisServer(host="10.231.5.2", port=6379, wrapper=["ip", "netns", "exec", "ns"])` runs
+    it inside a network namespace on an address the test created (`testing.netns`). The
+    wrapper must exec the server (as `ip netns exec` does), so its pid is the server's.
     """
 
     def __init__(
@@ -213,12 +219,16 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         tls: TlsFiles | None = None,
         users: Sequence[AclUser] = (),
+        host: str = LOOPBACK,
+        wrapper: Sequence[str] = (),
     ) -> None:
         if appendfsync not in APPENDFSYNC_MODES:
             raise ValueError(f"appendfsync must be one of {sorted(APPENDFSYNC_MODES)}")
         # Only a port we picked ourselves may be replaced when another process takes it first.
         self._port_is_ours = port == 0
-        self._port = port or free_port()
+        self.host = host
+        self.wrapper = list(wrapper)
+        self._port = port or free_port(host)
         self._private_dir: Path | None = None
         if data_dir is None:
             data_dir = self._private_dir = Path(tempfile.mkdtemp(prefix="smtpfleet-redis-"))
@@ -231,6 +241,7 @@ class RedisServer:
         self._probe = _Probe(
             tls=tls.client_context() if tls is not None else None,
             login=self.users[0] if self.users else None,
+            host=host,
         )
         self._process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0  # where this run's part of the log starts
@@ -243,7 +254,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         """redis:// or, with TLS, rediss://; never with credentials (give them apart)."""
-        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self._port}/0"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self._port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -277,8 +289,9 @@ class RedisServer:
 
     def _args(self) -> list[str]:
         return [
+            *self.wrapper,
             str(self.binary),
-            *("--bind", LOOPBACK, "--daemonize", "no"),
+            *("--bind", self.host, "--daemonize", "no"),
             *self._listen_args(),
             *self._user_args(),
             *("--appendonly", "yes", "--appendfsync", self.appendfsync),
@@ -299,7 +312,7 @@ class RedisServer:
             if self._spawn_and_wait(timeout_s):
                 return
             if attempt + 1 < attempts and "Address already in use" in self.log_tail():
-                self._port = free_port()
+                self._port = free_port(self.host)
                 continue
             break
         raise RuntimeError(f"redis server did not start on port {self._port}:\n{self.log_tail()}")
