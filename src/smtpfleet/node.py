@@ -140,6 +140,7 @@ class Node:
             accept_timeout_s=inbound.accept_timeout_s,
             metrics=self.metrics,
             signer=self.signer,
+            fenced=lambda: self.membership.fenced,
         )
 
     async def start(self) -> None:

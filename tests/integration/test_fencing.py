@@ -10,6 +10,7 @@ import pytest
 from smtpfleet.testing import eventually, node_config, running_node, send
 from smtpfleet.testing.redis_server import RedisServer
 from smtpfleet.testing.sink import Sink
+from smtpfleet.testing.wire import Wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,6 +24,15 @@ async def test_node_cut_off_from_redis_fences_itself_and_recovers(sink: Sink) ->
             await eventually(lambda: node.membership.fenced, timeout_s=5)
             assert node.not_ready_reason() == "Redis unreachable"
             assert (await send(node.inbound.addresses[0])).code == 451
+            # Said at MAIL, not after the whole message and the accept timeout: the sender
+            # tries the next MX at once.
+            wire = await Wire.open(node.inbound.addresses[0])
+            try:
+                assert (await wire.reply()).startswith("220")
+                assert (await wire.cmd("EHLO client.test")).startswith("250")
+                assert (await wire.cmd("MAIL FROM:<a@example.com>")).startswith("451 4.3.0")
+            finally:
+                await wire.close()
             redis.restart()
             await eventually(lambda: not node.membership.fenced, timeout_s=10)
             assert (await send(node.inbound.addresses[0])).code == 250

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -80,8 +81,13 @@ class InboundHandler:
         accept_timeout_s: float,
         metrics: Metrics,
         signer: Signer | None = None,
+        fenced: Callable[[], bool] | None = None,
     ) -> None:
         self._metrics = metrics
+        # True while this node is cut off from its queue (it fenced itself): say 451 at MAIL
+        # instead of taking the whole message and waiting out the accept timeout, so the
+        # sender tries the next MX at once.
+        self._fenced = fenced
         self._signer = signer
         self._spool = spool
         self._policy = policy
@@ -120,6 +126,8 @@ class InboundHandler:
     ) -> str:
         # SIZE= above the limit was refused by aiosmtpd before this hook (RFC 1870 §6.2,
         # rewritten to MESSAGE_TOO_BIG by the server); the actual size is enforced during DATA.
+        if self._fenced is not None and self._fenced():
+            return replies.QUEUE_UNAVAILABLE
         refusal = self._policy.check_sender(address)
         if refusal is not None:
             return refusal
