@@ -16,6 +16,7 @@ PURE = [
     "envelope.py",
     "replies.py",
     "inbound/policy.py",
+    "inbound/limits.py",
     "delivery/backoff.py",
     "delivery/dsn.py",
     "delivery/outcome.py",
@@ -110,10 +111,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
         "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
-        "inbound.budget", "queue.suitability",
+        "inbound.budget", "inbound.limits", "queue.suitability",
     ),
     "protocols": (
         "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",
+        "inbound.counters",
     ),
     "io": (),  # everything else of the product
     "node": ("node", "lifecycle", "supervisor"),
