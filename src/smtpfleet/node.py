@@ -249,5 +249,6 @@ class Node:
         await self._stop_tasks()
         await self.worker.stop(0.0)
         await self.inbound.close()
+        await self.client_counter.close()
         await self._relays.close()
         await self.queue.close()
