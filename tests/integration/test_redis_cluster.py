@@ -235,6 +235,8 @@ async def test_client_limits_count_across_nodes_on_a_cluster(cluster: RedisClust
             assert later.messages > 1  # (a minute boundary between the two: 1.9...)
             assert later.recipients >= 3
             assert await two.open_session(client, "2") == 2  # node-a's, and this one
+        await one.refresh()  # one pipeline over every primary holding a live lease
+        await two.refresh()
         await one.close()
         await two.close()
     assert metrics.registry.get_sample_value("smtpfleet_client_limit_fallbacks_total") == 0
