@@ -42,6 +42,7 @@ RESERVED_ENV = frozenset(
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]  # 0: unlimited, or off
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
@@ -134,12 +135,34 @@ class InboundAuthConfig(_Section):
     failure_window_s: PositiveFloat = 300.0
 
 
+class InboundLimitsConfig(_Section):
+    """Per client IP, counted for the whole cluster in Redis (per node while Redis is away)."""
+
+    # Concurrent sessions of one client on all nodes together; the next is told 421 4.7.0
+    # instead of the banner. 0: unlimited.
+    sessions: NonNegativeInt = 20
+    # MAIL commands of one client in the last minute on all nodes: the next gets 451 4.7.1.
+    messages_per_minute: NonNegativeInt = 120
+    # Recipients accepted from one client in the last minute on all nodes: 451 4.7.1.
+    recipients_per_minute: NonNegativeInt = 1000
+    # Clients in relay_networks (our own systems) are not limited.
+    exempt_relay_networks: bool = True
+    # An IPv6 client counts as its network of this length: one host often holds a whole /64.
+    ipv6_prefix_length: Annotated[int, Field(ge=1, le=128)] = 64
+    # A session is counted under a lease this long, renewed while it lives: the sessions of a
+    # node that died stop counting at most this long after it.
+    session_lease_s: Annotated[float, Field(ge=3)] = 60.0
+    # A Redis answer slower than this is not waited for: this node's own counts decide.
+    redis_timeout_s: Annotated[float, Field(gt=0, le=5)] = 0.5
+
+
 class InboundConfig(_Section):
     # Listeners with the mx profile. Ignored when `listeners` is given and `listen` is not.
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:2525"])
     listeners: list[ListenerConfig] = Field(default_factory=list)
     tls: InboundTlsConfig = InboundTlsConfig()
     auth: InboundAuthConfig = InboundAuthConfig()
+    limits: InboundLimitsConfig = InboundLimitsConfig()
     # Who may send a PROXY header on a listener with proxy_protocol (load balancers).
     trusted_proxies: list[str] = Field(default_factory=list)
     # A PROXY header (and an implicit TLS handshake) must arrive within this.
@@ -150,6 +173,10 @@ class InboundConfig(_Section):
     max_recipients: Annotated[int, Field(ge=100)] = 100
     max_received_headers: PositiveInt = 30
     idle_timeout_s: PositiveFloat = 300.0
+    # During DATA, fewer bytes than this per second over data_rate_window_s (measured once a
+    # whole window has passed) is a client holding the session: 421 4.4.2, closed. 0: off.
+    min_data_rate_bps: NonNegativeInt = 500
+    data_rate_window_s: Annotated[float, Field(ge=1)] = 10.0
     max_sessions: PositiveInt = 1000
     # Message bytes all sessions of a node may hold while receiving and queueing them; a
     # message that would pass it gets 452 and is sent again later. At least one whole message.

@@ -125,6 +125,23 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.client_limit_refusals = Counter(
+            "smtpfleet_client_limit_refusals",
+            "Clients refused by a per-client limit, by limit (sessions, messages, recipients, "
+            "data_rate)",
+            ["limit"],
+            registry=r,
+        )
+        self.client_limit_fallbacks = Counter(
+            "smtpfleet_client_limit_fallbacks",
+            "Per-client limit checks decided on this node's counts alone: Redis away or slow",
+            registry=r,
+        )
+        self.client_limits_shared = Gauge(
+            "smtpfleet_client_limits_shared",
+            "1 while per-client limits are counted cluster-wide in Redis, 0 while per node",
+            registry=r,
+        )
         self.health_checks = Counter(
             "smtpfleet_health_checks",
             "Active health checks by relay and result",
@@ -195,3 +212,5 @@ class Metrics:
             self.auth.labels(result)
         for result in ("ok", "local", "untrusted", "invalid"):
             self.proxy_headers.labels(result)
+        for limit in ("sessions", "messages", "recipients", "data_rate"):
+            self.client_limit_refusals.labels(limit)

@@ -19,18 +19,20 @@ from smtpfleet import memory
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
 from smtpfleet.delivery.worker import DeliveryWorker
-from smtpfleet.envelope import EntryState
+from smtpfleet.envelope import EntryState, now_ms
 from smtpfleet.errors import QueueUnavailable, RedisAccessDenied, RedisUnsuitable
 from smtpfleet.fdlimit import raise_fd_limit
 from smtpfleet.health.checker import HealthMonitor
 from smtpfleet.http import HttpServer
 from smtpfleet.inbound.auth import LocalFailureCounter
 from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.inbound.limits import LocalClientCounter
 from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer
 from smtpfleet.inbound.signing import DkimSigner
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.auth_failures import RedisFailureCounter
+from smtpfleet.queue.client_limits import RedisClientCounter
 from smtpfleet.queue.connection import access_denied
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.redis_cluster import ClusterStore
@@ -114,6 +116,16 @@ class Node:
         self._started = False
         self.signer = DkimSigner(config.dkim, self.metrics) if config.dkim.keys else None
         window_s = config.inbound.auth.failure_window_s
+        limits = config.inbound.limits
+        self.client_counter = RedisClientCounter(
+            self.queue.client,
+            self.queue.keys,
+            owner=self.node_id,
+            lease_s=limits.session_lease_s,
+            fallback=LocalClientCounter(now_ms),
+            metrics=self.metrics,
+            timeout_s=limits.redis_timeout_s,
+        )
         self.inbound = InboundServer(
             config.inbound,
             self._handler(),
@@ -125,6 +137,7 @@ class Node:
                 window_s=window_s,
                 fallback=LocalFailureCounter(window_s),
             ),
+            client_counter=self.client_counter,
         )
         self.draining = False
 
@@ -155,6 +168,7 @@ class Node:
             asyncio.create_task(self._relays.maintain_forever(), name="relay-sessions"),
             asyncio.create_task(self._export_queue_stats(), name="queue-stats"),
             asyncio.create_task(memory.trim_forever(), name="memory-trim"),
+            asyncio.create_task(self.client_counter.run(), name="client-limits"),
         ]
         await self.health.check_once()  # a first view, so a dead relay is not tried first
         self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
@@ -244,5 +258,6 @@ class Node:
         await self._stop_tasks()
         await self.worker.stop(0.0)
         await self.inbound.close()
+        await self.client_counter.close()
         await self._relays.close()
         await self.queue.close()

@@ -69,3 +69,18 @@ AUTH_ALREADY: Final = "503 5.5.1 Already authenticated"
 AUTH_SYNTAX: Final = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
 # Per client IP; the client may come back later (RFC 3463 X.7.0, as Postfix's anvil does).
 AUTH_TOO_MANY_FAILURES: Final = "421 4.7.0 Too many failed authentication attempts, closing"
+
+# Per-client limits, counted across the cluster (inbound/limits.py). X.7.0/X.7.1: a policy
+# refusal the client may retry later; 421 closes the connection (RFC 5321 §3.8).
+CLIENT_TOO_MANY_SESSIONS: Final = (
+    "421 4.7.0 Too many concurrent connections from your address, try again later"
+)
+CLIENT_TOO_MANY_MESSAGES: Final = (
+    "451 4.7.1 Too many messages from your address in the last minute, try again later"
+)
+CLIENT_TOO_MANY_RECIPIENTS: Final = (
+    "451 4.7.1 Too many recipients from your address in the last minute, try again later"
+)
+# RFC 5321 §4.5.3.2.5 times DATA per block; a client trickling far below any real link's speed
+# is holding a session (and its share of the node) open, and is cut.
+DATA_TOO_SLOW: Final = "421 4.4.2 Message data arriving too slowly, closing connection"

@@ -20,7 +20,16 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 SEED = int(os.environ.get("SMTPFLEET_FUZZ_SEED", "20261128"))
 SESSIONS = 150
-MX_MODE = {"inbound": {"relay_networks": [], "accepted_domains": ["example.net"]}}
+# The per-client rate limits have tests of their own: here every session comes from one
+# loopback address, which would meet them within the first minute.
+NO_CLIENT_LIMITS = {"sessions": 0, "messages_per_minute": 0, "recipients_per_minute": 0}
+MX_MODE = {
+    "inbound": {
+        "relay_networks": [],
+        "accepted_domains": ["example.net"],
+        "limits": NO_CLIENT_LIMITS,
+    }
+}
 
 
 async def test_hostile_sessions_keep_every_invariant() -> None:

@@ -20,8 +20,12 @@ from smtpfleet.config import Durability, QueueConfig, RedisConfig
 from smtpfleet.delivery.outcome import DONE
 from smtpfleet.envelope import NewMessage, new_qid
 from smtpfleet.errors import QueueUnavailable
+from smtpfleet.inbound.limits import LocalClientCounter
+from smtpfleet.metrics import Metrics
+from smtpfleet.queue.client_limits import RedisClientCounter
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing import run_cli
+from smtpfleet.testing.memory import Clock
 from smtpfleet.testing.redis_cluster import RedisClusterServers, started_cluster
 from smtpfleet.testing.redis_server import LOOPBACK
 
@@ -231,3 +235,35 @@ async def test_moving_a_shards_slot_under_load_loses_nothing_and_delivers_once(
 async def _read_until(queue: RedisQueue, seen: list[str], stop: asyncio.Event) -> None:
     while not stop.is_set():
         seen += await drain(queue, 1, timeout_s=0.2)
+
+
+async def test_client_limits_count_across_nodes_on_a_cluster(cluster: RedisClusterServers) -> None:
+    """Each check goes alone through the cluster client (a client's keys share one slot)."""
+    metrics = Metrics()
+    async with open_queue(cluster) as queue:
+        one, two = (
+            RedisClientCounter(
+                queue.client,
+                queue.keys,
+                owner=owner,
+                lease_s=60,
+                fallback=LocalClientCounter(Clock()),
+                metrics=metrics,
+                timeout_s=2.0,
+            )
+            for owner in ("node-a", "node-b")
+        )
+        for client in [f"198.51.100.{n}" for n in range(8)]:  # spread over the primaries
+            assert await one.open_session(client, "1") == 1
+            assert await two.open_session(client, "1") == 2  # node-a's session counts here
+            assert (await one.add_message(client, 0)).messages >= 1
+            await two.close_session(client, "1", 3)  # its recipients, counted as it leaves
+            later = await one.add_message(client, 0)
+            assert later.messages > 1  # (a minute boundary between the two: 1.9...)
+            assert later.recipients >= 3
+            assert await two.open_session(client, "2") == 2  # node-a's, and this one
+        await one.refresh()  # one pipeline over every primary holding a live lease
+        await two.refresh()
+        await one.close()
+        await two.close()
+    assert metrics.registry.get_sample_value("smtpfleet_client_limit_fallbacks_total") == 0

@@ -17,6 +17,7 @@ PURE = [
     "replies.py",
     "inbound/policy.py",
     "inbound/dkim.py",
+    "inbound/limits.py",
     "delivery/backoff.py",
     "delivery/dsn.py",
     "delivery/outcome.py",
@@ -112,10 +113,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
         "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
-        "inbound.budget", "inbound.dkim", "queue.suitability", "queue.topology",
+        "inbound.budget", "inbound.dkim", "inbound.limits", "queue.suitability",
+        "queue.topology",
     ),
     "protocols": (
         "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",
+        "inbound.counters",
     ),
     "io": (),  # everything else of the product
     "node": ("node", "lifecycle", "supervisor"),

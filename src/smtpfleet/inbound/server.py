@@ -31,12 +31,16 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Se
 
 from smtpfleet import replies
 from smtpfleet.config import InboundConfig, ListenerConfig, ListenerProfile
+from smtpfleet.envelope import now_ms
 from smtpfleet.errors import ConfigError
 from smtpfleet.inbound import redact, tls
 from smtpfleet.inbound.auth import AuthCheck, Authenticator
 from smtpfleet.inbound.budget import ByteBudget
+from smtpfleet.inbound.client_gate import ClientGates
+from smtpfleet.inbound.counters import ClientCounter
 from smtpfleet.inbound.failures import FailureCounter
 from smtpfleet.inbound.handler import InboundHandler
+from smtpfleet.inbound.limits import DataRate, Limit, LocalClientCounter
 from smtpfleet.inbound.proxy import client_of, in_networks, networks
 from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.session_init import init_session
@@ -57,6 +61,7 @@ CLOSE_WAIT_S: Final = 2.0  # close(): how long session tasks get to unwind after
 LINGER_S: Final = 2.0
 # Unknown commands before we give up on a client (aiosmtpd's own limit, BOGUS_LIMIT).
 MAX_UNKNOWN_COMMANDS: Final = 5
+RATE_CHECK_S: Final = 1.0  # how often a session in DATA checks its client's data rate
 # aiosmtpd's one reply for a path it could not read; we say which path it was.
 _MALFORMED: Final = "553 5.1.3 Error: malformed address"
 
@@ -150,6 +155,8 @@ class InboundSMTP(SMTP):
         self._closing = False  # our last reply is out; input is read and discarded
         self._linger: asyncio.TimerHandle | None = None
         self._unknown_left = MAX_UNKNOWN_COMMANDS
+        self._rate: DataRate | None = None  # while reading DATA, when a minimum rate is set
+        self._rate_timer: asyncio.TimerHandle | None = None
         # aiosmtpd keeps these on the class and adds 26 to MAIL's limit on every EHLO, for all
         # sessions: keep ours per session.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -159,6 +166,8 @@ class InboundSMTP(SMTP):
             self._handle_hooks["DATA"] = self._untimed(self._handle_hooks["DATA"])
         if "EHLO" in self._handle_hooks and not self.offers_auth:
             self._handle_hooks["EHLO"] = _without_auth(self._handle_hooks["EHLO"])
+        self._gate = server.gates.new()  # the per-client limits, in front of MAIL and RCPT
+        self._gate.guard(self._handle_hooks)
 
     @property
     def offers_auth(self) -> bool:
@@ -197,8 +206,10 @@ class InboundSMTP(SMTP):
         self._lost = True
         if self._linger is not None:
             self._linger.cancel()
+        self._stop_rate()
         super().connection_lost(error)
         self._server.unregister(self)
+        self._server.gates.release(self._gate)
 
     def eof_received(self) -> bool | None:
         if self._closing and self.transport is not None:
@@ -213,6 +224,8 @@ class InboundSMTP(SMTP):
             self._close_before_greeting()
             return
         refusal = self._refusal or (replies.SHUTTING_DOWN if self._server.draining else None)
+        if refusal is None:  # admitted by this node: now the client's own limit
+            refusal = await self._gate.admit(self._client_ip())
         if refusal is not None:
             with contextlib.suppress(ConnectionError):
                 await self.push(refusal)
@@ -510,15 +523,20 @@ class InboundSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         reading = _Data(budget, self.data_size_limit or 0, self.line_length_limit)
+        self._start_rate()
         try:
             await reading.read(self._reader)
+            self._stop_rate()
             await self._finish_data(reading)
         finally:
+            self._stop_rate()
             reading.release()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
 
     async def _finish_data(self, reading: _Data) -> None:
         assert self.envelope is not None
+        if self._closing:
+            return  # told 421 during DATA (too slow): a final dot after that queues nothing
         if reading.refusal is not None:
             await self.push(reading.refusal)
             return
@@ -533,7 +551,36 @@ class InboundSMTP(SMTP):
         # slow link would be cut off mid-DATA. RFC 5321 §4.5.3.2.5 times each block instead.
         if self._reading_data:
             self._reset_timeout()
+        if self._rate is not None:
+            self._rate.add(self.loop.time(), len(data))
         super().data_received(data)
+
+    # -- minimum data rate -----------------------------------------------------------------
+
+    def _start_rate(self) -> None:
+        min_bps, window_s = self._server.min_data_rate
+        if min_bps:
+            self._rate = DataRate(min_bps, window_s, self.loop.time())
+            self._rate_timer = self.loop.call_later(RATE_CHECK_S, self._check_rate)
+
+    def _stop_rate(self) -> None:
+        self._rate = None
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+            self._rate_timer = None
+
+    def _check_rate(self) -> None:
+        """A client sending DATA slower than the minimum hears 421 4.4.2 and is closed: it
+        would hold a session, and its share of the node's byte budget, for as long as it likes.
+        """
+        if self._rate is None:
+            return
+        if not self._rate.too_slow(self.loop.time()):
+            self._rate_timer = self.loop.call_later(RATE_CHECK_S, self._check_rate)
+            return
+        self._stop_rate()
+        self._server.gates.refused(Limit.DATA_RATE, self._client_ip())
+        self._say_and_close(replies.DATA_TOO_SLOW)
 
     def _untimed(self, hook: Callable[..., Awaitable[str]]) -> Callable[..., Awaitable[str]]:
         async def untimed(*args: Any) -> str:
@@ -696,8 +743,17 @@ class InboundServer:
         hostname: str,
         metrics: Metrics,
         auth_failures: FailureCounter | None = None,
+        client_counter: ClientCounter | None = None,
     ) -> None:
         self.metrics = metrics
+        # Per-client limits: the cluster's count when given, else this node's own.
+        self.gates = ClientGates(
+            config.limits,
+            client_counter or LocalClientCounter(now_ms),
+            networks(config.relay_networks),
+            metrics,
+        )
+        self.min_data_rate = (config.min_data_rate_bps, config.data_rate_window_s)
         self.auth: Authenticator | None = None  # loaded by start()
         self._auth_failures = auth_failures  # default: this node's own count
         self.budget = ByteBudget(config.max_receiving_bytes)
@@ -825,6 +881,7 @@ class InboundServer:
         tasks = [t for s in sessions if (t := s.handler_task) is not None and not t.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+        await self.gates.close()
         await self._handler.close()
         for server in self._servers:
             await server.wait_closed()

@@ -90,3 +90,17 @@ class Keys:
     def auth_failures(self, client_ip: str) -> str:
         """Counter of failed SMTP AUTH attempts from one client IP; expires with its window."""
         return f"{{{self.prefix}}}:authfail:{client_ip}"
+
+    # Per-client limits: each client's keys share a hash tag of their own, so one round trip
+    # touches one slot, and on Redis Cluster the clients spread over the slots.
+
+    def client_tag(self, client: str) -> str:
+        return f"{{{self.prefix}:client:{client}}}"
+
+    def client_sessions(self, client: str) -> str:
+        """Sorted set of a client's session leases (member: node/session, score: expiry ms)."""
+        return f"{self.client_tag(client)}:sessions"
+
+    def client_minute(self, client: str, minute: int) -> str:
+        """Hash ``m`` (MAIL commands), ``r`` (recipients) of one client in one fixed minute."""
+        return f"{self.client_tag(client)}:minute:{minute}"
