@@ -27,3 +27,16 @@ async def cancel_all(tasks: Iterable[asyncio.Task[object]], recancel_s: float = 
         for task in pending:
             log.warning("task %s ignored its cancellation; cancelling it again", task.get_name())
             task.cancel()
+
+
+def reraise_lost_cancellation(cause: BaseException | None = None) -> None:
+    """Raise CancelledError if this task was cancelled while a client library had it.
+
+    redis-py 8.1 (on Python 3.11) can lose a cancel that lands while it reconnects a pooled
+    connection: the call returns, or fails with an ordinary error, as if nothing happened, and
+    a loop that treats the error as "Redis away" goes on after its cancel. Nobody uncancelled
+    the task, so `cancelling()` still says so.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from cause

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from smtpfleet.tasks import cancel_all
+from smtpfleet.tasks import cancel_all, reraise_lost_cancellation
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -39,3 +39,27 @@ async def test_finished_tasks_are_left_as_they_are() -> None:
     await done
     await cancel_all([done])
     assert done.result() == "ok"
+
+
+async def test_a_lost_cancellation_is_raised_again() -> None:
+    """A call that returned as if nothing happened while its task was being cancelled."""
+
+    async def caller(log: list[str]) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            log.append("the library swallowed it")
+        reraise_lost_cancellation()
+        log.append("went on")
+
+    log: list[str] = []
+    task = asyncio.create_task(caller(log))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log == ["the library swallowed it"]
+
+
+async def test_no_cancellation_nothing_raised() -> None:
+    reraise_lost_cancellation()

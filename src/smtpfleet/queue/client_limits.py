@@ -49,6 +49,7 @@ from smtpfleet.queue.batcher import Batcher
 from smtpfleet.queue.connection import RedisClient
 from smtpfleet.queue.keys import Keys
 from smtpfleet.queue.redis_queue import guarded
+from smtpfleet.tasks import reraise_lost_cancellation
 
 if TYPE_CHECKING:
     from smtpfleet.inbound.counters import ClientCounter
@@ -204,29 +205,16 @@ class RedisClientCounter:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 answer = await guarded(call)
         except (QueueUnavailable, TimeoutError) as exc:
-            _cancelled_underneath(exc)
+            reraise_lost_cancellation(exc)
             self._metrics.client_limit_fallbacks.inc()
             if not self._away:
                 log.warning("per-client limits are per node while Redis is away: %r", exc)
                 self._metrics.client_limits_shared.set(0)
             self._away = True
             return None
-        _cancelled_underneath(None)
+        reraise_lost_cancellation(None)
         if self._away:
             log.info("per-client limits are cluster-wide again")
             self._metrics.client_limits_shared.set(1)
         self._away = False
         return answer
-
-
-def _cancelled_underneath(exc: BaseException | None) -> None:
-    """Raise CancelledError if this task was cancelled while Redis was being asked.
-
-    redis-py 8.1 (on Python 3.11) can lose a cancel that lands while it reconnects a pooled
-    connection (which it disconnected when the previous command was cancelled): the call
-    returns, or fails, as if nothing happened. Seen here: the lease renewal task went on
-    renewing after its cancel, and the node's shutdown waited for it forever.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from exc

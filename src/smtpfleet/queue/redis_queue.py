@@ -36,6 +36,7 @@ from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
 from smtpfleet.queue.routes import Observers, Route, SingleRoutes, is_redirect
 from smtpfleet.queue.suitability import server_version, unsuitable_reason
+from smtpfleet.tasks import reraise_lost_cancellation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,11 +55,14 @@ def text(value: bytes | str) -> str:
 async def guarded(call: Callable[[], Awaitable[T]]) -> T:
     """The Redis boundary: anything the client raises means "away" (QueueUnavailable)."""
     try:
-        return await call()
+        result = await call()
     except (QueueFull, QueueUnavailable):
         raise
     except Exception as exc:  # during failovers redis-py raises more than RedisError
+        reraise_lost_cancellation(exc)
         raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
+    reraise_lost_cancellation()
+    return result
 
 
 class RedisQueue:
