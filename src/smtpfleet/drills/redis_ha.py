@@ -92,11 +92,7 @@ REDIS_HA_SCENARIOS = [
         inject=_force_failover,
         detected=_promoted,
         objectives=OBJECTIVES,
-        known_issues={
-            "excess_duplicates": ACCEPT_TIMEOUT_DUPLICATES,
-            "live_declared_dead": STALE_BEATS_AFTER_FAILOVER,
-            "takeovers": STALE_BEATS_AFTER_FAILOVER,
-        },
+        known_issues={"excess_duplicates": ACCEPT_TIMEOUT_DUPLICATES},
         overrides=REPLICATED,
         sentinel=True,
         lossless_only_when_replicated=True,
@@ -111,8 +107,10 @@ REDIS_HA_SCENARIOS = [
         # What was in flight here includes acks not yet replicated when the primary died,
         # which no sample of the backlog sees: duplicates are reported, not bounded.
         objectives={k: v for k, v in OBJECTIVES.items() if k != "excess_duplicates"},
-        # The same stale-heartbeat issue as the forced failover (docs/drills.md, known issue
-        # 2): seen here too in a full CI-like run; reported, not yet fixed.
+        # The stale-heartbeat issue (docs/drills.md, known issue 2) was seen here once in a
+        # full CI-like run. Fixed for the forced failover (a node whose own beats were lost
+        # judges no peer for a lease), and 0 in every run here since; the waiver stays until
+        # CI's history says the same of this rarer case.
         known_issues={
             "live_declared_dead": STALE_BEATS_AFTER_FAILOVER,
             "takeovers": STALE_BEATS_AFTER_FAILOVER,
