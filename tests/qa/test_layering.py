@@ -110,8 +110,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
-        "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
-        "inbound.budget", "inbound.dkim", "queue.suitability",
+        "relays.ring", "health.state", "cluster.liveness", "cluster.drift", "inbound.policy",
+        "inbound.syntax", "inbound.budget", "inbound.dkim", "queue.suitability",
     ),
     "protocols": (
         "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",
