@@ -159,6 +159,16 @@ class Metrics:
             "Nodes with a fresh heartbeat (cluster-wide: use max)",
             registry=r,
         )
+        self.config_drift = Gauge(
+            "smtpfleet_config_drift",
+            "1 while a live peer publishes a routing configuration fingerprint unlike this node's",
+            registry=r,
+        )
+        self.config_fingerprints = Gauge(
+            "smtpfleet_config_fingerprints",
+            "Distinct routing configuration fingerprints among this node and its live peers",
+            registry=r,
+        )
         self.takeovers = Counter(
             "smtpfleet_takeovers", "Dead nodes whose pending work this node claimed", registry=r
         )

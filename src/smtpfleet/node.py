@@ -16,6 +16,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from smtpfleet import memory
+from smtpfleet.cluster.drift import fingerprint, routing_sections
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import Config
 from smtpfleet.delivery.worker import DeliveryWorker
@@ -79,6 +80,7 @@ class Node:
             adopt=self._adopt,
             metrics=self.metrics,
             on_drain_request=self.drain_requested.set,
+            fingerprint=fingerprint(routing_sections(config)),
         )
         self.health = HealthMonitor(
             relays=config.relays,

@@ -26,6 +26,7 @@ PURE = [
     "queue/keys.py",
     "queue/suitability.py",
     "cluster/liveness.py",
+    "cluster/drift.py",
     "queue/topology.py",
 ]
 
@@ -112,8 +113,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
-        "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
-        "inbound.budget", "inbound.dkim", "inbound.limits", "queue.suitability",
+        "relays.ring", "health.state", "cluster.liveness", "cluster.drift", "inbound.policy",
+        "inbound.syntax", "inbound.budget", "inbound.dkim", "inbound.limits", "queue.suitability",
         "queue.topology",
     ),
     "protocols": (

@@ -61,3 +61,25 @@ def test_quorum_of_live_nodes_decides() -> None:
 
 def test_a_lone_node_decides_for_itself() -> None:
     assert cluster_verdict(["r1"], {"n1": {"r1": False}}, ["n1"]) == {"r1": False}
+
+
+def test_a_node_without_the_relay_does_not_vote_on_it() -> None:
+    # n1 has r1 and r2 and sees r2 down; n2 has only r1. r2's electorate is n1 alone.
+    views = {"n1": {"r1": True, "r2": False}, "n2": {"r1": True}}
+
+    assert cluster_verdict(["r1", "r2"], views, ["n1", "n2"]) == {"r1": True, "r2": False}
+
+
+def test_a_node_without_the_relay_does_not_keep_it_up_or_take_it_down() -> None:
+    # Three nodes: n3 lacks r2. n1 sees it down, n2 up: one of two is no majority.
+    views = {"n1": {"r2": False}, "n2": {"r2": True}, "n3": {"r1": True}}
+    assert cluster_verdict(["r2"], views, ["n1", "n2", "n3"]) == {"r2": True}
+    # Both that have it see it down: down, whatever n3 would have said.
+    views["n2"]["r2"] = False
+    assert cluster_verdict(["r2"], views, ["n1", "n2", "n3"]) == {"r2": False}
+
+
+def test_a_live_node_without_a_view_yet_still_counts() -> None:
+    views = {"n1": {"r1": False}}
+
+    assert cluster_verdict(["r1"], views, ["n1", "n2"]) == {"r1": True}

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from smtpfleet.cluster.drift import fingerprint
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import ClusterConfig
 from smtpfleet.envelope import QueuedMessage, new_qid
@@ -202,3 +203,65 @@ async def test_a_node_removed_as_dead_while_it_lived_holds_judgement_too(bench: 
     bench.clock.advance(2 * CONFIG.heartbeat_interval_s)
     await bench.node.tick()
     assert bench.adopted == []
+
+
+def _with_fingerprint(bench: Bench, relays: list[str]) -> Membership:
+    sections = {"relays": [{"name": n, "host": n} for n in relays], "routing": {}}
+    return Membership(
+        store=bench.store,
+        config=CONFIG,
+        node_id="node-a",
+        adopt=bench.adopted.extend,
+        metrics=bench.metrics,
+        fingerprint=fingerprint(sections),
+        clock=Seconds(bench.clock),
+        wall_ms=bench.clock,
+    )
+
+
+async def _tick_after_a_lease(bench: Bench, node: Membership) -> None:
+    """Peers are judged (and compared) only after a whole lease of contact."""
+    await node.tick()
+    bench.clock.advance(CONFIG.lease_s)
+    bench.store.heartbeats["node-b"] = bench.clock.ms
+    await node.tick()
+
+
+def _drift(bench: Bench) -> tuple[float | None, float | None]:
+    sample = bench.metrics.registry.get_sample_value
+    return sample("smtpfleet_config_drift"), sample("smtpfleet_config_fingerprints")
+
+
+async def test_the_heartbeat_carries_the_fingerprint_and_a_differing_peer_is_drift(
+    bench: Bench,
+) -> None:
+    node = _with_fingerprint(bench, ["r1", "r2"])
+    other = fingerprint({"relays": [{"name": "r1", "host": "r1"}], "routing": {}})
+    bench.store.heartbeats["node-b"] = bench.clock.ms
+    bench.store.info["node-b"] = {"config": other.as_dict()}
+
+    await _tick_after_a_lease(bench, node)
+
+    assert bench.store.info["node-a"]["config"]["parts"].keys() == {
+        "relay r1",
+        "relay r2",
+        "routing",
+    }
+    assert _drift(bench) == (1, 2)
+    assert node.peer_fingerprints == {"node-b": other.digest}
+
+    bench.store.info["node-b"] = dict(bench.store.info["node-a"])
+    bench.store.heartbeats["node-b"] = bench.clock.ms
+    await node.tick()
+
+    assert _drift(bench) == (0, 1)
+
+
+async def test_a_peer_that_publishes_no_fingerprint_is_no_drift(bench: Bench) -> None:
+    node = _with_fingerprint(bench, ["r1"])
+    bench.store.heartbeats["node-b"] = bench.clock.ms
+    bench.store.info["node-b"] = {"role": "active"}
+
+    await _tick_after_a_lease(bench, node)
+
+    assert _drift(bench) == (0, 1)

@@ -102,7 +102,7 @@ async def _status(admin: Admin, args: argparse.Namespace, config: Config) -> int
 
 def _status_table(data: dict[str, Any]) -> str:
     nodes = format_table(
-        ["NODE", "ALIVE", "ROLE", "HEARTBEAT", "UPTIME", "HOST", "IN FLIGHT"],
+        ["NODE", "ALIVE", "ROLE", "HEARTBEAT", "UPTIME", "HOST", "IN FLIGHT", "CONFIG"],
         [
             [
                 n["id"],
@@ -112,6 +112,7 @@ def _status_table(data: dict[str, Any]) -> str:
                 f"{n['uptime_s']}s" if n["uptime_s"] is not None else "",
                 n["host"],
                 data["queue"]["in_flight_by_node"].get(n["id"], 0),
+                n.get("config") or "",
             ]
             for n in data["nodes"]
         ],
@@ -135,7 +136,19 @@ def _status_table(data: dict[str, Any]) -> str:
         f"{q['retry']:.0f} retrying, {q['dead']:.0f} dead letters; "
         f"oldest {q['oldest_age_s']:.0f}s"
     )
-    return f"{nodes}\n\n{relays}\n\n{queue}"
+    return f"{nodes}\n\n{relays}\n\n{queue}{_drift_lines(data['config'])}"
+
+
+def _drift_lines(drift: dict[str, Any]) -> str:
+    """Which live nodes route with another configuration than most, and what differs."""
+    if not drift["drift"]:
+        return ""
+    lines = [f"config drift: {drift['distinct']} distinct routing configurations"]
+    lines += [
+        f"config drift: {node} differs: {', '.join(what)}"
+        for node, what in drift["differing"].items()
+    ]
+    return "\n" + "\n".join(lines)
 
 
 def redis_table(redis: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from smtpfleet.cluster.drift import Fingerprint, distinct_fingerprints
 from smtpfleet.cluster.liveness import live_nodes, may_judge_peers, must_fence, takeover_guard_ms
 from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
@@ -46,10 +47,13 @@ class Membership:
         adopt: Callable[[list[Delivery]], None],
         metrics: Metrics,
         on_drain_request: Callable[[], None] | None = None,
+        fingerprint: Fingerprint | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = now_ms,
     ) -> None:
         self._on_drain_request = on_drain_request
+        self._fingerprint = fingerprint
+        self.peer_fingerprints: dict[str, str] = {}  # live peer -> its routing config digest
         self._metrics = metrics
         self._clock = clock
         self._wall_ms = wall_ms
@@ -75,12 +79,15 @@ class Membership:
         return int(self._config.lease_s * 1000)
 
     def info(self) -> dict[str, object]:
-        return {
+        info: dict[str, object] = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_ms": self._started_ms,
             "role": self.role,
         }
+        if self._fingerprint is not None:
+            info["config"] = self._fingerprint.as_dict()
+        return info
 
     async def run(self) -> None:
         while True:
@@ -144,8 +151,25 @@ class Membership:
             return
         self.live = live_nodes(members, now_ms=now, lease_s=self._config.lease_s) | {self.node_id}
         self._metrics.live_nodes.set(len(self.live))
+        await self._compare_configs()
         for dead in sorted(set(members) - self.live):
             await self._take_over(dead)
+
+    async def _compare_configs(self) -> None:
+        """Drift: does a live peer route with another configuration than ours?"""
+        if self._fingerprint is None:
+            return
+        peers = self.live - {self.node_id}
+        info = await self._store.node_info(peers) if peers else {}
+        published = {n: Fingerprint.from_dict(i.get("config") or {}) for n, i in info.items()}
+        fingerprints = {n: fp.digest for n, fp in published.items() if fp is not None}
+        distinct = distinct_fingerprints(self._fingerprint.digest, fingerprints)
+        if distinct > 1 and fingerprints != self.peer_fingerprints:
+            differ = sorted(n for n, d in fingerprints.items() if d != self._fingerprint.digest)
+            log.warning("configuration drift: %s route with another configuration", differ)
+        self.peer_fingerprints = fingerprints
+        self._metrics.config_drift.set(1 if distinct > 1 else 0)
+        self._metrics.config_fingerprints.set(distinct)
 
     async def _take_over(self, dead: str) -> None:
         guard_ms = takeover_guard_ms(self._config.heartbeat_interval_s)

@@ -28,6 +28,11 @@ class MembershipStore(Protocol):
         """Every node that registered and was not removed: id -> last heartbeat (ms)."""
         ...
 
+    async def node_info(self, node_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """What each node published with its last heartbeat (nodes whose info expired are
+        left out)."""
+        ...
+
     async def claim_from(self, dead: str, me: str, min_idle_ms: int, count: int) -> list[Delivery]:
         """Move a dead consumer's entries idle for `min_idle_ms` to `me` (each to one claimer)."""
         ...

@@ -6,8 +6,9 @@
   in a row eject the relay at once for an ejection time that doubles on each repeat (Envoy's
   outlier detection), but never more than `max_ejection_percent` of a tier at a time.
 - Each node publishes its own view; a relay is down for the cluster only when a majority of
-  the live nodes see it down, so one node's bad link does not evict it for everyone. That
-  node still avoids the relay itself: its healthy set is the verdict minus what it sees down.
+  the live nodes that have it configured see it down, so one node's bad link does not evict
+  it for everyone (and a node without the relay does not vote on it). That node still avoids
+  the relay itself: its healthy set is the verdict minus what it sees down.
 """
 
 from __future__ import annotations
@@ -95,16 +96,20 @@ class PassiveEjector:
 def cluster_verdict(
     relays: Iterable[str], views: Mapping[str, Mapping[str, bool]], live_nodes: Iterable[str]
 ) -> dict[str, bool]:
-    """Up unless a strict majority of the live nodes see the relay down.
+    """Up unless a strict majority of the relay's electorate sees the relay down.
 
-    Views of nodes that are not live do not count; a relay no live node has a view of yet is
-    up (a cluster that just started must not refuse to deliver).
+    The electorate of a relay is the live nodes that have it: a node whose published view
+    lacks the relay does not have it configured (configuration drift) and votes neither way.
+    A live node with no view yet still counts (as not seeing it down). Views of nodes that are
+    not live do not count; a relay no live node has a view of yet is up (a cluster that just
+    started must not refuse to deliver).
     """
     live = set(live_nodes)
     voters = {node: view for node, view in views.items() if node in live}
-    quorum = len(live) // 2 + 1
     verdict = {}
     for relay in relays:
+        lacking = sum(1 for view in voters.values() if relay not in view)
+        quorum = (len(live) - lacking) // 2 + 1
         down = sum(1 for view in voters.values() if view.get(relay) is False)
         verdict[relay] = down < quorum
     return verdict

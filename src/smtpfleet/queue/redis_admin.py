@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from smtpfleet.cluster.drift import DriftReport, Fingerprint, drift_report
 from smtpfleet.cluster.liveness import live_nodes
 from smtpfleet.envelope import EntryState, QueuedMessage, now_ms, shard_of
 from smtpfleet.health.state import cluster_verdict
@@ -88,12 +89,19 @@ class Admin:
                 for relay in relays
             ],
             "queue": {**stats, "in_flight_by_node": await self._in_flight_by_node()},
+            "config": self._config_drift(info, live).as_dict(),
         }
 
     async def topology(self, master_name: str) -> Topology:
         """The Redis servers as they answer now: primaries, replicas and lag, Sentinels, and
         which shards each primary holds."""
         return await topology(self.queue.connection, self.keys, master_name)
+
+    @staticmethod
+    def _config_drift(info: dict[str, dict[str, Any]], live: Iterable[str]) -> DriftReport:
+        """The live nodes' routing configuration fingerprints compared (see cluster/drift.py)."""
+        published = {n: Fingerprint.from_dict(info.get(n, {}).get("config") or {}) for n in live}
+        return drift_report({n: fp for n, fp in published.items() if fp is not None})
 
     @staticmethod
     def _node_row(
@@ -108,6 +116,7 @@ class Admin:
             "uptime_s": round((now - started) / 1000) if started else None,
             "host": info.get("host"),
             "pid": info.get("pid"),
+            "config": (info.get("config") or {}).get("digest"),
         }
 
     async def _recent_outcomes(self, now: int) -> dict[str, dict[str, int]]:

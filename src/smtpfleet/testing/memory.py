@@ -208,6 +208,10 @@ class MemoryClusterStore:
         self._check()
         return dict(self.heartbeats)
 
+    async def node_info(self, node_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        self._check()
+        return {n: dict(self.info[n]) for n in node_ids if n in self.info}
+
     async def claim_from(self, dead: str, me: str, min_idle_ms: int, count: int) -> list[Delivery]:
         self._check()
         now = self.queue.clock()
