@@ -139,6 +139,7 @@ class Node:
             accept_timeout_s=inbound.accept_timeout_s,
             metrics=self.metrics,
             signer=self.signer,
+            tenant_header=self.config.routing.tenant_header,
         )
 
     async def start(self) -> None:

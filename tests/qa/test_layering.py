@@ -21,6 +21,7 @@ PURE = [
     "delivery/dsn.py",
     "delivery/outcome.py",
     "relays/ring.py",
+    "relays/rules.py",
     "health/state.py",
     "queue/keys.py",
     "queue/suitability.py",
@@ -110,7 +111,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
-        "relays.ring", "health.state", "cluster.liveness", "inbound.policy", "inbound.syntax",
+        "relays.ring", "relays.rules", "health.state", "cluster.liveness", "inbound.policy",
+        "inbound.syntax",
         "inbound.budget", "inbound.dkim", "queue.suitability",
     ),
     "protocols": (

@@ -133,7 +133,15 @@ def _status_table(data: dict[str, Any]) -> str:
         f"{q['retry']:.0f} retrying, {q['dead']:.0f} dead letters; "
         f"oldest {q['oldest_age_s']:.0f}s"
     )
-    return f"{nodes}\n\n{relays}\n\n{queue}"
+    return f"{nodes}\n\n{relays}\n\n{queue}{_waiting_line(data.get('waiting_for_route', {}))}"
+
+
+def _waiting_line(waiting: dict[str, int]) -> str:
+    """Why mail waits while relays are up: none of its routing rule's relays is healthy."""
+    if not waiting:
+        return ""
+    rules = ", ".join(f"{rule} {count}" for rule, count in waiting.items())
+    return f"\nwaiting for a healthy relay of their routing rule (last 5 min, recipients): {rules}"
 
 
 async def _queue_list(admin: Admin, args: argparse.Namespace, config: Config) -> int:

@@ -12,6 +12,7 @@ from smtpfleet.health.state import cluster_verdict
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue, text
+from smtpfleet.relays.rules import WAITING_OUTCOME, WAITING_PREFIX
 
 RECENT_MINUTES = 5
 SCAN_LIMIT = 100_000
@@ -86,6 +87,11 @@ class Admin:
                 for relay in relays
             ],
             "queue": {**stats, "in_flight_by_node": await self._in_flight_by_node()},
+            "waiting_for_route": {
+                name.removeprefix(WAITING_PREFIX): counts.get(WAITING_OUTCOME, 0)
+                for name, counts in sorted(recent.items())
+                if name.startswith(WAITING_PREFIX)
+            },
         }
 
     @staticmethod
