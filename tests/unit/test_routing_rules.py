@@ -9,7 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpfleet.config import RelayConfig, RoutingConfig, build_config
+from smtpfleet.cli.ops import _waiting_line
+from smtpfleet.config import RelayConfig, RetryConfig, RoutingConfig, build_config
+from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
+from smtpfleet.delivery.outcome import PARK_MS, Attempt, plan_outcome
 from smtpfleet.envelope import QueuedMessage
 from smtpfleet.errors import ConfigError
 from smtpfleet.relays.ring import Ring
@@ -159,3 +162,24 @@ def test_no_recipient_is_ever_routed_outside_its_eligible_set(
             assert {relay.name for relay in route.order} <= allowed & healthy
             # ... and it waits only when none of its relays is healthy.
             assert bool(route.order) == bool(allowed & healthy)
+
+
+def test_waiting_recipients_are_parked_with_their_reason_and_no_attempt() -> None:
+    (route,) = router().routes(message("a@x.example", "b@y.example", tenant="clinic"), set())
+    verdict = Verdict(Outcome.TEMPORARY, FailureKind.NO_ROUTE, None, route.waiting_reason, "4.4.1")
+    plan = plan_outcome(
+        message("a@x.example", "b@y.example", tenant="clinic"),
+        {"b@y.example": Attempt(verdict, None)},
+        now_ms=1000,
+        retry=RetryConfig(),
+    )
+    assert plan.retry is not None
+    assert plan.retry.attempts == 0
+    assert plan.retry.tenant == "clinic"
+    assert plan.retry_due_ms == 1000 + PARK_MS
+    assert plan.retry.last_errors == {"b@y.example": route.waiting_reason}
+
+
+def test_status_says_which_rule_mail_waits_for() -> None:
+    assert _waiting_line({}) == ""
+    assert _waiting_line({"hipaa": 3}).endswith("routing rule (last 5 min, recipients): hipaa 3")
