@@ -76,6 +76,9 @@ class NodeConfig(_Section):
     drain_grace_s: PositiveFloat = 30.0
     # How long `serve` waits for Redis at start before giving up (a clear error, exit 1).
     startup_timeout_s: PositiveFloat = 30.0
+    # The region this node runs in: the ring prefers relays whose `region` label is this one;
+    # other regions' relays follow as further tiers ("": no preference).
+    region: str = ""
 
 
 class ListenerProfile(StrEnum):

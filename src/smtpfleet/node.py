@@ -90,6 +90,7 @@ class Node:
             config.relays,
             load_factor=config.routing.load_factor,
             warm_percent=config.routing.warm_percent,
+            region=config.node.region,
         )
         self.worker = DeliveryWorker(
             queue=self.queue,
