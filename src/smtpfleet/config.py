@@ -78,6 +78,9 @@ class NodeConfig(_Section):
     drain_grace_s: PositiveFloat = 30.0
     # How long `serve` waits for Redis at start before giving up (a clear error, exit 1).
     startup_timeout_s: PositiveFloat = 30.0
+    # The region this node runs in: the ring prefers relays whose `region` label is this one;
+    # other regions' relays follow as further tiers ("": no preference).
+    region: str = ""
 
 
 class ListenerProfile(StrEnum):
@@ -355,6 +358,64 @@ class RoutingKey(StrEnum):
     MESSAGE_ID = "message_id"  # the queue id: spreads one domain's mail over every relay
 
 
+def _as_list(value: Any) -> Any:
+    """A single value where a list is expected (`region: eu`) is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+class RelaySelector(_Section):
+    """Which relays a routing rule allows, by label. Every key given must hold: a relay's
+    label is one of the values listed; `tags`: the relay has every tag listed."""
+
+    names: list[str] = Field(default_factory=list)
+    region: list[str] = Field(default_factory=list)
+    provider: list[str] = Field(default_factory=list)
+    zone: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+
+    _one_or_many = field_validator("names", "region", "provider", "zone", "tags", mode="before")(
+        _as_list
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RelaySelector:
+        if not (self.names or self.region or self.provider or self.zone or self.tags):
+            raise ValueError("a selector names at least one of names, region, provider, zone, tags")
+        return self
+
+    def selects(self, relay: RelayConfig) -> bool:
+        labels = (
+            (self.names, relay.name),
+            (self.region, relay.region),
+            (self.provider, relay.provider),
+            (self.zone, relay.zone),
+        )
+        return all(not wanted or have in wanted for wanted, have in labels) and set(
+            self.tags
+        ) <= set(relay.tags)
+
+
+class RoutingRule(_Section):
+    """Mail this rule matches may leave only through the relays its selector names, failover
+    included. Every condition given must hold (a value list: any of them); a rule without
+    conditions matches all mail. Domains: exact, or `*.example.com` for its subdomains."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    sender_domains: list[str] = Field(default_factory=list)
+    recipient_domains: list[str] = Field(default_factory=list)
+    tenants: list[str] = Field(default_factory=list)
+    relays: RelaySelector
+
+    _one_or_many = field_validator("sender_domains", "recipient_domains", "tenants", mode="before")(
+        _as_list
+    )
+
+    @field_validator("sender_domains", "recipient_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower().rstrip(".") for d in value]
+
+
 class RoutingConfig(_Section):
     key: RoutingKey = RoutingKey.RECIPIENT_DOMAIN
     # Consistent hashing with bounded load: a relay already carrying more than load_factor
@@ -362,6 +423,21 @@ class RoutingConfig(_Section):
     load_factor: Annotated[float, Field(ge=1.0)] = 1.25
     # Share of keys (percent) sent to the standby tier first, so it stays warm.
     warm_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
+    # The tenant of a message, for rules' `tenants`: the authenticated user (SMTP AUTH), else
+    # this header's value on mail from relay_networks clients ("": the user only). Mail from
+    # anyone else has no tenant: a stranger cannot pick a route by writing the header.
+    tenant_header: str = Field(default="", pattern=r"^[!-9;-~]*$")
+    # Ordered, first match wins, per recipient; mail no rule matches may use every relay.
+    rules: list[RoutingRule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, value: list[RoutingRule]) -> list[RoutingRule]:
+        names = [rule.name for rule in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
+        return value
 
 
 class HealthConfig(_Section):
@@ -414,6 +490,11 @@ class RelayConfig(_Section):
     max_messages_per_s: Annotated[float, Field(ge=0)] = 0.0  # cluster-wide; 0 = unlimited
     # Addresses this relay sends from: `check-dns` verifies SPF authorizes each of them.
     egress_addresses: list[str] = Field(default_factory=list)
+    # Labels: what routing rules select relays by (`routing.rules[].relays`). "" / []: none.
+    region: str = ""
+    provider: str = ""
+    zone: str = ""
+    tags: list[str] = Field(default_factory=list)
 
     @field_validator("egress_addresses")
     @classmethod
@@ -570,6 +651,18 @@ class Config(_Section):
         if duplicates:
             raise ValueError(f"relay names must be unique: {', '.join(duplicates)}")
         return value
+
+    @model_validator(mode="after")
+    def _rules_select_relays(self) -> Config:
+        """A rule whose selector matches no relay would hold its mail forever: refuse it."""
+        empty = [
+            rule.name
+            for rule in self.routing.rules
+            if not any(rule.relays.selects(relay) for relay in self.relays)
+        ]
+        if empty:
+            raise ValueError(f"routing.rules {', '.join(empty)}: the selector matches no relay")
+        return self
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

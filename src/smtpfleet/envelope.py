@@ -71,6 +71,7 @@ class NewMessage:
     data: bytes  # CRLF line endings, dot-stuffing already undone
     fingerprint: str | None = None  # dedupe_fingerprint(...); None disables dedupe
     kind: Kind = Kind.MAIL
+    tenant: str | None = None  # for routing rules: the authenticated user or tenant header
 
 
 @dataclass(frozen=True)
@@ -91,24 +92,27 @@ class QueuedMessage:
     kind: Kind = Kind.MAIL
     # recipient -> last temporary failure text, carried across retries for the expiry DSN
     last_errors: dict[str, str] = field(default_factory=dict)
+    # For routing rules (relays/rules.py): who sent it, when known. Stored only when set, so
+    # entries without one (and those written before it existed) read the same everywhere.
+    tenant: str | None = None
 
     @property
     def shard(self) -> int:
         return shard_of(self.qid)
 
     def encode(self) -> str:
-        return json.dumps(
-            {
-                "q": self.qid,
-                "f": self.sender,
-                "r": list(self.recipients),
-                "t": self.accepted_ms,
-                "a": self.attempts,
-                "k": self.kind.value,
-                "e": self.last_errors,
-            },
-            separators=(",", ":"),
-        )
+        fields: dict[str, object] = {
+            "q": self.qid,
+            "f": self.sender,
+            "r": list(self.recipients),
+            "t": self.accepted_ms,
+            "a": self.attempts,
+            "k": self.kind.value,
+            "e": self.last_errors,
+        }
+        if self.tenant is not None:
+            fields["n"] = self.tenant
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def decode(cls, text: str | bytes) -> QueuedMessage:
@@ -121,6 +125,7 @@ class QueuedMessage:
             attempts=int(raw.get("a", 0)),
             kind=Kind(raw.get("k", Kind.MAIL.value)),
             last_errors=dict(raw.get("e", {})),
+            tenant=raw.get("n"),
         )
 
     def retry_of(self, recipients: tuple[str, ...], errors: dict[str, str]) -> QueuedMessage:

@@ -95,6 +95,7 @@ class Node:
             config.relays,
             load_factor=config.routing.load_factor,
             warm_percent=config.routing.warm_percent,
+            region=config.node.region,
         )
         self.worker = DeliveryWorker(
             queue=self.queue,
@@ -156,6 +157,7 @@ class Node:
             metrics=self.metrics,
             signer=self.signer,
             fenced=lambda: self.membership.fenced,
+            tenant_header=self.config.routing.tenant_header,
         )
 
     async def start(self) -> None:

@@ -22,6 +22,7 @@ PURE = [
     "delivery/dsn.py",
     "delivery/outcome.py",
     "relays/ring.py",
+    "relays/rules.py",
     "health/state.py",
     "queue/keys.py",
     "queue/suitability.py",
@@ -113,9 +114,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
-        "relays.ring", "health.state", "cluster.liveness", "cluster.drift", "inbound.policy",
-        "inbound.syntax", "inbound.budget", "inbound.dkim", "inbound.limits", "queue.suitability",
-        "queue.topology",
+        "relays.ring", "relays.rules", "health.state", "cluster.liveness", "cluster.drift",
+        "inbound.policy", "inbound.syntax", "inbound.budget", "inbound.dkim", "inbound.limits",
+        "queue.suitability", "queue.topology",
     ),
     "protocols": (
         "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",

@@ -91,3 +91,49 @@ def test_routing_keys() -> None:
     assert routing_key(message, RoutingKey.RECIPIENT_DOMAIN) == "rcpt.example"
     assert routing_key(message, RoutingKey.SENDER_DOMAIN) == "sender.example"
     assert routing_key(message, RoutingKey.MESSAGE_ID) == "1.X"
+
+
+def _labelled(name: str, region: str, provider: str, priority: int = 10) -> RelayConfig:
+    return RelayConfig(name=name, host="h", region=region, provider=provider, priority=priority)
+
+
+LABELLED = [
+    _labelled("eu-a1", "eu", "a"),
+    _labelled("eu-a2", "eu", "a"),
+    _labelled("eu-a3", "eu", "a"),
+    _labelled("eu-b1", "eu", "b"),
+    _labelled("us-a1", "us", "a"),
+    _labelled("us-c1", "us", "c"),
+]
+LABELLED_NAMES = {r.name for r in LABELLED}
+
+
+def test_the_nodes_region_comes_first_and_other_regions_follow() -> None:
+    ring = Ring(LABELLED, region="eu")
+    for key in KEYS[:200]:
+        regions = [r.region for r in ring.order(key, LABELLED_NAMES)]
+        assert regions == ["eu"] * 4 + ["us"] * 2
+        assert ring.order(key, {"us-a1", "us-c1"})[0].region == "us"  # failover across regions
+
+
+@given(st.sampled_from(KEYS), st.sets(st.sampled_from(sorted(LABELLED_NAMES)), min_size=1))
+@settings(max_examples=200, deadline=None)
+def test_the_fallback_is_on_another_provider_whenever_one_is_healthy(
+    key: str, healthy: set[str]
+) -> None:
+    order = Ring(LABELLED, region="eu").order(key, healthy)
+    first, rest = order[0], order[1:]
+    same_region = [r for r in rest if r.region == first.region]
+    if any(r.provider != first.provider for r in same_region):
+        assert same_region[0].provider != first.provider
+    plain = [r.name for r in Ring(LABELLED).order(key, healthy)]
+    assert sorted(plain) == sorted(r.name for r in order)
+
+
+@given(st.sampled_from(sorted(LABELLED_NAMES)))
+@settings(max_examples=6, deadline=None)
+def test_with_labels_an_evicted_relay_moves_only_its_keys(gone: str) -> None:
+    ring = Ring(LABELLED, region="eu")
+    before = {k: ring.order(k, LABELLED_NAMES)[0].name for k in KEYS[:2000]}
+    after = {k: ring.order(k, LABELLED_NAMES - {gone})[0].name for k in KEYS[:2000]}
+    assert all(before[k] == gone for k in before if before[k] != after[k])

@@ -136,7 +136,8 @@ def _status_table(data: dict[str, Any]) -> str:
         f"{q['retry']:.0f} retrying, {q['dead']:.0f} dead letters; "
         f"oldest {q['oldest_age_s']:.0f}s"
     )
-    return f"{nodes}\n\n{relays}\n\n{queue}{_drift_lines(data['config'])}"
+    waiting = _waiting_line(data.get("waiting_for_route", {}))
+    return f"{nodes}\n\n{relays}\n\n{queue}{waiting}{_drift_lines(data['config'])}"
 
 
 def _drift_lines(drift: dict[str, Any]) -> str:
@@ -192,6 +193,14 @@ def _lag(replica: dict[str, Any]) -> str:
     if replica["lag_bytes"] is None:
         return ""
     return f"{replica['lag_bytes']} B, ack {replica['last_ack_s']}s ago"
+
+
+def _waiting_line(waiting: dict[str, int]) -> str:
+    """Why mail waits while relays are up: none of its routing rule's relays is healthy."""
+    if not waiting:
+        return ""
+    rules = ", ".join(f"{rule} {count}" for rule, count in waiting.items())
+    return f"\nwaiting for a healthy relay of their routing rule (last 5 min, recipients): {rules}"
 
 
 async def _queue_list(admin: Admin, args: argparse.Namespace, config: Config) -> int:

@@ -63,6 +63,9 @@ class FailureKind(StrEnum):
     # Held back by our own cluster-wide relay limit (connections, messages per second): the
     # relay was never asked, so this says nothing about it.
     LIMITED = "limited"
+    # None of the relays this recipient may use (its routing rule's) is healthy: it waits,
+    # and no relay outside the rule's set is ever tried instead.
+    NO_ROUTE = "no_route"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from smtpfleet.envelope import QueuedMessage
 EXPIRED_STATUS = "4.4.7"
 # No relay could be tried: the entry waits this long, without counting an attempt.
 PARK_MS = 2000
+# Verdicts given without asking any relay: they say nothing about the message or a relay.
+UNASKED = frozenset({FailureKind.LIMITED, FailureKind.NO_ROUTE})
 # The dead-letter reason is a summary for the operator, not a transcript.
 MAX_REASON = 500
 
@@ -90,11 +92,13 @@ def plan_outcome(
     if is_expired(message.accepted_ms, now_ms, retry.lifetime_s):
         failed.extend(_failure(r, a, status=EXPIRED_STATUS) for r, a in waiting.items())
         return _planned(message, delivered, tuple(failed), None, 0, expired=True)
-    if all(a.verdict.kind is FailureKind.LIMITED for a in waiting.values()):
-        # Only our own cluster-wide limits held them back: no relay was asked, so no attempt
-        # is counted and no backoff taken; they come back as soon as parked mail does (a
-        # "451" of our own once sent such mail to the 5-minute retry with a healthy relay).
-        again = replace(message, recipients=tuple(waiting))
+    if all(a.verdict.kind in UNASKED for a in waiting.values()):
+        # Only our own cluster-wide limits, or a routing rule none of whose relays is healthy,
+        # held them back: no relay was asked, so no attempt is counted and no backoff taken;
+        # they come back as soon as parked mail does (a "451" of our own once sent such mail
+        # to the 5-minute retry with a healthy relay).
+        errors = {**message.last_errors, **_why_waiting(waiting)}
+        again = replace(message, recipients=tuple(waiting), last_errors=errors)
         return _planned(message, delivered, tuple(failed), again, now_ms + PARK_MS, expired=False)
     errors = {r: a.verdict.text for r, a in waiting.items()}
     again = message.retry_of(tuple(waiting), errors)
@@ -110,6 +114,12 @@ def plan_outcome(
         now_ms, delay_s, accepted_ms=message.accepted_ms, lifetime_s=retry.lifetime_s
     )
     return _planned(message, delivered, tuple(failed), again, due_ms, expired=False)
+
+
+def _why_waiting(waiting: dict[str, Attempt]) -> dict[str, str]:
+    """Keep the reason a recipient waits for a route (for `queue show` and `status`); a
+    recipient held back by our own limits keeps its last real error (for the expiry DSN)."""
+    return {r: a.verdict.text for r, a in waiting.items() if a.verdict.kind is FailureKind.NO_ROUTE}
 
 
 def _planned(

@@ -25,7 +25,8 @@ from smtpfleet.errors import Fenced, QueueUnavailable, SpoolError
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.deliveries import Body, Delivery, DeliveryQueue
 from smtpfleet.relays.clients import RelayClients
-from smtpfleet.relays.ring import Ring, routing_key
+from smtpfleet.relays.ring import Ring
+from smtpfleet.relays.rules import Route, Router, waiting_counter
 from smtpfleet.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class DeliveryWorker:
     ) -> None:
         self._metrics = metrics
         self._queue = queue
-        self._ring = ring
+        self._router = Router(ring, config.relays, config.routing)
         self._store = store
         all_relays = {r.name for r in config.relays}
         self._healthy = healthy or (lambda: all_relays)
@@ -282,15 +283,36 @@ class DeliveryWorker:
         return body
 
     async def _attempt(self, message: QueuedMessage, data: bytes) -> dict[str, Attempt] | None:
-        """Each healthy relay in the key's order until every recipient has a final answer
-        (invariant 3). None when no relay is healthy."""
-        key = routing_key(message, self._config.routing.key)
-        order = self._ring.order(key, self._healthy(), self._load)
-        if not order:
+        """Each group of recipients (per routing rule) over its own relays, in its key's
+        order. None when no relay at all is healthy."""
+        healthy = self._healthy()
+        if not healthy:
             return None
-        remaining = list(message.recipients)
         attempts: dict[str, Attempt] = {}
-        for relay in order:
+        for route in self._router.routes(message, healthy, self._load):
+            if route.order:
+                attempts.update(await self._through(message, route, data))
+            else:
+                attempts.update(self._waiting(route))
+        return attempts
+
+    def _waiting(self, route: Route) -> dict[str, Attempt]:
+        """None of the relays the rule allows is healthy: these recipients wait (parked, no
+        attempt counted), whatever else is healthy."""
+        self._recent[waiting_counter(route.rule)] += len(route.recipients)
+        verdict = Verdict(
+            Outcome.TEMPORARY, FailureKind.NO_ROUTE, None, route.waiting_reason, "4.4.1"
+        )
+        return {recipient: Attempt(verdict, None) for recipient in route.recipients}
+
+    async def _through(
+        self, message: QueuedMessage, route: Route, data: bytes
+    ) -> dict[str, Attempt]:
+        """Each relay of the route in order until every recipient has a final answer
+        (invariant 3)."""
+        remaining = list(route.recipients)
+        attempts: dict[str, Attempt] = {}
+        for relay in route.order:
             if not self._may_deliver():
                 # Fenced mid-delivery: leave the entry pending for whoever claims it.
                 raise Fenced(f"{self._consumer} is fenced: no next relay for {message.qid}")

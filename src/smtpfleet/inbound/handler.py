@@ -26,6 +26,7 @@ from smtpfleet.inbound.policy import (
     RecipientPolicy,
     count_received_headers,
     has_bare_line_ending,
+    header_value,
     message_id,
     received_header,
 )
@@ -82,8 +83,10 @@ class InboundHandler:
         metrics: Metrics,
         signer: Signer | None = None,
         fenced: Callable[[], bool] | None = None,
+        tenant_header: str = "",
     ) -> None:
         self._metrics = metrics
+        self._tenant_header = tenant_header.lower().encode("ascii")
         # True while this node is cut off from its queue (it fenced itself): say 451 at MAIL
         # instead of taking the whole message and waiting out the accept timeout, so the
         # sender tries the next MX at once.
@@ -223,6 +226,16 @@ class InboundHandler:
         signature (OpenDKIM signs for its InternalHosts and authenticated clients alone)."""
         return bool(session.authenticated) or self._policy.is_relay_client(_peer_ip(session))
 
+    def tenant_of(self, session: Session, data: bytes) -> str | None:
+        """Who the message is from, for routing rules: the authenticated user; else, from a
+        relay_networks client, the tenant header. Anyone else's header is ignored, or a
+        stranger could choose the relays their mail leaves through."""
+        if session.authenticated and isinstance(session.auth_data, str):
+            return session.auth_data
+        if self._tenant_header and self._policy.is_relay_client(_peer_ip(session)):
+            return header_value(data, self._tenant_header)
+        return None
+
     def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
         # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue
         # and the DSN logic know it as "".
@@ -248,6 +261,7 @@ class InboundHandler:
             recipients=recipients,
             data=trace + data,
             fingerprint=fingerprint,
+            tenant=self.tenant_of(session, data),
         )
 
     async def _enqueue(self, message: NewMessage) -> str:

@@ -232,8 +232,13 @@ def count_received_headers(data: bytes) -> int:
 
 
 def message_id(data: bytes) -> str | None:
-    for name, value in header_fields(data):
-        if name == b"message-id":
+    return header_value(data, b"message-id")
+
+
+def header_value(data: bytes, name: bytes) -> str | None:
+    """The first field of that (lower-case) name, unfolded; None when absent or empty."""
+    for field_name, value in header_fields(data):
+        if field_name == name:
             text = " ".join(value.decode("ascii", "replace").split())
             return text or None
     return None

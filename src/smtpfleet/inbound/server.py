@@ -327,6 +327,8 @@ class InboundSMTP(SMTP):
         self._count_auth(result)
         if result is AuthCheck.OK and self.session is not None:
             self.session.authenticated = True  # may relay; Received says ESMTPSA
+            # The user is the message's tenant for routing rules (handler.tenant_of).
+            self.session.auth_data = offered.login.decode("utf-8", "replace")
         await self.push(_AUTH_REPLIES[result])
 
     def _take_credentials(

@@ -15,6 +15,7 @@ from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue, text
 from smtpfleet.queue.redis_topology import topology
 from smtpfleet.queue.topology import Topology
+from smtpfleet.relays.rules import WAITING_OUTCOME, WAITING_PREFIX
 
 RECENT_MINUTES = 5
 SCAN_LIMIT = 100_000
@@ -90,6 +91,11 @@ class Admin:
             ],
             "queue": {**stats, "in_flight_by_node": await self._in_flight_by_node()},
             "config": self._config_drift(info, live).as_dict(),
+            "waiting_for_route": {
+                name.removeprefix(WAITING_PREFIX): counts.get(WAITING_OUTCOME, 0)
+                for name, counts in sorted(recent.items())
+                if name.startswith(WAITING_PREFIX)
+            },
         }
 
     async def topology(self, master_name: str) -> Topology:

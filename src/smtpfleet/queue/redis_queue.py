@@ -212,6 +212,7 @@ class RedisQueue:
             recipients=message.recipients,
             accepted_ms=now_ms(),
             kind=message.kind,
+            tenant=message.tenant,
         )
         try:
             return await self._enqueue_durably(shard, message, entry)

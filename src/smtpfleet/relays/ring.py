@@ -8,6 +8,12 @@ Tiers work like MX preference: the lowest tier with a healthy relay carries the 
 (active-active inside it); higher tiers only follow as fallbacks, unless `warm_percent` sends
 a small, stable share of keys to the next tier first to keep it warm.
 
+Regions and providers: with `region` (the node's), the relays of that region come first and
+every other region is a further set of tiers after them. Inside a tier, a key's fallbacks are
+spread over providers: after a relay of provider A, the next one tried is on another provider
+whenever the tier has one healthy (relays of one cloud tend to fail together). The first choice
+is never changed by the spread, so evicting a relay still moves only its keys.
+
 Bounded load (Mirrokni, Thorup, Zadimoghaddam 2018): a relay already carrying more than
 `load_factor` times its weighted fair share passes the key to the next relay in the key's
 order, so one hot domain cannot pin a relay.
@@ -76,11 +82,17 @@ class Ring:
     every node."""
 
     def __init__(
-        self, relays: Sequence[RelayConfig], *, load_factor: float = 1.25, warm_percent: float = 0.0
+        self,
+        relays: Sequence[RelayConfig],
+        *,
+        load_factor: float = 1.25,
+        warm_percent: float = 0.0,
+        region: str = "",
     ) -> None:
-        by_tier: dict[int, list[RelayConfig]] = {}
+        by_tier: dict[tuple[bool, int], list[RelayConfig]] = {}
         for relay in relays:
-            by_tier.setdefault(relay.priority, []).append(relay)
+            away = bool(region) and relay.region != region  # other regions: further tiers
+            by_tier.setdefault((away, relay.priority), []).append(relay)
         self._tiers = [_TierRing(by_tier[p]) for p in sorted(by_tier)]
         self._load_factor = load_factor
         self._warm_percent = warm_percent
@@ -94,9 +106,21 @@ class Ring:
         if not walks:
             return []
         walks[0] = self._bounded(walks[0], load or {})
+        walks = [self._spread(walk) for walk in walks]
         if len(walks) > 1 and self._warms(key):
             walks[0], walks[1] = walks[1], walks[0]
         return [self.relays[name] for walk in walks for name in walk]
+
+    def _spread(self, walk: list[str]) -> list[str]:
+        """Keep the first choice; then each next relay is on another provider than the one
+        before it whenever the rest of the walk has one (else the walk's own order)."""
+        order, rest = walk[:1], walk[1:]
+        while rest:
+            last = self.relays[order[-1]].provider
+            pick = next((n for n in rest if self.relays[n].provider != last), rest[0])
+            order.append(pick)
+            rest.remove(pick)
+        return order
 
     def _warms(self, key: str) -> bool:
         return stable_hash(f"{key}#warm") % WARM_SCALE < self._warm_percent * WARM_SCALE / 100

@@ -106,7 +106,12 @@ class MemoryQueue:
         self._check()
         self.enqueued.append(message)
         entry = QueuedMessage(
-            message.qid, message.sender, message.recipients, self.clock(), kind=message.kind
+            message.qid,
+            message.sender,
+            message.recipients,
+            self.clock(),
+            kind=message.kind,
+            tenant=message.tenant,
         )
         self.add(entry, message.data)
         return EnqueueResult(message.qid)

@@ -19,6 +19,7 @@ def ring_order(config: Config, key: str) -> list[str]:
         config.relays,
         load_factor=config.routing.load_factor,
         warm_percent=config.routing.warm_percent,
+        region=config.node.region,
     )
     return [relay.name for relay in ring.order(key, {relay.name for relay in config.relays})]
 
