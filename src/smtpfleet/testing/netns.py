@@ -34,6 +34,7 @@ from smtpfleet.testing import ipcmd
 from smtpfleet.testing.impairment import Impairments, Link
 from smtpfleet.testing.ipcmd import NetnsError, kill_inside, unavailable_reason
 from smtpfleet.testing.ipcmd import run as _run
+from smtpfleet.testing.launched import Launched
 
 __all__ = ["Cut", "Fabric", "Member", "NetnsError", "unavailable_reason"]
 
@@ -65,7 +66,7 @@ class Cut:
 
 
 @dataclass
-class Fabric:
+class Fabric(Launched):
     """The switch and its namespaces; a context manager that always cleans up."""
 
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
@@ -91,17 +92,6 @@ class Fabric:
     @property
     def host_address(self) -> str:
         return f"{self.subnet}.{HOST_ADDRESS}"
-
-    def __enter__(self) -> Fabric:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         reason = unavailable_reason()

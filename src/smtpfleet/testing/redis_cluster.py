@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 
+from smtpfleet.testing.launched import Launched
 from smtpfleet.testing.redis_server import (
     LOOPBACK,
     POLL_INTERVAL_S,
@@ -67,7 +68,7 @@ def find_cli_binary(server: Path | None = None) -> Path:
     raise RuntimeError("no valkey-cli or redis-cli found (needed for --cluster create)")
 
 
-class RedisClusterServers:
+class RedisClusterServers(Launched):
     """`primaries` primaries with `replicas` replicas each, joined into one cluster."""
 
     def __init__(self, *, primaries: int = 3, replicas: int = 1, appendfsync: str = "everysec"):
@@ -197,17 +198,6 @@ class RedisClusterServers:
         for server in self.servers:
             server.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> RedisClusterServers:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @staticmethod
     def _wait(ready: Callable[[], bool], what: str, timeout_s: float) -> None:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smtpfleet.testing.launched import Launched
+
 if TYPE_CHECKING:
     from smtpfleet.testing.tls import TlsFiles
 
@@ -196,7 +198,7 @@ def _serving(port: int, pid: int, probe: _Probe) -> bool:
     )
 
 
-class RedisServer:
+class RedisServer(Launched):
     """One server process on 127.0.0.1 (or on `host`, run through `wrapper`).
 
     `stop()` keeps the data dir, so `start()` or `restart()` brings the same data back (the AOF
@@ -375,17 +377,6 @@ class RedisServer:
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
             self._private_dir = None
-
-    def __enter__(self) -> RedisServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from smtpfleet.testing.launched import Launched
 from smtpfleet.testing.redis_server import (
     LOOPBACK,
     POLL_INTERVAL_S,
@@ -84,7 +85,7 @@ class SentinelProcess:
                 process.wait()
 
 
-class SentinelSet:
+class SentinelSet(Launched):
     """A primary, `replicas` replicas and `sentinels` Sentinels (quorum: a majority)."""
 
     def __init__(self, *, replicas: int = 2, sentinels: int = 3, appendfsync: str = "always"):
@@ -161,17 +162,6 @@ class SentinelSet:
         for server in self.servers:
             server.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> SentinelSet:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- waiting -------------------------------------------------------------------------
 
