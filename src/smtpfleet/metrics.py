@@ -10,6 +10,7 @@ node exports the same value: aggregate them with `max`, never `sum` (docs/operat
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -189,7 +190,17 @@ class Metrics:
             "WAITAOF/WAIT sent: one per accept batch that asked for durability",
             registry=r,
         )
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self._zero_fill()
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: `labels()` takes a lock and builds its key
+        on every call, several times per message on the accept and delivery paths."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def outbound_tls(self, relay: str, result: str, version: str | None) -> None:
         """One handshake with a relay (a delivery session or a health check)."""

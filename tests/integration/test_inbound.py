@@ -671,3 +671,23 @@ async def test_data_is_unstuffed_and_refusals_wait_for_the_final_dot(h: Harness)
     assert (await client.cmd("NOOP")).startswith("250"), "the rest was not read as commands"
     assert len(h.spool.messages) == 1
     assert h.server.budget.held == 0
+
+
+async def test_a_multi_line_reply_leaves_in_one_write(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EHLO's ten lines were ten writes (ten syscalls and segments) per connection."""
+    writes: list[bytes] = []
+    write = asyncio.StreamWriter.write
+
+    def counting(writer: asyncio.StreamWriter, data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        write(writer, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    client = await h.connect(ehlo=False)
+    reply = await client.cmd("EHLO client.test")
+    assert reply.startswith("250-mx.test")
+    assert "\r\n250 " in reply
+    [ehlo] = [data for data in writes if data.startswith(b"250-")]
+    assert ehlo.decode() == reply

@@ -339,10 +339,10 @@ class DeliveryWorker:
         finally:
             self._load[name] -= 1
         elapsed = time.perf_counter() - started
-        self._metrics.attempt_seconds.labels(name).observe(elapsed)
+        self._metrics.child(self._metrics.attempt_seconds, name).observe(elapsed)
         age_s = max(0.0, (now_ms() - message.accepted_ms) / 1000)
         for verdict in verdicts.values():
-            self._metrics.deliveries.labels(name, verdict.kind.value).inc()
+            self._metrics.child(self._metrics.deliveries, name, verdict.kind.value).inc()
             self._recent[f"{name}|{verdict.kind.value}"] += 1
             if verdict.outcome is Outcome.DELIVERED:
                 self._metrics.delivery_latency.observe(age_s)

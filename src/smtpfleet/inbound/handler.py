@@ -190,7 +190,7 @@ class InboundHandler:
         started: float,
     ) -> None:
         self._metrics.accept_latency.observe(time.perf_counter() - started)
-        self._metrics.messages.labels(_result(int(reply[:3]), qid)).inc()
+        self._metrics.child(self._metrics.messages, _result(int(reply[:3]), qid)).inc()
         log.info(
             "smtp transaction",
             extra={

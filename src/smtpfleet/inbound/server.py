@@ -111,6 +111,9 @@ _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 LISTEN_BACKLOG = 4096
 
 
+# Replies repeat (EHLO's lines, 250s, the same refusals): the table runs once per distinct
+# line. Lines that carry client text (VRFY's address) are few and the cache is bounded.
+@functools.lru_cache(maxsize=1024)
 def rewrite(reply: str) -> str:
     """Our wording of one reply line; any other 4xx/5xx without an enhanced code gets X.0.0."""
     for pattern, template in _REWRITES:
@@ -120,6 +123,16 @@ def rewrite(reply: str) -> str:
     if reply[:1] in ("4", "5") and not _HAS_ENHANCED.match(reply):
         return f"{reply[:4]}{reply[0]}.0.0 {reply[4:]}".rstrip()
     return reply
+
+
+@functools.lru_cache(maxsize=4096)
+def _unmapped(address: str) -> str:
+    """An IPv4-mapped IPv6 address as its IPv4 address (parsed once per distinct client)."""
+    with contextlib.suppress(ValueError):
+        mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)
+        if mapped is not None:
+            return str(mapped)
+    return address
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
@@ -155,6 +168,7 @@ class InboundSMTP(SMTP):
         self._closing = False  # our last reply is out; input is read and discarded
         self._linger: asyncio.TimerHandle | None = None
         self._unknown_left = MAX_UNKNOWN_COMMANDS
+        self._unsent: list[str] = []  # the first lines of a multi-line reply, not yet written
         self._rate: DataRate | None = None  # while reading DATA, when a minimum rate is set
         self._rate_timer: asyncio.TimerHandle | None = None
         # aiosmtpd keeps these on the class and adds 26 to MAIL's limit on every EHLO, for all
@@ -344,11 +358,7 @@ class InboundSMTP(SMTP):
         dual-stack listener counts as its IPv4 address."""
         peer = self.session.peer if self.session is not None else None
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        with contextlib.suppress(ValueError):
-            mapped = getattr(ipaddress.ip_address(address), "ipv4_mapped", None)
-            if mapped is not None:
-                return str(mapped)
-        return address
+        return _unmapped(address)
 
     def _count_auth(self, result: str) -> None:
         self._server.metrics.auth.labels(str(result)).inc()
@@ -425,13 +435,21 @@ class InboundSMTP(SMTP):
             return
         reply = self._rewrite(status)
         self._count(reply)
+        if reply[3:4] == "-":
+            # A multi-line reply (EHLO's ten lines) leaves in one write, not one per line.
+            self._unsent.append(reply)
+            return
+        if self._unsent:
+            reply = "\r\n".join((*self._unsent, reply))
+            self._unsent.clear()
         await super().push(reply)
         if int(reply[:3]) == replies.CLOSING_CODE:  # RFC 5321 §3.8: 421 means we close
             self._close()
 
     def _count(self, reply: str) -> None:
         if reply[3:4] != "-":  # a multi-line reply counts once, at its last line
-            self._server.metrics.replies.labels(reply_class(reply)).inc()
+            metrics = self._server.metrics
+            metrics.child(metrics.replies, reply_class(reply)).inc()
 
     def _say_and_close(self, reply: str) -> None:
         """An unsolicited reply (RFC 5321 §3.8: 421 before closing), written without waiting."""
@@ -846,7 +864,7 @@ class InboundServer:
             refusal, result = replies.TOO_MANY_SESSIONS, "refused_capacity"
         else:
             refusal, result = None, "accepted"
-        self.metrics.sessions.labels(result).inc()
+        self.metrics.child(self.metrics.sessions, result).inc()
         (self._sessions if refusal is None else self._refused).add(session)
         return refusal
 
