@@ -251,8 +251,9 @@ async def smtpfleet(
 
 
 @contextlib.contextmanager
-def postfix_relay(sink: SmtpSink) -> Iterator[tuple[str, int]]:
-    """Postfix as a pure relay to the sink (PEERS.md's setup); its config is restored after."""
+def postfix_relay(sink: SmtpSink, extra: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
+    """Postfix as a pure relay to the sink (PEERS.md's setup); its config is restored after.
+    `extra`: more main.cf settings (bench_tls.py adds its certificate)."""
     saved = {path: Path(path).read_bytes() for path in POSTFIX_FILES}
     port = free_port()
     settings = [
@@ -262,6 +263,7 @@ def postfix_relay(sink: SmtpSink) -> Iterator[tuple[str, int]]:
         "mynetworks = 127.0.0.0/8",
         f"relayhost = [127.0.0.1]:{sink.port}",
         "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
+        *extra,
     ]
     run = ["postconf", "-e", *settings]
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,15 @@ async def test_a_small_redis_pool_makes_senders_wait_not_fail(
         # Every entry finished (acked and deleted): no delivery is left that could repeat one.
         await eventually(finished)
         assert sink.count == 40
+
+
+async def test_a_ca_without_starttls_or_an_unreadable_ca_is_a_usage_error(tmp_path: Path) -> None:
+    target = ("--target", "127.0.0.1:1", "--count", "1")
+    code, _, err = await run_cli("loadtest", *target, "--tls-ca", str(tmp_path))
+    assert code == 2
+    assert "--tls-ca needs --starttls" in err
+    code, _, err = await run_cli(
+        "loadtest", *target, "--starttls", "--tls-ca", str(tmp_path / "absent.pem")
+    )
+    assert code == 2
+    assert "absent.pem" in err

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from smtpfleet import replies
+from smtpfleet.loadgen import run_load
 from smtpfleet.testing.inbound import Front, inbound_front
 from smtpfleet.testing.tls import TlsFiles, make_tls_files
 from smtpfleet.testing.tools import need_program
@@ -308,3 +309,15 @@ async def test_auth_is_not_offered_in_clear_or_under_tls(front: Front, certs: Tl
     assert "AUTH" not in await wire.cmd("EHLO client.test")
     assert await wire.cmd("AUTH PLAIN AHVzZXIAcGFzcw==") == replies.AUTH_NOT_OFFERED + "\r\n"
     await wire.close()
+
+
+async def test_the_load_generator_upgrades_every_connection(front: Front, certs: TlsFiles) -> None:
+    """`smtpfleet loadtest --starttls` (and the TLS benchmark): one handshake per message."""
+    result = await run_load(
+        [front.address()], total=12, concurrency=3, per_session=1, starttls=certs.client_context()
+    )
+    assert result.codes == {250: 12}
+    assert len(front.spool.messages) == 12
+    assert all(b" with ESMTPS id " in m.data for m in front.spool.messages)
+    handshakes = {"direction": "inbound", "result": "ok", "version": "TLSv1.3"}
+    assert front.sample(HANDSHAKES, handshakes) == 12

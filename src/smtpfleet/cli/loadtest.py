@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import ssl
 import sys
+from pathlib import Path
 
 from smtpfleet.config import parse_hostport
 from smtpfleet.loadgen.generator import LoadResult, run_load
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         sinks = _addresses(args.sink, False, "--sink")
         if (args.count is not None and args.count < 1) or args.concurrency < 1:
             raise UsageError("--count and --concurrency must be at least 1")
+        args.tls_context = _tls_context(args.starttls, args.tls_ca)
     except UsageError as exc:
         print(f"smtpfleet: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -81,6 +84,7 @@ async def _run(
             concurrency=args.concurrency,
             size=args.size,
             per_session=args.per_session,
+            starttls=args.tls_context,
             on_progress=_progress if sys.stderr.isatty() and not args.json else None,
         )
         recon = await settle(result.accepted_ids, servers, args.settle) if servers else None
@@ -89,6 +93,17 @@ async def _run(
             await server.stop()
     _print(result, recon, args.json)
     return EXIT_MISMATCH if recon is not None and not recon.clean else EXIT_OK
+
+
+def _tls_context(starttls: bool, ca_file: Path | None) -> ssl.SSLContext | None:
+    if ca_file is not None and not starttls:
+        raise UsageError("--tls-ca needs --starttls")
+    if not starttls:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--tls-ca {ca_file}: {exc}") from exc
 
 
 def _progress(result: LoadResult) -> None:

@@ -159,6 +159,15 @@ def _loadtest(sub: Any) -> None:
     )
     load.add_argument("--settle", type=float, default=30.0, help="seconds to wait for deliveries")
     load.add_argument(
+        "--starttls", action="store_true", help="upgrade every connection with STARTTLS"
+    )
+    load.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="with --starttls: the CA (PEM) to verify the targets with (default: system CAs)",
+    )
+    load.add_argument(
         "--allow-remote", action="store_true", help="allow targets that are not loopback addresses"
     )
     load.add_argument("--json", action="store_true")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -85,17 +86,30 @@ class _Session:
         return await self.command(data)
 
 
-async def _open(host: str, port: int, timeout_s: float) -> _Session:
+async def _open(
+    host: str, port: int, timeout_s: float, starttls: ssl.SSLContext | None = None
+) -> _Session:
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection(host, port)
         session = _Session(reader, writer)
-        if await session.reply() != 220:
+        try:
+            if await session.reply() != 220:
+                raise ConnectionError("no 220 greeting")
+            await _ehlo(session)
+            if starttls is not None:
+                if await session.command(b"STARTTLS\r\n") != 220:
+                    raise ConnectionError("STARTTLS refused")
+                await writer.start_tls(starttls, server_hostname=host)
+                await _ehlo(session)  # RFC 3207 §4.2: the session starts over under TLS
+        except BaseException:
             writer.close()
-            raise ConnectionError("no 220 greeting")
-        if await session.command(b"EHLO loadgen.smtpfleet\r\n") != 250:
-            writer.close()
-            raise ConnectionError("EHLO refused")
+            raise
     return session
+
+
+async def _ehlo(session: _Session) -> None:
+    if await session.command(b"EHLO loadgen.smtpfleet\r\n") != 250:
+        raise ConnectionError("EHLO refused")
 
 
 class _Pacer:
@@ -127,6 +141,7 @@ class _Run:
         size: int,
         per_session: int,
         timeout_s: float,
+        starttls: ssl.SSLContext | None = None,
     ) -> None:
         self.result = LoadResult(run_id=uuid.uuid4().hex[:10])
         self.endpoints = itertools.cycle(targets)
@@ -134,6 +149,7 @@ class _Run:
         self.size = size
         self.per_session = per_session
         self.timeout_s = timeout_s
+        self.starttls = starttls
         self._counter = itertools.count()
         self._total = total
         self._deadline = time.perf_counter() + duration_s if duration_s else float("inf")
@@ -187,7 +203,8 @@ class _Client:
     async def _ready_session(self) -> _Session:
         if self._session is None or self._used >= self._run.per_session:
             self._close()
-            self._session = await _open(*next(self._run.endpoints), self._run.timeout_s)
+            host, port = next(self._run.endpoints)
+            self._session = await _open(host, port, self._run.timeout_s, self._run.starttls)
             self._used = 0
         return self._session
 
@@ -208,8 +225,10 @@ async def run_load(
     per_session: int = 100,
     timeout_s: float = 30.0,
     on_progress: Callable[[LoadResult], None] | None = None,
+    starttls: ssl.SSLContext | None = None,
 ) -> LoadResult:
-    """Send `total` messages, or for `duration_s`, over `concurrency` sessions."""
+    """Send `total` messages, or for `duration_s`, over `concurrency` sessions; with a TLS
+    context, every connection upgrades with STARTTLS before its first message."""
     if total is None and duration_s is None:
         raise ValueError("give a message count or a duration")
     run = _Run(
@@ -220,6 +239,7 @@ async def run_load(
         size=size,
         per_session=per_session,
         timeout_s=timeout_s,
+        starttls=starttls,
     )
     result = run.result
     started = time.perf_counter()
