@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,72 @@ class Figure:
     p99_ms: float = 0.0
     cpu_ms_per_msg: float = 0.0  # node processes only; 0 where not measured
     tail_s: float = 0.0  # from the end of the load to the last delivery
+    # Cores each role used while the load ran (CpuWatch), and the machine's busy cores.
+    cores: dict[str, float] = field(default_factory=dict)
+
+
+# Which process does what, by its name in /proc (Postfix's daemons as Debian runs them).
+ROLES = {
+    "smtp-source": "load tools",
+    "smtp-sink": "sink",
+    "valkey-server": "redis",
+    "redis-server": "redis",
+    **dict.fromkeys(
+        ("master", "smtpd", "cleanup", "qmgr", "smtp", "trivial-rewrite", "tlsmgr", "anvil"),
+        "postfix",
+    ),
+}
+CORE_ROLES = ("machine busy", "node", "redis", "load tools", "sink", "postfix", "other")
+
+
+class CpuWatch:
+    """Cores used per role between start and stop: every process on the machine, so the
+    table shows where two cores went (why two workers do not make twice one worker).
+
+    A process that exits is counted in its parent once reaped: smtp-source in this script
+    (counted as "load tools"), Postfix's smtpd in its master.
+    """
+
+    def __init__(self, node_pids: list[int]) -> None:
+        self._node_pids = node_pids
+        self._started = time.perf_counter()
+        self._machine = _machine_jiffies()
+        self._procs = _process_seconds()
+
+    def stop(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self._started
+        busy, total = (b - a for a, b in zip(self._machine, _machine_jiffies(), strict=True))
+        cores = dict.fromkeys(CORE_ROLES, 0.0)
+        cores["machine busy"] = busy / max(total, 1) * (os.cpu_count() or 1)
+        nodes = set(_with_children(self._node_pids))
+        for pid, (name, seconds) in _process_seconds().items():
+            used = seconds - self._procs.get(pid, (name, 0.0))[1]
+            role = "node" if pid in nodes else ROLES.get(name, "other")
+            if pid == os.getpid():
+                role = "load tools"  # its reaped smtp-source children, and its own sink reader
+            cores[role] += used / elapsed
+        return cores
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _process_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds of it and its reaped children) for every process."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            text = (entry / "stat").read_text()
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            found[int(entry.name)] = (name, sum(int(x) for x in fields[11:15]) / CLK_TCK)
+    return found
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -204,7 +270,9 @@ async def measure(
     figures = []
     for shape in SHAPES:
         cpu_before = cpu_seconds(pids or [])
+        watch = CpuWatch(pids or [])
         rate, tail_s = await throughput(sink, targets, args, reuse=shape == SHAPES[1])
+        cores = watch.stop()
         cpu_ms = (cpu_seconds(pids or []) - cpu_before) * 1000 / args.messages
         p50 = p99 = 0.0
         if args.latency:
@@ -215,7 +283,7 @@ async def measure(
             + (f", accept p50 {p50:.1f} ms, p99 {p99:.1f} ms at half peak" if p99 else ""),
             flush=True,
         )
-        figures.append(Figure(name, shape, rate, p50, p99, cpu_ms, tail_s))
+        figures.append(Figure(name, shape, rate, p50, p99, cpu_ms, tail_s, cores))
     return figures
 
 
@@ -319,7 +387,10 @@ def _median(runs: list[list[Figure]], i: int) -> Figure:
         statistics.median(getattr(r[i], key) for r in runs)
         for key in ("msg_per_s", "p50_ms", "p99_ms", "cpu_ms_per_msg", "tail_s")
     ]
-    return Figure(first.path, first.shape, *values)
+    cores = {
+        role: statistics.median(r[i].cores.get(role, 0.0) for r in runs) for role in CORE_ROLES
+    }
+    return Figure(first.path, first.shape, *values, cores=cores)
 
 
 def report(runs: list[list[Figure]], args: argparse.Namespace) -> None:
@@ -341,6 +412,11 @@ def report(runs: list[list[Figure]], args: argparse.Namespace) -> None:
                 f"| {f.path} | {f.msg_per_s:,.0f} | {f.msg_per_s / postfix:.2f}x "
                 f"| {f.msg_per_s / ceiling:.2f}x | {cpu} | {f.tail_s:.2f} | {lat} |"
             )
+        print(f"\nwhere the {os.cpu_count()} cores went during the load (cores used)\n")
+        print("| path | " + " | ".join(CORE_ROLES) + " |")
+        print("|---|" + "---|" * len(CORE_ROLES))
+        for f in rows:
+            print(f"| {f.path} | " + " | ".join(f"{f.cores[r]:.2f}" for r in CORE_ROLES) + " |")
 
 
 async def main(args: argparse.Namespace) -> None:

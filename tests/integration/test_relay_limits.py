@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from smtpfleet.loadgen import run_load
 from smtpfleet.testing import eventually, node_config, running_node, send
 from smtpfleet.testing.sink import Sink
 
@@ -93,7 +94,7 @@ async def test_mail_held_back_by_our_own_limit_is_not_sent_to_the_backoff(
     """FINDINGS.md: with the relay's one connection busy on the other node, a delivery that
     found no lease was retried like a relay's 4xx, minutes later. Now it is parked for
     seconds and counted as no attempt, so everything arrives although the retry is an hour."""
-    sink.faults.delay_s = 0.05  # each session holds the one lease for a while
+    sink.faults.delay_s = 0.2  # the node holding the one lease keeps it past the lease wait
     overrides = limited(prefix, sink, max_connections=1) | {
         "retry": {"initial_s": 3600, "max_s": 3600, "jitter": 0, "scheduler_interval_s": 0.1}
     }
@@ -102,9 +103,9 @@ async def test_mail_held_back_by_our_own_limit_is_not_sent_to_the_backoff(
     ]
     async with running_node(configs[0]) as a, running_node(configs[1]) as b:
         addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
-        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(24)))
+        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(10)))
         assert {r.code for r in replies} == {250}
-        await eventually(lambda: sink.count == 24, timeout_s=45)
+        await eventually(lambda: sink.count == 10, timeout_s=45)
         limited_attempts = sum(
             node.registry.get_sample_value(
                 "smtpfleet_deliveries_total", {"relay": "only", "outcome": "limited"}
@@ -113,3 +114,33 @@ async def test_mail_held_back_by_our_own_limit_is_not_sent_to_the_backoff(
             for node in (a, b)
         )
         assert limited_attempts > 0, "the limit was never reached: the test proves nothing"
+
+
+async def test_nodes_at_the_relays_limit_share_its_connections_and_park_nothing(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """More mail than the relay's cluster-wide connections carry, on two nodes. A node whose
+    sessions are all busy waits for one of them (not for a lease until it parks the mail), and
+    a node that holds none gets one because the other gives back what is above its share. Before,
+    each node's extra deliveries waited 1 s for a lease and were parked ("limited") for a retry
+    with a healthy relay: the seconds-long tail of `bench.py` with two workers."""
+    sink.faults.delay_s = 0.01  # 4 replies per message: about 25 messages/s per connection
+    overrides = limited(prefix, sink, max_connections=4)
+    configs = [
+        node_config(redis_url, [], overrides | {"node": {"id": name}}) for name in ("a", "b")
+    ]
+    async with running_node(configs[0]) as a, running_node(configs[1]) as b:
+        sink.peak_sessions = sink.open_sessions
+        targets = [a.inbound.addresses[0], b.inbound.addresses[0]]
+        result = await run_load(targets, total=400, concurrency=40, per_session=1000)
+        assert result.accepted == 400
+        await eventually(lambda: sink.count == 400, timeout_s=40)
+        delivered = [deliveries(node, "2xx") for node in (a, b)]
+        assert [deliveries(node, "limited") for node in (a, b)] == [0, 0], delivered
+        assert min(delivered) >= 40, f"one node starved: {delivered}"
+        assert sink.peak_sessions <= 4, f"{sink.peak_sessions} sessions at once"
+
+
+def deliveries(node: Any, outcome: str) -> float:
+    labels = {"relay": "only", "outcome": outcome}
+    return node.registry.get_sample_value("smtpfleet_deliveries_total", labels) or 0

@@ -85,6 +85,10 @@ class SharedLimits(Protocol):
 
     async def release_connection(self, relay: str, member: str) -> None: ...
 
+    async def waiting_owners(self, relay: str, now_ms: int) -> set[str]:
+        """The owners a lease was refused to within the last second: they wait for one."""
+        ...
+
     async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
         """One message in this second's budget; False when the budget is spent."""
         ...

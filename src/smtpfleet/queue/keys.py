@@ -73,6 +73,10 @@ class Keys:
         """Sorted set of connection leases (member: node/connection, score: expiry ms)."""
         return f"{{{self.prefix}}}:relay:{relay}:conns"
 
+    def relay_waiting(self, relay: str) -> str:
+        """Sorted set of owners (nodes) waiting for a connection lease, scored by expiry (ms)."""
+        return f"{{{self.prefix}}}:relay:{relay}:waiting"
+
     def relay_rate(self, relay: str, second: int) -> str:
         return f"{{{self.prefix}}}:relay:{relay}:rate:{second}"
 
@@ -104,3 +108,18 @@ class Keys:
     def client_minute(self, client: str, minute: int) -> str:
         """Hash ``m`` (MAIL commands), ``r`` (recipients) of one client in one fixed minute."""
         return f"{self.client_tag(client)}:minute:{minute}"
+
+
+# How long a refused lease keeps its owner in `relay_waiting`: its poller renews it every
+# 50 ms while it waits, and a holder over its share sees it within a reap interval.
+WAITING_TTL_MS = 1000
+
+
+def lease_member(owner: str, token: int) -> str:
+    """A connection lease's member in `relay_connections`: its owner (node) and a counter."""
+    return f"{owner}:{token}"
+
+
+def lease_owner(member: str) -> str:
+    """The owner (node) of a lease member; node ids may hold ':' themselves, tokens never."""
+    return member.rpartition(":")[0]

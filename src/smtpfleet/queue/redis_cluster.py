@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from smtpfleet.errors import LimitsUnavailable, QueueUnavailable
 from smtpfleet.queue.connection import RedisClient
 from smtpfleet.queue.deliveries import Delivery
-from smtpfleet.queue.keys import GROUP, Keys
+from smtpfleet.queue.keys import GROUP, WAITING_TTL_MS, Keys, lease_owner
 from smtpfleet.queue.redis_queue import RedisQueue, guarded, text
 
 T = TypeVar("T")
 
 # KEYS: leases   ARGV: now_ms, member, expiry_ms, limit.  1 if the lease is held now.
+# A lease refused leaves its owner in the waiting set for WAITING_TTL_MS, so the owners that
+# hold more than their share give leases back (relays/pool.py) instead of starving it.
 ACQUIRE_LEASE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
@@ -27,6 +29,8 @@ if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('ZCARD', KEYS[1]) < tonu
   redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(ARGV[3]) - tonumber(ARGV[1])))
   return 1
 end
+redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[6]), ARGV[5])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]))
 return 0
 """
 
@@ -204,9 +208,15 @@ class ClusterStore:
     async def acquire_connection(
         self, relay: str, member: str, now_ms: int, ttl_ms: int, limit: int
     ) -> bool:
-        keys = [self.keys.relay_connections(relay)]
-        args: list[str | int] = [now_ms, member, now_ms + ttl_ms, limit]
+        keys = [self.keys.relay_connections(relay), self.keys.relay_waiting(relay)]
+        owner = lease_owner(member)
+        args: list[str | int] = [now_ms, member, now_ms + ttl_ms, limit, owner, WAITING_TTL_MS]
         return bool(await _limit(lambda: self._acquire(keys=keys, args=args)))
+
+    async def waiting_owners(self, relay: str, now_ms: int) -> set[str]:
+        key = self.keys.relay_waiting(relay)
+        owners = await _limit(lambda: self._redis.zrangebyscore(key, now_ms, "+inf"))
+        return {text(cast(bytes, owner)) for owner in owners}
 
     async def release_connection(self, relay: str, member: str) -> None:
         await _limit(lambda: self._redis.zrem(self.keys.relay_connections(relay), member))

@@ -35,6 +35,7 @@ from smtpfleet.delivery.classify import (
 )
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import LimitsUnavailable
+from smtpfleet.queue.keys import lease_member
 from smtpfleet.relays import pipelining
 from smtpfleet.replies import CLOSING_CODE
 
@@ -61,7 +62,10 @@ class Lease:
 
 UNLIMITED: Final = Lease()  # no shared limit configured, or Redis away (the per-node cap holds)
 FULL: Final = Lease(full=True)
-LEASE_WAIT_S = 1.0  # longest wait for a cluster-wide connection lease before parking
+OWN_SESSION_FREE: Final = Lease(member="")  # no new lease needed: one of ours went idle
+# Longest wait for a cluster-wide connection lease before parking: holders over their share
+# give one back within a reap interval (share_with_waiters) plus the message they are on.
+LEASE_WAIT_S = 2.0
 NO_SESSION = no_session()
 
 
@@ -125,6 +129,12 @@ class RelayClient:
         self._lease_ttl_ms = int(settings.lease_ttl_s * 1000)
         self._idle: list[_Session] = []
         self._open: set[_Session] = set()
+        # Our share of the relay's cluster-wide connections while other owners wait for one
+        # (None: nobody waits, keep what we hold). Without it, the first busy owner's sessions,
+        # reused back to back, never go idle and never return a lease: the others starve, and
+        # their mail waits for a retry ("limited") with a healthy relay.
+        self._share: int | None = None
+        self._returned = asyncio.Event()  # a session of ours went idle (wakes lease waiters)
         self._slots = asyncio.Semaphore(relay.max_connections)
         self._tokens = itertools.count()
 
@@ -159,14 +169,19 @@ class RelayClient:
 
     async def _take(self) -> tuple[_Session, bool] | Verdict:
         now = time.monotonic()
-        while self._idle:
-            session = self._idle.pop()
-            if now - session.last_used < MAX_IDLE_S and session.smtp.is_connected:
-                return session, True
-            await self._discard(session)
-        lease = await self._lease()
-        if lease.full:
-            return LIMIT_REACHED
+        while True:
+            while self._idle:
+                session = self._idle.pop()
+                if now - session.last_used < MAX_IDLE_S and session.smtp.is_connected:
+                    return session, True
+                await self._discard(session)
+            lease = await self._lease()
+            if lease is OWN_SESSION_FREE:
+                now = time.monotonic()
+                continue  # one of our sessions finished its message first: reuse it
+            if lease.full:
+                return LIMIT_REACHED
+            break
         try:
             smtp = await (self._connect_to or self._connect)(self.relay)
         except Exception as exc:
@@ -213,10 +228,14 @@ class RelayClient:
             self._on_tls(self.relay.name, result, version)
 
     def _give_back(self, session: _Session) -> None:
-        if session.messages >= self._config.max_messages_per_connection:
+        if session.messages >= self._config.max_messages_per_connection or self._over_share():
             asyncio.get_running_loop().create_task(self._discard(session))
         else:
             self._idle.append(session)
+            self._returned.set()
+
+    def _over_share(self) -> bool:
+        return self._share is not None and len(self._open) > self._share
 
     async def _discard(self, session: _Session) -> None:
         self._open.discard(session)
@@ -248,10 +267,13 @@ class RelayClient:
         when none came free in time."""
         if self._limits is None:
             return UNLIMITED
-        member = f"{self._owner}:{next(self._tokens)}"
-        # Not the connect timeout: a delivery slot waiting long for a lease delays everything
-        # behind it, and mail that finds the relay full is parked and back in seconds.
-        deadline = time.monotonic() + min(self._config.connect_timeout_s, LEASE_WAIT_S)
+        member = lease_member(self._owner, next(self._tokens))
+        # Holding sessions of our own, we wait for one of them (each frees up after its
+        # message) or a new lease, whichever comes first: at the cluster's limit that is the
+        # normal case, not a reason to park. Holding none, the wait is short: mail that finds
+        # the relay full is parked and back in seconds, not stuck behind the others.
+        wait_s = self._config.connect_timeout_s if self._open else LEASE_WAIT_S
+        deadline = time.monotonic() + min(self._config.connect_timeout_s, wait_s)
         while True:
             try:
                 if await self._limits.acquire_connection(
@@ -266,7 +288,28 @@ class RelayClient:
                 return UNLIMITED  # Redis away: the per-node cap still holds
             if time.monotonic() >= deadline:
                 return FULL
-            await asyncio.sleep(LIMIT_POLL_S)
+            if await self._own_session_freed(LIMIT_POLL_S):
+                return OWN_SESSION_FREE
+
+    async def _own_session_freed(self, timeout_s: float) -> bool:
+        if not self._idle:
+            self._returned.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._returned.wait()
+        return bool(self._idle)
+
+    async def share_with_waiters(self) -> None:
+        """Other owners wait for a lease: hold no more than our share, give back the rest as
+        soon as each session finishes its message (idle ones now)."""
+        if self._limits is None or not self._open:
+            self._share = None
+            return
+        waiting = await self._limits.waiting_owners(self.relay.name, now_ms())
+        others = len(waiting - {self._owner})
+        self._share = max(1, self.relay.max_connections // (others + 1)) if others else None
+        while self._idle and self._over_share():
+            await self._discard(self._idle.pop(0))
 
     async def _release(self, lease: str | None) -> None:
         if lease and self._limits is not None:
@@ -432,6 +475,8 @@ class RelayPool:
             await asyncio.sleep(min(REAP_INTERVAL_S, self._settings.lease_ttl_s / 3))
             for client in list(self._clients.values()):
                 await client.reap_idle()
+                with contextlib.suppress(LimitsUnavailable):
+                    await client.share_with_waiters()
             if time.monotonic() - last_refresh >= self._settings.lease_ttl_s / 3:
                 last_refresh = time.monotonic()
                 for client in list(self._clients.values()):

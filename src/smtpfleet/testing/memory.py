@@ -26,6 +26,7 @@ from smtpfleet.delivery.outcome import Finish
 from smtpfleet.envelope import EnqueueResult, NewMessage, QueuedMessage, now_ms
 from smtpfleet.errors import LimitsUnavailable, QueueUnavailable
 from smtpfleet.queue.deliveries import Body, Delivery
+from smtpfleet.queue.keys import WAITING_TTL_MS, lease_owner
 
 DELIVERED = classify_reply(250, "2.0.0 Ok")
 
@@ -192,6 +193,7 @@ class MemoryClusterStore:
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     lease_refreshes: list[dict[int, list[str]]] = field(default_factory=list)
     connections: dict[str, dict[str, int]] = field(default_factory=dict)  # relay -> member -> exp
+    waiting: dict[str, dict[str, int]] = field(default_factory=dict)  # relay -> owner -> until
     rate: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
     limits_unavailable: bool = False
 
@@ -284,7 +286,12 @@ class MemoryClusterStore:
         if member in held or len(held) < limit:
             held[member] = now_ms + ttl_ms
             return True
+        self.waiting.setdefault(relay, {})[lease_owner(member)] = now_ms + WAITING_TTL_MS
         return False
+
+    async def waiting_owners(self, relay: str, now_ms: int) -> set[str]:
+        self._check_limits()
+        return {o for o, until in self.waiting.get(relay, {}).items() if until >= now_ms}
 
     async def release_connection(self, relay: str, member: str) -> None:
         self._check_limits()
