@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpfleet.logs import JsonFormatter, TickHandler
 from smtpfleet.testing import (
     LocalCluster,
     eventually,
@@ -133,3 +136,40 @@ async def test_node_logs_one_json_event_per_transaction_and_attempt() -> None:
         assert attempt["relay"] == "relay-1"
         assert attempt["codes"] == [250]
         assert secret not in node.log_path.read_text()
+
+
+class _Writes(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+async def test_log_lines_of_one_loop_turn_leave_in_one_write() -> None:
+    """Two lines per message under load were two write system calls per message."""
+    stream = _Writes()
+    handler = TickHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("smtpfleet.test.tick")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for n in range(3):
+            logger.warning("line %d", n)
+        assert stream.writes == []  # not before the loop turn ends
+        await asyncio.sleep(0)
+        assert len(stream.writes) == 1
+        assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()] == [
+            "line 0",
+            "line 1",
+            "line 2",
+        ]
+        # Outside the loop (a thread, start-up, shutdown) a record is written at once.
+        await asyncio.to_thread(logger.warning, "from a thread")
+        assert stream.writes[-1].startswith('{"ts"')
+        assert "from a thread" in stream.writes[-1]
+    finally:
+        logger.removeHandler(handler)
