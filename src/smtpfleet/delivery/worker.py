@@ -16,10 +16,20 @@ import time
 from collections.abc import Callable, Iterator
 
 from smtpfleet.cluster.store import DeliveryBookkeeping
-from smtpfleet.config import Config, RelayConfig
+from smtpfleet.config import Config, Durability, RelayConfig
 from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
 from smtpfleet.delivery.dsn import build_dsn
-from smtpfleet.delivery.outcome import DONE, Attempt, Plan, park, plan_outcome, set_aside
+from smtpfleet.delivery.outcome import (
+    CONFIRMATION_POLL_MS,
+    DONE,
+    Attempt,
+    Plan,
+    confirmation_window_ms,
+    hold_unconfirmed,
+    park,
+    plan_outcome,
+    set_aside,
+)
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
 from smtpfleet.errors import Fenced, QueueUnavailable, SpoolError
 from smtpfleet.metrics import Metrics
@@ -77,6 +87,8 @@ class DeliveryWorker:
         self._recent: collections.Counter[str] = collections.Counter()
         self._relays = relays
         self._config = config
+        # `replicated`: an entry is delivered only once its confirmation mark is there.
+        self._confirm_required = config.queue.durability is Durability.REPLICATED
         self._consumer = consumer
         self._hostname = hostname
         self._inflight: dict[tuple[int, str], asyncio.Task[None]] = {}  # by Delivery.key
@@ -250,11 +262,15 @@ class DeliveryWorker:
             await self._queue.finish(delivery, DONE)  # deleted while pending: acknowledge it
             return
         body = await self._queue.load_body(delivery.shard, message.qid)
+        deadline = message.accepted_ms + confirmation_window_ms(self._config)
         if body.data is not None and not body.confirmed:
-            body = await self._await_confirmation(delivery, message, body)
+            body = await self._await_confirmation(delivery, message, body, deadline)
         if body.data is None:
             log.info("%s: cancelled before delivery (the client was told 4xx)", message.qid)
             await self._queue.finish(delivery, DONE)
+            return
+        if not body.confirmed and self._confirm_required:
+            await self._unconfirmed(delivery, message, deadline)
             return
         attempts = await self._attempt(message, body.data)
         if attempts is None:
@@ -264,15 +280,16 @@ class DeliveryWorker:
         await self._record(delivery, message, plan, body.data)
 
     async def _await_confirmation(
-        self, delivery: Delivery, message: QueuedMessage, body: Body
+        self, delivery: Delivery, message: QueuedMessage, body: Body, deadline: int
     ) -> Body:
         """Hold an entry whose durability is not confirmed yet (WAIT/WAITAOF still running).
 
-        If the accept fails, the body is deleted (the tombstone) and we must not send it; if
-        the confirmation mark was lost in a failover, the window's end lets it go.
+        If the accept fails, the body is deleted (the tombstone) and we must not send it. A
+        `replicated` entry is polled for a second at most (then _unconfirmed); otherwise the
+        window's end lets it go, should the confirmation mark have been lost.
         """
-        window_ms = self._config.queue.durability_timeout_ms + 1000
-        deadline = message.accepted_ms + window_ms
+        if self._confirm_required:
+            deadline = min(deadline, now_ms() + CONFIRMATION_POLL_MS)
         for pause in _gate_pauses():
             if now_ms() >= deadline:
                 break
@@ -281,6 +298,21 @@ class DeliveryWorker:
             if body.data is None or body.confirmed:
                 return body
         return body
+
+    async def _unconfirmed(self, delivery: Delivery, message: QueuedMessage, deadline: int) -> None:
+        """A `replicated` entry with no confirmation mark: its accept is still running, or it
+        failed (451) and its tombstone was lost in a failover. Wait out the window in the
+        retry set; past it, the sender was never told 250 and has sent it again: drop it."""
+        if now_ms() < deadline:
+            await self._queue.finish(delivery, hold_unconfirmed(message, until_ms=deadline))
+            return
+        log.warning(
+            "%s: never acknowledged (no confirmation within its window): not delivered",
+            message.qid,
+            extra={"event": "delivery.unacknowledged", "qid": message.qid},
+        )
+        self._metrics.unacknowledged.inc()
+        await self._queue.finish(delivery, DONE)
 
     async def _attempt(self, message: QueuedMessage, data: bytes) -> dict[str, Attempt] | None:
         """Each group of recipients (per routing rule) over its own relays, in its key's

@@ -41,8 +41,8 @@ STALE_BEATS_AFTER_FAILOVER = (
     "one (cluster/membership.py, reported in docs/drills.md)"
 )
 ACCEPT_TIMEOUT_DUPLICATES = (
-    "451'd accepts whose tombstone is lost with the old primary are delivered as well as the "
-    "sender's retry (queue/, reported in docs/drills.md)"
+    "deliveries whose acknowledgement went to the demoted primary are delivered again from the "
+    "new one (451'd accepts no longer are: docs/drills.md, known issue 1)"
 )
 # One replica of two must confirm each write (WAIT 1): WAIT for both would refuse all mail
 # while one replica is down, and the Sentinels promote the replica with the newest data.
