@@ -1,5 +1,5 @@
 """`smtpfleet drill SCENARIO | --all | --list [--target FILE] [--out DIR] [--short]
-[--rate N] [--duration S] [--nodes N] [--size BYTES] [--durability MODE]`."""
+[--rate N] [--duration S] [--nodes N] [--size BYTES] [--durability MODE] [--ipv6]`."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def _one(name: str, timing: Timing, args: argparse.Namespace, target: Target | N
         result = asyncio.run(run_target_drill(scenario, timing, target))
     else:
         overrides = {"queue": {"durability": args.durability}} if args.durability else {}
-        result = asyncio.run(run_drill(scenario, timing, overrides))
+        result = asyncio.run(run_drill(scenario, timing, overrides, ipv6=args.ipv6))
     paths = write_reports(result, args.out)
     _print(result, paths)
     return Entry(name, result, paths)
