@@ -8,6 +8,7 @@ and acts on the local processes: the code that drills a real cluster is what run
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,7 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from smtpfleet.config import parse_hostport
+from smtpfleet.drills.remote import RemoteSink
 from smtpfleet.drills.runner import DRILL_CONFIG
+from smtpfleet.testing.client import send
 from smtpfleet.testing.fake_kubectl import install
 from smtpfleet.testing.localcluster import LocalCluster
 
@@ -157,3 +161,16 @@ def test_a_target_that_is_not_loopback_is_refused(tmp_path: Path) -> None:
     done = _drill(tmp_path, "kill-node", "--target", str(path), "--dry-run")
     assert done.returncode == 0, done.stderr
     assert "kill-node: inject  true" in done.stdout
+
+
+async def test_refreshes_that_overlap_count_every_message_once(
+    relays: list[dict[str, str]],
+) -> None:
+    """The drill's sampler and its fault steps both refresh the relays' records; two fetches
+    from the same count once appended the same page twice (duplicates) and made the next skip
+    as many messages ("lost": 15 in a net-relay-cut against a target)."""
+    for _ in range(3):
+        assert (await send(parse_hostport(relays[0]["smtp"]))).code == 250
+    sink = RemoteSink(f"http://{relays[0]['http']}", "relay-1")
+    await asyncio.gather(sink.refresh(), sink.refresh(), sink.refresh())
+    assert sink.count == 3

@@ -126,6 +126,7 @@ async def run_target_drill(scenario: Scenario, timing: Timing, target: Target) -
     client = _redis_client(remote.config)
     try:
         ctx = DrillContext(client, remote=remote)
+        await remote.mark_start()
         return await _drive(on_target(scenario, target, timing.fault_s), timing, ctx)
     finally:
         await client.aclose()
@@ -430,7 +431,7 @@ def _result(
         "delivered": sum(1 for t in accepted if t in delivered),
         "bounced": len(bounced & accepted),
         "lost": len(lost),
-        "duplicates": sum(n - 1 for n in delivered.values()),
+        "duplicates": measures.duplicates(delivered, (s.tag for s in load.sent)),
         "client_errors": sum(1 for s in load.sent if s.code != 250),
         "client_5xx": sum(1 for s in load.sent if 500 <= s.code < 600),
         "client_4xx": sum(1 for s in load.sent if 400 <= s.code < 500),
