@@ -8,6 +8,7 @@ and acts on the local processes: the code that drills a real cluster is what run
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,7 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from smtpfleet.config import parse_hostport
+from smtpfleet.drills.remote import RemoteSink
 from smtpfleet.drills.runner import DRILL_CONFIG
+from smtpfleet.testing.client import send
 from smtpfleet.testing.fake_kubectl import install
 from smtpfleet.testing.localcluster import LocalCluster
 
@@ -157,3 +161,53 @@ def test_a_target_that_is_not_loopback_is_refused(tmp_path: Path) -> None:
     done = _drill(tmp_path, "kill-node", "--target", str(path), "--dry-run")
     assert done.returncode == 0, done.stderr
     assert "kill-node: inject  true" in done.stdout
+
+
+def test_a_scenario_the_target_has_no_commands_for_is_refused_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    target = {
+        "name": "k8s",
+        "smtp": ["127.0.0.1:2525"],
+        "redis": {"url": "redis://127.0.0.1:6379/0"},
+        "sinks": ["http://127.0.0.1:8025"],
+        "preset": "kubernetes",
+        "kubernetes": {"namespace": "mail"},
+    }
+    path = tmp_path / "k8s.yaml"
+    path.write_text(yaml.safe_dump(target), encoding="utf-8")
+    # The preset has no partition (it cannot know the islands): refused before anything runs.
+    done = _drill(tmp_path, "net-partition", "--target", str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "faults.net-partition" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "drill plan" not in done.stdout
+    # The preset's network faults: tc in the pod's namespace, by an ephemeral debug container.
+    done = _drill(tmp_path, "net-redis-cut", "--target", str(path), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "kubectl --namespace mail debug --profile=netadmin" in done.stdout
+    assert (
+        "tc filter add dev eth0 egress pref 4915 protocol $F dst $PEER action drop" in done.stdout
+    )
+    assert "tc filter del dev eth0 ingress pref 4915" in done.stdout  # the heal
+    # A fault entry without its inject command: the error names the key.
+    path.write_text(
+        yaml.safe_dump({**target, "faults": {"net-redis-cut": {"heal": "true"}}}), encoding="utf-8"
+    )
+    done = _drill(tmp_path, "net-redis-cut", "--target", str(path), "--dry-run")
+    assert done.returncode == 2
+    assert "faults.net-redis-cut.inject: missing" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_refreshes_that_overlap_count_every_message_once(
+    relays: list[dict[str, str]],
+) -> None:
+    """The drill's sampler and its fault steps both refresh the relays' records; two fetches
+    from the same count once appended the same page twice (duplicates) and made the next skip
+    as many messages ("lost": 15 in a net-relay-cut against a target)."""
+    for _ in range(3):
+        assert (await send(parse_hostport(relays[0]["smtp"]))).code == 250
+    sink = RemoteSink(f"http://{relays[0]['http']}", "relay-1")
+    await asyncio.gather(sink.refresh(), sink.refresh(), sink.refresh())
+    assert sink.count == 3

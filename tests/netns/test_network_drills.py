@@ -80,3 +80,14 @@ CHECKS = {
     "net-redis-slow": _redis_slow,
     "net-partition": _partition,
 }
+
+
+async def test_net_redis_cut_on_an_ipv6_fabric(tmp_path: Path) -> None:
+    """The same drill with every member on IPv6 (fd5f:…::/64): the cut must take IPv6 for
+    node-1 to lose Redis at all."""
+    result = await run_drill(SCENARIOS["net-redis-cut"], TIMING, ipv6=True)
+    write_reports(result, tmp_path)
+    assert str(result.settings["fabric"]).startswith("fd5f:")
+    assert result.passed, f"net-redis-cut on IPv6 missed: {result.failures}"
+    assert result.metrics["lost"] == 0
+    _redis_cut(result.metrics)

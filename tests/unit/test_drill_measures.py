@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from smtpfleet.drills.measures import duplicates
 from smtpfleet.drills.runner import (
     SAMPLE_S,
     Sample,
@@ -60,3 +61,10 @@ def test_a_floor_not_reached_fails_the_drill() -> None:
     assert _judge(tempfail, tempfail.objectives, met | {"relay_refusals": 0}) == [
         "relay_refusals = 0 < 1: the fault was not exercised"
     ]
+
+
+def test_duplicates_are_counted_only_for_this_drills_messages() -> None:
+    # A running cluster's relays keep earlier drills' mail, and their duplicates with it.
+    deliveries = {"earlier-1": 3, "earlier-2": 2, "this-1": 1, "this-2": 2, "this-3": 4}
+    assert duplicates(deliveries, ["this-1", "this-2", "this-3", "this-4"]) == 4
+    assert duplicates(deliveries, []) == 0

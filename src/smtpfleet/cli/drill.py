@@ -1,5 +1,5 @@
 """`smtpfleet drill SCENARIO | --all | --list [--target FILE] [--out DIR] [--short]
-[--rate N] [--duration S] [--nodes N] [--size BYTES] [--durability MODE]`."""
+[--rate N] [--duration S] [--nodes N] [--size BYTES] [--durability MODE] [--ipv6]`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from smtpfleet.drills.report import write_reports
 from smtpfleet.drills.runner import DrillResult, Timing, run_drill, run_target_drill
 from smtpfleet.drills.scenarios import SCENARIOS
 from smtpfleet.drills.summary import Entry, write_summary
-from smtpfleet.drills.target import Target, TargetError, load_target, plan
+from smtpfleet.drills.target import Target, TargetError, load_target, missing_commands, plan
 
 EXIT_OK = 0
 EXIT_MISSED = 1
@@ -36,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
         except (TargetError, OSError) as exc:
             print(f"smtpfleet: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        names = [n for n in names if n in target.faults] if args.all else names
+        if args.all:
+            names = [n for n in names if n in target.faults]
+        elif (missing := missing_commands(target, names[0], args.target)) is not None:
+            print(f"smtpfleet: {missing}", file=sys.stderr)
+            return EXIT_USAGE
         print(plan(target, names, _load_text(args)), flush=True)
         if args.dry_run:
             return EXIT_OK
@@ -88,10 +92,8 @@ def _load_text(args: argparse.Namespace) -> str:
 
 def skip_reason(name: str, target: Target | None) -> str | None:
     """Why a scenario cannot run here, in plain words (None: it can)."""
-    if not SCENARIOS[name].netns:
-        return None
-    if target is not None:
-        return "a network-namespace drill runs only on the local cluster it builds"
+    if not SCENARIOS[name].netns or target is not None:
+        return None  # a target's own commands make the network fault
     from smtpfleet.testing.netns import unavailable_reason
 
     return unavailable_reason()
@@ -107,7 +109,7 @@ def _one(name: str, timing: Timing, args: argparse.Namespace, target: Target | N
         result = asyncio.run(run_target_drill(scenario, timing, target))
     else:
         overrides = {"queue": {"durability": args.durability}} if args.durability else {}
-        result = asyncio.run(run_drill(scenario, timing, overrides))
+        result = asyncio.run(run_drill(scenario, timing, overrides, ipv6=args.ipv6))
     paths = write_reports(result, args.out)
     _print(result, paths)
     return Entry(name, result, paths)

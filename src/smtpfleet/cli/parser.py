@@ -195,6 +195,9 @@ def _drill(sub: Any) -> None:
     drill.add_argument("--duration", type=positive_float, help="seconds of load per drill")
     drill.add_argument("--nodes", type=positive_int, default=3, help="nodes of a local cluster")
     drill.add_argument("--size", type=positive_int, default=2048, help="message bytes")
+    drill.add_argument(
+        "--ipv6", action="store_true", help="net-* drills: the namespaces talk over IPv6 (ULA)"
+    )
 
 
 def _check_dns(sub: Any) -> None:

@@ -4,7 +4,7 @@ numbers out), so each one is unit-tested apart from any cluster."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from smtpfleet.loadgen.paced import Sent
@@ -53,6 +53,12 @@ def in_flight_max(samples: Sequence[Counted], from_s: float, to_s: float) -> int
     fault there could catch in flight, and so what duplicates may reach."""
     inside = [s.accepted - s.delivered for s in samples if from_s <= s.t <= to_s]
     return max([0, *inside])
+
+
+def duplicates(deliveries: Mapping[str, int], own_tags: Iterable[str]) -> int:
+    """Deliveries beyond the first of this drill's own messages: a running cluster's relays
+    keep what earlier drills sent, and their duplicates are not this drill's."""
+    return sum(deliveries[tag] - 1 for tag in set(own_tags) if deliveries.get(tag, 0) > 1)
 
 
 def takeovers_in(metrics_text: bytes) -> int:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,24 +126,30 @@ async def run_target_drill(scenario: Scenario, timing: Timing, target: Target) -
     client = _redis_client(remote.config)
     try:
         ctx = DrillContext(client, remote=remote)
+        await remote.mark_start()
         return await _drive(on_target(scenario, target, timing.fault_s), timing, ctx)
     finally:
         await client.aclose()
 
 
 async def run_drill(
-    scenario: Scenario, timing: Timing, overrides: Mapping[str, Any] | None = None
+    scenario: Scenario,
+    timing: Timing,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    ipv6: bool = False,
 ) -> DrillResult:
     """One drill on a fresh local cluster; `overrides` go on top of the drill's configuration
-    (e.g. `{"queue": {"durability": "server"}}` to measure another durability mode)."""
+    (e.g. `{"queue": {"durability": "server"}}` to measure another durability mode). `ipv6`
+    runs a network drill's fabric on IPv6 addresses (the others ignore it)."""
     config = deep_merge(deep_merge(DRILL_CONFIG, scenario.overrides), overrides or {})
-    async with _deployment(scenario, config, timing) as ctx:
+    async with _deployment(scenario, config, timing, ipv6=ipv6) as ctx:
         return await _drive(scenario, timing, ctx)
 
 
 @contextlib.asynccontextmanager
 async def _deployment(
-    scenario: Scenario, config: dict[str, Any], timing: Timing
+    scenario: Scenario, config: dict[str, Any], timing: Timing, *, ipv6: bool = False
 ) -> AsyncIterator[DrillContext]:
     """Redis (one server, or a Sentinel set), two sink relays and three nodes on loopback."""
     async with contextlib.AsyncExitStack() as stack:
@@ -156,7 +163,7 @@ async def _deployment(
             await asyncio.to_thread(sentinels.start)
             config = deep_merge(config, {"redis": {"sentinels": sentinels.sentinel_addresses}})
             redis_url = SENTINEL_DB_URL
-        cluster = _cluster_for(scenario)(
+        cluster = _cluster_for(scenario, ipv6=ipv6)(
             nodes=timing.nodes, sinks=2, overrides=config, appendfsync="always", redis_url=redis_url
         )
         await stack.enter_async_context(cluster)
@@ -165,7 +172,7 @@ async def _deployment(
         yield DrillContext(client, local=cluster, sentinels=sentinels)
 
 
-def _cluster_for(scenario: Scenario) -> type[LocalCluster]:
+def _cluster_for(scenario: Scenario, *, ipv6: bool) -> Callable[..., LocalCluster]:
     if not scenario.netns:
         return LocalCluster
     from smtpfleet.testing.netns import NetnsError, unavailable_reason
@@ -174,7 +181,7 @@ def _cluster_for(scenario: Scenario) -> type[LocalCluster]:
     reason = unavailable_reason()
     if reason is not None:
         raise NetnsError(f"{scenario.name} needs network namespaces: {reason}")
-    return NetnsCluster
+    return functools.partial(NetnsCluster, ipv6=ipv6)
 
 
 def _redis_client(config: Config) -> aioredis.Redis:
@@ -424,7 +431,7 @@ def _result(
         "delivered": sum(1 for t in accepted if t in delivered),
         "bounced": len(bounced & accepted),
         "lost": len(lost),
-        "duplicates": sum(n - 1 for n in delivered.values()),
+        "duplicates": measures.duplicates(delivered, (s.tag for s in load.sent)),
         "client_errors": sum(1 for s in load.sent if s.code != 250),
         "client_5xx": sum(1 for s in load.sent if 500 <= s.code < 600),
         "client_4xx": sum(1 for s in load.sent if 400 <= s.code < 500),
@@ -478,9 +485,16 @@ def _result(
                 if "impaired_by" in ctx.notes
                 else {}
             ),
+            **_fabric_setting(ctx),
         },
         waived=waived,
     )
+
+
+def _fabric_setting(ctx: DrillContext) -> dict[str, object]:
+    """The network a drill in namespaces ran on (its report says IPv4 or IPv6)."""
+    info = ctx.local.info() if ctx.local is not None else {}
+    return {"fabric": info["fabric"]} if "fabric" in info else {}
 
 
 def _availability(

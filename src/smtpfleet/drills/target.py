@@ -13,6 +13,11 @@
     preset: kubernetes                 # or: fill `faults` with kubectl (see KUBERNETES)
     kubernetes: {namespace: mail}
 
+The network scenarios (net-redis-cut, net-relay-cut, net-redis-slow, net-partition) take
+commands too (the preset runs `tc` in the pod's network namespace); `drills.net_target` says
+what the drill judges them by from outside. A scenario the file has no commands for is
+refused, naming the key (`missing_commands`).
+
 `{fault_s}` and `{fault_ms}` in a command become the length of the fault window. The drill
 refuses a target with an address that is neither loopback nor listed in `allow_hosts`, and
 prints its plan (endpoints, load, every command) before it starts.
@@ -35,6 +40,7 @@ import yaml
 
 from smtpfleet.config import build_config, parse_hostport
 from smtpfleet.drills.context import DrillContext, Probe, Scenario, Step
+from smtpfleet.drills.net_target import a_member_left, net_on_target, remember_members
 from smtpfleet.drills.remote import RemoteCluster, RemoteSink
 
 log = logging.getLogger(__name__)
@@ -98,7 +104,7 @@ def load_target(path: Path) -> Target:
     if not isinstance(raw, dict):
         raise TargetError(f"{path}: expected a mapping")
     faults = dict(_preset(raw))
-    faults.update({k: FaultCommands(**v) for k, v in (raw.get("faults") or {}).items()})
+    faults.update(_faults(raw.get("faults") or {}, path))
     try:
         target = Target(
             name=str(raw.get("name", path.stem)),
@@ -114,6 +120,34 @@ def load_target(path: Path) -> Target:
         raise TargetError(f"{path}: {exc!r} (needs smtp, redis, sinks)") from None
     target.check_safe()
     return target
+
+
+def _faults(raw: object, path: Path) -> dict[str, FaultCommands]:
+    """`faults:`, each entry checked, with errors that name the key."""
+    if not isinstance(raw, dict):
+        raise TargetError(f"{path}: faults: expected a mapping of scenario -> {{inject, heal}}")
+    faults = {}
+    for name, commands in raw.items():
+        if not isinstance(commands, dict) or not isinstance(commands.get("inject"), str):
+            raise TargetError(f"{path}: faults.{name}.inject: missing (a shell command)")
+        unknown = sorted(set(commands) - {"inject", "heal"})
+        if unknown:
+            raise TargetError(f"{path}: faults.{name}.{unknown[0]}: unknown (inject, heal)")
+        heal = commands.get("heal")
+        if heal is not None and not isinstance(heal, str):
+            raise TargetError(f"{path}: faults.{name}.heal: expected a shell command")
+        faults[str(name)] = FaultCommands(commands["inject"], heal)
+    return faults
+
+
+def missing_commands(target: Target, name: str, path: Path) -> str | None:
+    """Why `name` cannot run against this target (None: the file has its commands)."""
+    if name in target.faults:
+        return None
+    return (
+        f"target {target.name!r} has no commands for {name}: add faults.{name} "
+        f"(inject, and heal) to {path}, or a preset that has it (docs/drills.md)"
+    )
 
 
 def _preset(raw: Mapping[str, Any]) -> Mapping[str, FaultCommands]:
@@ -142,6 +176,7 @@ def kubernetes_faults(k8s: Mapping[str, Any]) -> dict[str, FaultCommands]:
     )
     master = shlex.quote(str(k8s.get("master_name", "smtpfleet")))
     return {
+        **kubernetes_network_faults(k8s, kubectl, first_pod),
         "kill-node": FaultCommands(
             first_pod + f'{kubectl} delete "$POD" --grace-period=0 --force --wait=false'
         ),
@@ -159,6 +194,57 @@ def kubernetes_faults(k8s: Mapping[str, Any]) -> dict[str, FaultCommands]:
         ),
         "redis-failover": FaultCommands(f"{sentinel_cli} SENTINEL FAILOVER {master}"),
     }
+
+
+# The preference of the drill's tc filters in a pod: one the drill alone uses, so the heal
+# deletes its own filters and nothing else in the pod's network namespace.
+DRILL_TC_PREF = 4915
+
+
+def kubernetes_network_faults(
+    k8s: Mapping[str, Any], kubectl: str, first_pod: str
+) -> dict[str, FaultCommands]:
+    """net-redis-cut, net-relay-cut and net-redis-slow as `tc` in the pod's own network
+    namespace, run by an ephemeral debug container with NET_ADMIN (`kubectl debug
+    --profile=netadmin`): the chart's pods drop every capability and carry no tc, and a
+    NetworkPolicy cannot take away what the chart's own policy allows (policies only add)."""
+    image = shlex.quote(str(k8s.get("netadmin_image", "nicolaka/netshoot")))
+    dev = shlex.quote(str(k8s.get("interface", "eth0")))
+    debug = f"{kubectl} debug --profile=netadmin --image={image} --attach --quiet"
+    redis = shlex.quote(str(k8s.get("redis_pod", "redis-0")))
+    relays = shlex.quote(str(k8s.get("relay_selector", "app.kubernetes.io/name=smtpfleet-relay")))
+    redis_ip = f"PEER=$({kubectl} get pod {redis} -o jsonpath='{{.status.podIP}}') && "
+    relay_ip = (
+        f"PEER=$({kubectl} get pods -l {relays} -o jsonpath='{{.items[0].status.podIP}}') && "
+    )
+    cut, heal = _tc_cut(debug, dev), _tc_heal(debug, dev)
+    slow = f"{debug} {redis} -- tc qdisc"
+    return {
+        "net-redis-cut": FaultCommands(first_pod + redis_ip + cut, first_pod + heal),
+        "net-relay-cut": FaultCommands(first_pod + relay_ip + cut, first_pod + heal),
+        "net-redis-slow": FaultCommands(
+            f"{slow} add dev {dev} root netem delay 200ms", f"{slow} del dev {dev} root"
+        ),
+    }
+
+
+def _tc_cut(debug: str, dev: str) -> str:
+    """Drop what the pod ($POD) sends to and receives from $PEER, IPv4 or IPv6."""
+    family = 'case "$PEER" in *:*) F="ipv6 u32 match ip6";; *) F="ip u32 match ip";; esac && '
+    filters = " && ".join(
+        f"tc filter add dev {dev} {hook} pref {DRILL_TC_PREF} protocol $F {way} $PEER action drop"
+        for hook, way in (("egress", "dst"), ("ingress", "src"))
+    )
+    return (
+        family + f'{debug} "$POD" -- sh -c "tc qdisc add dev {dev} clsact 2>/dev/null; {filters}"'
+    )
+
+
+def _tc_heal(debug: str, dev: str) -> str:
+    deletes = "; ".join(
+        f"tc filter del dev {dev} {hook} pref {DRILL_TC_PREF}" for hook in ("egress", "ingress")
+    )
+    return f'{debug} "$POD" -- sh -c "{deletes}"'
 
 
 # -- turning a scenario into one that acts through the target's commands ---------------------
@@ -185,7 +271,7 @@ async def run_command(ctx: DrillContext, command: str, fault_s: float) -> None:
 
 def _command_step(command: str, fault_s: float) -> Step:
     async def step(ctx: DrillContext) -> None:
-        await _remember_members(ctx)
+        await remember_members(ctx)
         # Started, not awaited: a command may block for the whole fault (CLIENT PAUSE, sleep).
         task = asyncio.create_task(run_command(ctx, command, fault_s))
         tasks = ctx.notes.setdefault("command_tasks", [])
@@ -193,16 +279,6 @@ def _command_step(command: str, fault_s: float) -> Step:
         tasks.append(task)
 
     return step
-
-
-async def _remember_members(ctx: DrillContext) -> None:
-    if "members_before" not in ctx.notes:
-        ctx.notes["members_before"] = int(await ctx.redis.zcard(ctx.keys.nodes()))
-
-
-async def _a_member_left(ctx: DrillContext) -> bool:
-    before = ctx.notes.get("members_before")
-    return isinstance(before, int) and int(await ctx.redis.zcard(ctx.keys.nodes())) < before
 
 
 def _relay_down_everywhere(relay: str) -> Probe:
@@ -217,7 +293,7 @@ def _relay_down_everywhere(relay: str) -> Probe:
 
 def _probe_for(scenario: Scenario, target: Target) -> Probe | None:
     if scenario.name in ("kill-node", "drain-node"):
-        return _a_member_left
+        return a_member_left
     if scenario.name in ("relay-down", "relay-blackhole"):
         return _relay_down_everywhere(target.relay)
     return scenario.detected if scenario.name == "redis-failover" else None
@@ -229,15 +305,33 @@ def on_target(scenario: Scenario, target: Target, fault_s: float) -> Scenario:
     commands = target.faults.get(scenario.name)
     if commands is None:
         raise TargetError(f"target {target.name!r} has no commands for {scenario.name!r}")
+    inject = _command_step(commands.inject, fault_s)
     heal = _command_step(commands.heal, fault_s) if commands.heal else None
+    net = net_on_target(scenario.name, target.relay, has_metrics=bool(target.metrics))
+    if net is not None:
+        inject = _then(net.before_inject, inject)
+        heal = _then(net.before_heal, heal) if heal is not None else net.before_heal
     return dataclasses.replace(
         scenario,
-        inject=_command_step(commands.inject, fault_s),
+        inject=inject,
         heal=heal,
-        detected=_probe_for(scenario, target),
+        detected=net.detected if net is not None else _probe_for(scenario, target),
         objectives={k: v for k, v in scenario.objectives.items() if k not in LOCAL_ONLY_MEASURES},
+        floors=net.floors if net is not None and net.floors is not None else scenario.floors,
         sentinel=False,
+        overrides={},  # the cluster runs with its own configuration
     )
+
+
+def _then(first: Step | None, second: Step) -> Step:
+    if first is None:
+        return second
+
+    async def step(ctx: DrillContext) -> None:
+        await first(ctx)
+        await second(ctx)
+
+    return step
 
 
 def remote_cluster(target: Target) -> RemoteCluster:

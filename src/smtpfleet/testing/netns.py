@@ -4,12 +4,17 @@ A `Fabric` is a small switched network that exists only for one test run: a hub 
 holding a Linux bridge, one namespace per member (Redis, each node) joined to the bridge by a
 veth pair, and one veth from the test's own namespace, so the test's sinks and load generator
 sit on the same wire. Every address is one the fabric created (10.231.X.0/24, X picked unused
-per run) and every name carries a per-run id, so parallel runs do not clash.
+per run) and every name carries a per-run id, so parallel runs do not clash. `Fabric(ipv6=True)`
+gives every address an IPv6 twin (fd5f:<run id>::/64, a ULA prefix, `nodad` so it is usable at
+once) and makes the twin the one members are known by (`Member.address`): the cluster runs on
+IPv6, and the IPv4 address stays only so the cut can be shown to take both.
 
 Faults happen in the hub (the network), never in the processes:
 
 - `cut(a, b)`: packets between two addresses vanish, both ways (a u32 filter on the hub ports
-  redirects them to a veth that is down, which drops them; no iptables needed); `heal(cut)`.
+  redirects them to a veth that is down, which drops them; no iptables needed), and between
+  their twins of the other family when they have some; `heal(cut)`. (`testing.netcut` does
+  the same as a command, for target files.)
 - `link_down(member)` / `link_up(member)`: the member's cable is pulled.
 - `impair(member, delay_ms=, loss_percent=)`: frames leaving the member are delayed or lost.
   With `sch_netem` in the kernel that is `tc qdisc add ... netem`; without it (some CI kernels,
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import random
 import secrets
 from dataclasses import dataclass, field
@@ -35,14 +41,14 @@ from smtpfleet.testing.impairment import Impairments, Link
 from smtpfleet.testing.ipcmd import NetnsError, kill_inside, unavailable_reason
 from smtpfleet.testing.ipcmd import run as _run
 from smtpfleet.testing.launched import Launched
+from smtpfleet.testing.netcut import BLACKHOLE, BRIDGE, drop_args
 
 __all__ = ["Cut", "Fabric", "Member", "NetnsError", "unavailable_reason"]
 
 SUBNET_BASE = "10.231"  # 10.231.X.0/24 per run
+ULA_PREFIX = 0xFD5F  # fd5f:<run id>::/64 per run, for an IPv6 fabric
 HOST_ADDRESS = 254  # the test's own address on the fabric; its extra ones from EXTRA_ADDRESS
 EXTRA_ADDRESS = 200
-BRIDGE = "br0"
-BLACKHOLE = "bh0"  # a veth left down in the hub: whatever is redirected to it is dropped
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,11 @@ class Fabric(Launched):
 
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     subnet: str = ""
+    ipv6: bool = False  # members are known by IPv6 addresses (their IPv4 twins stay)
     members: dict[str, Member] = field(default_factory=dict)
     host_addresses: list[str] = field(default_factory=list)
+    twins: dict[str, str] = field(default_factory=dict)  # each address <-> its other family's
+    _ports: dict[str, str] = field(default_factory=dict)  # address -> its port in the hub
     _impairments: Impairments | None = None
     _next_pref: int = 100
     _started: bool = False
@@ -90,8 +99,23 @@ class Fabric(Launched):
         return f"sf{self.run_id}t1"  # its peer, a bridge port in the hub
 
     @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
     def host_address(self) -> str:
-        return f"{self.subnet}.{HOST_ADDRESS}"
+        return self.host_addresses[0]
+
+    @property
+    def subnet6(self) -> ipaddress.IPv6Network:
+        """This run's IPv6 prefix: fd5f:<run id>::/64 (a ULA prefix, RFC 4193)."""
+        return ipaddress.IPv6Network((ULA_PREFIX << 112 | int(self.run_id, 16) << 64, 64))
+
+    @property
+    def networks(self) -> list[str]:
+        """The fabric's prefixes, the one members are known by first."""
+        four = f"{self.subnet}.0/24"
+        return [str(self.subnet6), four] if self.ipv6 else [four]
 
     def start(self) -> None:
         reason = unavailable_reason()
@@ -111,9 +135,25 @@ class Fabric(Launched):
         _run("ip", "link", "add", self.host_veth, "type", "veth", "peer", "name", self.host_port)
         _run("ip", "link", "set", self.host_port, "netns", hub)
         self._plug(self.host_port)
-        _run("ip", "addr", "add", f"{self.host_address}/24", "dev", self.host_veth)
+        self.host_addresses.append(self._assign(HOST_ADDRESS, self.host_veth, self.host_port))
         _run("ip", "link", "set", self.host_veth, "up")
-        self.host_addresses.append(self.host_address)
+
+    def _assign(self, index: int, device: str, port: str, namespace: str | None = None) -> str:
+        """Give `device` the fabric's address number `index` (and its IPv6 twin on an IPv6
+        fabric); the address the member is known by."""
+        where = ("-n", namespace) if namespace else ()
+        four = f"{self.subnet}.{index}"
+        _run("ip", *where, "addr", "add", f"{four}/24", "dev", device)
+        self._ports[four] = port
+        if not self.ipv6:
+            return four
+        six = str(self.subnet6[index])
+        # nodad: duplicate address detection would hold the address "tentative" for a second
+        # or more, and nothing else on this private wire can have it.
+        _run("ip", *where, "-6", "addr", "add", f"{six}/64", "dev", device, "nodad")
+        self._ports[six] = port
+        self.twins[four], self.twins[six] = six, four
+        return six
 
     def _plug(self, port: str) -> None:
         _run("ip", "-n", self.hub, "link", "set", port, "master", BRIDGE, "up")
@@ -121,30 +161,28 @@ class Fabric(Launched):
 
     def add_host_address(self) -> str:
         """One more address of the test's own namespace (a sink per relay, each its own)."""
-        address = f"{self.subnet}.{EXTRA_ADDRESS + len(self.host_addresses)}"
-        _run("ip", "addr", "add", f"{address}/24", "dev", self.host_veth)
+        index = EXTRA_ADDRESS + len(self.host_addresses)
+        address = self._assign(index, self.host_veth, self.host_port)
         self.host_addresses.append(address)
         return address
 
     def add_member(self, role: str) -> Member:
         index = len(self.members) + 1
-        member = Member(
-            role=role,
-            namespace=f"sf{self.run_id}-{role}",
-            address=f"{self.subnet}.{index}",
-            port=f"sf{self.run_id}p{index}",
-            inner=f"sf{self.run_id}m{index}",
+        ns, port, inner = (
+            f"sf{self.run_id}-{role}",
+            f"sf{self.run_id}p{index}",
+            f"sf{self.run_id}m{index}",
         )
-        self.members[role] = member
-        ns = member.namespace
         _run("ip", "netns", "add", ns)
         _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", ns, "link", "add", member.inner, "type", "veth", "peer", "name", "x")
+        _run("ip", "-n", ns, "link", "add", inner, "type", "veth", "peer", "name", "x")
         _run("ip", "-n", ns, "link", "set", "x", "netns", self.hub)
-        _run("ip", "-n", self.hub, "link", "set", "x", "name", member.port)
-        self._plug(member.port)
-        _run("ip", "-n", ns, "addr", "add", f"{member.address}/24", "dev", member.inner)
-        _run("ip", "-n", ns, "link", "set", member.inner, "up")
+        _run("ip", "-n", self.hub, "link", "set", "x", "name", port)
+        self._plug(port)
+        address = self._assign(index, inner, port, ns)
+        _run("ip", "-n", ns, "link", "set", inner, "up")
+        member = Member(role=role, namespace=ns, address=address, port=port, inner=inner)
+        self.members[role] = member
         return member
 
     def exec_prefix(self, member: Member) -> list[str]:
@@ -152,27 +190,26 @@ class Fabric(Launched):
         return ["ip", "netns", "exec", member.namespace]
 
     def _port_of(self, address: str) -> str:
-        if address in self.host_addresses:
-            return self.host_port
-        for member in self.members.values():
-            if member.address == address:
-                return member.port
-        raise NetnsError(f"{address} is not on this fabric")
+        port = self._ports.get(address)
+        if port is None:
+            raise NetnsError(f"{address} is not on this fabric")
+        return port
 
     def cut(self, a: str, b: str) -> Cut:
-        """Drop every IPv4 packet between addresses a and b (ARP still flows, as on a real
-        network where a firewall drops the traffic)."""
+        """Drop every packet between addresses a and b, and between their twins of the other
+        family when both have one (ARP still flows, as on a real network where a firewall drops
+        the traffic; IPv6 neighbour discovery to the peer's unicast address does not)."""
+        pairs = [(a, b)]
+        if a in self.twins and b in self.twins:
+            pairs.append((self.twins[a], self.twins[b]))
         filters = []
-        for src, dst in ((a, b), (b, a)):
-            port, pref = self._port_of(src), self._next_pref
-            self._next_pref += 1
-            _run(
-                *("tc", "-n", self.hub, "filter", "add", "dev", port, "ingress"),
-                *("pref", str(pref), "protocol", "ip", "u32"),
-                *("match", "ip", "src", f"{src}/32", "match", "ip", "dst", f"{dst}/32"),
-                *("action", "mirred", "egress", "redirect", "dev", BLACKHOLE),
-            )
-            filters.append((port, pref))
+        for x, y in pairs:
+            for src, dst in ((x, y), (y, x)):
+                port, pref = self._port_of(src), self._next_pref
+                self._next_pref += 1
+                _run("tc", "-n", self.hub, "filter", "add", "dev", port, "ingress",
+                     "pref", str(pref), *drop_args(src, dst))  # fmt: skip
+                filters.append((port, pref))
         return Cut(a, b, tuple(filters))
 
     def partition(self, side_a: list[str], side_b: list[str]) -> list[Cut]:

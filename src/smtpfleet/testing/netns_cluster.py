@@ -3,8 +3,9 @@
 Redis runs in a namespace of its own, each node in its own, and the sink relays in the test's
 namespace, each on an address of its own; all are joined by a `testing.netns.Fabric` (a bridge
 in a hub namespace), so a fault between any two of them is a fault on the wire between two
-addresses. Everything stays on addresses the fabric created (10.231.X.Y); nothing listens on
-a shared interface. Ports are fixed (each namespace has its own port space).
+addresses. Everything stays on addresses the fabric created (10.231.X.Y, or fd5f:…::Y with
+`ipv6=True`); nothing listens on a shared interface. Ports are fixed (each namespace has its
+own port space).
 
 It is a `LocalCluster`, so the drills run on it unchanged (`Scenario.netns`).
 """
@@ -40,13 +41,16 @@ class NetnsCluster(LocalCluster):
     fabric: Fabric = field(default_factory=Fabric)
     redis_member: Member | None = None
     node_members: dict[int, Member] = field(default_factory=dict)
+    ipv6: bool = False  # everything talks over the fabric's IPv6 addresses (Fabric.ipv6)
 
     async def start(self) -> None:
+        self.fabric.ipv6 = self.fabric.ipv6 or self.ipv6
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="smtpfleet-netns-"))
             self._own_workdir = True
         self.tls = make_tls_files(self.workdir / "tls")
-        await asyncio.to_thread(self.fabric.start)
+        if not self.fabric.started:  # a test may have put its own processes on it first
+            await asyncio.to_thread(self.fabric.start)
         await asyncio.to_thread(self._start_redis)
         for i in range(self.sinks):
             sink = Sink(self.fabric.add_host_address(), RELAY_PORT, name=f"relay-{i + 1}")
@@ -78,10 +82,10 @@ class NetnsCluster(LocalCluster):
         address = self.node_members[index].address
         on_fabric = {
             "inbound": {
-                "listen": [f"{address}:{smtp_port}"],
-                "relay_networks": [f"{self.fabric.subnet}.0/24"],
+                "listen": [hostport(address, smtp_port)],
+                "relay_networks": self.fabric.networks,
             },
-            "http": {"listen": f"{address}:{http_port}"},
+            "http": {"listen": hostport(address, http_port)},
         }
         return deep_merge(super().node_config(index, smtp_port, http_port), on_fabric)
 
@@ -108,9 +112,11 @@ class NetnsCluster(LocalCluster):
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
-            "smtp": [f"{n.host}:{n.smtp_port}" for n in self.node_processes],
-            "metrics": [f"http://{n.host}:{n.http_port}/metrics" for n in self.node_processes],
-            "fabric": self.fabric.subnet + ".0/24",
+            "smtp": [hostport(n.host, n.smtp_port) for n in self.node_processes],
+            "metrics": [
+                f"http://{hostport(n.host, n.http_port)}/metrics" for n in self.node_processes
+            ],
+            "fabric": self.fabric.networks[0],
         }
 
     async def stop(self) -> None:
@@ -123,3 +129,7 @@ class NetnsCluster(LocalCluster):
             await asyncio.to_thread(self.fabric.close)
             if own and workdir is not None and not keep:
                 shutil.rmtree(workdir, ignore_errors=True)
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
