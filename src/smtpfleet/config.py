@@ -311,12 +311,66 @@ class Durability(StrEnum):
     REPLICATED = "replicated"  # WAIT n: n replicas acknowledged the write
 
 
+def _as_list(value: Any) -> Any:
+    """A single value where a list is expected (`region: eu`) is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+class RetryOverrides(_Section):
+    """A traffic class's own retry schedule and lifetime: each key given replaces `retry.*`."""
+
+    initial_s: PositiveFloat | None = None
+    max_s: PositiveFloat | None = None
+    multiplier: Annotated[float, Field(ge=1)] | None = None
+    jitter: Annotated[float, Field(ge=0, le=1)] | None = None
+    lifetime_s: PositiveFloat | None = None
+
+
+class TrafficClassConfig(_Section):
+    """A traffic class: streams of its own in every shard, its own retry schedule and
+    lifetime. Mail from these sender domains or tenants falls in it (message-wide conditions:
+    a class is one queue entry's, not one recipient's)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$")
+    sender_domains: list[str] = Field(default_factory=list)
+    tenants: list[str] = Field(default_factory=list)
+    retry: RetryOverrides = RetryOverrides()
+
+    _one_or_many = field_validator("sender_domains", "tenants", mode="before")(_as_list)
+
+    @field_validator("sender_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower().rstrip(".") for d in value]
+
+
 class QueueConfig(_Section):
     durability: Durability = Durability.SERVER
     replicas: PositiveInt = 1
     durability_timeout_ms: PositiveInt = 2000
     high_water: PositiveInt = 1_000_000
     dedupe_window_s: Annotated[float, Field(ge=0)] = 3600.0
+    # Traffic classes, highest priority first ([]: one class, the keys of before).
+    classes: list[TrafficClassConfig] = Field(default_factory=list)
+    # The class of mail no class's conditions and no trusted header place ("": the first).
+    # Its streams keep the unsuffixed keys, so adding classes leaves queued mail where it is.
+    default_class: str = ""
+    # A class asked for by this header, trusted from relay_networks and authenticated
+    # clients only ("": no header), like routing.tenant_header.
+    class_header: str = Field(default="", pattern=r"^[!-9;-~]*$")
+    # Each class below the first may fill this share of a node's delivery slots even while a
+    # higher class has mail waiting, so it is never starved.
+    class_share: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+
+    @model_validator(mode="after")
+    def _classes_known(self) -> QueueConfig:
+        names = [c.name for c in self.classes]
+        duplicates = _repeated(names)
+        if duplicates:
+            raise ValueError(f"class names must be unique: {', '.join(duplicates)}")
+        if self.default_class and self.default_class not in names:
+            raise ValueError(f"default_class {self.default_class!r} is not one of classes")
+        return self
 
 
 class DeliveryConfig(_Section):
@@ -356,11 +410,6 @@ class RoutingKey(StrEnum):
     RECIPIENT_DOMAIN = "recipient_domain"  # the first recipient's domain
     SENDER_DOMAIN = "sender_domain"
     MESSAGE_ID = "message_id"  # the queue id: spreads one domain's mail over every relay
-
-
-def _as_list(value: Any) -> Any:
-    """A single value where a list is expected (`region: eu`) is a list of one."""
-    return [value] if isinstance(value, str) else value
 
 
 class RelaySelector(_Section):

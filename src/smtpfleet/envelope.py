@@ -72,6 +72,9 @@ class NewMessage:
     fingerprint: str | None = None  # dedupe_fingerprint(...); None disables dedupe
     kind: Kind = Kind.MAIL
     tenant: str | None = None  # for routing rules: the authenticated user or tenant header
+    # The traffic class a trusted client asked for (queue.class_header), or the lane of the
+    # message a DSN reports on; None: the queue's class conditions decide (queue/classes.py).
+    traffic_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class QueuedMessage:
     # For routing rules (relays/rules.py): who sent it, when known. Stored only when set, so
     # entries without one (and those written before it existed) read the same everywhere.
     tenant: str | None = None
+    # Its traffic class's lane (queue/classes.py): "" is the default class, which is not
+    # stored, so queues without classes keep the entries of before.
+    traffic_class: str = ""
 
     @property
     def shard(self) -> int:
@@ -112,6 +118,8 @@ class QueuedMessage:
         }
         if self.tenant is not None:
             fields["n"] = self.tenant
+        if self.traffic_class:
+            fields["c"] = self.traffic_class
         return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
@@ -126,6 +134,7 @@ class QueuedMessage:
             kind=Kind(raw.get("k", Kind.MAIL.value)),
             last_errors=dict(raw.get("e", {})),
             tenant=raw.get("n"),
+            traffic_class=raw.get("c", ""),
         )
 
     def retry_of(self, recipients: tuple[str, ...], errors: dict[str, str]) -> QueuedMessage:

@@ -69,6 +69,19 @@ class Metrics:
             "Age of the oldest entry in the streams (cluster-wide: use max)",
             registry=r,
         )
+        self.class_queue = Gauge(
+            "smtpfleet_queue_class_messages",
+            "Queue entries by traffic class and state (ready, in_flight, retry; cluster-wide: "
+            "use max)",
+            ["class", "state"],
+            registry=r,
+        )
+        self.class_oldest = Gauge(
+            "smtpfleet_queue_class_oldest_age_seconds",
+            "Age of the oldest entry in the traffic class's streams (cluster-wide: use max)",
+            ["class"],
+            registry=r,
+        )
         self.deliveries = Counter(
             "smtpfleet_deliveries",
             "Recipient delivery attempts by relay and outcome",
@@ -85,6 +98,13 @@ class Metrics:
         self.delivery_latency = Histogram(
             "smtpfleet_delivery_latency_seconds",
             "Accepted to delivered, per recipient",
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.class_latency = Histogram(
+            "smtpfleet_class_delivery_latency_seconds",
+            "Accepted to delivered, per recipient, by traffic class (its count: deliveries)",
+            ["class"],
             buckets=DELIVERY_BUCKETS,
             registry=r,
         )

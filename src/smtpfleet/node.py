@@ -158,6 +158,7 @@ class Node:
             signer=self.signer,
             fenced=lambda: self.membership.fenced,
             tenant_header=self.config.routing.tenant_header,
+            class_header=self.config.queue.class_header,
         )
 
     async def start(self) -> None:
@@ -218,7 +219,20 @@ class Node:
                     self.metrics.queue.labels(state.value).set(stats[state])
             if "oldest_age_s" in stats:
                 self.metrics.oldest.set(stats["oldest_age_s"])
+            await self._export_class_stats()
             await asyncio.sleep(QUEUE_STATS_INTERVAL_S)
+
+    async def _export_class_stats(self) -> None:
+        try:
+            by_class = await self.queue.class_stats(int(time.time() * 1000))
+        except QueueUnavailable:
+            return
+        for name, figures in by_class.items():
+            for state, value in figures.items():
+                if state == "oldest_age_s":
+                    self.metrics.class_oldest.labels(name).set(value)
+                else:
+                    self.metrics.class_queue.labels(name, state).set(value)
 
     def not_ready_reason(self) -> str | None:
         """Why this node should get no new SMTP connections now, or None."""

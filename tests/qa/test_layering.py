@@ -29,6 +29,7 @@ PURE = [
     "cluster/liveness.py",
     "cluster/drift.py",
     "queue/topology.py",
+    "queue/classes.py",
 ]
 
 
@@ -116,7 +117,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",
         "relays.ring", "relays.rules", "health.state", "cluster.liveness", "cluster.drift",
         "inbound.policy", "inbound.syntax", "inbound.budget", "inbound.dkim", "inbound.limits",
-        "queue.suitability", "queue.topology",
+        "queue.suitability", "queue.topology", "queue.classes",
     ),
     "protocols": (
         "queue.spool", "queue.deliveries", "cluster.store", "relays.clients", "inbound.failures",

@@ -232,7 +232,7 @@ async def test_in_flight_entries_keep_their_lease_fresh(bench: Bench) -> None:
     entry_id = bench.queue.add(message)
 
     await eventually(lambda: len(bench.store.lease_refreshes) >= 2, timeout_s=5)
-    assert {message.shard: [entry_id]} in bench.store.lease_refreshes
+    assert {(message.shard, ""): [entry_id]} in bench.store.lease_refreshes
     release.set()
     await eventually(lambda: len(bench.queue.finished) == 1, timeout_s=5)
     refreshes = len(bench.store.lease_refreshes)

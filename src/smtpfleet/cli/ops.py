@@ -137,7 +137,17 @@ def _status_table(data: dict[str, Any]) -> str:
         f"oldest {q['oldest_age_s']:.0f}s"
     )
     waiting = _waiting_line(data.get("waiting_for_route", {}))
-    return f"{nodes}\n\n{relays}\n\n{queue}{waiting}{_drift_lines(data['config'])}"
+    classes = _class_lines(q.get("classes", {}))
+    return f"{nodes}\n\n{relays}\n\n{queue}{classes}{waiting}{_drift_lines(data['config'])}"
+
+
+def _class_lines(classes: dict[str, dict[str, float]]) -> str:
+    """The backlog of each traffic class, highest priority first (queue/classes.py)."""
+    return "".join(
+        f"\n  class {name}: {c['ready']:.0f} ready, {c['in_flight']:.0f} in flight, "
+        f"{c['retry']:.0f} retrying; oldest {c['oldest_age_s']:.0f}s"
+        for name, c in classes.items()
+    )
 
 
 def _drift_lines(drift: dict[str, Any]) -> str:

@@ -64,9 +64,9 @@ class HealthViews(Protocol):
 class DeliveryBookkeeping(Protocol):
     """What a worker keeps fresh and shares while it delivers."""
 
-    async def refresh_leases(self, me: str, entries: Mapping[int, list[str]]) -> None:
-        """Reset the idle time of entries (by shard) still in flight here, so no claim takes
-        live work."""
+    async def refresh_leases(self, me: str, entries: Mapping[tuple[int, str], list[str]]) -> None:
+        """Reset the idle time of entries (by shard and traffic class lane) still in flight
+        here, so no claim takes live work."""
         ...
 
     async def add_outcomes(self, minute: int, counts: Mapping[str, int]) -> None:

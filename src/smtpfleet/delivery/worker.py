@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from smtpfleet.cluster.store import DeliveryBookkeeping
-from smtpfleet.config import Config, Durability, RelayConfig
+from smtpfleet.config import Config, Durability, RelayConfig, RetryConfig
 from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
 from smtpfleet.delivery.dsn import build_dsn
 from smtpfleet.delivery.outcome import (
@@ -33,6 +33,7 @@ from smtpfleet.delivery.outcome import (
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
 from smtpfleet.errors import Fenced, QueueUnavailable, SpoolError
 from smtpfleet.metrics import Metrics
+from smtpfleet.queue.classes import TrafficClasses, read_plan
 from smtpfleet.queue.deliveries import Body, Delivery, DeliveryQueue
 from smtpfleet.relays.clients import RelayClients
 from smtpfleet.relays.ring import Ring
@@ -87,11 +88,13 @@ class DeliveryWorker:
         self._recent: collections.Counter[str] = collections.Counter()
         self._relays = relays
         self._config = config
+        self._classes = TrafficClasses.from_config(config.queue)
+        self._floor = self._classes.floor_slots(config.delivery.concurrency)
         # `replicated`: an entry is delivered only once its confirmation mark is there.
         self._confirm_required = config.queue.durability is Durability.REPLICATED
         self._consumer = consumer
         self._hostname = hostname
-        self._inflight: dict[tuple[int, str], asyncio.Task[None]] = {}  # by Delivery.key
+        self._inflight: dict[tuple[int, str, str], asyncio.Task[None]] = {}  # by Delivery.key
         self._slot_free = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -168,9 +171,42 @@ class DeliveryWorker:
             if not batch:
                 self._rescan = False
             return batch
+        block_ms = self._config.delivery.block_ms
+        if len(self._classes.lanes) == 1:
+            return await self._queue.read(self._consumer, self._per_shard(free), block_ms)
+        return await self._by_priority(free)
+
+    def _per_shard(self, slots: int) -> int:
+        """A read's count is per stream: spread the slots over the shards."""
         shards = self._config.redis.shards
-        count = min(self._config.delivery.batch, max(1, -(-free // shards)))
-        return await self._queue.read(self._consumer, count, self._config.delivery.block_ms)
+        return min(self._config.delivery.batch, max(1, -(-slots // shards)))
+
+    async def _by_priority(self, free: int) -> list[Delivery]:
+        """Fill the free slots from the highest traffic class first, each lower class keeping
+        its floor (queue/classes.py `read_plan`); wait on every class only when none had any."""
+        in_flight = collections.Counter(lane for _, lane, _ in self._inflight)
+        got: list[Delivery] = []
+        plan = read_plan(self._classes.lanes, free, in_flight, self._floor)
+        floors = len(plan) - len(self._classes.lanes)  # the lower classes' floors come first
+        for step, (lane, wanted) in enumerate(plan):
+            slots = min(wanted, free - len(got))
+            if slots <= 0:
+                continue
+            count = self._per_shard(slots)
+            # A lower class is read for its slots at most (a subset of the shards when they
+            # are fewer than the shards): one entry per shard would overshoot them and hold
+            # slots the first class needs. The first class may overshoot: it is what matters.
+            limit = None if lane == self._classes.lanes[0] else slots
+            batch = await self._queue.read(self._consumer, count, 0, [lane], limit)
+            got.extend(batch)
+            if step >= floors and _may_have_more(batch, count):
+                # A read's count is per shard: a shard that gave all it was asked may hold
+                # more of this class. Read it again first, before any lower class.
+                break
+        if got:
+            return got
+        block_ms = self._config.delivery.block_ms
+        return await self._queue.read(self._consumer, self._per_shard(free), block_ms)
 
     async def _wait_for_slot(self) -> None:
         self._slot_free.clear()
@@ -202,12 +238,12 @@ class DeliveryWorker:
         """Keep in-flight entries fresh so neither takeover nor the safety net can claim them."""
         while not self._stopping:
             await asyncio.sleep(self._config.cluster.lease_refresh_s)
-            by_shard: dict[int, list[str]] = {}
-            for (shard, entry_id), task in list(self._inflight.items()):
+            by_stream: dict[tuple[int, str], list[str]] = {}
+            for (shard, lane, entry_id), task in list(self._inflight.items()):
                 if not task.done():
-                    by_shard.setdefault(shard, []).append(entry_id)
+                    by_stream.setdefault((shard, lane), []).append(entry_id)
             with contextlib.suppress(QueueUnavailable):
-                await self._store.refresh_leases(self._consumer, by_shard)
+                await self._store.refresh_leases(self._consumer, by_stream)
 
     async def _outcomes_loop(self) -> None:
         """Share recent per-relay outcome counts, for `smtpfleet status`."""
@@ -227,7 +263,7 @@ class DeliveryWorker:
         self._inflight[delivery.key] = task
         task.add_done_callback(lambda _: self._done(delivery.key))
 
-    def _done(self, key: tuple[int, str]) -> None:
+    def _done(self, key: tuple[int, str, str]) -> None:
         self._inflight.pop(key, None)
         self._slot_free.set()
 
@@ -248,7 +284,8 @@ class DeliveryWorker:
         if delivery.message is None:
             return  # left pending: the idle-claim safety net takes it again, much later
         error = f"local error: {exc.__class__.__name__}"
-        finish = set_aside(delivery.message, error, now_ms=now_ms(), retry=self._config.retry)
+        retry = self._retry_for(delivery.message)
+        finish = set_aside(delivery.message, error, now_ms=now_ms(), retry=retry)
         try:
             await self._queue.finish(delivery, finish)
         except Exception:  # left pending: the idle-claim safety net takes it again, much later
@@ -276,8 +313,12 @@ class DeliveryWorker:
         if attempts is None:
             await self._queue.finish(delivery, park(message, now_ms=now_ms()))
             return
-        plan = plan_outcome(message, attempts, now_ms=now_ms(), retry=self._config.retry)
+        plan = plan_outcome(message, attempts, now_ms=now_ms(), retry=self._retry_for(message))
         await self._record(delivery, message, plan, body.data)
+
+    def _retry_for(self, message: QueuedMessage) -> RetryConfig:
+        """The retry schedule and lifetime of the message's traffic class."""
+        return self._classes.retry_for(message.traffic_class, self._config.retry)
 
     async def _await_confirmation(
         self, delivery: Delivery, message: QueuedMessage, body: Body, deadline: int
@@ -378,6 +419,8 @@ class DeliveryWorker:
             self._recent[f"{name}|{verdict.kind.value}"] += 1
             if verdict.outcome is Outcome.DELIVERED:
                 self._metrics.delivery_latency.observe(age_s)
+                klass = self._classes.name_of(message.traffic_class)
+                self._metrics.child(self._metrics.class_latency, klass).observe(age_s)
         log.info(
             "delivery attempt",
             extra={
@@ -425,13 +468,25 @@ class DeliveryWorker:
             expired=plan.expired,
         )
         qid = new_qid(choose_shard(None, self._config.redis.shards))
+        # The DSN waits in the class of the mail it reports on: expiring bulk mail must not
+        # flood the transactional class with its bounces.
         bounce = NewMessage(
-            qid=qid, sender="", recipients=(message.sender,), data=dsn, kind=Kind.DSN
+            qid=qid,
+            sender="",
+            recipients=(message.sender,),
+            data=dsn,
+            kind=Kind.DSN,
+            traffic_class=self._classes.name_of(message.traffic_class),
         )
         try:
             await self._queue.enqueue(bounce)
         except SpoolError as exc:
             raise QueueUnavailable(f"could not queue the DSN for {message.qid}: {exc}") from exc
+
+
+def _may_have_more(batch: list[Delivery], count: int) -> bool:
+    per_shard = collections.Counter(d.shard for d in batch)
+    return any(n >= count for n in per_shard.values())
 
 
 def _gate_pauses() -> Iterator[float]:

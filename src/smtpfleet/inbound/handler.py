@@ -84,9 +84,11 @@ class InboundHandler:
         signer: Signer | None = None,
         fenced: Callable[[], bool] | None = None,
         tenant_header: str = "",
+        class_header: str = "",
     ) -> None:
         self._metrics = metrics
         self._tenant_header = tenant_header.lower().encode("ascii")
+        self._class_header = class_header.lower().encode("ascii")
         # True while this node is cut off from its queue (it fenced itself): say 451 at MAIL
         # instead of taking the whole message and waiting out the accept timeout, so the
         # sender tries the next MX at once.
@@ -236,6 +238,13 @@ class InboundHandler:
             return header_value(data, self._tenant_header)
         return None
 
+    def class_of(self, session: Session, data: bytes) -> str | None:
+        """The traffic class the client asks for, from our own clients only (relay_networks,
+        or authenticated): a stranger must not put its mail ahead of the queue."""
+        if self._class_header and self._may_sign(session):
+            return header_value(data, self._class_header)
+        return None
+
     def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
         # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue
         # and the DSN logic know it as "".
@@ -262,6 +271,7 @@ class InboundHandler:
             data=trace + data,
             fingerprint=fingerprint,
             tenant=self.tenant_of(session, data),
+            traffic_class=self.class_of(session, data),
         )
 
     async def _enqueue(self, message: NewMessage) -> str:

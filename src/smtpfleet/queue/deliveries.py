@@ -7,6 +7,7 @@ raises `QueueUnavailable`; the entry then stays pending under this consumer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,11 +28,12 @@ class Delivery:
     shard: int
     entry_id: str
     message: QueuedMessage | None
+    lane: str = ""  # the traffic class's stream it was read from (queue/classes.py)
 
     @property
-    def key(self) -> tuple[int, str]:
-        """Entry ids are per shard: shards' entries often share one (the same millisecond)."""
-        return (self.shard, self.entry_id)
+    def key(self) -> tuple[int, str, str]:
+        """Entry ids are per stream: streams' entries often share one (the same millisecond)."""
+        return (self.shard, self.lane, self.entry_id)
 
     @property
     def label(self) -> str:
@@ -50,8 +52,17 @@ class Body:
 class DeliveryQueue(Spool, Protocol):
     """The delivery side of the queue (enqueue, from Spool, is how a DSN is queued)."""
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        """New entries for this consumer, waiting up to `block_ms` for some."""
+    async def read(
+        self,
+        consumer: str,
+        count: int,
+        block_ms: int,
+        lanes: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> list[Delivery]:
+        """New entries for this consumer, up to `count` per stream, waiting up to `block_ms`
+        for some (0: not at all), from the streams of these traffic classes (None: all);
+        `limit`: about that many in all."""
         ...
 
     async def read_own_pending(self, consumer: str, count: int) -> list[Delivery]:

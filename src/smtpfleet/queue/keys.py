@@ -18,21 +18,28 @@ class Keys:
 
     prefix: str
     shards: int
+    # The traffic classes' lanes, highest priority first (queue/classes.py); "" alone: none.
+    lanes: tuple[str, ...] = ("",)
 
     def tag(self, shard: int) -> str:
         return f"{{{self.prefix}:{shard}}}"
 
-    def stream(self, shard: int) -> str:
-        """Ready and in-flight entries; entries are deleted (XDEL) once finished, never trimmed."""
-        return f"{self.tag(shard)}:stream"
+    def stream(self, shard: int, lane: str = "") -> str:
+        """Ready and in-flight entries; entries are deleted (XDEL) once finished, never trimmed.
+
+        One per traffic class (queue/classes.py): the default class's lane "" keeps the key
+        of a queue without classes; another class's stream carries its name, in the same slot.
+        """
+        return f"{self.tag(shard)}:stream" + (f":{lane}" if lane else "")
 
     def body(self, shard: int, qid: str) -> str:
         """A hash: ``d`` the message bytes, ``ok`` once durability was confirmed."""
         return f"{self.tag(shard)}:body:{qid}"
 
-    def retry(self, shard: int) -> str:
-        """Sorted set of encoded entries waiting for a retry, scored by due time (ms)."""
-        return f"{self.tag(shard)}:retry"
+    def retry(self, shard: int, lane: str = "") -> str:
+        """Sorted set of encoded entries waiting for a retry, scored by due time (ms); one
+        per traffic class, so a due entry goes back into its own class's stream."""
+        return f"{self.tag(shard)}:retry" + (f":{lane}" if lane else "")
 
     def dedupe(self, shard: int, fingerprint: str) -> str:
         return f"{self.tag(shard)}:dedupe:{fingerprint}"
@@ -43,17 +50,30 @@ class Keys:
 
     def shard_of_stream(self, key: str) -> int:
         """The shard of a key built by `stream` (XREADGROUP replies name streams, not shards)."""
+        return self.parse_stream(key)[0]
+
+    def parse_stream(self, key: str) -> tuple[int, str]:
+        """The shard and lane of a key built by `stream`."""
         head, sep, tail = key.rpartition("}:")
         prefix = f"{{{self.prefix}:"
-        if not sep or tail != "stream" or not head.startswith(prefix):
+        kind, _, lane = tail.partition(":")
+        if not sep or kind != "stream" or not head.startswith(prefix):
             raise ValueError(f"not a stream key of prefix {self.prefix!r}: {key!r}")
         shard = head.removeprefix(prefix)
         if not shard.isdigit() or int(shard) >= self.shards:
             raise ValueError(f"not a stream key of prefix {self.prefix!r}: {key!r}")
-        return int(shard)
+        return int(shard), lane
 
     def all_shards(self) -> range:
         return range(self.shards)
+
+    def streams(self, shard: int) -> list[str]:
+        """The shard's stream of every class, highest priority first."""
+        return [self.stream(shard, lane) for lane in self.lanes]
+
+    def all_streams(self) -> list[tuple[int, str, str]]:
+        """(shard, lane, stream key) of every stream of the queue."""
+        return [(s, lane, self.stream(s, lane)) for s in self.all_shards() for lane in self.lanes]
 
     # Cluster-wide keys: one key per operation, so they need no common hash tag.
 

@@ -40,6 +40,7 @@ class Entry:
     due_in_s: float | None = None  # retry
     reason: str | None = None  # dead
     last_errors: dict[str, str] = field(default_factory=dict)
+    traffic_class: str | None = None  # its class's name, when classes are configured
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -71,6 +72,7 @@ class Admin:
         paused = await self.store.paused_relays()
         recent = await self._recent_outcomes(now)
         stats = await self.queue.stats(now)
+        by_class = await self.queue.class_stats(now) if self.queue.classes.classes else {}
         return {
             "nodes": [
                 self._node_row(n, members[n], info.get(n, {}), n in live, now) for n in members
@@ -89,7 +91,11 @@ class Admin:
                 }
                 for relay in relays
             ],
-            "queue": {**stats, "in_flight_by_node": await self._in_flight_by_node()},
+            "queue": {
+                **stats,
+                "in_flight_by_node": await self._in_flight_by_node(),
+                **({"classes": by_class} if by_class else {}),
+            },
             "config": self._config_drift(info, live).as_dict(),
             "waiting_for_route": {
                 name.removeprefix(WAITING_PREFIX): counts.get(WAITING_OUTCOME, 0)
@@ -137,8 +143,8 @@ class Admin:
 
     async def _in_flight_by_node(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for shard in self.keys.all_shards():
-            summary = await self._redis.xpending(self.keys.stream(shard), GROUP)
+        for _, _, stream in self.keys.all_streams():
+            summary = await self._redis.xpending(stream, GROUP)
             for row in summary.get("consumers") or []:
                 name = text(row["name"])
                 counts[name] = counts.get(name, 0) + int(row["pending"])
@@ -150,17 +156,27 @@ class Admin:
         wanted = {EntryState(s) for s in states}
         found: list[Entry] = []
         for shard in self.keys.all_shards():
-            if wanted & {EntryState.READY, EntryState.IN_FLIGHT}:
-                found += [e for e in await self._stream_entries(shard, limit) if e.state in wanted]
-            if EntryState.RETRY in wanted:
-                found += await self._retry_entries(shard, limit)
+            for lane in self.keys.lanes:
+                found += await self._lane_entries(shard, lane, wanted, limit)
             if EntryState.DEAD in wanted:
                 found += await self._dead_entries(shard, limit)
         found.sort(key=lambda e: -e.age_s)
         return found[:limit]
 
-    async def _stream_entries(self, shard: int, limit: int) -> list[Entry]:
-        stream = self.keys.stream(shard)
+    async def _lane_entries(
+        self, shard: int, lane: str, wanted: set[EntryState], limit: int
+    ) -> list[Entry]:
+        """One traffic class's entries of one shard: in its stream and its retry set."""
+        found: list[Entry] = []
+        if wanted & {EntryState.READY, EntryState.IN_FLIGHT}:
+            rows = await self._stream_entries(shard, limit, lane)
+            found += [e for e in rows if e.state in wanted]
+        if EntryState.RETRY in wanted:
+            found += await self._retry_entries(shard, limit, lane)
+        return found
+
+    async def _stream_entries(self, shard: int, limit: int, lane: str = "") -> list[Entry]:
+        stream = self.keys.stream(shard, lane)
         now = now_ms()
         pending = {
             text(row["message_id"]): row
@@ -170,20 +186,21 @@ class Admin:
         for entry_id, fields in await self._redis.xrange(stream, count=limit):
             message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
             owner = pending.get(text(entry_id))
-            entry = _entry(message, EntryState.IN_FLIGHT if owner else EntryState.READY, now)
+            state = EntryState.IN_FLIGHT if owner else EntryState.READY
+            entry = self._entry(message, state, now)
             if owner:
                 entry.owner = text(owner["consumer"])
                 entry.lease_age_s = round(int(owner["time_since_delivered"]) / 1000, 1)
             rows.append(entry)
         return rows
 
-    async def _retry_entries(self, shard: int, limit: int) -> list[Entry]:
+    async def _retry_entries(self, shard: int, limit: int, lane: str = "") -> list[Entry]:
         now = now_ms()
         rows = []
         for member, score in await self._redis.zrange(
-            self.keys.retry(shard), 0, limit - 1, withscores=True
+            self.keys.retry(shard, lane), 0, limit - 1, withscores=True
         ):
-            entry = _entry(QueuedMessage.decode(member), EntryState.RETRY, now)
+            entry = self._entry(QueuedMessage.decode(member), EntryState.RETRY, now)
             entry.due_in_s = round(max(0.0, (score - now) / 1000), 1)
             rows.append(entry)
         return rows
@@ -192,7 +209,8 @@ class Admin:
         now = now_ms()
         rows = []
         for _, fields in await self._redis.xrange(self.keys.dead(shard), count=limit):
-            entry = _entry(QueuedMessage.decode(fields[ENTRY_FIELD.encode()]), EntryState.DEAD, now)
+            message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
+            entry = self._entry(message, EntryState.DEAD, now)
             entry.reason = text(fields.get(b"reason", b""))
             rows.append(entry)
         return rows
@@ -200,21 +218,29 @@ class Admin:
     async def find(self, qid: str) -> tuple[Entry, str]:
         """The entry and where it is: a stream id, a retry member, or a dead-letter id."""
         shard = self._shard(qid)
-        for entry_id, fields in await self._redis.xrange(self.keys.stream(shard), count=SCAN_LIMIT):
-            if QueuedMessage.decode(fields[ENTRY_FIELD.encode()]).qid == qid:
-                matches = [e for e in await self._stream_entries(shard, SCAN_LIMIT) if e.qid == qid]
-                return matches[0], text(entry_id)
-        for member in await self._redis.zrange(self.keys.retry(shard), 0, -1):
-            message = QueuedMessage.decode(member)
-            if message.qid == qid:
-                return _entry(message, EntryState.RETRY, now_ms()), text(member)
+        for lane in self.keys.lanes:
+            found = await self._find_in_lane(shard, lane, qid)
+            if found is not None:
+                return found
         for entry_id, fields in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
             message = QueuedMessage.decode(fields[ENTRY_FIELD.encode()])
             if message.qid == qid:
-                entry = _entry(message, EntryState.DEAD, now_ms())
+                entry = self._entry(message, EntryState.DEAD, now_ms())
                 entry.reason = text(fields.get(b"reason", b""))
                 return entry, text(entry_id)
         raise NotFound(f"no queued message {qid}")
+
+    async def _find_in_lane(self, shard: int, lane: str, qid: str) -> tuple[Entry, str] | None:
+        stream = self.keys.stream(shard, lane)
+        for entry_id, fields in await self._redis.xrange(stream, count=SCAN_LIMIT):
+            if QueuedMessage.decode(fields[ENTRY_FIELD.encode()]).qid == qid:
+                rows = await self._stream_entries(shard, SCAN_LIMIT, lane)
+                return next(e for e in rows if e.qid == qid), text(entry_id)
+        for member in await self._redis.zrange(self.keys.retry(shard, lane), 0, -1):
+            message = QueuedMessage.decode(member)
+            if message.qid == qid:
+                return self._entry(message, EntryState.RETRY, now_ms()), text(member)
+        return None
 
     def _shard(self, qid: str) -> int:
         try:
@@ -237,7 +263,7 @@ class Admin:
         entry, where = await self.find(qid)
         shard = self._shard(qid)
         if entry.state is EntryState.RETRY:
-            await self._redis.zadd(self.keys.retry(shard), {where: now_ms()})
+            await self._redis.zadd(self.keys.retry(shard, self._lane(entry)), {where: now_ms()})
             return "moved to the front of the retry schedule"
         if entry.state is EntryState.DEAD:
             await self._requeue_dead(shard, where)
@@ -249,20 +275,24 @@ class Admin:
         if not rows:
             return
         member = rows[0][1][ENTRY_FIELD.encode()]
+        lane = QueuedMessage.decode(member).traffic_class
+        if lane not in self.keys.lanes:  # a class no longer configured: the default's
+            lane = ""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.stream(shard), {ENTRY_FIELD: member})
+            pipe.xadd(self.keys.stream(shard, lane), {ENTRY_FIELD: member})
             pipe.xdel(self.keys.dead(shard), entry_id)
             await pipe.execute()
 
     async def delete(self, qid: str) -> str:
         entry, where = await self.find(qid)
         shard = self._shard(qid)
+        lane = self._lane(entry)
         async with self._redis.pipeline(transaction=True) as pipe:
             if entry.state in (EntryState.READY, EntryState.IN_FLIGHT):
-                pipe.xack(self.keys.stream(shard), GROUP, where)
-                pipe.xdel(self.keys.stream(shard), where)
+                pipe.xack(self.keys.stream(shard, lane), GROUP, where)
+                pipe.xdel(self.keys.stream(shard, lane), where)
             elif entry.state is EntryState.RETRY:
-                pipe.zrem(self.keys.retry(shard), where)
+                pipe.zrem(self.keys.retry(shard, lane), where)
             else:
                 pipe.xdel(self.keys.dead(shard), where)
             pipe.delete(self.keys.body(shard, qid))
@@ -286,6 +316,16 @@ class Admin:
                 purged += 1
             await self._redis.delete(self.keys.dead(shard))
         return purged
+
+    def _entry(self, message: QueuedMessage, state: EntryState, now: int) -> Entry:
+        entry = _entry(message, state, now)
+        if self.queue.classes.classes:
+            entry.traffic_class = self.queue.classes.name_of(message.traffic_class)
+        return entry
+
+    def _lane(self, entry: Entry) -> str:
+        """The lane of an entry found in a stream or a retry set."""
+        return self.queue.classes.lane_of(entry.traffic_class or self.queue.classes.default)
 
     # -- relays and nodes --------------------------------------------------------------------
 

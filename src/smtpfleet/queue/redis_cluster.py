@@ -84,8 +84,8 @@ class ClusterStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zrem(self.keys.nodes(), node_id)
             pipe.delete(self.keys.node(node_id), self.keys.view(node_id))
-            for shard in self.keys.all_shards():
-                pipe.xgroup_delconsumer(self.keys.stream(shard), GROUP, node_id)
+            for _, _, stream in self.keys.all_streams():
+                pipe.xgroup_delconsumer(stream, GROUP, node_id)
             await guarded(pipe.execute)
 
     # -- health views ------------------------------------------------------------------------
@@ -143,8 +143,7 @@ class ClusterStore:
         survivors race for the same entry exactly one of them gets it.
         """
         claimed: list[Delivery] = []
-        for shard in self.keys.all_shards():
-            stream = self.keys.stream(shard)
+        for shard, lane, stream in self.keys.all_streams():
             pending = await guarded(
                 lambda stream=stream: self._redis.xpending_range(  # type: ignore[misc]
                     stream,
@@ -164,26 +163,27 @@ class ClusterStore:
                     stream, GROUP, me, min_idle_ms, ids
                 )
             )
-            claimed.extend(self._queue.deliveries(shard, entries))
+            claimed.extend(self._queue.deliveries(shard, entries, lane))
         return claimed
 
     async def pending_count(self, consumer: str) -> int:
         total = 0
-        for shard in self.keys.all_shards():
+        for _, _, stream in self.keys.all_streams():
             rows = await guarded(
-                lambda shard=shard: self._redis.xpending_range(  # type: ignore[misc]
-                    self.keys.stream(shard), GROUP, min="-", max="+", count=1, consumername=consumer
+                lambda stream=stream: self._redis.xpending_range(  # type: ignore[misc]
+                    stream, GROUP, min="-", max="+", count=1, consumername=consumer
                 )
             )
             total += len(rows)
         return total
 
-    async def refresh_leases(self, me: str, entries: Mapping[int, list[str]]) -> None:
+    async def refresh_leases(self, me: str, entries: Mapping[tuple[int, str], list[str]]) -> None:
         """Reset the idle time of entries still in flight here, so no claim takes live work."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            for shard, ids in entries.items():
+            for (shard, lane), ids in entries.items():
                 if ids:
-                    pipe.xclaim(self.keys.stream(shard), GROUP, me, 0, list[Any](ids), justid=True)
+                    stream = self.keys.stream(shard, lane)
+                    pipe.xclaim(stream, GROUP, me, 0, list[Any](ids), justid=True)
             await guarded(pipe.execute)
 
     # -- operator controls and recent outcomes ------------------------------------------------

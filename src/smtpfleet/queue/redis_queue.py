@@ -31,6 +31,7 @@ from smtpfleet.envelope import (
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import BatchObserver, Command
+from smtpfleet.queue.classes import TrafficClasses
 from smtpfleet.queue.connection import RedisClient, RedisConnection, connect
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
@@ -75,7 +76,8 @@ class RedisQueue:
         *,
         observe_batch: Callable[[str], BatchObserver] | None = None,
     ) -> None:
-        self.keys = Keys(redis_config.prefix, redis_config.shards)
+        self.classes = TrafficClasses.from_config(queue_config)
+        self.keys = Keys(redis_config.prefix, redis_config.shards, self.classes.lanes)
         self._queue = queue_config
         self._connection = connect(redis_config)  # one URL, Sentinel's primary, or a cluster
         self._redis: RedisClient = self._connection.client
@@ -191,12 +193,11 @@ class RedisQueue:
         return version
 
     async def ensure_groups(self) -> None:
-        """Create every shard's stream and consumer group (id 0: include entries already there)."""
-        for shard in self.keys.all_shards():
+        """Create every stream (each shard's, of each traffic class) and its consumer group
+        (id 0: include entries already there)."""
+        for _, _, stream in self.keys.all_streams():
             try:
-                await self._redis.xgroup_create(
-                    self.keys.stream(shard), GROUP, id="0", mkstream=True
-                )
+                await self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -213,6 +214,9 @@ class RedisQueue:
             accepted_ms=now_ms(),
             kind=message.kind,
             tenant=message.tenant,
+            traffic_class=self.classes.choose(
+                message.sender, message.tenant, message.traffic_class
+            ),
         )
         try:
             return await self._enqueue_durably(shard, message, entry)
@@ -229,7 +233,7 @@ class RedisQueue:
     ) -> EnqueueResult:
         """The script and, batched with other accepts, one WAIT/WAITAOF: one round trip."""
         mode = self._queue.durability
-        keys = self._enqueue_keys(shard, message)
+        keys = self._enqueue_keys(shard, message, entry.traffic_class)
         args = self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER)
         confirm = mode is not Durability.SERVER
         results = await guarded(
@@ -272,13 +276,20 @@ class RedisQueue:
                 f"WAIT: {int(reply)} of {self._queue.replicas} replicas confirmed in time"
             )
 
-    def _enqueue_keys(self, shard: int, message: NewMessage) -> list[str]:
+    def _enqueue_keys(self, shard: int, message: NewMessage, lane: str) -> list[str]:
         dedupe = self.keys.dedupe(shard, message.fingerprint or "-")
+        others = [
+            key
+            for other in self.keys.lanes
+            if other != lane
+            for key in (self.keys.stream(shard, other), self.keys.retry(shard, other))
+        ]
         return [
-            self.keys.stream(shard),
+            self.keys.stream(shard, lane),
             self.keys.body(shard, message.qid),
-            self.keys.retry(shard),
+            self.keys.retry(shard, lane),
             dedupe,
+            *others,
         ]
 
     def _enqueue_args(
@@ -312,26 +323,52 @@ class RedisQueue:
 
     # -- delivery side ----------------------------------------------------------------------
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        """New entries from every shard for this consumer (XREADGROUP ... >)."""
+    async def read(
+        self,
+        consumer: str,
+        count: int,
+        block_ms: int,
+        lanes: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> list[Delivery]:
+        """New entries from every shard for this consumer (XREADGROUP ... >), from the
+        streams of these traffic classes (None: all); block_ms 0: do not wait. `limit`: about
+        that many in all (`count` is per stream), from a rotating subset of the shards."""
+        chosen = tuple(self.keys.lanes if lanes is None else lanes)
         if self._sharded:
-            return await guarded(lambda: self._read_sharded(consumer, count, block_ms, ">"))
-        streams: dict[Any, Any] = {self.keys.stream(s): ">" for s in self.keys.all_shards()}
+            total = count if limit is None else min(count, limit)
+            return await guarded(lambda: self._read_sharded(consumer, total, block_ms, ">", chosen))
+        shards = self._some_shards(count, limit)
+        streams: dict[Any, Any] = {
+            self.keys.stream(s, lane): ">" for s in shards for lane in chosen
+        }
+        block = block_ms or None  # BLOCK 0 would wait for ever
         reply = await guarded(
-            lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
+            lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block)
         )
         return self._parse_read(reply)
+
+    def _some_shards(self, count: int, limit: int | None) -> list[int]:
+        """Enough shards for `limit` entries at `count` each, starting at a rotating shard so
+        that over successive reads every shard is asked."""
+        shards = list(self.keys.all_shards())
+        if limit is None or limit >= count * len(shards):
+            return shards
+        first = next(self._rotation) % len(shards)
+        return (shards[first:] + shards[:first])[: max(1, -(-limit // count))]
 
     async def read_own_pending(self, consumer: str, count: int) -> list[Delivery]:
         """Entries this consumer read but never finished (e.g. Redis went away mid-delivery)."""
         if self._sharded:
-            return await guarded(lambda: self._read_sharded(consumer, count, 0, "0"))
-        streams: dict[Any, Any] = {self.keys.stream(s): "0" for s in self.keys.all_shards()}
+            return await guarded(
+                lambda: self._read_sharded(consumer, count, 0, "0", self.keys.lanes)
+            )
+        streams: dict[Any, Any] = {key: "0" for _, _, key in self.keys.all_streams()}
         reply = await guarded(lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count))
         return self._parse_read(reply)
 
     async def _read_sharded(
-        self, consumer: str, count: int, block_ms: int, start: str
+        self, consumer: str, count: int, block_ms: int, start: str, lanes: tuple[str, ...]
     ) -> list[Delivery]:
         """Redis Cluster: one XREADGROUP per shard (a multi-stream read would be CROSSSLOT),
         pipelined per primary, the primaries in parallel. An empty sweep is repeated after a
@@ -340,14 +377,16 @@ class RedisQueue:
         deadline = time.monotonic() + block_ms / 1000
         pause = 0.005
         while True:
-            got = await self._sweep(consumer, count, start)
+            got = await self._sweep(consumer, count, start, lanes)
             left = deadline - time.monotonic()
             if got or left <= 0:
                 return got
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, POLL_MAX_S)
 
-    async def _sweep(self, consumer: str, count: int, start: str) -> list[Delivery]:
+    async def _sweep(
+        self, consumer: str, count: int, start: str, lanes: tuple[str, ...]
+    ) -> list[Delivery]:
         """Up to `count` entries: an equal share from each shard (starting at a rotating shard
         so none is always last), then what is left from the shards that had more."""
         shards = list(self.keys.all_shards())
@@ -360,14 +399,14 @@ class RedisQueue:
                 break
             share = max(1, wanted // len(candidates))
             asked = candidates[: max(1, wanted // share)]
-            found = await self._read_shards(consumer, asked, share, start)
+            found = await self._read_shards(consumer, asked, share, start, lanes)
             got.extend(found)
             per_shard = {s: sum(d.shard == s for d in found) for s in asked}
             candidates = [s for s in asked if per_shard[s] >= share]
         return got
 
     async def _read_shards(
-        self, consumer: str, shards: list[int], share: int, start: str
+        self, consumer: str, shards: list[int], share: int, start: str, lanes: tuple[str, ...]
     ) -> list[Delivery]:
         wanted = set(shards)
         groups = [
@@ -376,7 +415,7 @@ class RedisQueue:
         ]
         replies = await asyncio.gather(
             *(
-                self._read_on(route, group, consumer, share, start)
+                self._read_on(route, group, consumer, share, start, lanes)
                 for route, group in groups
                 if group
             ),
@@ -397,11 +436,19 @@ class RedisQueue:
             log.debug("redis cluster: slot table not refreshed: %s", exc)
 
     async def _read_on(
-        self, route: Route, shards: list[int], consumer: str, share: int, start: str
+        self,
+        route: Route,
+        shards: list[int],
+        consumer: str,
+        share: int,
+        start: str,
+        lanes: tuple[str, ...],
     ) -> list[Delivery]:
         async with route.client.pipeline(transaction=False) as pipe:
             for shard in shards:
-                pipe.xreadgroup(GROUP, consumer, {self.keys.stream(shard): start}, count=share)
+                # One shard's classes share its hash tag: one read, no CROSSSLOT.
+                streams: dict[Any, Any] = {self.keys.stream(shard, lane): start for lane in lanes}
+                pipe.xreadgroup(GROUP, consumer, streams, count=share)
             replies = await pipe.execute(raise_on_error=False)
         found: list[Delivery] = []
         moved = False
@@ -419,13 +466,13 @@ class RedisQueue:
     async def claim_idle(self, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
         """The safety net: take over entries idle longer than any delivery attempt can take."""
         claimed: list[Delivery] = []
-        for shard in self.keys.all_shards():
+        for shard, lane, stream in self.keys.all_streams():
             reply = await guarded(
-                lambda shard=shard: self._redis.xautoclaim(  # type: ignore[misc]
-                    self.keys.stream(shard), GROUP, consumer, min_idle_ms, "0-0", count=count
+                lambda stream=stream: self._redis.xautoclaim(  # type: ignore[misc]
+                    stream, GROUP, consumer, min_idle_ms, "0-0", count=count
                 )
             )
-            claimed.extend(self.deliveries(shard, reply[1]))
+            claimed.extend(self.deliveries(shard, reply[1], lane))
         return claimed
 
     def _parse_read(self, reply: Any) -> list[Delivery]:
@@ -434,18 +481,18 @@ class RedisQueue:
         pairs = reply.items() if isinstance(reply, dict) else reply
         deliveries: list[Delivery] = []
         for stream, entries in pairs:
-            shard = self.keys.shard_of_stream(text(stream))
-            deliveries.extend(self.deliveries(shard, entries))
+            shard, lane = self.keys.parse_stream(text(stream))
+            deliveries.extend(self.deliveries(shard, entries, lane))
         return deliveries
 
-    def deliveries(self, shard: int, entries: Sequence[Any]) -> list[Delivery]:
+    def deliveries(self, shard: int, entries: Sequence[Any], lane: str = "") -> list[Delivery]:
         out = []
         for entry_id, fields in entries:
             if not fields:  # XDEL'd while pending: a Delivery without a message
-                out.append(Delivery(shard, text(entry_id), None))
+                out.append(Delivery(shard, text(entry_id), None, lane))
                 continue
             raw = fields.get(ENTRY_FIELD.encode()) or fields.get(ENTRY_FIELD)
-            out.append(Delivery(shard, text(entry_id), QueuedMessage.decode(raw)))
+            out.append(Delivery(shard, text(entry_id), QueuedMessage.decode(raw), lane))
         return out
 
     async def load_body(self, shard: int, qid: str) -> Body:
@@ -461,7 +508,13 @@ class RedisQueue:
         shard, message = delivery.shard, delivery.message
         # Every key in the shard's slot (Redis Cluster), even a deleted entry's unused body key.
         body = self.keys.body(shard, message.qid if message is not None else "")
-        keys = [self.keys.stream(shard), self.keys.retry(shard), self.keys.dead(shard), body]
+        lane = delivery.lane
+        keys = [
+            self.keys.stream(shard, lane),
+            self.keys.retry(shard, lane),
+            self.keys.dead(shard),
+            body,
+        ]
         # A deleted entry's body is not ours to delete: nothing says which it was.
         done = outcome.done and message is not None
         args = [
@@ -476,6 +529,7 @@ class RedisQueue:
         await guarded(lambda: self._script(shard, self._finish, keys, args))
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
+        """Each class's due retries back into its own stream."""
         if self._sharded:
             per_shard = await guarded(
                 lambda: asyncio.gather(
@@ -483,18 +537,18 @@ class RedisQueue:
                         self._script(
                             s,
                             self._move_due,
-                            [self.keys.stream(s), self.keys.retry(s)],
+                            [stream, self.keys.retry(s, lane)],
                             [now, limit],
                         )
-                        for s in self.keys.all_shards()
+                        for s, lane, stream in self.keys.all_streams()
                     )
                 )
             )
             return sum(int(replies[0]) for replies in per_shard)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for shard in self.keys.all_shards():
+            for shard, lane, stream in self.keys.all_streams():
                 await self._move_due(
-                    keys=[self.keys.stream(shard), self.keys.retry(shard)],
+                    keys=[stream, self.keys.retry(shard, lane)],
                     args=[now, limit],
                     client=pipe,  # type: ignore[arg-type]  # one server here: a Pipeline
                 )
@@ -505,39 +559,72 @@ class RedisQueue:
 
     async def stats(self, now: int) -> dict[str, float]:
         """Cluster-wide queue figures: ready, in flight, retrying, dead, oldest entry age."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for shard in self.keys.all_shards():
-                stream = self.keys.stream(shard)
-                pipe.xlen(stream)
-                pipe.xpending(stream, GROUP)
-                pipe.zcard(self.keys.retry(shard))
-                pipe.xlen(self.keys.dead(shard))
-                pipe.xrange(stream, count=1)
-            rows = await guarded(pipe.execute)
+        by_class, dead = await self._collect(now)
         totals = {str(state): 0.0 for state in EntryState}
-        oldest_ms = now
-        for i in range(0, len(rows), 5):
-            length, pending, retry, dead, first = rows[i : i + 5]
-            in_flight = int(pending["pending"]) if isinstance(pending, dict) else int(pending[0])
-            totals[EntryState.IN_FLIGHT] += in_flight
-            totals[EntryState.READY] += max(0, int(length) - in_flight)
-            totals[EntryState.RETRY] += int(retry)
-            totals[EntryState.DEAD] += int(dead)
-            if first:
-                oldest_ms = min(oldest_ms, int(text(first[0][0]).split("-")[0]))
-        totals["oldest_age_s"] = max(0.0, (now - oldest_ms) / 1000)
+        for figures in by_class.values():
+            for state in (EntryState.READY, EntryState.IN_FLIGHT, EntryState.RETRY):
+                totals[state] += figures[state]
+        totals[EntryState.DEAD] = float(dead)
+        ages = [figures["oldest_age_s"] for figures in by_class.values()]
+        totals["oldest_age_s"] = max(ages, default=0.0)
         return totals
 
-    async def depth(self) -> dict[str, int]:
-        """Counts across shards: entries in streams, waiting retries, dead letters."""
+    async def class_stats(self, now: int) -> dict[str, dict[str, float]]:
+        """The same figures per traffic class (by name, highest priority first); dead letters
+        are one stream per shard for every class, so they are counted only in `stats`."""
+        return (await self._collect(now))[0]
+
+    async def _collect(self, now: int) -> tuple[dict[str, dict[str, float]], int]:
+        streams = self.keys.all_streams()
         async with self._redis.pipeline(transaction=False) as pipe:
+            for shard, lane, stream in streams:
+                pipe.xlen(stream)
+                pipe.xpending(stream, GROUP)
+                pipe.zcard(self.keys.retry(shard, lane))
+                pipe.xrange(stream, count=1)
             for shard in self.keys.all_shards():
-                pipe.xlen(self.keys.stream(shard))
-                pipe.zcard(self.keys.retry(shard))
+                pipe.xlen(self.keys.dead(shard))
+            rows = await guarded(pipe.execute)
+        by_class = {self.classes.name_of(lane): _empty_figures() for lane in self.keys.lanes}
+        for i, (_, lane, _) in enumerate(streams):
+            length, pending, retry, first = rows[4 * i : 4 * i + 4]
+            _add_figures(by_class[self.classes.name_of(lane)], now, length, pending, retry, first)
+        return by_class, sum(int(n) for n in rows[4 * len(streams) :])
+
+    async def depth(self) -> dict[str, int]:
+        """Counts across shards and classes: entries in streams, waiting retries, dead letters."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard, lane, stream in self.keys.all_streams():
+                pipe.xlen(stream)
+                pipe.zcard(self.keys.retry(shard, lane))
+            for shard in self.keys.all_shards():
                 pipe.xlen(self.keys.dead(shard))
             counts = await guarded(pipe.execute)
+        pairs = 2 * len(self.keys.all_streams())
         return {
-            "stream": sum(counts[0::3]),
-            "retry": sum(counts[1::3]),
-            "dead": sum(counts[2::3]),
+            "stream": sum(counts[0:pairs:2]),
+            "retry": sum(counts[1:pairs:2]),
+            "dead": sum(counts[pairs:]),
         }
+
+
+def _empty_figures() -> dict[str, float]:
+    return {
+        EntryState.READY: 0.0,
+        EntryState.IN_FLIGHT: 0.0,
+        EntryState.RETRY: 0.0,
+        "oldest_age_s": 0.0,
+    }
+
+
+def _add_figures(
+    figures: dict[str, float], now: int, length: Any, pending: Any, retry: Any, first: Any
+) -> None:
+    """One stream's XLEN, XPENDING summary, retry ZCARD and first entry, added up."""
+    in_flight = int(pending["pending"]) if isinstance(pending, dict) else int(pending[0])
+    figures[EntryState.IN_FLIGHT] += in_flight
+    figures[EntryState.READY] += max(0, int(length) - in_flight)
+    figures[EntryState.RETRY] += int(retry)
+    if first:
+        oldest_ms = int(text(first[0][0]).split("-")[0])
+        figures["oldest_age_s"] = max(figures["oldest_age_s"], max(0.0, (now - oldest_ms) / 1000))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Final
 
-# KEYS: stream, body, retry, dedupe   ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok
+# KEYS: stream, body, retry, dedupe, then (stream, retry) of each other traffic class of the
+# shard: the high-water mark bounds the shard's whole queue, whatever the classes.
+# ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok
 # Returns {"ok", stream_id} | {"dup", original_qid} | {"full"}.
 ENQUEUE: Final = """
 local dedupe = tonumber(ARGV[4]) > 0
@@ -21,7 +23,11 @@ if dedupe then
     end
   end
 end
-if redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
+local depth = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3])
+for i = 5, #KEYS, 2 do
+  depth = depth + redis.call('XLEN', KEYS[i]) + redis.call('ZCARD', KEYS[i + 1])
+end
+if depth >= tonumber(ARGV[5]) then
   return {'full'}
 end
 if ARGV[6] == '1' then

@@ -58,7 +58,7 @@ class MemoryQueue:
     clock: Callable[[], int] = now_ms
     unavailable: bool = False
     streams: dict[int, dict[str, QueuedMessage | None]] = field(default_factory=dict)
-    pending: dict[tuple[int, str], _Pending] = field(default_factory=dict)
+    pending: dict[tuple[int, str, str], _Pending] = field(default_factory=dict)  # Delivery.key
     bodies: dict[str, Body] = field(default_factory=dict)
     retries: list[tuple[int, QueuedMessage]] = field(default_factory=list)
     dead: list[tuple[QueuedMessage, str]] = field(default_factory=list)
@@ -66,6 +66,8 @@ class MemoryQueue:
     enqueued: list[NewMessage] = field(default_factory=list)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _delivered: set[tuple[int, str]] = field(default_factory=set)
+    # The order `read(lanes=...)` was asked for, for tests of the workers' class priority.
+    reads: list[tuple[str, ...] | None] = field(default_factory=list)
 
     def _check(self) -> None:
         if self.unavailable:
@@ -87,8 +89,9 @@ class MemoryQueue:
         """Add an entry as already read by `consumer` (pending there), as a worker gets it."""
         entry_id = self.add(message)
         self._delivered.add((message.shard, entry_id))
-        self.pending[(message.shard, entry_id)] = _Pending(consumer, self.clock())
-        return Delivery(message.shard, entry_id, message)
+        delivery = Delivery(message.shard, entry_id, message, message.traffic_class)
+        self.pending[delivery.key] = _Pending(consumer, self.clock())
+        return delivery
 
     def delete(self, qid: str) -> None:
         """What an operator's `queue delete` does: the entry goes, pending or not."""
@@ -98,7 +101,7 @@ class MemoryQueue:
                     stream[entry_id] = None
         self.bodies.pop(qid, None)
 
-    def pending_of(self, consumer: str) -> list[tuple[int, str]]:
+    def pending_of(self, consumer: str) -> list[tuple[int, str, str]]:
         return [key for key, p in self.pending.items() if p.consumer == consumer]
 
     # -- DeliveryQueue -----------------------------------------------------------------------
@@ -113,24 +116,38 @@ class MemoryQueue:
             self.clock(),
             kind=message.kind,
             tenant=message.tenant,
+            traffic_class=message.traffic_class or "",
         )
         self.add(entry, message.data)
         return EnqueueResult(message.qid)
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+    async def read(
+        self,
+        consumer: str,
+        count: int,
+        block_ms: int,
+        lanes: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> list[Delivery]:
+        """`count` per shard and class, as XREADGROUP gives per stream; `limit` in all."""
         self._check()
+        self.reads.append(None if lanes is None else tuple(lanes))
         out: list[Delivery] = []
         for shard in range(self.shards):
+            if limit is not None:
+                count = min(count, limit - len(out))
             fresh = [
                 (i, m)
                 for i, m in self.streams.get(shard, {}).items()
-                if (shard, i) not in self._delivered
-            ][:count]
-            for entry_id, message in fresh:
-                self._delivered.add((shard, entry_id))
-                self.pending[(shard, entry_id)] = _Pending(consumer, self.clock())
-                out.append(Delivery(shard, entry_id, message))
-        if not out:
+                if (shard, i) not in self._delivered and (lanes is None or _lane(m) in lanes)
+            ]
+            for lane in sorted({_lane(m) for _, m in fresh}):
+                for entry_id, message in [(i, m) for i, m in fresh if _lane(m) == lane][:count]:
+                    self._delivered.add((shard, entry_id))
+                    delivery = Delivery(shard, entry_id, message, lane)
+                    self.pending[delivery.key] = _Pending(consumer, self.clock())
+                    out.append(delivery)
+        if not out and block_ms:
             await asyncio.sleep(min(block_ms, 10) / 1000)
         return out
 
@@ -149,9 +166,9 @@ class MemoryQueue:
             self.pending[key] = _Pending(consumer, self.clock())
         return [self._delivery(key) for key in keys]
 
-    def _delivery(self, key: tuple[int, str]) -> Delivery:
-        shard, entry_id = key
-        return Delivery(shard, entry_id, self.streams.get(shard, {}).get(entry_id))
+    def _delivery(self, key: tuple[int, str, str]) -> Delivery:
+        shard, lane, entry_id = key
+        return Delivery(shard, entry_id, self.streams.get(shard, {}).get(entry_id), lane)
 
     async def load_body(self, shard: int, qid: str) -> Body:
         self._check()
@@ -178,6 +195,10 @@ class MemoryQueue:
         return len(due)
 
 
+def _lane(message: QueuedMessage | None) -> str:
+    return message.traffic_class if message is not None else ""
+
+
 @dataclass
 class MemoryClusterStore:
     """The cluster Protocols (membership, health views, bookkeeping, relay limits) in memory."""
@@ -191,7 +212,7 @@ class MemoryClusterStore:
     paused: set[str] = field(default_factory=set)
     drain_requests: set[str] = field(default_factory=set)
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
-    lease_refreshes: list[dict[int, list[str]]] = field(default_factory=list)
+    lease_refreshes: list[dict[tuple[int, str], list[str]]] = field(default_factory=list)
     connections: dict[str, dict[str, int]] = field(default_factory=dict)  # relay -> member -> exp
     waiting: dict[str, dict[str, int]] = field(default_factory=dict)  # relay -> owner -> until
     rate: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
@@ -260,13 +281,13 @@ class MemoryClusterStore:
         return set(self.paused)
 
     # delivery bookkeeping
-    async def refresh_leases(self, me: str, entries: Mapping[int, list[str]]) -> None:
+    async def refresh_leases(self, me: str, entries: Mapping[tuple[int, str], list[str]]) -> None:
         self._check()
         self.lease_refreshes.append({s: list(ids) for s, ids in entries.items()})
-        for shard, ids in entries.items():
+        for (shard, lane), ids in entries.items():
             for entry_id in ids:
-                if (shard, entry_id) in self.queue.pending:
-                    self.queue.pending[(shard, entry_id)] = _Pending(me, self.queue.clock())
+                if (shard, lane, entry_id) in self.queue.pending:
+                    self.queue.pending[(shard, lane, entry_id)] = _Pending(me, self.queue.clock())
 
     async def add_outcomes(self, minute: int, counts: Mapping[str, int]) -> None:
         self._check()
