@@ -12,14 +12,19 @@ import pytest
 from smtpfleet.config import QueueConfig, RetryConfig, build_config
 from smtpfleet.delivery.classify import classify_reply
 from smtpfleet.delivery.worker import DeliveryWorker
+from smtpfleet.drills.classes import class_measures
 from smtpfleet.envelope import QueuedMessage, new_qid, now_ms
 from smtpfleet.errors import ConfigError
+from smtpfleet.loadgen.messages import message_bytes
+from smtpfleet.loadgen.paced import Sent
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.classes import TrafficClasses, read_plan
 from smtpfleet.queue.keys import Keys
+from smtpfleet.relays.gate import PriorityGate
 from smtpfleet.relays.ring import Ring
 from smtpfleet.testing import eventually
 from smtpfleet.testing.memory import MemoryClusterStore, MemoryQueue, ScriptedRelays
+from smtpfleet.testing.sink import ReceivedMessage
 
 CLASSES: dict[str, Any] = {
     "classes": [
@@ -202,3 +207,59 @@ async def test_a_bulk_tempfail_waits_by_the_bulk_schedule() -> None:
         for due, message in queue.retries
     }
     assert delays == {"bulk": 900, "": 60}
+
+
+async def test_a_relay_slot_goes_to_the_first_class_then_in_arrival_order() -> None:
+    gate = PriorityGate(1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(name: str, priority: int) -> None:
+        async with gate.held(priority):
+            order.append(name)
+            await release.wait()
+
+    holder = asyncio.create_task(hold("first", 0))
+    await eventually(lambda: order == ["first"])
+    waiters = [
+        asyncio.create_task(hold(name, priority))
+        for name, priority in [("bulk-1", 1), ("gone", 0), ("urgent", 0), ("bulk-2", 1)]
+    ]
+    await eventually(lambda: gate.waiting == 4)
+    waiters[1].cancel()  # a cancelled waiter gives up its turn and takes no slot
+    await eventually(lambda: gate.waiting == 3)
+    release.set()
+    await asyncio.gather(holder, *waiters[0:1], *waiters[2:])
+    assert order == ["first", "urgent", "bulk-1", "bulk-2"]
+    async with gate.held(5):  # the slot came back
+        pass
+
+
+def _received(tag: str, at: float, sender: str = "s@x") -> ReceivedMessage:
+    data = message_bytes(tag, 200)
+    return ReceivedMessage(sender=sender, recipients=("r@y",), data=data, peer="p:1", at=at)
+
+
+def test_the_drill_judges_transactional_waits_from_the_heal_and_bulk_behind_them() -> None:
+    heal = 100.0
+    sent = [
+        Sent("t-1", at=95.0, code=250, latency_s=0.01, attempts=1),  # queued in the outage
+        Sent("t-2", at=101.0, code=250, latency_s=0.01, attempts=1),  # sent after the heal
+        Sent("t-0", at=80.0, code=250, latency_s=0.01, attempts=1),  # before the fault
+    ]
+    messages = [
+        _received("t-1", 101.5),
+        _received("t-2", 101.2),
+        _received("b-1", 101.0),
+        _received("b-2", 103.0),
+        _received("b-3", 104.0),
+    ]
+    measures = class_measures(messages, {"b-1", "b-2", "b-3", "b-4"}, sent, 90.0, heal)
+    assert measures == {
+        "bulk_accepted": 4,
+        "bulk_lost": 1,  # b-4 never arrived
+        "bulk_drain_s": 4.0,
+        "bulk_ahead_pct": 25.0,  # b-1 of 4 arrived before t-1
+        "transactional_wait_after_heal_s": 1.5,  # t-1: heal to 101.5
+        "transactional_backlog": 1,
+    }

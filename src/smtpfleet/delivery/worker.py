@@ -408,7 +408,9 @@ class DeliveryWorker:
         self._load[name] += 1
         started = time.perf_counter()
         try:
-            verdicts = await self._relays.client(relay).send(message.sender, recipients, data)
+            client = self._relays.client(relay)
+            rank = self._classes.rank(message.traffic_class)
+            verdicts = await client.send(message.sender, recipients, data, rank)
         finally:
             self._load[name] -= 1
         elapsed = time.perf_counter() - started

@@ -106,6 +106,8 @@ class Scenario:
     detected_by_clients: bool = False
     # Configuration for this drill on top of the drills' own (runner.DRILL_CONFIG).
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    # The load's rate (msg/s) when the scenario's claim depends on it (None: the run's rate).
+    rate: float | None = None
     # Runs on a Sentinel set (a primary, two replicas, three Sentinels) instead of one Redis.
     sentinel: bool = False
     # Runs in network namespaces (testing.netns_cluster): needs root and `ip` (drills.netfaults).

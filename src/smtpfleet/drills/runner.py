@@ -196,6 +196,8 @@ def _redis_client(config: Config) -> aioredis.Redis:
 
 
 async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> DrillResult:
+    if scenario.rate is not None:
+        timing = dataclasses.replace(timing, rate=scenario.rate, rate_fraction=None)
     if timing.rate_fraction is not None:
         peak = await measure_peak(ctx, timing)
         ctx.notes["peak_rate"] = peak
@@ -203,6 +205,7 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     # A run id of its own: relays of a running cluster keep what earlier drills sent.
     run_id = f"{scenario.name}-{uuid.uuid4().hex[:8]}"
     load = PacedLoad(ctx.smtp_targets, rate=timing.rate, size=timing.size, run_id=run_id)
+    ctx.notes["sent"] = load.sent  # for scenarios that judge by send times (drills/classes.py)
     start = time.monotonic()
     timeline: list[Sample] = []
     await ctx.refresh()

@@ -6,6 +6,7 @@ import signal
 import time
 
 from smtpfleet.config import RoutingKey
+from smtpfleet.drills.classes import CLASS_SCENARIOS
 from smtpfleet.drills.context import DrillContext, Probe, Scenario, Step
 from smtpfleet.drills.netfaults import NET_SCENARIOS
 from smtpfleet.drills.redis_ha import REDIS_HA_SCENARIOS
@@ -188,5 +189,6 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         *REDIS_HA_SCENARIOS,
         *NET_SCENARIOS,
+        *CLASS_SCENARIOS,
     ]
 }

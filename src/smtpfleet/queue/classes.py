@@ -49,6 +49,11 @@ class TrafficClasses:
     def lane_of(self, name: str) -> str:
         return DEFAULT_LANE if name == self.default else name
 
+    def rank(self, lane: str) -> int:
+        """The class's place in the priority order (0: first); an unknown lane: last."""
+        lanes = self.lanes
+        return lanes.index(lane) if lane in lanes else len(lanes)
+
     def name_of(self, lane: str) -> str:
         """The class an entry's lane stands for (an unknown lane: the name itself)."""
         return self.default if lane == DEFAULT_LANE else lane

@@ -16,8 +16,12 @@ from smtpfleet.delivery.classify import Verdict
 class MessageSender(Protocol):
     """One relay's client."""
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Verdict]:
-        """A verdict per recipient. Never raises for relay trouble: that is a verdict too."""
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, priority: int = 0
+    ) -> dict[str, Verdict]:
+        """A verdict per recipient. Never raises for relay trouble: that is a verdict too.
+        `priority`: the message's traffic class rank (0: the first class), for the relay's
+        shared limits: a higher class waits less for a connection and for the rate budget."""
         ...
 
 

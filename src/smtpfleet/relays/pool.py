@@ -37,6 +37,7 @@ from smtpfleet.envelope import now_ms
 from smtpfleet.errors import LimitsUnavailable
 from smtpfleet.queue.keys import lease_member
 from smtpfleet.relays import pipelining
+from smtpfleet.relays.gate import PriorityGate
 from smtpfleet.replies import CLOSING_CODE
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ MAX_IDLE_S = 30.0
 SHARED_IDLE_S = 1.0
 REAP_INTERVAL_S = 0.5
 LIMIT_POLL_S = 0.05
+# A message of a lower traffic class waiting for the relay's per-second budget asks this much
+# later into each new second per class below the first, so that across the cluster the higher
+# classes' waiters take the new second's budget first (docs/cluster.md, traffic classes).
+CLASS_LAG_S = 0.05
 LIMIT_REACHED = limit_reached()
 
 
@@ -135,13 +140,16 @@ class RelayClient:
         # their mail waits for a retry ("limited") with a healthy relay.
         self._share: int | None = None
         self._returned = asyncio.Event()  # a session of ours went idle (wakes lease waiters)
-        self._slots = asyncio.Semaphore(relay.max_connections)
+        self._slots = PriorityGate(relay.max_connections)  # by traffic class, then arrival
         self._tokens = itertools.count()
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Verdict]:
-        """Per-recipient verdicts. Never raises for relay trouble: that is a verdict too."""
-        async with self._slots:
-            if not await self._rate_slot():
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, priority: int = 0
+    ) -> dict[str, Verdict]:
+        """Per-recipient verdicts. Never raises for relay trouble: that is a verdict too.
+        `priority`: the message's traffic class rank (0 first) at the relay's limits."""
+        async with self._slots.held(priority):
+            if not await self._rate_slot(priority):
                 return dict.fromkeys(recipients, LIMIT_REACHED)
             for _ in range(2):
                 taken = await self._take()
@@ -329,7 +337,7 @@ class RelayClient:
                     self.relay.max_connections,
                 )
 
-    async def _rate_slot(self) -> bool:
+    async def _rate_slot(self, priority: int = 0) -> bool:
         limit = self.relay.max_messages_per_s
         if not limit or self._limits is None:
             return True
@@ -343,7 +351,7 @@ class RelayClient:
                 return True  # fail open: the per-node connection cap still bounds the rate
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(max(LIMIT_POLL_S, 1.0 - (now % 1.0)))
+            await asyncio.sleep(max(LIMIT_POLL_S, 1.0 - (now % 1.0)) + priority * CLASS_LAG_S)
 
     # -- one transaction -----------------------------------------------------------------------
 

@@ -219,10 +219,17 @@ class LocalCluster:
     def node_config(self, index: int, smtp_port: int, http_port: int) -> dict[str, Any]:
         assert self.redis_url is not None
         assert self.tls is not None
+        # A mapping under `relays` in the overrides applies to every relay (e.g. a shared rate
+        # limit for a drill); a list replaces them.
+        overrides = dict(self.overrides)
+        every_relay = (
+            overrides.pop("relays") if isinstance(overrides.get("relays"), Mapping) else {}
+        )
         relays = []
         for i, address in enumerate(self.relay_addresses()):
             host, _, port = address.rpartition(":")
-            relays.append({"name": f"relay-{i + 1}", "host": host.strip("[]"), "port": int(port)})
+            relay = {"name": f"relay-{i + 1}", "host": host.strip("[]"), "port": int(port)}
+            relays.append({**relay, **every_relay})
         base: dict[str, Any] = {
             "node": {"id": f"node-{index}", "hostname": "localhost"},
             "inbound": {
@@ -236,7 +243,7 @@ class LocalCluster:
             "relays": relays,
         }
         base["node"]["drain_grace_s"] = self.drain_grace_s
-        merged = deep_merge(base, self.overrides)
+        merged = deep_merge(base, overrides)
         return deep_merge(merged, self.node_overrides.get(index, {}))
 
     def _new_node(self, index: int) -> NodeProcess:

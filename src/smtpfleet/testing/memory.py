@@ -336,7 +336,9 @@ class ScriptedRelay:
     log: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     before_send: Callable[[], Awaitable[None] | None] | None = None
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Verdict]:
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, priority: int = 0
+    ) -> dict[str, Verdict]:
         self.log.append((self.name, tuple(recipients)))
         if self.before_send is not None:
             waited = self.before_send()
