@@ -8,9 +8,12 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from smtpfleet.envelope import QueuedMessage, new_qid, now_ms, shard_of
+from smtpfleet.queue.keys import GROUP, Keys
 from smtpfleet.queue.redis_admin import Admin
-from smtpfleet.testing import eventually, node_config, running_node, send
+from smtpfleet.testing import eventually, message_ids, node_config, running_node, send
 from smtpfleet.testing.client import make_message
 from smtpfleet.testing.sink import Sink
 
@@ -98,3 +101,76 @@ async def test_transactional_mail_overtakes_a_bulk_backlog_after_an_outage(
         "smtpfleet_class_delivery_latency_seconds_count", {"class": "bulk"}
     )
     assert bulk_delivered == BULK
+
+
+async def test_a_dead_nodes_entries_of_every_class_are_taken_over(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """Pending entries of both classes' streams, with the same stream id in one shard (ids are
+    per stream): a survivor claims and delivers each of them."""
+    config = _config(redis_url, prefix, sink)
+    keys = Keys(prefix, config.redis.shards, ("", "bulk"))
+    client = aioredis.Redis.from_url(redis_url)
+    tags = []
+    try:
+        for lane in keys.lanes:
+            tag = f"<same-id-{lane or 'default'}@classes.test>"
+            qid = new_qid(1)
+            entry = QueuedMessage(
+                qid, "s@example.com", ("r@example.net",), now_ms(), traffic_class=lane
+            )
+            body = {"d": make_message(message_id=tag), "ok": "1"}
+            await client.hset(keys.body(1, qid), mapping=body)  # type: ignore[misc]
+            stream = keys.stream(1, lane)
+            await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            await client.xadd(stream, {"m": entry.encode()}, id="1000-0")
+            await client.xreadgroup(GROUP, "node-dead", {stream: ">"})
+            tags.append(tag)
+        await client.zadd(keys.nodes(), {"node-dead": 1})
+    finally:
+        await client.aclose()
+    async with running_node(config) as node:
+        await eventually(lambda: set(tags) <= set(message_ids([sink])), timeout_s=10)
+        await eventually(lambda: node.worker.in_flight == 0)
+        assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
+    assert sink.count == 2
+
+
+async def test_queue_commands_find_change_and_requeue_entries_of_every_class(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    config = _config(redis_url, prefix, sink)
+    dead_letter = "nobody@mail.example"
+    sink.faults.rcpt_replies = {dead_letter: "550 5.1.1 no such user"}
+    async with running_node(config) as node:
+        address = node.inbound.addresses[0]
+        admin = Admin(node.queue)
+        # A null sender's bulk mail (the trusted header places it) refused with 550: a dead
+        # letter, which remembers its class.
+        data = f"{HEADER}: bulk\r\n".encode() + make_message(sender="")
+        assert (await send(address, sender="", recipients=[dead_letter], data=data)).code == 250
+        await eventually(lambda: len(sink.refused_recipients) == 1, timeout_s=10)
+        await eventually(lambda: _count(admin, "dead", 1), timeout_s=10)
+        [dead] = await admin.entries(["dead"], 10)
+        assert dead.traffic_class == "bulk"
+
+        await sink.stop()
+        await eventually(lambda: not node.health.healthy, timeout_s=10)
+        assert (await send(address, sender=BULK_SENDER)).code == 250
+        assert (await send(address, sender="a@shop.example")).code == 250
+        # Ready, or parked in its class's retry set by a read that began before the outage.
+        waiting = await admin.entries(["ready", "retry"], 10)
+        assert sorted(e.traffic_class or "" for e in waiting) == ["bulk", "transactional"]
+        [bulk] = [e for e in waiting if e.traffic_class == "bulk"]
+        found, _ = await admin.find(bulk.qid)
+        assert (found.state, found.traffic_class) == (bulk.state, "bulk")
+        assert await admin.delete(bulk.qid) == f"deleted ({bulk.state})"
+        assert await admin.retry_now(dead.qid) == "requeued from the dead letters"
+        assert (await node.queue.depth())["dead"] == 0
+        keys = node.queue.keys
+        bulk_stream = await node.queue.client.xlen(keys.stream(shard_of(dead.qid), "bulk"))
+        assert bulk_stream == 1  # the requeued letter went back into its own class's stream
+
+
+async def _count(admin: Admin, state: str, count: int) -> bool:
+    return len(await admin.entries([state], 10)) == count

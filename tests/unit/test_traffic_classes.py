@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from smtpfleet.cli.ops import _class_lines
 from smtpfleet.config import QueueConfig, RetryConfig, build_config
 from smtpfleet.delivery.classify import classify_reply
 from smtpfleet.delivery.worker import DeliveryWorker
@@ -263,3 +264,13 @@ def test_the_drill_judges_transactional_waits_from_the_heal_and_bulk_behind_them
         "transactional_wait_after_heal_s": 1.5,  # t-1: heal to 101.5
         "transactional_backlog": 1,
     }
+
+
+def test_status_prints_the_backlog_of_each_class_in_priority_order() -> None:
+    figures = {"ready": 3.0, "in_flight": 1.0, "retry": 0.0, "oldest_age_s": 12.4}
+    text = _class_lines({"transactional": figures, "bulk": {**figures, "ready": 900.0}})
+    assert text.splitlines()[1:] == [
+        "  class transactional: 3 ready, 1 in flight, 0 retrying; oldest 12s",
+        "  class bulk: 900 ready, 1 in flight, 0 retrying; oldest 12s",
+    ]
+    assert _class_lines({}) == ""
