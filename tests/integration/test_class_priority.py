@@ -25,6 +25,12 @@ URGENT = 30
 HEADER = "X-Smtpfleet-Class"
 
 
+CLASSES: dict[str, Any] = {
+    "classes": [{"name": "transactional"}, {"name": "bulk", "sender_domains": ["news.example"]}],
+    "class_header": HEADER,
+}
+
+
 def _config(redis_url: str, prefix: str, sink: Sink) -> Any:
     return node_config(
         redis_url,
@@ -32,13 +38,7 @@ def _config(redis_url: str, prefix: str, sink: Sink) -> Any:
         {
             "redis": {"prefix": prefix},
             "delivery": {"concurrency": 4, "block_ms": 200},
-            "queue": {
-                "classes": [
-                    {"name": "transactional"},
-                    {"name": "bulk", "sender_domains": ["news.example"]},
-                ],
-                "class_header": HEADER,
-            },
+            "queue": CLASSES,
         },
     )
 
@@ -174,3 +174,24 @@ async def test_queue_commands_find_change_and_requeue_entries_of_every_class(
 
 async def _count(admin: Admin, state: str, count: int) -> bool:
     return len(await admin.entries([state], 10)) == count
+
+
+async def test_the_high_water_mark_bounds_all_classes_together(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    config = node_config(
+        redis_url,
+        [sink.address],
+        {
+            "redis": {"prefix": prefix, "shards": 1},
+            "queue": {**CLASSES, "high_water": 3},
+        },
+    )
+    async with running_node(config) as node:
+        address = node.inbound.addresses[0]
+        await sink.stop()
+        await eventually(lambda: not node.health.healthy, timeout_s=10)
+        assert await _send_all(address, 3, BULK_SENDER) == [250] * 3
+        # The bulk backlog fills the queue: transactional mail is refused too (452), or
+        # the classes together could hold a multiple of the configured bound.
+        assert (await send(address, sender="a@shop.example")).code == 452

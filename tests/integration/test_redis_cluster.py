@@ -160,6 +160,47 @@ async def test_retries_come_back_from_every_primary(cluster: RedisClusterServers
         assert len(await drain(queue, SHARDS)) == SHARDS
 
 
+async def test_traffic_classes_read_retry_and_count_per_class_on_every_primary(
+    cluster: RedisClusterServers,
+) -> None:
+    """Each class's stream of a shard shares the shard's slot: one read per shard takes both,
+    a class can be read alone, a retry comes back into its own class's stream."""
+    config = RedisConfig(url=cluster.url, cluster=True, shards=SHARDS, prefix="classes")
+    classes = QueueConfig.model_validate(
+        {"classes": [{"name": "urgent"}, {"name": "bulk", "sender_domains": ["bulk.example"]}]}
+    )
+    queue = RedisQueue(config, classes)
+    await queue.ensure_groups()
+    try:
+        for s in range(SHARDS):
+            await queue.enqueue(message(s, s))
+            bulk = NewMessage(new_qid(s), "n@bulk.example", ("b@example.net",), b"bulk")
+            await queue.enqueue(bulk)
+        by_class = await queue.class_stats(0)
+        assert {n: c["ready"] for n, c in by_class.items()} == {"urgent": SHARDS, "bulk": SHARDS}
+        urgent = await queue.read(CONSUMER, 64, 0, [""])
+        assert {d.lane for d in urgent} == {""}
+        assert len(urgent) == SHARDS
+        bulk_read = await queue.read(CONSUMER, 64, 200)
+        assert {(d.lane, d.message.traffic_class) for d in bulk_read if d.message} == {
+            ("bulk", "bulk")
+        }
+        from smtpfleet.delivery.outcome import park
+
+        for delivery in bulk_read:
+            assert delivery.message is not None
+            await queue.finish(delivery, park(delivery.message, now_ms=0))
+        assert (await queue.class_stats(0))["bulk"]["retry"] == SHARDS
+        assert await queue.move_due_retries(now=2**50) == SHARDS
+        again = await queue.read(CONSUMER, 64, 0, ["bulk"])
+        assert len(again) == SHARDS
+        for delivery in [*urgent, *again]:
+            await queue.finish(delivery, DONE)
+        assert await queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
+    finally:
+        await queue.close()
+
+
 async def _load(queue: RedisQueue, acked: list[str], stop: asyncio.Event) -> None:
     n = 0
     while not stop.is_set():
