@@ -127,8 +127,10 @@ class ClusterRoutes:
                 node = manager.get_node_from_slot(slot)
                 address = f"{node.host}:{node.port}"
                 if address not in self._routes:
-                    client = aioredis.Redis(
-                        connection_pool=aioredis.BlockingConnectionPool(
+                    # from_pool: the client owns its pool, so aclose() disconnects it (a
+                    # client given `connection_pool=` leaves it, and its sockets, open).
+                    client = aioredis.Redis.from_pool(
+                        aioredis.BlockingConnectionPool(
                             host=node.host, port=node.port, **self.client_options
                         )
                     )
