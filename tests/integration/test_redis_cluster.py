@@ -23,6 +23,7 @@ from smtpfleet.errors import QueueUnavailable
 from smtpfleet.inbound.limits import LocalClientCounter
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.client_limits import RedisClientCounter
+from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing import run_cli
 from smtpfleet.testing.memory import Clock
@@ -156,6 +157,30 @@ async def test_closing_the_queue_disconnects_every_primarys_connections(
 def _connected(pool: aioredis.ConnectionPool) -> int:
     idle, busy = pool._get_free_connections(), pool._get_in_use_connections()
     return sum(1 for c in [*idle, *busy] if c.is_connected)
+
+
+async def test_a_cluster_out_of_reach_is_queue_unavailable_on_every_call() -> None:
+    """After a connection error redis-py's cluster client reloads its slot table (CLUSTER
+    SLOTS, then COMMAND on a default node that may be the dead primary) as the next pipeline
+    opens, before any command: that too is "Redis away". It escaped as a raw ConnectionError
+    and ended the nodes' membership and health loops in the redis-cluster-primary-kill drill,
+    so live nodes stopped beating and were declared dead."""
+    servers = started_cluster(primaries=3, replicas=0)
+    try:
+        async with open_queue(servers) as queue:
+            store = ClusterStore(queue)
+            await store.heartbeat(CONSUMER, 1, {}, 60_000)
+            for server in servers.servers:
+                server.kill()
+            for _ in range(3):  # the first call fails in its command, the next ones on entry
+                with pytest.raises(QueueUnavailable):
+                    await store.heartbeat(CONSUMER, 2, {}, 60_000)
+                with pytest.raises(QueueUnavailable):
+                    await store.publish_view(CONSUMER, {"relay-1": True}, 60_000)
+                with pytest.raises(QueueUnavailable):
+                    await queue.depth()
+    finally:
+        servers.close()
 
 
 async def test_retries_come_back_from_every_primary(cluster: RedisClusterServers) -> None:

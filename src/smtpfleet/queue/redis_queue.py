@@ -9,10 +9,11 @@ whatever the client library threw: during failovers redis-py raises more than `R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -63,6 +64,19 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
         raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
     reraise_lost_cancellation()
     return result
+
+
+@contextlib.asynccontextmanager
+async def pipeline(client: RedisClient, *, transaction: bool) -> AsyncIterator[Any]:
+    """`client.pipeline()`, opened inside the Redis boundary too: after a connection error a
+    cluster client reloads its slot table as the next pipeline opens (CLUSTER SLOTS, then
+    COMMAND on its default node, which may be the dead primary), before any command runs."""
+    pipe = client.pipeline(transaction=transaction)
+    await guarded(pipe.__aenter__)
+    try:
+        yield pipe
+    finally:
+        await pipe.__aexit__(None, None, None)
 
 
 class RedisQueue:
@@ -477,12 +491,12 @@ class RedisQueue:
                 )
             )
             return sum(int(replies[0]) for replies in per_shard)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard in self.keys.all_shards():
                 await self._move_due(
                     keys=[self.keys.stream(shard), self.keys.retry(shard)],
                     args=[now, limit],
-                    client=pipe,  # type: ignore[arg-type]  # one server here: a Pipeline
+                    client=pipe,  # one server here: a Pipeline
                 )
             moved = await guarded(pipe.execute)
         return sum(int(n) for n in moved)
@@ -491,7 +505,7 @@ class RedisQueue:
 
     async def stats(self, now: int) -> dict[str, float]:
         """Cluster-wide queue figures: ready, in flight, retrying, dead, oldest entry age."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard in self.keys.all_shards():
                 stream = self.keys.stream(shard)
                 pipe.xlen(stream)
@@ -516,7 +530,7 @@ class RedisQueue:
 
     async def depth(self) -> dict[str, int]:
         """Counts across shards: entries in streams, waiting retries, dead letters."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard in self.keys.all_shards():
                 pipe.xlen(self.keys.stream(shard))
                 pipe.zcard(self.keys.retry(shard))
