@@ -25,6 +25,7 @@ from smtpfleet.metrics import Metrics
 from smtpfleet.queue.client_limits import RedisClientCounter
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.queue.routes import is_redirect
 from smtpfleet.testing import run_cli
 from smtpfleet.testing.memory import Clock
 from smtpfleet.testing.redis_cluster import RedisClusterServers, started_cluster
@@ -181,6 +182,22 @@ async def test_a_cluster_out_of_reach_is_queue_unavailable_on_every_call() -> No
                     await queue.depth()
     finally:
         servers.close()
+
+
+async def test_a_command_sent_to_the_wrong_primary_is_seen_as_a_redirect(
+    cluster: RedisClusterServers,
+) -> None:
+    """A pipelined command on a primary that does not hold its slot comes back MOVED: the
+    queue must see a redirect (send it again where the slot is now), not an error (a 451, an
+    interrupted delivery that is then delivered twice)."""
+    slot = key_slot(b"{t:0}:stream")
+    elsewhere = next(s for s in cluster.primaries() if s is not cluster.server_for_slot(slot))
+    client = aioredis.Redis(host=LOOPBACK, port=elsewhere.port)
+    async with client, client.pipeline(transaction=False) as pipe:
+        pipe.xlen("{t:0}:stream")
+        (reply,) = await pipe.execute(raise_on_error=False)
+    assert is_redirect(reply), repr(reply)
+    assert not is_redirect(QueueUnavailable("redis: ConnectionError"))
 
 
 async def test_retries_come_back_from_every_primary(cluster: RedisClusterServers) -> None:
