@@ -477,19 +477,7 @@ class RedisQueue:
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
         if self._sharded:
-            per_shard = await guarded(
-                lambda: asyncio.gather(
-                    *(
-                        self._script(
-                            s,
-                            self._move_due,
-                            [self.keys.stream(s), self.keys.retry(s)],
-                            [now, limit],
-                        )
-                        for s in self.keys.all_shards()
-                    )
-                )
-            )
+            per_shard = await guarded(lambda: self._move_due_per_shard(now, limit))
             return sum(int(replies[0]) for replies in per_shard)
         async with pipeline(self._redis, transaction=False) as pipe:
             for shard in self.keys.all_shards():
@@ -500,6 +488,22 @@ class RedisQueue:
                 )
             moved = await guarded(pipe.execute)
         return sum(int(n) for n in moved)
+
+    async def _move_due_per_shard(self, now: int, limit: int) -> list[list[Any]]:
+        """Every shard's script at once; all of them awaited even when one fails (a primary
+        away), so no failure is left unretrieved in a task nobody awaits."""
+        keys = self.keys
+        replies = await asyncio.gather(
+            *(
+                self._script(s, self._move_due, [keys.stream(s), keys.retry(s)], [now, limit])
+                for s in keys.all_shards()
+            ),
+            return_exceptions=True,
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return [reply for reply in replies if not isinstance(reply, BaseException)]
 
     # -- views for tools and tests ------------------------------------------------------------
 
