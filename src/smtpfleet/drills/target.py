@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 60.0
 # Measured from the nodes' own logs or exit code, which a running cluster does not hand us.
-LOCAL_ONLY_MEASURES = frozenset({"live_declared_dead", "exit_code"})
+# slot_moved: the Redis Cluster drills' probe reads the cluster they built.
+LOCAL_ONLY_MEASURES = frozenset({"live_declared_dead", "exit_code", "slot_moved"})
 
 
 class TargetError(ValueError):
@@ -236,7 +237,9 @@ def on_target(scenario: Scenario, target: Target, fault_s: float) -> Scenario:
         heal=heal,
         detected=_probe_for(scenario, target),
         objectives={k: v for k, v in scenario.objectives.items() if k not in LOCAL_ONLY_MEASURES},
+        floors={k: v for k, v in scenario.floors.items() if k not in LOCAL_ONLY_MEASURES},
         sentinel=False,
+        redis_cluster=False,
     )
 
 
