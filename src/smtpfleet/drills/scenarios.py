@@ -6,6 +6,7 @@ import signal
 import time
 
 from smtpfleet.config import RoutingKey
+from smtpfleet.drills.cluster_ha import REDIS_CLUSTER_SCENARIOS
 from smtpfleet.drills.context import DrillContext, Probe, Scenario, Step
 from smtpfleet.drills.netfaults import NET_SCENARIOS
 from smtpfleet.drills.redis_ha import REDIS_HA_SCENARIOS
@@ -187,6 +188,7 @@ SCENARIOS: dict[str, Scenario] = {
             detected_by_clients=True,
         ),
         *REDIS_HA_SCENARIOS,
+        *REDIS_CLUSTER_SCENARIOS,
         *NET_SCENARIOS,
     ]
 }

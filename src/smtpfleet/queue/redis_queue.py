@@ -9,10 +9,11 @@ whatever the client library threw: during failovers redis-py raises more than `R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -63,6 +64,19 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
         raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
     reraise_lost_cancellation()
     return result
+
+
+@contextlib.asynccontextmanager
+async def pipeline(client: RedisClient, *, transaction: bool) -> AsyncIterator[Any]:
+    """`client.pipeline()`, opened inside the Redis boundary too: after a connection error a
+    cluster client reloads its slot table as the next pipeline opens (CLUSTER SLOTS, then
+    COMMAND on its default node, which may be the dead primary), before any command runs."""
+    pipe = client.pipeline(transaction=transaction)
+    await guarded(pipe.__aenter__)
+    try:
+        yield pipe
+    finally:
+        await pipe.__aexit__(None, None, None)
 
 
 class RedisQueue:
@@ -477,35 +491,39 @@ class RedisQueue:
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
         if self._sharded:
-            per_shard = await guarded(
-                lambda: asyncio.gather(
-                    *(
-                        self._script(
-                            s,
-                            self._move_due,
-                            [self.keys.stream(s), self.keys.retry(s)],
-                            [now, limit],
-                        )
-                        for s in self.keys.all_shards()
-                    )
-                )
-            )
+            per_shard = await guarded(lambda: self._move_due_per_shard(now, limit))
             return sum(int(replies[0]) for replies in per_shard)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard in self.keys.all_shards():
                 await self._move_due(
                     keys=[self.keys.stream(shard), self.keys.retry(shard)],
                     args=[now, limit],
-                    client=pipe,  # type: ignore[arg-type]  # one server here: a Pipeline
+                    client=pipe,  # one server here: a Pipeline
                 )
             moved = await guarded(pipe.execute)
         return sum(int(n) for n in moved)
+
+    async def _move_due_per_shard(self, now: int, limit: int) -> list[list[Any]]:
+        """Every shard's script at once; all of them awaited even when one fails (a primary
+        away), so no failure is left unretrieved in a task nobody awaits."""
+        keys = self.keys
+        replies = await asyncio.gather(
+            *(
+                self._script(s, self._move_due, [keys.stream(s), keys.retry(s)], [now, limit])
+                for s in keys.all_shards()
+            ),
+            return_exceptions=True,
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return [reply for reply in replies if not isinstance(reply, BaseException)]
 
     # -- views for tools and tests ------------------------------------------------------------
 
     async def stats(self, now: int) -> dict[str, float]:
         """Cluster-wide queue figures: ready, in flight, retrying, dead, oldest entry age."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard in self.keys.all_shards():
                 stream = self.keys.stream(shard)
                 pipe.xlen(stream)
@@ -530,7 +548,7 @@ class RedisQueue:
 
     async def depth(self) -> dict[str, int]:
         """Counts across shards: entries in streams, waiting retries, dead letters."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard in self.keys.all_shards():
                 pipe.xlen(self.keys.stream(shard))
                 pipe.zcard(self.keys.retry(shard))
