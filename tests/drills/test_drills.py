@@ -14,10 +14,16 @@ from smtpfleet.drills.scenarios import SCENARIOS
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
-# The network-namespace drills run in tests/netns (they need root and `ip`); class-priority
-# has a test of its own (test_class_priority_drill.py).
+# The network-namespace drills run in tests/netns (they need root and `ip`); the Redis Cluster
+# drills in test_cluster_drills.py, which asserts more of them; class-priority in
+# test_class_priority_drill.py.
 @pytest.mark.parametrize(
-    "name", [n for n, s in SCENARIOS.items() if not s.netns and n != "class-priority"]
+    "name",
+    [
+        n
+        for n, s in SCENARIOS.items()
+        if not s.netns and not s.redis_cluster and n != "class-priority"
+    ],
 )
 async def test_drill_meets_its_objectives(name: str, tmp_path: Path) -> None:
     result = await run_drill(SCENARIOS[name], Timing.short())

@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
+import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
@@ -23,17 +23,15 @@ from smtpfleet.errors import QueueUnavailable
 from smtpfleet.inbound.limits import LocalClientCounter
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.client_limits import RedisClientCounter
+from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.queue.routes import is_redirect
 from smtpfleet.testing import run_cli
 from smtpfleet.testing.memory import Clock
 from smtpfleet.testing.redis_cluster import RedisClusterServers, started_cluster
 from smtpfleet.testing.redis_server import LOOPBACK
 
-# The cluster client leaves sockets to the garbage collector on close (to investigate).
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = pytest.mark.slow
 
 SHARDS = 16
 CONSUMER = "node-a"
@@ -143,6 +141,65 @@ async def test_every_shard_enqueues_reads_and_finishes_on_its_primary(
         assert len(routes) == 3
 
 
+async def test_closing_the_queue_disconnects_every_primarys_connections(
+    cluster: RedisClusterServers,
+) -> None:
+    """Each primary's own client (the accept and delivery batchers') owns its pool: a client
+    given a pool leaves it open on aclose(), and its sockets to the garbage collector."""
+    async with open_queue(cluster, Durability.REPLICATED) as queue:
+        for shard in range(SHARDS):
+            await queue.enqueue(message(shard, shard))
+        pools = [route.client.connection_pool for route in await queue._routes.primaries()]
+        assert len(pools) == 3
+        assert all(_connected(pool) for pool in pools)
+    assert [_connected(pool) for pool in pools] == [0, 0, 0]
+
+
+def _connected(pool: aioredis.ConnectionPool) -> int:
+    idle, busy = pool._get_free_connections(), pool._get_in_use_connections()
+    return sum(1 for c in [*idle, *busy] if c.is_connected)
+
+
+async def test_a_cluster_out_of_reach_is_queue_unavailable_on_every_call() -> None:
+    """After a connection error redis-py's cluster client reloads its slot table (CLUSTER
+    SLOTS, then COMMAND on a default node that may be the dead primary) as the next pipeline
+    opens, before any command: that too is "Redis away". It escaped as a raw ConnectionError
+    and ended the nodes' membership and health loops in the redis-cluster-primary-kill drill,
+    so live nodes stopped beating and were declared dead."""
+    servers = started_cluster(primaries=3, replicas=0)
+    try:
+        async with open_queue(servers) as queue:
+            store = ClusterStore(queue)
+            await store.heartbeat(CONSUMER, 1, {}, 60_000)
+            for server in servers.servers:
+                server.kill()
+            for _ in range(3):  # the first call fails in its command, the next ones on entry
+                with pytest.raises(QueueUnavailable):
+                    await store.heartbeat(CONSUMER, 2, {}, 60_000)
+                with pytest.raises(QueueUnavailable):
+                    await store.publish_view(CONSUMER, {"relay-1": True}, 60_000)
+                with pytest.raises(QueueUnavailable):
+                    await queue.depth()
+    finally:
+        servers.close()
+
+
+async def test_a_command_sent_to_the_wrong_primary_is_seen_as_a_redirect(
+    cluster: RedisClusterServers,
+) -> None:
+    """A pipelined command on a primary that does not hold its slot comes back MOVED: the
+    queue must see a redirect (send it again where the slot is now), not an error (a 451, an
+    interrupted delivery that is then delivered twice)."""
+    slot = key_slot(b"{t:0}:stream")
+    elsewhere = next(s for s in cluster.primaries() if s is not cluster.server_for_slot(slot))
+    client = aioredis.Redis(host=LOOPBACK, port=elsewhere.port)
+    async with client, client.pipeline(transaction=False) as pipe:
+        pipe.xlen("{t:0}:stream")
+        (reply,) = await pipe.execute(raise_on_error=False)
+    assert is_redirect(reply), repr(reply)
+    assert not is_redirect(QueueUnavailable("redis: ConnectionError"))
+
+
 async def test_retries_come_back_from_every_primary(cluster: RedisClusterServers) -> None:
     async with open_queue(cluster) as queue:
         for s in range(SHARDS):
@@ -232,24 +289,6 @@ async def test_killing_a_primary_under_load_loses_no_replicated_accept(
         await asyncio.to_thread(cluster.start_node, victim)
 
 
-def _move_slot(cluster: RedisClusterServers, slot: int) -> None:
-    """Move one slot, keys and all, from its primary to another (what `--cluster reshard` does)."""
-    source = cluster.server_for_slot(slot)
-    target = next(p for p in cluster.primaries() if p is not source)
-    with cluster.client(source) as src, cluster.client(target) as dst:
-        src_id = src.execute_command("CLUSTER", "MYID")
-        dst_id = dst.execute_command("CLUSTER", "MYID")
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
-        for node in (dst, src):
-            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-    for server in cluster.primaries():
-        with contextlib.suppress(redis.RedisError), cluster.client(server) as other:
-            other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-
-
 async def test_moving_a_shards_slot_under_load_loses_nothing_and_delivers_once(
     cluster: RedisClusterServers,
 ) -> None:
@@ -262,7 +301,7 @@ async def test_moving_a_shards_slot_under_load_loses_nothing_and_delivers_once(
         await asyncio.sleep(0.5)
         slot = queue._redis.keyslot(queue.keys.stream(1))
         before = cluster.server_for_slot(slot)
-        await asyncio.to_thread(_move_slot, cluster, slot)
+        await asyncio.to_thread(cluster.move_slot, slot)
         assert cluster.server_for_slot(slot) is not before
         await asyncio.sleep(0.5)
         stop.set()

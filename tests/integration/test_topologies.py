@@ -33,8 +33,6 @@ from smtpfleet.testing.sink import Sink
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.slow,
-    # The cluster client leaves sockets to the garbage collector on close (test_redis_cluster).
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
 
 SHARDS = 8

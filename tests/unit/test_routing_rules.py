@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from smtpfleet.cli.ops import _waiting_line
 from smtpfleet.config import RelayConfig, RetryConfig, RoutingConfig, build_config
-from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
-from smtpfleet.delivery.outcome import PARK_MS, Attempt, plan_outcome
+from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict, limit_reached
+from smtpfleet.delivery.outcome import MAX_PARK_MS, PARK_MS, Attempt, plan_outcome
 from smtpfleet.envelope import QueuedMessage
 from smtpfleet.errors import ConfigError
 from smtpfleet.relays.ring import Ring
@@ -183,3 +183,23 @@ def test_waiting_recipients_are_parked_with_their_reason_and_no_attempt() -> Non
 def test_status_says_which_rule_mail_waits_for() -> None:
     assert _waiting_line({}) == ""
     assert _waiting_line({"hipaa": 3}).endswith("routing rule (last 5 min, recipients): hipaa 3")
+
+
+def test_mail_waiting_for_its_rules_relays_is_read_less_often_as_its_wait_grows() -> None:
+    """A long outage of a rule's relays re-read every waiting message every 2 s (issue #14)."""
+    (route,) = router().routes(message("a@x.example", "b@y.example", tenant="clinic"), set())
+    verdict = Verdict(Outcome.TEMPORARY, FailureKind.NO_ROUTE, None, route.waiting_reason, "4.4.1")
+    waiting = {"b@y.example": Attempt(verdict, None)}
+    fresh = message("a@x.example", "b@y.example", tenant="clinic")
+
+    def due_after(age_ms: int, attempts: dict[str, Attempt]) -> int:
+        now = fresh.accepted_ms + age_ms
+        plan = plan_outcome(fresh, attempts, now_ms=now, retry=RetryConfig())
+        return plan.retry_due_ms - now
+
+    assert due_after(1_000, waiting) == PARK_MS
+    assert due_after(100_000, waiting) == 10_000  # a tenth of its wait
+    assert due_after(3_600_000, waiting) == MAX_PARK_MS
+    # Our own connection limit frees up in seconds, however old the message.
+    limited = {"b@y.example": Attempt(limit_reached(), None)}
+    assert due_after(3_600_000, limited) == PARK_MS

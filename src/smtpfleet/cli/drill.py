@@ -23,8 +23,9 @@ DEFAULT_RATE_FRACTION = 0.5
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
+        width = max(len(name) for name in SCENARIOS)
         for scenario in SCENARIOS.values():
-            print(f"{scenario.name:18} {scenario.proves}")
+            print(f"{scenario.name:{width}} {scenario.proves}")
         return EXIT_OK
     names = _names(args)
     if names is None:
@@ -92,11 +93,23 @@ def _load_text(args: argparse.Namespace) -> str:
 
 def skip_reason(name: str, target: Target | None) -> str | None:
     """Why a scenario cannot run here, in plain words (None: it can)."""
+    if SCENARIOS[name].redis_cluster and target is None:
+        return _no_cluster_tools()
     if not SCENARIOS[name].netns or target is not None:
         return None  # a target's own commands make the network fault
     from smtpfleet.testing.netns import unavailable_reason
 
     return unavailable_reason()
+
+
+def _no_cluster_tools() -> str | None:
+    from smtpfleet.testing.redis_cluster import find_cli_binary
+
+    try:
+        find_cli_binary()
+    except RuntimeError as exc:  # no server binary either (NoServerBinary is one)
+        return f"a Redis Cluster drill builds its cluster with valkey-cli: {exc}"
+    return None
 
 
 def _one(name: str, timing: Timing, args: argparse.Namespace, target: Target | None) -> Entry:

@@ -23,6 +23,7 @@ from smtpfleet.envelope import QueuedMessage
 EXPIRED_STATUS = "4.4.7"
 # No relay could be tried: the entry waits this long, without counting an attempt.
 PARK_MS = 2000
+MAX_PARK_MS = 30_000
 # Verdicts given without asking any relay: they say nothing about the message or a relay.
 UNASKED = frozenset({FailureKind.LIMITED, FailureKind.NO_ROUTE})
 # The dead-letter reason is a summary for the operator, not a transcript.
@@ -99,7 +100,10 @@ def plan_outcome(
         # to the 5-minute retry with a healthy relay).
         errors = {**message.last_errors, **_why_waiting(waiting)}
         again = replace(message, recipients=tuple(waiting), last_errors=errors)
-        return _planned(message, delivered, tuple(failed), again, now_ms + PARK_MS, expired=False)
+        limited = any(a.verdict.kind is FailureKind.LIMITED for a in waiting.values())
+        # A full relay frees up in seconds; a rule whose relays are all down may stay so.
+        delay_ms = PARK_MS if limited else park_delay_ms(message, now_ms)
+        return _planned(message, delivered, tuple(failed), again, now_ms + delay_ms, expired=False)
     errors = {r: a.verdict.text for r, a in waiting.items()}
     again = message.retry_of(tuple(waiting), errors)
     delay_s = retry_delay_s(
@@ -147,7 +151,15 @@ def park(message: QueuedMessage, *, now_ms: int) -> Finish:
     No attempt is counted and nothing bounces: the message did nothing wrong. DESIGN: parked
     mail costs Redis nothing until it is due, unlike a per-message retry storm.
     """
-    return Finish(retry=message, retry_due_ms=now_ms + PARK_MS)
+    return Finish(retry=message, retry_due_ms=now_ms + park_delay_ms(message, now_ms))
+
+
+def park_delay_ms(message: QueuedMessage, now_ms: int) -> int:
+    """How long parked mail waits before it is read again: 2 s while its wait is young, a
+    tenth of its age after that, at most MAX_PARK_MS. Every read costs Redis work, and a long
+    outage of a rule's relays re-read each waiting message every 2 s (issue #14); mail parked
+    for an hour is now read twice a minute, and a short outage still ends in seconds."""
+    return min(MAX_PARK_MS, max(PARK_MS, (now_ms - message.accepted_ms) // 10))
 
 
 # An unconfirmed entry is polled this long; then it waits in the retry set until its window

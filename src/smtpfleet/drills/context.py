@@ -7,15 +7,15 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import redis.asyncio as aioredis
-
 from smtpfleet.config import Config, Durability, load_config
+from smtpfleet.queue.connection import RedisClient
 from smtpfleet.queue.keys import Keys
 from smtpfleet.testing.localcluster import LocalCluster
 from smtpfleet.testing.sink import ReceivedMessage, Sink
 
 if TYPE_CHECKING:
     from smtpfleet.drills.remote import RemoteCluster
+    from smtpfleet.testing.redis_cluster import RedisClusterServers
     from smtpfleet.testing.sentinel import SentinelSet
 
 
@@ -36,11 +36,12 @@ class Relay(Protocol):
 
 @dataclass
 class DrillContext:
-    redis: aioredis.Redis
+    redis: RedisClient  # one server's client (or the Sentinels' primary), or the cluster's
     local: LocalCluster | None = None  # a cluster the drill started (None: --target)
     remote: RemoteCluster | None = None  # a running cluster named by a target file
     notes: dict[str, object] = field(default_factory=dict)
     sentinels: SentinelSet | None = None  # the Redis HA drills run on a Sentinel set
+    redis_cluster: RedisClusterServers | None = None  # ... or on a Redis Cluster
 
     @property
     def cluster(self) -> LocalCluster:
@@ -110,6 +111,8 @@ class Scenario:
     rate: float | None = None
     # Runs on a Sentinel set (a primary, two replicas, three Sentinels) instead of one Redis.
     sentinel: bool = False
+    # Runs on a Redis Cluster (3 primaries, a replica each) instead of one Redis.
+    redis_cluster: bool = False
     # Runs in network namespaces (testing.netns_cluster): needs root and `ip` (drills.netfaults).
     netns: bool = False
     # Replication is asynchronous: only `durability: replicated` promises that a 250 survives

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from smtpfleet import http
 from smtpfleet.config import Config, load_config
@@ -40,11 +41,15 @@ from smtpfleet.drills.target import Target, on_target, remote_cluster
 from smtpfleet.loadgen.generator import run_load
 from smtpfleet.loadgen.messages import tag_of
 from smtpfleet.loadgen.paced import PacedLoad, Sent
+from smtpfleet.queue.connection import RedisClient
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing.localcluster import LocalCluster, deep_merge
+from smtpfleet.testing.redis_cluster import RedisClusterServers
+from smtpfleet.testing.sentinel import SentinelSet
 
 # With Sentinels configured the nodes take only the database number from `redis.url`.
 SENTINEL_DB_URL = "redis://127.0.0.1:1/0"
+CLUSTER_SHARDS = 64
 
 SAMPLE_S = 0.25
 PEAK_S = 4.0  # how long the peak measurement pushes unpaced load
@@ -151,25 +156,52 @@ async def run_drill(
 async def _deployment(
     scenario: Scenario, config: dict[str, Any], timing: Timing, *, ipv6: bool = False
 ) -> AsyncIterator[DrillContext]:
-    """Redis (one server, or a Sentinel set), two sink relays and three nodes on loopback."""
+    """Redis (one server, a Sentinel set or a Redis Cluster), two sink relays and three nodes
+    on loopback."""
     async with contextlib.AsyncExitStack() as stack:
-        sentinels = None
-        redis_url = None
-        if scenario.sentinel:
-            from smtpfleet.testing.sentinel import SentinelSet
-
-            sentinels = SentinelSet(replicas=2, sentinels=3, appendfsync="always")
-            stack.callback(sentinels.close)
-            await asyncio.to_thread(sentinels.start)
-            config = deep_merge(config, {"redis": {"sentinels": sentinels.sentinel_addresses}})
-            redis_url = SENTINEL_DB_URL
+        redis = await _redis_for(scenario, stack)
+        config = deep_merge(config, redis.overrides)
         cluster = _cluster_for(scenario, ipv6=ipv6)(
-            nodes=timing.nodes, sinks=2, overrides=config, appendfsync="always", redis_url=redis_url
+            nodes=timing.nodes,
+            sinks=2,
+            overrides=config,
+            appendfsync="always",
+            redis_url=redis.url,
         )
         await stack.enter_async_context(cluster)
         client = _redis_client(load_config(cluster.node_processes[0].config_path, {}))
         stack.push_async_callback(client.aclose)
-        yield DrillContext(client, local=cluster, sentinels=sentinels)
+        yield DrillContext(
+            client, local=cluster, sentinels=redis.sentinels, redis_cluster=redis.cluster
+        )
+
+
+@dataclass
+class _Redis:
+    """The Redis a drill brought (None: the local cluster starts one server itself)."""
+
+    url: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    sentinels: SentinelSet | None = None
+    cluster: RedisClusterServers | None = None
+
+
+async def _redis_for(scenario: Scenario, stack: contextlib.AsyncExitStack) -> _Redis:
+    if scenario.sentinel:
+        sentinels = SentinelSet(replicas=2, sentinels=3, appendfsync="always")
+        stack.callback(sentinels.close)
+        await asyncio.to_thread(sentinels.start)
+        overrides = {"redis": {"sentinels": sentinels.sentinel_addresses}}
+        return _Redis(SENTINEL_DB_URL, overrides, sentinels=sentinels)
+    if scenario.redis_cluster:
+        servers = RedisClusterServers(primaries=3, replicas=1, appendfsync="always")
+        stack.callback(servers.close)
+        await asyncio.to_thread(servers.start)
+        # Every node is a seed, so a node (re)starting while one is down still finds the rest;
+        # 64 shards spread the mail over all three primaries (docs/cluster.md).
+        seeds = {"cluster": True, "cluster_nodes": servers.addresses[1:], "shards": CLUSTER_SHARDS}
+        return _Redis(servers.url, {"redis": seeds}, cluster=servers)
+    return _Redis()
 
 
 def _cluster_for(scenario: Scenario, *, ipv6: bool) -> Callable[..., LocalCluster]:
@@ -184,8 +216,11 @@ def _cluster_for(scenario: Scenario, *, ipv6: bool) -> Callable[..., LocalCluste
     return functools.partial(NetnsCluster, ipv6=ipv6)
 
 
-def _redis_client(config: Config) -> aioredis.Redis:
-    """The drill's own client for its probes: through the Sentinels when there are some."""
+def _redis_client(config: Config) -> RedisClient:
+    """The drill's own client for its probes: through the Sentinels when there are some, the
+    cluster client on a Redis Cluster."""
+    if config.redis.cluster:
+        return RedisCluster.from_url(config.redis.url, socket_timeout=1.0)
     if not config.redis.sentinels:
         return aioredis.Redis.from_url(config.redis.url, socket_timeout=1.0)
     from redis.asyncio.sentinel import Sentinel

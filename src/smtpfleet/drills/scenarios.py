@@ -7,6 +7,7 @@ import time
 
 from smtpfleet.config import RoutingKey
 from smtpfleet.drills.classes import CLASS_SCENARIOS
+from smtpfleet.drills.cluster_ha import REDIS_CLUSTER_SCENARIOS
 from smtpfleet.drills.context import DrillContext, Probe, Scenario, Step
 from smtpfleet.drills.netfaults import NET_SCENARIOS
 from smtpfleet.drills.redis_ha import REDIS_HA_SCENARIOS
@@ -188,6 +189,7 @@ SCENARIOS: dict[str, Scenario] = {
             detected_by_clients=True,
         ),
         *REDIS_HA_SCENARIOS,
+        *REDIS_CLUSTER_SCENARIOS,
         *NET_SCENARIOS,
         *CLASS_SCENARIOS,
     ]

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 60.0
 # Measured from the nodes' own logs or exit code, which a running cluster does not hand us.
-LOCAL_ONLY_MEASURES = frozenset({"live_declared_dead", "exit_code"})
+# slot_moved: the Redis Cluster drills' probe reads the cluster they built.
+LOCAL_ONLY_MEASURES = frozenset({"live_declared_dead", "exit_code", "slot_moved"})
 
 
 class TargetError(ValueError):
@@ -317,8 +318,13 @@ def on_target(scenario: Scenario, target: Target, fault_s: float) -> Scenario:
         heal=heal,
         detected=net.detected if net is not None else _probe_for(scenario, target),
         objectives={k: v for k, v in scenario.objectives.items() if k not in LOCAL_ONLY_MEASURES},
-        floors=net.floors if net is not None and net.floors is not None else scenario.floors,
+        floors=(
+            net.floors
+            if net is not None and net.floors is not None
+            else {k: v for k, v in scenario.floors.items() if k not in LOCAL_ONLY_MEASURES}
+        ),
         sentinel=False,
+        redis_cluster=False,
         overrides={},  # the cluster runs with its own configuration
     )
 

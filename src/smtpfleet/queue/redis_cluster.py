@@ -15,7 +15,7 @@ from smtpfleet.errors import LimitsUnavailable, QueueUnavailable
 from smtpfleet.queue.connection import RedisClient
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.keys import GROUP, WAITING_TTL_MS, Keys, lease_owner
-from smtpfleet.queue.redis_queue import RedisQueue, guarded, text
+from smtpfleet.queue.redis_queue import RedisQueue, guarded, pipeline, text
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ class ClusterStore:
     async def heartbeat(
         self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
     ) -> int | None:
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             pipe.zscore(self.keys.nodes(), node_id)
             pipe.zadd(self.keys.nodes(), {node_id: now_ms})
             pipe.set(self.keys.node(node_id), json.dumps(info), px=ttl_ms)
@@ -81,7 +81,7 @@ class ClusterStore:
         return {n: json.loads(v) for n, v in zip(ids, raw, strict=True) if v}
 
     async def forget_node(self, node_id: str) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             pipe.zrem(self.keys.nodes(), node_id)
             pipe.delete(self.keys.node(node_id), self.keys.view(node_id))
             for _, _, stream in self.keys.all_streams():
@@ -103,7 +103,7 @@ class ClusterStore:
         }
         if not mapping:
             return
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self._redis, transaction=True) as pipe:
             pipe.delete(key)
             pipe.hset(key, mapping=mapping)
             pipe.pexpire(key, ttl_ms)
@@ -124,7 +124,7 @@ class ClusterStore:
 
     async def _raw_views(self, node_ids: Iterable[str]) -> dict[str, dict[str, str]]:
         ids = list(node_ids)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for node in ids:
                 pipe.hgetall(self.keys.view(node))
             raw = await guarded(pipe.execute)
@@ -179,7 +179,7 @@ class ClusterStore:
 
     async def refresh_leases(self, me: str, entries: Mapping[tuple[int, str], list[str]]) -> None:
         """Reset the idle time of entries still in flight here, so no claim takes live work."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for (shard, lane), ids in entries.items():
                 if ids:
                     stream = self.keys.stream(shard, lane)
@@ -197,7 +197,7 @@ class ClusterStore:
 
     async def add_outcomes(self, minute: int, counts: Mapping[str, int]) -> None:
         key = self.keys.outcomes(minute)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for field, count in counts.items():
                 pipe.hincrby(key, field, count)
             pipe.expire(key, OUTCOME_TTL_S)
@@ -224,7 +224,7 @@ class ClusterStore:
     async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
         """One message in this second's budget for the relay, cluster-wide."""
         key = self.keys.relay_rate(relay, second)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, 2)
             count, _ = await _limit(pipe.execute)

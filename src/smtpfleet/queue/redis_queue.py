@@ -9,10 +9,11 @@ whatever the client library threw: during failovers redis-py raises more than `R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -64,6 +65,19 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
         raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
     reraise_lost_cancellation()
     return result
+
+
+@contextlib.asynccontextmanager
+async def pipeline(client: RedisClient, *, transaction: bool) -> AsyncIterator[Any]:
+    """`client.pipeline()`, opened inside the Redis boundary too: after a connection error a
+    cluster client reloads its slot table as the next pipeline opens (CLUSTER SLOTS, then
+    COMMAND on its default node, which may be the dead primary), before any command runs."""
+    pipe = client.pipeline(transaction=transaction)
+    await guarded(pipe.__aenter__)
+    try:
+        yield pipe
+    finally:
+        await pipe.__aexit__(None, None, None)
 
 
 class RedisQueue:
@@ -531,29 +545,33 @@ class RedisQueue:
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
         """Each class's due retries back into its own stream."""
         if self._sharded:
-            per_shard = await guarded(
-                lambda: asyncio.gather(
-                    *(
-                        self._script(
-                            s,
-                            self._move_due,
-                            [stream, self.keys.retry(s, lane)],
-                            [now, limit],
-                        )
-                        for s, lane, stream in self.keys.all_streams()
-                    )
-                )
-            )
+            per_shard = await guarded(lambda: self._move_due_per_shard(now, limit))
             return sum(int(replies[0]) for replies in per_shard)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard, lane, stream in self.keys.all_streams():
                 await self._move_due(
                     keys=[stream, self.keys.retry(shard, lane)],
                     args=[now, limit],
-                    client=pipe,  # type: ignore[arg-type]  # one server here: a Pipeline
+                    client=pipe,  # one server here: a Pipeline
                 )
             moved = await guarded(pipe.execute)
         return sum(int(n) for n in moved)
+
+    async def _move_due_per_shard(self, now: int, limit: int) -> list[list[Any]]:
+        """Every shard's script (one per traffic class) at once; all of them awaited even when
+        one fails (a primary away), so no failure is left unretrieved in a task nobody awaits."""
+        keys = self.keys
+        replies = await asyncio.gather(
+            *(
+                self._script(s, self._move_due, [stream, keys.retry(s, lane)], [now, limit])
+                for s, lane, stream in keys.all_streams()
+            ),
+            return_exceptions=True,
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return [reply for reply in replies if not isinstance(reply, BaseException)]
 
     # -- views for tools and tests ------------------------------------------------------------
 
@@ -576,7 +594,7 @@ class RedisQueue:
 
     async def _collect(self, now: int) -> tuple[dict[str, dict[str, float]], int]:
         streams = self.keys.all_streams()
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard, lane, stream in streams:
                 pipe.xlen(stream)
                 pipe.xpending(stream, GROUP)
@@ -593,7 +611,7 @@ class RedisQueue:
 
     async def depth(self) -> dict[str, int]:
         """Counts across shards and classes: entries in streams, waiting retries, dead letters."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with pipeline(self._redis, transaction=False) as pipe:
             for shard, lane, stream in self.keys.all_streams():
                 pipe.xlen(stream)
                 pipe.zcard(self.keys.retry(shard, lane))

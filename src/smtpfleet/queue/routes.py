@@ -17,16 +17,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from smtpfleet.queue.batcher import Batcher, BatchObserver, Command
 from smtpfleet.queue.keys import Keys
 
-# Replies meaning "this command did not run here; the slot is elsewhere or moving".
-REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+# Replies meaning "this command did not run here; the slot is elsewhere or moving". redis-py
+# parses them into these classes and strips the code from the message ("MOVED 12 h:p" becomes
+# MovedError("12 h:p")), so the class, not the text, says which reply it was.
+REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
 
 
 def is_redirect(reply: Any) -> bool:
-    return isinstance(reply, Exception) and str(reply).split(" ", 1)[0] in REDIRECTS
+    return isinstance(reply, REDIRECTS)
 
 
 @dataclass
@@ -127,8 +130,10 @@ class ClusterRoutes:
                 node = manager.get_node_from_slot(slot)
                 address = f"{node.host}:{node.port}"
                 if address not in self._routes:
-                    client = aioredis.Redis(
-                        connection_pool=aioredis.BlockingConnectionPool(
+                    # from_pool: the client owns its pool, so aclose() disconnects it (a
+                    # client given `connection_pool=` leaves it, and its sockets, open).
+                    client = aioredis.Redis.from_pool(
+                        aioredis.BlockingConnectionPool(
                             host=node.host, port=node.port, **self.client_options
                         )
                     )

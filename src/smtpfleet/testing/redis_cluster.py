@@ -189,6 +189,25 @@ class RedisClusterServers(Launched):
             )
         self.wait_ok(timeout_s)
 
+    def move_slot(self, slot: int) -> RedisServer:
+        """Move one slot, keys and all, from its primary to another, as `--cluster reshard`
+        does (IMPORTING/MIGRATING, MIGRATE in batches, SETSLOT NODE); the new primary."""
+        source = self.server_for_slot(slot)
+        target = next(p for p in self.primaries() if p is not source)
+        with self.client(source) as src, self.client(target) as dst:
+            src_id = src.execute_command("CLUSTER", "MYID")
+            dst_id = dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", LOOPBACK, target.port, "", 0, 5000, "KEYS", *keys)
+            for node in (dst, src):
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for server in self.primaries():
+            with contextlib.suppress(redis.RedisError), self.client(server) as other:
+                other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return target
+
     def start_node(self, server: RedisServer, timeout_s: float = START_TIMEOUT_S) -> None:
         """Bring a stopped node back (it rejoins from its nodes.conf, as a replica if replaced)."""
         server.start()
