@@ -162,8 +162,8 @@ def park_delay_ms(message: QueuedMessage, now_ms: int) -> int:
     return min(MAX_PARK_MS, max(PARK_MS, (now_ms - message.accepted_ms) // 10))
 
 
-# An unconfirmed entry is polled this long; then it waits in the retry set until its window
-# ends, rather than hold a delivery slot (a failover leaves hundreds of them at once).
+# An unconfirmed `replicated` entry is polled while its two WAITs may run, and this long
+# more; then it waits in the retry set until its window ends, rather than hold a slot.
 CONFIRMATION_POLL_MS = 1000
 # Clocks of the accepting node and the worker differ: a `replicated` entry dropped early
 # could be one whose 250 is still coming, so its window has this much to spare.

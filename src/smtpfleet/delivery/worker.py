@@ -326,11 +326,14 @@ class DeliveryWorker:
         """Hold an entry whose durability is not confirmed yet (WAIT/WAITAOF still running).
 
         If the accept fails, the body is deleted (the tombstone) and we must not send it. A
-        `replicated` entry is polled for a second at most (then _unconfirmed); otherwise the
-        window's end lets it go, should the confirmation mark have been lost.
+        `replicated` entry is polled while its two WAITs may still be running (then
+        _unconfirmed); otherwise the window's end lets it go, should the mark have been lost.
         """
         if self._confirm_required:
-            deadline = min(deadline, now_ms() + CONFIRMATION_POLL_MS)
+            # Its two WAITs may take their whole timeout each under load: poll that long, then
+            # no slot waits for it (a failover leaves hundreds of such entries at once).
+            wait_ms = 2 * self._config.queue.durability_timeout_ms + CONFIRMATION_POLL_MS
+            deadline = min(deadline, message.accepted_ms + wait_ms)
         for pause in _gate_pauses():
             if now_ms() >= deadline:
                 break
