@@ -140,6 +140,7 @@ class RelayClient:
         # their mail waits for a retry ("limited") with a healthy relay.
         self._share: int | None = None
         self._returned = asyncio.Event()  # a session of ours went idle (wakes lease waiters)
+        self._closing: set[asyncio.Task[None]] = set()  # sessions being closed after use
         self._slots = PriorityGate(relay.max_connections)  # by traffic class, then arrival
         self._tokens = itertools.count()
 
@@ -237,7 +238,9 @@ class RelayClient:
 
     def _give_back(self, session: _Session) -> None:
         if session.messages >= self._config.max_messages_per_connection or self._over_share():
-            asyncio.get_running_loop().create_task(self._discard(session))
+            task = asyncio.get_running_loop().create_task(self._discard(session))
+            self._closing.add(task)  # close() waits for it: no socket left to the collector
+            task.add_done_callback(self._closing.discard)
         else:
             self._idle.append(session)
             self._returned.set()
@@ -255,7 +258,7 @@ class RelayClient:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(self._discard(s) for s in idle))
+        await asyncio.gather(*(self._discard(s) for s in idle), *self._closing)
 
     async def reap_idle(self) -> None:
         """Close idle sessions past their idle limit (sooner when they hold a shared lease)."""
