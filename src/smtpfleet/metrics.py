@@ -198,11 +198,6 @@ class Metrics:
             "Entries claimed from dead or stuck consumers: deliveries that may be duplicates",
             registry=r,
         )
-        self.unacknowledged = Counter(
-            "smtpfleet_unacknowledged_dropped",
-            "Entries never confirmed (durability replicated): their client got 4xx, not delivered",
-            registry=r,
-        )
         self.redis_batch_commands = Histogram(
             "smtpfleet_redis_batch_commands",
             "Commands per group-commit pipeline, by batcher (accept, delivery)",

@@ -8,7 +8,6 @@ import time
 import pytest
 import redis
 
-from smtpfleet.delivery.outcome import confirmation_window_ms
 from smtpfleet.envelope import NewMessage, choose_shard, dedupe_fingerprint, new_qid
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
 from smtpfleet.node import Node
@@ -75,36 +74,6 @@ async def test_unconfirmed_replication_answers_451_and_never_delivers(
         await eventually(worker_disposed_of_it)
         assert node.worker.in_flight == 0
         assert sink.count == 0  # ... without delivering it
-
-
-async def test_a_replicated_accept_whose_tombstone_is_lost_is_never_delivered(
-    redis_url: str, prefix: str, sink: Sink, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """docs/drills.md, known issue 1: in a forced failover a 451'd accept's tombstone went to
-    the demoted primary and was lost, so its copy was delivered beside the sender's resend
-    (hundreds per failover). In `replicated` mode an entry is delivered only with its
-    confirmation mark, which the 250 waits for; one without a mark after its window is
-    dropped."""
-    overrides = {
-        "redis": {"prefix": prefix},
-        "inbound": {"accept_timeout_s": 1.0},
-        "queue": {"durability": "replicated", "replicas": 1, "durability_timeout_ms": 200},
-    }
-    async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
-
-        async def lost(*args: object) -> None:
-            return None  # the tombstone went to a primary that is no more
-
-        monkeypatch.setattr(node.queue, "_cancel_quietly", lost)
-        assert (await send(node.inbound.addresses[0])).code == 451
-
-        def dropped() -> bool:
-            return node.registry.get_sample_value("smtpfleet_unacknowledged_dropped_total") == 1
-
-        window_s = confirmation_window_ms(node.config) / 1000
-        await eventually(dropped, timeout_s=window_s + 5)
-        assert await node.queue.depth() == {"stream": 0, "retry": 0, "dead": 0}
-        assert sink.count == 0
 
 
 async def test_queue_above_high_water_answers_452(redis_url: str, prefix: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpfleet.config import Config, Durability, RetryConfig
+from smtpfleet.config import RetryConfig
 from smtpfleet.delivery.backoff import is_expired, retry_delay_s
 from smtpfleet.delivery.classify import (
     FailureKind,
@@ -23,14 +23,7 @@ from smtpfleet.delivery.classify import (
     limit_reached,
 )
 from smtpfleet.delivery.dsn import RecipientFailure, build_dsn
-from smtpfleet.delivery.outcome import (
-    CLOCK_MARGIN_MS,
-    PARK_MS,
-    Attempt,
-    confirmation_window_ms,
-    hold_unconfirmed,
-    plan_outcome,
-)
+from smtpfleet.delivery.outcome import PARK_MS, Attempt, plan_outcome
 from smtpfleet.envelope import QueuedMessage
 
 
@@ -207,31 +200,3 @@ def test_the_last_retry_is_due_when_the_lifetime_ends_not_after() -> None:
     )
     assert plan.retry is not None
     assert plan.retry_due_ms == 3_600_000
-
-
-def test_a_replicated_entry_waits_past_the_accept_timeout_before_it_may_be_dropped() -> None:
-    """Dropping an unconfirmed `replicated` entry is safe only once no 250 can still come:
-    the accept gives up at its timeout; clocks differ between nodes by the margin."""
-    config = Config.model_validate(
-        {
-            "relays": [{"name": "r", "host": "127.0.0.1", "port": 2525}],
-            "inbound": {"accept_timeout_s": 8.0},
-            "queue": {"durability": "replicated", "durability_timeout_ms": 2000},
-        }
-    )
-    assert confirmation_window_ms(config) == 8000 + CLOCK_MARGIN_MS
-    slow_wait = config.model_copy(
-        update={"queue": config.queue.model_copy(update={"durability_timeout_ms": 6000})}
-    )
-    assert confirmation_window_ms(slow_wait) == 2 * 6000 + CLOCK_MARGIN_MS  # two WAITs
-    fsync = config.model_copy(
-        update={"queue": config.queue.model_copy(update={"durability": Durability.FSYNC})}
-    )
-    assert confirmation_window_ms(fsync) == 2000 + 1000  # delivered then, not dropped
-
-
-def test_an_unconfirmed_entry_is_held_in_the_retry_set_until_its_window_ends() -> None:
-    message = QueuedMessage(qid="0.q", sender="s@x", recipients=("r@y",), accepted_ms=1000)
-    finish = hold_unconfirmed(message, until_ms=14_000)
-    assert (finish.retry, finish.retry_due_ms, finish.dead) == (message, 14_000, None)
-    assert not finish.done  # the body stays: the worker reading it again decides

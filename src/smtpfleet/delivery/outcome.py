@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import dataclass, replace
 
-from smtpfleet.config import Config, Durability, RetryConfig
+from smtpfleet.config import RetryConfig
 from smtpfleet.delivery.backoff import is_expired, next_due_ms, retry_delay_s
 from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
 from smtpfleet.delivery.dsn import RecipientFailure, is_bounce_worthy
@@ -160,35 +160,6 @@ def park_delay_ms(message: QueuedMessage, now_ms: int) -> int:
     outage of a rule's relays re-read each waiting message every 2 s (issue #14); mail parked
     for an hour is now read twice a minute, and a short outage still ends in seconds."""
     return min(MAX_PARK_MS, max(PARK_MS, (now_ms - message.accepted_ms) // 10))
-
-
-# An unconfirmed `replicated` entry is polled while its two WAITs may run, and this long
-# more; then it waits in the retry set until its window ends, rather than hold a slot.
-CONFIRMATION_POLL_MS = 1000
-# Clocks of the accepting node and the worker differ: a `replicated` entry dropped early
-# could be one whose 250 is still coming, so its window has this much to spare.
-CLOCK_MARGIN_MS = 5000
-
-
-def confirmation_window_ms(config: Config) -> int:
-    """How long after its accept an entry may still receive its confirmation mark.
-
-    `replicated`: the 250 follows the mark's own WAIT and the accept gives up at the inbound
-    accept timeout, so past that (plus clock margin) an unmarked entry was never acknowledged
-    and is dropped. Otherwise the mark is not awaited before the 250, so an unmarked entry is
-    delivered when the window ends (should its node have died before marking it).
-    """
-    wait_ms = config.queue.durability_timeout_ms
-    if config.queue.durability is Durability.REPLICATED:
-        accept_ms = int(config.inbound.accept_timeout_s * 1000)
-        return max(accept_ms, 2 * wait_ms) + CLOCK_MARGIN_MS
-    return wait_ms + 1000
-
-
-def hold_unconfirmed(message: QueuedMessage, *, until_ms: int) -> Finish:
-    """Not confirmed yet, and no slot should wait for it: back in the retry set until the
-    window ends, when the worker that reads it again delivers or drops it."""
-    return Finish(retry=message, retry_due_ms=until_ms)
 
 
 def set_aside(message: QueuedMessage, error: str, *, now_ms: int, retry: RetryConfig) -> Finish:

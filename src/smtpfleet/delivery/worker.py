@@ -16,20 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 
 from smtpfleet.cluster.store import DeliveryBookkeeping
-from smtpfleet.config import Config, Durability, RelayConfig, RetryConfig
+from smtpfleet.config import Config, RelayConfig, RetryConfig
 from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
 from smtpfleet.delivery.dsn import build_dsn
-from smtpfleet.delivery.outcome import (
-    CONFIRMATION_POLL_MS,
-    DONE,
-    Attempt,
-    Plan,
-    confirmation_window_ms,
-    hold_unconfirmed,
-    park,
-    plan_outcome,
-    set_aside,
-)
+from smtpfleet.delivery.outcome import DONE, Attempt, Plan, park, plan_outcome, set_aside
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
 from smtpfleet.errors import Fenced, QueueUnavailable, SpoolError
 from smtpfleet.metrics import Metrics
@@ -90,8 +80,6 @@ class DeliveryWorker:
         self._config = config
         self._classes = TrafficClasses.from_config(config.queue)
         self._floor = self._classes.floor_slots(config.delivery.concurrency)
-        # `replicated`: an entry is delivered only once its confirmation mark is there.
-        self._confirm_required = config.queue.durability is Durability.REPLICATED
         self._consumer = consumer
         self._hostname = hostname
         self._inflight: dict[tuple[int, str, str], asyncio.Task[None]] = {}  # by Delivery.key
@@ -299,15 +287,11 @@ class DeliveryWorker:
             await self._queue.finish(delivery, DONE)  # deleted while pending: acknowledge it
             return
         body = await self._queue.load_body(delivery.shard, message.qid)
-        deadline = message.accepted_ms + confirmation_window_ms(self._config)
         if body.data is not None and not body.confirmed:
-            body = await self._await_confirmation(delivery, message, body, deadline)
+            body = await self._await_confirmation(delivery, message, body)
         if body.data is None:
             log.info("%s: cancelled before delivery (the client was told 4xx)", message.qid)
             await self._queue.finish(delivery, DONE)
-            return
-        if not body.confirmed and self._confirm_required:
-            await self._unconfirmed(delivery, message, deadline)
             return
         attempts = await self._attempt(message, body.data)
         if attempts is None:
@@ -321,19 +305,15 @@ class DeliveryWorker:
         return self._classes.retry_for(message.traffic_class, self._config.retry)
 
     async def _await_confirmation(
-        self, delivery: Delivery, message: QueuedMessage, body: Body, deadline: int
+        self, delivery: Delivery, message: QueuedMessage, body: Body
     ) -> Body:
         """Hold an entry whose durability is not confirmed yet (WAIT/WAITAOF still running).
 
-        If the accept fails, the body is deleted (the tombstone) and we must not send it. A
-        `replicated` entry is polled while its two WAITs may still be running (then
-        _unconfirmed); otherwise the window's end lets it go, should the mark have been lost.
+        If the accept fails, the body is deleted (the tombstone) and we must not send it; if
+        the confirmation mark was lost in a failover, the window's end lets it go.
         """
-        if self._confirm_required:
-            # Its two WAITs may take their whole timeout each under load: poll that long, then
-            # no slot waits for it (a failover leaves hundreds of such entries at once).
-            wait_ms = 2 * self._config.queue.durability_timeout_ms + CONFIRMATION_POLL_MS
-            deadline = min(deadline, message.accepted_ms + wait_ms)
+        window_ms = self._config.queue.durability_timeout_ms + 1000
+        deadline = message.accepted_ms + window_ms
         for pause in _gate_pauses():
             if now_ms() >= deadline:
                 break
@@ -342,21 +322,6 @@ class DeliveryWorker:
             if body.data is None or body.confirmed:
                 return body
         return body
-
-    async def _unconfirmed(self, delivery: Delivery, message: QueuedMessage, deadline: int) -> None:
-        """A `replicated` entry with no confirmation mark: its accept is still running, or it
-        failed (451) and its tombstone was lost in a failover. Wait out the window in the
-        retry set; past it, the sender was never told 250 and has sent it again: drop it."""
-        if now_ms() < deadline:
-            await self._queue.finish(delivery, hold_unconfirmed(message, until_ms=deadline))
-            return
-        log.warning(
-            "%s: never acknowledged (no confirmation within its window): not delivered",
-            message.qid,
-            extra={"event": "delivery.unacknowledged", "qid": message.qid},
-        )
-        self._metrics.unacknowledged.inc()
-        await self._queue.finish(delivery, DONE)
 
     async def _attempt(self, message: QueuedMessage, data: bytes) -> dict[str, Attempt] | None:
         """Each group of recipients (per routing rule) over its own relays, in its key's

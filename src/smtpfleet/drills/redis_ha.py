@@ -29,10 +29,9 @@ OBJECTIVES = {
     "live_declared_dead": 0,
     "excess_duplicates": 0,
 }
-# Measured with this drill (docs/drills.md, known issue 1): an accept answered 451 whose
-# tombstone went to the demoted primary used to be delivered beside the sender's retry; now a
-# `replicated` entry is delivered only with its (replicated) confirmation mark. What remains:
-# deliveries whose acknowledgement the demoted primary discarded are delivered again.
+# Measured with this drill (docs/drills.md): during a forced failover an accept that times out
+# (451) is tombstoned on the demoted primary, so the copy that reached the new one is delivered
+# anyway, beside the copy the sender's retry on the next node queued (RFC 5321 §4.2.5).
 # Measured too: a forced failover loses the heartbeats written to the old primary after the
 # promotion without any error at the node (no outage to wait out), so on the new primary
 # live peers look a lease old and are declared dead, sometimes robbed of a delivery
@@ -42,8 +41,8 @@ STALE_BEATS_AFTER_FAILOVER = (
     "one (cluster/membership.py, reported in docs/drills.md)"
 )
 ACCEPT_TIMEOUT_DUPLICATES = (
-    "deliveries whose acknowledgement went to the demoted primary are delivered again from the "
-    "new one (451'd accepts no longer are: docs/drills.md, known issue 1)"
+    "451'd accepts whose tombstone is lost with the old primary are delivered as well as the "
+    "sender's retry (queue/, reported in docs/drills.md)"
 )
 # One replica of two must confirm each write (WAIT 1): WAIT for both would refuse all mail
 # while one replica is down, and the Sentinels promote the replica with the newest data.

@@ -260,26 +260,12 @@ class RedisQueue:
             raise QueueFull("queue above its high-water mark")
         if confirm:
             self._require_confirmation(mode, results[1])
-            await self._mark_confirmed(shard, message.qid, mode)
+            # Not awaited: the 250 depends on the WAITAOF/WAIT only. A worker holds the entry
+            # until this mark lands (or its window ends, should we die first).
+            body_key = self.keys.body(shard, message.qid)
+            route = await self._routes.for_shard(shard)
+            route.accepts.send(("EVAL", scripts.CONFIRM, 1, body_key))
         return EnqueueResult(qid=message.qid)
-
-    async def _mark_confirmed(self, shard: int, qid: str, mode: Durability) -> None:
-        """The mark that lets workers deliver the entry (DESIGN: no delivery before the 250).
-
-        `replicated`: the 250 waits for the mark's own WAIT, so a mark is on every replica the
-        entry is on, and a worker may drop an entry that never got one once its window ends:
-        it was never acknowledged. Otherwise a forced failover that lost an accept's tombstone
-        (451 to the client, which sends again) delivered it twice (drills, known issue 1).
-        `fsync`: not awaited (a second fsync per accept); a worker delivers an unmarked entry
-        when its window ends, should we die first.
-        """
-        mark = ("EVAL", scripts.CONFIRM, 1, self.keys.body(shard, qid))
-        route = await self._routes.for_shard(shard)
-        if mode is not Durability.REPLICATED:
-            route.accepts.send(mark)
-            return
-        replies = await guarded(lambda: route.accepts.call(mark, confirm=True))
-        self._require_confirmation(mode, replies[-1])
 
     def _require_confirmation(self, mode: Durability, reply: Any) -> None:
         if mode is Durability.FSYNC:
