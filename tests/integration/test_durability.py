@@ -127,12 +127,13 @@ async def test_redis_down_mid_load_gives_451_only_and_loses_nothing(sink: Sink) 
             await eventually(all_delivered, timeout_s=30)
 
 
-async def test_a_resend_is_never_answered_with_a_copy_that_gets_tombstoned(
+async def test_a_resend_adopts_an_unconfirmed_copy_and_its_late_tombstone_spares_it(
     redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """docs/drills.md, known issue 3: node A's accept was not confirmed (451, its tombstone
-    still on the way); the sender's resend reached node B, whose dedupe answered 250 with A's
-    copy; then A's tombstone deleted that copy: acknowledged mail, gone."""
+    """docs/drills.md, known issues 1 and 3: node A's accept was not confirmed (451), and its
+    tombstone is lost with a demoted primary or still on its way. The sender's resend must
+    answer for A's copy, so one copy is delivered, not two; and A's tombstone, should it land
+    after that 250, must not delete the copy the 250 stands for."""
 
     config = node_config(
         redis_url, [], {"redis": {"prefix": prefix}, "queue": {"durability": "fsync"}}
@@ -166,13 +167,22 @@ async def test_a_resend_is_never_answered_with_a_copy_that_gets_tombstoned(
             with pytest.raises(QueueUnavailable):
                 await queue.enqueue(first)
         resent = await queue.enqueue(message())
+        assert resent.duplicate, "the resend was queued as a second copy"
+        assert resent.qid == first.qid
         await queue._cancel_quietly(shard, tombstones[0])  # A's tombstone lands now
-        assert not resent.duplicate
-        body = await queue.load_body(shard, resent.qid)
+        body = await queue.load_body(shard, first.qid)
         assert body.data is not None, "the acknowledged resend was deleted with the first copy"
+        assert body.confirmed
+        assert await queue.depth() == {"stream": 1, "retry": 0, "dead": 0}
         # A confirmed copy still answers for its resends (RFC 1047).
         again = await queue.enqueue(message())
         assert again.duplicate
-        assert again.qid == resent.qid
+        assert again.qid == first.qid
+        # A resend's 250 waits for durability like any accept's.
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "_require_confirmation", unconfirmed)
+            with pytest.raises(QueueUnavailable):
+                await queue.enqueue(message())
+        assert (await queue.load_body(shard, first.qid)).data is not None
     finally:
         await queue.close()

@@ -254,12 +254,13 @@ class RedisQueue:
             lambda: self._script(shard, self._enqueue, keys, args, accept=True, confirm=confirm)
         )
         outcome = [text(part) for part in results[0]]
-        if outcome[0] == "dup":
-            return EnqueueResult(qid=outcome[1], duplicate=True)
         if outcome[0] == "full":
             raise QueueFull("queue above its high-water mark")
         if confirm:
+            # A resend's 250 too: the copy it answers with, or its adoption, must be durable.
             self._require_confirmation(mode, results[1])
+        if outcome[0] == "dup":
+            return EnqueueResult(qid=outcome[1], duplicate=True)
             # Not awaited: the 250 depends on the WAITAOF/WAIT only. A worker holds the entry
             # until this mark lands (or its window ends, should we die first).
             body_key = self.keys.body(shard, message.qid)

@@ -13,14 +13,16 @@ local dedupe = tonumber(ARGV[4]) > 0
 if dedupe then
   local original = redis.call('GET', KEYS[4])
   if original then
-    -- The first copy answers for this one only if its 250 went out (ok) or it is delivered
-    -- already (body gone; a cancelled copy takes its dedupe key with it). A copy whose
-    -- accept has not been confirmed may still be tombstoned after a 451: answering the resend
-    -- with its id would lose both, so the resend is queued as a copy of its own.
+    -- A resend answers with the first copy: delivered already (its body gone; a cancelled
+    -- copy takes its dedupe key with it), confirmed, or neither yet. In the last case the
+    -- first accept was answered 451 and its tombstone may be lost with a demoted primary (or
+    -- still on its way): the resend adopts the copy, and CANCEL spares an adopted body, so
+    -- exactly one copy is delivered. The caller's WAIT covers the adoption before its 250.
     local body = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[1]) .. original
-    if redis.call('EXISTS', body) == 0 or redis.call('HGET', body, 'ok') == '1' then
-      return {'dup', original}
+    if redis.call('EXISTS', body) == 1 and redis.call('HGET', body, 'ok') ~= '1' then
+      redis.call('HSET', body, 'ok', '1', 'a', '1')
     end
+    return {'dup', original}
   end
 end
 local depth = redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[3])
@@ -42,9 +44,11 @@ return {'ok', id}
 
 # The tombstone of RFC 5321 section 4.2.5: we answered 4xx, so this copy must never be sent.
 # Deleting the body is the tombstone (a worker that finds no body drops the entry); the dedupe
-# key goes too, or the sender's retry would be answered with the cancelled copy's id.
+# key goes too, or the sender's retry would be answered with the cancelled copy's id. A body a
+# resend adopted ('a', see ENQUEUE) answers for that resend's 250 now and stays.
 # KEYS: body, dedupe   ARGV: qid
 CANCEL: Final = """
+if redis.call('HGET', KEYS[1], 'a') == '1' then return 0 end
 redis.call('DEL', KEYS[1])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
