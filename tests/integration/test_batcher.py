@@ -24,7 +24,7 @@ async def test_concurrent_accepts_share_one_fsync_confirmation(
     redis_url: str, prefix: str, redis_client: redis.Redis
 ) -> None:
     client = aioredis.Redis.from_url(redis_url)
-    batcher = Batcher(client, ("WAITAOF", 1, 0, 1000))
+    batcher = Batcher(client, lambda: ("WAITAOF", 1, 0, 1000))
     before = calls(redis_client, "waitaof")
     replies = await asyncio.gather(
         *(batcher.call(("INCRBY", f"{prefix}:n:{i}", i), confirm=True) for i in range(200))
@@ -68,7 +68,9 @@ async def test_the_observer_hears_each_batch_and_its_confirmation(
 ) -> None:
     seen: list[tuple[int, bool]] = []
     client = aioredis.Redis.from_url(redis_url)
-    batcher = Batcher(client, ("PING",), observe=lambda n, confirmed: seen.append((n, confirmed)))
+    batcher = Batcher(
+        client, lambda: ("PING",), observe=lambda n, confirmed: seen.append((n, confirmed))
+    )
     await asyncio.gather(
         *(
             batcher.call(("INCR", f"{prefix}:a"), ("INCR", f"{prefix}:b"), confirm=True)

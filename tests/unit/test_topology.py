@@ -15,6 +15,7 @@ from smtpfleet.queue.topology import (
     key_slot,
     lag_bytes,
     parse_cluster_nodes,
+    promotable_replicas,
     replicas_from_info,
     role_name,
     sentinel_replica_addresses,
@@ -145,3 +146,15 @@ def test_compact_ranges() -> None:
     assert compact_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
     assert compact_ranges([]) == ""
     assert compact_ranges([3]) == "3"
+
+
+def test_a_write_must_reach_every_replica_a_failover_could_promote() -> None:
+    replies = [
+        {"ip": "127.0.0.1", "port": 1, "flags": "slave", "slave-priority": 100},
+        {"ip": "127.0.0.1", "port": 2, "flags": "slave", "slave-priority": 100},
+        {"ip": "127.0.0.1", "port": 3, "flags": "s_down,slave,disconnected"},
+        {"ip": "127.0.0.1", "port": 4, "flags": "slave", "slave-priority": 0},  # never promoted
+        {"ip": "127.0.0.1", "port": 5, "flags": "slave,o_down"},
+    ]
+    assert promotable_replicas(replies) == 2
+    assert promotable_replicas([]) == 0

@@ -25,6 +25,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 Command = tuple[Any, ...]
+# The command that closes a confirmed batch, made when the batch goes out: WAIT's replica count
+# follows the replicas a failover could promote (queue/replica_watch.py).
+Confirmation = Callable[[], Command]
 MAX_BATCH_COMMANDS = 512
 # Hears of each batch sent: its commands (the confirmation not counted), and whether it
 # carried a confirmation (one fsync or replica wait for the whole batch).
@@ -44,7 +47,7 @@ class Batcher:
     def __init__(
         self,
         client: aioredis.Redis,
-        confirmation: Command | None = None,
+        confirmation: Confirmation | None = None,
         *,
         observe: BatchObserver | None = None,
     ) -> None:
@@ -113,7 +116,7 @@ class Batcher:
                 for command in call.commands:
                     pipe.execute_command(*command)
             if confirm and self._confirmation is not None:
-                pipe.execute_command(*self._confirmation)
+                pipe.execute_command(*self._confirmation())
             replies = await pipe.execute(raise_on_error=False)
         if self._observe is not None:
             self._observe(commands, confirm)

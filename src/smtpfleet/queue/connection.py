@@ -26,7 +26,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from smtpfleet.config import RedisConfig, parse_hostport
-from smtpfleet.queue.batcher import Command
+from smtpfleet.queue.batcher import Confirmation
 from smtpfleet.queue.keys import Keys
 from smtpfleet.queue.routes import ClusterRoutes, Observers, Routes, SingleRoutes, route_for
 
@@ -51,7 +51,7 @@ class RedisConnection:
         if self.sentinel is not None:
             await self.sentinel.aclose()
 
-    def routes(self, keys: Keys, confirmation: Command | None, observers: Observers) -> Routes:
+    def routes(self, keys: Keys, confirmation: Confirmation | None, observers: Observers) -> Routes:
         """Where each shard's batched commands go: this client, or each slot's primary."""
         if isinstance(self.client, RedisCluster):
             options = self.node_options or {}

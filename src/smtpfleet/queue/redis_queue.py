@@ -31,11 +31,12 @@ from smtpfleet.envelope import (
 )
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
-from smtpfleet.queue.batcher import BatchObserver, Command
+from smtpfleet.queue.batcher import BatchObserver, Command, Confirmation
 from smtpfleet.queue.classes import TrafficClasses
 from smtpfleet.queue.connection import RedisClient, RedisConnection, connect
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
+from smtpfleet.queue.replica_watch import ReplicaWatch
 from smtpfleet.queue.routes import Observers, Route, SingleRoutes, is_redirect
 from smtpfleet.queue.suitability import server_version, unsuitable_reason
 from smtpfleet.tasks import reraise_lost_cancellation
@@ -105,6 +106,7 @@ class RedisQueue:
         observers = Observers(
             *((observe_batch("accept"), observe_batch("delivery")) if observe_batch else ())
         )
+        self._replica_watch = self._watch_replicas(redis_config, queue_config)
         self._routes = self._connection.routes(self.keys, self._confirmation_command(), observers)
         self._sharded = not isinstance(self._routes, SingleRoutes)
         self._rotation = itertools.count()
@@ -120,16 +122,32 @@ class RedisQueue:
         return self._connection
 
     async def close(self) -> None:
+        if self._replica_watch is not None:
+            await self._replica_watch.aclose()
         await self._routes.close()
         await self._connection.aclose()
 
-    def _confirmation_command(self) -> Command | None:
+    def _watch_replicas(
+        self, redis_config: RedisConfig, queue_config: QueueConfig
+    ) -> ReplicaWatch | None:
+        sentinel = self._connection.sentinel
+        if sentinel is None or queue_config.durability is not Durability.REPLICATED:
+            return None
+        return ReplicaWatch(sentinel.sentinels, redis_config.master_name, queue_config.replicas)
+
+    def _confirmation_command(self) -> Confirmation | None:
         timeout_ms = self._queue.durability_timeout_ms
         if self._queue.durability is Durability.FSYNC:
-            return ("WAITAOF", 1, 0, timeout_ms)
+            return lambda: ("WAITAOF", 1, 0, timeout_ms)
         if self._queue.durability is Durability.REPLICATED:
-            return ("WAIT", self._queue.replicas, timeout_ms)
+            return lambda: ("WAIT", self._replicas_needed(), timeout_ms)
         return None
+
+    def _replicas_needed(self) -> int:
+        """`queue.replicas`, or under Sentinel every replica a failover could promote."""
+        if self._replica_watch is None:
+            return self._queue.replicas
+        return self._replica_watch.needed()
 
     async def _script(
         self,
@@ -204,6 +222,8 @@ class RedisQueue:
             if reason is not None:
                 raise RedisUnsuitable(f"{route.address}: {reason}" if self._sharded else reason)
             version = server_version(server)
+        if self._replica_watch is not None:
+            await self._replica_watch.refresh()  # the first accepts wait for the right count
         return version
 
     async def ensure_groups(self) -> None:
@@ -272,10 +292,8 @@ class RedisQueue:
         if mode is Durability.FSYNC:
             if int(reply[0]) < 1:
                 raise QueueUnavailable("WAITAOF: the AOF fsync was not confirmed in time")
-        elif int(reply) < self._queue.replicas:
-            raise QueueUnavailable(
-                f"WAIT: {int(reply)} of {self._queue.replicas} replicas confirmed in time"
-            )
+        elif int(reply) < (needed := self._replicas_needed()):
+            raise QueueUnavailable(f"WAIT: {int(reply)} of {needed} replicas confirmed in time")
 
     def _enqueue_keys(self, shard: int, message: NewMessage, lane: str) -> list[str]:
         dedupe = self.keys.dedupe(shard, message.fingerprint or "-")

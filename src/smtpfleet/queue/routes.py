@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
-from smtpfleet.queue.batcher import Batcher, BatchObserver, Command
+from smtpfleet.queue.batcher import Batcher, BatchObserver, Confirmation
 from smtpfleet.queue.keys import Keys
 
 # Replies meaning "this command did not run here; the slot is elsewhere or moving". redis-py
@@ -55,7 +55,7 @@ class Observers:
 def route_for(
     address: str,
     client: aioredis.Redis,
-    confirmation: Command | None,
+    confirmation: Confirmation | None,
     observers: Observers = Observers(),
 ) -> Route:
     # Accepts share pipelines and one confirmation per batch; deliveries share others,
@@ -92,7 +92,7 @@ class ClusterRoutes:
 
     cluster: RedisCluster
     keys: Keys
-    confirmation: Command | None
+    confirmation: Confirmation | None
     client_options: dict[str, Any]
     observers: Observers = field(default_factory=Observers)
     _routes: dict[str, Route] = field(default_factory=dict)  # by "host:port"

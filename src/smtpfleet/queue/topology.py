@@ -124,6 +124,28 @@ def sentinel_replica_addresses(replies: Iterable[Mapping[str, Any]]) -> list[str
     return sorted(f"{r.get('ip')}:{r.get('port')}" for r in replies)
 
 
+# Flags of a replica the Sentinels will not promote (Sentinel's own candidate filter).
+NOT_PROMOTABLE = frozenset({"s_down", "o_down", "disconnected"})
+
+
+def promotable_replicas(replies: Iterable[Mapping[str, Any]]) -> int:
+    """How many replicas in a `SENTINEL REPLICAS` reply a failover could promote.
+
+    A write that all of them hold survives any failover the Sentinels run; one that only some
+    hold does not: in a forced failover the old primary goes on taking writes, confirmed by
+    the replica it still has, until it is demoted, and they all vanish. Replicas that are down
+    or that may never be promoted (priority 0) cannot take over, so a write need not wait for
+    them.
+    """
+    count = 0
+    for reply in replies:
+        flags = set(str(reply.get("flags", "")).split(","))
+        if flags & NOT_PROMOTABLE or _int(reply.get("slave-priority")) == 0:
+            continue
+        count += 1
+    return count
+
+
 def agreed_primary(answers: Sequence[SentinelAnswer]) -> str | None:
     """The primary most answering Sentinels name (None when none answered)."""
     named = [a.primary for a in answers if a.primary]
