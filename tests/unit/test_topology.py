@@ -15,7 +15,7 @@ from smtpfleet.queue.topology import (
     key_slot,
     lag_bytes,
     parse_cluster_nodes,
-    promotable_replicas,
+    replica_states,
     replicas_from_info,
     role_name,
     sentinel_replica_addresses,
@@ -148,13 +148,28 @@ def test_compact_ranges() -> None:
     assert compact_ranges([3]) == "3"
 
 
-def test_a_write_must_reach_every_replica_a_failover_could_promote() -> None:
+def test_replica_states_say_which_replicas_a_failover_could_promote_and_which_follow_one() -> None:
     replies = [
-        {"ip": "127.0.0.1", "port": 1, "flags": "slave", "slave-priority": 100},
-        {"ip": "127.0.0.1", "port": 2, "flags": "slave", "slave-priority": 100},
-        {"ip": "127.0.0.1", "port": 3, "flags": "s_down,slave,disconnected"},
-        {"ip": "127.0.0.1", "port": 4, "flags": "slave", "slave-priority": 0},  # never promoted
-        {"ip": "127.0.0.1", "port": 5, "flags": "slave,o_down"},
-    ]
-    assert promotable_replicas(replies) == 2
-    assert promotable_replicas([]) == 0
+        {"ip": "h", "port": 1, "flags": "slave", "slave-priority": 100,
+         "master-link-status": "ok", "master-port": 7000},
+        {"ip": "h", "port": 2, "flags": "slave,disconnected,promoted", "slave-priority": 100,
+         "master-link-status": "ok", "master-port": 7000},  # being promoted: still counts
+        {"ip": "h", "port": 3, "flags": "s_down,slave,disconnected", "master-port": 7000},
+        {"ip": "h", "port": 4, "flags": "slave", "slave-priority": 0,  # never promoted
+         "master-link-status": "ok", "master-port": 7000},
+        {"ip": "h", "port": 5, "flags": "slave,o_down"},
+        {"ip": "h", "port": 6, "flags": "slave", "slave-priority": 100,  # syncing
+         "master-link-status": "err", "master-port": 7000},
+        {"ip": "h", "port": 7, "flags": "slave", "slave-priority": 100,  # follows no primary
+         "master-link-status": "err", "master-port": 0},
+    ]  # fmt: skip
+    states = {s.address: (s.promotable, s.replicating) for s in replica_states(replies)}
+    assert states == {
+        "h:1": (True, True),
+        "h:2": (True, True),
+        "h:3": (False, True),
+        "h:4": (False, True),
+        "h:5": (False, False),
+        "h:6": (True, True),
+        "h:7": (True, False),
+    }

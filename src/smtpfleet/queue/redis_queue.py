@@ -548,19 +548,11 @@ class RedisQueue:
         await guarded(lambda: self._script(shard, self._finish, keys, args))
 
     async def move_due_retries(self, now: int, limit: int = 500) -> int:
-        """Each class's due retries back into its own stream."""
-        if self._sharded:
-            per_shard = await guarded(lambda: self._move_due_per_shard(now, limit))
-            return sum(int(replies[0]) for replies in per_shard)
-        async with pipeline(self._redis, transaction=False) as pipe:
-            for shard, lane, stream in self.keys.all_streams():
-                await self._move_due(
-                    keys=[stream, self.keys.retry(shard, lane)],
-                    args=[now, limit],
-                    client=pipe,  # one server here: a Pipeline
-                )
-            moved = await guarded(pipe.execute)
-        return sum(int(n) for n in moved)
+        """Each class's due retries back into its own stream: every shard's script at once,
+        through the batchers (one pipeline per server, EVALSHA without a SCRIPT EXISTS in
+        front of each run, which a pipeline of Script calls would send every interval)."""
+        per_shard = await guarded(lambda: self._move_due_per_shard(now, limit))
+        return sum(int(replies[0]) for replies in per_shard)
 
     async def _move_due_per_shard(self, now: int, limit: int) -> list[list[Any]]:
         """Every shard's script (one per traffic class) at once; all of them awaited even when

@@ -8,6 +8,13 @@ experiment lost 600-1,000 of 3,500 writes that `WAIT 1` of two replicas had conf
 now, and for at least `queue.replicas`. A replica that dies holds accepts back (451) until
 the Sentinels mark it down (`down-after-milliseconds`); after a failover, until the replicas
 have synced with the new primary.
+
+One kind of replica stops counting after `IDLE_GRACE_S`: one that follows no primary at all
+(the old primary after a forced failover, which the Sentinels demote only about 10 s later).
+It holds none of the new primary's writes, and no write can be confirmed on the old primary
+meanwhile: by the time the Sentinels list the replicas of the new primary, every replica has
+been re-pointed there. The grace covers the moment the Sentinels show every replica so
+while they switch.
 """
 
 from __future__ import annotations
@@ -15,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
-from smtpfleet.queue.topology import promotable_replicas
+from smtpfleet.queue.topology import ReplicaState, replica_states
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 ASK_TIMEOUT_S = 1.0
+IDLE_GRACE_S = 2.0
 
 
 class ReplicaWatch:
@@ -37,6 +46,7 @@ class ReplicaWatch:
         self._poll_s = poll_s
         self._needed = minimum
         self._task: asyncio.Task[None] | None = None
+        self._idle_since: dict[str, float] = {}  # replica -> first seen following no primary
 
     def needed(self) -> int:
         """The replicas a write must reach now; starts the watch on first use."""
@@ -45,16 +55,35 @@ class ReplicaWatch:
         return self._needed
 
     async def refresh(self) -> None:
-        """Ask every Sentinel; the most replicas any of them could promote count. With no
-        answer the last figure stands (it never falls below `queue.replicas`)."""
-        answers = await asyncio.gather(*(self._ask(s) for s in self._sentinels))
-        counts = [count for count in answers if count is not None]
-        if not counts:
+        """Ask every Sentinel. The view of the primary most of them name counts (one that has
+        not heard of a switch yet lists the old primary's replicas); with no majority, the
+        most replicas any of them needs. With no answer the last figure stands (never below
+        `queue.replicas`)."""
+        answers = [a for a in await asyncio.gather(*map(self._ask, self._sentinels)) if a]
+        if not answers:
             return
-        needed = max(self._minimum, *counts)
+        named = [primary for primary, _ in answers]
+        majority = max(set(named), key=named.count)
+        if named.count(majority) * 2 > len(self._sentinels):
+            answers = [answer for answer in answers if answer[0] == majority]
+        needed = max(self._minimum, *(self._count(states) for _, states in answers))
         if needed != self._needed:
             log.info("accepts now wait for %d replicas (were %d)", needed, self._needed)
         self._needed = needed
+
+    def _count(self, states: list[ReplicaState], now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        for state in states:
+            if state.replicating:
+                self._idle_since.pop(state.address, None)
+            else:
+                self._idle_since.setdefault(state.address, now)
+        return sum(
+            1
+            for state in states
+            if state.promotable
+            and (state.replicating or now - self._idle_since[state.address] < IDLE_GRACE_S)
+        )
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -67,10 +96,18 @@ class ReplicaWatch:
             await self.refresh()
             await asyncio.sleep(self._poll_s)
 
-    async def _ask(self, sentinel: Any) -> int | None:
+    async def _ask(self, sentinel: Any) -> tuple[str, list[ReplicaState]] | None:
+        """(the primary this Sentinel names, its replicas), or None if it did not answer."""
         try:
-            call = sentinel.sentinel_slaves(self._master_name)
-            return promotable_replicas(await asyncio.wait_for(call, ASK_TIMEOUT_S))
+            primary = await asyncio.wait_for(
+                sentinel.sentinel_get_master_addr_by_name(self._master_name), ASK_TIMEOUT_S
+            )
+            replies = await asyncio.wait_for(
+                sentinel.sentinel_slaves(self._master_name), ASK_TIMEOUT_S
+            )
         except Exception as exc:  # one Sentinel away is an answer missing, not a failure
             log.debug("Sentinel did not list the replicas: %s", exc)
             return None
+        if not primary:
+            return None
+        return f"{primary[0]}:{primary[1]}", replica_states(replies)

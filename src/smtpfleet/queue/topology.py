@@ -124,26 +124,41 @@ def sentinel_replica_addresses(replies: Iterable[Mapping[str, Any]]) -> list[str
     return sorted(f"{r.get('ip')}:{r.get('port')}" for r in replies)
 
 
-# Flags of a replica the Sentinels will not promote (Sentinel's own candidate filter).
-NOT_PROMOTABLE = frozenset({"s_down", "o_down", "disconnected"})
+# Flags of a replica the Sentinels will not promote. ("disconnected" is not one: it is the
+# Sentinel's own link, and the replica being promoted shows it for a moment.)
+NOT_PROMOTABLE = frozenset({"s_down", "o_down"})
 
 
-def promotable_replicas(replies: Iterable[Mapping[str, Any]]) -> int:
-    """How many replicas in a `SENTINEL REPLICAS` reply a failover could promote.
+@dataclass(frozen=True)
+class ReplicaState:
+    """One replica as a `SENTINEL REPLICAS` reply shows it, for the accepts' WAIT."""
 
-    A write that all of them hold survives any failover the Sentinels run; one that only some
-    hold does not: in a forced failover the old primary goes on taking writes, confirmed by
-    the replica it still has, until it is demoted, and they all vanish. Replicas that are down
-    or that may never be promoted (priority 0) cannot take over, so a write need not wait for
-    them.
+    address: str
+    promotable: bool  # not down, and its priority lets a failover pick it
+    replicating: bool  # its link to a primary is up, or it names one (it is syncing)
+
+
+def replica_states(replies: Iterable[Mapping[str, Any]]) -> list[ReplicaState]:
+    """What each replica in a `SENTINEL REPLICAS` reply could do for a write's durability.
+
+    A replica that follows no primary at all (link down and no primary named: the old
+    primary after a forced failover, until the Sentinels demote it about 10 s later) holds
+    none of the new primary's writes and cannot confirm them; the caller stops counting it
+    once it has looked like that for a while (the Sentinels show every replica so for a moment
+    when they switch to a new primary).
     """
-    count = 0
+    states = []
     for reply in replies:
         flags = set(str(reply.get("flags", "")).split(","))
-        if flags & NOT_PROMOTABLE or _int(reply.get("slave-priority")) == 0:
-            continue
-        count += 1
-    return count
+        promotable = not flags & NOT_PROMOTABLE and _int(reply.get("slave-priority")) != 0
+        linked = reply.get("master-link-status") == "ok"
+        names_primary = (_int(reply.get("master-port")) or 0) > 0
+        states.append(
+            ReplicaState(
+                f"{reply.get('ip')}:{reply.get('port')}", promotable, linked or names_primary
+            )
+        )
+    return states
 
 
 def agreed_primary(answers: Sequence[SentinelAnswer]) -> str | None:
