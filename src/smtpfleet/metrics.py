@@ -109,6 +109,12 @@ class Metrics:
             registry=r,
         )
         self.bounces = Counter("smtpfleet_bounces", "DSNs generated", registry=r)
+        self.task_restarts = Counter(
+            "smtpfleet_task_restarts",
+            "Background tasks restarted after an unexpected error (a bug: see the node's log)",
+            ["task"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "smtpfleet_dead_letters", "Recipients sent to the dead-letter stream", registry=r
         )
@@ -221,6 +227,9 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def task_restarted(self, task: str) -> None:
+        self.task_restarts.labels(task).inc()
 
     def outbound_tls(self, relay: str, result: str, version: str | None) -> None:
         """One handshake with a relay (a delivery session or a health check)."""

@@ -40,7 +40,7 @@ from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.relays.pool import RelayPool
 from smtpfleet.relays.ring import Ring
-from smtpfleet.tasks import cancel_all
+from smtpfleet.tasks import background, cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +168,16 @@ class Node:
         version = await self._wait_for_redis()
         await self.queue.ensure_groups()
         await self.membership.tick()  # registered before we take any work
+        restarted = self.metrics.task_restarted
         self._tasks = [
-            asyncio.create_task(self.membership.run(), name="membership"),
-            asyncio.create_task(self._relays.maintain_forever(), name="relay-sessions"),
-            asyncio.create_task(self._export_queue_stats(), name="queue-stats"),
-            asyncio.create_task(memory.trim_forever(), name="memory-trim"),
-            asyncio.create_task(self.client_counter.run(), name="client-limits"),
+            background("membership", self.membership.run, restarted),
+            background("relay-sessions", self._relays.maintain_forever, restarted),
+            background("queue-stats", self._export_queue_stats, restarted),
+            background("memory-trim", memory.trim_forever, restarted),
+            background("client-limits", self.client_counter.run, restarted),
         ]
         await self.health.check_once()  # a first view, so a dead relay is not tried first
-        self._tasks.append(asyncio.create_task(self.health.run(), name="health"))
+        self._tasks.append(background("health", self.health.run, restarted))
         self.worker.start()
         if self.http is not None:
             await self.http.start()

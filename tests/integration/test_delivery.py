@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+from typing import Any
 
 import pytest
 
@@ -227,3 +228,28 @@ async def test_a_poison_address_is_the_messages_fault_never_the_relays(
             )
             assert not seen, trouble
         assert "relay-1" in node.health.healthy
+
+
+async def test_a_bug_in_the_delivery_reader_restarts_it_instead_of_stopping_delivery(
+    redis_url: str, prefix: str, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        read = node.queue.read
+        failures: list[str] = []
+
+        async def read_with_a_bug_once(*args: Any, **kwargs: Any) -> Any:
+            if not failures:
+                failures.append("raised")
+                raise RuntimeError("a bug outside the Redis boundary")
+            return await read(*args, **kwargs)
+
+        node.worker._rescan = False  # the next read is a plain one: the patched call
+        monkeypatch.setattr(node.queue, "read", read_with_a_bug_once)
+        assert (await send(node.inbound.addresses[0])).code == 250
+        await eventually(lambda: sink.count == 1)
+        assert failures == ["raised"]
+        restarts = node.metrics.registry.get_sample_value(
+            "smtpfleet_task_restarts_total", {"task": "delivery-reader"}
+        )
+        assert restarts == 1

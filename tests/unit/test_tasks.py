@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from smtpfleet.tasks import cancel_all, reraise_lost_cancellation
+from smtpfleet.tasks import background, cancel_all, reraise_lost_cancellation, supervised
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -63,3 +63,30 @@ async def test_a_lost_cancellation_is_raised_again() -> None:
 
 async def test_no_cancellation_nothing_raised() -> None:
     reraise_lost_cancellation()
+
+
+async def test_a_loop_that_fails_is_restarted_counted_and_ends_when_it_returns() -> None:
+    runs: list[int] = []
+    restarted: list[str] = []
+
+    async def loop() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise RuntimeError("a bug")
+
+    await asyncio.wait_for(supervised("reader", loop, restarted.append, pauses_s=(0.0,)), 5)
+    assert runs == [0, 1, 2]
+    assert restarted == ["reader", "reader"]
+
+
+async def test_a_supervised_loop_still_stops_when_cancelled() -> None:
+    restarted: list[str] = []
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    task = background("forever", forever, restarted.append)
+    await asyncio.sleep(0)
+    await cancel_all([task])
+    assert task.cancelled()
+    assert restarted == []

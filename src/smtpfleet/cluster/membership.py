@@ -100,7 +100,11 @@ class Membership:
             previous = await self._store.heartbeat(
                 self.node_id, now, self.info(), 2 * self.lease_ms
             )
-        except QueueUnavailable as exc:
+        except Exception as exc:
+            # Whatever kept our beat from landing (Redis away, or a bug on the way to it),
+            # peers see us silent: fence on time all the same.
+            if not isinstance(exc, QueueUnavailable):
+                log.exception("heartbeat of %s failed", self.node_id)
             self._in_contact_since = None
             self._maybe_fence(exc)
             return

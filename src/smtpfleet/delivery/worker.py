@@ -28,7 +28,7 @@ from smtpfleet.queue.deliveries import Body, Delivery, DeliveryQueue
 from smtpfleet.relays.clients import RelayClients
 from smtpfleet.relays.ring import Ring
 from smtpfleet.relays.rules import Route, Router, waiting_counter
-from smtpfleet.tasks import cancel_all
+from smtpfleet.tasks import background, cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,13 @@ class DeliveryWorker:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        restarted = self._metrics.task_restarted
         self._loops = [
-            asyncio.create_task(self._read_loop(), name="delivery-reader"),
-            asyncio.create_task(self._retry_loop(), name="retry-scheduler"),
-            asyncio.create_task(self._claim_loop(), name="idle-claimer"),
-            asyncio.create_task(self._lease_loop(), name="lease-refresher"),
-            asyncio.create_task(self._outcomes_loop(), name="outcome-counts"),
+            background("delivery-reader", self._read_loop, restarted),
+            background("retry-scheduler", self._retry_loop, restarted),
+            background("idle-claimer", self._claim_loop, restarted),
+            background("lease-refresher", self._lease_loop, restarted),
+            background("outcome-counts", self._outcomes_loop, restarted),
         ]
 
     def adopt(self, deliveries: list[Delivery]) -> None:
