@@ -33,7 +33,7 @@ async def test_concurrent_accepts_share_one_fsync_confirmation(
     await client.aclose()
     # Each caller gets its own reply and the confirmation, which reports one fsynced AOF.
     assert [r[0] for r in replies] == list(range(200))
-    assert all(r[1][0] == 1 for r in replies)
+    assert all(r[1].reply[0] == 1 for r in replies)
     assert waits < 10  # 200 accepts, a handful of batches: not one fsync wait each
 
 

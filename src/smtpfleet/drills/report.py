@@ -32,6 +32,7 @@ def _as_json(result: DrillResult) -> dict[str, object]:
         "verdict": "pass" if result.passed else "fail",
         "failures": result.failures,
         "known_issues": result.waived,
+        "lost": result.lost,
         "settings": result.settings,
         "metrics": result.metrics,
         "objectives": result.objectives,
@@ -61,6 +62,12 @@ def markdown(result: DrillResult, picture: Path | None) -> str:
         lines += ["", "Missed objectives:", *(f"- {f}" for f in result.failures)]
     if result.waived:
         lines += ["", "Missed because of a known issue:", *(f"- {f}" for f in result.waived)]
+    if result.lost:
+        lines += [
+            "",
+            "Acknowledged, never delivered (Message-IDs):",
+            *(f"- `{t}`" for t in result.lost),
+        ]
     if result.settings:
         lines += ["", "Run with " + ", ".join(f"{k} {v}" for k, v in result.settings.items())]
     lines += [

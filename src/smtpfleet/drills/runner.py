@@ -104,6 +104,9 @@ class Sample:
     accepted: int
 
 
+LOST_SHOWN = 50
+
+
 @dataclass
 class DrillResult:
     scenario: str
@@ -119,6 +122,9 @@ class DrillResult:
     settings: dict[str, object] = field(default_factory=dict)  # durability, rate, nodes
     # Objectives missed because of a known, reported bug: shown in every report, not failed.
     waived: list[str] = field(default_factory=list)
+    # The Message-IDs of acknowledged messages never delivered (the first LOST_SHOWN): what an
+    # operator looks up in the node logs and the queue.
+    lost: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -511,6 +517,7 @@ def _result(
         latencies,
         marks,
         floors=dict(scenario.floors),
+        lost=sorted(lost)[:LOST_SHOWN],
         settings={
             "durability": str(durability),
             "rate": timing.rate,

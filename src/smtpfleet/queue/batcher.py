@@ -28,6 +28,18 @@ Command = tuple[Any, ...]
 # The command that closes a confirmed batch, made when the batch goes out: WAIT's replica count
 # follows the replicas a failover could promote (queue/replica_watch.py).
 Confirmation = Callable[[], Command]
+
+
+@dataclass(frozen=True)
+class Confirmed:
+    """A confirmation's reply with the command that got it: what a WAIT's reply is measured
+    against is the replica count it asked for, not whatever is needed by the time it answers
+    (a WAIT blocks up to its timeout, while the replicas that count may change)."""
+
+    command: Command
+    reply: Any
+
+
 MAX_BATCH_COMMANDS = 512
 # Hears of each batch sent: its commands (the confirmation not counted), and whether it
 # carried a confirmation (one fsync or replica wait for the whole batch).
@@ -58,7 +70,7 @@ class Batcher:
         self._flusher: asyncio.Task[None] | None = None
 
     async def call(self, *commands: Command, confirm: bool = False) -> list[Any]:
-        """The replies to `commands`, and the confirmation's reply last when `confirm`."""
+        """The replies to `commands`, and the confirmation's last (`Confirmed`) when `confirm`."""
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._add(_Call(commands, confirm and self._confirmation is not None, future))
         return await future
@@ -109,17 +121,21 @@ class Batcher:
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         commands = 0
-        confirm = self._confirmation is not None and any(call.confirm for call in batch)
+        confirmation = None
+        if self._confirmation is not None and any(call.confirm for call in batch):
+            confirmation = self._confirmation()
         async with self._redis.pipeline(transaction=False) as pipe:
             for call in batch:
                 commands += len(call.commands)
                 for command in call.commands:
                     pipe.execute_command(*command)
-            if confirm and self._confirmation is not None:
-                pipe.execute_command(*self._confirmation())
+            if confirmation is not None:
+                pipe.execute_command(*confirmation)
             replies = await pipe.execute(raise_on_error=False)
         if self._observe is not None:
-            self._observe(commands, confirm)
+            self._observe(commands, confirmation is not None)
+        if confirmation is not None:
+            replies[-1] = Confirmed(confirmation, replies[-1])
         return replies
 
 

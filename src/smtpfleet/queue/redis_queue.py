@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
@@ -31,7 +32,7 @@ from smtpfleet.envelope import (
 )
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
 from smtpfleet.queue import scripts
-from smtpfleet.queue.batcher import BatchObserver, Command, Confirmation
+from smtpfleet.queue.batcher import BatchObserver, Command, Confirmation, Confirmed
 from smtpfleet.queue.classes import TrafficClasses
 from smtpfleet.queue.connection import RedisClient, RedisConnection, connect
 from smtpfleet.queue.deliveries import Body, Delivery
@@ -133,7 +134,19 @@ class RedisQueue:
         sentinel = self._connection.sentinel
         if sentinel is None or queue_config.durability is not Durability.REPLICATED:
             return None
-        return ReplicaWatch(sentinel.sentinels, redis_config.master_name, queue_config.replicas)
+        client = self._connection.client
+        assert isinstance(client, aioredis.Redis), "Sentinel gives one server's client"
+        pool = client.connection_pool
+
+        async def reconnect() -> None:
+            await pool.disconnect(inuse_connections=True)
+
+        return ReplicaWatch(
+            sentinel.sentinels,
+            redis_config.master_name,
+            queue_config.replicas,
+            on_switch=reconnect,
+        )
 
     def _confirmation_command(self) -> Confirmation | None:
         timeout_ms = self._queue.durability_timeout_ms
@@ -288,12 +301,15 @@ class RedisQueue:
             route.accepts.send(("EVAL", scripts.CONFIRM, 1, body_key))
         return EnqueueResult(qid=message.qid)
 
-    def _require_confirmation(self, mode: Durability, reply: Any) -> None:
+    def _require_confirmation(self, mode: Durability, confirmed: Confirmed) -> None:
+        reply = confirmed.reply
+        if isinstance(reply, Exception):
+            raise QueueUnavailable(f"{confirmed.command[0]}: {reply}")
         if mode is Durability.FSYNC:
             if int(reply[0]) < 1:
                 raise QueueUnavailable("WAITAOF: the AOF fsync was not confirmed in time")
-        elif int(reply) < (needed := self._replicas_needed()):
-            raise QueueUnavailable(f"WAIT: {int(reply)} of {needed} replicas confirmed in time")
+        elif int(reply) < (asked := int(confirmed.command[1])):
+            raise QueueUnavailable(f"WAIT: {int(reply)} of {asked} replicas confirmed in time")
 
     def _enqueue_keys(self, shard: int, message: NewMessage, lane: str) -> list[str]:
         dedupe = self.keys.dedupe(shard, message.fingerprint or "-")

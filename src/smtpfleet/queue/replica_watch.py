@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from smtpfleet.queue.topology import ReplicaState, replica_states
@@ -38,9 +39,16 @@ class ReplicaWatch:
     """The replicas the Sentinels could promote, read every `poll_s` while accepts flow."""
 
     def __init__(
-        self, sentinels: list[Any], master_name: str, minimum: int, poll_s: float = POLL_S
+        self,
+        sentinels: list[Any],
+        master_name: str,
+        minimum: int,
+        poll_s: float = POLL_S,
+        on_switch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._sentinels = sentinels
+        self._on_switch = on_switch
+        self._primary: str | None = None  # the one most Sentinels named last time
         self._master_name = master_name
         self._minimum = minimum
         self._poll_s = poll_s
@@ -59,17 +67,36 @@ class ReplicaWatch:
         not heard of a switch yet lists the old primary's replicas); with no majority, the
         most replicas any of them needs. With no answer the last figure stands (never below
         `queue.replicas`)."""
-        answers = [a for a in await asyncio.gather(*map(self._ask, self._sentinels)) if a]
+        asked = list(self._sentinels)
+        replies = await asyncio.gather(*map(self._ask, asked))
+        answers = [reply for reply in replies if reply is not None]
         if not answers:
             return
         named = [primary for primary, _ in answers]
         majority = max(set(named), key=named.count)
-        if named.count(majority) * 2 > len(self._sentinels):
+        if named.count(majority) * 2 > len(asked):
             answers = [answer for answer in answers if answer[0] == majority]
+            agreeing = [s for s, r in zip(asked, replies, strict=True) if r and r[0] == majority]
+            await self._follow(majority, agreeing[0])
         needed = max(self._minimum, *(self._count(states) for _, states in answers))
         if needed != self._needed:
             log.info("accepts now wait for %d replicas (were %d)", needed, self._needed)
         self._needed = needed
+
+    async def _follow(self, primary: str, agreeing: Any) -> None:
+        """A new primary: drop our connections to the old one. redis-py asks the Sentinels for
+        the primary only when it connects, and the old primary takes writes (each one a 451
+        here, as no replica confirms it) until the Sentinels demote it, about 10 s later.
+        redis-py takes the first Sentinel's word, which may not have heard of the switch yet:
+        one of the majority goes first (redis-py's own way to prefer a Sentinel)."""
+        switched = self._primary is not None and primary != self._primary
+        self._primary = primary
+        if not switched or self._on_switch is None:
+            return
+        at = self._sentinels.index(agreeing)
+        self._sentinels[0], self._sentinels[at] = self._sentinels[at], self._sentinels[0]
+        log.warning("the Sentinels name a new primary, %s: reconnecting", primary)
+        await self._on_switch()
 
     def _count(self, states: list[ReplicaState], now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -97,10 +124,14 @@ class ReplicaWatch:
             await asyncio.sleep(self._poll_s)
 
     async def _ask(self, sentinel: Any) -> tuple[str, list[ReplicaState]] | None:
-        """(the primary this Sentinel names, its replicas), or None if it did not answer."""
+        """(the primary this Sentinel names, its replicas), or None if it did not answer.
+
+        The primary as `SENTINEL MASTER` names it, which is what redis-py connects to: during
+        a failover `GET-MASTER-ADDR-BY-NAME` names the promoted replica a second or so before
+        the Sentinel's own record (and redis-py) switch to it."""
         try:
-            primary = await asyncio.wait_for(
-                sentinel.sentinel_get_master_addr_by_name(self._master_name), ASK_TIMEOUT_S
+            master = await asyncio.wait_for(
+                sentinel.sentinel_master(self._master_name), ASK_TIMEOUT_S
             )
             replies = await asyncio.wait_for(
                 sentinel.sentinel_slaves(self._master_name), ASK_TIMEOUT_S
@@ -108,6 +139,4 @@ class ReplicaWatch:
         except Exception as exc:  # one Sentinel away is an answer missing, not a failure
             log.debug("Sentinel did not list the replicas: %s", exc)
             return None
-        if not primary:
-            return None
-        return f"{primary[0]}:{primary[1]}", replica_states(replies)
+        return f"{master.get('ip')}:{master.get('port')}", replica_states(replies)
