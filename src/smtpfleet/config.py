@@ -308,7 +308,7 @@ class RedisConfig(_Section):
 class Durability(StrEnum):
     SERVER = "server"  # reply after Redis applied the write (its own persistence settings)
     FSYNC = "fsync"  # WAITAOF 1 0: the primary fsynced its AOF
-    REPLICATED = "replicated"  # WAIT n: n replicas acknowledged the write
+    REPLICATED = "replicated"  # WAIT: the replicas acknowledged (Sentinel: all promotable)
 
 
 def _as_list(value: Any) -> Any:

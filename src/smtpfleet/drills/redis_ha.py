@@ -29,23 +29,16 @@ OBJECTIVES = {
     "live_declared_dead": 0,
     "excess_duplicates": 0,
 }
-# Measured with this drill (docs/drills.md): during a forced failover an accept that times out
-# (451) is tombstoned on the demoted primary, so the copy that reached the new one is delivered
-# anyway, beside the copy the sender's retry on the next node queued (RFC 5321 §4.2.5).
-# Measured too: a forced failover loses the heartbeats written to the old primary after the
-# promotion without any error at the node (no outage to wait out), so on the new primary
-# live peers look a lease old and are declared dead, sometimes robbed of a delivery
-# (cluster/membership.py; the fix needs a read of our own last beat, left to its refactoring).
+# Measured with this drill (docs/drills.md): a forced failover loses the heartbeats written to
+# the old primary after the promotion without any error at the node (no outage to wait out),
+# so on the new primary live peers could look a lease old (cluster/membership.py now judges no
+# peer for a lease when its own last beat is missing; redis-primary-kill keeps the waiver).
 STALE_BEATS_AFTER_FAILOVER = (
     "heartbeats written to the demoted primary are lost, so live peers look dead on the new "
     "one (cluster/membership.py, reported in docs/drills.md)"
 )
-ACCEPT_TIMEOUT_DUPLICATES = (
-    "451'd accepts whose tombstone is lost with the old primary are delivered as well as the "
-    "sender's retry (queue/, reported in docs/drills.md)"
-)
-# One replica of two must confirm each write (WAIT 1): WAIT for both would refuse all mail
-# while one replica is down, and the Sentinels promote the replica with the newest data.
+# At least one replica confirms each write; in fact each node waits for every replica the
+# Sentinels could promote (queue/replica_watch.py): WAIT 1 of two lost confirmed writes.
 REPLICATED = {"queue": {"durability": "replicated", "replicas": 1, "durability_timeout_ms": 2000}}
 
 
@@ -92,7 +85,6 @@ REDIS_HA_SCENARIOS = [
         inject=_force_failover,
         detected=_promoted,
         objectives=OBJECTIVES,
-        known_issues={"excess_duplicates": ACCEPT_TIMEOUT_DUPLICATES},
         overrides=REPLICATED,
         sentinel=True,
         lossless_only_when_replicated=True,
