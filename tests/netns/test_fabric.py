@@ -10,17 +10,10 @@ import time
 import pytest
 
 from smtpfleet.testing import ipcmd
-from smtpfleet.testing.netns import Fabric, unavailable_reason
+from smtpfleet.testing.netns import Fabric
 from smtpfleet.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def _network_namespaces() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"no network-fault tests on this machine: {reason}")
 
 
 def _leftovers(run_id: str) -> str:

@@ -25,19 +25,12 @@ import yaml
 from smtpfleet.drills.runner import DRILL_CONFIG
 from smtpfleet.testing.ipcmd import run
 from smtpfleet.testing.netcut import bridge_ports
-from smtpfleet.testing.netns import Fabric, unavailable_reason
+from smtpfleet.testing.netns import Fabric
 from smtpfleet.testing.netns_cluster import NetnsCluster, hostport
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 RELAY_PORT = 2525
-
-
-@pytest.fixture(autouse=True)
-def _network_namespaces() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"no network-fault tests on this machine: {reason}")
 
 
 @pytest.fixture

@@ -12,20 +12,12 @@ import pytest
 from smtpfleet.drills.report import write_reports
 from smtpfleet.drills.runner import Timing, run_drill
 from smtpfleet.drills.scenarios import SCENARIOS
-from smtpfleet.testing.netns import unavailable_reason
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 NETWORK = [name for name, scenario in SCENARIOS.items() if scenario.netns]
 # Shorter than Timing.short(): four drills must fit CI's budget (about 17 s each here).
 TIMING = Timing(warmup_s=3.0, fault_s=3.0, recovery_s=3.0, settle_s=25.0, rate=30.0)
-
-
-@pytest.fixture(autouse=True)
-def _network_namespaces() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"no network-fault tests on this machine: {reason}")
 
 
 def test_every_network_fault_of_issue_15_is_a_drill() -> None:

@@ -14,6 +14,7 @@ from smtpfleet.queue.topology import (
     compact_ranges,
     key_slot,
     lag_bytes,
+    must_confirm,
     parse_cluster_nodes,
     replica_states,
     replicas_from_info,
@@ -148,28 +149,31 @@ def test_compact_ranges() -> None:
     assert compact_ranges([3]) == "3"
 
 
-def test_replica_states_say_which_replicas_a_failover_could_promote_and_which_follow_one() -> None:
+def test_a_write_must_reach_every_in_sync_replica_a_failover_could_promote() -> None:
     replies = [
         {"ip": "h", "port": 1, "flags": "slave", "slave-priority": 100,
-         "master-link-status": "ok", "master-port": 7000},
+         "master-link-status": "ok"},
         {"ip": "h", "port": 2, "flags": "slave,disconnected,promoted", "slave-priority": 100,
-         "master-link-status": "ok", "master-port": 7000},  # being promoted: still counts
-        {"ip": "h", "port": 3, "flags": "s_down,slave,disconnected", "master-port": 7000},
-        {"ip": "h", "port": 4, "flags": "slave", "slave-priority": 0,  # never promoted
-         "master-link-status": "ok", "master-port": 7000},
+         "master-link-status": "ok"},  # being promoted: the Sentinel's own link, still counts
+        {"ip": "h", "port": 3, "flags": "s_down,slave,disconnected",
+         "master-link-status": "ok"},  # down
+        {"ip": "h", "port": 4, "flags": "slave", "slave-priority": 0,
+         "master-link-status": "ok"},  # never promoted
         {"ip": "h", "port": 5, "flags": "slave,o_down"},
-        {"ip": "h", "port": 6, "flags": "slave", "slave-priority": 100,  # syncing
-         "master-link-status": "err", "master-port": 7000},
-        {"ip": "h", "port": 7, "flags": "slave", "slave-priority": 100,  # follows no primary
-         "master-link-status": "err", "master-port": 0},
+        {"ip": "h", "port": 6, "flags": "slave", "slave-priority": 100,
+         "master-link-status": "err"},  # syncing: picked only after the in-sync ones
+        {"ip": "h", "port": 7, "flags": "slave", "slave-priority": 10,
+         "master-link-status": "err"},  # out of sync, but a failover would pick it first
     ]  # fmt: skip
-    states = {s.address: (s.promotable, s.replicating) for s in replica_states(replies)}
-    assert states == {
-        "h:1": (True, True),
-        "h:2": (True, True),
-        "h:3": (False, True),
-        "h:4": (False, True),
-        "h:5": (False, False),
-        "h:6": (True, True),
-        "h:7": (True, False),
-    }
+    states = replica_states(replies)
+    must = {s.address for s in states if must_confirm(s, states)}
+    assert must == {"h:1", "h:2", "h:7"}
+
+
+def test_with_no_replica_in_sync_every_promotable_one_must_confirm() -> None:
+    replies = [
+        {"ip": "h", "port": 1, "flags": "slave", "master-link-status": "err"},
+        {"ip": "h", "port": 2, "flags": "slave", "master-link-status": "err"},
+    ]
+    states = replica_states(replies)
+    assert all(must_confirm(s, states) for s in states)  # nothing durable to confirm on

@@ -9,12 +9,12 @@ now, and for at least `queue.replicas`. A replica that dies holds accepts back (
 the Sentinels mark it down (`down-after-milliseconds`); after a failover, until the replicas
 have synced with the new primary.
 
-One kind of replica stops counting after `IDLE_GRACE_S`: one that follows no primary at all
-(the old primary after a forced failover, which the Sentinels demote only about 10 s later).
-It holds none of the new primary's writes, and no write can be confirmed on the old primary
-meanwhile: by the time the Sentinels list the replicas of the new primary, every replica has
-been re-pointed there. The grace covers the moment the Sentinels show every replica so
-while they switch.
+A replica out of sync (its link to the primary down: syncing after a restart, or the old
+primary after a forced failover, which the Sentinels demote only about 10 s later) stops
+counting after `IDLE_GRACE_S`: it cannot acknowledge anything yet, and a failover picks it only
+after every in-sync replica (among equal priorities the most data wins; a better priority
+keeps it counted). Otherwise a replica's restart would refuse all mail until its full sync.
+The grace covers the moment the Sentinels show every replica out of sync while they switch.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from smtpfleet.queue.topology import ReplicaState, replica_states
+from smtpfleet.queue.topology import ReplicaState, must_confirm, replica_states
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ReplicaWatch:
         self._poll_s = poll_s
         self._needed = minimum
         self._task: asyncio.Task[None] | None = None
-        self._idle_since: dict[str, float] = {}  # replica -> first seen following no primary
+        self._out_of_sync_since: dict[str, float] = {}  # replica -> first seen out of sync
 
     def needed(self) -> int:
         """The replicas a write must reach now; starts the watch on first use."""
@@ -64,9 +64,9 @@ class ReplicaWatch:
 
     async def refresh(self) -> None:
         """Ask every Sentinel. The view of the primary most of them name counts (one that has
-        not heard of a switch yet lists the old primary's replicas); with no majority, the
-        most replicas any of them needs. With no answer the last figure stands (never below
-        `queue.replicas`)."""
+        not heard of a switch yet lists the old primary's replicas), else all of them; where
+        they differ on a replica, the stricter reading (`merged`). With no answer the last
+        figure stands (never below `queue.replicas`)."""
         asked = list(self._sentinels)
         replies = await asyncio.gather(*map(self._ask, asked))
         answers = [reply for reply in replies if reply is not None]
@@ -78,7 +78,7 @@ class ReplicaWatch:
             answers = [answer for answer in answers if answer[0] == majority]
             agreeing = [s for s, r in zip(asked, replies, strict=True) if r and r[0] == majority]
             await self._follow(majority, agreeing[0])
-        needed = max(self._minimum, *(self._count(states) for _, states in answers))
+        needed = max(self._minimum, self._count(merged(states for _, states in answers)))
         if needed != self._needed:
             log.info("accepts now wait for %d replicas (were %d)", needed, self._needed)
         self._needed = needed
@@ -99,17 +99,24 @@ class ReplicaWatch:
         await self._on_switch()
 
     def _count(self, states: list[ReplicaState], now: float | None = None) -> int:
+        """The replicas a write must reach (`topology.must_confirm`), and those that fell out
+        of sync less than `IDLE_GRACE_S` ago: the Sentinels show every replica so for a moment
+        as they switch to a new primary, before they have asked it again."""
         now = time.monotonic() if now is None else now
         for state in states:
-            if state.replicating:
-                self._idle_since.pop(state.address, None)
+            if state.in_sync:
+                self._out_of_sync_since.pop(state.address, None)
             else:
-                self._idle_since.setdefault(state.address, now)
+                self._out_of_sync_since.setdefault(state.address, now)
         return sum(
             1
             for state in states
-            if state.promotable
-            and (state.replicating or now - self._idle_since[state.address] < IDLE_GRACE_S)
+            if must_confirm(state, states)
+            or (
+                state.promotable
+                and now - self._out_of_sync_since.get(state.address, now) < IDLE_GRACE_S
+                and not state.in_sync
+            )
         )
 
     async def aclose(self) -> None:
@@ -140,3 +147,24 @@ class ReplicaWatch:
             log.debug("Sentinel did not list the replicas: %s", exc)
             return None
         return f"{master.get('ip')}:{master.get('port')}", replica_states(replies)
+
+
+def merged(views: Iterable[list[ReplicaState]]) -> list[ReplicaState]:
+    """One state per replica from several Sentinels' views, the stricter reading of each:
+    promotable if any says so, in sync if any says so (then it must confirm), the best
+    priority. The Sentinels refresh their views at different moments."""
+    by_address: dict[str, ReplicaState] = {}
+    for view in views:
+        for state in view:
+            seen = by_address.get(state.address)
+            by_address[state.address] = (
+                state
+                if seen is None
+                else ReplicaState(
+                    state.address,
+                    promotable=seen.promotable or state.promotable,
+                    in_sync=seen.in_sync or state.in_sync,
+                    priority=min(seen.priority, state.priority),
+                )
+            )
+    return list(by_address.values())

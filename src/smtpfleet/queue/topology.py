@@ -127,6 +127,7 @@ def sentinel_replica_addresses(replies: Iterable[Mapping[str, Any]]) -> list[str
 # Flags of a replica the Sentinels will not promote. ("disconnected" is not one: it is the
 # Sentinel's own link, and the replica being promoted shows it for a moment.)
 NOT_PROMOTABLE = frozenset({"s_down", "o_down"})
+DEFAULT_PRIORITY = 100
 
 
 @dataclass(frozen=True)
@@ -135,30 +136,41 @@ class ReplicaState:
 
     address: str
     promotable: bool  # not down, and its priority lets a failover pick it
-    replicating: bool  # its link to a primary is up, or it names one (it is syncing)
+    in_sync: bool  # its link to the primary is up: it receives (and acknowledges) writes
+    priority: int  # lower wins a failover first; only then the most data
 
 
 def replica_states(replies: Iterable[Mapping[str, Any]]) -> list[ReplicaState]:
-    """What each replica in a `SENTINEL REPLICAS` reply could do for a write's durability.
-
-    A replica that follows no primary at all (link down and no primary named: the old
-    primary after a forced failover, until the Sentinels demote it about 10 s later) holds
-    none of the new primary's writes and cannot confirm them; the caller stops counting it
-    once it has looked like that for a while (the Sentinels show every replica so for a moment
-    when they switch to a new primary).
-    """
+    """What each replica in a `SENTINEL REPLICAS` reply could do for a write's durability."""
     states = []
     for reply in replies:
         flags = set(str(reply.get("flags", "")).split(","))
-        promotable = not flags & NOT_PROMOTABLE and _int(reply.get("slave-priority")) != 0
-        linked = reply.get("master-link-status") == "ok"
-        names_primary = (_int(reply.get("master-port")) or 0) > 0
+        priority = _int(reply.get("slave-priority"))
         states.append(
             ReplicaState(
-                f"{reply.get('ip')}:{reply.get('port')}", promotable, linked or names_primary
+                address=f"{reply.get('ip')}:{reply.get('port')}",
+                promotable=not flags & NOT_PROMOTABLE and priority != 0,
+                in_sync=reply.get("master-link-status") == "ok",
+                priority=DEFAULT_PRIORITY if priority is None else priority,
             )
         )
     return states
+
+
+def must_confirm(state: ReplicaState, states: Sequence[ReplicaState]) -> bool:
+    """Whether a write must reach this replica before its 250.
+
+    Every replica in sync that a failover could pick. Not one that is out of sync (syncing
+    after a restart, or the old primary after a forced failover, until the Sentinels demote
+    it): it cannot acknowledge yet, and a failover picks it only after every in-sync replica
+    (the most data wins among equal priorities), unless its priority is better than theirs.
+    """
+    if not state.promotable:
+        return False
+    if state.in_sync:
+        return True
+    in_sync = [s.priority for s in states if s.promotable and s.in_sync]
+    return not in_sync or state.priority < min(in_sync)
 
 
 def agreed_primary(answers: Sequence[SentinelAnswer]) -> str | None:
