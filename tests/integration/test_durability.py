@@ -28,6 +28,29 @@ async def test_fsync_durability_accepts_on_an_aof_redis(
         await eventually(lambda: sink.count == 1)
 
 
+async def test_a_confirmed_accept_is_marked_so_workers_need_not_hold_it(
+    redis_url: str, prefix: str
+) -> None:
+    """After WAITAOF/WAIT the accept marks its body confirmed: a worker holds an unmarked entry
+    up to `durability_timeout_ms` + 1 s, so without the mark every message waits that long."""
+    config = node_config(
+        redis_url, [], {"redis": {"prefix": prefix}, "queue": {"durability": "fsync"}}
+    )
+    queue = RedisQueue(config.redis, config.queue)
+    message = NewMessage(
+        qid=new_qid(0), sender="s@example.com", recipients=("r@example.net",), data=b"x\r\n"
+    )
+    try:
+        await queue.enqueue(message)
+
+        async def marked() -> bool:
+            return (await queue.load_body(0, message.qid)).confirmed
+
+        await eventually(marked, timeout_s=1.0)
+    finally:
+        await queue.close()
+
+
 def _script_exists_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))

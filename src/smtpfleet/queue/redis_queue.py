@@ -294,6 +294,7 @@ class RedisQueue:
             self._require_confirmation(mode, results[1])
         if outcome[0] == "dup":
             return EnqueueResult(qid=outcome[1], duplicate=True)
+        if confirm:
             # Not awaited: the 250 depends on the WAITAOF/WAIT only. A worker holds the entry
             # until this mark lands (or its window ends, should we die first).
             body_key = self.keys.body(shard, message.qid)
