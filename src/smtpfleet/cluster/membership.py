@@ -3,9 +3,16 @@
 Every node writes its heartbeat into Redis each `heartbeat_interval_s`. A node whose last
 heartbeat is older than `lease_s` is dead: survivors claim its pending entries (XCLAIM with a
 min-idle guard, so exactly one survivor gets each) and deliver them, then remove the dead
-consumer. A node that has not reached Redis for nearly a lease stops starting deliveries
-(fenced) before anyone can claim its work, so duplicates stay confined to deliveries that were
-already on the wire.
+consumer. A node whose last acknowledged heartbeat is nearly a lease old stops starting
+deliveries (fenced) before anyone can claim its work, so duplicates stay confined to
+deliveries that were already on the wire.
+
+Beating and watching the others run in loops of their own. They once shared one loop, and
+after a Redis Cluster primary died the watch (member reads, then a takeover's XPENDING and
+XCLAIM over every stream) took 2-7 s: the node's next beat waited behind it, so a node in
+contact with Redis, never fenced, looked a lease old to its peers, which took over its
+deliveries while it was delivering them, and the taker's own claims then stalled its beats
+in turn (docs/drills.md, redis-cluster-primary-kill).
 """
 
 from __future__ import annotations
@@ -15,10 +22,16 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from smtpfleet.cluster.drift import Fingerprint, distinct_fingerprints
-from smtpfleet.cluster.liveness import live_nodes, may_judge_peers, must_fence, takeover_guard_ms
+from smtpfleet.cluster.liveness import (
+    live_nodes,
+    may_judge_peers,
+    must_fence,
+    next_beat_delay_s,
+    takeover_guard_ms,
+)
 from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
 from smtpfleet.envelope import now_ms
@@ -62,11 +75,13 @@ class Membership:
         self.node_id = node_id
         self._adopt = adopt
         self.live: set[str] = {node_id}
-        self.fenced = False
         self.role = "active"
         self.takeovers = 0
         self.claimed = 0
-        self._last_ok = clock()
+        # When the last heartbeat Redis acknowledged was started: peers date it by the time
+        # written in it, so its age, not the last error, says how dead we look to them.
+        self._landed_at = clock()
+        self._fence_reported = False
         # Since when our heartbeats have been landing without a miss (None: not now). Peers'
         # heartbeats stop while Redis is away too: judge them only after a whole lease of
         # contact, so that every live peer has had time to beat again.
@@ -89,30 +104,55 @@ class Membership:
             info["config"] = self._fingerprint.as_dict()
         return info
 
+    @property
+    def fenced(self) -> bool:
+        """Whether to stop starting deliveries: our last acknowledged beat is nearly a lease
+        old, whether the writes since failed, hang, or the node stalled."""
+        config = self._config
+        return must_fence(
+            self._clock() - self._landed_at,
+            lease_s=config.lease_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+        )
+
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._every_interval(self.beat))
+            loops.create_task(self._every_interval(self.watch))
+
+    async def _every_interval(self, step: Callable[[], Awaitable[None]]) -> None:
+        interval_s = self._config.heartbeat_interval_s
         while True:
-            await self.tick()
-            await asyncio.sleep(self._config.heartbeat_interval_s)
+            started = self._clock()
+            await step()
+            await asyncio.sleep(next_beat_delay_s(started, self._clock(), interval_s))
 
     async def tick(self) -> None:
-        now = self._wall_ms()
+        """One beat, then one look at the others (at start, and for tests)."""
+        await self.beat()
+        await self.watch()
+
+    async def beat(self) -> None:
+        now, started = self._wall_ms(), self._clock()
         try:
             previous = await self._store.heartbeat(
                 self.node_id, now, self.info(), 2 * self.lease_ms
             )
         except QueueUnavailable as exc:
             self._in_contact_since = None
-            self._maybe_fence(exc)
+            self._report_fence(exc)
             return
-        self._last_ok = self._clock()
+        late_s = started - self._landed_at
+        self._landed_at = started
         if self._in_contact_since is None or self._beats_were_lost(previous):
-            self._in_contact_since = self._last_ok
+            self._in_contact_since = started
         self._last_beat_ms = now
-        if self.fenced:
-            log.warning("Redis is back: %s starts deliveries again", self.node_id)
-            self.fenced = False
+        self._report_recovery(late_s)
+
+    async def watch(self) -> None:
+        """Judge the peers, take over the dead, and hear an operator's drain request."""
         try:
-            await self._watch_members(now)
+            await self._watch_members(self._wall_ms())
             if self._on_drain_request and await self._store.drain_requested(self.node_id):
                 log.warning("an operator asked %s to drain", self.node_id)
                 self._on_drain_request()
@@ -132,20 +172,34 @@ class Membership:
         )
         return True
 
-    def _maybe_fence(self, exc: Exception) -> None:
-        silent_s = self._clock() - self._last_ok
-        config = self._config
-        if not self.fenced and must_fence(
-            silent_s, lease_s=config.lease_s, heartbeat_interval_s=config.heartbeat_interval_s
-        ):
+    def _report_fence(self, exc: Exception) -> None:
+        if self.fenced and not self._fence_reported:
+            silent_s = self._clock() - self._landed_at
             log.error(
                 "no Redis for %.1fs: %s stops starting deliveries (%s)", silent_s, self.node_id, exc
             )
-            self.fenced = True
+            self._fence_reported = True
+
+    def _report_recovery(self, late_s: float) -> None:
+        if self._fence_reported:
+            log.warning("Redis is back: %s starts deliveries again", self.node_id)
+            self._fence_reported = False
+        elif must_fence(
+            late_s,
+            lease_s=self._config.lease_s,
+            heartbeat_interval_s=self._config.heartbeat_interval_s,
+        ):
+            log.warning(
+                "%s: a heartbeat landed %.1fs after the one before (fenced meanwhile)",
+                self.node_id,
+                late_s,
+            )
 
     async def _watch_members(self, now: int) -> None:
         members = await self._store.members()
-        if not may_judge_peers(self._in_contact_since, self._clock(), self._config.lease_s):
+        if not may_judge_peers(
+            self._in_contact_since, self._clock(), self._config.lease_s, fenced=self.fenced
+        ):
             self.live = {*members, self.node_id}  # stale beats say nothing yet
             self._metrics.live_nodes.set(len(self.live))
             return
