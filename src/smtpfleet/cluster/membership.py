@@ -142,12 +142,12 @@ class Membership:
             self._in_contact_since = None
             self._report_fence(exc)
             return
-        late_s = started - self._landed_at
+        quiet_s = self._clock() - self._landed_at  # the oldest our beat got, just now
         self._landed_at = started
         if self._in_contact_since is None or self._beats_were_lost(previous):
             self._in_contact_since = started
         self._last_beat_ms = now
-        self._report_recovery(late_s)
+        self._report_recovery(quiet_s)
 
     async def watch(self) -> None:
         """Judge the peers, take over the dead, and hear an operator's drain request."""
@@ -165,9 +165,11 @@ class Membership:
         that time are gone too, so like after an outage, judge nobody for a lease."""
         if self._last_beat_ms is None or (previous is not None and previous >= self._last_beat_ms):
             return False
+        # A peer that judged us dead and removed us leaves the same trace (no beat at all):
+        # in the cluster drill that, not a failover, was what this message reported.
         log.warning(
-            "%s: our last heartbeats are not in Redis (a failover lost them): "
-            "judging no peer for a lease",
+            "%s: our last heartbeats are not in Redis (a failover lost them, or a peer "
+            "removed us): judging no peer for a lease",
             self.node_id,
         )
         return True
@@ -180,19 +182,21 @@ class Membership:
             )
             self._fence_reported = True
 
-    def _report_recovery(self, late_s: float) -> None:
+    def _report_recovery(self, quiet_s: float) -> None:
+        """A fence seen by a failed write was reported then; one that only a slow write or a
+        stalled loop caused is reported once it is over."""
         if self._fence_reported:
             log.warning("Redis is back: %s starts deliveries again", self.node_id)
             self._fence_reported = False
         elif must_fence(
-            late_s,
+            quiet_s,
             lease_s=self._config.lease_s,
             heartbeat_interval_s=self._config.heartbeat_interval_s,
         ):
             log.warning(
-                "%s: a heartbeat landed %.1fs after the one before (fenced meanwhile)",
+                "%s: no heartbeat landed for %.1fs, with no error: fenced meanwhile",
                 self.node_id,
-                late_s,
+                quiet_s,
             )
 
     async def _watch_members(self, now: int) -> None:
