@@ -1,4 +1,4 @@
-"""Membership on a real Redis Cluster while one primary stops answering (issue #10).
+"""Membership on a real Redis Cluster while one primary is dead or stops answering (#10).
 
 In the redis-cluster-primary-kill drill, live nodes were declared dead and robbed of their
 deliveries: after the primary died, each node's membership check (member reads, then the
@@ -28,11 +28,12 @@ from redis.crc import key_slot
 from smtpfleet.cluster.membership import Membership
 from smtpfleet.config import ClusterConfig, QueueConfig, RedisConfig
 from smtpfleet.envelope import QueuedMessage, new_qid, now_ms
+from smtpfleet.errors import QueueUnavailable
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.queue.keys import GROUP, Keys
 from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import RedisQueue
+from smtpfleet.queue.redis_queue import RedisQueue, guarded, pipeline
 from smtpfleet.testing import eventually
 from smtpfleet.testing.redis_cluster import RedisClusterServers, started_cluster
 from smtpfleet.testing.redis_server import LOOPBACK, RedisServer
@@ -55,12 +56,12 @@ class LiveNode:
     adopted: list[Delivery] = field(default_factory=list)
 
 
-def _redis_config(servers: RedisClusterServers) -> RedisConfig:
+def _redis_config(servers: RedisClusterServers, prefix: str = PREFIX) -> RedisConfig:
     return RedisConfig(
         url=servers.url,
         cluster=True,
         shards=SHARDS,
-        prefix=PREFIX,
+        prefix=prefix,
         socket_timeout_s=SOCKET_TIMEOUT_S,
     )
 
@@ -172,3 +173,44 @@ async def test_a_takeover_stalled_by_a_frozen_primary_does_not_hold_back_heartbe
     finally:
         _thaw(frozen)
         servers.close()
+
+
+async def test_heartbeats_reach_their_primary_while_the_default_node_is_dead() -> None:
+    """redis-py re-reads the slot table after a connection error and asked its default node
+    (slot 0's primary) for the command table each time: while that primary was dead, every
+    heartbeat failed though its own primary was fine, and peers took the node's work over."""
+    servers = started_cluster(primaries=3, replicas=0)  # no replica: it stays dead
+    try:
+        first = servers.server_for_slot(0)
+        prefix = next(
+            f"hb{n}"
+            for n in range(100)
+            if servers.server_for_slot(key_slot(Keys(f"hb{n}", SHARDS).nodes().encode()))
+            is not first
+        )
+        queue = RedisQueue(_redis_config(servers, prefix), QueueConfig())
+        try:
+            store = ClusterStore(queue)
+            await store.heartbeat("node-a", now_ms(), {}, 60_000)
+            assert queue.client.get_default_node().port == first.port  # type: ignore[union-attr]
+            on_dead = next(
+                f"{{k{n}}}"
+                for n in range(1000)
+                if servers.server_for_slot(key_slot(f"{{k{n}}}".encode())) is first
+            )
+            first.kill()
+            for _ in range(3):
+                with pytest.raises(QueueUnavailable):  # its own primary is gone: "away"
+                    await _read_through_pipeline(queue, on_dead)
+                assert await store.heartbeat("node-a", now_ms(), {}, 60_000) is not None
+                assert "node-a" in await store.members()
+        finally:
+            await queue.close()
+    finally:
+        servers.close()
+
+
+async def _read_through_pipeline(queue: RedisQueue, key: str) -> None:
+    async with pipeline(queue.client, transaction=False) as pipe:
+        pipe.get(key)
+        await guarded(pipe.execute)
