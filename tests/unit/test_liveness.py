@@ -12,6 +12,7 @@ from smtpfleet.cluster.liveness import (
     must_fence,
     next_beat_delay_s,
     takeover_guard_ms,
+    view_shows_own_beat,
 )
 
 
@@ -55,3 +56,11 @@ def test_a_node_whose_own_beat_is_overdue_judges_no_peer() -> None:
     assert not may_judge_peers(0.0, 10.0, 5.0, fenced=True)
     assert not may_judge_peers(6.0, 10.0, 5.0)
     assert not may_judge_peers(None, 10.0, 5.0)
+
+
+def test_a_view_must_show_our_last_acknowledged_beat() -> None:
+    assert view_shows_own_beat(None, None)  # nothing acknowledged yet
+    assert view_shows_own_beat(1_000, 1_000)
+    assert view_shows_own_beat(1_500, 1_000)  # a later beat landed meanwhile
+    assert not view_shows_own_beat(500, 1_000)  # lost without an error
+    assert not view_shows_own_beat(None, 1_000)  # lost, or removed by a peer

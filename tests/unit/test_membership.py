@@ -352,3 +352,42 @@ async def test_beats_go_on_while_a_takeover_is_stuck(bench: Bench) -> None:
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+
+
+@dataclass
+class SplitStore(MemoryClusterStore):
+    """Beats acknowledged by a server the members are not read from: a killed primary back
+    and still believing it is one, or Sentinel's pool holding connections to old and new."""
+
+    zombie: dict[str, int] | None = None
+
+    async def heartbeat(
+        self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
+    ) -> int | None:
+        if self.zombie is None:
+            return await super().heartbeat(node_id, now_ms, info, ttl_ms)
+        previous = self.zombie.get(node_id)
+        self.zombie[node_id] = now_ms
+        return previous
+
+
+async def test_a_members_read_without_our_own_last_beat_judges_no_peer(bench: Bench) -> None:
+    """Peers' beats written to the same lost server are missing from that read too: node-b
+    only looks a lease old. The heartbeat's own answer says nothing wrong here."""
+    store = SplitStore(bench.queue)
+    node = _on(store, bench)
+    await node.tick()
+    store.heartbeats["node-b"] = bench.clock.ms
+    bench.pending_for("node-b")
+    bench.clock.advance(CONFIG.lease_s)
+    store.zombie = dict(store.heartbeats)
+
+    await node.tick()
+
+    assert bench.adopted == []
+    assert "node-b" in node.live
+    store.zombie = None  # writes land where they are read again: a lease of contact first
+    await node.tick()
+    bench.clock.advance(CONFIG.lease_s)
+    await node.tick()
+    assert len(bench.adopted) == 1  # node-b, still silent, is dead after all

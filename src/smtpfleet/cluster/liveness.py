@@ -51,3 +51,13 @@ def may_judge_peers(
     whose own beat is overdue (fenced) may be slowed by what slows its peers' beats too.
     """
     return not fenced and in_contact_since is not None and now - in_contact_since >= lease_s
+
+
+def view_shows_own_beat(own_beat_in_view: int | None, last_acked_ms: int | None) -> bool:
+    """Whether a read of the members shows the last beat Redis acknowledged to us before the
+    read was sent. It must, unless writes were lost without an error: acknowledged by a
+    primary that was then replaced, or by a killed one that came back believing it still was
+    one. Peers' beats in such a view may be stale in the same way, so it judges no one."""
+    if last_acked_ms is None:
+        return True
+    return own_beat_in_view is not None and own_beat_in_view >= last_acked_ms

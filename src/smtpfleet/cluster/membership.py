@@ -9,7 +9,7 @@ deliveries that were already on the wire.
 
 Beating and watching the others run in loops of their own. They once shared one loop, and
 after a Redis Cluster primary died the watch (member reads, then a takeover's XPENDING and
-XCLAIM over every stream) took 2-7 s: the node's next beat waited behind it, so a node in
+XCLAIM over every stream) took 2-9 s: the node's next beat waited behind it, so a node in
 contact with Redis, never fenced, looked a lease old to its peers, which took over its
 deliveries while it was delivering them, and the taker's own claims then stalled its beats
 in turn (docs/drills.md, redis-cluster-primary-kill).
@@ -31,6 +31,7 @@ from smtpfleet.cluster.liveness import (
     must_fence,
     next_beat_delay_s,
     takeover_guard_ms,
+    view_shows_own_beat,
 )
 from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
@@ -174,6 +175,16 @@ class Membership:
         )
         return True
 
+    def _distrust_view(self) -> None:
+        """Beats and the watch run apart, so the beat that would reveal lost writes may come
+        after a judgement: the members read itself must show our own last beat."""
+        log.warning(
+            "%s: the members read lacks our last acknowledged heartbeat (writes lost without "
+            "an error, or a peer removed us): judging no peer for a lease",
+            self.node_id,
+        )
+        self._in_contact_since = self._clock()
+
     def _report_fence(self, exc: Exception) -> None:
         if self.fenced and not self._fence_reported:
             silent_s = self._clock() - self._landed_at
@@ -200,7 +211,10 @@ class Membership:
             )
 
     async def _watch_members(self, now: int) -> None:
+        acked_ms = self._last_beat_ms  # before the read: a beat acknowledged later may be absent
         members = await self._store.members()
+        if not view_shows_own_beat(members.get(self.node_id), acked_ms):
+            self._distrust_view()
         if not may_judge_peers(
             self._in_contact_since, self._clock(), self._config.lease_s, fenced=self.fenced
         ):

@@ -25,7 +25,8 @@ from smtpfleet.testing.redis_cluster import RedisClusterServers
 # primary (about the node timeout), then while the promoted replica has no replica of its own
 # for WAIT 1 (until the killed server is back and synced: about 10 s here). The fleet takes
 # mail again within 15 s; no live node is judged dead because a third of the shards went away
-# for a moment; what a 250 confirmed on a replica is never lost.
+# for a moment (held since membership beats in a loop of its own: docs/drills.md); what a 250
+# confirmed on a replica is never lost.
 OBJECTIVES = {
     "lost": 0,
     "client_5xx": 0,
@@ -37,18 +38,6 @@ OBJECTIVES = {
 # A moved slot is no outage: nothing lost, nothing refused for long, each message delivered
 # once (the stream moves whole, consumer group and pending entries with it).
 RESHARD_OBJECTIVES = {**OBJECTIVES, "duplicates": 0}
-# Measured with this drill (docs/drills.md, 4 of 9 runs, when the killed primary also held the
-# `{P}` slot of the heartbeats): a live peer looked a lease old on the new primary and was
-# removed or robbed of a delivery; the node that judged it found its own last beats missing
-# ("a failover lost them") only seconds later. Heartbeats are not WAITed for, so beats the
-# replica had not received yet, and (our reading, not proven) beats written to the killed
-# server while it came back still believing it held its slots, are lost without an error.
-# The Sentinel drills' known issue 2, in cluster/membership.py (a node could check its own
-# last beat before judging peers).
-STALE_BEATS_AFTER_PRIMARY_LOSS = (
-    "heartbeats written to the killed primary (or to it coming back) are lost, so live peers "
-    "look dead on the new one (cluster/membership.py, reported in docs/drills.md)"
-)
 # A drill whose slot never changed primary proved nothing (the probe counts the move).
 MOVED = {"slot_moved": 1}
 # WAIT 1: the primary's one replica confirms each accept, so the replica that takes over has it.
@@ -117,10 +106,6 @@ REDIS_CLUSTER_SCENARIOS = [
         # on the new one: duplicates are reported, not bounded.
         objectives=OBJECTIVES,
         floors=MOVED,
-        known_issues={
-            "live_declared_dead": STALE_BEATS_AFTER_PRIMARY_LOSS,
-            "takeovers": STALE_BEATS_AFTER_PRIMARY_LOSS,
-        },
         overrides=REPLICATED,
         redis_cluster=True,
         lossless_only_when_replicated=True,
