@@ -371,7 +371,9 @@ class SplitStore(MemoryClusterStore):
         return previous
 
 
-async def test_a_members_read_without_our_own_last_beat_judges_no_peer(bench: Bench) -> None:
+async def test_a_members_read_without_our_own_last_beat_judges_no_peer_and_fences(
+    bench: Bench,
+) -> None:
     """Peers' beats written to the same lost server are missing from that read too: node-b
     only looks a lease old. The heartbeat's own answer says nothing wrong here."""
     store = SplitStore(bench.queue)
@@ -386,8 +388,10 @@ async def test_a_members_read_without_our_own_last_beat_judges_no_peer(bench: Be
 
     assert bench.adopted == []
     assert "node-b" in node.live
+    assert node.fenced  # node-b, reading the same, sees us silent
     store.zombie = None  # writes land where they are read again: a lease of contact first
     await node.tick()
+    assert not node.fenced
     bench.clock.advance(CONFIG.lease_s)
     await node.tick()
     assert len(bench.adopted) == 1  # node-b, still silent, is dead after all

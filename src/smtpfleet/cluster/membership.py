@@ -83,6 +83,9 @@ class Membership:
         # written in it, so its age, not the last error, says how dead we look to them.
         self._landed_at = clock()
         self._fence_reported = False
+        # Our last members read lacked a beat Redis had acknowledged to us: our writes land
+        # where the peers do not read, so to them we look silent however well we beat.
+        self._unseen = False
         # Since when our heartbeats have been landing without a miss (None: not now). Peers'
         # heartbeats stop while Redis is away too: judge them only after a whole lease of
         # contact, so that every live peer has had time to beat again.
@@ -108,9 +111,10 @@ class Membership:
     @property
     def fenced(self) -> bool:
         """Whether to stop starting deliveries: our last acknowledged beat is nearly a lease
-        old, whether the writes since failed, hang, or the node stalled."""
+        old, whether the writes since failed, hang, or the node stalled; or the members we
+        read do not show it (the peers read the same)."""
         config = self._config
-        return must_fence(
+        return self._unseen or must_fence(
             self._clock() - self._landed_at,
             lease_s=config.lease_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
@@ -175,14 +179,24 @@ class Membership:
         )
         return True
 
-    def _distrust_view(self) -> None:
+    def _check_view(self, seen: bool) -> None:
         """Beats and the watch run apart, so the beat that would reveal lost writes may come
-        after a judgement: the members read itself must show our own last beat."""
-        log.warning(
-            "%s: the members read lacks our last acknowledged heartbeat (writes lost without "
-            "an error, or a peer removed us): judging no peer for a lease",
-            self.node_id,
-        )
+        after a judgement: the members read itself must show our own last beat. If it does
+        not, peers' beats in it are suspect too (judge no one for a lease), and the peers,
+        reading the same, see us silent: fence until a read shows our beat again."""
+        if seen:
+            if self._unseen:
+                log.warning("%s: our heartbeats show in Redis again", self.node_id)
+            self._unseen = False
+            return
+        if not self._unseen:
+            log.warning(
+                "%s: the members read lacks our last acknowledged heartbeat (writes lost "
+                "without an error, or a peer removed us): judging no peer for a lease, "
+                "starting no delivery until our beats show",
+                self.node_id,
+            )
+        self._unseen = True
         self._in_contact_since = self._clock()
 
     def _report_fence(self, exc: Exception) -> None:
@@ -213,8 +227,7 @@ class Membership:
     async def _watch_members(self, now: int) -> None:
         acked_ms = self._last_beat_ms  # before the read: a beat acknowledged later may be absent
         members = await self._store.members()
-        if not view_shows_own_beat(members.get(self.node_id), acked_ms):
-            self._distrust_view()
+        self._check_view(view_shows_own_beat(members.get(self.node_id), acked_ms))
         if not may_judge_peers(
             self._in_contact_since, self._clock(), self._config.lease_s, fenced=self.fenced
         ):
