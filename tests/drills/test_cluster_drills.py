@@ -48,7 +48,8 @@ async def test_killing_a_cluster_primary_under_load_loses_no_acknowledged_messag
     detection = metrics["detection_s"]
     assert isinstance(detection, float)
     assert 0 < detection <= 10
-    # Measured, but not held to 0 yet: lost heartbeats (a known issue, docs/drills.md).
+    # Measured, still waived: a heartbeat may land a lease late behind the cluster client's
+    # reset of every connection (a known issue, docs/drills.md; 12 of 13 kills gave 0).
     assert isinstance(metrics["takeovers"], int)
     assert isinstance(metrics["live_declared_dead"], int)
     paths = write_reports(result, tmp_path)

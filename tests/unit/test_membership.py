@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -262,3 +266,132 @@ async def test_a_peer_that_publishes_no_fingerprint_is_no_drift(bench: Bench) ->
     await _tick_after_a_lease(bench, node)
 
     assert _drift(bench) == (0, 1)
+
+
+@dataclass
+class StuckStore(MemoryClusterStore):
+    """A store whose heartbeat write or takeover claim hangs until released (a primary that
+    stopped answering holds the call until the socket timeout, or longer with retries)."""
+
+    hang_heartbeat: bool = False
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    claiming: asyncio.Event = field(default_factory=asyncio.Event)
+    beaten: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def heartbeat(
+        self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
+    ) -> int | None:
+        if self.hang_heartbeat:
+            await self.release.wait()
+        self.beaten.set()
+        return await super().heartbeat(node_id, now_ms, info, ttl_ms)
+
+    async def next_beats(self, count: int) -> None:
+        for _ in range(count):
+            self.beaten.clear()
+            await self.beaten.wait()
+
+    async def claim_from(self, dead: str, me: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        self.claiming.set()
+        await self.release.wait()
+        return await super().claim_from(dead, me, min_idle_ms, count)
+
+
+def _on(store: StuckStore, bench: Bench, config: ClusterConfig = CONFIG) -> Membership:
+    return Membership(
+        store=store,
+        config=config,
+        node_id="node-a",
+        adopt=bench.adopted.extend,
+        metrics=bench.metrics,
+        clock=Seconds(bench.clock),
+        wall_ms=bench.clock,
+    )
+
+
+async def test_a_heartbeat_that_hangs_fences_the_node_though_no_write_failed(
+    bench: Bench,
+) -> None:
+    """Peers date us by our last beat that landed; a write still waiting says nothing."""
+    store = StuckStore(bench.queue)
+    node = _on(store, bench)
+    await node.tick()
+    store.hang_heartbeat = True
+    beat = asyncio.create_task(node.tick())
+    bench.clock.advance(CONFIG.lease_s - CONFIG.heartbeat_interval_s - 0.1)
+    assert not node.fenced
+
+    bench.clock.advance(0.1)
+    assert node.fenced  # before any peer may judge us dead, with no error seen
+
+    store.release.set()
+    await beat
+    assert not node.fenced
+
+
+async def test_beats_go_on_while_a_takeover_is_stuck(bench: Bench) -> None:
+    """The drill's cascade: a takeover's claims stalled the beats of the node taking over, so
+    it looked dead in turn. Beats have a loop of their own."""
+    fast = ClusterConfig(heartbeat_interval_s=0.01, lease_s=0.05, lease_refresh_s=0.01)
+    store = StuckStore(bench.queue)
+    node = _on(store, bench, fast)
+    await node.tick()
+    bench.clock.advance(fast.lease_s)  # a lease of contact, and node-b's beat a lease old
+    store.heartbeats["node-b"] = 0
+    bench.pending_for("node-b")
+    bench.clock.advance(fast.lease_s)
+    running = asyncio.create_task(node.run())
+    try:
+        await asyncio.wait_for(store.claiming.wait(), timeout=5)
+        await asyncio.wait_for(store.next_beats(3), timeout=5)
+        assert not node.fenced
+        store.release.set()
+        await asyncio.wait_for(store.next_beats(3), timeout=5)
+        assert len(bench.adopted) == 1
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
+@dataclass
+class SplitStore(MemoryClusterStore):
+    """Beats acknowledged by a server the members are not read from: a killed primary back
+    and still believing it is one, or Sentinel's pool holding connections to old and new."""
+
+    zombie: dict[str, int] | None = None
+
+    async def heartbeat(
+        self, node_id: str, now_ms: int, info: Mapping[str, Any], ttl_ms: int
+    ) -> int | None:
+        if self.zombie is None:
+            return await super().heartbeat(node_id, now_ms, info, ttl_ms)
+        previous = self.zombie.get(node_id)
+        self.zombie[node_id] = now_ms
+        return previous
+
+
+async def test_a_members_read_without_our_own_last_beat_judges_no_peer_and_fences(
+    bench: Bench,
+) -> None:
+    """Peers' beats written to the same lost server are missing from that read too: node-b
+    only looks a lease old. The heartbeat's own answer says nothing wrong here."""
+    store = SplitStore(bench.queue)
+    node = _on(store, bench)
+    await node.tick()
+    store.heartbeats["node-b"] = bench.clock.ms
+    bench.pending_for("node-b")
+    bench.clock.advance(CONFIG.lease_s)
+    store.zombie = dict(store.heartbeats)
+
+    await node.tick()
+
+    assert bench.adopted == []
+    assert "node-b" in node.live
+    assert node.fenced  # node-b, reading the same, sees us silent
+    store.zombie = None  # writes land where they are read again: a lease of contact first
+    await node.tick()
+    assert not node.fenced
+    bench.clock.advance(CONFIG.lease_s)
+    await node.tick()
+    assert len(bench.adopted) == 1  # node-b, still silent, is dead after all

@@ -3,9 +3,16 @@
 Every node writes its heartbeat into Redis each `heartbeat_interval_s`. A node whose last
 heartbeat is older than `lease_s` is dead: survivors claim its pending entries (XCLAIM with a
 min-idle guard, so exactly one survivor gets each) and deliver them, then remove the dead
-consumer. A node that has not reached Redis for nearly a lease stops starting deliveries
-(fenced) before anyone can claim its work, so duplicates stay confined to deliveries that were
-already on the wire.
+consumer. A node whose last acknowledged heartbeat is nearly a lease old stops starting
+deliveries (fenced) before anyone can claim its work, so duplicates stay confined to
+deliveries that were already on the wire.
+
+Beating and watching the others run in loops of their own. They once shared one loop, and
+after a Redis Cluster primary died the watch (member reads, then a takeover's XPENDING and
+XCLAIM over every stream) took 2-9 s: the node's next beat waited behind it, so a node in
+contact with Redis, never fenced, looked a lease old to its peers, which took over its
+deliveries while it was delivering them, and the taker's own claims then stalled its beats
+in turn (docs/drills.md, redis-cluster-primary-kill).
 """
 
 from __future__ import annotations
@@ -15,10 +22,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from smtpfleet.cluster.drift import Fingerprint, distinct_fingerprints
-from smtpfleet.cluster.liveness import live_nodes, may_judge_peers, must_fence, takeover_guard_ms
+from smtpfleet.cluster.liveness import (
+    live_nodes,
+    may_judge_peers,
+    must_fence,
+    next_beat_delay_s,
+    takeover_guard_ms,
+    view_shows_own_beat,
+)
 from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
 from smtpfleet.envelope import now_ms
@@ -62,11 +76,16 @@ class Membership:
         self.node_id = node_id
         self._adopt = adopt
         self.live: set[str] = {node_id}
-        self.fenced = False
         self.role = "active"
         self.takeovers = 0
         self.claimed = 0
-        self._last_ok = clock()
+        # When the last heartbeat Redis acknowledged was started: peers date it by the time
+        # written in it, so its age, not the last error, says how dead we look to them.
+        self._landed_at = clock()
+        self._fence_reported = False
+        # Our last members read lacked a beat Redis had acknowledged to us: our writes land
+        # where the peers do not read, so to them we look silent however well we beat.
+        self._unseen = False
         # Since when our heartbeats have been landing without a miss (None: not now). Peers'
         # heartbeats stop while Redis is away too: judge them only after a whole lease of
         # contact, so that every live peer has had time to beat again.
@@ -89,13 +108,37 @@ class Membership:
             info["config"] = self._fingerprint.as_dict()
         return info
 
+    @property
+    def fenced(self) -> bool:
+        """Whether to stop starting deliveries: our last acknowledged beat is nearly a lease
+        old, whether the writes since failed, hang, or the node stalled; or the members we
+        read do not show it (the peers read the same)."""
+        config = self._config
+        return self._unseen or must_fence(
+            self._clock() - self._landed_at,
+            lease_s=config.lease_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+        )
+
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._every_interval(self.beat))
+            loops.create_task(self._every_interval(self.watch))
+
+    async def _every_interval(self, step: Callable[[], Awaitable[None]]) -> None:
+        interval_s = self._config.heartbeat_interval_s
         while True:
-            await self.tick()
-            await asyncio.sleep(self._config.heartbeat_interval_s)
+            started = self._clock()
+            await step()
+            await asyncio.sleep(next_beat_delay_s(started, self._clock(), interval_s))
 
     async def tick(self) -> None:
-        now = self._wall_ms()
+        """One beat, then one look at the others (at start, and for tests)."""
+        await self.beat()
+        await self.watch()
+
+    async def beat(self) -> None:
+        now, started = self._wall_ms(), self._clock()
         try:
             previous = await self._store.heartbeat(
                 self.node_id, now, self.info(), 2 * self.lease_ms
@@ -106,17 +149,19 @@ class Membership:
             if not isinstance(exc, QueueUnavailable):
                 log.exception("heartbeat of %s failed", self.node_id)
             self._in_contact_since = None
-            self._maybe_fence(exc)
+            self._report_fence(exc)
             return
-        self._last_ok = self._clock()
+        quiet_s = self._clock() - self._landed_at  # the oldest our beat got, just now
+        self._landed_at = started
         if self._in_contact_since is None or self._beats_were_lost(previous):
-            self._in_contact_since = self._last_ok
+            self._in_contact_since = started
         self._last_beat_ms = now
-        if self.fenced:
-            log.warning("Redis is back: %s starts deliveries again", self.node_id)
-            self.fenced = False
+        self._report_recovery(quiet_s)
+
+    async def watch(self) -> None:
+        """Judge the peers, take over the dead, and hear an operator's drain request."""
         try:
-            await self._watch_members(now)
+            await self._watch_members(self._wall_ms())
             if self._on_drain_request and await self._store.drain_requested(self.node_id):
                 log.warning("an operator asked %s to drain", self.node_id)
                 self._on_drain_request()
@@ -129,27 +174,67 @@ class Membership:
         that time are gone too, so like after an outage, judge nobody for a lease."""
         if self._last_beat_ms is None or (previous is not None and previous >= self._last_beat_ms):
             return False
+        # A peer that judged us dead and removed us leaves the same trace (no beat at all):
+        # in the cluster drill that, not a failover, was what this message reported.
         log.warning(
-            "%s: our last heartbeats are not in Redis (a failover lost them): "
-            "judging no peer for a lease",
+            "%s: our last heartbeats are not in Redis (a failover lost them, or a peer "
+            "removed us): judging no peer for a lease",
             self.node_id,
         )
         return True
 
-    def _maybe_fence(self, exc: Exception) -> None:
-        silent_s = self._clock() - self._last_ok
-        config = self._config
-        if not self.fenced and must_fence(
-            silent_s, lease_s=config.lease_s, heartbeat_interval_s=config.heartbeat_interval_s
-        ):
+    def _check_view(self, seen: bool) -> None:
+        """Beats and the watch run apart, so the beat that would reveal lost writes may come
+        after a judgement: the members read itself must show our own last beat. If it does
+        not, peers' beats in it are suspect too (judge no one for a lease), and the peers,
+        reading the same, see us silent: fence until a read shows our beat again."""
+        if seen:
+            if self._unseen:
+                log.warning("%s: our heartbeats show in Redis again", self.node_id)
+            self._unseen = False
+            return
+        if not self._unseen:
+            log.warning(
+                "%s: the members read lacks our last acknowledged heartbeat (writes lost "
+                "without an error, or a peer removed us): judging no peer for a lease, "
+                "starting no delivery until our beats show",
+                self.node_id,
+            )
+        self._unseen = True
+        self._in_contact_since = self._clock()
+
+    def _report_fence(self, exc: Exception) -> None:
+        if self.fenced and not self._fence_reported:
+            silent_s = self._clock() - self._landed_at
             log.error(
                 "no Redis for %.1fs: %s stops starting deliveries (%s)", silent_s, self.node_id, exc
             )
-            self.fenced = True
+            self._fence_reported = True
+
+    def _report_recovery(self, quiet_s: float) -> None:
+        """A fence seen by a failed write was reported then; one that only a slow write or a
+        stalled loop caused is reported once it is over."""
+        if self._fence_reported:
+            log.warning("Redis is back: %s starts deliveries again", self.node_id)
+            self._fence_reported = False
+        elif must_fence(
+            quiet_s,
+            lease_s=self._config.lease_s,
+            heartbeat_interval_s=self._config.heartbeat_interval_s,
+        ):
+            log.warning(
+                "%s: no heartbeat landed for %.1fs, with no error: fenced meanwhile",
+                self.node_id,
+                quiet_s,
+            )
 
     async def _watch_members(self, now: int) -> None:
+        acked_ms = self._last_beat_ms  # before the read: a beat acknowledged later may be absent
         members = await self._store.members()
-        if not may_judge_peers(self._in_contact_since, self._clock(), self._config.lease_s):
+        self._check_view(view_shows_own_beat(members.get(self.node_id), acked_ms))
+        if not may_judge_peers(
+            self._in_contact_since, self._clock(), self._config.lease_s, fenced=self.fenced
+        ):
             self.live = {*members, self.node_id}  # stale beats say nothing yet
             self._metrics.live_nodes.set(len(self.live))
             return

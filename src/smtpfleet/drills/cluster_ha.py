@@ -37,17 +37,16 @@ OBJECTIVES = {
 # A moved slot is no outage: nothing lost, nothing refused for long, each message delivered
 # once (the stream moves whole, consumer group and pending entries with it).
 RESHARD_OBJECTIVES = {**OBJECTIVES, "duplicates": 0}
-# Measured with this drill (docs/drills.md, 4 of 9 runs, when the killed primary also held the
-# `{P}` slot of the heartbeats): a live peer looked a lease old on the new primary and was
-# removed or robbed of a delivery; the node that judged it found its own last beats missing
-# ("a failover lost them") only seconds later. Heartbeats are not WAITed for, so beats the
-# replica had not received yet, and (our reading, not proven) beats written to the killed
-# server while it came back still believing it held its slots, are lost without an error.
-# The Sentinel drills' known issue 2, in cluster/membership.py (a node could check its own
-# last beat before judging peers).
-STALE_BEATS_AFTER_PRIMARY_LOSS = (
-    "heartbeats written to the killed primary (or to it coming back) are lost, so live peers "
-    "look dead on the new one (cluster/membership.py, reported in docs/drills.md)"
+# Measured with this drill (docs/drills.md, fix 3): heartbeats no longer wait behind the
+# takeover, the cluster client no longer fails every slot while slot 0's primary is dead, and
+# 0 live nodes were declared dead in 12 of 13 kills since (1 to 5 in 4 of 4 at 220 msg/s
+# before). Left: redis-py's cluster client, on an error of any task, closes every node's
+# connections, commands in flight to healthy primaries included, and retries after pauses, so
+# a heartbeat to a healthy primary can land 2-2.7 s late with no error; the node fences
+# meanwhile, but a peer may judge it dead at the 2 s lease of the drills.
+SLOW_BEATS_AFTER_PRIMARY_LOSS = (
+    "a heartbeat to a healthy primary can land a lease late, with no error, while the cluster "
+    "client resets every connection after another task's error (reported in docs/drills.md)"
 )
 # A drill whose slot never changed primary proved nothing (the probe counts the move).
 MOVED = {"slot_moved": 1}
@@ -118,8 +117,8 @@ REDIS_CLUSTER_SCENARIOS = [
         objectives=OBJECTIVES,
         floors=MOVED,
         known_issues={
-            "live_declared_dead": STALE_BEATS_AFTER_PRIMARY_LOSS,
-            "takeovers": STALE_BEATS_AFTER_PRIMARY_LOSS,
+            "live_declared_dead": SLOW_BEATS_AFTER_PRIMARY_LOSS,
+            "takeovers": SLOW_BEATS_AFTER_PRIMARY_LOSS,
         },
         overrides=REPLICATED,
         redis_cluster=True,

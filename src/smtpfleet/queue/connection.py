@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
@@ -37,6 +38,26 @@ RedisClient = aioredis.Redis | RedisCluster
 
 class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """The primary's connections from Sentinel, with the blocking pool's waiting."""
+
+
+class KeptCommandTable(AsyncCommandsParser):
+    """The cluster client's command table (COMMAND: where each command's keys are), loaded
+    once and kept when the client re-reads the slot table.
+
+    redis-py re-reads the slot table after any connection error and then asks its default
+    node, the primary of slot 0, for the command table again. While that primary is dead
+    (until its replica is promoted, 2-3 s in the cluster drill) every command failed, for
+    every slot: a node's heartbeats to a healthy primary failed, the node fenced itself and
+    its peers took its deliveries over (redis-cluster-primary-kill, docs/drills.md). The
+    table is the servers' and does not change when a primary dies; a command it does not know
+    (a server upgraded meanwhile) still reloads it (`get_keys` calls `initialize()`).
+    """
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if node is not None and self.commands:
+            self.node = node  # a re-read slot table: where COMMAND GETKEYS goes now
+            return
+        await super().initialize(node)
 
 
 @dataclass
@@ -113,6 +134,7 @@ def _cluster(config: RedisConfig, timeouts: dict[str, Any]) -> RedisConnection:
         **_credentials(config),
         **timeouts,
     )
+    client.commands_parser = KeptCommandTable()
     node_options = {
         "max_connections": config.max_connections,
         "timeout": config.socket_timeout_s,
