@@ -29,6 +29,7 @@ OBJECTIVES = {
     "live_declared_dead": 0,
     "excess_duplicates": 0,
 }
+ACKS_IN_FLIGHT = {k: v for k, v in OBJECTIVES.items() if k != "excess_duplicates"}
 # Measured with this drill (docs/drills.md): a forced failover loses the heartbeats written to
 # the old primary after the promotion without any error at the node (no outage to wait out),
 # so on the new primary live peers could look a lease old (cluster/membership.py now judges no
@@ -84,7 +85,12 @@ REDIS_HA_SCENARIOS = [
         "new primary, and (durability replicated) no acknowledged message is lost",
         inject=_force_failover,
         detected=_promoted,
-        objectives=OBJECTIVES,
+        # What is in flight here includes deliveries whose acknowledgement went to the old
+        # primary after the promotion (lost with it, so the entry is delivered again), which no
+        # sample of the backlog sees: duplicates are reported, not bounded. Measured: 1-2 per
+        # failover at half of peak (docs/drills.md); a 451'd accept whose tombstone was lost
+        # no longer adds one (its resend adopts the copy).
+        objectives=ACKS_IN_FLIGHT,
         overrides=REPLICATED,
         sentinel=True,
         lossless_only_when_replicated=True,
@@ -98,7 +104,7 @@ REDIS_HA_SCENARIOS = [
         detected=_promoted,
         # What was in flight here includes acks not yet replicated when the primary died,
         # which no sample of the backlog sees: duplicates are reported, not bounded.
-        objectives={k: v for k, v in OBJECTIVES.items() if k != "excess_duplicates"},
+        objectives=ACKS_IN_FLIGHT,
         # The stale-heartbeat issue (docs/drills.md, known issue 2) was seen here once in a
         # full CI-like run. Fixed for the forced failover (a node whose own beats were lost
         # judges no peer for a lease), and 0 in every run here since; the waiver stays until
