@@ -127,7 +127,10 @@ class ReplicaWatch:
 
     async def _watch(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not freeze the count: it is retried
+                log.exception("the replica watch failed; asking the Sentinels again")
             await asyncio.sleep(self._poll_s)
 
     async def _ask(self, sentinel: Any) -> tuple[str, list[ReplicaState]] | None:
