@@ -187,3 +187,41 @@ async def test_every_accept_confirmed_across_a_forced_failover_is_on_the_new_pri
     missing = [qid for qid in acked if not server.exists(queue.keys.body(shard_of(qid), qid))]
     server.close()
     assert not missing, f"{len(missing)} of {len(acked)} confirmed accepts lost in the failover"
+
+
+async def test_a_dead_replica_holds_accepts_back_only_until_the_sentinels_mark_it_down(
+    sentinel_set: SentinelSet, prefix: str
+) -> None:
+    """Accepts wait for every replica a failover could promote, so a replica that dies must
+    stop counting once the Sentinels see it down; one that comes back counts again once in
+    sync, and refuses mail meanwhile only as long as the Sentinels' view of it is stale."""
+    config = _config(sentinel_set, None, prefix)
+    queue = RedisQueue(config.redis, config.queue)
+    await queue.check_server()
+
+    async def accepted() -> bool:
+        message = NewMessage(
+            qid=new_qid(0), sender="s@example.com", recipients=("r@example.net",), data=b"x\r\n"
+        )
+        try:
+            await queue.enqueue(message)
+        except QueueUnavailable:
+            return False
+        return True
+
+    try:
+        assert await accepted()
+        assert queue._replicas_needed() == 2  # both replicas, though queue.replicas is 1
+        victim = sentinel_set.replicas[0]
+        await asyncio.to_thread(victim.kill)
+        # down-after-milliseconds is 1 s here: accepts come back within a few seconds.
+        await eventually(accepted, timeout_s=15, interval_s=0.2)
+        assert queue._replicas_needed() == 1
+        # Back, it syncs: the Sentinels may show it in sync from before its death until they
+        # ask it again (their INFO period, 10 s): 451s meanwhile at worst, never for longer.
+        await asyncio.to_thread(victim.start)
+        await eventually(lambda: queue._replicas_needed() == 2, timeout_s=30, interval_s=0.2)
+        await eventually(accepted, timeout_s=20, interval_s=0.2)
+        assert queue._replicas_needed() == 2  # and it confirms writes again
+    finally:
+        await queue.close()
