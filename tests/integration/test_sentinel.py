@@ -57,16 +57,19 @@ def _config(servers: SentinelSet, sink: Sink | None, prefix: str) -> Any:
 
 async def _redis_status(servers: SentinelSet, prefix: str) -> dict[str, Any]:
     """The `redis` part of `smtpfleet status --json`, found through the Sentinels."""
-    env = {
+    code, out, err = await run_cli("status", "--json", env=_status_env(servers, prefix))
+    assert code == 0, err
+    redis: dict[str, Any] = json.loads(out)["redis"]
+    return redis
+
+
+def _status_env(servers: SentinelSet, prefix: str) -> dict[str, str]:
+    return {
         "SMTPFLEET_REDIS__URL": "redis://127.0.0.1:1/0",
         "SMTPFLEET_REDIS__SENTINELS": json.dumps(servers.sentinel_addresses),
         "SMTPFLEET_REDIS__PREFIX": prefix,
         "SMTPFLEET_REDIS__SHARDS": "4",  # as node_config's
     }
-    code, out, err = await run_cli("status", "--json", env=env)
-    assert code == 0, err
-    redis: dict[str, Any] = json.loads(out)["redis"]
-    return redis
 
 
 async def _send_during(
@@ -108,6 +111,11 @@ async def test_acked_mail_survives_a_failover_and_the_node_follows(
             sentinel_set.sentinel_addresses
         )
         assert {s["primary"] for s in before["sentinels"]} == {f"{LOOPBACK}:{old_primary}"}
+        # A replicated accept waits for both replicas (queue.replicas is 1: the floor).
+        assert before["replicas_to_confirm"] == 2
+        code, table, err = await run_cli("status", env=_status_env(sentinel_set, prefix))
+        assert code == 0, err
+        assert "replicated accepts wait for 2 replicas" in table
 
         codes, new_primary = await _send_during(address, getattr(sentinel_set, fault))
         assert new_primary != old_primary

@@ -19,7 +19,6 @@ from smtpfleet.queue.topology import (
     replica_states,
     replicas_from_info,
     role_name,
-    sentinel_replica_addresses,
     shard_slots,
     shards_by_primary,
     with_known_replicas,
@@ -88,7 +87,7 @@ def test_the_sentinels_majority_names_the_primary() -> None:
     assert agreed_primary(answers) == "10.0.0.2:6379"
     assert agreed_primary([SentinelAnswer("s1:26379", error="refused")]) is None
     replies = [{"ip": "10.0.0.3", "port": 6379}, {"ip": "10.0.0.2", "port": 6379}]
-    assert sentinel_replica_addresses(replies) == ["10.0.0.2:6379", "10.0.0.3:6379"]
+    assert [s.address for s in replica_states(replies)] == ["10.0.0.3:6379", "10.0.0.2:6379"]
 
 
 def test_cluster_nodes_are_parsed_with_slots_and_replicas() -> None:

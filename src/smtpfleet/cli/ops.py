@@ -184,6 +184,11 @@ def redis_table(redis: dict[str, Any]) -> str:
         lines.append(f"SHARDS NOT SERVED: {compact_ranges(redis['unassigned_shards'])}")
     if redis["sentinels"]:
         lines.append(_sentinels_line(redis["sentinels"]))
+    if redis.get("replicas_to_confirm") is not None:
+        lines.append(
+            f"replicated accepts wait for {redis['replicas_to_confirm']} replicas "
+            "(every replica in sync a failover could promote; queue.replicas at least)"
+        )
     return "\n".join(lines)
 
 

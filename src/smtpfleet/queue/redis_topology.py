@@ -21,14 +21,16 @@ from smtpfleet.queue.topology import (
     ClusterNode,
     Primary,
     Replica,
+    ReplicaState,
     SentinelAnswer,
     Topology,
     agreed_primary,
     cluster_replicas,
+    must_confirm,
     parse_cluster_nodes,
+    replica_states,
     replicas_from_info,
     role_name,
-    sentinel_replica_addresses,
     shard_slots,
     shards_by_primary,
     with_known_replicas,
@@ -48,11 +50,12 @@ async def topology(connection: RedisConnection, keys: Keys, master_name: str) ->
         kwargs = client.connection_pool.connection_kwargs
         address = kwargs.get("path") or f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         return Topology("single", (_primary(address, server, replication, listed, keys),))
-    answers, known = await _ask_sentinels(connection.sentinel.sentinels, master_name)
+    answers, states = await _ask_sentinels(connection.sentinel.sentinels, master_name)
     address = agreed_primary(answers) or "?"
-    replicas = with_known_replicas(listed, known)
+    replicas = with_known_replicas(listed, [state.address for state in states or ()])
     primary = _primary(address, server, replication, replicas, keys)
-    return Topology("sentinel", (primary,), tuple(answers))
+    to_confirm = None if states is None else sum(must_confirm(s, states) for s in states)
+    return Topology("sentinel", (primary,), tuple(answers), replicas_to_confirm=to_confirm)
 
 
 def _primary(
@@ -79,9 +82,10 @@ async def _info(client: Any, **target: Any) -> tuple[dict[str, Any], dict[str, A
 
 async def _ask_sentinels(
     sentinels: list[Any], master_name: str
-) -> tuple[list[SentinelAnswer], list[str]]:
+) -> tuple[list[SentinelAnswer], list[ReplicaState] | None]:
+    """Where each Sentinel says the primary is; the replicas as the first to answer lists them."""
     answers = []
-    known: list[str] | None = None
+    known: list[ReplicaState] | None = None
     for sentinel in sentinels:
         kwargs = sentinel.connection_pool.connection_kwargs
         address = f"{kwargs.get('host')}:{kwargs.get('port')}"
@@ -91,12 +95,12 @@ async def _ask_sentinels(
                 replies = await asyncio.wait_for(
                     sentinel.sentinel_slaves(master_name), ASK_TIMEOUT_S
                 )
-                known = sentinel_replica_addresses(replies)
+                known = replica_states(replies)
         except Exception as exc:  # an unreachable Sentinel is an answer, not a failure
             answers.append(SentinelAnswer(address, error=f"{exc.__class__.__name__}: {exc}"))
             continue
         answers.append(SentinelAnswer(address, primary=f"{master['ip']}:{master['port']}"))
-    return answers, known or []
+    return answers, known
 
 
 async def _cluster(client: RedisCluster, keys: Keys) -> Topology:

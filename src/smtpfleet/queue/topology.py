@@ -54,6 +54,9 @@ class Topology:
     primaries: tuple[Primary, ...]
     sentinels: tuple[SentinelAnswer, ...] = ()
     unassigned_shards: tuple[int, ...] = ()  # Cluster: shards whose slot no live primary serves
+    # Sentinel: the replicas a `replicated` accept waits for now (`must_confirm`; the nodes
+    # add `queue.replicas` as a floor). None: not known (no Sentinel listed the replicas).
+    replicas_to_confirm: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,11 +120,6 @@ def with_known_replicas(listed: Sequence[Replica], known: Iterable[str]) -> tupl
     seen = {r.address for r in listed}
     missing = [Replica(address, LINK_DOWN) for address in sorted(set(known) - seen)]
     return tuple(sorted([*listed, *missing], key=lambda r: r.address))
-
-
-def sentinel_replica_addresses(replies: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The replica addresses in a `SENTINEL REPLICAS` reply."""
-    return sorted(f"{r.get('ip')}:{r.get('port')}" for r in replies)
 
 
 # Flags of a replica the Sentinels will not promote. ("disconnected" is not one: it is the
