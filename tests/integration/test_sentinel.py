@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from smtpfleet.config import Durability
 from smtpfleet.envelope import NewMessage, new_qid, shard_of
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.queue.redis_queue import RedisQueue
@@ -231,5 +232,39 @@ async def test_a_dead_replica_holds_accepts_back_only_until_the_sentinels_mark_i
         await eventually(lambda: queue._replicas_needed() == 2, timeout_s=30, interval_s=0.2)
         await eventually(accepted, timeout_s=20, interval_s=0.2)
         assert queue._replicas_needed() == 2  # and it confirms writes again
+    finally:
+        await queue.close()
+
+
+async def test_every_durability_mode_follows_a_forced_failover_at_once(
+    sentinel_set: SentinelSet, prefix: str
+) -> None:
+    """redis-py asks the Sentinels only when it connects, and the demoted primary takes writes
+    for about 10 s more: in `server` mode each would be a 250 that is lost. The queue moves to
+    the new primary as soon as most Sentinels name it."""
+    config = _config(sentinel_set, None, prefix)
+    config = config.model_copy(
+        update={"queue": config.queue.model_copy(update={"durability": Durability.SERVER})}
+    )
+    queue = RedisQueue(config.redis, config.queue)
+    await queue.check_server()
+
+    async def lands_on(port: int) -> bool:
+        message = NewMessage(
+            qid=new_qid(0), sender="s@example.com", recipients=("r@example.net",), data=b"x\r\n"
+        )
+        try:
+            await queue.enqueue(message)
+        except QueueUnavailable:
+            return False
+        server = redis.Redis(host=LOOPBACK, port=port)
+        try:
+            return bool(server.exists(queue.keys.body(0, message.qid)))
+        finally:
+            server.close()
+
+    try:
+        new_primary = await asyncio.to_thread(sentinel_set.failover)
+        await eventually(lambda: lands_on(new_primary), timeout_s=4, interval_s=0.2)
     finally:
         await queue.close()

@@ -20,6 +20,7 @@ from redis.crc import key_slot
 
 from smtpfleet.drills.context import DrillContext, Scenario
 from smtpfleet.drills.redis_ha import OBJECTIVES as SENTINEL_OBJECTIVES
+from smtpfleet.drills.redis_ha import REPLICATED
 from smtpfleet.testing.redis_cluster import RedisClusterServers
 
 # Senders may see 451 for the killed primary's shards, never 5xx: while the slots have no
@@ -44,8 +45,6 @@ SLOW_BEATS_AFTER_PRIMARY_LOSS = (
 )
 # A drill whose slot never changed primary proved nothing (the probe counts the move).
 MOVED = {"slot_moved": 1}
-# WAIT 1: the primary's one replica confirms each accept, so the replica that takes over has it.
-REPLICATED = {"queue": {"durability": "replicated", "replicas": 1, "durability_timeout_ms": 2000}}
 
 
 def _servers(ctx: DrillContext) -> RedisClusterServers:

@@ -131,8 +131,10 @@ class RedisQueue:
     def _watch_replicas(
         self, redis_config: RedisConfig, queue_config: QueueConfig
     ) -> ReplicaWatch | None:
+        # Under Sentinel in every mode: the watch also moves our connections to a new primary
+        # at once (in `server`/`fsync` each write to the demoted one is a 250 that is lost).
         sentinel = self._connection.sentinel
-        if sentinel is None or queue_config.durability is not Durability.REPLICATED:
+        if sentinel is None:
             return None
         client = self._connection.client
         assert isinstance(client, aioredis.Redis), "Sentinel gives one server's client"
@@ -158,7 +160,7 @@ class RedisQueue:
 
     def _replicas_needed(self) -> int:
         """`queue.replicas`, or under Sentinel every replica a failover could promote."""
-        if self._replica_watch is None:
+        if self._replica_watch is None or self._queue.durability is not Durability.REPLICATED:
             return self._queue.replicas
         return self._replica_watch.needed()
 
@@ -237,6 +239,7 @@ class RedisQueue:
             version = server_version(server)
         if self._replica_watch is not None:
             await self._replica_watch.refresh()  # the first accepts wait for the right count
+            self._replica_watch.start()
         return version
 
     async def ensure_groups(self) -> None:

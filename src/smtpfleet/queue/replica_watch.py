@@ -58,9 +58,14 @@ class ReplicaWatch:
 
     def needed(self) -> int:
         """The replicas a write must reach now; starts the watch on first use."""
+        self.start()
+        return self._needed
+
+    def start(self) -> None:
+        """Watch from now on (also where no accept asks for a count: following a switch
+        matters in every durability mode)."""
         if self._task is None:
             self._task = asyncio.create_task(self._watch(), name="replica-watch")
-        return self._needed
 
     async def refresh(self) -> None:
         """Ask every Sentinel. The view of the primary most of them name counts (one that has
