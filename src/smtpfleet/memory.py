@@ -4,8 +4,8 @@ glibc serves large allocations from mmap and returns them on free, but it raises
 threshold each time such a block is freed (up to 32 MB on 64-bit), after which message
 bodies come from the heap, where freed space is kept: a node that took four 20 MB messages
 at once stayed 220 MB larger ten minutes later. Fixing the threshold stops the raise, so a
-body's buffer goes back to the system as soon as the message is queued or delivered; and
-`trim_forever` hands back free heap pages that smaller allocations left between live ones.
+large body's buffer goes back to the system as soon as the message is queued or delivered;
+and `trim_forever` hands back free heap pages that smaller allocations left between live ones.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD: Final = -1  # glibc malloc.h
 M_MMAP_THRESHOLD: Final = -3
-MMAP_THRESHOLD_BYTES: Final = 256 * 1024  # bodies and batches above this get their own mapping
+# Bodies and batches above this get their own mapping. It must stay above 256 KiB: every
+# read of a TLS session asks OpenSSL for up to 256 KiB (uvloop's SSL_READ_MAX_SIZE) in a
+# bytes object that is then cut to the record's size, and a mapping per read cost each TLS
+# connection about 16 page faults and an mmap, mremap and munmap per record.
+MMAP_THRESHOLD_BYTES: Final = 1024 * 1024
 TRIM_THRESHOLD_BYTES: Final = 4 * 1024 * 1024  # free heap kept before giving the top back
 TRIM_INTERVAL_S: Final = 5.0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 from smtpfleet.testing import eventually, queue_is_empty, run_cli, send
 from smtpfleet.testing.localcluster import LocalCluster
+from smtpfleet.testing.tls import make_tls_files
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -77,3 +80,54 @@ async def test_a_burst_beyond_the_budget_gets_452_and_memory_comes_back() -> Non
             return _status_mb(node.pid, "VmRSS") - base_mb < 20
 
         await eventually(back_down, timeout_s=30, interval_s=0.5)
+
+
+# A TLS read as uvloop's SSL transport makes it: OpenSSL is asked for up to 256 KiB
+# (SSL_READ_MAX_SIZE) into a new bytes object that is then cut to the record's size.
+_TLS_READS = """
+import resource, ssl, sys
+from smtpfleet import memory
+assert memory.return_freed_memory()
+server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+server.load_cert_chain(sys.argv[1], sys.argv[2])
+client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+ours = server.wrap_bio(s_in, s_out, server_side=True)
+theirs = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+for _ in range(10):  # the handshake, flight by flight
+    for side in (theirs, ours):
+        try:
+            side.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+    s_in.write(c_out.read())
+    c_in.write(s_out.read())
+
+def record():
+    theirs.write(b"RCPT TO:<someone@example.net>\\r\\n")
+    s_in.write(c_out.read())
+    return ours.read(256 * 1024)
+
+for _ in range(50):
+    record()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(500):
+    assert record().startswith(b"RCPT")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_tls_reads_do_not_map_memory_per_record(tmp_path: Path) -> None:
+    # With the mmap threshold at 256 KiB each such read got its own mapping: an mmap, page
+    # faults, an mremap and a munmap per record (about 16 faults per STARTTLS connection).
+    tls = make_tls_files(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _TLS_READS, str(tls.cert_file), str(tls.key_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    faults = int(done.stdout)
+    assert faults < 50, f"{faults} page faults for 500 TLS records"
