@@ -223,6 +223,27 @@ class InboundSMTP(SMTP):
         super().connection_lost(error)
         self._server.unregister(self)
         self._server.gates.release(self._gate)
+        task = self._handler_coroutine
+        if task is None or task.done():
+            self._let_go()
+        else:  # aiosmtpd has just cancelled it: it ends in a later turn
+            task.add_done_callback(lambda _: self._let_go())
+
+    def _let_go(self) -> None:
+        """Break the cycles a finished session is made of, so it is freed as soon as the last
+        reference goes instead of by the cycle collector: its command tables and hooks hold
+        its own bound methods and closures, its writer and its task's frame point back at it.
+        Left to the collector, every session of a new connection per message survived into
+        the oldest generation, and each full collection (about 20,000 objects, 35-50 ms on a
+        busy node) stalled every session of the node at once."""
+        self._smtp_methods = {}
+        self._handle_hooks = {}
+        self._auth_methods = {}
+        self._authenticator = None
+        self._auth_callback = None
+        self._client_connected_cb = None
+        self._writer = None  # type: ignore[assignment]  # aiosmtpd types it as always set
+        self._handler_coroutine = None
 
     def eof_received(self) -> bool | None:
         if self._closing and self.transport is not None:
