@@ -246,6 +246,8 @@ class InboundSMTP(SMTP):
         self._handler_coroutine = None
 
     def eof_received(self) -> bool | None:
+        if self._lost:
+            return False  # a late EOF of a TLS session's plain transport: nothing left to end
         if self._closing and self.transport is not None:
             self.transport.close()  # the client read our last word and left: done lingering
             return False
