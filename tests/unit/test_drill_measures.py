@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import cast
+
 import pytest
 
-from smtpfleet.drills.measures import duplicates
+from smtpfleet.drills.context import Scenario
+from smtpfleet.drills.measures import accept_rto_s, duplicates
 from smtpfleet.drills.runner import (
     SAMPLE_S,
     Sample,
     _judge,
+    _until_accepting_again,
     fault_delivery_max_s,
     fault_latencies,
     loop_lag_s,
 )
 from smtpfleet.drills.scenarios import SCENARIOS
-from smtpfleet.loadgen.paced import Sent
+from smtpfleet.loadgen.paced import PacedLoad, Sent
 
 START = 1000.0  # monotonic time the drill started
 
@@ -68,3 +74,53 @@ def test_duplicates_are_counted_only_for_this_drills_messages() -> None:
     deliveries = {"earlier-1": 3, "earlier-2": 2, "this-1": 1, "this-2": 2, "this-3": 4}
     assert duplicates(deliveries, ["this-1", "this-2", "this-3", "this-4"]) == 4
     assert duplicates(deliveries, []) == 0
+
+
+async def _noop(_: object) -> None:
+    return None
+
+
+class _Load:
+    """What `_until_accepting_again` reads of a PacedLoad: the attempts recorded so far."""
+
+    def __init__(self) -> None:
+        self.sent: list[Sent] = []
+
+
+async def test_the_load_runs_on_while_senders_are_refused_until_one_is_accepted() -> None:
+    # A drill's recovery window ended with senders still refused: within its accept RTO
+    # objective the load goes on, so a fleet that comes back late is measured, not "never".
+    scenario = Scenario("late", "comes back late", _noop, objectives={"accept_rto_s": 10})
+    start = time.monotonic()
+    load = _Load()
+    load.sent.append(Sent("r", start + 0.1, 451, 0.01, 1))
+
+    async def accepted_later() -> None:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        load.sent.append(Sent("a", now, 250, 0.0, 1, done=now))
+
+    later = asyncio.create_task(accepted_later())
+    await _until_accepting_again(scenario, cast(PacedLoad, load), start, inject_s=0.0)
+    waited = time.monotonic() - start
+    await later
+    assert 1.0 <= waited < 5.0
+    assert accept_rto_s(load.sent, start, 0.0) is not None
+
+
+async def test_the_load_stops_at_the_objective_when_senders_stay_refused() -> None:
+    scenario = Scenario("never", "never back", _noop, objectives={"accept_rto_s": 1})
+    start = time.monotonic()
+    load = _Load()
+    load.sent.append(Sent("r", start + 0.1, 451, 0.01, 1))
+    await _until_accepting_again(scenario, cast(PacedLoad, load), start, inject_s=0.0)
+    assert 2.0 <= time.monotonic() - start < 4.0  # the objective and a second of grace
+
+
+async def test_without_an_accept_rto_objective_the_load_stops_on_time() -> None:
+    scenario = Scenario("plain", "no rto", _noop)
+    load = _Load()
+    load.sent.append(Sent("r", time.monotonic(), 451, 0.01, 1))
+    started = time.monotonic()
+    await _until_accepting_again(scenario, cast(PacedLoad, load), started, inject_s=0.0)
+    assert time.monotonic() - started < 0.1

@@ -266,6 +266,7 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
         await scenario.heal(ctx)
         marks["heal"] = time.monotonic() - start
     await asyncio.sleep(timing.recovery_s)
+    await _until_accepting_again(scenario, load, start, marks["inject"])
     load.stop()
     await running
     marks["load_stopped"] = time.monotonic() - start
@@ -281,6 +282,22 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
         "live_declared_dead": _live_declared_dead(ctx.local, _cut_off(ctx)),
     }
     return _result(scenario, timing, load, start, timeline, marks, counts, ctx)
+
+
+async def _until_accepting_again(
+    scenario: Scenario, load: PacedLoad, start: float, inject_s: float
+) -> None:
+    """Keep the load running past the recovery window while senders are still refused, up to
+    the scenario's accept RTO objective: a fleet that comes back after the window but within
+    its objective is measured (and passes), not reported as "never came back"."""
+    bound = scenario.objectives.get("accept_rto_s")
+    if not isinstance(bound, int | float):
+        return
+    deadline = start + inject_s + float(bound) + 1.0
+    while time.monotonic() < deadline:
+        if measures.accept_rto_s(load.sent, start, inject_s) is not None:
+            return  # a 250 came after the last refusal
+        await asyncio.sleep(0.5)
 
 
 async def measure_peak(ctx: DrillContext, timing: Timing) -> float:
