@@ -73,6 +73,18 @@ def _status_env(servers: SentinelSet, prefix: str) -> dict[str, str]:
     }
 
 
+async def _enqueued(queue: RedisQueue) -> NewMessage | None:
+    """One small message through the queue's accept path; None when it was refused."""
+    message = NewMessage(
+        qid=new_qid(0), sender="s@example.com", recipients=("r@example.net",), data=b"x\r\n"
+    )
+    try:
+        await queue.enqueue(message)
+    except QueueUnavailable:
+        return None
+    return message
+
+
 async def _send_during(
     address: tuple[str, int], fault: Callable[[], int], after: int = 20
 ) -> tuple[dict[str, int], int]:
@@ -209,14 +221,7 @@ async def test_a_dead_replica_holds_accepts_back_only_until_the_sentinels_mark_i
     await queue.check_server()
 
     async def accepted() -> bool:
-        message = NewMessage(
-            qid=new_qid(0), sender="s@example.com", recipients=("r@example.net",), data=b"x\r\n"
-        )
-        try:
-            await queue.enqueue(message)
-        except QueueUnavailable:
-            return False
-        return True
+        return await _enqueued(queue) is not None
 
     try:
         assert await accepted()
@@ -250,12 +255,8 @@ async def test_every_durability_mode_follows_a_forced_failover_at_once(
     await queue.check_server()
 
     async def lands_on(port: int) -> bool:
-        message = NewMessage(
-            qid=new_qid(0), sender="s@example.com", recipients=("r@example.net",), data=b"x\r\n"
-        )
-        try:
-            await queue.enqueue(message)
-        except QueueUnavailable:
+        message = await _enqueued(queue)
+        if message is None:
             return False
         server = redis.Redis(host=LOOPBACK, port=port)
         try:

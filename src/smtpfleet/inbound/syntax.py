@@ -42,6 +42,10 @@ _PATH: Final = re.compile(
 )
 _NULL: Final = re.compile(r"<>(?:[ \t]+(?P<rest>[\x20-\x7e\t]*))?")
 _VRFY_STRING: Final = re.compile(rf"[{_ATEXT}]+|{_QUOTED_STRING}")
+# A mailbox in its plain form, no angle brackets: a dot-atom local part (no leading, trailing
+# or doubled dot) and a domain of letter-digit-hyphen labels. Address parsers hand it back
+# unchanged, so a sender of commands may skip them for it (relays/pipelining.py).
+PLAIN_MAILBOX: Final = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@{_DOMAIN}")
 
 
 def valid_literal(literal: str) -> bool:
