@@ -29,6 +29,10 @@ from smtpfleet.testing.sink import Sink
 from smtpfleet.testing.tls import TlsFiles, make_tls_files
 
 READY_TIMEOUT_S = 30.0
+# Ports are picked free and bound by the node a moment later: in between, the kernel may hand
+# the same port to another process as the source port of an outgoing connection (both come
+# from the ephemeral range). A node that lost its port that way starts again on new ones.
+PORT_ATTEMPTS = 3
 KEEP_WORKDIR_ENV = "SMTPFLEET_KEEP_WORKDIR"  # set: leave the logs, configs and Redis data
 
 
@@ -211,7 +215,19 @@ class LocalCluster:
             self.node_processes.append(self._new_node(i + 1))
         for node in self.node_processes:
             node.start()
-        await asyncio.gather(*(n.wait_ready() for n in self.node_processes))
+        await asyncio.gather(*(self._until_ready(i) for i in range(len(self.node_processes))))
+
+    async def _until_ready(self, position: int) -> None:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            node = self.node_processes[position]
+            try:
+                await node.wait_ready()
+                return
+            except RuntimeError:
+                if attempt == PORT_ATTEMPTS or "address already in use" not in node.log_tail():
+                    raise
+            self.node_processes[position] = self._new_node(node.index)
+            self.node_processes[position].start()
 
     def relay_addresses(self) -> list[str]:
         return list(self.relays) or [s.address for s in self.sink_servers]
