@@ -37,6 +37,7 @@ from smtpfleet.queue.classes import TrafficClasses
 from smtpfleet.queue.connection import RedisClient, RedisConnection, connect
 from smtpfleet.queue.deliveries import Body, Delivery
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
+from smtpfleet.queue.local_accepts import LocalAccepts
 from smtpfleet.queue.replica_watch import ReplicaWatch
 from smtpfleet.queue.routes import Observers, Route, SingleRoutes, is_redirect
 from smtpfleet.queue.suitability import server_version, unsuitable_reason
@@ -112,6 +113,7 @@ class RedisQueue:
         self._sharded = not isinstance(self._routes, SingleRoutes)
         self._rotation = itertools.count()
         self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))
+        self._local = LocalAccepts()
 
     @property
     def client(self) -> RedisClient:
@@ -268,8 +270,12 @@ class RedisQueue:
                 message.sender, message.tenant, message.traffic_class
             ),
         )
+        held = self._local.begin(message.qid, message.data)
+        confirmed = False
         try:
-            return await self._enqueue_durably(shard, message, entry)
+            result = await self._enqueue_durably(shard, message, entry)
+            confirmed = not result.duplicate  # a duplicate wrote no entry of this qid
+            return result
         except QueueUnavailable:
             await self._cancel_quietly(shard, message)
             raise
@@ -277,6 +283,9 @@ class RedisQueue:
             # The accept deadline passed mid-write: the write may have landed (RFC 5321 4.2.5).
             await asyncio.shield(self._cancel_quietly(shard, message))
             raise
+        finally:
+            if held:
+                self._local.settle(message.qid, confirmed)
 
     async def _enqueue_durably(
         self, shard: int, message: NewMessage, entry: QueuedMessage
@@ -535,6 +544,9 @@ class RedisQueue:
         return out
 
     async def load_body(self, shard: int, qid: str) -> Body:
+        data = await self._local.take(qid)  # accepted by this process: no round trip, no poll
+        if data is not None:
+            return Body(data=data, confirmed=True)
         key = self.keys.body(shard, qid)
         replies = await guarded(lambda: self._call(shard, ("HMGET", key, "d", "ok")))
         if isinstance(replies[0], Exception):
