@@ -111,7 +111,7 @@ def test_nothing_imports_the_cli() -> None:
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundations": (
         "config", "envelope", "replies", "errors", "logs", "metrics", "queue.keys",
-        "queue.scripts", "tasks",
+        "queue.scripts", "tasks", "deadlines",
     ),
     "decisions": (
         "delivery.classify", "delivery.backoff", "delivery.dsn", "delivery.outcome",

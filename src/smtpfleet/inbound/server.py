@@ -28,7 +28,7 @@ from typing import Any, AnyStr, Final, cast
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from smtpfleet import replies
+from smtpfleet import deadlines, replies
 from smtpfleet.config import InboundConfig, ListenerConfig, ListenerProfile
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import ConfigError
@@ -169,7 +169,8 @@ class InboundSMTP(SMTP):
         self._unknown_left = MAX_UNKNOWN_COMMANDS
         self._unsent: list[str] = []  # the first lines of a multi-line reply, not yet written
         self._rate: DataRate | None = None  # while reading DATA, when a minimum rate is set
-        self._rate_timer: asyncio.TimerHandle | None = None
+        self._rate_timer: deadlines.Deadline | None = None
+        self._idle: deadlines.Deadline | None = None
         # aiosmtpd keeps these on the class and adds 26 to MAIL's limit on every EHLO, for all
         # sessions: keep ours per session.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -244,6 +245,8 @@ class InboundSMTP(SMTP):
         self._client_connected_cb = None
         self._writer = None  # type: ignore[assignment]  # aiosmtpd types it as always set
         self._handler_coroutine = None
+        # The idle and rate deadlines hold bound methods of this session (cancelled by now).
+        self._idle = self._rate_timer = self._timeout_handle = None
 
     def eof_received(self) -> bool | None:
         if self._lost:
@@ -280,6 +283,8 @@ class InboundSMTP(SMTP):
 
     async def _before_greeting(self) -> bool:
         """What a listener needs before its banner: a PROXY header, then implicit TLS."""
+        if not (self._listener.proxy_protocol or self._listener.implicit_tls):
+            return True  # the usual case: no bound to arm
         if self._listener.proxy_protocol and not self._from_trusted_proxy():
             return False
         try:
@@ -596,6 +601,16 @@ class InboundSMTP(SMTP):
 
     # -- idle timer ------------------------------------------------------------------------
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels a loop timer and arms a new one at every command; a deadline that
+        # moves later is one store (deadlines.py), and it fires at most a tick late.
+        duration_s = duration or self._timeout_duration
+        if self._idle is None:
+            self._idle = deadlines.call_later(duration_s, self._timeout_cb)
+            self._timeout_handle = self._idle  # type: ignore[assignment]  # what aiosmtpd cancels
+        else:
+            self._idle.reset(self.loop.time() + duration_s)
+
     def data_received(self, data: bytes) -> None:
         # aiosmtpd resets the idle timer only when a command arrives, so a large message on a
         # slow link would be cut off mid-DATA. RFC 5321 §4.5.3.2.5 times each block instead.
@@ -611,7 +626,7 @@ class InboundSMTP(SMTP):
         min_bps, window_s = self._server.min_data_rate
         if min_bps:
             self._rate = DataRate(min_bps, window_s, self.loop.time())
-            self._rate_timer = self.loop.call_later(RATE_CHECK_S, self._check_rate)
+            self._rate_timer = deadlines.call_later(RATE_CHECK_S, self._check_rate)
 
     def _stop_rate(self) -> None:
         self._rate = None
@@ -626,7 +641,7 @@ class InboundSMTP(SMTP):
         if self._rate is None:
             return
         if not self._rate.too_slow(self.loop.time()):
-            self._rate_timer = self.loop.call_later(RATE_CHECK_S, self._check_rate)
+            self._rate_timer = deadlines.call_later(RATE_CHECK_S, self._check_rate)
             return
         self._stop_rate()
         self._server.gates.refused(Limit.DATA_RATE, self._client_ip())

@@ -14,7 +14,6 @@ keeps the next command's reply paired with its command.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from aiosmtplib.protocol import (
     normalize_message_line_endings,
 )
 
+from smtpfleet import deadlines
 from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply, unsendable
 from smtpfleet.inbound.syntax import PLAIN_MAILBOX
 
@@ -145,11 +145,11 @@ async def _reply(protocol: SMTPProtocol, timeout_s: float) -> aiosmtplib.SMTPRes
     buffered = protocol._read_response_from_buffer()
     if buffered is not None:
         return buffered
-    # asyncio.timeout, not read_response's own timeout (wait_for): wait_for wakes this task
-    # one loop turn after the reply, and a segment arriving in that turn, with the reply
-    # waiter still full, would be dropped by the protocol.
+    # A deadline, not read_response's own timeout (wait_for): wait_for wakes this task one
+    # loop turn after the reply, and a segment arriving in that turn, with the reply waiter
+    # still full, would be dropped by the protocol.
     try:
-        async with asyncio.timeout(timeout_s):
+        with deadlines.timeout(timeout_s):
             return await protocol.read_response(timeout=None)
     except TimeoutError as exc:
         raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
