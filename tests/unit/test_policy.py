@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import pytest
 from hypothesis import given
@@ -8,10 +9,13 @@ from hypothesis import strategies as st
 
 from smtpfleet import replies
 from smtpfleet.inbound.policy import (
+    RELAY_CLIENTS_KEPT,
+    HeaderSection,
     RecipientPolicy,
     count_received_headers,
     effective_domain,
     has_bare_line_ending,
+    header_value,
     message_id,
     parse_mailbox,
     received_header,
@@ -179,6 +183,17 @@ def test_relay_networks_ipv4_ipv6_and_mapped() -> None:
         assert POLICY.check("someone@elsewhere.org", ip) == replies.RELAY_DENIED
 
 
+def test_relay_answers_stay_right_past_the_kept_addresses() -> None:
+    # Each answer is kept (asked at every RCPT); the store is emptied when full, never wrong.
+    policy = RecipientPolicy([], ["10.0.0.0/8"])
+    for round_ in range(2):
+        for n in range(RELAY_CLIENTS_KEPT + 10):
+            inside = n % 2 == 0
+            ip = f"{10 if inside else 11}.0.{n // 256}.{n % 256}"
+            assert policy.is_relay_client(ip) is inside, (round_, ip)
+            assert len(policy._relay_clients) <= RELAY_CLIENTS_KEPT
+
+
 def test_sender_check_allows_the_null_path_and_checks_syntax() -> None:
     assert RecipientPolicy.check_sender("") is None
     assert RecipientPolicy.check_sender("<>") is None
@@ -242,6 +257,35 @@ def test_message_id_unfolds_and_ignores_the_body() -> None:
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
+HEADER_LINES = st.lists(
+    st.sampled_from(
+        [
+            b"Received: from a",
+            b"received: by b",
+            b"Message-ID: <m@x>",
+            b"message-id:",
+            b"X-Tenant: t1",
+            b"X-Tenant:  t2 ",
+            b" folded part",
+            b"\tmore",
+            b"not a field",
+            b"",
+            b"Subject: s",
+        ]
+    ),
+    max_size=12,
+)
+
+
+@given(HEADER_LINES)
+def test_a_header_section_read_once_answers_as_each_scan_does(lines: list[bytes]) -> None:
+    data = b"\r\n".join([*lines, b"", b"Received: in the body"]) + b"\r\n"
+    section = HeaderSection(data)
+    assert section.received == count_received_headers(data)
+    for name in (b"message-id", b"x-tenant", b"subject", b"absent"):
+        assert section.value(name) == header_value(data, name)
+
+
 def test_received_header_shape() -> None:
     header = received_header(
         helo="client.example",
@@ -256,6 +300,19 @@ def test_received_header_shape() -> None:
         b"\tby mx.test (smtpfleet) with ESMTP id 1.ABC\r\n"
         b"\tfor <r@example.com>; Fri, 02 Jan 2026 03:04:05 +0000\r\n"
     )
+
+
+@given(
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2100, 1, 1)),
+    st.sampled_from([UTC, timezone(timedelta(hours=-5)), timezone(timedelta(minutes=330))]),
+)
+def test_the_trace_date_is_format_datetime_to_the_second(naive: datetime, zone: timezone) -> None:
+    # Cached per second for UTC (every message of a second shares it); the same text.
+    when = naive.replace(tzinfo=UTC).astimezone(zone)
+    header = received_header(
+        helo="h", peer_ip="192.0.2.1", by_host="mx.test", qid="1.A", recipient=None, when=when
+    )
+    assert header.endswith(f"; {format_datetime(when)}\r\n".encode())
 
 
 def test_received_header_without_for_ipv6_helo_and_offset() -> None:

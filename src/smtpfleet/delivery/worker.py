@@ -22,6 +22,7 @@ from smtpfleet.delivery.dsn import build_dsn
 from smtpfleet.delivery.outcome import DONE, Attempt, Plan, park, plan_outcome, set_aside
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
 from smtpfleet.errors import Fenced, QueueUnavailable, SpoolError
+from smtpfleet.logs import info_event
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.classes import TrafficClasses, read_plan
 from smtpfleet.queue.deliveries import Body, Delivery, DeliveryQueue
@@ -392,9 +393,10 @@ class DeliveryWorker:
                 self._metrics.delivery_latency.observe(age_s)
                 klass = self._classes.name_of(message.traffic_class)
                 self._metrics.child(self._metrics.class_latency, klass).observe(age_s)
-        log.info(
+        info_event(
+            log,
             "delivery attempt",
-            extra={
+            {
                 "event": "delivery.attempt",
                 "qid": message.qid,
                 "relay": name,

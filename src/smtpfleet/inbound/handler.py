@@ -18,19 +18,18 @@ from typing import Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from smtpfleet import replies
+from smtpfleet import deadlines, replies
 from smtpfleet.envelope import NewMessage, choose_shard, dedupe_fingerprint, new_qid
 from smtpfleet.errors import QueueFull, QueueUnavailable, SigningFailed
 from smtpfleet.inbound.policy import (
     NULL_PATHS,
+    HeaderSection,
     RecipientPolicy,
-    count_received_headers,
     has_bare_line_ending,
-    header_value,
-    message_id,
     received_header,
 )
 from smtpfleet.inbound.tls import describe as describe_tls
+from smtpfleet.logs import info_event
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.spool import Spool
 
@@ -193,9 +192,10 @@ class InboundHandler:
     ) -> None:
         self._metrics.accept_latency.observe(time.perf_counter() - started)
         self._metrics.child(self._metrics.messages, _result(int(reply[:3]), qid)).inc()
-        log.info(
+        info_event(
+            log,
             "smtp transaction",
-            extra={
+            {
                 "event": "smtp.transaction",
                 "qid": qid,
                 "peer": _peer_ip(session),
@@ -211,9 +211,10 @@ class InboundHandler:
         if has_bare_line_ending(data):
             log.warning("refused message with bare CR/LF from %s", _peer_ip(session))
             return replies.BARE_LINE_ENDING, None
-        if count_received_headers(data) > self._max_received:
+        headers = HeaderSection(data)  # read once for all the questions below
+        if headers.received > self._max_received:
             return replies.LOOP_DETECTED, None
-        message = self._new_message(session, envelope, data)
+        message = self._new_message(session, envelope, data, headers)
         if self._signer is not None and self._may_sign(session):
             # Signed once, before the write: every delivery of it carries this signature.
             try:
@@ -228,30 +229,32 @@ class InboundHandler:
         signature (OpenDKIM signs for its InternalHosts and authenticated clients alone)."""
         return bool(session.authenticated) or self._policy.is_relay_client(_peer_ip(session))
 
-    def tenant_of(self, session: Session, data: bytes) -> str | None:
+    def tenant_of(self, session: Session, headers: HeaderSection) -> str | None:
         """Who the message is from, for routing rules: the authenticated user; else, from a
         relay_networks client, the tenant header. Anyone else's header is ignored, or a
         stranger could choose the relays their mail leaves through."""
         if session.authenticated and isinstance(session.auth_data, str):
             return session.auth_data
         if self._tenant_header and self._policy.is_relay_client(_peer_ip(session)):
-            return header_value(data, self._tenant_header)
+            return headers.value(self._tenant_header)
         return None
 
-    def class_of(self, session: Session, data: bytes) -> str | None:
+    def class_of(self, session: Session, headers: HeaderSection) -> str | None:
         """The traffic class the client asks for, from our own clients only (relay_networks,
         or authenticated): a stranger must not put its mail ahead of the queue."""
         if self._class_header and self._may_sign(session):
-            return header_value(data, self._class_header)
+            return headers.value(self._class_header)
         return None
 
-    def _new_message(self, session: Session, envelope: Envelope, data: bytes) -> NewMessage:
+    def _new_message(
+        self, session: Session, envelope: Envelope, data: bytes, headers: HeaderSection
+    ) -> NewMessage:
         # aiosmtpd keeps the null reverse-path as "<>" (it needs a truthy value); the queue
         # and the DSN logic know it as "".
         mail_from = envelope.mail_from or ""
         sender = "" if mail_from in NULL_PATHS else mail_from
         recipients = tuple(envelope.rcpt_tos)
-        fingerprint = dedupe_fingerprint(message_id(data), sender, recipients)
+        fingerprint = dedupe_fingerprint(headers.value(b"message-id"), sender, recipients)
         qid = new_qid(choose_shard(fingerprint, self._shards))
         trace = received_header(
             helo=session.host_name,
@@ -270,16 +273,17 @@ class InboundHandler:
             recipients=recipients,
             data=trace + data,
             fingerprint=fingerprint,
-            tenant=self.tenant_of(session, data),
-            traffic_class=self.class_of(session, data),
+            tenant=self.tenant_of(session, headers),
+            traffic_class=self.class_of(session, headers),
         )
 
     async def _enqueue(self, message: NewMessage) -> str:
         # On timeout the enqueue is cancelled; the spool must then leave no copy behind
         # (RFC 5321 §4.2.5: after a 4xx to the final dot the message must not be delivered).
         try:
-            # A timeout context, not wait_for: on 3.11 wait_for makes a task per accept.
-            async with asyncio.timeout(self._accept_timeout_s):
+            # Not wait_for (on 3.11 a task per accept) nor asyncio.timeout (a loop timer armed
+            # and cancelled per accept): a deadline that almost never fires (deadlines.py).
+            with deadlines.timeout(self._accept_timeout_s):
                 result = await self._spool.enqueue(message)
         except (QueueUnavailable, TimeoutError) as exc:
             log.warning("%s: not queued, answered 451: %s", message.qid, exc or "timeout")

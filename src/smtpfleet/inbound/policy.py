@@ -28,11 +28,12 @@ early here nor reach a relay, where it might. aiosmtpd undoes dot-stuffing on in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Final
 
@@ -42,6 +43,7 @@ from smtpfleet.inbound.syntax import valid_literal
 
 MAX_HELO: Final = 100
 NULL_PATHS: Final = frozenset({"", "<>"})
+RELAY_CLIENTS_KEPT: Final = 4096  # client addresses whose relay_networks answer is kept
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # RFC 5321 §4.1.2 Dot-string: atext and dots. Lenient on dot placement ("a..b" exists in the
@@ -159,12 +161,21 @@ class RecipientPolicy:
         normal = (_normal_host(d) for d in accepted_domains)
         self._accepted = frozenset(d for d in normal if d and not d.startswith("["))
         self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in relay_networks)
+        self._relay_clients: dict[str, bool] = {}  # asked at every RCPT: 10 us to parse
 
     @classmethod
     def from_config(cls, config: InboundConfig) -> RecipientPolicy:
         return cls(config.accepted_domains, config.relay_networks)
 
     def is_relay_client(self, client_ip: str) -> bool:
+        known = self._relay_clients.get(client_ip)
+        if known is None:
+            if len(self._relay_clients) >= RELAY_CLIENTS_KEPT:
+                self._relay_clients.clear()
+            known = self._relay_clients[client_ip] = self._in_relay_networks(client_ip)
+        return known
+
+    def _in_relay_networks(self, client_ip: str) -> bool:
         try:
             ip = ipaddress.ip_address(client_ip)
         except ValueError:
@@ -226,6 +237,30 @@ def header_fields(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         yield name, b"".join(value)
 
 
+class HeaderSection:
+    """A message's header section read once: its trace fields counted and the first value of
+    each field kept, for the two to four questions the accept path asks of every message."""
+
+    __slots__ = ("_first", "received")
+
+    def __init__(self, data: bytes) -> None:
+        self.received = 0
+        self._first: dict[bytes, bytes] = {}
+        for name, value in header_fields(data):
+            if name == b"received":
+                self.received += 1
+            self._first.setdefault(name, value)
+
+    def value(self, name: bytes) -> str | None:
+        """As header_value(data, name)."""
+        raw = self._first.get(name)
+        return None if raw is None else _unfolded(raw)
+
+
+def _unfolded(raw: bytes) -> str | None:
+    return " ".join(raw.decode("ascii", "replace").split()) or None
+
+
 def count_received_headers(data: bytes) -> int:
     """Trace headers so far: the loop guard of RFC 5321 §6.3."""
     return sum(1 for name, _ in header_fields(data) if name == b"received")
@@ -239,8 +274,7 @@ def header_value(data: bytes, name: bytes) -> str | None:
     """The first field of that (lower-case) name, unfolded; None when absent or empty."""
     for field_name, value in header_fields(data):
         if field_name == name:
-            text = " ".join(value.decode("ascii", "replace").split())
-            return text or None
+            return _unfolded(value)
     return None
 
 
@@ -262,6 +296,18 @@ def sanitize_helo(helo: str | None) -> str:
 def _tcp_info(peer_ip: str) -> str:
     """RFC 5321 §4.4 TCP-info is an address literal: IPv6 ones carry the "IPv6:" tag (§4.1.3)."""
     return f"[IPv6:{peer_ip}]" if ":" in peer_ip else f"[{peer_ip}]"
+
+
+def _trace_date(when: datetime) -> str:
+    # email.utils.format_datetime costs 9 us; every message of a second gets the same text.
+    if when.tzinfo is UTC:
+        return _utc_second(int(when.timestamp()))
+    return format_datetime(when)
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def received_header(
@@ -294,5 +340,5 @@ def received_header(
     ]
     if recipient is not None:
         lines.append(f"\tfor <{_UNPRINTABLE.sub('', recipient)}>")
-    lines[-1] += f"; {format_datetime(when)}"
+    lines[-1] += f"; {_trace_date(when)}"
     return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
