@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 from aiosmtplib.email import quote_address
-from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
+from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
+    PERIOD_REGEX,
+    normalize_message_line_endings,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from smtpfleet.relays.pipelining import _line
+from smtpfleet.relays.pipelining import _body, _line
 
 ATOM_CHARS = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
 atoms = st.text(ATOM_CHARS, min_size=1, max_size=8)
@@ -62,3 +66,14 @@ def test_any_other_text_is_sent_or_refused_as_aiosmtplib_would(address: str) -> 
 @pytest.mark.parametrize("address", ["a@example.net", "x.y-z@a.b.c"])
 def test_the_fast_path_adds_nothing_of_its_own(address: str) -> None:
     assert _line(b"MAIL FROM:", address) == b"MAIL FROM:<" + address.encode() + b">\r\n"
+
+
+@given(st.binary(max_size=60) | st.text("\r\n.ab", max_size=60).map(str.encode))
+@example(b"a\r\n.b\r\n")
+@example(b".\r\n")
+@example(b"a\r\nb")
+@example(b"a\nb\r\n")
+@example(b"")
+def test_a_body_is_sent_as_aiosmtplib_sends_it(data: bytes) -> None:
+    theirs = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+    assert _body(data) == theirs

@@ -40,6 +40,7 @@ from smtpfleet.inbound.counters import ClientCounter
 from smtpfleet.inbound.failures import FailureCounter
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.limits import DataRate, Limit, LocalClientCounter
+from smtpfleet.inbound.message_data import MessageData
 from smtpfleet.inbound.proxy import client_of, in_networks, networks
 from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.session_init import init_session
@@ -577,7 +578,7 @@ class InboundSMTP(SMTP):
             await self.push(replies.NO_ROOM)  # tell now, before the client sends it all
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        reading = _Data(budget, self.data_size_limit or 0, self.line_length_limit)
+        reading = MessageData(budget, self.data_size_limit or 0, self.line_length_limit)
         self._start_rate()
         try:
             await reading.read(self._reader)
@@ -588,7 +589,7 @@ class InboundSMTP(SMTP):
             reading.release()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
 
-    async def _finish_data(self, reading: _Data) -> None:
+    async def _finish_data(self, reading: MessageData) -> None:
         assert self.envelope is not None
         if self._closing:
             return  # told 421 during DATA (too slow): a final dot after that queues nothing
@@ -668,65 +669,6 @@ class InboundSMTP(SMTP):
             self.abort()  # nothing was said yet: a 421 would be noise before a TLS handshake
             return
         self._say_and_close(replies.TIMEOUT)
-
-
-class _Data:
-    """One message being read: a single buffer, its bytes held in the node's budget."""
-
-    def __init__(self, budget: ByteBudget, size_limit: int, line_limit: int) -> None:
-        self._budget = budget
-        self._size_limit = size_limit
-        self._line_limit = line_limit
-        self._buffer = bytearray()
-        self._held = 0
-        self._size = 0
-        self.refusal: str | None = None  # the reply after the final dot, when refused
-
-    async def read(self, reader: asyncio.StreamReader) -> None:
-        """Up to and including the final dot, storing what is still wanted."""
-        partial = False  # inside a line longer than the reader's limit
-        while True:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as overrun:
-                line = await reader.read(overrun.consumed)
-                self._refuse(replies.LINE_TOO_LONG)
-                partial = True
-                continue
-            if not partial and line == b".\r\n":
-                return
-            partial = False
-            self._store(line)
-
-    def _store(self, line: bytes) -> None:
-        self._size += len(line)
-        if self.refusal is not None:
-            return  # refused already: read on to the final dot, keep nothing
-        if len(line) > self._line_limit:
-            self._refuse(replies.LINE_TOO_LONG)
-        elif self._size_limit and self._size > self._size_limit:
-            self._refuse(replies.MESSAGE_TOO_BIG)
-        elif not self._budget.take(len(line)):
-            self._refuse(replies.NO_ROOM)
-        else:
-            self._held += len(line)
-            # RFC 5321 §4.5.2: a line that starts with a dot had one added by the client.
-            self._buffer += memoryview(line)[1:] if line[:1] == b"." else line
-
-    def _refuse(self, reply: str) -> None:
-        if self.refusal is None:
-            self.refusal = reply
-        self._buffer = bytearray()
-        self.release()
-
-    def take(self) -> bytes:
-        """The message, unstuffed; the buffer is freed (the budget is held until release)."""
-        data, self._buffer = bytes(self._buffer), bytearray()
-        return data
-
-    def release(self) -> None:
-        self._budget.release(self._held)
-        self._held = 0
 
 
 # What each verdict of `Authenticator.check` is answered with.

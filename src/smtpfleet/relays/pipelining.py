@@ -129,6 +129,14 @@ async def _exchange(
 
 def _body(data: bytes) -> bytes:
     # What aiosmtplib's data() sends: CRLF line endings, dot-stuffing, the final dot.
+    # Its two regular expressions rewrite every line of every message (4 % of a node's CPU);
+    # what we accepted has CRLF endings already (bare CR or LF is refused), and a line that
+    # starts with a dot is rare: three counts and a search in C tell us, and the same bytes go.
+    lines = data.count(b"\r\n")
+    if lines == data.count(b"\r") == data.count(b"\n") and data.endswith(b"\r\n"):
+        if data.startswith(b".") or b"\n." in data:
+            data = PERIOD_REGEX.sub(b"..", data)
+        return data + b".\r\n"
     return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
 
 
