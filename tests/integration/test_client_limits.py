@@ -8,6 +8,8 @@ leases expire; a client trickling DATA is cut while a normal one in parallel is 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -245,6 +247,27 @@ async def test_without_redis_each_node_still_limits_sessions_and_messages(
         assert sample(node, "smtpfleet_client_limit_fallbacks_total") >= 4
         for wire in (first, second):
             await wire.close()
+
+
+async def test_a_frozen_redis_is_not_waited_for_beyond_its_timeout(prefix: str, sink: Sink) -> None:
+    # SIGSTOP: connections hang instead of failing. A session's limit check gives up after
+    # limits.redis_timeout_s (a deadline, deadlines.py) and this node's own count decides.
+    with RedisServer() as redis:
+        config = limited(redis.url, sink, prefix, limits={"sessions": 1, "redis_timeout_s": 0.3})
+        async with running_node(config) as node:
+            assert redis.pid is not None
+            os.kill(redis.pid, signal.SIGSTOP)
+            try:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                first = await greeted(node)
+                waited = loop.time() - started
+                assert 0.3 <= waited < 2.0, waited
+                assert await first_reply(node) == replies.CLIENT_TOO_MANY_SESSIONS + "\r\n"
+                assert sample(node, "smtpfleet_client_limit_fallbacks_total") >= 1
+                await first.close()
+            finally:
+                os.kill(redis.pid, signal.SIGCONT)
 
 
 # -- slow DATA --------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import redis.asyncio as aioredis
 
+from smtpfleet import deadlines
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import QueueUnavailable
 from smtpfleet.inbound.limits import MINUTE_MS, Usage, minute_of, sliding
@@ -202,7 +203,7 @@ class RedisClientCounter:
     async def _ask(self, call: Callable[[], Awaitable[Any]], timeout_s: float = 0.0) -> Any:
         """Redis's answer, or None (and this node's count decides) when it is away or slow."""
         try:
-            async with asyncio.timeout(timeout_s or self._timeout_s):
+            with deadlines.timeout(timeout_s or self._timeout_s):  # asked per session and message
                 answer = await guarded(call)
         except (QueueUnavailable, TimeoutError) as exc:
             reraise_lost_cancellation(exc)
