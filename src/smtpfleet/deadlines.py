@@ -57,18 +57,18 @@ class Deadline:
         try:
             self._callback()
         except Exception as exc:  # as a loop's own timer would: reported, the rest still fire
-            self._wheel._loop.call_exception_handler(
+            asyncio.get_running_loop().call_exception_handler(
                 {"message": "exception in a deadline's callback", "exception": exc}
             )
 
 
 class _Wheel:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    # No reference to its loop: _wheels maps each loop to its wheel weakly, and a value that
+    # held its key would keep every loop (a test's, say) alive for good.
+    def __init__(self) -> None:
         self._slots: dict[int, dict[Deadline, None]] = {}  # in filing order
         self._due: list[int] = []  # a heap of the slots in _slots
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed: int | None = None
+        self._armed: int | None = None  # the slot the loop timer is set for
         self._ticking = False
 
     def add(self, deadline: Deadline) -> None:
@@ -88,14 +88,16 @@ class _Wheel:
         deadline._slot = None
 
     def _arm(self, slot: int) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
+        # The timer it replaces is left to fire and find itself superseded: keeping its handle
+        # here would keep its loop too (see above).
         self._armed = slot
-        self._handle = self._loop.call_at(slot * TICK_S, self._tick)
+        asyncio.get_running_loop().call_at(slot * TICK_S, self._tick, slot)
 
-    def _tick(self) -> None:
-        self._handle = self._armed = None
-        now = self._loop.time()
+    def _tick(self, slot: int) -> None:
+        if slot != self._armed:
+            return  # an earlier deadline set the timer for an earlier slot meanwhile
+        self._armed = None
+        now = asyncio.get_running_loop().time()
         late: list[Deadline] = []
         while self._due and self._due[0] * TICK_S <= now:
             for deadline in self._slots.pop(heapq.heappop(self._due), ()):
@@ -120,18 +122,13 @@ class _Wheel:
 _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wheel] = weakref.WeakKeyDictionary()
 
 
-def _wheel() -> _Wheel:
+def call_later(delay_s: float, callback: Callable[[], object]) -> Deadline:
+    """`loop.call_later` for a callback that is usually cancelled first."""
     loop = asyncio.get_running_loop()
     wheel = _wheels.get(loop)
     if wheel is None:
-        _wheels[loop] = wheel = _Wheel(loop)
-    return wheel
-
-
-def call_later(delay_s: float, callback: Callable[[], object]) -> Deadline:
-    """`loop.call_later` for a callback that is usually cancelled first."""
-    wheel = _wheel()
-    return Deadline(wheel, wheel._loop.time() + delay_s, callback)
+        _wheels[loop] = wheel = _Wheel()
+    return Deadline(wheel, loop.time() + delay_s, callback)
 
 
 class timeout:  # noqa: N801  # used as asyncio.timeout is, in a plain `with`

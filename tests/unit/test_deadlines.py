@@ -159,3 +159,16 @@ async def test_a_finished_timeout_is_freed_without_the_cycle_collector() -> None
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_a_closed_loop_is_not_kept_alive_by_its_deadlines() -> None:
+    async def arm() -> None:
+        deadlines.call_later(60, lambda: None)  # left armed, as a stopping node may
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(arm())
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
