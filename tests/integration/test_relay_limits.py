@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from smtpfleet.loadgen import run_load
+from smtpfleet.relays.pool import LIMIT_POLL_S
 from smtpfleet.testing import eventually, node_config, running_node, send
 from smtpfleet.testing.sink import Sink
 
@@ -132,13 +135,30 @@ async def test_nodes_at_the_relays_limit_share_its_connections_and_park_nothing(
     async with running_node(configs[0]) as a, running_node(configs[1]) as b:
         sink.peak_sessions = sink.open_sessions
         targets = [a.inbound.addresses[0], b.inbound.addresses[0]]
-        result = await run_load(targets, total=400, concurrency=40, per_session=1000)
-        assert result.accepted == 400
-        await eventually(lambda: sink.count == 400, timeout_s=40)
+        async with aioredis.Redis.from_url(redis_url) as redis:
+            await redis.config_resetstat()
+            started = time.monotonic()
+            result = await run_load(targets, total=400, concurrency=40, per_session=1000)
+            assert result.accepted == 400
+            await eventually(lambda: sink.count == 400, timeout_s=40)
+            asked = await lease_requests(redis)
+            polls = 2 * (time.monotonic() - started) / LIMIT_POLL_S  # one ask a poll a node
         delivered = [deliveries(node, "2xx") for node in (a, b)]
         assert [deliveries(node, "limited") for node in (a, b)] == [0, 0], delivered
         assert min(delivered) >= 40, f"one node starved: {delivered}"
         assert sink.peak_sessions <= 4, f"{sink.peak_sessions} sessions at once"
+        # Each node settles at its share instead of taking every lease the other gives back
+        # and returning it after one message (a new relay connection every two messages).
+        assert sink.connections <= 40, f"{sink.connections} relay connections for 400 messages"
+        # A session given back wakes every waiting delivery; only one can have it, and the
+        # others must not each ask Redis for a lease the full relay will refuse.
+        assert asked <= 1.5 * polls + 50, f"{asked} lease requests, {polls:.0f} poll intervals"
+
+
+async def lease_requests(redis: aioredis.Redis) -> int:
+    """ACQUIRE_LEASE runs since the stats were reset: the only script that calls ZSCORE."""
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_zscore", {}).get("calls", 0))
 
 
 def deliveries(node: Any, outcome: str) -> float:
