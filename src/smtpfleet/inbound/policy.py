@@ -161,19 +161,17 @@ class RecipientPolicy:
         normal = (_normal_host(d) for d in accepted_domains)
         self._accepted = frozenset(d for d in normal if d and not d.startswith("["))
         self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in relay_networks)
-        self._relay_clients: dict[str, bool] = {}  # asked at every RCPT: 10 us to parse
+        # Asked at every RCPT, 10 us to parse: the answer is kept per client address.
+        self._relay_client = functools.lru_cache(maxsize=RELAY_CLIENTS_KEPT)(
+            self._in_relay_networks
+        )
 
     @classmethod
     def from_config(cls, config: InboundConfig) -> RecipientPolicy:
         return cls(config.accepted_domains, config.relay_networks)
 
     def is_relay_client(self, client_ip: str) -> bool:
-        known = self._relay_clients.get(client_ip)
-        if known is None:
-            if len(self._relay_clients) >= RELAY_CLIENTS_KEPT:
-                self._relay_clients.clear()
-            known = self._relay_clients[client_ip] = self._in_relay_networks(client_ip)
-        return known
+        return self._relay_client(client_ip)
 
     def _in_relay_networks(self, client_ip: str) -> bool:
         try:
@@ -252,30 +250,9 @@ class HeaderSection:
             self._first.setdefault(name, value)
 
     def value(self, name: bytes) -> str | None:
-        """As header_value(data, name)."""
+        """The first field of that (lower-case) name, unfolded; None when absent or empty."""
         raw = self._first.get(name)
-        return None if raw is None else _unfolded(raw)
-
-
-def _unfolded(raw: bytes) -> str | None:
-    return " ".join(raw.decode("ascii", "replace").split()) or None
-
-
-def count_received_headers(data: bytes) -> int:
-    """Trace headers so far: the loop guard of RFC 5321 §6.3."""
-    return sum(1 for name, _ in header_fields(data) if name == b"received")
-
-
-def message_id(data: bytes) -> str | None:
-    return header_value(data, b"message-id")
-
-
-def header_value(data: bytes, name: bytes) -> str | None:
-    """The first field of that (lower-case) name, unfolded; None when absent or empty."""
-    for field_name, value in header_fields(data):
-        if field_name == name:
-            return _unfolded(value)
-    return None
+        return None if raw is None else " ".join(raw.decode("ascii", "replace").split()) or None
 
 
 def has_bare_line_ending(data: bytes) -> bool:
