@@ -116,6 +116,10 @@ class InboundTlsConfig(_Section):
 
     cert_file: str = ""  # the chain, leaf first
     key_file: str = ""
+    # 80 random bytes (`openssl rand 80`) shared by every node, so a sender resumes its TLS
+    # session on any of them (inbound/tls_tickets.py). Empty: `serve --workers` makes one for
+    # its workers at start, and separate nodes each have their own.
+    ticket_key_file: str = ""
     # How often the files are checked for a change; a changed pair is loaded for new sessions.
     reload_interval_s: PositiveFloat = 10.0
 
@@ -123,6 +127,8 @@ class InboundTlsConfig(_Section):
     def _both_or_neither(self) -> InboundTlsConfig:
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("cert_file and key_file go together")
+        if self.ticket_key_file and not self.cert_file:
+            raise ValueError("ticket_key_file needs cert_file and key_file")
         return self
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from smtpfleet import http
 from smtpfleet.config import WORKERS_ENV, Config
 from smtpfleet.http import HttpServer
+from smtpfleet.inbound.tls_tickets import KEY_BYTES, TicketKeyError, set_ticket_key
 from smtpfleet.lifecycle import (
     EXIT_OK,
     EXIT_STARTUP_FAILED,
@@ -88,6 +90,7 @@ class Supervisor:
             Worker(i, f"{base}/w{i}", str(Path(self._tmp.name) / f"w{i}.sock"))
             for i in range(1, self.workers + 1)
         ]
+        self._ticket_key_file = self._shared_ticket_key()
         self.registry = CollectorRegistry()
         self._restarts = Counter(
             "smtpfleet_worker_restarts",
@@ -97,6 +100,23 @@ class Supervisor:
         self._live = Gauge(
             "smtpfleet_workers_live", "Worker processes running", registry=self.registry
         )
+
+    def _shared_ticket_key(self) -> str | None:
+        """One TLS ticket key for all the workers (none configured): a sender that comes back
+        resumes its session on whichever worker the kernel hands its connection to."""
+        tls = self.config.inbound.tls
+        if not tls.cert_file or tls.ticket_key_file:
+            return None
+        key = os.urandom(KEY_BYTES)
+        try:
+            set_ticket_key(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), key)
+        except TicketKeyError as exc:
+            log.warning("workers keep a TLS ticket key each: %s", exc)
+            return None
+        path = Path(self._tmp.name) / "ticket.key"  # in our own 0700 directory
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(key)
+        return str(path)
 
     @property
     def _stopping(self) -> bool:
@@ -144,6 +164,8 @@ class Supervisor:
         env["SMTPFLEET_HTTP__LISTEN"] = f"unix:{worker.socket_path}"
         env[PARENT_PID_ENV] = str(os.getpid())  # a worker drains if we die
         env["SMTPFLEET_LOG_LEVEL"], env["SMTPFLEET_LOG_FORMAT"] = self.log_level, self.log_format
+        if self._ticket_key_file:
+            env["SMTPFLEET_INBOUND__TLS__TICKET_KEY_FILE"] = self._ticket_key_file
         return env
 
     async def _spawn(self, worker: Worker) -> None:

@@ -20,7 +20,7 @@ import pytest
 from smtpfleet import replies
 from smtpfleet.loadgen import run_load
 from smtpfleet.testing.inbound import Front, inbound_front
-from smtpfleet.testing.tls import TlsFiles, make_tls_files
+from smtpfleet.testing.tls import TlsFiles, make_tls_files, openssl_starttls
 from smtpfleet.testing.tools import need_program
 from smtpfleet.testing.wire import Wire
 
@@ -323,19 +323,6 @@ async def test_the_load_generator_upgrades_every_connection(front: Front, certs:
     assert front.sample(HANDSHAKES, handshakes) == 12
 
 
-async def _s_client(openssl: str, address: tuple[str, int], ca: Path, *extra: str) -> str:
-    """`openssl s_client` over STARTTLS (TLS 1.3): its report, after EHLO and QUIT."""
-    host, port = address
-    process = await asyncio.create_subprocess_exec(
-        openssl, "s_client", "-connect", f"{host}:{port}", "-starttls", "smtp", "-tls1_3",
-        "-CAfile", str(ca), "-servername", "localhost", "-crlf", "-ign_eof", *extra,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await asyncio.wait_for(process.communicate(b"EHLO client.test\nQUIT\n"), 30)
-    assert process.returncode == 0, output.decode()
-    return output.decode()
-
-
 async def test_one_session_ticket_per_handshake_and_a_client_resumes_with_it(
     front: Front, certs: TlsFiles, tmp_path: Path
 ) -> None:
@@ -343,9 +330,10 @@ async def test_one_session_ticket_per_handshake_and_a_client_resumes_with_it(
     sends one, and so do we: a client caches one, and a ticket costs work on both sides."""
     openssl = need_program("openssl", "apt install openssl")
     session = tmp_path / "session.pem"
-    first = await _s_client(openssl, front.address(), certs.ca_file, "-sess_out", str(session))
+    address, ca = front.address(), certs.ca_file
+    first = await openssl_starttls(openssl, address, ca, "-sess_out", str(session))
     assert "Verify return code: 0 (ok)" in first
     assert first.count("Post-Handshake New Session Ticket arrived") == 1
     assert "221 " in first  # the session went on under TLS to its QUIT
-    resumed = await _s_client(openssl, front.address(), certs.ca_file, "-sess_in", str(session))
+    resumed = await openssl_starttls(openssl, address, ca, "-sess_in", str(session))
     assert "Reused, TLSv1.3" in resumed

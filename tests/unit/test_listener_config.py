@@ -44,6 +44,7 @@ def test_environment_sets_a_listener() -> None:
         ({"listeners": [{"address": "nowhere"}]}, "inbound.listeners.0.address"),
         ({"listeners": [{"address": "0.0.0.0:25", "profile": "relay"}]}, "profile"),
         ({"tls": {"cert_file": "/c"}}, "key_file go together"),
+        ({"tls": {"ticket_key_file": "/k"}}, "ticket_key_file needs cert_file"),
         ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies"),
         ({"listen": []}, "no listener"),
     ],

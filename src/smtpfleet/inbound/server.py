@@ -834,7 +834,7 @@ class InboundServer:
         """The certificate and the users file: a file that cannot be used stops the start."""
         try:
             self.certificates = tls.certificates(self._config.tls)
-        except OSError as exc:  # ssl.SSLError too
+        except (OSError, ValueError) as exc:  # ssl.SSLError, TicketKeyError too
             raise ConfigError(f"inbound.tls: {exc}") from None
         try:
             self.auth = Authenticator.from_config(self._config.auth, self._auth_failures)

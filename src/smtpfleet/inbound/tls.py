@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from smtpfleet.config import InboundTlsConfig
 from smtpfleet.inbound.reload import Reloading
+from smtpfleet.inbound.tls_tickets import read_key, set_ticket_key
 
 MIN_VERSION: Final = ssl.TLSVersion.TLSv1_2
 # TLS 1.2 suites: forward secret and AEAD only, Mozilla's "intermediate" list. OpenSSL's
@@ -35,8 +36,11 @@ TLS12_CIPHERS: Final = ":".join(
 HANDSHAKE_TIMEOUT_S: Final = 10  # seconds (asyncio's SSLProtocol is typed for an int)
 
 
-def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """A server context that asks for no client certificate."""
+def server_context(
+    cert_file: str, key_file: str, ticket_key: bytes | None = None
+) -> ssl.SSLContext:
+    """A server context that asks for no client certificate; with `ticket_key`, its session
+    tickets are those of every process with the same key (inbound/tls_tickets.py)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MIN_VERSION
     context.set_ciphers(TLS12_CIPHERS)
@@ -45,6 +49,8 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     # two. A sending MTA caches one session per destination; each extra ticket is another
     # encryption and another record on every new connection, on both sides, for nothing.
     context.num_tickets = 1
+    if ticket_key is not None:
+        set_ticket_key(context, ticket_key)
     return context
 
 
@@ -52,9 +58,15 @@ def certificates(config: InboundTlsConfig) -> Reloading[ssl.SSLContext] | None:
     """The listeners' context, reloaded on change; None when no certificate is configured."""
     if not config.cert_file:
         return None
+    files = (config.cert_file, config.key_file)
+
+    def load() -> ssl.SSLContext:
+        key = read_key(config.ticket_key_file) if config.ticket_key_file else None
+        return server_context(config.cert_file, config.key_file, key)
+
     return Reloading(
-        (config.cert_file, config.key_file),
-        lambda: server_context(config.cert_file, config.key_file),
+        files + ((config.ticket_key_file,) if config.ticket_key_file else ()),
+        load,
         interval_s=config.reload_interval_s,
         what=f"TLS certificate {config.cert_file}",
     )

@@ -6,7 +6,9 @@ to talk TLS to nodes and relays, trusting only this CA.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import subprocess
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -53,3 +55,18 @@ def make_tls_files(
             chain.write(blob.bytes())
     files.key_file.chmod(0o600)
     return files
+
+
+async def openssl_starttls(openssl: str, address: tuple[str, int], ca: Path, *extra: str) -> str:
+    """One session by `openssl s_client` over STARTTLS (TLS 1.3, EHLO, QUIT): its report.
+    `extra`: more s_client options, e.g. `-sess_out FILE` / `-sess_in FILE` to resume."""
+    host, port = address
+    process = await asyncio.create_subprocess_exec(
+        openssl, "s_client", "-connect", f"{host}:{port}", "-starttls", "smtp", "-tls1_3",
+        "-CAfile", str(ca), "-servername", "localhost", "-crlf", "-ign_eof", *extra,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(process.communicate(b"EHLO client.test\nQUIT\n"), 30)
+    if process.returncode != 0:
+        raise AssertionError(f"openssl s_client exited with {process.returncode}: {output!r}")
+    return output.decode()
