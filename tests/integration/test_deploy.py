@@ -569,12 +569,14 @@ def test_chart_listeners_use_the_node_keys_and_every_port_is_exposed() -> None:
     for path in (
         inbound["tls"]["cert_file"],
         inbound["tls"]["key_file"],
+        inbound["tls"]["ticket_key_file"],
         inbound["auth"]["users_file"],
     ):
         directory, _, name = path.rpartition("/")
         items = volumes[mounts[directory]]["secret"]["items"]
         assert name in [item["path"] for item in items], path
     assert volumes["tls"]["secret"]["secretName"] == "smtpfleet-tls"
+    assert volumes["tls-ticket"]["secret"]["secretName"] == "smtpfleet-tls-ticket"
     assert volumes["auth"]["secret"]["secretName"] == "smtpfleet-smtp-users"
 
 
@@ -614,6 +616,7 @@ R = {"url": "redis://r"}
 SENTINEL = {"enabled": True, "addresses": ["s:26379"]}
 SUBMISSION = {"listeners": {"submission": {"enabled": True}}}
 TLS = {"enabled": True, "existingSecret": "tls"}
+TICKET_KEY_FILE = {"ticket_key_file": "/k"}
 
 
 @pytest.mark.parametrize(
@@ -629,6 +632,11 @@ TLS = {"enabled": True, "existingSecret": "tls"}
         ({"redis": R, "config": {"redis": {"url": "x"}}}, "Secret"),
         ({"redis": R, "config": {"redis": {"password": "x"}}}, "never in the ConfigMap"),
         ({"redis": R, "tls": {"enabled": True}}, "tls.existingSecret"),
+        ({"redis": R, "tls": {"ticketKeySecret": "k"}}, "a ticket key needs a certificate"),
+        (
+            {"redis": R, "config": {"inbound": {"tls": {"ticket_key_file": "/k"}}}},
+            "ticketKeySecret",
+        ),
         ({"redis": R, "smtp": SUBMISSION}, "tls.enabled=true"),
         ({"redis": R, "smtp": SUBMISSION, "tls": TLS}, "smtp.auth.existingSecret"),
         ({"redis": R, "smtp": {"listeners": {"mx": {"enabled": False}}}}, "enable mx"),
@@ -644,6 +652,8 @@ TLS = {"enabled": True, "existingSecret": "tls"}
         "url-in-config",
         "password-in-config",
         "tls-no-secret",
+        "ticket-key-no-tls",
+        "ticket-key-in-config",
         "submission-no-tls",
         "submission-no-auth",
         "no-listener",

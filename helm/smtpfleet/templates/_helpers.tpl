@@ -108,6 +108,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or (hasKey (default dict $inboundConfig.tls) "cert_file") (hasKey (default dict $inboundConfig.tls) "key_file") }}
 {{- fail "config.inbound.tls.cert_file / key_file: use tls.enabled and tls.existingSecret (a kubernetes.io/tls Secret, mounted at /etc/smtpfleet/tls)" }}
 {{- end }}
+{{- if hasKey (default dict $inboundConfig.tls) "ticket_key_file" }}
+{{- fail "config.inbound.tls.ticket_key_file: use tls.ticketKeySecret (a Secret holding 80 random bytes, mounted at /etc/smtpfleet/tls-ticket)" }}
+{{- end }}
 {{- if hasKey (default dict $inboundConfig.auth) "users_file" }}
 {{- fail "config.inbound.auth.users_file: use smtp.auth.existingSecret (a Secret holding the users file, mounted at /etc/smtpfleet/auth)" }}
 {{- end }}
@@ -151,6 +154,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and $v.tls.enabled (not $v.tls.existingSecret) }}
 {{- fail "tls.enabled: set tls.existingSecret to a kubernetes.io/tls Secret (tls.crt, tls.key)" }}
+{{- end }}
+{{- if and $v.tls.ticketKeySecret (not $v.tls.enabled) }}
+{{- fail "tls.ticketKeySecret: a ticket key needs a certificate: set tls.enabled=true and tls.existingSecret" }}
 {{- end }}
 {{- if and $submission (not $v.smtp.auth.existingSecret) }}
 {{- fail (printf "%s: the submission profile needs SMTP AUTH users: set smtp.auth.existingSecret to a Secret whose key %s holds user:$argon2id$... lines" (join ", " $submission) (default "users" $v.smtp.auth.usersKey)) }}
@@ -206,7 +212,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $inbound "trusted_proxies" $v.proxyProtocol.trustedProxies }}
 {{- end }}
 {{- if $v.tls.enabled }}
-{{- $_ := set $inbound "tls" (dict "cert_file" "/etc/smtpfleet/tls/tls.crt" "key_file" "/etc/smtpfleet/tls/tls.key" "reload_interval_s" $v.tls.reloadIntervalSeconds) }}
+{{- $ticketKey := "" }}
+{{- if $v.tls.ticketKeySecret }}
+{{- $ticketKey = printf "/etc/smtpfleet/tls-ticket/%s" (default "ticket.key" $v.tls.ticketKeyKey) }}
+{{- end }}
+{{- $_ := set $inbound "tls" (dict "cert_file" "/etc/smtpfleet/tls/tls.crt" "key_file" "/etc/smtpfleet/tls/tls.key" "ticket_key_file" $ticketKey "reload_interval_s" $v.tls.reloadIntervalSeconds) }}
 {{- end }}
 {{- if $v.smtp.auth.existingSecret }}
 {{- $_ := set $inbound "auth" (dict "users_file" (printf "/etc/smtpfleet/auth/%s" (default "users" $v.smtp.auth.usersKey))) }}
