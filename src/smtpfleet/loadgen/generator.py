@@ -73,17 +73,20 @@ class _Session:
         self.writer.write(text)
         return await self.reply()
 
-    async def send(self, data: bytes) -> int:
-        """MAIL, RCPT, DATA and the message; the final reply code."""
+    async def send(self, data: bytes) -> tuple[int, float | None]:
+        """MAIL, RCPT, DATA and the message: the final reply code, and the accept latency
+        (the message with its final dot written to its reply read; None when not sent)."""
         for command in (f"MAIL FROM:<{SENDER}>\r\n", f"RCPT TO:<{RECIPIENT}>\r\n"):
             code = await self.command(command.encode())
             if code != 250:
                 await self.command(b"RSET\r\n")
-                return code
+                return code, None
         code = await self.command(b"DATA\r\n")
         if code != 354:
-            return code
-        return await self.command(data)
+            return code, None
+        started = time.perf_counter()
+        code = await self.command(data)
+        return code, time.perf_counter() - started
 
 
 async def _open(
@@ -188,10 +191,10 @@ class _Client:
         run = self._run
         try:
             session = await self._ready_session()
-            started = time.perf_counter()
             async with asyncio.timeout(run.timeout_s):
-                code = await session.send(message_bytes(tag, run.size))
-            run.result.latencies_s.append(time.perf_counter() - started)
+                code, latency_s = await session.send(message_bytes(tag, run.size))
+            if latency_s is not None:
+                run.result.latencies_s.append(latency_s)
             self._used += 1
             if code == 421:
                 self._close()
