@@ -70,7 +70,11 @@ def _ssl_ctx(context: ssl.SSLContext, libssl: ctypes.CDLL) -> int:
 @functools.cache
 def _libssl() -> ctypes.CDLL:
     """The libssl that Python's `ssl` module runs on (already loaded: this opens no other)."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        raise TicketKeyError("shared TLS ticket keys need Linux's /proc/self/maps") from None
+    for line in maps.splitlines():
         path = line.split(maxsplit=5)[-1]
         if "/libssl.so" in path:
             libssl = ctypes.CDLL(path)
