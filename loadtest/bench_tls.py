@@ -132,9 +132,9 @@ async def measure(
     tls: TlsFiles,
     pids: list[int],
 ) -> dict[str, Figure]:
+    before = sink.count
     warm = await run_load([target], total=100, concurrency=10, starttls=tls.client_context())
-    await sink.wait_for(sink.count)  # nothing of the warm-up still in flight
-    del warm
+    await sink.wait_for(before + warm.accepted)  # nothing of the warm-up still in flight
     figures = {}
     for mode in MODES:
         figure = await throughput(sink, target, args, mode, pids)
