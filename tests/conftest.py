@@ -9,6 +9,7 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -17,6 +18,7 @@ import redis
 
 from smtpfleet.testing.redis_server import RedisServer
 from smtpfleet.testing.sink import Sink
+from smtpfleet.testing.tls import TlsFiles, make_tls_files
 
 TASK_DUMP_LEAD_S = 3.0
 
@@ -113,6 +115,12 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> TlsFiles:
+    """A throwaway CA and a loopback certificate (trustme): clients trust that CA only."""
+    return make_tls_files(tmp_path / "tls")
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from smtpfleet.queue.keys import Keys
 from smtpfleet.testing import node_config, running_node
 from smtpfleet.testing.inbound import Front, inbound_front
 from smtpfleet.testing.sink import Sink
-from smtpfleet.testing.tls import TlsFiles, make_tls_files
+from smtpfleet.testing.tls import TlsFiles
 from smtpfleet.testing.tools import need_program
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,11 +53,6 @@ def plain(user: str, password: str) -> str:
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-@pytest.fixture
-def certs(tmp_path: Path) -> TlsFiles:
-    return make_tls_files(tmp_path / "tls")
 
 
 @pytest.fixture

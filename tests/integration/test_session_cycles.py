@@ -12,7 +12,6 @@ import asyncio
 import gc
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -20,16 +19,11 @@ import pytest
 from smtpfleet.inbound.server import InboundSMTP
 from smtpfleet.testing import eventually
 from smtpfleet.testing.inbound import Front, inbound_front
-from smtpfleet.testing.tls import TlsFiles, make_tls_files
+from smtpfleet.testing.tls import TlsFiles
 
 pytestmark = pytest.mark.timeout(60)
 
 MESSAGE = b"Subject: hi\r\nMessage-ID: <cycles@test>\r\n\r\nbody\r\n"
-
-
-@pytest.fixture
-def certs(tmp_path: Path) -> TlsFiles:
-    return make_tls_files(tmp_path / "tls")
 
 
 @pytest.fixture

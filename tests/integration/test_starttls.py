@@ -32,11 +32,6 @@ SESSIONS = "smtpfleet_smtp_sessions_total"
 HANDSHAKES = "smtpfleet_tls_handshakes_total"
 
 
-@pytest.fixture
-def certs(tmp_path: Path) -> TlsFiles:
-    return make_tls_files(tmp_path / "tls")
-
-
 def tls_settings(certs: TlsFiles, **extra: Any) -> dict[str, Any]:
     return {
         "listen": ["127.0.0.1:0"],

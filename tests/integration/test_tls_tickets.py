@@ -17,15 +17,10 @@ from smtpfleet.errors import ConfigError
 from smtpfleet.inbound.tls_tickets import KEY_BYTES, TicketKeyError, read_key
 from smtpfleet.testing.inbound import inbound_front
 from smtpfleet.testing.localcluster import LocalCluster
-from smtpfleet.testing.tls import TlsFiles, make_tls_files, openssl_starttls
+from smtpfleet.testing.tls import TlsFiles, openssl_starttls
 from smtpfleet.testing.tools import need_program
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def certs(tmp_path: Path) -> TlsFiles:
-    return make_tls_files(tmp_path / "tls")
 
 
 @pytest.fixture

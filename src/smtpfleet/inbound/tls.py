@@ -58,14 +58,14 @@ def certificates(config: InboundTlsConfig) -> Reloading[ssl.SSLContext] | None:
     """The listeners' context, reloaded on change; None when no certificate is configured."""
     if not config.cert_file:
         return None
-    files = (config.cert_file, config.key_file)
+    ticket_key = (config.ticket_key_file,) if config.ticket_key_file else ()
 
     def load() -> ssl.SSLContext:
         key = read_key(config.ticket_key_file) if config.ticket_key_file else None
         return server_context(config.cert_file, config.key_file, key)
 
     return Reloading(
-        files + ((config.ticket_key_file,) if config.ticket_key_file else ()),
+        (config.cert_file, config.key_file, *ticket_key),
         load,
         interval_s=config.reload_interval_s,
         what=f"TLS certificate {config.cert_file}",
