@@ -11,7 +11,9 @@ at `--rate` and reports accept latency percentiles, for three set-ups of the sam
   - no deliveries (the only relay is paused): the accept path alone.
 
 The accept path and the delivery workers share one event loop, so this shows how much of the
-accept latency is queueing behind delivery work. Every server listens on 127.0.0.1 only.
+accept latency is queueing behind delivery work. After each set-up the node's garbage
+collections are printed from its `smtpfleet_gc_pause_seconds` histogram: each one stalls every
+session for its length. Every server listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 
 import uvloop
 from bench import SmtpSink, ensure_postfix_tools
+from prometheus_client.parser import text_string_to_metric_families
 
+from smtpfleet import http
 from smtpfleet.loadgen import run_load
 from smtpfleet.testing import run_cli
 from smtpfleet.testing.localcluster import LocalCluster
@@ -63,7 +67,42 @@ async def one_setup(name: str, sink: SmtpSink, args: argparse.Namespace) -> list
             p50, p90, p99 = (result.percentile_ms(q) for q in (0.5, 0.9, 0.99))
             print(f"  {name}: p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms", flush=True)
             p99s.append(p99)
+        for node in cluster.node_processes:
+            print(await gc_pauses(node.http_port), flush=True)
     return p99s
+
+
+async def gc_pauses(port: int) -> str:
+    """One line per generation: collections, their total and mean, and the bucket that
+    holds the longest (`smtpfleet_gc_pause_seconds`)."""
+    _, text = await http.get("/metrics", port=port)
+    count: dict[str, float] = {}
+    total: dict[str, float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            generation = sample.labels.get("generation")
+            if not sample.name.startswith("smtpfleet_gc_pause_seconds") or generation is None:
+                continue
+            if sample.name.endswith("_count"):
+                count[generation] = sample.value
+            elif sample.name.endswith("_sum"):
+                total[generation] = sample.value
+            elif sample.name.endswith("_bucket"):
+                le = float(sample.labels["le"])
+                buckets.setdefault(generation, []).append((le, sample.value))
+    lines = []
+    for generation in sorted(count):
+        n, ms = count[generation], total[generation] * 1000
+        if not n:
+            lines.append(f"    gc generation {generation}: no collection")
+            continue
+        longest = min((le for le, seen in buckets[generation] if seen >= n), default=0.0)
+        lines.append(
+            f"    gc generation {generation}: {n:.0f} collections, {ms:.0f} ms in all,"
+            f" mean {ms / max(n, 1):.2f} ms, each <= {longest * 1000:g} ms"
+        )
+    return "\n".join(lines)
 
 
 async def _pause(cluster: LocalCluster) -> None:

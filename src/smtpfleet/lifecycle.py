@@ -16,7 +16,7 @@ import uvloop
 
 from smtpfleet.config import Config
 from smtpfleet.errors import ConfigError, QueueUnavailable, RedisUnsuitable
-from smtpfleet.memory import return_freed_memory
+from smtpfleet.memory import freeze_startup_objects, return_freed_memory, watch_collections
 from smtpfleet.node import Node
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,13 @@ async def _serve(config: Config) -> int:
         log.error("cannot start: %s", exc)
         await node.close()
         return EXIT_STARTUP_FAILED
+    frozen = freeze_startup_objects()
+    log.info(
+        "%d start-up objects kept out of garbage collection",
+        frozen,
+        extra={"event": "gc_frozen", "objects": frozen},
+    )
+    unwatch = watch_collections(node.metrics.gc_pause())
     watchers = [
         asyncio.create_task(watch_parent(stop.set)),
         asyncio.create_task(_relay_event(node.drain_requested, stop)),
@@ -56,6 +63,7 @@ async def _serve(config: Config) -> int:
     for watcher in watchers:
         watcher.cancel()
     await node.drain()
+    unwatch()
     log.info("node %s stopped", node.node_id)
     return EXIT_OK
 

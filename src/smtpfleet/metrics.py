@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
 
@@ -216,6 +217,13 @@ class Metrics:
             "WAITAOF/WAIT sent: one per accept batch that asked for durability",
             registry=r,
         )
+        self.gc_pauses = Histogram(
+            "smtpfleet_gc_pause_seconds",
+            "Cyclic garbage collections, by generation: each one stalls every session",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self._zero_fill()
 
@@ -245,6 +253,15 @@ class Metrics:
             histogram.observe(commands)
             if confirmed:
                 confirmations.inc()
+
+        return observe
+
+    def gc_pause(self) -> Callable[[int, float], None]:
+        """The observer for `memory.watch_collections`: one histogram child per generation."""
+        children = [self.gc_pauses.labels(str(generation)) for generation in range(3)]
+
+        def observe(generation: int, seconds: float) -> None:
+            children[generation].observe(seconds)
 
         return observe
 

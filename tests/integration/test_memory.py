@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from smtpfleet import http
 from smtpfleet.testing import eventually, queue_is_empty, run_cli, send
 from smtpfleet.testing.localcluster import LocalCluster
 from smtpfleet.testing.tls import make_tls_files
@@ -131,3 +134,31 @@ def test_tls_reads_do_not_map_memory_per_record(tmp_path: Path) -> None:
     )
     faults = int(done.stdout)
     assert faults < 50, f"{faults} page faults for 500 TLS records"
+
+
+async def test_a_node_keeps_its_start_up_objects_out_of_garbage_collection() -> None:
+    """A full collection walks every tracked object and stalls every session meanwhile;
+    start-up's objects (tens of thousands) live as long as the node, so they are frozen."""
+    async with LocalCluster(nodes=1, sinks=1) as cluster:
+        node = cluster.node_processes[0]
+
+        def frozen() -> list[int]:
+            lines = node.log_path.read_text().splitlines()
+            events = [json.loads(line) for line in lines if line.startswith("{")]
+            return [e["objects"] for e in events if e.get("event") == "gc_frozen"]
+
+        await eventually(lambda: frozen() != [])
+        assert frozen()[0] > 10_000
+        for _ in range(20):  # and it serves as before
+            assert (await send(node.smtp)).code == 250
+        # Each collection it still makes is measured: the stall every session waited out.
+        status, text = await http.get("/metrics", port=node.http_port)
+        assert status == 200
+        pauses = {
+            sample.labels["generation"]: sample.value
+            for family in text_string_to_metric_families(text.decode())
+            for sample in family.samples
+            if sample.name == "smtpfleet_gc_pause_seconds_count"
+        }
+        assert set(pauses) == {"0", "1", "2"}
+        assert pauses["0"] > 0
