@@ -87,7 +87,7 @@ def freeze_startup_objects() -> int:
 
     A full collection walks every tracked object, and a node's start-up leaves about 60,000
     that will live as long as the process: each full collection stalled the event loop for
-    30-50 ms, so every accept in flight waited that long (docs/performance.md). Objects freed
+    20-50 ms, so every accept in flight waited that long (docs/performance.md). Objects freed
     by reference counting are freed as before; only cycles among these would now stay.
     """
     gc.collect()
