@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GC_GENERATIONS = ("0", "1", "2")  # Python's collector: youngest to full
 GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
@@ -258,7 +259,7 @@ class Metrics:
 
     def gc_pause(self) -> Callable[[int, float], None]:
         """The observer for `memory.watch_collections`: one histogram child per generation."""
-        children = [self.gc_pauses.labels(str(generation)) for generation in range(3)]
+        children = [self.gc_pauses.labels(generation) for generation in GC_GENERATIONS]
 
         def observe(generation: int, seconds: float) -> None:
             children[generation].observe(seconds)
@@ -281,3 +282,5 @@ class Metrics:
             self.proxy_headers.labels(result)
         for limit in ("sessions", "messages", "recipients", "data_rate"):
             self.client_limit_refusals.labels(limit)
+        for generation in GC_GENERATIONS:
+            self.gc_pauses.labels(generation)
