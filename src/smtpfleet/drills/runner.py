@@ -53,6 +53,7 @@ CLUSTER_SHARDS = 64
 
 SAMPLE_S = 0.25
 PEAK_S = 4.0  # how long the peak measurement pushes unpaced load
+DETECT_GRACE_S = 0.5  # past the objective, so a late detection is measured (and fails)
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,7 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     await scenario.inject(ctx)
     detector = asyncio.create_task(_detect(scenario, ctx, start, marks))
     await asyncio.sleep(timing.fault_s)
+    await _until_detected(scenario, detector, start + marks["inject"])
     if scenario.heal is not None:
         await scenario.heal(ctx)
         marks["heal"] = time.monotonic() - start
@@ -282,6 +284,18 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
         "live_declared_dead": _live_declared_dead(ctx.local, _cut_off(ctx)),
     }
     return _result(scenario, timing, load, start, timeline, marks, counts, ctx)
+
+
+async def _until_detected(scenario: Scenario, detector: asyncio.Task[None], inject: float) -> None:
+    """Hold the fault past its window while the probe has not fired, up to the scenario's
+    detection objective: healing first would take away what is to be detected, and a cluster
+    that notices after the window but within its objective would read "not measured"."""
+    bound = scenario.objectives.get("detection_s")
+    if scenario.detected is None or not isinstance(bound, int | float):
+        return
+    left = inject + float(bound) + DETECT_GRACE_S - time.monotonic()
+    if left > 0:
+        await asyncio.wait({detector}, timeout=left)
 
 
 async def _until_accepting_again(
