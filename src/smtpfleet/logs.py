@@ -78,7 +78,9 @@ _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # built once, n
 def _json_line(created: float, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
     entry: dict[str, Any] = {"ts": _iso_utc(created), "level": level, "logger": logger, "msg": msg}
     for key, value in fields.items():
-        if key not in _STANDARD and not key.startswith("_"):
+        # A field named like the line's own keys (`ts`, `level`, ...) does not replace them:
+        # a log shipper must be able to trust when, how bad and from where.
+        if key not in _STANDARD and key not in entry and not key.startswith("_"):
             entry[key] = value
     return _ENCODER.encode(entry)
 

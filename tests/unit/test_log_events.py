@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from smtpfleet.logs import JsonFormatter, TickHandler, info_event
@@ -57,6 +57,7 @@ FIELDS = st.dictionaries(
 
 
 @given(msg=st.text(max_size=30).filter(lambda m: "%" not in m), fields=FIELDS)
+@example(msg="", fields={"ts": None, "level": "error", "logger": 1})
 def test_an_event_line_is_the_line_logging_writes(msg: str, fields: dict[str, object]) -> None:
     logger = logging.getLogger(f"{NAME}.prop")
     stream = io.StringIO()
@@ -72,7 +73,8 @@ def test_an_event_line_is_the_line_logging_writes(msg: str, fields: dict[str, ob
         logger.removeHandler(handler)
     fast, slow = stream.getvalue().splitlines()
     assert _without_ts(fast) == _without_ts(slow)
-    assert json.loads(fast)["msg"] == msg
+    line = json.loads(fast)
+    assert (line["msg"], line["level"], line["logger"]) == (msg, "info", f"{NAME}.prop")
 
 
 async def test_an_event_for_the_json_handler_makes_no_log_record(
