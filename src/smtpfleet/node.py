@@ -110,6 +110,7 @@ class Node:
             observe=self.health.record,
             metrics=self.metrics,
         )
+        self.queue.hand_over_to(self.worker)  # accepts read their own entries for it
         self._tasks: list[asyncio.Task[None]] = []
         self.http: HttpServer | None = None
         if config.http.listen:

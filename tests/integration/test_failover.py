@@ -127,8 +127,11 @@ async def test_stopped_relay_is_ejected_fast_and_rejoins() -> None:
         await reborn.start()
         try:
             await eventually(lambda: all_see(cluster, "relay-1", "1"), timeout_s=10)
-            for _ in range(20):
-                assert (await send(cluster.node_processes[0].smtp)).code == 250
+            # Twenty recipient domains, so that some route to relay-1 first (one domain
+            # would reach it only when its first relay is busy enough to pass keys on).
+            for i in range(20):
+                rcpt = (f"rcpt@d{i}.example.net",)
+                assert (await send(cluster.node_processes[0].smtp, recipients=rcpt)).code == 250
             await eventually(lambda: reborn.count > 0, timeout_s=10)
         finally:
             await reborn.stop()

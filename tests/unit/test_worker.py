@@ -20,6 +20,7 @@ from smtpfleet.delivery.outcome import PARK_MS
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.envelope import Kind, QueuedMessage, new_qid, now_ms
 from smtpfleet.metrics import Metrics
+from smtpfleet.queue.classes import TrafficClasses
 from smtpfleet.queue.deliveries import Delivery
 from smtpfleet.relays.ring import Ring, routing_key
 from smtpfleet.testing import eventually
@@ -317,3 +318,37 @@ async def test_redis_away_mid_delivery_leaves_the_entry_for_the_rescan(bench: Be
 
 def _ok() -> Verdict:
     return classify_reply(250, "2.0.0 ok")
+
+
+async def test_an_accept_may_read_for_the_worker_only_when_its_reader_would() -> None:
+    # queue.LocalReader: the accept reads its own entry for this worker when the worker's
+    # reader would read one now; otherwise the entry waits in the stream for any reader.
+    config = make_config(
+        queue={"classes": [{"name": "urgent", "tenants": ["otp"]}, {"name": "bulk"}]},
+        delivery={"concurrency": 1},
+    )
+    bench = Bench(config=config)
+    top, lower = TrafficClasses.from_config(config.queue).lanes
+    assert not bench.worker.wants(top)  # not started
+    bench.worker.start()
+    try:
+        await eventually(lambda: bench.worker.wants(top))  # its own pending were read again
+        assert not bench.worker.wants(lower)  # the reader fills slots in class order
+        bench.fenced = True
+        assert not bench.worker.wants(top)
+        bench.fenced = False
+        bench.healthy = set()
+        assert not bench.worker.wants(top)
+        bench.healthy = {"relay-1", "relay-2"}
+        gate = asyncio.Event()
+        message = bench.message()
+        for name in bench.order(message):
+            bench.relays.relay(name).before_send = gate.wait  # the one slot stays busy
+        bench.worker.take(bench.queue.hand_out(message, "node-a"))
+        assert bench.worker.in_flight == 1
+        assert not bench.worker.wants(top)
+        gate.set()
+        await eventually(lambda: bench.worker.in_flight == 0)
+        assert bench.worker.wants(top)
+    finally:
+        await bench.worker.stop(0.0)

@@ -101,6 +101,26 @@ class DeliveryWorker:
             background("outcome-counts", self._outcomes_loop, restarted),
         ]
 
+    @property
+    def consumer(self) -> str:
+        return self._consumer
+
+    def wants(self, lane: str) -> bool:
+        """Whether the reader would read a new entry of this traffic class now: a free slot,
+        a relay to send to, not fenced, nothing of our own to read again first
+        (queue.LocalReader). Only the first class is taken as accepted: the others wait for
+        the reader, which fills the slots in class order."""
+        if self._stopping or self._rescan or not self._loops or lane != self._classes.lanes[0]:
+            return False
+        free = self._config.delivery.concurrency - len(self._inflight)
+        return free > 0 and self._may_deliver() and bool(self._healthy())
+
+    def take(self, delivery: Delivery) -> None:
+        """An entry our own accept read for us as it wrote it (queue.LocalReader). Once we
+        are stopping it stays pending under our consumer, for whoever takes over from us."""
+        if not self._stopping and delivery.key not in self._inflight:
+            self._spawn(delivery)
+
     def adopt(self, deliveries: list[Delivery]) -> None:
         """Deliver entries claimed from a dead node."""
         self._metrics.redeliveries.inc(len(deliveries))

@@ -49,6 +49,22 @@ class Body:
     confirmed: bool  # durability was confirmed before the client got 250
 
 
+class LocalReader(Protocol):
+    """The worker of the process that accepts: it may take an entry as it is written."""
+
+    @property
+    def consumer(self) -> str: ...
+
+    def wants(self, lane: str) -> bool:
+        """Whether it would read a new entry of this traffic class now (a free slot, a
+        relay, not fenced)."""
+        ...
+
+    def take(self, delivery: Delivery) -> None:
+        """Deliver this entry, read for this consumer as it was written."""
+        ...
+
+
 class DeliveryQueue(Spool, Protocol):
     """The delivery side of the queue (enqueue, from Spool, is how a DSN is queued)."""
 

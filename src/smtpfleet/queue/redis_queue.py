@@ -35,7 +35,7 @@ from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import BatchObserver, Command, Confirmation, Confirmed
 from smtpfleet.queue.classes import TrafficClasses
 from smtpfleet.queue.connection import RedisClient, RedisConnection, connect
-from smtpfleet.queue.deliveries import Body, Delivery
+from smtpfleet.queue.deliveries import Body, Delivery, LocalReader
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
 from smtpfleet.queue.local_accepts import LocalAccepts
 from smtpfleet.queue.replica_watch import ReplicaWatch
@@ -114,6 +114,11 @@ class RedisQueue:
         self._rotation = itertools.count()
         self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))
         self._local = LocalAccepts()
+        self._reader: LocalReader | None = None
+
+    def hand_over_to(self, reader: LocalReader) -> None:
+        """Let this process's worker take its own accepts as they are written (ENQUEUE)."""
+        self._reader = reader
 
     @property
     def client(self) -> RedisClient:
@@ -298,7 +303,9 @@ class RedisQueue:
         results = await guarded(
             lambda: self._script(shard, self._enqueue, keys, args, accept=True, confirm=confirm)
         )
-        outcome = [text(part) for part in results[0]]
+        outcome = [text(part) for part in results[0][:3]]
+        if len(results[0]) == 4:
+            self._hand_over(shard, outcome[2], results[0][3], entry.traffic_class)
         if outcome[0] == "full":
             raise QueueFull("queue above its high-water mark")
         if confirm:
@@ -313,6 +320,18 @@ class RedisQueue:
             route = await self._routes.for_shard(shard)
             route.accepts.send(("EVAL", scripts.CONFIRM, 1, body_key))
         return EnqueueResult(qid=message.qid)
+
+    def _reader_for(self, lane: str) -> str:
+        """The consumer an accept reads its entry for: ours when our worker wants it now."""
+        reader = self._reader
+        return reader.consumer if reader is not None and reader.wants(lane) else ""
+
+    def _hand_over(self, shard: int, entry_id: str, raw: bytes | str, lane: str) -> None:
+        """The entry the accept read for this process (pending under its consumer now): to
+        its worker, before the confirmation is checked, so that a failed one is finished as
+        cancelled rather than left pending."""
+        assert self._reader is not None
+        self._reader.take(Delivery(shard, entry_id, QueuedMessage.decode(raw), lane))
 
     def _require_confirmation(self, mode: Durability, confirmed: Confirmed) -> None:
         reply = confirmed.reply
@@ -354,6 +373,8 @@ class RedisQueue:
             ttl_ms,
             high_water,
             "1" if confirmed else "0",
+            GROUP,
+            self._reader_for(entry.traffic_class),
         ]
 
     async def _cancel_quietly(self, shard: int, message: NewMessage) -> None:

@@ -6,8 +6,12 @@ from typing import Final
 
 # KEYS: stream, body, retry, dedupe, then (stream, retry) of each other traffic class of the
 # shard: the high-water mark bounds the shard's whole queue, whatever the classes.
-# ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok
-# Returns {"ok", stream_id} | {"dup", original_qid} | {"full"}.
+# ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok, group, consumer
+# Returns {"ok", stream_id} | {"ok", stream_id, read_id, read_entry} | {"dup", original_qid}
+# | {"full"}. With a consumer, the accepting process reads the stream's next new entry for
+# itself in the same step (its own, unless older ones wait unread): its worker holds that body
+# in memory and knows when it is confirmed, where another process would load the body and poll
+# for the confirmation mark. A blocked reader is only served once the script is done.
 ENQUEUE: Final = """
 local dedupe = tonumber(ARGV[4]) > 0
 if dedupe then
@@ -39,6 +43,16 @@ else
 end
 local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 if dedupe then redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[4]) end
+if ARGV[8] ~= '' then
+  -- pcall: without the group (deleted under us) the accept still stands; the reader
+  -- creates the group again.
+  local got = redis.pcall(
+    'XREADGROUP', 'GROUP', ARGV[7], ARGV[8], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  if type(got) == 'table' and got[1] then
+    local read = got[1][2][1]
+    return {'ok', id, read[1], read[2][2]}
+  end
+end
 return {'ok', id}
 """
 
