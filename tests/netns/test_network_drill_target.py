@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from smtpfleet.testing.netns_cluster import NetnsCluster, hostport
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 RELAY_PORT = 2525
+RELAY_REPLY_S = 0.15  # a delivery's four replies: 0.6 s, about six in flight on node-1
 
 
 @pytest.fixture
@@ -115,10 +117,21 @@ def _drill(target: Path, out: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _answer_after(relays: list[dict[str, str]], delay_s: float) -> None:
+    """Each relay reply this late, as a real relay's are: node-1 then holds deliveries when
+    it is cut off, work for the survivors to take over (relays that answer at once left it
+    none at times, and the takeovers floor failed with nothing to take over)."""
+    for relay in relays:
+        url = f"http://{relay['http']}/control?delay_s={delay_s}"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            assert json.loads(answer.read())["delay_s"] == delay_s
+
+
 async def test_net_redis_cut_through_a_target_files_commands(
     cluster: NetnsCluster, relays: list[dict[str, str]], tmp_path: Path
 ) -> None:
     target = _target(cluster, relays, tmp_path)
+    _answer_after(relays, RELAY_REPLY_S)
     done = _drill(target, tmp_path / "out")
     assert done.returncode == 0, done.stdout + done.stderr
     # It said what it would do before doing it.

@@ -30,6 +30,10 @@ __all__ = ["NET_SCENARIOS"]
 
 FENCE_LOG = "stops starting deliveries"
 PROBE_TIMEOUT_S = 10.0
+# net-redis-cut: each relay reply this late while the cut is made, so that node-1 holds some
+# deliveries (at 10 msg/s a node, about eight). A health check's three replies stay well
+# inside the drills' 1 s timeout.
+HELD_REPLY_S = 0.2
 SLOW_DELAY_MS = 200
 SLOW_LOSS_PERCENT = 5.0
 # On a lossy link one heartbeat write can stall for seconds in TCP retransmission (200 ms,
@@ -104,9 +108,25 @@ async def _probe_node1(ctx: DrillContext) -> None:
     _measure(ctx, "cut_node_fenced", int(FENCE_LOG in log))
 
 
+def _relays_answer_after(ctx: DrillContext, delay_s: float) -> None:
+    for sink in _netns(ctx).sink_servers:
+        sink.faults.delay_s = delay_s
+
+
+async def _cut_redis_mid_delivery(ctx: DrillContext) -> None:
+    """Relays answer slowly for a moment first, so that node-1 holds deliveries when its wire
+    to Redis is cut: work for the others to take over. With relays that answer at once,
+    node-1 (which delivers its own accepts as it takes them) often held none at the cut, and
+    the drill proved nothing about the takeover."""
+    _relays_answer_after(ctx, HELD_REPLY_S)
+    await asyncio.sleep(4 * HELD_REPLY_S)  # a delivery's four replies: MAIL, RCPT, DATA, dot
+    await _cut(("node1", "redis"), isolated=(1,))(ctx)
+
+
 async def _heal_redis_cut(ctx: DrillContext) -> None:
     await _probe_node1(ctx)
     await _heal_cuts(ctx)
+    _relays_answer_after(ctx, 0.0)
 
 
 async def _relay_views(ctx: DrillContext) -> None:
@@ -186,7 +206,7 @@ NET_SCENARIOS = [
         "net-redis-cut",
         "node-1 loses Redis on the wire: it fences itself (4xx), the others take over its "
         "work; nothing acknowledged is lost",
-        inject=_cut(("node1", "redis"), isolated=(1,)),
+        inject=_cut_redis_mid_delivery,
         heal=_heal_redis_cut,
         detected=_node1_fenced,
         objectives={**NO_LOSS, "client_errors": 0, "detection_s": 5, "duplicates": IN_FLIGHT},
