@@ -44,8 +44,8 @@ end
 local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 if dedupe then redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[4]) end
 if ARGV[8] ~= '' then
-  -- pcall: without the group (deleted under us) the accept still stands; the reader
-  -- creates the group again.
+  -- pcall: should the group be gone (deleted under us), the accept still stands and its
+  -- entry waits in the stream as before.
   local got = redis.pcall(
     'XREADGROUP', 'GROUP', ARGV[7], ARGV[8], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
   if type(got) == 'table' and got[1] then
