@@ -214,3 +214,22 @@ async def test_two_nodes_deliver_their_own_accepts_without_loading_a_body(
             assert (await send(node.inbound.addresses[0])).code == 250
         await eventually(lambda: sink.count == 20)
         assert _hmget_calls(redis_client) == before
+
+
+async def test_an_accept_stands_when_the_consumer_group_is_gone(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    # No group on the stream (deleted under a running node): the read fails inside the
+    # script, and the accept must not fail with it.
+    config = node_config(redis_url, [], {"redis": {"prefix": prefix}})
+    queue = RedisQueue(config.redis, config.queue)
+    reader = _Reader("here")
+    queue.hand_over_to(reader)
+    try:
+        message = _message(0)
+        result = await queue.enqueue(message)
+        assert result.qid == message.qid
+        assert reader.taken == []
+        assert redis_client.xlen(queue.keys.stream(0, queue.keys.lanes[0])) == 1
+    finally:
+        await queue.close()
