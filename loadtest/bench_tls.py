@@ -208,6 +208,16 @@ def report(runs: list[dict[str, dict[str, Figure]]], args: argparse.Namespace) -
             msg_s = median(path, mode, lambda f: f.rate)
             cells += [f"{msg_s:,.0f}", f"{msg_s / median(postfix, mode, lambda f: f.rate):.2f}x"]
         print(f"| {path} | {' | '.join(cells)} |")
+    print("\nEach run's own ratio to Postfix (the same run's Postfix), and their median\n")
+    print("| path | " + " | ".join(MODES) + " |")
+    print("|---|" + "---|" * len(MODES))
+    for path in runs[0]:
+        cells = []
+        for mode in MODES:
+            ratios = [run[path][mode].rate / run[postfix][mode].rate for run in runs]
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            cells.append(f"{each} ({statistics.median(ratios):.2f}x)")
+        print(f"| {path} | {' | '.join(cells)} |")
     print(
         "\nServer CPU per message (the node and its Redis, or all of Postfix), and Postfix's "
         "CPU per message divided by this path's\n"
