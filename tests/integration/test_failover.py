@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from smtpfleet.config import RedisConfig
+from smtpfleet import http
+from smtpfleet.config import HealthConfig, RedisConfig
 from smtpfleet.queue.keys import Keys
 from smtpfleet.testing import (
     FAST_RETRY,
@@ -40,6 +41,10 @@ FAST: dict[str, Any] = {
 }
 DETECTION_BOUND_S = HEALTH["fall"] * HEALTH["interval_s"] + HEALTH["timeout_s"]
 SLACK_S = 2.0
+# A relay that failed real deliveries (passive checks) stays ejected for `ejection_s` even
+# once its health checks pass again, as Envoy's outlier ejection does: a relay that comes
+# back soon after it went away rejoins within that, then the checks' `rise`.
+REJOIN_BOUND_S = HealthConfig().ejection_s + DETECTION_BOUND_S + SLACK_S
 KEYS = Keys(RedisConfig().prefix, RedisConfig().shards)  # the local cluster's defaults
 
 
@@ -79,6 +84,20 @@ async def views(cluster: LocalCluster, relay: str) -> dict[str, str]:
 
 async def all_see(cluster: LocalCluster, relay: str, state: str) -> bool:
     return set((await views(cluster, relay)).values()) == {state}
+
+
+async def all_route_to(cluster: LocalCluster, relay: str) -> bool:
+    """Every node routes to the relay again: its cluster verdict and its own view say up.
+    The views in Redis come first; each node reads the others' on its next check."""
+    for node in cluster.node_processes:
+        if not node.running:
+            continue
+        status, body = await http.get("/metrics", port=node.http_port, host=node.host)
+        text = body.decode() if status == 200 else ""
+        for view in ("cluster", "node"):
+            if f'smtpfleet_relay_up{{relay="{relay}",view="{view}"}} 1.0' not in text:
+                return False
+    return True
 
 
 async def test_sigkill_of_a_node_under_load_loses_nothing() -> None:
@@ -126,12 +145,10 @@ async def test_stopped_relay_is_ejected_fast_and_rejoins() -> None:
         reborn = Sink(port=port, name="relay-1-again")
         await reborn.start()
         try:
-            await eventually(lambda: all_see(cluster, "relay-1", "1"), timeout_s=10)
-            # Twenty recipient domains, so that some route to relay-1 first (one domain
-            # would reach it only when its first relay is busy enough to pass keys on).
-            for i in range(20):
-                rcpt = (f"rcpt@d{i}.example.net",)
-                assert (await send(cluster.node_processes[0].smtp, recipients=rcpt)).code == 250
+            await eventually(lambda: all_see(cluster, "relay-1", "1"), timeout_s=REJOIN_BOUND_S)
+            await eventually(lambda: all_route_to(cluster, "relay-1"), timeout_s=5)
+            for _ in range(20):
+                assert (await send(cluster.node_processes[0].smtp)).code == 250
             await eventually(lambda: reborn.count > 0, timeout_s=10)
         finally:
             await reborn.stop()
@@ -191,7 +208,8 @@ async def test_standby_tier_takes_over_and_traffic_returns() -> None:
             back = Sink(port=port, name="primary-again")
             await back.start()
             try:
-                await eventually(lambda: all_see(cluster, "relay-1", "1"), timeout_s=10)
+                await eventually(lambda: all_see(cluster, "relay-1", "1"), timeout_s=REJOIN_BOUND_S)
+                await eventually(lambda: all_route_to(cluster, "relay-1"), timeout_s=5)
                 for _ in range(5):
                     assert (await send(node)).code == 250
                 await eventually(lambda: back.count == 5, timeout_s=10)  # failback
