@@ -409,11 +409,10 @@ def _median(runs: list[list[Figure]], i: int) -> Figure:
     return Figure(first.path, first.shape, *values, cores=cores)
 
 
-def _run_by_run(runs: list[list[Figure]], i: int, postfix: int) -> str:
+def run_by_run(ratios: list[float]) -> str:
     """Each run's own ratio to Postfix, and their median: a run compares both under the same
     conditions, where the ratio of the medians may pair figures of different runs (Postfix
-    alone moves by a third between runs on this machine)."""
-    ratios = [r[i].msg_per_s / (r[postfix].msg_per_s or 1.0) for r in runs]
+    alone moves by a third between runs on this machine). bench_tls.py prints them too."""
     each = ", ".join(f"{x:.2f}" for x in ratios)
     return f"{each} ({statistics.median(ratios):.2f}x)"
 
@@ -437,9 +436,10 @@ def report(runs: list[list[Figure]], args: argparse.Namespace) -> None:
         for i, f in zip(indexes, rows, strict=True):
             cpu = f"{f.cpu_ms_per_msg:.2f}" if f.cpu_ms_per_msg else "-"
             lat = f"{f.p50_ms:.1f} / {f.p99_ms:.1f}" if f.p99_ms else "-"
+            ratios = [r[i].msg_per_s / (r[indexes[-1]].msg_per_s or 1.0) for r in runs]
             print(
                 f"| {f.path} | {f.msg_per_s:,.0f} | {f.msg_per_s / postfix:.2f}x "
-                f"| {_run_by_run(runs, i, indexes[-1])} "
+                f"| {run_by_run(ratios)} "
                 f"| {f.msg_per_s / ceiling:.2f}x | {cpu} | {f.tail_s:.2f} | {lat} |"
             )
         print(f"\nwhere the {os.cpu_count()} cores went during the load (cores used)\n")

@@ -212,11 +212,10 @@ def report(runs: list[dict[str, dict[str, Figure]]], args: argparse.Namespace) -
     print("| path | " + " | ".join(MODES) + " |")
     print("|---|" + "---|" * len(MODES))
     for path in runs[0]:
-        cells = []
-        for mode in MODES:
-            ratios = [run[path][mode].rate / run[postfix][mode].rate for run in runs]
-            each = ", ".join(f"{x:.2f}" for x in ratios)
-            cells.append(f"{each} ({statistics.median(ratios):.2f}x)")
+        cells = [
+            bench.run_by_run([run[path][mode].rate / run[postfix][mode].rate for run in runs])
+            for mode in MODES
+        ]
         print(f"| {path} | {' | '.join(cells)} |")
     print(
         "\nServer CPU per message (the node and its Redis, or all of Postfix), and Postfix's "

@@ -112,14 +112,16 @@ class DeliveryWorker:
         the reader, which fills the slots in class order."""
         if self._stopping or self._rescan or not self._loops or lane != self._classes.lanes[0]:
             return False
-        free = self._config.delivery.concurrency - len(self._inflight)
-        return free > 0 and self._may_deliver() and bool(self._healthy())
+        return self._free_slots() > 0 and self._may_deliver() and bool(self._healthy())
 
     def take(self, delivery: Delivery) -> None:
         """An entry our own accept read for us as it wrote it (queue.LocalReader). Once we
         are stopping it stays pending under our consumer, for whoever takes over from us."""
         if not self._stopping and delivery.key not in self._inflight:
             self._spawn(delivery)
+
+    def _free_slots(self) -> int:
+        return self._config.delivery.concurrency - len(self._inflight)
 
     def adopt(self, deliveries: list[Delivery]) -> None:
         """Deliver entries claimed from a dead node."""
@@ -152,7 +154,7 @@ class DeliveryWorker:
     async def _read_loop(self) -> None:
         failures = 0
         while not self._stopping:
-            free = self._config.delivery.concurrency - len(self._inflight)
+            free = self._free_slots()
             if free <= 0 or (self._rescan and self._inflight):
                 await self._wait_for_slot()
                 continue

@@ -303,9 +303,11 @@ class RedisQueue:
         results = await guarded(
             lambda: self._script(shard, self._enqueue, keys, args, accept=True, confirm=confirm)
         )
-        outcome = [text(part) for part in results[0][:3]]
-        if len(results[0]) == 4:
-            self._hand_over(shard, outcome[2], results[0][3], entry.traffic_class)
+        reply = results[0]
+        outcome = [text(part) for part in reply[:3]]
+        if len(outcome) == 3:  # the accept read an entry for our worker
+            read = entry if len(reply) == 3 else QueuedMessage.decode(reply[3])
+            self._hand_over(Delivery(shard, outcome[2], read, entry.traffic_class))
         if outcome[0] == "full":
             raise QueueFull("queue above its high-water mark")
         if confirm:
@@ -326,12 +328,12 @@ class RedisQueue:
         reader = self._reader
         return reader.consumer if reader is not None and reader.wants(lane) else ""
 
-    def _hand_over(self, shard: int, entry_id: str, raw: bytes | str, lane: str) -> None:
+    def _hand_over(self, delivery: Delivery) -> None:
         """The entry the accept read for this process (pending under its consumer now): to
         its worker, before the confirmation is checked, so that a failed one is finished as
         cancelled rather than left pending."""
         assert self._reader is not None
-        self._reader.take(Delivery(shard, entry_id, QueuedMessage.decode(raw), lane))
+        self._reader.take(delivery)
 
     def _require_confirmation(self, mode: Durability, confirmed: Confirmed) -> None:
         reply = confirmed.reply

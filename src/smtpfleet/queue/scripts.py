@@ -7,11 +7,12 @@ from typing import Final
 # KEYS: stream, body, retry, dedupe, then (stream, retry) of each other traffic class of the
 # shard: the high-water mark bounds the shard's whole queue, whatever the classes.
 # ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok, group, consumer
-# Returns {"ok", stream_id} | {"ok", stream_id, read_id, read_entry} | {"dup", original_qid}
+# Returns {"ok", stream_id} | {"ok", stream_id, read_id[, read_entry]} | {"dup", original_qid}
 # | {"full"}. With a consumer, the accepting process reads the stream's next new entry for
 # itself in the same step (its own, unless older ones wait unread): its worker holds that body
 # in memory and knows when it is confirmed, where another process would load the body and poll
-# for the confirmation mark. A blocked reader is only served once the script is done.
+# for the confirmation mark. A blocked reader is only served once the script is done. The
+# entry comes back only when it is an older one: the caller has its own.
 ENQUEUE: Final = """
 local dedupe = tonumber(ARGV[4]) > 0
 if dedupe then
@@ -50,6 +51,7 @@ if ARGV[8] ~= '' then
     'XREADGROUP', 'GROUP', ARGV[7], ARGV[8], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
   if type(got) == 'table' and got[1] then
     local read = got[1][2][1]
+    if read[1] == id then return {'ok', id, id} end
     return {'ok', id, read[1], read[2][2]}
   end
 end
