@@ -23,6 +23,7 @@ from smtpfleet.errors import QueueUnavailable
 from smtpfleet.inbound.limits import LocalClientCounter
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.client_limits import RedisClientCounter
+from smtpfleet.queue.keys import GROUP
 from smtpfleet.queue.redis_cluster import ClusterStore
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.queue.routes import is_redirect
@@ -153,6 +154,16 @@ async def test_every_shard_enqueues_reads_and_finishes_on_its_primary(
         # The shards spread over all three primaries, each shard's keys in one slot.
         routes = await queue._routes.by_route(queue.keys.all_shards())
         assert len(routes) == 3
+
+
+async def test_reads_make_the_groups_again_on_every_primary_after_they_were_lost(
+    cluster: RedisClusterServers,
+) -> None:
+    async with open_queue(cluster) as queue:
+        sent = [(await queue.enqueue(message(s, s))).qid for s in range(SHARDS)]
+        for _, _, stream in queue.keys.all_streams():  # what a primary that lost its data has
+            assert await queue.client.xgroup_destroy(stream, GROUP) == 1
+        assert sorted(await drain(queue, sent, timeout_s=10)) == sorted(sent)
 
 
 async def test_closing_the_queue_disconnects_every_primarys_connections(

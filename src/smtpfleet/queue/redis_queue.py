@@ -70,6 +70,13 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
     return result
 
 
+def no_group(exc: QueueUnavailable) -> bool:
+    """Redis answered that the stream or its consumer group does not exist (NOGROUP)."""
+    cause = exc.__cause__
+    # In a pipeline redis-py puts "Command # N (...) of pipeline caused error: " first.
+    return isinstance(cause, ResponseError) and "NOGROUP" in str(cause)
+
+
 @contextlib.asynccontextmanager
 async def pipeline(client: RedisClient, *, transaction: bool) -> AsyncIterator[Any]:
     """`client.pipeline()`, opened inside the Redis boundary too: after a connection error a
@@ -259,6 +266,24 @@ class RedisQueue:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    async def _regrouped(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`guarded(call)`, again once the consumer groups are made if Redis had none (NOGROUP).
+
+        A Redis that lost its data (restarted without persistence, flushed, promoted from an
+        empty replica) has no group, and `XREADGROUP` fails on every read: without this every
+        reader would wait for a node restart while the accepts kept coming. The group is made
+        at id 0, so what is in the stream now is delivered: the accepts since the loss, and
+        entries left from before it (finished ones are deleted, never left behind).
+        """
+        try:
+            return await guarded(call)
+        except QueueUnavailable as exc:
+            if not no_group(exc):
+                raise
+            log.warning("redis: %s; making the consumer groups again", exc.__cause__)
+        await guarded(self.ensure_groups)
+        return await guarded(call)
+
     # -- Spool: the accept path -------------------------------------------------------------
 
     async def enqueue(self, message: NewMessage) -> EnqueueResult:
@@ -408,13 +433,15 @@ class RedisQueue:
         chosen = tuple(self.keys.lanes if lanes is None else lanes)
         if self._sharded:
             total = count if limit is None else min(count, limit)
-            return await guarded(lambda: self._read_sharded(consumer, total, block_ms, ">", chosen))
+            return await self._regrouped(
+                lambda: self._read_sharded(consumer, total, block_ms, ">", chosen)
+            )
         shards = self._some_shards(count, limit)
         streams: dict[Any, Any] = {
             self.keys.stream(s, lane): ">" for s in shards for lane in chosen
         }
         block = block_ms or None  # BLOCK 0 would wait for ever
-        reply = await guarded(
+        reply = await self._regrouped(
             lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block)
         )
         return self._parse_read(reply)
@@ -431,11 +458,13 @@ class RedisQueue:
     async def read_own_pending(self, consumer: str, count: int) -> list[Delivery]:
         """Entries this consumer read but never finished (e.g. Redis went away mid-delivery)."""
         if self._sharded:
-            return await guarded(
+            return await self._regrouped(
                 lambda: self._read_sharded(consumer, count, 0, "0", self.keys.lanes)
             )
         streams: dict[Any, Any] = {key: "0" for _, _, key in self.keys.all_streams()}
-        reply = await guarded(lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count))
+        reply = await self._regrouped(
+            lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count)
+        )
         return self._parse_read(reply)
 
     async def _read_sharded(
@@ -538,7 +567,7 @@ class RedisQueue:
         """The safety net: take over entries idle longer than any delivery attempt can take."""
         claimed: list[Delivery] = []
         for shard, lane, stream in self.keys.all_streams():
-            reply = await guarded(
+            reply = await self._regrouped(
                 lambda stream=stream: self._redis.xautoclaim(  # type: ignore[misc]
                     stream, GROUP, consumer, min_idle_ms, "0-0", count=count
                 )
@@ -645,6 +674,9 @@ class RedisQueue:
         return (await self._collect(now))[0]
 
     async def _collect(self, now: int) -> tuple[dict[str, dict[str, float]], int]:
+        return await self._regrouped(lambda: self._collect_once(now))
+
+    async def _collect_once(self, now: int) -> tuple[dict[str, dict[str, float]], int]:
         streams = self.keys.all_streams()
         async with pipeline(self._redis, transaction=False) as pipe:
             for shard, lane, stream in streams:
