@@ -80,6 +80,9 @@ ROLES = {
         "postfix",
     ),
 }
+# Roles whose processes are reaped by a process counted with its children's time (Postfix's
+# master, this script): see CpuWatch.stop.
+REAPED_INTO_COUNTED = ("postfix", "load tools")
 CORE_ROLES = ("machine busy", "node", "redis", "load tools", "sink", "postfix", "other")
 
 
@@ -91,8 +94,11 @@ class CpuWatch:
     (counted as "load tools"), Postfix's smtpd in its master.
     """
 
-    def __init__(self, node_pids: list[int]) -> None:
+    def __init__(self, node_pids: list[int], redis_pids: list[int] | None = None) -> None:
+        """`redis_pids`: the Redis processes that count as "redis" (None: every one); others
+        are "other", as another path's idle Redis is while this one is measured."""
         self._node_pids = node_pids
+        self._redis_pids = redis_pids
         self._started = time.perf_counter()
         self._machine = _machine_jiffies()
         self._procs = _process_seconds()
@@ -103,12 +109,22 @@ class CpuWatch:
         cores = dict.fromkeys(CORE_ROLES, 0.0)
         cores["machine busy"] = busy / max(total, 1) * (os.cpu_count() or 1)
         nodes = set(_with_children(self._node_pids))
-        for pid, (name, seconds) in _process_seconds().items():
+        now = _process_seconds()
+        for pid, (name, seconds) in now.items():
             used = seconds - self._procs.get(pid, (name, 0.0))[1]
             role = "node" if pid in nodes else ROLES.get(name, "other")
+            if role == "redis" and self._redis_pids is not None and pid not in self._redis_pids:
+                role = "other"
             if pid == os.getpid():
                 role = "load tools"  # its reaped smtp-source children, and its own sink reader
             cores[role] += used / elapsed
+        for pid, (name, seconds) in self._procs.items():
+            # A process that ended in the window was counted in its parent when reaped, with
+            # its whole life: Postfix's smtpd in master (one lives for 100 connections, so
+            # across the modes of bench_tls.py), smtp-source in this script. What it had
+            # used before the window was not this window's.
+            if pid not in now and ROLES.get(name) in REAPED_INTO_COUNTED:
+                cores[ROLES[name]] -= seconds / elapsed
         return cores
 
 
@@ -156,6 +172,31 @@ def _with_children(pids: list[int]) -> list[int]:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
             found += _with_children([int(c) for c in children])
     return found
+
+
+SERVER_ROLES = ("node", "redis", "postfix")
+
+
+def pin_servers(node_pids: list[int], core: int) -> int:
+    """Move the server under test to `core`: the node's processes, the Redis this script
+    started, and every Postfix daemon (those Postfix's master forks later inherit it).
+
+    Every thread of each process, as Linux keeps an affinity per thread. The load tools stay on
+    this script's own cores (`os.sched_setaffinity(0, ...)` before anything starts), so what
+    they spend cannot cap the server. Returns how many threads were moved.
+    """
+    nodes = set(_with_children(node_pids))
+    ours = set(_with_children([os.getpid()]))
+    moved = 0
+    for pid, (name, _) in _process_seconds().items():
+        role = "node" if pid in nodes else ROLES.get(name)
+        if role not in SERVER_ROLES or (role == "redis" and pid not in ours):
+            continue  # a Redis of somebody else's (Debian's service on 6379) is not ours to move
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), {core})
+                moved += 1
+    return moved
 
 
 def ensure_postfix_tools() -> None:

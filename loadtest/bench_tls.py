@@ -1,6 +1,6 @@
 """STARTTLS on every connection: does smtpfleet keep its ratio to Postfix? (issue #12)
 
-    sudo python loadtest/bench_tls.py [--messages 3000] [--sessions 50] [--runs 3]
+    sudo python loadtest/bench_tls.py [--messages 3000] [--sessions 50] [--runs 3] [--pin]
 
 `smtp-source` speaks no TLS, so the load here is `tls_source.c` (beside this script, built
 with the system's C compiler and OpenSSL when it runs): smtp-source's job in C, one message
@@ -13,8 +13,15 @@ The paths are bench.py's headline rows:
     `queue.durability: fsync`;
   - Postfix 3.7 as a relay with `smtpd_tls_security_level = may`;
 both with the same throwaway certificate (trustme's ECDSA P-256 key) and TLS 1.2 or newer,
-each counted at `smtp-sink` until the last accepted message is delivered. The figure that
-matters is the ratio to Postfix in each column: the claim is that TLS does not make it worse.
+each counted at `smtp-sink` until the last accepted message is delivered. All paths run for
+the whole run and are measured one after the other within each mode, so the two figures of a
+ratio are seconds apart. The figure that matters is the ratio to Postfix in each column: the
+claim is that TLS does not make it worse.
+
+On two cores the load tool's own TLS (1.8-2.3 ms of CPU per connection, OpenSSL 3.0's client
+handshake) shares the machine with the server and caps every TLS row near the same rate.
+`--pin` puts the server under test on core 0 and this script with its load on core 1, so each
+server's figure is what it does with one core of its own (one worker; no two-worker row).
 Next to it, the CPU each server spent per message (bench.CpuWatch: the node and its Redis, or
 all of Postfix's processes), which does not depend on how much the load tool takes.
 """
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -46,7 +55,9 @@ from smtpfleet.testing.tls import TlsFiles, make_tls_files
 # Each mode's tls-source flags.
 MODES = {"clear": ["-P"], "STARTTLS": [], "STARTTLS, resumed": ["-R"]}
 # The server's own processes in bench.CpuWatch's roles: smtpfleet's node and Redis, or Postfix.
-SERVER_ROLES = ("node", "redis", "postfix")
+SERVER_ROLES = bench.SERVER_ROLES
+# With --pin: the server under test on one core, this script and its load tool on the other.
+SERVER_CORE, LOAD_CORE = 0, 1
 SOURCE = Path(__file__).with_name("tls_source.c")
 
 
@@ -99,19 +110,25 @@ async def tls_source(
     return summary
 
 
+@dataclass
+class Server:
+    """One server under test: where to send, and its processes for the CPU figures."""
+
+    name: str
+    target: tuple[str, int]
+    node_pids: list[int]
+    redis_pids: list[int]
+
+
 async def throughput(
-    sink: bench.SmtpSink,
-    target: tuple[str, int],
-    args: argparse.Namespace,
-    mode: str,
-    pids: list[int],
+    sink: bench.SmtpSink, path: Server, args: argparse.Namespace, mode: str
 ) -> Figure:
     """msg/s until the last accepted message is at the sink, and the CPU each role spent."""
     before = sink.count
-    watch = bench.CpuWatch(pids)
+    watch = bench.CpuWatch(path.node_pids, path.redis_pids)
     started = time.perf_counter()
     flags = [*MODES[mode], *(["-c", str(args.tls.ca_file)] if mode != "clear" else [])]
-    result = await tls_source(args.tls_source, target, args, flags)
+    result = await tls_source(args.tls_source, path.target, args, flags)
     accepted = int(str(result["accepted"]))
     if accepted < args.messages:
         raise RuntimeError(f"only {accepted} of {args.messages} accepted: {result['codes']}")
@@ -124,33 +141,15 @@ async def throughput(
     return Figure(accepted / elapsed, per_message, resumed)
 
 
-async def measure(
-    name: str,
-    sink: bench.SmtpSink,
-    target: tuple[str, int],
-    args: argparse.Namespace,
-    tls: TlsFiles,
-    pids: list[int],
-) -> dict[str, Figure]:
+async def warm_up(sink: bench.SmtpSink, path: Server, tls: TlsFiles) -> None:
     before = sink.count
-    warm = await run_load([target], total=100, concurrency=10, starttls=tls.client_context())
+    warm = await run_load([path.target], total=100, concurrency=10, starttls=tls.client_context())
     await sink.wait_for(before + warm.accepted)  # nothing of the warm-up still in flight
-    figures = {}
-    for mode in MODES:
-        figure = await throughput(sink, target, args, mode, pids)
-        print(
-            f"  {name}, {mode}: {figure.rate:.0f} msg/s, server CPU {figure.server_ms:.2f} "
-            f"ms/msg, load tool {figure.cpu_ms['load tools']:.2f} ms/msg, "
-            f"{figure.resumed:.0%} resumed",
-            flush=True,
-        )
-        figures[mode] = figure
-    return figures
 
 
 async def smtpfleet(
-    sink: bench.SmtpSink, args: argparse.Namespace, tls: TlsFiles, workers: int
-) -> dict[str, Figure]:
+    stack: contextlib.AsyncExitStack, sink: bench.SmtpSink, tls: TlsFiles, workers: int
+) -> Server:
     overrides: dict[str, object] = {
         "queue": {"durability": "fsync"},
         "inbound": {
@@ -162,30 +161,53 @@ async def smtpfleet(
     cluster = LocalCluster(
         nodes=1, workers=workers, relays=[sink.address], overrides=overrides, appendfsync="always"
     )
-    async with cluster:
-        node = cluster.node_processes[0]
-        name = "smtpfleet, 1 node" + (f" x {workers} workers" if workers > 1 else "")
-        return await measure(name, sink, node.smtp, args, tls, [node.pid])
+    await stack.enter_async_context(cluster)
+    node = cluster.node_processes[0]
+    assert cluster.redis is not None
+    assert cluster.redis.pid is not None
+    name = "smtpfleet, 1 node" + (f" x {workers} workers" if workers > 1 else "")
+    return Server(name, node.smtp, [node.pid], [cluster.redis.pid])
 
 
-async def one_run(args: argparse.Namespace, tls: TlsFiles) -> dict[str, dict[str, Figure]]:
+async def one_run(
+    args: argparse.Namespace, tls: TlsFiles, number: int
+) -> dict[str, dict[str, Figure]]:
+    """Every path is up for the whole run and measured in turn within each mode, so a pair
+    (smtpfleet and Postfix in one mode) is a few seconds apart, not minutes: the VM's drift
+    between two such measurements is what the ratio would otherwise carry. The order of the
+    paths alternates from one mode (and run) to the next."""
     sink = bench.SmtpSink()
     follower = asyncio.create_task(sink.follow())
+    postfix_tls = (
+        f"smtpd_tls_cert_file = {tls.cert_file}",
+        f"smtpd_tls_key_file = {tls.key_file}",
+        "smtpd_tls_security_level = may",
+        "smtpd_tls_protocols = >=TLSv1.2",
+        "smtpd_tls_received_header = yes",
+    )
     try:
-        rows = {"smtpfleet, 1 node": await smtpfleet(sink, args, tls, 1)}
-        rows["smtpfleet, 1 node x 2 workers"] = await smtpfleet(sink, args, tls, 2)
-        postfix_tls = (
-            f"smtpd_tls_cert_file = {tls.cert_file}",
-            f"smtpd_tls_key_file = {tls.key_file}",
-            "smtpd_tls_security_level = may",
-            "smtpd_tls_protocols = >=TLSv1.2",
-            "smtpd_tls_received_header = yes",
-        )
-        with bench.postfix_relay(sink, postfix_tls) as postfix:
-            rows["Postfix 3.7 relay"] = await measure(
-                "Postfix 3.7 relay", sink, postfix, args, tls, []
-            )
-        return rows
+        async with contextlib.AsyncExitStack() as stack:
+            paths = [await smtpfleet(stack, sink, tls, 1)]
+            if not args.pin:  # one core for the server: a second worker would only share it
+                paths.append(await smtpfleet(stack, sink, tls, 2))
+            postfix = stack.enter_context(bench.postfix_relay(sink, postfix_tls))
+            paths.append(Server("Postfix 3.7 relay", postfix, [], []))
+            if args.pin:
+                bench.pin_servers([pid for path in paths for pid in path.node_pids], SERVER_CORE)
+            for path in paths:
+                await warm_up(sink, path, tls)
+            rows: dict[str, dict[str, Figure]] = {path.name: {} for path in paths}
+            for i, mode in enumerate(MODES):
+                for path in paths if (number + i) % 2 == 0 else paths[::-1]:
+                    figure = await throughput(sink, path, args, mode)
+                    print(
+                        f"  {path.name}, {mode}: {figure.rate:.0f} msg/s, server CPU "
+                        f"{figure.server_ms:.2f} ms/msg, load tool "
+                        f"{figure.cpu_ms['load tools']:.2f} ms/msg, {figure.resumed:.0%} resumed",
+                        flush=True,
+                    )
+                    rows[path.name][mode] = figure
+            return rows
     finally:
         sink.stop()
         follower.cancel()
@@ -196,9 +218,12 @@ def report(runs: list[dict[str, dict[str, Figure]]], args: argparse.Namespace) -
         return statistics.median(value(run[path][mode]) for run in runs)
 
     postfix = "Postfix 3.7 relay"
+    pinned = (
+        f", the server on core {SERVER_CORE} and the load on core {LOAD_CORE}" if args.pin else ""
+    )
     print(
         f"\n{args.messages} messages of {args.size} B, a new connection per message, "
-        f"{args.sessions} concurrent senders (tls-source), median of {len(runs)}\n"
+        f"{args.sessions} concurrent senders (tls-source){pinned}, median of {len(runs)}\n"
     )
     print("| path | " + " | ".join(f"{mode} msg/s | vs Postfix" for mode in MODES) + " |")
     print("|---|" + "---|---|" * len(MODES))
@@ -242,13 +267,19 @@ def report(runs: list[dict[str, dict[str, Figure]]], args: argparse.Namespace) -
 
 async def main(args: argparse.Namespace) -> None:
     bench.ensure_postfix_tools()
+    if args.pin:
+        if len(os.sched_getaffinity(0)) < 2 or LOAD_CORE not in os.sched_getaffinity(0):
+            sys.exit("bench_tls: --pin needs cores 0 and 1")
+        # Before anything starts: every process this script starts is on the load core until
+        # pin_servers moves the server's own.
+        os.sched_setaffinity(0, {LOAD_CORE})
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as directory:
         args.tls = make_tls_files(Path(directory))
         args.tls_source = build_tls_source(Path(directory))
         runs = []
         for i in range(args.runs):
             print(f"run {i + 1} of {args.runs}", flush=True)
-            runs.append(await one_run(args, args.tls))
+            runs.append(await one_run(args, args.tls, i))
     report(runs, args)
 
 
@@ -260,4 +291,10 @@ if __name__ == "__main__":
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server under test on core 0, the load tool on core 1 (one worker only): "
+        "what each server does with one core, not capped by what the load tool takes",
+    )
     uvloop.run(main(parser.parse_args()))
