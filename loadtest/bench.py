@@ -307,45 +307,51 @@ async def latency(
     return result.percentile_ms(0.5), result.percentile_ms(0.99)
 
 
-async def measure(
-    name: str,
-    sink: SmtpSink,
-    targets: list[tuple[str, int]],
-    args: argparse.Namespace,
-    pids: list[int] | None = None,
-) -> list[Figure]:
-    """One figure per load shape for one path."""
+@dataclass
+class Server:
+    """One path under test: where the load goes, and its processes for the CPU figures."""
+
+    name: str
+    targets: list[tuple[str, int]]
+    node_pids: list[int] = field(default_factory=list)
+    redis_pids: list[int] = field(default_factory=list)
+
+
+async def warm_up(sink: SmtpSink, server: Server) -> None:
     before = sink.count
-    warm_up = await run_load(targets, total=200, concurrency=10)
-    await sink.wait_for(before + warm_up.accepted)  # nothing in flight when the clock starts
-    figures = []
-    for shape in SHAPES:
-        cpu_before = cpu_seconds(pids or [])
-        watch = CpuWatch(pids or [])
-        rate, tail_s = await throughput(sink, targets, args, reuse=shape == SHAPES[1])
-        cores = watch.stop()
-        cpu_ms = (cpu_seconds(pids or []) - cpu_before) * 1000 / args.messages
-        p50 = p99 = 0.0
-        if args.latency:
-            p50, p99 = await latency(targets, rate / 2, args, reuse=shape == SHAPES[1])
-        print(
-            f"  {name}, {shape}: {rate:.0f} msg/s, tail {tail_s:.2f} s"
-            + (f", node CPU {cpu_ms:.2f} ms/msg" if pids else "")
-            + (f", accept p50 {p50:.1f} ms, p99 {p99:.1f} ms at half peak" if p99 else ""),
-            flush=True,
-        )
-        figures.append(Figure(name, shape, rate, p50, p99, cpu_ms, tail_s, cores))
-    return figures
+    warm = await run_load(server.targets, total=200, concurrency=10)
+    await sink.wait_for(before + warm.accepted)  # nothing in flight when the clock starts
+
+
+async def measure(sink: SmtpSink, server: Server, args: argparse.Namespace, shape: str) -> Figure:
+    """One path in one load shape: throughput, CPU, and accept latency at half its peak."""
+    reuse = shape == SHAPES[1]
+    cpu_before = cpu_seconds(server.node_pids)
+    watch = CpuWatch(server.node_pids, server.redis_pids)
+    rate, tail_s = await throughput(sink, server.targets, args, reuse=reuse)
+    cores = watch.stop()
+    cpu_ms = (cpu_seconds(server.node_pids) - cpu_before) * 1000 / args.messages
+    p50 = p99 = 0.0
+    if args.latency:
+        p50, p99 = await latency(server.targets, rate / 2, args, reuse=reuse)
+    print(
+        f"  {server.name}, {shape}: {rate:.0f} msg/s, tail {tail_s:.2f} s"
+        + (f", node CPU {cpu_ms:.2f} ms/msg" if server.node_pids else "")
+        + (f", accept p50 {p50:.1f} ms, p99 {p99:.1f} ms at half peak" if p99 else ""),
+        flush=True,
+    )
+    return Figure(server.name, shape, rate, p50, p99, cpu_ms, tail_s, cores)
 
 
 async def smtpfleet(
+    stack: contextlib.AsyncExitStack,
     nodes: int,
     sink: SmtpSink,
-    args: argparse.Namespace,
     workers: int = 1,
     delivery_concurrency: int | None = None,
     default_config: bool = False,
-) -> list[Figure]:
+) -> Server:
+    """A cluster for the whole run (closed with `stack`)."""
     overrides: dict[str, Any] = {
         "queue": {"durability": "fsync"},
         "inbound": {"max_sessions": 5000},
@@ -369,9 +375,14 @@ async def smtpfleet(
         name += f", delivery.concurrency {delivery_concurrency}"
     if default_config:
         name += ", default configuration"
-    async with cluster:
-        pids = [n.pid for n in cluster.node_processes]
-        return await measure(name, sink, [n.smtp for n in cluster.node_processes], args, pids)
+    await stack.enter_async_context(cluster)
+    assert cluster.redis is not None
+    return Server(
+        name,
+        [n.smtp for n in cluster.node_processes],
+        [n.pid for n in cluster.node_processes],
+        [cluster.redis.pid] if cluster.redis.pid is not None else [],
+    )
 
 
 @contextlib.contextmanager
@@ -416,23 +427,33 @@ def _wait_port(port: int, what: str = "postfix") -> None:
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
-async def one_run(args: argparse.Namespace) -> list[Figure]:
+async def one_run(args: argparse.Namespace, number: int) -> list[Figure]:
+    """Every path is up for the whole run and measured in turn within each shape, so that
+    smtpfleet and Postfix in one shape are measured minutes apart at most, not a whole run:
+    the VM's drift between the two figures of a ratio is what it would otherwise carry. The
+    order of the paths alternates from one shape (and run) to the next. The figures come back
+    path by path, each path's shapes in SHAPES order, the ceiling first and Postfix last."""
     sink = SmtpSink()
     follower = asyncio.create_task(sink.follow())
     try:
-        figures = await measure(
-            "smtp-source -> smtp-sink (ceiling)", sink, [("127.0.0.1", sink.port)], args
-        )
-        figures += await smtpfleet(1, sink, args)
-        figures += await smtpfleet(1, sink, args, workers=os.cpu_count() or 1)
-        figures += await smtpfleet(1, sink, args, default_config=True)
-        if args.all:
-            # Fewer deliveries in flight: the accept latency side of the trade (performance.md).
-            figures += await smtpfleet(1, sink, args, delivery_concurrency=16)
-            figures += await smtpfleet(3, sink, args)
-        with postfix_relay(sink) as postfix:
-            figures += await measure("Postfix 3.7 relay", sink, [postfix], args)
-        return figures
+        async with contextlib.AsyncExitStack() as stack:
+            servers = [Server("smtp-source -> smtp-sink (ceiling)", [("127.0.0.1", sink.port)])]
+            servers.append(await smtpfleet(stack, 1, sink))
+            servers.append(await smtpfleet(stack, 1, sink, workers=os.cpu_count() or 1))
+            servers.append(await smtpfleet(stack, 1, sink, default_config=True))
+            if args.all:
+                # Fewer deliveries in flight: the accept latency side of the trade.
+                servers.append(await smtpfleet(stack, 1, sink, delivery_concurrency=16))
+                servers.append(await smtpfleet(stack, 3, sink))
+            postfix = stack.enter_context(postfix_relay(sink))
+            servers.append(Server("Postfix 3.7 relay", [postfix]))
+            for server in servers:
+                await warm_up(sink, server)
+            figures: dict[tuple[str, str], Figure] = {}
+            for i, shape in enumerate(SHAPES):
+                for server in servers if (number + i) % 2 == 0 else servers[::-1]:
+                    figures[server.name, shape] = await measure(sink, server, args, shape)
+            return [figures[server.name, shape] for server in servers for shape in SHAPES]
     finally:
         sink.stop()
         follower.cancel()
@@ -495,7 +516,7 @@ async def main(args: argparse.Namespace) -> None:
     runs = []
     for i in range(args.runs):
         print(f"run {i + 1} of {args.runs}", flush=True)
-        runs.append(await one_run(args))
+        runs.append(await one_run(args, i))
     report(runs, args)
 
 
