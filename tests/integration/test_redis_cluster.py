@@ -166,6 +166,25 @@ async def test_reads_make_the_groups_again_on_every_primary_after_they_were_lost
         assert sorted(await drain(queue, sent, timeout_s=10)) == sorted(sent)
 
 
+async def test_a_primary_that_lost_its_groups_is_not_hidden_by_the_others_entries(
+    cluster: RedisClusterServers,
+) -> None:
+    async with open_queue(cluster) as queue:
+        for s in range(SHARDS):
+            await queue.enqueue(message(s, s))
+        (_, lost), *_ = await queue._routes.by_route(queue.keys.all_shards())
+        lost_streams = [queue.keys.stream(s, lane) for s in lost for lane in queue.keys.lanes]
+        for stream in lost_streams:
+            await queue.client.xgroup_destroy(stream, GROUP)
+        # The other primaries' entries come back from this read; the lost primary's groups
+        # must be there again after it, not only after a read that finds nothing at all.
+        got = await queue.read(CONSUMER, 64, 0)
+        assert got
+        assert {d.shard for d in got}.isdisjoint(lost)
+        for stream in lost_streams:
+            assert [g["name"] for g in await queue.client.xinfo_groups(stream)] == [GROUP.encode()]
+
+
 async def test_closing_the_queue_disconnects_every_primarys_connections(
     cluster: RedisClusterServers,
 ) -> None:

@@ -70,9 +70,10 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
     return result
 
 
-def no_group(exc: QueueUnavailable) -> bool:
-    """Redis answered that the stream or its consumer group does not exist (NOGROUP)."""
-    cause = exc.__cause__
+def no_group(exc: BaseException) -> bool:
+    """Redis answered that the stream or its consumer group does not exist (NOGROUP); `exc`
+    is that answer, or the QueueUnavailable made of it."""
+    cause = exc.__cause__ if isinstance(exc, QueueUnavailable) else exc
     # In a pipeline redis-py puts "Command # N (...) of pipeline caused error: " first.
     return isinstance(cause, ResponseError) and "NOGROUP" in str(cause)
 
@@ -523,10 +524,16 @@ class RedisQueue:
         )
         found = [d for reply in replies if not isinstance(reply, BaseException) for d in reply]
         failed = [reply for reply in replies if isinstance(reply, BaseException)]
-        if failed:
+        if any(no_group(reply) for reply in failed):
+            # One primary lost its data: make its groups now, or the other primaries' entries
+            # (returned below) would hide its shards from every read while traffic flows.
+            lost = next(reply for reply in failed if no_group(reply))
+            log.warning("redis: %s; making the consumer groups again", lost)
+            await self.ensure_groups()
+        elif failed:
             await self._refresh_routes()  # a primary away: maybe replaced by its replica
-            if not found:  # what the other primaries gave is pending here now: return it
-                raise failed[0]
+        if failed and not found:  # what the other primaries gave is pending here: return it
+            raise failed[0]
         return found
 
     async def _refresh_routes(self) -> None:
