@@ -17,8 +17,10 @@ Paths, measured on this machine:
       packages when missing; its configuration is restored afterwards).
 For each smtpfleet path it reports the CPU the node processes used per message (user +
 system, from /proc) and the tail: how long after the last 250 the last message arrived, so a
-straggler waiting for a retry cannot hide. Accept latency is measured with smtpfleet's
-generator at half of each path's measured peak rate, in the shape measured: from the final
+straggler waiting for a retry cannot hide. For throughput every path is up at once and
+the paths are measured in turn within each shape (the two figures of a ratio minutes apart at
+most). Accept latency is measured afterwards with each path alone, with smtpfleet's
+generator at half of the path's measured peak rate, in the shape measured: from the final
 dot written to the reply read, over 50 senders. Prints the ratios smtpfleet/Postfix and
 smtpfleet/ceiling per shape. Every server listens on 127.0.0.1 only.
 """
@@ -35,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,23 +326,31 @@ async def warm_up(sink: SmtpSink, server: Server) -> None:
 
 
 async def measure(sink: SmtpSink, server: Server, args: argparse.Namespace, shape: str) -> Figure:
-    """One path in one load shape: throughput, CPU, and accept latency at half its peak."""
-    reuse = shape == SHAPES[1]
+    """One path in one load shape: throughput, and the CPU it took."""
     cpu_before = cpu_seconds(server.node_pids)
     watch = CpuWatch(server.node_pids, server.redis_pids)
-    rate, tail_s = await throughput(sink, server.targets, args, reuse=reuse)
+    rate, tail_s = await throughput(sink, server.targets, args, reuse=shape == SHAPES[1])
     cores = watch.stop()
     cpu_ms = (cpu_seconds(server.node_pids) - cpu_before) * 1000 / args.messages
-    p50 = p99 = 0.0
-    if args.latency:
-        p50, p99 = await latency(server.targets, rate / 2, args, reuse=reuse)
     print(
         f"  {server.name}, {shape}: {rate:.0f} msg/s, tail {tail_s:.2f} s"
-        + (f", node CPU {cpu_ms:.2f} ms/msg" if server.node_pids else "")
-        + (f", accept p50 {p50:.1f} ms, p99 {p99:.1f} ms at half peak" if p99 else ""),
+        + (f", node CPU {cpu_ms:.2f} ms/msg" if server.node_pids else ""),
         flush=True,
     )
-    return Figure(server.name, shape, rate, p50, p99, cpu_ms, tail_s, cores)
+    return Figure(server.name, shape, rate, cpu_ms_per_msg=cpu_ms, tail_s=tail_s, cores=cores)
+
+
+async def measure_latency(server: Server, args: argparse.Namespace, figure: Figure) -> None:
+    """Accept latency at half of the peak `figure` measured, in its shape, into `figure`."""
+    reuse = figure.shape == SHAPES[1]
+    figure.p50_ms, figure.p99_ms = await latency(
+        server.targets, figure.msg_per_s / 2, args, reuse=reuse
+    )
+    print(
+        f"  {server.name}, {figure.shape}: accept p50 {figure.p50_ms:.1f} ms, "
+        f"p99 {figure.p99_ms:.1f} ms at {figure.msg_per_s / 2:.0f} msg/s (half peak)",
+        flush=True,
+    )
 
 
 async def smtpfleet(
@@ -427,33 +437,61 @@ def _wait_port(port: int, what: str = "postfix") -> None:
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
+Start = Callable[[contextlib.AsyncExitStack], Awaitable[Server]]
+
+
+def paths(sink: SmtpSink, args: argparse.Namespace) -> list[Start]:
+    """How to start each path (into a stack that stops it), the ceiling first, Postfix last."""
+
+    async def ceiling(stack: contextlib.AsyncExitStack) -> Server:
+        return Server("smtp-source -> smtp-sink (ceiling)", [("127.0.0.1", sink.port)])
+
+    async def postfix(stack: contextlib.AsyncExitStack) -> Server:
+        return Server("Postfix 3.7 relay", [stack.enter_context(postfix_relay(sink))])
+
+    starts: list[Start] = [
+        ceiling,
+        lambda stack: smtpfleet(stack, 1, sink),
+        lambda stack: smtpfleet(stack, 1, sink, workers=os.cpu_count() or 1),
+        lambda stack: smtpfleet(stack, 1, sink, default_config=True),
+    ]
+    if args.all:
+        # Fewer deliveries in flight: the accept latency side of the trade.
+        starts.append(lambda stack: smtpfleet(stack, 1, sink, delivery_concurrency=16))
+        starts.append(lambda stack: smtpfleet(stack, 3, sink))
+    return [*starts, postfix]
+
+
 async def one_run(args: argparse.Namespace, number: int) -> list[Figure]:
-    """Every path is up for the whole run and measured in turn within each shape, so that
-    smtpfleet and Postfix in one shape are measured minutes apart at most, not a whole run:
-    the VM's drift between the two figures of a ratio is what it would otherwise carry. The
-    order of the paths alternates from one shape (and run) to the next. The figures come back
-    path by path, each path's shapes in SHAPES order, the ceiling first and Postfix last."""
+    """Throughput: every path is up at once and measured in turn within each shape, so that
+    smtpfleet and Postfix in one shape are measured minutes apart at most, not a whole run
+    (the VM's drift between the two figures of a ratio is what it would otherwise carry); the
+    order of the paths alternates from one shape (and run) to the next.
+
+    Accept latency: each path again, alone, at half of its peak: the idle paths' own work
+    (heartbeats fsynced by their Redis) showed in the others' tail when they ran beside them.
+
+    The figures come back path by path, each path's shapes in SHAPES order."""
     sink = SmtpSink()
     follower = asyncio.create_task(sink.follow())
     try:
+        starts = paths(sink, args)
+        figures: dict[tuple[str, str], Figure] = {}
         async with contextlib.AsyncExitStack() as stack:
-            servers = [Server("smtp-source -> smtp-sink (ceiling)", [("127.0.0.1", sink.port)])]
-            servers.append(await smtpfleet(stack, 1, sink))
-            servers.append(await smtpfleet(stack, 1, sink, workers=os.cpu_count() or 1))
-            servers.append(await smtpfleet(stack, 1, sink, default_config=True))
-            if args.all:
-                # Fewer deliveries in flight: the accept latency side of the trade.
-                servers.append(await smtpfleet(stack, 1, sink, delivery_concurrency=16))
-                servers.append(await smtpfleet(stack, 3, sink))
-            postfix = stack.enter_context(postfix_relay(sink))
-            servers.append(Server("Postfix 3.7 relay", [postfix]))
+            servers = [await start(stack) for start in starts]
             for server in servers:
                 await warm_up(sink, server)
-            figures: dict[tuple[str, str], Figure] = {}
             for i, shape in enumerate(SHAPES):
                 for server in servers if (number + i) % 2 == 0 else servers[::-1]:
                     figures[server.name, shape] = await measure(sink, server, args, shape)
-            return [figures[server.name, shape] for server in servers for shape in SHAPES]
+        if args.latency:
+            for start in starts:
+                async with contextlib.AsyncExitStack() as stack:
+                    server = await start(stack)
+                    await warm_up(sink, server)
+                    for shape in SHAPES:
+                        await measure_latency(server, args, figures[server.name, shape])
+        return [figures[server.name, shape] for server in servers for shape in SHAPES]
     finally:
         sink.stop()
         follower.cancel()
