@@ -281,9 +281,13 @@ class RedisQueue:
         except QueueUnavailable as exc:
             if not no_group(exc):
                 raise
-            log.warning("redis: %s; making the consumer groups again", exc.__cause__)
-        await guarded(self.ensure_groups)
+            answer = exc.__cause__
+        await guarded(lambda: self._make_groups_again(answer))
         return await guarded(call)
+
+    async def _make_groups_again(self, answer: BaseException | None) -> None:
+        log.warning("redis: %s; making the consumer groups again", answer)
+        await self.ensure_groups()
 
     # -- Spool: the accept path -------------------------------------------------------------
 
@@ -524,12 +528,11 @@ class RedisQueue:
         )
         found = [d for reply in replies if not isinstance(reply, BaseException) for d in reply]
         failed = [reply for reply in replies if isinstance(reply, BaseException)]
-        if any(no_group(reply) for reply in failed):
+        lost = next((reply for reply in failed if no_group(reply)), None)
+        if lost is not None:
             # One primary lost its data: make its groups now, or the other primaries' entries
             # (returned below) would hide its shards from every read while traffic flows.
-            lost = next(reply for reply in failed if no_group(reply))
-            log.warning("redis: %s; making the consumer groups again", lost)
-            await self.ensure_groups()
+            await self._make_groups_again(lost)
         elif failed:
             await self._refresh_routes()  # a primary away: maybe replaced by its replica
         if failed and not found:  # what the other primaries gave is pending here: return it
