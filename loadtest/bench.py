@@ -47,6 +47,7 @@ import uvloop
 from smtpfleet.loadgen import run_load
 from smtpfleet.testing.localcluster import LocalCluster
 from smtpfleet.testing.redis_server import free_port
+from smtpfleet.testing.tls import TlsFiles
 
 _MESG = re.compile(rb"mesg=(\d+)\r")
 # The Python generator tops out near 1.5k msg/s: a longer latency run only measures itself.
@@ -96,9 +97,9 @@ class CpuWatch:
     (counted as "load tools"), Postfix's smtpd in its master.
     """
 
-    def __init__(self, node_pids: list[int], redis_pids: list[int] | None = None) -> None:
-        """`redis_pids`: the Redis processes that count as "redis" (None: every one); others
-        are "other", as another path's idle Redis is while this one is measured."""
+    def __init__(self, node_pids: list[int], redis_pids: list[int]) -> None:
+        """`redis_pids`: the Redis processes that count as "redis"; others are "other", as
+        another path's idle Redis is while this one is measured."""
         self._node_pids = node_pids
         self._redis_pids = redis_pids
         self._started = time.perf_counter()
@@ -115,7 +116,7 @@ class CpuWatch:
         for pid, (name, seconds) in now.items():
             used = seconds - self._procs.get(pid, (name, 0.0))[1]
             role = "node" if pid in nodes else ROLES.get(name, "other")
-            if role == "redis" and self._redis_pids is not None and pid not in self._redis_pids:
+            if role == "redis" and pid not in self._redis_pids:
                 role = "other"
             if pid == os.getpid():
                 role = "load tools"  # its reaped smtp-source children, and its own sink reader
@@ -179,17 +180,16 @@ def _with_children(pids: list[int]) -> list[int]:
 SERVER_ROLES = ("node", "redis", "postfix")
 
 
-def pin_servers(node_pids: list[int], core: int) -> int:
+def pin_servers(node_pids: list[int], core: int) -> None:
     """Move the server under test to `core`: the node's processes, the Redis this script
     started, and every Postfix daemon (those Postfix's master forks later inherit it).
 
     Every thread of each process, as Linux keeps an affinity per thread. The load tools stay on
     this script's own cores (`os.sched_setaffinity(0, ...)` before anything starts), so what
-    they spend cannot cap the server. Returns how many threads were moved.
+    they spend cannot cap the server.
     """
     nodes = set(_with_children(node_pids))
     ours = set(_with_children([os.getpid()]))
-    moved = 0
     for pid, (name, _) in _process_seconds().items():
         role = "node" if pid in nodes else ROLES.get(name)
         if role not in SERVER_ROLES or (role == "redis" and pid not in ours):
@@ -197,8 +197,6 @@ def pin_servers(node_pids: list[int], core: int) -> int:
         with contextlib.suppress(OSError):
             for task in Path(f"/proc/{pid}/task").iterdir():
                 os.sched_setaffinity(int(task.name), {core})
-                moved += 1
-    return moved
 
 
 def ensure_postfix_tools() -> None:
@@ -319,6 +317,12 @@ class Server:
     redis_pids: list[int] = field(default_factory=list)
 
 
+def in_turn(servers: list[Server], run: int, step: int) -> list[Server]:
+    """The order to measure the paths in at this step (shape or mode) of this run: it
+    alternates, so that no path is always measured first (or just after another)."""
+    return servers if (run + step) % 2 == 0 else servers[::-1]
+
+
 async def warm_up(sink: SmtpSink, server: Server) -> None:
     before = sink.count
     warm = await run_load(server.targets, total=200, concurrency=10)
@@ -360,13 +364,19 @@ async def smtpfleet(
     workers: int = 1,
     delivery_concurrency: int | None = None,
     default_config: bool = False,
+    tls: TlsFiles | None = None,
 ) -> Server:
-    """A cluster for the whole run (closed with `stack`)."""
+    """A cluster for the whole run (closed with `stack`); with `tls`, its certificate."""
     overrides: dict[str, Any] = {
         "queue": {"durability": "fsync"},
         "inbound": {"max_sessions": 5000},
         "health": {"interval_s": 5.0},
     }
+    if tls is not None:
+        overrides["inbound"]["tls"] = {
+            "cert_file": str(tls.cert_file),
+            "key_file": str(tls.key_file),
+        }
     if delivery_concurrency is not None:
         overrides["delivery"] = {"concurrency": delivery_concurrency}
     cluster = LocalCluster(
@@ -482,7 +492,7 @@ async def one_run(args: argparse.Namespace, number: int) -> list[Figure]:
             for server in servers:
                 await warm_up(sink, server)
             for i, shape in enumerate(SHAPES):
-                for server in servers if (number + i) % 2 == 0 else servers[::-1]:
+                for server in in_turn(servers, number, i):
                     figures[server.name, shape] = await measure(sink, server, args, shape)
         if args.latency:
             for start in starts:

@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench  # the sibling script: its sink, Postfix set-up and CPU accounting
 
 from smtpfleet.loadgen import run_load
-from smtpfleet.testing.localcluster import LocalCluster
 from smtpfleet.testing.tls import TlsFiles, make_tls_files
 
 # Each mode's tls-source flags.
@@ -110,25 +109,15 @@ async def tls_source(
     return summary
 
 
-@dataclass
-class Server:
-    """One server under test: where to send, and its processes for the CPU figures."""
-
-    name: str
-    target: tuple[str, int]
-    node_pids: list[int]
-    redis_pids: list[int]
-
-
 async def throughput(
-    sink: bench.SmtpSink, path: Server, args: argparse.Namespace, mode: str
+    sink: bench.SmtpSink, path: bench.Server, args: argparse.Namespace, mode: str
 ) -> Figure:
     """msg/s until the last accepted message is at the sink, and the CPU each role spent."""
     before = sink.count
     watch = bench.CpuWatch(path.node_pids, path.redis_pids)
     started = time.perf_counter()
     flags = [*MODES[mode], *(["-c", str(args.tls.ca_file)] if mode != "clear" else [])]
-    result = await tls_source(args.tls_source, path.target, args, flags)
+    result = await tls_source(args.tls_source, path.targets[0], args, flags)
     accepted = int(str(result["accepted"]))
     if accepted < args.messages:
         raise RuntimeError(f"only {accepted} of {args.messages} accepted: {result['codes']}")
@@ -141,32 +130,10 @@ async def throughput(
     return Figure(accepted / elapsed, per_message, resumed)
 
 
-async def warm_up(sink: bench.SmtpSink, path: Server, tls: TlsFiles) -> None:
+async def warm_up(sink: bench.SmtpSink, path: bench.Server, tls: TlsFiles) -> None:
     before = sink.count
-    warm = await run_load([path.target], total=100, concurrency=10, starttls=tls.client_context())
+    warm = await run_load(path.targets, total=100, concurrency=10, starttls=tls.client_context())
     await sink.wait_for(before + warm.accepted)  # nothing of the warm-up still in flight
-
-
-async def smtpfleet(
-    stack: contextlib.AsyncExitStack, sink: bench.SmtpSink, tls: TlsFiles, workers: int
-) -> Server:
-    overrides: dict[str, object] = {
-        "queue": {"durability": "fsync"},
-        "inbound": {
-            "max_sessions": 5000,
-            "tls": {"cert_file": str(tls.cert_file), "key_file": str(tls.key_file)},
-        },
-        "health": {"interval_s": 5.0},
-    }
-    cluster = LocalCluster(
-        nodes=1, workers=workers, relays=[sink.address], overrides=overrides, appendfsync="always"
-    )
-    await stack.enter_async_context(cluster)
-    node = cluster.node_processes[0]
-    assert cluster.redis is not None
-    assert cluster.redis.pid is not None
-    name = "smtpfleet, 1 node" + (f" x {workers} workers" if workers > 1 else "")
-    return Server(name, node.smtp, [node.pid], [cluster.redis.pid])
 
 
 async def one_run(
@@ -187,18 +154,18 @@ async def one_run(
     )
     try:
         async with contextlib.AsyncExitStack() as stack:
-            paths = [await smtpfleet(stack, sink, tls, 1)]
+            paths = [await bench.smtpfleet(stack, 1, sink, tls=tls)]
             if not args.pin:  # one core for the server: a second worker would only share it
-                paths.append(await smtpfleet(stack, sink, tls, 2))
+                paths.append(await bench.smtpfleet(stack, 1, sink, workers=2, tls=tls))
             postfix = stack.enter_context(bench.postfix_relay(sink, postfix_tls))
-            paths.append(Server("Postfix 3.7 relay", postfix, [], []))
+            paths.append(bench.Server("Postfix 3.7 relay", [postfix]))
             if args.pin:
                 bench.pin_servers([pid for path in paths for pid in path.node_pids], SERVER_CORE)
             for path in paths:
                 await warm_up(sink, path, tls)
             rows: dict[str, dict[str, Figure]] = {path.name: {} for path in paths}
             for i, mode in enumerate(MODES):
-                for path in paths if (number + i) % 2 == 0 else paths[::-1]:
+                for path in bench.in_turn(paths, number, i):
                     figure = await throughput(sink, path, args, mode)
                     print(
                         f"  {path.name}, {mode}: {figure.rate:.0f} msg/s, server CPU "
