@@ -19,7 +19,7 @@ from smtpfleet import replies
 from smtpfleet.errors import QueueFull, QueueUnavailable
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.policy import RecipientPolicy
-from smtpfleet.inbound.server import InboundServer, rewrite
+from smtpfleet.inbound.server import InboundServer, _rewritten, rewrite
 from smtpfleet.testing.client import eventually
 from smtpfleet.testing.inbound import MemorySpool, inbound_front
 from smtpfleet.testing.wire import Wire
@@ -521,6 +521,21 @@ async def test_helo_clients_get_smtp_in_the_trace_header(h: Harness) -> None:
 )
 def test_rewrite_table(aiosmtpd_says: str, we_say: str) -> None:
     assert rewrite(aiosmtpd_says) == we_say
+
+
+def test_our_own_replies_skip_the_table_and_its_cache() -> None:
+    """Every message gets a reply of its own ("queued as <id>"): it must not run the table
+    nor push aiosmtpd's repeating lines out of its cache."""
+    rewrite("250 OK")
+    cached = _rewritten.cache_info()
+    for n in range(2000):
+        queued = replies.QUEUED_FMT.format(qid=f"q{n}")
+        assert rewrite(queued) == queued
+    assert rewrite("451 4.3.0 Try again later") == "451 4.3.0 Try again later"
+    after = _rewritten.cache_info()
+    assert (after.misses, after.currsize) == (cached.misses, cached.currsize)
+    assert rewrite("250 OK") == replies.OK
+    assert _rewritten.cache_info().hits == after.hits + 1  # still cached
 
 
 # -- hostile input found by fuzzing (issue 16) ---------------------------------------------------

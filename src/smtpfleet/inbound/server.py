@@ -111,16 +111,25 @@ _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 LISTEN_BACKLOG = 4096
 
 
-# Replies repeat (EHLO's lines, 250s, the same refusals): the table runs once per distinct
-# line. Lines that carry client text (VRFY's address) are few and the cache is bounded.
-@functools.lru_cache(maxsize=1024)
 def rewrite(reply: str) -> str:
     """Our wording of one reply line; any other 4xx/5xx without an enhanced code gets X.0.0."""
+    if _HAS_ENHANCED.match(reply):
+        # Ours already: aiosmtpd's own replies carry no enhanced code. One of them goes with
+        # every message ("250 2.0.0 Ok: queued as <id>"), and would otherwise run the whole
+        # table and take a place in its cache each time.
+        return reply
+    return _rewritten(reply)
+
+
+# aiosmtpd's replies repeat (EHLO's lines, 250s, the same refusals): the table runs once per
+# distinct line. Lines that carry client text (VRFY's address) are few and the cache is bounded.
+@functools.lru_cache(maxsize=1024)
+def _rewritten(reply: str) -> str:
     for pattern, template in _REWRITES:
         match = pattern.fullmatch(reply)
         if match is not None:
             return match.expand(template)
-    if reply[:1] in ("4", "5") and not _HAS_ENHANCED.match(reply):
+    if reply[:1] in ("4", "5"):
         return f"{reply[:4]}{reply[0]}.0.0 {reply[4:]}".rstrip()
     return reply
 
