@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from smtpfleet import replies
 from smtpfleet.config import InboundLimitsConfig
+from smtpfleet.inbound import client_gate
 from smtpfleet.inbound.client_gate import ClientGates
 from smtpfleet.inbound.limits import (
     MINUTE_MS,
@@ -24,7 +25,7 @@ from smtpfleet.inbound.limits import (
     session_refusal,
     sliding,
 )
-from smtpfleet.inbound.proxy import networks
+from smtpfleet.inbound.proxy import in_networks, networks
 from smtpfleet.metrics import Metrics
 from smtpfleet.testing.memory import Clock
 
@@ -169,6 +170,23 @@ async def test_relay_networks_are_exempt_unless_configured_otherwise() -> None:
     strict, _ = gates(InboundLimitsConfig(sessions=1, exempt_relay_networks=False), Clock())
     assert await strict.new().admit("10.1.2.3") is None
     assert await strict.new().admit("10.1.2.3") == replies.CLIENT_TOO_MANY_SESSIONS
+
+
+async def test_a_client_address_is_parsed_once_not_at_every_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed: list[str] = []
+
+    def counting(address: str, nets: object) -> bool:
+        parsed.append(address)
+        return in_networks(address, nets)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_gate, "in_networks", counting)
+    server, _ = gates(InboundLimitsConfig(sessions=2), Clock())
+    addresses = ("10.1.2.3", "192.0.2.1", "10.1.2.3", "192.0.2.1", "192.0.2.1")
+    answers = [await server.new().admit(address) for address in addresses]
+    assert parsed == ["10.1.2.3", "192.0.2.1"]
+    assert answers == [None, None, None, None, replies.CLIENT_TOO_MANY_SESSIONS]
 
 
 async def test_the_gate_counts_messages_at_mail_and_recipients_at_rcpt() -> None:

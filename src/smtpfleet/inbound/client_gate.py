@@ -13,6 +13,7 @@ counted with the session's next MAIL, or when it ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[..., Awaitable[Any]]
 RELEASE_WAIT_S: Final = 2.0  # close(): how long the last sessions' releases may take
+CLIENTS_KEPT: Final = 4096  # client addresses whose key (or exemption) is kept
 
 
 class ClientGates:
@@ -54,11 +56,14 @@ class ClientGates:
         self._metrics = metrics
         self._tokens = itertools.count(1)
         self._releases: set[asyncio.Task[None]] = set()
+        # Asked at every connection; parsing the address (twice: exemption, then key) cost
+        # about as much as the rest of the gate. The answer is kept per address.
+        self.client = functools.lru_cache(maxsize=CLIENTS_KEPT)(self._client)
 
     def new(self) -> ClientGate:
         return ClientGate(self, self._counter, str(next(self._tokens)))
 
-    def client(self, address: str) -> str | None:
+    def _client(self, address: str) -> str | None:
         """What a client at `address` is counted as; None when it is not limited."""
         if not self.limits.enabled or in_networks(address, self._exempt):
             return None
