@@ -86,7 +86,9 @@ ROLES = {
 # Roles whose processes are reaped by a process counted with its children's time (Postfix's
 # master, this script): see CpuWatch.stop.
 REAPED_INTO_COUNTED = ("postfix", "load tools")
-CORE_ROLES = ("machine busy", "node", "redis", "load tools", "sink", "postfix", "other")
+# "stolen": the cores the hypervisor ran something else on while this VM wanted them (steal
+# time); they are not in "machine busy", and a run with much of it is slower for every path.
+CORE_ROLES = ("machine busy", "stolen", "node", "redis", "load tools", "sink", "postfix", "other")
 
 
 class CpuWatch:
@@ -108,9 +110,12 @@ class CpuWatch:
 
     def stop(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self._started
-        busy, total = (b - a for a, b in zip(self._machine, _machine_jiffies(), strict=True))
+        busy, stolen, total = (
+            b - a for a, b in zip(self._machine, _machine_jiffies(), strict=True)
+        )
         cores = dict.fromkeys(CORE_ROLES, 0.0)
         cores["machine busy"] = busy / max(total, 1) * (os.cpu_count() or 1)
+        cores["stolen"] = stolen / max(total, 1) * (os.cpu_count() or 1)
         nodes = set(_with_children(self._node_pids))
         now = _process_seconds()
         for pid, (name, seconds) in now.items():
@@ -131,11 +136,12 @@ class CpuWatch:
         return cores
 
 
-def _machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
-    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+def _machine_jiffies() -> tuple[int, int, int]:
+    """(busy, stolen, total) jiffies of all cores since boot, from /proc/stat: user, nice,
+    system, idle, iowait, irq, softirq, steal (guest time is counted in user already)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle, steal = values[3] + values[4], values[7]  # idle + iowait; steal
+    return sum(values) - idle - steal, steal, sum(values)
 
 
 def _process_seconds() -> dict[int, tuple[str, float]]:
