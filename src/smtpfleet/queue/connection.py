@@ -14,7 +14,8 @@ client certificate when one is configured.
 
 Every connection of the queue's pools packs its commands with hiredis (`packed`): redis-py's
 asyncio connection packs them in Python, ~40 isinstance, len and encode calls per message, about
-3 % of a node's CPU; its synchronous connection already uses hiredis for this.
+3 % of a node's CPU; its synchronous connection already uses hiredis for this. Commands that
+carry a large value keep redis-py's packer, which does not copy it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ RedisClient = aioredis.Redis | RedisCluster
 
 
 class _HiredisPacking(AbstractConnection):
-    """A connection whose commands hiredis packs (C): same bytes as redis-py's Python packer."""
+    """A connection whose commands hiredis packs (C): same bytes as redis-py's Python packer.
+
+    A command with a large argument (a message body above redis-py's buffer cutoff, 6 KB)
+    still goes through redis-py's packer, which sends such a value as it is: hiredis copies
+    the whole command into one buffer, a second copy of every large message while it is
+    written (a burst of 20 MB messages took a node 16 MB past its memory budget)."""
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         name = args[0]
@@ -58,6 +64,10 @@ class _HiredisPacking(AbstractConnection):
             args = (*name.encode().split(), *args[1:])
         elif isinstance(name, bytes) and b" " in name:
             args = (*name.split(), *args[1:])
+        cutoff = self._buffer_cutoff
+        for arg in args:
+            if isinstance(arg, bytes | str | memoryview) and len(arg) > cutoff:
+                return super().pack_command(*args)
         try:
             return [hiredis.pack_command(cast(Any, args))]
         except TypeError:
