@@ -216,19 +216,22 @@ class Supervisor:
     def _on_signal(self, signum: int) -> None:
         if self._stopping:
             log.warning("second signal: workers exit without finishing in-flight work")
-            self._stop_all()
             self._exit_code = FORCED_EXIT
+            # SIGINT, not a second SIGTERM: a worker not yet scheduled since the first would
+            # have both pending, and the kernel keeps one pending signal of each kind, so a
+            # second SIGTERM would merge into the first and the worker would only drain.
+            self._stop_all(signal.SIGINT)
             return
         log.info("received %s: draining %d workers", signal.Signals(signum).name, self.workers)
         self._stop_all()
 
-    def _stop_all(self) -> None:
-        """SIGTERM to every worker: the first drains it, a second one makes it exit at once."""
+    def _stop_all(self, signum: signal.Signals = signal.SIGTERM) -> None:
+        """A signal to every worker: the first drains it, a second one makes it exit at once."""
         self._stop.set()
         for worker in self._pool:
             if worker.process is not None and worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signal.SIGTERM)
+                    worker.process.send_signal(signum)
 
     # -- HTTP ---------------------------------------------------------------------------------
 

@@ -178,7 +178,35 @@ async def test_a_second_signal_makes_every_worker_exit_at_once(sink: Sink) -> No
         assert node.running  # ... and waits for the transactions in progress
         node.signal(signal.SIGTERM)
         code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
-        assert code == 130  # FORCED_EXIT, as a single node answers a second signal
+        assert code == 130, node.log_tail(30)  # FORCED_EXIT, as a single node answers a second
+        assert not any(alive(pid) for pid in workers)
+        for _, writer in sessions:
+            writer.close()
+
+
+async def test_a_worker_that_has_both_signals_pending_still_exits_at_once(sink: Sink) -> None:
+    """A worker not scheduled between the two signals (a busy machine) has both pending when
+    it runs again: they must not merge into one, which would only drain it. A CI run once
+    saw the supervisor still waiting 10 s after the second signal."""
+    async with LocalCluster(nodes=1, workers=2, relays=[sink.address]) as cluster:
+        node = cluster.node_processes[0]
+        workers = children(node.pid)
+        sessions = [await asyncio.open_connection(*node.smtp) for _ in range(8)]
+        for reader, writer in sessions:
+            await reader.readline()
+            writer.write(b"EHLO t\r\nMAIL FROM:<a@example.com>\r\n")
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)  # neither runs until both signals are pending
+        try:
+            node.signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)  # the supervisor relays it (to stopped workers)
+            node.signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
+        assert code == 130, node.log_tail(30)
         assert not any(alive(pid) for pid in workers)
         for _, writer in sessions:
             writer.close()
