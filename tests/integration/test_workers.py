@@ -157,11 +157,7 @@ async def test_a_second_signal_makes_every_worker_exit_at_once(sink: Sink) -> No
     async with LocalCluster(nodes=1, workers=2, relays=[sink.address]) as cluster:
         node = cluster.node_processes[0]
         workers = children(node.pid)
-        # Transactions in progress on both workers keep the first SIGTERM's drain waiting.
-        sessions = [await asyncio.open_connection(*node.smtp) for _ in range(8)]
-        for reader, writer in sessions:
-            await reader.readline()
-            writer.write(b"EHLO t\r\nMAIL FROM:<a@example.com>\r\n")
+        writers = await _transactions_in_progress(node)
         node.signal(signal.SIGTERM)
 
         async def refuses_new_sessions() -> bool:
@@ -177,10 +173,8 @@ async def test_a_second_signal_makes_every_worker_exit_at_once(sink: Sink) -> No
         await eventually(refuses_new_sessions)  # the first SIGTERM took effect: draining
         assert node.running  # ... and waits for the transactions in progress
         node.signal(signal.SIGTERM)
-        code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
-        assert code == 130, node.log_tail(30)  # FORCED_EXIT, as a single node answers a second
-        assert not any(alive(pid) for pid in workers)
-        for _, writer in sessions:
+        await _exits_at_once(node, workers)
+        for writer in writers:
             writer.close()
 
 
@@ -191,10 +185,7 @@ async def test_a_worker_that_has_both_signals_pending_still_exits_at_once(sink: 
     async with LocalCluster(nodes=1, workers=2, relays=[sink.address]) as cluster:
         node = cluster.node_processes[0]
         workers = children(node.pid)
-        sessions = [await asyncio.open_connection(*node.smtp) for _ in range(8)]
-        for reader, writer in sessions:
-            await reader.readline()
-            writer.write(b"EHLO t\r\nMAIL FROM:<a@example.com>\r\n")
+        writers = await _transactions_in_progress(node)
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)  # neither runs until both signals are pending
         try:
@@ -205,8 +196,24 @@ async def test_a_worker_that_has_both_signals_pending_still_exits_at_once(sink: 
         finally:
             for pid in workers:
                 os.kill(pid, signal.SIGCONT)
-        code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
-        assert code == 130, node.log_tail(30)
-        assert not any(alive(pid) for pid in workers)
-        for _, writer in sessions:
+        await _exits_at_once(node, workers)
+        for writer in writers:
             writer.close()
+
+
+async def _transactions_in_progress(node: NodeProcess) -> list[asyncio.StreamWriter]:
+    """Eight sessions mid-transaction, spread over the workers by the kernel: they keep a
+    first signal's drain waiting."""
+    writers = []
+    for _ in range(8):
+        reader, writer = await asyncio.open_connection(*node.smtp)
+        await reader.readline()
+        writer.write(b"EHLO t\r\nMAIL FROM:<a@example.com>\r\n")
+        writers.append(writer)
+    return writers
+
+
+async def _exits_at_once(node: NodeProcess, workers: list[int]) -> None:
+    code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
+    assert code == 130, node.log_tail(30)  # FORCED_EXIT, as a single node answers a second
+    assert not any(alive(pid) for pid in workers)
