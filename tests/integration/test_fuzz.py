@@ -9,11 +9,13 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
 
 import pytest
 
+from smtpfleet.inbound.tls import HANDSHAKE_TIMEOUT_S
 from smtpfleet.testing import eventually, send
-from smtpfleet.testing.fuzz import Driver, Generator, tokens_in
+from smtpfleet.testing.fuzz import REPLY_TIMEOUT_S, Driver, Generator, tokens_in
 from smtpfleet.testing.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -62,3 +64,22 @@ async def test_hostile_sessions_keep_every_invariant() -> None:
             if line.startswith("{") and json.loads(line).get("level") in ("error", "critical")
         ]
         assert not errors, errors[:5]
+
+
+async def test_a_session_left_in_its_tls_handshake_is_closed_by_the_node_not_a_hang() -> None:
+    """Seed 16016, session 1208 (found by `loadtest/fuzz.py`): STARTTLS, `220`, then an empty
+    line, two bytes where a TLS record header has five. The node reads on until its handshake
+    timeout and closes the connection; the driver waited as long, and in one run of three its
+    own timer fired first and reported a hang."""
+    session = Generator(16016).session(1208)
+    starttls = session.groups.index([b"STARTTLS"])
+    assert session.groups[starttls + 1] == [b""]
+    assert REPLY_TIMEOUT_S > HANDSHAKE_TIMEOUT_S
+    async with LocalCluster(nodes=1, overrides=MX_MODE) as cluster:
+        started = time.monotonic()
+        findings = await Driver(cluster.node_processes[0].smtp).one(session)
+        waited = time.monotonic() - started
+
+    assert not findings.violations, findings.violations
+    # The node ended the session itself, once the handshake timed out.
+    assert HANDSHAKE_TIMEOUT_S <= waited < REPLY_TIMEOUT_S

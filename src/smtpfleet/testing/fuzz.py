@@ -24,8 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from smtpfleet.inbound.tls import HANDSHAKE_TIMEOUT_S
+
 TOKEN_HEADER: Final = b"X-Fuzz-Token"
-REPLY_TIMEOUT_S: Final = 10.0
+# Longer than the longest wait the node may rightly make before it answers or closes. After
+# `220` to STARTTLS it reads a TLS record, and a session whose next line is shorter than a
+# record's header (an empty line: two bytes) is closed only when the handshake times out. At
+# the same 10 s, which timer fired first was a race: a fuzz run reported it as a hang.
+REPLY_TIMEOUT_S: Final = HANDSHAKE_TIMEOUT_S + 5.0
 _REPLY_LINE: Final = re.compile(rb"[2-5][0-9][0-9](?:[ -].*)?")
 _ENHANCED: Final = re.compile(rb"[245][0-9][0-9][ -][245]\.[0-9]{1,3}\.[0-9]{1,3}(?: |$)")
 _OUR_FAULT: Final = re.compile(rb"Local error")
