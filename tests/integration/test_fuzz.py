@@ -12,10 +12,11 @@ import os
 import time
 
 import pytest
+import uvloop
 
 from smtpfleet.inbound.tls import HANDSHAKE_TIMEOUT_S
 from smtpfleet.testing import eventually, send
-from smtpfleet.testing.fuzz import REPLY_TIMEOUT_S, Driver, Generator, tokens_in
+from smtpfleet.testing.fuzz import REPLY_TIMEOUT_S, Driver, Findings, Generator, Session, tokens_in
 from smtpfleet.testing.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -83,3 +84,19 @@ async def test_a_session_left_in_its_tls_handshake_is_closed_by_the_node_not_a_h
     assert not findings.violations, findings.violations
     # The node ended the session itself, once the handshake timed out.
     assert HANDSHAKE_TIMEOUT_S <= waited < REPLY_TIMEOUT_S
+
+
+def test_a_slow_writer_stops_when_the_node_closes_under_uvloop() -> None:
+    """`loadtest/fuzz.py` runs on uvloop, which raises on a write to a closed transport: a
+    slow session still writing after the node's 221 ended a whole fuzz run with a traceback."""
+    session = Session(number=0, groups=[[b"QUIT", b"NOOP " + b"x" * 300]], slow=True)
+
+    async def run() -> Findings:
+        async with LocalCluster(nodes=1, overrides=MX_MODE) as cluster:
+            return await Driver(cluster.node_processes[0].smtp).one(session)
+
+    findings = uvloop.run(run())
+    assert findings.sessions == 1
+    assert not findings.violations, findings.violations
+    # The banner; the 221 too unless the node's reset (our bytes after its close) overtook it.
+    assert findings.replies >= 1
