@@ -67,6 +67,11 @@ AUTH_OK: Final = "235 2.7.0 Authentication successful"
 AUTH_INVALID: Final = "535 5.7.8 Authentication credentials invalid"
 AUTH_ALREADY: Final = "503 5.5.1 Already authenticated"
 AUTH_SYNTAX: Final = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
+AUTH_BAD_BASE64: Final = "501 5.5.2 Can't decode base64"
+AUTH_CANNOT_SPLIT: Final = "501 5.5.2 Can't split auth value"
+# RFC 4616 §2: a PLAIN authorization identity other than the user's own asks to act as
+# someone else, which nobody here may.
+AUTH_OTHER_IDENTITY: Final = "535 5.7.8 Authorization identity must be empty or the user's own"
 # Per client IP; the client may come back later (RFC 3463 X.7.0, as Postfix's anvil does).
 AUTH_TOO_MANY_FAILURES: Final = "421 4.7.0 Too many failed authentication attempts, closing"
 

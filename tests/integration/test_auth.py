@@ -228,6 +228,24 @@ async def test_cancel_and_malformed_exchanges(front: Front, certs: TlsFiles) -> 
     assert front.sample(AUTH, {"result": "bad_credentials"}) == 0
 
 
+async def test_plain_may_not_ask_to_act_as_another_user(front: Front, certs: TlsFiles) -> None:
+    """RFC 4616 §2: alice, with her own password, asking to act as bob is refused (aiosmtpd
+    dropped the authorization identity and answered 235, as alice); naming herself is fine."""
+    as_bob = b64(f"bob\0{USER}\0{PASSWORD}")
+    wire = await tls_session(front.address(SUBMISSION), certs)
+    assert await wire.cmd(f"AUTH PLAIN {as_bob}") == line(replies.AUTH_OTHER_IDENTITY)
+    assert await wire.cmd("MAIL FROM:<alice@example.com>") == line(replies.AUTH_REQUIRED)
+    assert (await wire.cmd("AUTH PLAIN")).startswith("334 ")
+    assert await wire.cmd(as_bob) == line(replies.AUTH_OTHER_IDENTITY)
+    # RFC 4954 §4: `=` is an empty initial response, which names nobody.
+    assert await wire.cmd("AUTH PLAIN =") == line(replies.AUTH_CANNOT_SPLIT)
+    as_herself = b64(f"{USER}\0{USER}\0{PASSWORD}")
+    assert await wire.cmd(f"AUTH PLAIN {as_herself}") == line(replies.AUTH_OK)
+    await wire.close()
+    assert front.sample(AUTH, {"result": "malformed"}) == 3
+    assert front.sample(AUTH, {"result": "bad_credentials"}) == 0
+
+
 async def test_failures_lock_the_client_out(front: Front, certs: TlsFiles) -> None:
     wire = await tls_session(front.address(SUBMISSION), certs)
     assert await wire.cmd(f"AUTH PLAIN {plain(USER, 'x')}") == line(replies.AUTH_INVALID)

@@ -7,12 +7,15 @@ import logging
 import argon2
 import pytest
 
+from smtpfleet import replies
 from smtpfleet.inbound.auth import (
     AuthCheck,
     Authenticator,
     Credentials,
     LocalFailureCounter,
     hash_password,
+    initial_response,
+    plain_credentials,
 )
 from smtpfleet.inbound.redact import REDACTED, RedactCredentials, redact
 
@@ -114,3 +117,28 @@ def test_the_filter_rewrites_client_input_but_not_our_replies() -> None:
     assert flt.filter(said)
     assert read.getMessage() == "('::1', 1) >> '<redacted>'"
     assert said.getMessage() == "('::1', 1) << b'235 2.7.0 Ok'"
+
+
+@pytest.mark.parametrize(
+    ("text", "decoded"),
+    [("=", b""), ("AGFsaWNlAHg=", b"\0alice\0x"), ("not-base64", None), ("YQ", None), ("é", None)],
+)
+def test_an_initial_response_is_base64_or_the_empty_sign(text: str, decoded: bytes | None) -> None:
+    assert initial_response(text) == decoded
+
+
+@pytest.mark.parametrize(
+    ("response", "result"),
+    [
+        (b"\0alice\0pw", (b"alice", b"pw")),
+        (b"alice\0alice\0pw", (b"alice", b"pw")),
+        (b"bob\0alice\0pw", replies.AUTH_OTHER_IDENTITY),
+        (b"alice\0pw", replies.AUTH_CANNOT_SPLIT),
+        (b"\0al\0ice\0pw", replies.AUTH_CANNOT_SPLIT),
+        (b"", replies.AUTH_CANNOT_SPLIT),
+    ],
+)
+def test_plain_names_one_user_who_acts_as_no_one_else(
+    response: bytes, result: tuple[bytes, bytes] | str
+) -> None:
+    assert plain_credentials(response) == result

@@ -13,6 +13,8 @@ plugs in through the same small protocol and falls back to a local one when Redi
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import Final
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from smtpfleet import replies
 from smtpfleet.config import InboundAuthConfig
 from smtpfleet.inbound.failures import FailureCounter
 from smtpfleet.inbound.reload import Reloading
@@ -165,3 +168,27 @@ class Authenticator:
         if await self._failures.add_failure(client) >= self._max_failures:
             return AuthCheck.BLOCKED
         return AuthCheck.INVALID
+
+
+def initial_response(text: str) -> bytes | None:
+    """The initial response of `AUTH mechanism response`, decoded; None when it is not base64.
+    RFC 4954 §4: `=` is an empty one."""
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: not ASCII
+        return None
+
+
+def plain_credentials(response: bytes) -> tuple[bytes, bytes] | str:
+    """RFC 4616's `authzid NUL authcid NUL passwd`: the user and password, or the reply that
+    refuses them. aiosmtpd drops the authorization identity, so `alice` asking to act as
+    `bob` got 235; here that is refused before the password is looked at."""
+    parts = response.split(b"\0")
+    if len(parts) != 3:
+        return replies.AUTH_CANNOT_SPLIT
+    authzid, user, password = parts
+    if authzid not in (b"", user):
+        return replies.AUTH_OTHER_IDENTITY
+    return user, password

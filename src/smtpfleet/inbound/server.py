@@ -26,14 +26,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, Final, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    _Missing,
+    syntax,
+)
 
 from smtpfleet import deadlines, replies
 from smtpfleet.config import InboundConfig, ListenerConfig, ListenerProfile
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import ConfigError
 from smtpfleet.inbound import redact, tls
-from smtpfleet.inbound.auth import AuthCheck, Authenticator
+from smtpfleet.inbound.auth import AuthCheck, Authenticator, initial_response, plain_credentials
 from smtpfleet.inbound.budget import ByteBudget
 from smtpfleet.inbound.client_gate import ClientGates
 from smtpfleet.inbound.counters import ClientCounter
@@ -381,6 +390,28 @@ class InboundSMTP(SMTP):
             # The user is the message's tenant for routing rules (handler.tenant_of).
             self.session.auth_data = offered.login.decode("utf-8", "replace")
         await self.push(_AUTH_REPLIES[result])
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:  # noqa: N802 - aiosmtpd's
+        """RFC 4616 PLAIN, as aiosmtpd reads it but for the authorization identity, which
+        aiosmtpd drops (see `plain_credentials`), and `=`, an empty initial response."""
+        response = await self._plain_response(args)
+        if response is None:
+            return AuthResult(success=False)  # answered
+        credentials = plain_credentials(response)
+        if isinstance(credentials, str):
+            await self.push(credentials)
+            return AuthResult(success=False)
+        return self._authenticate("PLAIN", LoginPassword(*credentials))
+
+    async def _plain_response(self, args: list[str]) -> bytes | None:
+        """The client's response, decoded; None once its refusal is answered."""
+        if len(args) == 1:
+            challenged = await self.challenge_auth("")  # it answers `*` and bad base64 itself
+            return None if isinstance(challenged, _Missing) else challenged
+        response = initial_response(args[1])
+        if response is None:
+            await self.push(replies.AUTH_BAD_BASE64)
+        return response
 
     def _take_credentials(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: object
