@@ -617,6 +617,21 @@ class SigningFailure(StrEnum):
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+
+
+def domain_name(value: str) -> str:
+    """A mail domain as DNS and SMTP spell it: lowercase, no trailing dot, two labels or more
+    of letters, digits and hyphens (a U-label becomes its A-label). ValueError otherwise."""
+    domain = value.strip().lower().rstrip(".")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty or overlong label
+        raise ValueError(f"{value!r} is not a domain name") from None
+    if not _DOMAIN.fullmatch(domain):
+        raise ValueError(f"{value!r} is not a domain name")
+    return domain
+
+
 # RFC 6376 §5.4.1: trace and per-recipient fields change in transit and are never signed.
 UNSIGNABLE_HEADERS = frozenset(
     {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
@@ -638,10 +653,7 @@ class DkimSigningKey(_Section):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        domain = value.strip().lower().rstrip(".")
-        if not _DOMAIN.fullmatch(domain):
-            raise ValueError(f"{value!r} is not a domain name")
-        return domain
+        return domain_name(value)
 
     @field_validator("headers")
     @classmethod
@@ -781,6 +793,10 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"cannot read config file {path}: not UTF-8 text (byte {exc.start})"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):

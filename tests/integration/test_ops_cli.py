@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,17 +164,38 @@ async def _raw_with_prefix(prefix: str, *args: str) -> tuple[int, str, str]:
     )
 
 
-async def test_errors_are_one_line_never_a_traceback() -> None:
+async def test_errors_are_one_line_never_a_traceback(tmp_path: Path) -> None:
+    not_utf8 = tmp_path / "latin1.yaml"
+    not_utf8.write_bytes(b"# caf\xe9\nredis: {}\n")
     for args in (
         ["status", "--redis", "redis://127.0.0.1:1/0"],
         ["queue", "show", "not-an-id", "--redis", "redis://127.0.0.1:1/0"],
         ["status", "--config", "/nonexistent.yaml"],
+        ["serve", "--config", str(not_utf8)],
+        ["check-dns", ""],
+        ["check-dns", "a..example"],
     ):
         code, out, err = await run_cli(*args)
         assert code in (1, 2)
         assert out == ""
         assert "Traceback" not in err
         assert err.startswith("smtpfleet: ")
+        assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--log-level", "NOPE", "status"], {}),
+        (["status"], {"SMTPFLEET_LOG_LEVEL": "verbose"}),
+        (["status"], {"SMTPFLEET_LOG_FORMAT": "xml"}),
+    ],
+)
+async def test_a_bad_log_setting_is_a_usage_error(args: list[str], env: dict[str, str]) -> None:
+    code, out, err = await run_cli(*args, env=env)
+    assert (code, out) == (2, "")
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("smtpfleet: error: argument --log-")
 
 
 async def test_relay_pause_and_node_drain_reach_the_running_cluster() -> None:

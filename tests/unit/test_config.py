@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpfleet.config import Durability, build_config, load_config, parse_hostport
+from smtpfleet.config import Durability, build_config, domain_name, load_config, parse_hostport
 from smtpfleet.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "smtpfleet.yaml"
@@ -69,6 +69,10 @@ def test_bad_environment_value_names_the_variable() -> None:
 def test_unreadable_or_non_mapping_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml", environ={})
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"cannot read config file .*: not UTF-8 text \(byte 5\)"):
+        load_config(latin1, environ={})
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -102,3 +106,33 @@ def test_http_listens_on_a_port_or_a_unix_socket() -> None:
     assert build_config({"http": {"listen": "127.0.0.1:9125"}}).http.unix_path is None
     with pytest.raises(ConfigError, match="unix:/ABSOLUTE/PATH"):
         build_config({"http": {"listen": "unix:w1.sock"}})
+
+
+@pytest.mark.parametrize(
+    ("text", "domain"),
+    [
+        ("Example.COM.", "example.com"),
+        (" mail.example.net ", "mail.example.net"),
+        ("bücher.example", "xn--bcher-kva.example"),
+    ],
+)
+def test_a_domain_name_is_spelled_as_dns_has_it(text: str, domain: str) -> None:
+    assert domain_name(text) == domain
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        ".",
+        "a..example",
+        "localhost",
+        "a_b.example",
+        "-a.example",
+        "x" * 64 + ".example",
+        "a b.example",
+    ],
+)
+def test_what_is_not_a_domain_name_says_so(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a domain name"):
+        domain_name(text)

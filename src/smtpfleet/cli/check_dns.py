@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 
-from smtpfleet.config import Config, load_config, parse_hostport
+from smtpfleet.config import Config, domain_name, load_config, parse_hostport
 from smtpfleet.dnscheck import DnsExpectations, check_domain, exit_code, render_table
 from smtpfleet.errors import ConfigError
 from smtpfleet.inbound.dkim import public_key
@@ -25,10 +25,14 @@ def dkim_expectations(config: Config, domain: str) -> tuple[tuple[str, str], ...
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        domain = domain_name(args.domain)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     config = load_config(args.config)
     expectations = DnsExpectations(
         egress_addresses=tuple(ip for relay in config.relays for ip in relay.egress_addresses),
-        dkim=dkim_expectations(config, args.domain),
+        dkim=dkim_expectations(config, domain),
         active_active=config.dns.active_active,
         max_ttl_s=config.dns.max_ttl_s,
     )
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             nameserver, port = parse_hostport(args.nameserver, default_port=53)
         except ValueError as exc:
             raise ConfigError(f"--nameserver {exc}") from None
-    checks = asyncio.run(check_domain(args.domain, expectations, nameserver=nameserver, port=port))
+    checks = asyncio.run(check_domain(domain, expectations, nameserver=nameserver, port=port))
     if args.json:
         print(
             json.dumps(

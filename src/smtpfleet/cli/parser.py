@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,35 @@ DESCRIPTION = (
 )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def _one_of(names: tuple[str, ...], normal: Callable[[str], str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if normal(text.strip()) not in names:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, not {text!r}")
+        return normal(text.strip())
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtpfleet", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"smtpfleet {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("SMTPFLEET_LOG_LEVEL", "INFO"))
+    # A default from the environment goes through `type` too (argparse converts a string
+    # default), so a bad SMTPFLEET_LOG_LEVEL is a usage error, as a bad --log-level is.
+    parser.add_argument(
+        "--log-level",
+        type=_one_of(LOG_LEVELS, str.upper),
+        default=os.environ.get("SMTPFLEET_LOG_LEVEL", "INFO"),
+        help=", ".join(LOG_LEVELS),
+    )
     parser.add_argument(
         "--log-format",
-        choices=["auto", "json", "text"],
+        type=_one_of(LOG_FORMATS, str.lower),
         default=os.environ.get("SMTPFLEET_LOG_FORMAT", "auto"),
-        help="auto: JSON unless stderr is a terminal",
+        help="auto (JSON unless stderr is a terminal), json or text",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve(sub)
