@@ -85,3 +85,33 @@ async def test_a_ca_without_starttls_or_an_unreadable_ca_is_a_usage_error(tmp_pa
     )
     assert code == 2
     assert "absent.pem" in err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("--count", "0"),
+        ("--duration", "-1"),
+        ("--duration", "nan"),
+        ("--rate", "0"),
+        ("--size", "-5"),
+        ("--per-session", "0"),
+        ("--concurrency", "0"),
+        ("--settle", "-1"),
+    ],
+)
+async def test_a_number_no_load_can_have_is_a_usage_error(bad: tuple[str, str]) -> None:
+    amount = () if bad[0] in ("--count", "--duration") else ("--count", "1")
+    code, out, err = await run_cli("loadtest", "--target", "127.0.0.1:1", *amount, *bad)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"smtpfleet: {bad[0]} must be ")
+    assert err.count("\n") == 1, err
+
+
+async def test_a_target_that_accepts_nothing_fails_the_run() -> None:
+    code, out, err = await run_cli(
+        "loadtest", "--target", f"127.0.0.1:{free_port()}", "--count", "3"
+    )
+    assert code == 1
+    assert "sent 3, accepted 0" in out
+    assert err.strip() == "smtpfleet: no message was accepted by --target"

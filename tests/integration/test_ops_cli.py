@@ -174,6 +174,7 @@ async def test_errors_are_one_line_never_a_traceback(tmp_path: Path) -> None:
         ["serve", "--config", str(not_utf8)],
         ["check-dns", ""],
         ["check-dns", "a..example"],
+        ["check-dns", "example.com", "--nameserver", "dns.example"],
     ):
         code, out, err = await run_cli(*args)
         assert code in (1, 2)
