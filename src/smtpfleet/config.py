@@ -210,7 +210,9 @@ class InboundConfig(_Section):
     @field_validator("accepted_domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
-        return [d.strip().lower().rstrip(".") for d in value]
+        # A typo here (`example..com`, an address literal) matched nothing, silently: all mail
+        # for the domain would be refused as relaying.
+        return [domain_name(d, min_labels=1) for d in value]
 
     @model_validator(mode="after")
     def _budget_holds_a_message(self) -> InboundConfig:
@@ -245,6 +247,9 @@ class InboundConfig(_Section):
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [listener.hostport for listener in self.all_listeners()]
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class RedisConfig(_Section):
@@ -285,6 +290,19 @@ class RedisConfig(_Section):
     @property
     def tls(self) -> bool:
         return urlparse(self.url).scheme == "rediss"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        # The URL itself stays out of the message: it may carry a password.
+        try:
+            parsed = urlparse(value)
+            parsed.port  # noqa: B018 - raises on a port that is not one
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc})") from None
+        if f"{parsed.scheme}://" not in REDIS_SCHEMES:
+            raise ValueError(f"a Redis URL starts with {', '.join(REDIS_SCHEMES)}")
+        return value
 
     @field_validator("sentinels", "cluster_nodes")
     @classmethod
@@ -616,18 +634,20 @@ class SigningFailure(StrEnum):
 
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+_LABEL_RE = re.compile(_LABEL)
 
 
-def domain_name(value: str) -> str:
-    """A mail domain as DNS and SMTP spell it: lowercase, no trailing dot, two labels or more
-    of letters, digits and hyphens (a U-label becomes its A-label). ValueError otherwise."""
+def domain_name(value: str, min_labels: int = 2) -> str:
+    """A mail domain as DNS and SMTP spell it: lowercase, no trailing dot, `min_labels` labels
+    or more of letters, digits and hyphens (a U-label becomes its A-label). ValueError
+    otherwise."""
     domain = value.strip().lower().rstrip(".")
     try:
         domain = domain.encode("idna").decode("ascii")
     except UnicodeError:  # an empty or overlong label
         raise ValueError(f"{value!r} is not a domain name") from None
-    if not _DOMAIN.fullmatch(domain):
+    labels = domain.split(".")
+    if len(labels) < min_labels or not all(_LABEL_RE.fullmatch(label) for label in labels):
         raise ValueError(f"{value!r} is not a domain name")
     return domain
 

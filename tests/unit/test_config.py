@@ -136,3 +136,31 @@ def test_a_domain_name_is_spelled_as_dns_has_it(text: str, domain: str) -> None:
 def test_what_is_not_a_domain_name_says_so(text: str) -> None:
     with pytest.raises(ValueError, match="is not a domain name"):
         domain_name(text)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://secret@redis.example",
+        "redis://:secret@[::1",
+        "redis://:secret@localhost:99999/0",
+        "x",
+    ],
+)
+def test_a_url_redis_cannot_take_is_refused_without_repeating_it(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.url") as caught:
+        build_config({"redis": {"url": url}})
+    assert "secret" not in str(caught.value)
+
+
+def test_redis_urls_of_every_kind_are_taken() -> None:
+    for url in ("redis://127.0.0.1:6379/0", "rediss://u:p@[::1]:6380/1", "unix:///run/redis.sock"):
+        assert build_config({"redis": {"url": url}}).redis.url == url
+
+
+def test_accepted_domains_are_domain_names() -> None:
+    inbound = build_config({"inbound": {"accepted_domains": [" Example.NET. ", "localhost"]}})
+    assert inbound.inbound.accepted_domains == ["example.net", "localhost"]
+    for typo in ("example..net", "[192.0.2.1]", "exa mple.net", ""):
+        with pytest.raises(ConfigError, match=r"inbound\.accepted_domains"):
+            build_config({"inbound": {"accepted_domains": [typo]}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -34,12 +35,9 @@ class OpsError(Exception):
 
 
 def _config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
-    if args.redis:
-        config = config.model_copy(
-            update={"redis": config.redis.model_copy(update={"url": args.redis})}
-        )
-    return config
+    # --redis as its variable would give it: validated with the rest, over the file.
+    environ = {**os.environ, "SMTPFLEET_REDIS__URL": args.redis} if args.redis else None
+    return load_config(args.config, environ)
 
 
 def run(args: argparse.Namespace) -> int:
