@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from smtpfleet.inbound.policy import RecipientPolicy
 from smtpfleet.inbound.server import InboundServer, _rewritten, rewrite
 from smtpfleet.testing.client import eventually
 from smtpfleet.testing.inbound import MemorySpool, inbound_front
+from smtpfleet.testing.tools import need_program
 from smtpfleet.testing.wire import Wire
 
 pytestmark = pytest.mark.timeout(30)
@@ -213,15 +215,57 @@ async def test_recipient_limit() -> None:
         assert len(h.spool.messages[0].recipients) == 100
 
 
-async def test_ehlo_advertises_size_and_enhanced_status_codes(h: Harness) -> None:
+async def test_ehlo_advertises_size_pipelining_and_enhanced_status_codes(h: Harness) -> None:
     client = await h.connect(ehlo=False)
     ehlo = await client.cmd("EHLO client.test")
     assert ehlo.startswith("250-mx.test\r\n")
     assert "250-SIZE 10000\r\n" in ehlo
+    assert "250-PIPELINING\r\n" in ehlo
     assert "250-ENHANCEDSTATUSCODES\r\n" in ehlo
     assert ehlo.endswith("250 HELP\r\n")
     # The EHLO hook must record the client's name, or MAIL would need HELO first.
     assert (await client.cmd("MAIL FROM:<s@example.com>")).startswith("250 2.1.0")
+
+
+async def test_a_pipelined_envelope_gets_one_reply_per_command_in_order(h: Harness) -> None:
+    """RFC 2920, offered in EHLO: MAIL, every RCPT and DATA in one write (a sending MTA's
+    one round trip); a refused recipient among them leaves the others' message intact."""
+    client = await h.connect(ehlo=False)
+    assert "250-PIPELINING\r\n" in await client.cmd("EHLO client.test")
+    client.writer.write(
+        b"MAIL FROM:<s@example.com>\r\nRCPT TO:<a@example.net>\r\n"
+        b"RCPT TO:<x@elsewhere.example>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+    )
+    answers = [await client.reply() for _ in range(5)]
+    assert [a[:3] for a in answers] == ["250", "250", "550", "250", "354"]
+    assert answers[2].startswith("550 5.7.1")
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    # The next transaction may follow the final dot's reply in one write too.
+    client.writer.write(b"RSET\r\nMAIL FROM:<>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n")
+    assert [(await client.reply())[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    first, second = h.spool.messages
+    assert list(first.recipients) == ["a@example.net", "b@example.net"]
+    assert list(second.recipients) == ["c@example.net"]
+
+
+async def test_swaks_pipelines_its_envelope(h: Harness) -> None:
+    """A real client that pipelines when offered (`swaks --pipeline`, as an MTA would)."""
+    host, port = h.server.addresses[0]
+    process = await asyncio.create_subprocess_exec(
+        need_program("swaks", "apt install swaks"),
+        *("--server", host, "--port", str(port), "--pipeline", "--helo", "swaks.test"),
+        *("--from", "s@example.com", "--to", "a@example.net,b@example.net"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    assert process.returncode == 0, output
+    # The whole envelope went out before the first reply came back.
+    sent = output.index(" -> DATA")
+    assert output.index(" -> MAIL FROM") < sent < output.index("<-  250 2.1.0")
+    [message] = h.spool.messages
+    assert list(message.recipients) == ["a@example.net", "b@example.net"]
 
 
 async def test_size_parameter_above_the_limit_is_refused(h: Harness) -> None:

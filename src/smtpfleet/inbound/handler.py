@@ -36,6 +36,10 @@ from smtpfleet.queue.spool import Spool
 log = logging.getLogger(__name__)
 
 ENHANCED_STATUS_CODES = "250-ENHANCEDSTATUSCODES"  # RFC 2034: we send them on every reply
+# RFC 2920: a sending MTA may send MAIL, every RCPT and DATA at once, a round trip instead of
+# one per command. aiosmtpd reads commands one line at a time and answers each in order,
+# whether they came one per packet or together (tests/integration/test_fuzz.py sends groups).
+PIPELINING = "250-PIPELINING"
 # A control character in the client's name is never a host name (RFC 5321 §4.1.1.1), and the
 # name goes into our Received header and logs.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -115,7 +119,7 @@ class InboundHandler:
         # With an EHLO hook, aiosmtpd 1.4.6 leaves recording the client's name to the hook;
         # without it every later MAIL would get "503 send HELO first".
         session.host_name = hostname
-        return [*responses[:-1], ENHANCED_STATUS_CODES, responses[-1]]
+        return [*responses[:-1], PIPELINING, ENHANCED_STATUS_CODES, responses[-1]]
 
     async def handle_HELO(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str
