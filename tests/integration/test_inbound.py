@@ -249,6 +249,36 @@ async def test_a_pipelined_envelope_gets_one_reply_per_command_in_order(h: Harne
     assert list(second.recipients) == ["c@example.net"]
 
 
+async def test_the_replies_to_a_pipelined_group_leave_in_one_write(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 2920 §3.2: the replies to MAIL and RCPT wait while the next command is read
+    already, so a group gets one segment back; in lock-step each reply is its own write."""
+    port = h.server.addresses[0][1]
+    writes: list[bytes] = []
+    write = asyncio.StreamWriter.write
+
+    def recorded(writer: asyncio.StreamWriter, data: bytes) -> None:
+        if writer.get_extra_info("sockname")[1] == port:  # the server's side only
+            writes.append(bytes(data))
+        write(writer, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", recorded)
+    client = await h.connect()
+    writes.clear()
+    client.writer.write(
+        b"MAIL FROM:<s@example.com>\r\nRCPT TO:<a@example.net>\r\n"
+        b"RCPT TO:<x@elsewhere.example>\r\nDATA\r\n"
+    )
+    assert [(await client.reply())[:3] for _ in range(4)] == ["250", "250", "550", "354"]
+    assert len(writes) == 1, writes
+    assert writes[0].count(b"\r\n") == 4
+    assert (await client.cmd(MESSAGE)).startswith("250 2.0.0")
+    writes.clear()
+    await client.start_transaction(["a@example.net", "b@example.net"])
+    assert len(writes) == 4  # lock-step: nothing is held for a command not yet sent
+
+
 async def test_swaks_pipelines_its_envelope(h: Harness) -> None:
     """A real client that pipelines when offered (`swaks --pipeline`, as an MTA would)."""
     host, port = h.server.addresses[0]

@@ -130,6 +130,10 @@ def rewrite(reply: str) -> str:
     return _rewritten(reply)
 
 
+# Commands a pipelining client may follow with more in the same group (RFC 2920 §3.1).
+_PIPELINED_MIDWAY: Final = frozenset({"MAIL", "RCPT", "RSET"})
+
+
 # aiosmtpd's replies repeat (EHLO's lines, 250s, the same refusals): the table runs once per
 # distinct line. Lines that carry client text (VRFY's address) are few and the cache is bounded.
 @functools.lru_cache(maxsize=1024)
@@ -507,12 +511,13 @@ class InboundSMTP(SMTP):
         if self._closing:
             return  # our last reply is out; what the client still sends gets no answer
         if isinstance(status, bytes):  # only AUTH challenges ("334 ...")
-            await super().push(status)
+            await super().push(self._take_unsent(b"\r\n") + status)
             return
         reply = self._rewrite(status)
         self._count(reply)
-        if reply[3:4] == "-":
-            # A multi-line reply (EHLO's ten lines) leaves in one write, not one per line.
+        if reply[3:4] == "-" or self._more_pipelined(reply):
+            # A multi-line reply (EHLO's ten lines) leaves in one write, not one per line;
+            # so do the replies to a pipelined group (below).
             self._unsent.append(reply)
             return
         if self._unsent:
@@ -521,6 +526,26 @@ class InboundSMTP(SMTP):
         await super().push(reply)
         if int(reply[:3]) == replies.CLOSING_CODE:  # RFC 5321 §3.8: 421 means we close
             self._close()
+
+    def _more_pipelined(self, reply: str) -> bool:
+        """RFC 2920 §3.2: with the client's next command read already, the reply to MAIL, RCPT
+        or RSET waits for that command's reply and they leave in one write: a sending MTA's
+        MAIL, RCPTs and DATA get one segment back, not one per command. Never a 421, never the
+        reply to DATA, STARTTLS, AUTH, QUIT or the message, which the client waits for; the
+        next command always answers (or closes, and `_say_and_close` writes what waits)."""
+        return (
+            self._command in _PIPELINED_MIDWAY
+            and int(reply[:3]) != replies.CLOSING_CODE
+            and b"\n" in cast(Any, self._reader)._buffer  # a whole line read, not yet taken
+        )
+
+    def _take_unsent(self, end: bytes) -> bytes:
+        """What push held back, to go out ahead of what is written now."""
+        if not self._unsent:
+            return b""
+        text = "\r\n".join(self._unsent).encode("ascii") + end
+        self._unsent.clear()
+        return text
 
     def _count(self, reply: str) -> None:
         if reply[3:4] != "-":  # a multi-line reply counts once, at its last line
@@ -531,7 +556,7 @@ class InboundSMTP(SMTP):
         """An unsolicited reply (RFC 5321 §3.8: 421 before closing), written without waiting."""
         if self.transport is not None and not self.transport.is_closing():
             self._count(reply)
-            self._writer.write(reply.encode("ascii") + b"\r\n")
+            self._writer.write(self._take_unsent(b"\r\n") + reply.encode("ascii") + b"\r\n")
         self._close()
 
     def _close(self) -> None:
