@@ -178,7 +178,7 @@ async def _mx_targets(hosts: Sequence[str], dns_: _Lookup) -> Check:
 async def _mx_target_problem(host: str, dns_: _Lookup) -> str | None:
     # An MX names a host, never an address (RFC 5321 §5.1, RFC 7505 §3): senders look an
     # "IP literal" exchange up as a name, which fails.
-    if _is_ip(host.strip("[]")):
+    if is_ip(host.strip("[]")):
         return f"{host} is an IP literal, not a host name"
     v4, v6 = await asyncio.gather(dns_.query(host, "A"), dns_.query(host, "AAAA"))
     if v4.rdatas or v6.rdatas:
@@ -193,7 +193,7 @@ def _mx_ttl(ttl: int, max_ttl_s: int) -> Check:
     return Check("mx.ttl", Status.PASS, f"TTL {ttl}s")
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 
 from smtpfleet.config import Config, domain_name, load_config, parse_hostport
-from smtpfleet.dnscheck import DnsExpectations, check_domain, exit_code, render_table
+from smtpfleet.dnscheck import DnsExpectations, check_domain, exit_code, is_ip, render_table
 from smtpfleet.errors import ConfigError
 from smtpfleet.inbound.dkim import public_key
 from smtpfleet.inbound.signing import load_keys
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             nameserver, port = parse_hostport(args.nameserver, default_port=53)
         except ValueError as exc:
             raise ConfigError(f"--nameserver {exc}") from None
-        if not _is_ip(nameserver):
+        if not is_ip(nameserver):
             raise ConfigError(f"--nameserver {args.nameserver!r}: expected IP[:PORT]")
     checks = asyncio.run(check_domain(domain, expectations, nameserver=nameserver, port=port))
     if args.json:
@@ -55,11 +54,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render_table(checks))
     return exit_code(checks)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
