@@ -64,6 +64,12 @@ class HttpServer:
                 await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
             self._server = None
 
+    async def _answer(self, request: bytes) -> tuple[int, str, bytes]:
+        method, _, rest = request.decode("latin-1").partition(" ")
+        if method != "GET":
+            return 405, "text/plain", b"GET only\n"
+        return await self._route(rest.split(" ", 1)[0].split("?", 1)[0])
+
     async def _route(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":
             if self._metrics_text is not None:
@@ -80,16 +86,15 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                request = await reader.readline()
-                while (await reader.readline()).strip():
-                    pass  # headers: nothing we need
-            method, _, rest = request.decode("latin-1").partition(" ")
-            path = rest.split(" ", 1)[0].split("?", 1)[0]
-            if method != "GET":
-                status, kind, body = 405, "text/plain", b"GET only\n"
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    request = await reader.readline()
+                    while (await reader.readline()).strip():
+                        pass  # headers: nothing we need
+            except (ValueError, asyncio.LimitOverrunError):  # a line over MAX_REQUEST_LINE
+                status, kind, body = 400, "text/plain", b"request line or header too long\n"
             else:
-                status, kind, body = await self._route(path)
+                status, kind, body = await self._answer(request)
             head = (
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
                 f"Content-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
@@ -97,7 +102,7 @@ class HttpServer:
             )
             writer.write(head.encode() + body)
             await writer.drain()
-        except (TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -133,4 +138,10 @@ async def get(
     return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}

@@ -8,8 +8,11 @@ import json
 import logging
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpfleet.config import HttpConfig
+from smtpfleet.http import MAX_REQUEST_LINE, HttpServer
 from smtpfleet.logs import JsonFormatter, TickHandler
 from smtpfleet.testing import (
     LocalCluster,
@@ -79,6 +82,30 @@ async def test_metrics_and_probes(redis_url: str, prefix: str, sink: Sink) -> No
         node.draining = True
         assert await http_get(http, "/readyz") == (503, "not ready: draining\n")
         assert (await http_get(http, "/nope"))[0] == 404
+
+
+async def test_the_http_port_answers_what_it_cannot_read() -> None:
+    """A request line or header over the limit gets 400, not a silent close; not GET, 405."""
+    server = HttpServer(
+        HttpConfig(listen="127.0.0.1:0"),
+        registry=CollectorRegistry(),
+        not_ready_reason=lambda: None,
+    )
+    await server.start()
+    try:
+        long_path = "/" + "a" * MAX_REQUEST_LINE
+        assert (await http_get(server.address, long_path))[0] == 400
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"b" * MAX_REQUEST_LINE + b"\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400 Bad Request")
+        writer.close()
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(b"POST /healthz HTTP/1.1\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 405 ")
+        writer.close()
+        assert await http_get(server.address, "/healthz") == (200, "ok\n")
+    finally:
+        await server.close()
 
 
 def queue_gauges(text: str) -> dict[str, float]:
