@@ -154,3 +154,19 @@ async def test_a_relay_without_pipelining_gets_the_envelope_step_by_step() -> No
         assert verdicts["b@example.net"].code == 550
         assert relay.messages[-1].recipients == ("a@example.net", "c@example.net")
         await client.close()
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "step-by-step"])
+async def test_any_2xx_to_mail_or_rcpt_is_a_yes_and_the_message_goes(pipelined: bool) -> None:
+    """RFC 5321 §4.2.1: 2xx is a yes. aiosmtplib takes only 250 to MAIL and 250/251 to RCPT:
+    a `252` became a refusal whose code read as "delivered", and nothing was sent."""
+    async with Sink(name="two-five-two", pipelining=pipelined) as relay:
+        client = client_for(relay)
+        relay.faults.mail_reply = "252 2.1.0 Sender ok, unverified"
+        relay.faults.rcpt_replies = dict.fromkeys(RCPTS, "252 2.1.5 Cannot VRFY, will accept")
+        verdicts = await client.send("s@example.com", RCPTS, BODY)
+        assert {v.outcome for v in verdicts.values()} == {Outcome.DELIVERED}
+        assert {v.code for v in verdicts.values()} == {250}  # the final dot's reply
+        await relay.wait_for(1)
+        assert relay.messages[-1].recipients == RCPTS
+        await client.close()

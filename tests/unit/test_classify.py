@@ -273,3 +273,22 @@ def test_any_reply_gives_a_bounded_one_line_verdict(code: int, message: str) -> 
     assert (verdict.outcome is Outcome.PERMANENT) == (500 <= code < 600)
     expected_class = {Outcome.DELIVERED: "2", Outcome.TEMPORARY: "4", Outcome.PERMANENT: "5"}
     assert verdict.status[0] == expected_class[verdict.outcome]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiosmtplib.SMTPDataError(250, "go ahead"),  # to DATA, instead of 354: nothing went
+        aiosmtplib.SMTPSenderRefused(251, "odd", "s@example.com"),
+        aiosmtplib.SMTPRecipientRefused(252, "odd", "r@example.net"),
+    ],
+)
+def test_a_refusal_that_says_2xx_is_temporary_never_delivered(
+    exc: aiosmtplib.SMTPResponseException,
+) -> None:
+    verdict = classify_exception(exc)
+    assert (verdict.outcome, verdict.status, verdict.code) == (
+        Outcome.TEMPORARY,
+        "4.0.0",
+        exc.code,
+    )

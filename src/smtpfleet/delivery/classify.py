@@ -1,10 +1,9 @@
-"""What a relay's answer means for one recipient (DESIGN invariant 3). Pure: no I/O.
-
-2xx is delivered, 4xx temporary, 5xx permanent (RFC 5321 section 4.2.1). Everything else is
-temporary: connection errors and timeouts (the relay never said no), unexpected replies (1xx,
-3xx, garbage), and refusals of the session rather than of the message (a 5xx greeting, EHLO,
-STARTTLS or AUTH reply is about our relay, not the recipient). Only a clear 5xx to MAIL, RCPT
-or DATA is ever a reason to bounce someone's mail.
+"""What a relay's answer means for one recipient (DESIGN invariant 3). Pure: no I/O. 2xx is
+delivered, 4xx temporary, 5xx permanent (RFC 5321 section 4.2.1). Everything else is temporary:
+connection errors and timeouts (the relay never said no), unexpected replies (1xx, 3xx,
+garbage, a 2xx where another reply was due), and refusals of the session rather than of the
+message (a 5xx greeting, EHLO, STARTTLS or AUTH reply is about our relay, not the recipient).
+Only a clear 5xx to MAIL, RCPT or DATA is ever a reason to bounce someone's mail.
 
 aiosmtplib is imported for its exception classes only; this module never opens a connection.
 """
@@ -115,12 +114,22 @@ def classify_reply(code: int, message: str) -> Verdict:
     return Verdict(Outcome.TEMPORARY, FailureKind.REPLY_4XX, code, text, status)
 
 
+def _message_refused(code: int, message: str) -> Verdict:
+    """MAIL, RCPT or DATA refused, by this reply. One that says 2xx (`250` to DATA instead of
+    `354`: the message never went) is unexpected, so temporary: read as a reply it was
+    "delivered", and the mail was lost."""
+    if code // 100 == 2:
+        text = one_line(f"{code} {message}")
+        return Verdict(Outcome.TEMPORARY, FailureKind.REPLY_4XX, code, text, "4.0.0")
+    return classify_reply(code, message)
+
+
 def classify_exception(exc: BaseException) -> Verdict:
     """The verdict for an exception raised while talking to a relay (aiosmtplib or OS)."""
     if isinstance(exc, aiosmtplib.SMTPRecipientRefused) and exc.code == _RCPT_TOO_MANY:
         return _too_many_recipients(exc.code, exc.message)
     if isinstance(exc, _MESSAGE_REPLIES) and exc.code > 0:
-        return classify_reply(exc.code, exc.message)
+        return _message_refused(exc.code, exc.message)
     # TimeoutError before OSError (it is one) and before SMTPConnectError
     # (SMTPConnectTimeoutError is both).
     if isinstance(exc, TimeoutError):

@@ -60,6 +60,13 @@ def envelope(sender: str, recipients: Sequence[str]) -> Envelope:
     return Envelope(mail, rcpts, refused)
 
 
+def positive(code: int) -> bool:
+    """A yes to MAIL or RCPT: any 2xx (RFC 5321 §4.2.1), as Postfix's client reads it.
+    aiosmtplib takes only 250 to MAIL and 250 or 251 to RCPT; a `252` then became a refusal
+    whose code said "delivered", for a recipient the message never went to."""
+    return code // 100 == 2
+
+
 def _line(verb: bytes, address: str) -> bytes:
     # What aiosmtplib's mail()/rcpt() send: the quoted address, ASCII, no control characters
     # (UnicodeEncodeError is a ValueError, as there).
@@ -100,10 +107,10 @@ async def _exchange(
     accepted: list[str] = []
     for recipient, _ in env.rcpts:
         reply = await _reply(protocol, timeout_s)
-        if mail.code != 250:
+        if not positive(mail.code):
             exc: Exception = aiosmtplib.SMTPSenderRefused(mail.code, mail.message, "")
             verdicts[recipient] = classify_exception(exc)
-        elif reply.code in (250, 251):
+        elif positive(reply.code):
             accepted.append(recipient)
         else:
             exc = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)

@@ -382,8 +382,9 @@ class RelayClient:
         try:
             await smtp.mail(sender)
         except aiosmtplib.SMTPResponseException as exc:
-            await _reset(smtp)
-            return dict.fromkeys(recipients, classify_exception(exc))
+            if not pipelining.positive(exc.code):  # aiosmtplib raises for any but 250
+                await _reset(smtp)
+                return dict.fromkeys(recipients, classify_exception(exc))
         except ValueError:
             # aiosmtplib refuses addresses that could inject into the command line, before
             # writing anything: the session is untouched and stays in the pool.
@@ -432,7 +433,10 @@ async def _recipients(
         try:
             await smtp.rcpt(recipient)
         except aiosmtplib.SMTPRecipientRefused as exc:
-            verdicts[recipient] = classify_exception(exc)
+            if pipelining.positive(exc.code):  # aiosmtplib raises for any but 250 and 251
+                accepted.append(recipient)
+            else:
+                verdicts[recipient] = classify_exception(exc)
         except ValueError:  # refused by our client before it wrote anything, as for MAIL
             verdicts[recipient] = unsendable(recipient, sender=False)
         else:
