@@ -170,3 +170,21 @@ async def test_any_2xx_to_mail_or_rcpt_is_a_yes_and_the_message_goes(pipelined: 
         await relay.wait_for(1)
         assert relay.messages[-1].recipients == RCPTS
         await client.close()
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "step-by-step"])
+async def test_replies_left_over_are_never_the_next_messages(pipelined: bool) -> None:
+    """A relay that answers a final dot twice, in one segment: the second reply was read as
+    the next message's on the same session, and its `550` bounced a recipient the relay never
+    refused. Such a session is closed instead of reused."""
+    async with Sink(name="twice", pipelining=pipelined) as relay:
+        client = client_for(relay)
+        relay.faults.data_replies = ["250 2.0.0 first\r\n550 5.1.1 stray refusal"]
+        first = await client.send("s@example.com", RCPTS, BODY)
+        assert {v.text for v in first.values()} == {"250 2.0.0 first"}
+        second = await client.send("s@example.com", RCPTS, BODY)
+        assert {v.outcome for v in second.values()} == {Outcome.DELIVERED}
+        assert relay.refused_recipients == []
+        await relay.wait_for(2)
+        assert relay.connections == 2
+        await client.close()

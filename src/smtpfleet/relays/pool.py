@@ -170,6 +170,8 @@ class RelayClient:
                     return dict.fromkeys(recipients, classify_exception(exc))
                 if any(v.code == CLOSING_CODE for v in verdicts.values()):
                     await self._discard(session)  # 421: the relay is closing this session
+                elif not _in_step(session.smtp):
+                    await self._discard(session)
                 else:
                     self._give_back(session)
                 return verdicts
@@ -442,6 +444,14 @@ async def _recipients(
         else:
             accepted.append(recipient)
     return accepted
+
+
+def _in_step(smtp: SmtpSession) -> bool:
+    """Nothing read from the relay is left over. One that answers more than it was asked (two
+    replies to the final dot, in one segment) had its extra replies taken as the next
+    message's on this session: a stray `550` bounced a recipient the relay never refused."""
+    leftover = getattr(getattr(smtp, "protocol", None), "_buffer", None)
+    return not leftover
 
 
 def _is_tls_failure(exc: BaseException) -> bool:
