@@ -104,8 +104,8 @@ async def test_a_number_no_load_can_have_is_a_usage_error(bad: tuple[str, str]) 
     amount = () if bad[0] in ("--count", "--duration") else ("--count", "1")
     code, out, err = await run_cli("loadtest", "--target", "127.0.0.1:1", *amount, *bad)
     assert (code, out) == (2, "")
-    assert err.startswith(f"smtpfleet: {bad[0]} must be ")
-    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"smtpfleet loadtest: error: argument {bad[0]}: ")
 
 
 async def test_a_target_that_accepts_nothing_fails_the_run() -> None:

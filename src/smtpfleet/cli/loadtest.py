@@ -56,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         targets = _addresses(args.target, args.allow_remote, "--target")
         sinks = _addresses(args.sink, False, "--sink")
-        _check_numbers(args)
         args.tls_context = _tls_context(args.starttls, args.tls_ca)
     except UsageError as exc:
         print(f"smtpfleet: {exc}", file=sys.stderr)
@@ -96,24 +95,6 @@ async def _run(
         print("smtpfleet: no message was accepted by --target", file=sys.stderr)
         return EXIT_MISMATCH
     return EXIT_MISMATCH if recon is not None and not recon.clean else EXIT_OK
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    """What argparse's types let through but no load can be: counts below one, a duration
-    that is over before it starts, a negative size or rate."""
-    for flag, value, least in (
-        ("--count", args.count, 1),
-        ("--concurrency", args.concurrency, 1),
-        ("--per-session", args.per_session, 1),
-        ("--size", args.size, 0),
-    ):
-        if value is not None and value < least:
-            raise UsageError(f"{flag} must be at least {least}, not {value}")
-    for flag, seconds in (("--duration", args.duration), ("--rate", args.rate)):
-        if seconds is not None and not seconds > 0:  # `not >`: NaN too
-            raise UsageError(f"{flag} must be more than 0, not {seconds}")
-    if not args.settle >= 0:
-        raise UsageError(f"--settle must be 0 or more, not {args.settle}")
 
 
 def _tls_context(starttls: bool, ca_file: Path | None) -> ssl.SSLContext | None:

@@ -7,6 +7,7 @@ entry (`smtpfleet.cli.main`) imports only the one that runs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,13 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if value <= 0:
+    value = _number(text)
+    if not value > 0:  # `not >`: NaN too
         raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive number, not {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def positive_int(text: str) -> int:
@@ -163,14 +175,16 @@ def _loadtest(sub: Any) -> None:
     load = sub.add_parser("loadtest", help="send load and reconcile it against the sinks")
     load.add_argument("--target", action="append", required=True, metavar="HOST:PORT")
     size = load.add_mutually_exclusive_group(required=True)
-    size.add_argument("--count", type=int, help="messages to send")
-    size.add_argument("--duration", type=float, metavar="SECONDS")
+    size.add_argument("--count", type=positive_int, help="messages to send")
+    size.add_argument("--duration", type=positive_float, metavar="SECONDS")
     load.add_argument(
-        "--rate", type=float, help="messages per second (default: as fast as possible)"
+        "--rate", type=positive_float, help="messages per second (default: as fast as possible)"
     )
-    load.add_argument("--concurrency", type=int, default=50)
-    load.add_argument("--size", type=int, default=2048, help="message size in bytes")
-    load.add_argument("--per-session", type=int, default=100, help="messages per connection")
+    load.add_argument("--concurrency", type=positive_int, default=50)
+    load.add_argument("--size", type=positive_int, default=2048, help="message size in bytes")
+    load.add_argument(
+        "--per-session", type=positive_int, default=100, help="messages per connection"
+    )
     load.add_argument(
         "--sink",
         action="append",
@@ -178,7 +192,9 @@ def _loadtest(sub: Any) -> None:
         metavar="HOST:PORT",
         help="run a sink here (a relay of the cluster) and reconcile against it",
     )
-    load.add_argument("--settle", type=float, default=30.0, help="seconds to wait for deliveries")
+    load.add_argument(
+        "--settle", type=non_negative_float, default=30.0, help="seconds to wait for deliveries"
+    )
     load.add_argument(
         "--starttls", action="store_true", help="upgrade every connection with STARTTLS"
     )
