@@ -114,11 +114,18 @@ def classify_reply(code: int, message: str) -> Verdict:
     return Verdict(Outcome.TEMPORARY, FailureKind.REPLY_4XX, code, text, status)
 
 
+def positive(code: int) -> bool:
+    """A yes to MAIL or RCPT: any 2xx (RFC 5321 §4.2.1), as Postfix's client reads it.
+    aiosmtplib takes only 250 to MAIL and 250 or 251 to RCPT; a `252` then became a refusal
+    whose code said "delivered", for a recipient the message never went to."""
+    return code // 100 == 2
+
+
 def _message_refused(code: int, message: str) -> Verdict:
     """MAIL, RCPT or DATA refused, by this reply. One that says 2xx (`250` to DATA instead of
     `354`: the message never went) is unexpected, so temporary: read as a reply it was
     "delivered", and the mail was lost."""
-    if code // 100 == 2:
+    if positive(code):
         text = one_line(f"{code} {message}")
         return Verdict(Outcome.TEMPORARY, FailureKind.REPLY_4XX, code, text, "4.0.0")
     return classify_reply(code, message)

@@ -27,7 +27,13 @@ from aiosmtplib.protocol import (
 )
 
 from smtpfleet import deadlines
-from smtpfleet.delivery.classify import Verdict, classify_exception, classify_reply, unsendable
+from smtpfleet.delivery.classify import (
+    Verdict,
+    classify_exception,
+    classify_reply,
+    positive,
+    unsendable,
+)
 from smtpfleet.inbound.syntax import PLAIN_MAILBOX
 
 START_INPUT = 354  # RFC 5321 §4.2: "Start mail input"
@@ -58,13 +64,6 @@ def envelope(sender: str, recipients: Sequence[str]) -> Envelope:
         except ValueError:
             refused[recipient] = unsendable(recipient, sender=False)
     return Envelope(mail, rcpts, refused)
-
-
-def positive(code: int) -> bool:
-    """A yes to MAIL or RCPT: any 2xx (RFC 5321 §4.2.1), as Postfix's client reads it.
-    aiosmtplib takes only 250 to MAIL and 250 or 251 to RCPT; a `252` then became a refusal
-    whose code said "delivered", for a recipient the message never went to."""
-    return code // 100 == 2
 
 
 def _line(verb: bytes, address: str) -> bytes:

@@ -31,6 +31,7 @@ from smtpfleet.delivery.classify import (
     classify_reply,
     limit_reached,
     no_session,
+    positive,
     unsendable,
 )
 from smtpfleet.envelope import now_ms
@@ -168,9 +169,8 @@ class RelayClient:
                     if reused and _is_stale(exc):
                         continue  # the relay closed an idle session: try a fresh one at once
                     return dict.fromkeys(recipients, classify_exception(exc))
-                if any(v.code == CLOSING_CODE for v in verdicts.values()):
-                    await self._discard(session)  # 421: the relay is closing this session
-                elif not _in_step(session.smtp):
+                closing = any(v.code == CLOSING_CODE for v in verdicts.values())  # 421
+                if closing or not _in_step(session.smtp):
                     await self._discard(session)
                 else:
                     self._give_back(session)
@@ -384,7 +384,7 @@ class RelayClient:
         try:
             await smtp.mail(sender)
         except aiosmtplib.SMTPResponseException as exc:
-            if not pipelining.positive(exc.code):  # aiosmtplib raises for any but 250
+            if not positive(exc.code):  # aiosmtplib raises for any but 250
                 await _reset(smtp)
                 return dict.fromkeys(recipients, classify_exception(exc))
         except ValueError:
@@ -435,7 +435,7 @@ async def _recipients(
         try:
             await smtp.rcpt(recipient)
         except aiosmtplib.SMTPRecipientRefused as exc:
-            if pipelining.positive(exc.code):  # aiosmtplib raises for any but 250 and 251
+            if positive(exc.code):  # aiosmtplib raises for any but 250 and 251
                 accepted.append(recipient)
             else:
                 verdicts[recipient] = classify_exception(exc)
