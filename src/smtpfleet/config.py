@@ -250,6 +250,10 @@ class InboundConfig(_Section):
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# Of the socket timeout, what a command waiting in Redis leaves for its answer to come back
+# (a busy server, a slow link): a quarter, and at least this long.
+SERVER_ANSWER_SHARE = 0.25
+SERVER_ANSWER_MIN_MS = 250
 
 
 class RedisConfig(_Section):
@@ -290,6 +294,14 @@ class RedisConfig(_Section):
     @property
     def tls(self) -> bool:
         return urlparse(self.url).scheme == "rediss"
+
+    def server_wait_ms(self, wanted_ms: int) -> int:
+        """How long a command may wait inside Redis (XREADGROUP BLOCK, WAITAOF, WAIT): what
+        is wanted, but short enough that the answer is back within the socket timeout. A
+        quiet stream must come back empty, not as a timeout that drops the connection."""
+        timeout_ms = self.socket_timeout_s * 1000
+        margin_ms = max(timeout_ms * SERVER_ANSWER_SHARE, SERVER_ANSWER_MIN_MS)
+        return max(1, min(wanted_ms, int(timeout_ms - margin_ms)))
 
     @field_validator("url")
     @classmethod

@@ -56,6 +56,23 @@ def test_claim_idle_must_exceed_the_longest_attempt() -> None:
         build_config({"delivery": {"claim_idle_s": 30, "command_timeout_s": 60}})
 
 
+@pytest.mark.parametrize(
+    ("socket_timeout_s", "wanted_ms", "waits_ms"),
+    [
+        (5.0, 1000, 1000),  # the defaults: the whole wait fits
+        (5.0, 9000, 3750),  # a quarter left for the answer
+        (1.0, 1000, 750),  # the drills' socket timeout
+        (0.4, 1000, 150),  # at least 0.25 s left
+        (0.2, 1000, 1),  # never 0, which to BLOCK would mean for ever
+    ],
+)
+def test_a_wait_inside_redis_leaves_the_answer_time_within_the_socket_timeout(
+    socket_timeout_s: float, wanted_ms: int, waits_ms: int
+) -> None:
+    config = build_config({"redis": {"socket_timeout_s": socket_timeout_s}})
+    assert config.redis.server_wait_ms(wanted_ms) == waits_ms
+
+
 def test_the_receiving_budget_holds_at_least_one_message() -> None:
     with pytest.raises(ConfigError, match="max_receiving_bytes"):
         build_config({"inbound": {"max_message_bytes": 2_000_000, "max_receiving_bytes": 1_000}})

@@ -104,6 +104,7 @@ class RedisQueue:
         self.classes = TrafficClasses.from_config(queue_config)
         self.keys = Keys(redis_config.prefix, redis_config.shards, self.classes.lanes)
         self._queue = queue_config
+        self._server_wait_ms = redis_config.server_wait_ms
         self._connection = connect(redis_config)  # one URL, Sentinel's primary, or a cluster
         self._redis: RedisClient = self._connection.client
         self._enqueue = self._redis.register_script(scripts.ENQUEUE)
@@ -166,7 +167,7 @@ class RedisQueue:
         )
 
     def _confirmation_command(self) -> Confirmation | None:
-        timeout_ms = self._queue.durability_timeout_ms
+        timeout_ms = self._server_wait_ms(self._queue.durability_timeout_ms)
         if self._queue.durability is Durability.FSYNC:
             return lambda: ("WAITAOF", 1, 0, timeout_ms)
         if self._queue.durability is Durability.REPLICATED:
@@ -445,7 +446,7 @@ class RedisQueue:
         streams: dict[Any, Any] = {
             self.keys.stream(s, lane): ">" for s in shards for lane in chosen
         }
-        block = block_ms or None  # BLOCK 0 would wait for ever
+        block = self._server_wait_ms(block_ms) if block_ms else None  # BLOCK 0: for ever
         reply = await self._regrouped(
             lambda: self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block)
         )
