@@ -124,6 +124,20 @@ async def test_missing_or_broken_header_is_closed_before_the_banner() -> None:
         assert front.sample(PROXIES, {"result": "invalid"}) == 2
 
 
+async def test_a_v2_header_whose_tlv_runs_past_its_end_is_closed_before_the_banner() -> None:
+    # A TLV (NOOP, 0x04) claiming 200 bytes where 2 follow: aiosmtpd reads the addresses and
+    # leaves the TLVs unread, so without our check the named client was believed.
+    header = v2("192.0.2.7")
+    broken = header[:14] + struct.pack("!H", len(header) - 16 + 5) + header[16:]
+    async with inbound_front(settings()) as front:
+        wire = await Wire.open(front.address())
+        wire.writer.write(broken + bytes([0x04]) + struct.pack("!H", 200) + b"\0\0")
+        assert await wire.said_nothing()
+        await wire.close()
+        assert front.sample(PROXIES, {"result": "invalid"}) == 1
+        assert front.sample(PROXIES, {"result": "ok"}) == 0
+
+
 async def test_silent_client_is_closed_after_the_proxy_timeout() -> None:
     async with inbound_front(settings(proxy_timeout_s=0.3)) as front:
         wire = await Wire.open(front.address())

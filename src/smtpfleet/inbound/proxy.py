@@ -33,6 +33,19 @@ def in_networks(address: str, nets: Iterable[Network]) -> bool:
     return any(ip in net for net in nets)
 
 
+def well_formed(data: ProxyData) -> bool:
+    """Whether a header aiosmtpd read is whole: its v2 TLVs (type, 16-bit length, value) must
+    fill what follows the addresses exactly. aiosmtpd keeps them unread; a TLV running past
+    the header's end means a broken or hostile proxy, and such a header names nobody."""
+    if data.version != 2 or not data.tlv_start:
+        return True
+    rest = bytes(data.rest or b"")
+    at = 0
+    while at + 3 <= len(rest):
+        at += 3 + int.from_bytes(rest[at + 1 : at + 3], "big")
+    return at == len(rest)
+
+
 def client_of(data: ProxyData) -> tuple[str, int] | None:
     """The client a valid header names; None when it names none (the proxy's own checks:
     v2 LOCAL, v1 UNKNOWN), and the connection is then taken as the proxy's own."""

@@ -50,7 +50,7 @@ from smtpfleet.inbound.failures import FailureCounter
 from smtpfleet.inbound.handler import InboundHandler
 from smtpfleet.inbound.limits import DataRate, Limit, LocalClientCounter
 from smtpfleet.inbound.message_data import MessageData
-from smtpfleet.inbound.proxy import client_of, in_networks, networks
+from smtpfleet.inbound.proxy import client_of, in_networks, networks, well_formed
 from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.session_init import init_session
 from smtpfleet.inbound.syntax import parse_path, parse_vrfy
@@ -342,7 +342,7 @@ class InboundSMTP(SMTP):
             data = await get_proxy(self._reader)
         except (asyncio.IncompleteReadError, ConnectionError):
             data = None
-        if not data:  # ProxyData is false when invalid
+        if not data or not well_formed(data):  # ProxyData is false when invalid
             log.info("%r: no valid PROXY header, closed", self._peer())
             self._server.metrics.proxy_headers.labels("invalid").inc()
             return False
