@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ssl
+from collections.abc import Callable
 
-from smtpfleet.config import load_config
+from smtpfleet.config import Config, load_config
+from smtpfleet.errors import ConfigError
+from smtpfleet.inbound.server import load_files
 from smtpfleet.inbound.signing import load_keys
 
 EXIT_OK = 0
@@ -12,7 +16,13 @@ EXIT_OK = 0
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    load_keys(config.dkim)  # a key file that cannot be used is a config error here too
+    # The files a node reads: one that cannot be used is an error here, not at the start of
+    # a node (the certificate, the users file, DKIM keys) or at its first connection (the CA
+    # bundles and client certificates of relays and Redis).
+    if not args.skip_files:
+        load_keys(config.dkim)
+        load_files(config.inbound)
+        _tls_files(config)
     listen = ", ".join(
         f"{x.address} ({x.profile.value}{', implicit TLS' if x.implicit_tls else ''})"
         for x in config.inbound.all_listeners()
@@ -28,3 +38,40 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK
+
+
+def _tls_files(config: Config) -> None:
+    for index, relay in enumerate(config.relays):
+        if relay.tls_ca_file:
+            _usable(
+                f"relays.{index}.tls_ca_file", _context().load_verify_locations, relay.tls_ca_file
+            )
+    redis = config.redis
+    if redis.tls_ca_file:
+        _usable("redis.tls_ca_file", _context().load_verify_locations, redis.tls_ca_file)
+    if redis.tls_cert_file:
+        _usable(
+            "redis.tls_cert_file",
+            _context().load_cert_chain,
+            redis.tls_cert_file,
+            redis.tls_key_file,
+        )
+
+
+def _context() -> ssl.SSLContext:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def _usable(key: str, load: Callable[..., None], *files: str) -> None:
+    try:
+        load(*files)
+    except (OSError, ValueError) as exc:  # what is wrong, never the file's content
+        raise ConfigError(f"{key}: cannot use {' with '.join(files)}: {_why(exc)}") from None
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")  # NO_CERTIFICATE_OR_CRL_FOUND
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

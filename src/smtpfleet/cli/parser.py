@@ -112,6 +112,12 @@ def _config(sub: Any) -> None:
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_sub.add_parser("check", help="validate a config file offline")
     check.add_argument("file")
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="do not read the files it names (certificates, keys, users): where they are not "
+        "mounted, e.g. a chart's CI",
+    )
 
 
 def _dev(sub: Any) -> None:

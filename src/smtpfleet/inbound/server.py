@@ -820,6 +820,22 @@ class _Commands(dict[str, Command]):
         return _Gated(self._gate, command, known)
 
 
+def load_files(
+    config: InboundConfig, auth_failures: FailureCounter | None = None
+) -> tuple[Reloading[ssl.SSLContext] | None, Authenticator | None]:
+    """The certificate and the users file, as a node starts with them (`config check` too):
+    a file that cannot be used is a ConfigError naming the key and the file."""
+    try:
+        certificates = tls.certificates(config.tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError, TicketKeyError too
+        raise ConfigError(f"inbound.tls: {exc}") from None
+    try:
+        auth = Authenticator.from_config(config.auth, auth_failures)
+    except (OSError, ValueError) as exc:  # the message names the file and line, no content
+        raise ConfigError(f"inbound.auth.users_file: {exc}") from None
+    return certificates, auth
+
+
 class InboundServer:
     def __init__(
         self,
@@ -896,15 +912,7 @@ class InboundServer:
             raise
 
     def _load_files(self) -> None:
-        """The certificate and the users file: a file that cannot be used stops the start."""
-        try:
-            self.certificates = tls.certificates(self._config.tls)
-        except (OSError, ValueError) as exc:  # ssl.SSLError, TicketKeyError too
-            raise ConfigError(f"inbound.tls: {exc}") from None
-        try:
-            self.auth = Authenticator.from_config(self._config.auth, self._auth_failures)
-        except (OSError, ValueError) as exc:  # the message names the file and line, no content
-            raise ConfigError(f"inbound.auth.users_file: {exc}") from None
+        self.certificates, self.auth = load_files(self._config, self._auth_failures)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
