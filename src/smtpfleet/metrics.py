@@ -132,6 +132,13 @@ class Metrics:
             ["relay", "result", "version"],
             registry=r,
         )
+        self.relay_chained = Counter(
+            "smtpfleet_relay_chained_messages",
+            "Messages whose envelope went to the relay in the same write as the previous "
+            "message's body, on the same session (RFC 2920 pipelining across messages)",
+            ["relay"],
+            registry=r,
+        )
         self.relay_cert_expiry = Gauge(
             "smtpfleet_relay_certificate_expiry_days",
             "Days until the relay's certificate expires, as the health check last saw it",
@@ -244,6 +251,9 @@ class Metrics:
         """One handshake with a relay (a delivery session or a health check)."""
         self.tls.labels("outbound", result, tls_version(version)).inc()
         self.relay_tls.labels(relay, result, tls_version(version)).inc()
+
+    def chained(self, relay: str) -> None:
+        self.child(self.relay_chained, relay).inc()
 
     def observe_batch(self, batcher: str) -> Callable[[int, bool], None]:
         """The group-commit observer for one batcher (queue/batcher.py's BatchObserver)."""

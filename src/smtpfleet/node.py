@@ -71,6 +71,7 @@ class Node:
             limits=self.store,
             owner=self.node_id,
             on_tls=self.metrics.outbound_tls,
+            on_chained=self.metrics.chained,
             lease_ttl_s=config.cluster.lease_s,
         )
         self.membership = Membership(

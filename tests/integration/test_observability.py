@@ -84,6 +84,25 @@ async def test_metrics_and_probes(redis_url: str, prefix: str, sink: Sink) -> No
         assert (await http_get(http, "/nope"))[0] == 404
 
 
+async def test_messages_chained_on_a_relay_session_are_counted(redis_url: str, prefix: str) -> None:
+    """A node's relay sessions carry the next message's envelope with a body when messages
+    wait for the relay's one connection; operators see it per relay."""
+    async with Sink(name="chaining", pipelining=True) as sink:
+        sink.faults.delay_s = 0.05  # deliveries overlap: the later ones wait for the session
+        host, port = sink.address.rsplit(":", 1)
+        relay = {"name": "relay-1", "host": host, "port": int(port), "max_connections": 1}
+        config = node_config(redis_url, [], {"redis": {"prefix": prefix}, "relays": [relay]})
+        async with running_node(config) as node:
+            assert node.http is not None
+            address = node.inbound.addresses[0]
+            replies = await asyncio.gather(*(send(address) for _ in range(8)))
+            assert {reply.code for reply in replies} == {250}
+            await sink.wait_for(8)
+            metrics = samples((await http_get(node.http.address, "/metrics"))[1])
+            chained = metrics[("smtpfleet_relay_chained_messages_total", (("relay", "relay-1"),))]
+            assert 1 <= chained <= 7
+
+
 async def test_the_http_port_answers_what_it_cannot_read() -> None:
     """A request line or header over the limit gets 400, not a silent close; not GET, 405."""
     server = HttpServer(

@@ -211,7 +211,7 @@ async def test_a_bulk_tempfail_waits_by_the_bulk_schedule() -> None:
 
 
 async def test_a_relay_slot_goes_to_the_first_class_then_in_arrival_order() -> None:
-    gate = PriorityGate(1)
+    gate: PriorityGate[object] = PriorityGate(1)
     order: list[str] = []
     release = asyncio.Event()
 
@@ -274,3 +274,40 @@ def test_status_prints_the_backlog_of_each_class_in_priority_order() -> None:
         "  class bulk: 900 ready, 1 in flight, 0 retrying; oldest 12s",
     ]
     assert _class_lines({}) == ""
+
+
+async def test_a_holder_passes_its_slot_only_to_the_next_waiter_and_only_with_a_token() -> None:
+    """`pass_on` (a message's session handed to the next one waiting): the slot goes to the
+    waiter first in line if its token is accepted, never to one further back, and a passed
+    slot is not freed again when its first holder leaves."""
+    gate: PriorityGate[str] = PriorityGate(1)
+    order: list[str] = []
+
+    async def wait(name: str, priority: int, token: str | None) -> None:
+        async with gate.held(priority, token):
+            order.append(name)
+
+    async with gate.held(0) as hold:
+        plain = asyncio.create_task(wait("plain", 0, None))
+        carried = asyncio.create_task(wait("carried", 1, "envelope"))
+        await eventually(lambda: gate.waiting == 2)
+        assert gate.pass_on(hold, lambda token: True) is None  # "plain" is first: no token
+        assert not hold.passed
+    await eventually(lambda: order == ["plain", "carried"])
+    await asyncio.gather(plain, carried)
+
+    async with gate.held(0) as hold:
+        refused = asyncio.create_task(wait("refused", 0, "stale"))
+        await eventually(lambda: gate.waiting == 1)
+        assert gate.pass_on(hold, lambda token: token != "stale") is None
+        order.clear()
+    await refused
+    async with gate.held(0) as hold:
+        taker = asyncio.create_task(wait("taker", 0, "envelope"))
+        await eventually(lambda: gate.waiting == 1)
+        assert gate.pass_on(hold, lambda token: True) == "envelope"
+        assert hold.passed
+        await taker  # it ran while this holder still held on: the slot was passed, not shared
+    assert order == ["refused", "taker"]
+    async with gate.held(5):  # one slot, back once the taker left: not freed twice
+        assert gate._free == 0

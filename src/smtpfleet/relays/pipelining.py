@@ -10,11 +10,17 @@ Every reply is read, even after a refusal. RFC 2920 §3.1: the server answers ea
 the group, so a refused MAIL is followed by refused RCPTs and DATA, and a DATA with no accepted
 recipient is answered 503/554 (§3.1: "the server ... must reject the DATA"). Consuming them all
 keeps the next command's reply paired with its command.
+
+Across messages: the body may carry the next message's envelope (RFC 2920 §3.1: "the actual
+transfer of message content is explicitly allowed to be the first 'command' in a group").
+The transaction that wrote it reads those replies too, right after its own final reply: a
+reply arriving while nobody waits for one is dropped by aiosmtplib's protocol, so they must be
+read before the session changes hands.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -79,33 +85,117 @@ def _line(verb: bytes, address: str) -> bytes:
     return verb + argument + b"\r\n"
 
 
+@dataclass(frozen=True)
+class EnvelopeReplies:
+    """The relay's replies to one envelope: MAIL, each RCPT in order, DATA."""
+
+    mail: aiosmtplib.SMTPResponse
+    rcpts: list[aiosmtplib.SMTPResponse]
+    go_ahead: aiosmtplib.SMTPResponse
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What one transaction came to. `sent`: a message went out (else the session must be
+    RSET). `successor`: the next message's envelope, written with this one's body, and the
+    relay's replies to it, read here; None in `replies` when they could not be read (the
+    session is then out of step)."""
+
+    verdicts: dict[str, Verdict]
+    sent: bool
+    successor: Envelope | None = None
+    replies: EnvelopeReplies | None = None
+
+
+# Asked once, just before a message's body goes: the envelope of a message waiting for this
+# session, to go in the same write (RFC 2920 §3.1: the message content may be the first
+# "command" of a group), or None.
+Successor = Callable[[], "Envelope | None"]
+
+
+def wire(env: Envelope) -> bytes:
+    return b"".join([env.mail, *(line for _, line in env.rcpts), b"DATA\r\n"])
+
+
 async def transaction(
-    smtp: aiosmtplib.SMTP, env: Envelope, data: bytes, timeout_s: float
-) -> tuple[dict[str, Verdict], bool]:
-    """Per-recipient verdicts, and whether a message went out (a session must then be RSET
-    when it did not). Connection trouble raises, as aiosmtplib's commands do."""
+    smtp: aiosmtplib.SMTP,
+    env: Envelope,
+    data: bytes,
+    timeout_s: float,
+    *,
+    replies: EnvelopeReplies | None = None,
+    successor: Successor | None = None,
+) -> Exchange:
+    """One message. `replies`: its envelope already went, with the previous message's body,
+    and these are the relay's answers. Connection trouble raises, as aiosmtplib's commands
+    do, unless it comes after this message's final reply (then `Exchange.replies` is None)."""
     protocol = smtp.protocol
     lock = protocol._command_lock if protocol is not None else None
     if protocol is None or lock is None:
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
     try:
         async with lock:
-            return await _exchange(protocol, env, data, timeout_s)
+            exchange = await _exchange(protocol, env, data, timeout_s, replies, successor)
     except (aiosmtplib.SMTPServerDisconnected, TimeoutError):
         # A lost reply leaves the session out of step: close it, as aiosmtplib does.
         smtp.close()
         raise
+    if exchange.successor is not None and exchange.replies is None:
+        smtp.close()
+    return exchange
 
 
 async def _exchange(
-    protocol: SMTPProtocol, env: Envelope, data: bytes, timeout_s: float
-) -> tuple[dict[str, Verdict], bool]:
-    _write(protocol, b"".join([env.mail, *(line for _, line in env.rcpts), b"DATA\r\n"]))
+    protocol: SMTPProtocol,
+    env: Envelope,
+    data: bytes,
+    timeout_s: float,
+    replies: EnvelopeReplies | None,
+    successor: Successor | None,
+) -> Exchange:
+    if replies is None:
+        _write(protocol, wire(env))
+        replies = await read_replies(protocol, env, timeout_s)
+    verdicts, accepted = judge(env, replies)
+    if replies.go_ahead.code != START_INPUT:
+        # DATA refused: with recipients accepted, that is their verdict; without, it is the
+        # expected 503/554 (consumed above) and the caller resets the transaction.
+        exc = aiosmtplib.SMTPDataError(replies.go_ahead.code, replies.go_ahead.message)
+        verdicts.update(dict.fromkeys(accepted, classify_exception(exc)))
+        return Exchange(verdicts, False)
+    # 354 with no recipient accepted (a server that ignores §3.1): end the message at once.
+    body = _body(data) if accepted else b".\r\n"
+    following = successor() if accepted and successor is not None else None
+    _write(protocol, body + wire(following) if following is not None else body)
+    final = await _reply(protocol, timeout_s)
+    if final.code == 250:
+        verdicts.update(dict.fromkeys(accepted, classify_reply(final.code, final.message)))
+    else:
+        exc = aiosmtplib.SMTPDataError(final.code, final.message)
+        verdicts.update(dict.fromkeys(accepted, classify_exception(exc)))
+    if following is None:
+        return Exchange(verdicts, bool(accepted))
+    # The next message's replies follow ours: read them now, while nothing else can (a reply
+    # arriving with no reader armed is dropped by aiosmtplib's protocol), and hand them on.
+    try:
+        next_replies: EnvelopeReplies | None = await read_replies(protocol, following, timeout_s)
+    except (aiosmtplib.SMTPException, TimeoutError):
+        next_replies = None  # ours stands; the next message goes on another session
+    return Exchange(verdicts, True, following, next_replies)
+
+
+async def read_replies(protocol: SMTPProtocol, env: Envelope, timeout_s: float) -> EnvelopeReplies:
     mail = await _reply(protocol, timeout_s)
+    rcpts = [await _reply(protocol, timeout_s) for _ in env.rcpts]
+    return EnvelopeReplies(mail, rcpts, await _reply(protocol, timeout_s))
+
+
+def judge(env: Envelope, replies: EnvelopeReplies) -> tuple[dict[str, Verdict], list[str]]:
+    """Each refused recipient's verdict, and the recipients the relay accepted."""
     verdicts = dict(env.unsendable)
     accepted: list[str] = []
-    for recipient, _ in env.rcpts:
-        reply = await _reply(protocol, timeout_s)
+    mail = replies.mail
+    for (recipient, _), reply in zip(env.rcpts, replies.rcpts, strict=True):
         if not positive(mail.code):
             exc: Exception = aiosmtplib.SMTPSenderRefused(mail.code, mail.message, "")
             verdicts[recipient] = classify_exception(exc)
@@ -114,23 +204,7 @@ async def _exchange(
         else:
             exc = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
             verdicts[recipient] = classify_exception(exc)
-    go_ahead = await _reply(protocol, timeout_s)
-    if go_ahead.code != START_INPUT:
-        # DATA refused: with recipients accepted, that is their verdict; without, it is the
-        # expected 503/554 (consumed above) and the caller resets the transaction.
-        exc = aiosmtplib.SMTPDataError(go_ahead.code, go_ahead.message)
-        verdicts.update(dict.fromkeys(accepted, classify_exception(exc)))
-        return verdicts, False
-    # 354 with no recipient accepted (a server that ignores §3.1): end the message at once.
-    body = _body(data) if accepted else b".\r\n"
-    _write(protocol, body)
-    final = await _reply(protocol, timeout_s)
-    if final.code == 250:
-        verdicts.update(dict.fromkeys(accepted, classify_reply(final.code, final.message)))
-    else:
-        exc = aiosmtplib.SMTPDataError(final.code, final.message)
-        verdicts.update(dict.fromkeys(accepted, classify_exception(exc)))
-    return verdicts, bool(accepted)
+    return verdicts, accepted
 
 
 def _body(data: bytes) -> bytes:

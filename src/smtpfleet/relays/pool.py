@@ -6,6 +6,12 @@ budget in Redis (`SharedLimits`), so a whole cluster draining a backlog after an
 not flood a relay. A message is sent as MAIL, one RCPT per recipient, DATA: every recipient
 gets its own verdict. Relays that advertise PIPELINING get the envelope in one write
 (relays/pipelining.py); the others get it step by step.
+
+When a message waits for a session (every one of the relay's connections busy), the message
+on a session about to send its body carries the waiter's envelope in the same write and hands
+it the session with the relay's replies (`_Baton`, `_Handoff`): one write and one round trip
+per message on a busy session instead of two. The waiter is the next in line (past the slot
+gate and waiting for a session, else the gate's next), never one further back.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 import aiosmtplib
@@ -38,7 +44,7 @@ from smtpfleet.envelope import now_ms
 from smtpfleet.errors import LimitsUnavailable
 from smtpfleet.queue.keys import lease_member
 from smtpfleet.relays import pipelining
-from smtpfleet.relays.gate import PriorityGate
+from smtpfleet.relays.gate import Hold, PriorityGate
 from smtpfleet.replies import CLOSING_CODE
 
 log = logging.getLogger(__name__)
@@ -105,6 +111,65 @@ class _Session:
     last_used: float = 0.0
 
 
+Handed = tuple[_Session, pipelining.EnvelopeReplies]
+
+
+def _new_future() -> asyncio.Future[Handed | None]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class _Baton:
+    """A message waiting for a session, ready to ride on another's: its envelope goes in the
+    same write as that message's body, and the session comes to it with the replies
+    (`handed`: None when the session broke first; cancelled: the waiter gave up)."""
+
+    envelope: pipelining.Envelope
+    picked: bool = False
+    claimed: bool = False  # the waiter took the session from `handed`
+    handed: asyncio.Future[Handed | None] = field(default_factory=_new_future)
+
+    def live(self) -> bool:
+        return not self.picked and not self.handed.done()
+
+
+class _Handoff:
+    """One transaction's chance to carry the next waiter's envelope with its body."""
+
+    def __init__(self, client: RelayClient, session: _Session, hold: Hold) -> None:
+        self._client = client
+        self._session = session
+        self._hold = hold
+        self.baton: _Baton | None = None
+        self.handed_on = False  # the session now belongs to the baton's holder
+        self.spoiled = False  # the relay waits for a body that will not come: drop the session
+
+    def __call__(self) -> pipelining.Envelope | None:
+        self.baton = self._client._pick(self._session, self._hold)
+        return self.baton.envelope if self.baton is not None else None
+
+    def settle(self, replies: pipelining.EnvelopeReplies | None, usable: bool) -> None:
+        """The carried envelope's replies were read (None: they could not be); `usable`: the
+        session is in step and open. Hands it on, or tells the waiter to find another."""
+        baton = self.baton
+        if baton is None or baton.handed.done():
+            self.spoiled = baton is not None  # abandoned: nobody will send its body
+            return
+        if replies is not None and usable:
+            baton.handed.set_result((self._session, replies))
+            self.handed_on = True
+        else:
+            baton.handed.set_result(None)
+
+    def fail(self) -> None:
+        """This transaction failed: the waiter must find another session."""
+        if self.baton is not None and not self.baton.handed.done():
+            self.baton.handed.set_result(None)
+
+
+HANDED: Final = object()  # _take: the session comes through the baton
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """What every relay's sessions share: one node's delivery settings and hooks."""
@@ -117,6 +182,8 @@ class SessionSettings:
     limits: SharedLimits | None = None
     owner: str = ""
     on_tls: Callable[[str, str, str | None], None] | None = None
+    # A message's envelope went in the same write as the previous message's body (relay name).
+    on_chained: Callable[[str], None] | None = None
     # Opens a session; None: aiosmtplib to the relay's host (tests pass scripted sessions).
     connect: Connect | None = None
 
@@ -131,6 +198,7 @@ class RelayClient:
         self._limits = settings.limits
         self._owner = settings.owner
         self._on_tls = settings.on_tls
+        self._on_chained = settings.on_chained
         self._connect_to = settings.connect
         self._lease_ttl_ms = int(settings.lease_ttl_s * 1000)
         self._idle: list[_Session] = []
@@ -140,9 +208,15 @@ class RelayClient:
         # reused back to back, never go idle and never return a lease: the others starve, and
         # their mail waits for a retry ("limited") with a healthy relay.
         self._share: int | None = None
-        self._returned = asyncio.Event()  # a session of ours went idle (wakes lease waiters)
+        # Deliveries past the gate waiting for a session of ours to go idle (with their baton,
+        # if they could ride on another message's): a session given back wakes the first.
+        self._waiting: list[tuple[asyncio.Future[None], _Baton | None]] = []
         self._closing: set[asyncio.Task[None]] = set()  # sessions being closed after use
-        self._slots = PriorityGate(relay.max_connections)  # by traffic class, then arrival
+        # By traffic class, then arrival; a waiter's baton lets a holder hand it its session.
+        self._slots: PriorityGate[_Baton] = PriorityGate(relay.max_connections)
+        # Chaining holds sessions busy back to back; a per-second budget is taken per message
+        # before a session, so a relay that has one gets none.
+        self._chains = not relay.max_messages_per_s
         self._tokens = itertools.count()
         self._full_until = 0.0  # a lease was refused: ask Redis again from then (monotonic)
 
@@ -151,43 +225,133 @@ class RelayClient:
     ) -> dict[str, Verdict]:
         """Per-recipient verdicts. Never raises for relay trouble: that is a verdict too.
         `priority`: the message's traffic class rank (0 first) at the relay's limits."""
-        async with self._slots.held(priority):
-            if not await self._rate_slot(priority):
-                return dict.fromkeys(recipients, LIMIT_REACHED)
-            for _ in range(2):
-                taken = await self._take()
-                if isinstance(taken, Verdict):
-                    return dict.fromkeys(recipients, taken)
-                session, reused = taken
-                try:
-                    verdicts = await self._transaction(session, sender, recipients, data)
-                except asyncio.CancelledError:
-                    await asyncio.shield(self._discard(session))  # cut off mid-transaction
-                    raise
-                except Exception as exc:
-                    await self._discard(session)
-                    if reused and _is_stale(exc):
-                        continue  # the relay closed an idle session: try a fresh one at once
-                    return dict.fromkeys(recipients, classify_exception(exc))
-                closing = any(v.code == CLOSING_CODE for v in verdicts.values())  # 421
-                if closing or not _in_step(session.smtp):
-                    await self._discard(session)
-                else:
-                    self._give_back(session)
-                return verdicts
-        return dict.fromkeys(recipients, NO_SESSION)
+        envelope = _envelope(sender, recipients)
+        baton = _Baton(envelope) if self._chains and envelope and envelope.rcpts else None
+        try:
+            async with self._slots.held(priority, baton) as hold:
+                if not await self._rate_slot(priority):
+                    return dict.fromkeys(recipients, LIMIT_REACHED)
+                return await self._deliver(hold, baton, sender, recipients, data, envelope)
+        except asyncio.CancelledError:
+            if baton is not None:
+                await asyncio.shield(self._abandon(baton))
+            raise
+
+    async def _deliver(
+        self,
+        hold: Hold,
+        baton: _Baton | None,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        envelope: pipelining.Envelope | None,
+    ) -> dict[str, Verdict]:
+        stale_retries = 1
+        while True:
+            taken = await self._session(baton)
+            if baton is not None and baton.claimed:
+                baton = None  # it rode once; a retry waits like any other
+            if isinstance(taken, Verdict):
+                return dict.fromkeys(recipients, taken)
+            session, reused, replies = taken
+            handoff = _Handoff(self, session, hold)
+            try:
+                verdicts = await self._transaction(
+                    session, sender, recipients, data, envelope, replies, handoff
+                )
+            except asyncio.CancelledError:
+                handoff.fail()
+                await asyncio.shield(self._discard(session))  # cut off mid-transaction
+                raise
+            except Exception as exc:
+                handoff.fail()
+                await self._discard(session)
+                if reused and _is_stale(exc) and stale_retries and handoff.baton is None:
+                    stale_retries -= 1
+                    continue  # the relay closed an idle session: try a fresh one at once
+                return dict.fromkeys(recipients, classify_exception(exc))
+            if handoff.handed_on:
+                return verdicts  # the session went on with the next message
+            closing = any(v.code == CLOSING_CODE for v in verdicts.values())  # 421
+            if handoff.spoiled:
+                await self._drop(session)
+            elif closing or not _in_step(session.smtp) or not session.smtp.is_connected:
+                await self._discard(session)
+            else:
+                self._give_back(session)
+            return verdicts
+
+    async def _session(
+        self, baton: _Baton | None
+    ) -> tuple[_Session, bool, pipelining.EnvelopeReplies | None] | Verdict:
+        """A session (and whether it was used before, and the replies to our envelope if it
+        came with them), or why there is none."""
+        while True:
+            taken = await self._take(baton)
+            if isinstance(taken, Verdict):
+                return taken
+            if isinstance(taken, tuple):
+                return taken[0], taken[1], None
+            assert baton is not None  # HANDED
+            handed = await baton.handed
+            baton.claimed = True
+            if handed is not None:
+                return handed[0], True, handed[1]
+            baton = None  # the session broke before our envelope was answered: another
+
+    # -- chaining: the next message's envelope with this one's body -------------------------
+
+    def _pick(self, session: _Session, hold: Hold) -> _Baton | None:
+        """The next waiter for a session, if it can ride on this one (and the session is to
+        stay open after this message): first those past the gate, then the gate's next."""
+        if session.messages + 1 >= self._config.max_messages_per_connection:
+            return None
+        if self._over_share():
+            return None
+        baton = self._next_waiting()
+        if baton is None:
+            baton = self._slots.pass_on(hold, _Baton.live)
+        if baton is not None:
+            baton.picked = True
+            if self._on_chained is not None:
+                self._on_chained(self.relay.name)
+        return baton
+
+    def _next_waiting(self) -> _Baton | None:
+        while self._waiting:
+            waiter, baton = self._waiting[0]
+            if waiter.done():
+                self._waiting.pop(0)
+                continue
+            if baton is None or not baton.live():
+                return None  # the first in line has no envelope ready: it gets the next idle
+            self._waiting.pop(0)
+            waiter.set_result(None)
+            return baton
+        return None
+
+    async def _abandon(self, baton: _Baton) -> None:
+        """A waiter cancelled: its envelope may have gone, or a session may be waiting for it."""
+        if not baton.handed.done():
+            baton.handed.cancel()  # whoever carries it drops the session after its message
+        elif not baton.claimed and not baton.handed.cancelled():
+            handed = baton.handed.result()
+            if handed is not None:
+                await self._drop(handed[0])  # the relay waits for our body: close, no QUIT
 
     # -- sessions ----------------------------------------------------------------------------
 
-    async def _take(self) -> tuple[_Session, bool] | Verdict:
+    async def _take(self, baton: _Baton | None = None) -> tuple[_Session, bool] | Verdict | object:
         now = time.monotonic()
         while True:
+            if baton is not None and baton.picked:
+                return HANDED
             while self._idle:
                 session = self._idle.pop()
                 if now - session.last_used < MAX_IDLE_S and session.smtp.is_connected:
                     return session, True
                 await self._discard(session)
-            lease = await self._lease()
+            lease = await self._lease(baton)
             if lease is OWN_SESSION_FREE:
                 now = time.monotonic()
                 continue  # one of our sessions finished its message first: reuse it
@@ -246,7 +410,14 @@ class RelayClient:
             task.add_done_callback(self._closing.discard)
         else:
             self._idle.append(session)
-            self._returned.set()
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiting:
+            waiter, _ = self._waiting.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _over_share(self) -> bool:
         return self._share is not None and len(self._open) > self._share
@@ -256,6 +427,12 @@ class RelayClient:
         with contextlib.suppress(Exception):
             if session.smtp.is_connected:
                 await asyncio.wait_for(session.smtp.quit(), timeout=2.0)
+        session.smtp.close()
+        await self._release(session.lease)
+
+    async def _drop(self, session: _Session) -> None:
+        """Close without QUIT: the relay is inside a message, where QUIT would be its text."""
+        self._open.discard(session)
         session.smtp.close()
         await self._release(session.lease)
 
@@ -276,7 +453,7 @@ class RelayClient:
 
     # -- cluster-wide limits -----------------------------------------------------------------
 
-    async def _lease(self) -> Lease:
+    async def _lease(self, baton: _Baton | None = None) -> Lease:
         """A cluster-wide connection lease, UNLIMITED when no shared limit applies, or FULL
         when none came free in time."""
         if self._limits is None:
@@ -313,16 +490,22 @@ class RelayClient:
                     return Lease(member)
             if time.monotonic() >= deadline:
                 return FULL
-            if await self._own_session_freed(LIMIT_POLL_S):
+            if await self._own_session_freed(LIMIT_POLL_S, baton):
                 return OWN_SESSION_FREE
 
-    async def _own_session_freed(self, timeout_s: float) -> bool:
+    async def _own_session_freed(self, timeout_s: float, baton: _Baton | None = None) -> bool:
         if not self._idle:
-            self._returned.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._returned.wait()
-        return bool(self._idle)
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (waiter, baton)
+            self._waiting.append(entry)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout_s):
+                        await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(entry)
+        return bool(self._idle) or (baton is not None and baton.picked)
 
     async def share_with_waiters(self) -> None:
         """Other owners wait for a lease: hold no more than our share, give back the rest as
@@ -373,13 +556,21 @@ class RelayClient:
     # -- one transaction -----------------------------------------------------------------------
 
     async def _transaction(
-        self, session: _Session, sender: str, recipients: Sequence[str], data: bytes
+        self,
+        session: _Session,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        envelope: pipelining.Envelope | None = None,
+        replies: pipelining.EnvelopeReplies | None = None,
+        handoff: _Handoff | None = None,
     ) -> dict[str, Verdict]:
         smtp = session.smtp
         if isinstance(smtp, aiosmtplib.SMTP) and smtp.is_ehlo_or_helo_needed:
             await smtp._ehlo_or_helo_if_needed()  # the relay's extensions, before the first MAIL
-        if pipelining.can_pipeline(smtp):
-            return await self._pipelined(session, sender, recipients, data)
+        if replies is not None or pipelining.can_pipeline(smtp):
+            env = envelope if envelope is not None else _envelope(sender, recipients)
+            return await self._pipelined(session, sender, recipients, data, env, replies, handoff)
         verdicts: dict[str, Verdict] = {}
         try:
             await smtp.mail(sender)
@@ -406,25 +597,49 @@ class RelayClient:
         return verdicts
 
     async def _pipelined(
-        self, session: _Session, sender: str, recipients: Sequence[str], data: bytes
+        self,
+        session: _Session,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        envelope: pipelining.Envelope | None,
+        replies: pipelining.EnvelopeReplies | None,
+        handoff: _Handoff | None,
     ) -> dict[str, Verdict]:
-        """RFC 2920: the envelope in one write, the message in a second; exact verdicts."""
+        """RFC 2920: the envelope in one write, the message in a second (with the next
+        message's envelope when one waits for this session); exact verdicts."""
         smtp = session.smtp
-        assert isinstance(smtp, aiosmtplib.SMTP)  # can_pipeline said so
-        try:
-            envelope = pipelining.envelope(sender, recipients)
-        except ValueError:  # as in the step-by-step path: nothing written, session untouched
+        assert isinstance(smtp, aiosmtplib.SMTP)  # can_pipeline said so, or a handed session
+        if envelope is None:  # as in the step-by-step path: nothing written, session untouched
             return dict.fromkeys(recipients, unsendable(sender, sender=True))
         if not envelope.rcpts:
             return envelope.unsendable
-        timeout_s = self._config.command_timeout_s
-        verdicts, sent = await pipelining.transaction(smtp, envelope, data, timeout_s)
-        if sent:
+        exchange = await pipelining.transaction(
+            smtp,
+            envelope,
+            data,
+            self._config.command_timeout_s,
+            replies=replies,
+            successor=handoff,
+        )
+        if exchange.sent:
             session.messages += 1
             session.last_used = time.monotonic()
-        else:
+        if exchange.successor is not None and handoff is not None:
+            closing = any(v.code == CLOSING_CODE for v in exchange.verdicts.values())
+            usable = smtp.is_connected and not closing and _in_step(smtp)
+            handoff.settle(exchange.replies, usable)
+        elif not exchange.sent:
             await _reset(smtp)
-        return verdicts
+        return exchange.verdicts
+
+
+def _envelope(sender: str, recipients: Sequence[str]) -> pipelining.Envelope | None:
+    """The command lines of a message; None for a sender our client will not send."""
+    try:
+        return pipelining.envelope(sender, recipients)
+    except ValueError:
+        return None
 
 
 async def _recipients(
@@ -494,8 +709,11 @@ class RelayPool:
         limits: SharedLimits | None = None,
         owner: str = "",
         on_tls: Callable[[str, str, str | None], None] | None = None,
+        on_chained: Callable[[str], None] | None = None,
     ) -> None:
-        self._settings = SessionSettings(config, helo, lease_ttl_s, limits, owner, on_tls)
+        self._settings = SessionSettings(
+            config, helo, lease_ttl_s, limits, owner, on_tls, on_chained
+        )
         self._clients: dict[str, RelayClient] = {}
 
     def client(self, relay: RelayConfig) -> RelayClient:
