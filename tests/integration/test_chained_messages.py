@@ -192,3 +192,24 @@ async def test_no_chaining_without_pipelining_or_under_a_per_second_budget() -> 
         assert chained == []
         assert (plain.count, budget.count) == (4, 4)
         assert budget.reads == 1 + 4 * 2 + 1  # EHLO, an envelope and a body a message, QUIT
+
+
+async def test_a_stray_reply_never_becomes_a_chained_messages_verdict(relay: Sink) -> None:
+    """A relay that answers a final dot twice: the stray `550` arrives where the carried
+    envelope's MAIL reply belongs, and every reply after it is one off. Such replies cannot be
+    that envelope's (its DATA answered 250, or refused after an accepted RCPT): the waiting
+    message goes on another session, and no recipient is refused that the relay accepted."""
+    relay.faults.data_replies = ["250 2.0.0 first\r\n550 5.1.1 stray refusal"]
+    # Each reply in a segment of its own: the carried envelope's last one (its 354) arrives
+    # after its DATA's place was filled, so nothing is left over to show the shift.
+    relay.faults.delay_s = 0.02
+    chained = Chained()
+    client = client_for(relay, chained)
+    batch = envelopes(3)
+    results = await send_all(client, batch)
+    assert chained  # the second message's envelope did ride on the first's body
+    assert all_delivered(results)
+    await relay.wait_for(3)
+    assert sorted(m.sender for m in relay.messages) == sorted(s for s, _ in batch)
+    assert relay.connections == 2  # the out-of-step session was closed
+    await client.close()

@@ -181,6 +181,8 @@ async def _exchange(
         next_replies: EnvelopeReplies | None = await read_replies(protocol, following, timeout_s)
     except (aiosmtplib.SMTPException, TimeoutError):
         next_replies = None  # ours stands; the next message goes on another session
+    if next_replies is not None and not _in_order(next_replies):
+        next_replies = None  # not its replies: the next message goes on another session
     return Exchange(verdicts, True, following, next_replies)
 
 
@@ -188,6 +190,19 @@ async def read_replies(protocol: SMTPProtocol, env: Envelope, timeout_s: float) 
     mail = await _reply(protocol, timeout_s)
     rcpts = [await _reply(protocol, timeout_s) for _ in env.rcpts]
     return EnvelopeReplies(mail, rcpts, await _reply(protocol, timeout_s))
+
+
+def _in_order(replies: EnvelopeReplies) -> bool:
+    """Replies that can be one envelope's: DATA answered 354, or refused with no recipient
+    accepted (RFC 2920 §3.1). A relay that answers a final dot twice puts its stray reply
+    where the carried envelope's MAIL reply belongs, and every reply after it one further on:
+    DATA then gets an RCPT's answer, a 2xx, or a refusal after an accepted RCPT. Read as they
+    came, the stray `550` would bounce a message the relay accepted. A relay that refuses DATA
+    after accepting a recipient (legitimately) costs the next message another session."""
+    if replies.go_ahead.code == START_INPUT:
+        return True
+    refused = replies.go_ahead.code >= 400  # RFC 5321 §4.2.1: 4yz and 5yz refuse
+    return refused and not any(positive(reply.code) for reply in replies.rcpts)
 
 
 def judge(env: Envelope, replies: EnvelopeReplies) -> tuple[dict[str, Verdict], list[str]]:
