@@ -43,6 +43,37 @@ async def test_connection_limit_holds_across_nodes(redis_url: str, prefix: str, 
         assert sink.peak_sessions <= 2, f"{sink.peak_sessions} sessions at once"
 
 
+async def test_chained_sessions_keep_the_limit_and_starve_no_node(
+    redis_url: str, prefix: str
+) -> None:
+    """Sessions that pass from message to message (chaining, on a relay that pipelines) never
+    go idle: the cluster-wide limit still holds, and the node waiting for a lease is not left
+    to park its mail ("limited") while the other node's sessions run back to back."""
+    async with Sink(name="chaining", pipelining=True) as sink:
+        sink.faults.delay_s = 0.02
+        overrides = limited(prefix, sink, max_connections=2)
+        configs = [
+            node_config(redis_url, [], overrides | {"node": {"id": name}}) for name in ("a", "b")
+        ]
+        async with running_node(configs[0]) as a, running_node(configs[1]) as b:
+            sink.peak_sessions = sink.open_sessions
+            addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
+            replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(40)))
+            assert {r.code for r in replies} == {250}
+            await eventually(lambda: sink.count == 40, timeout_s=30)
+            assert sink.peak_sessions <= 2, f"{sink.peak_sessions} sessions at once"
+
+            def total(metric: str, **labels: str) -> float:
+                return sum(n.registry.get_sample_value(metric, labels) or 0 for n in (a, b))
+
+            # Counted once the relay's 250 is read, a moment after the relay counted the message.
+            await eventually(
+                lambda: total("smtpfleet_deliveries_total", relay="only", outcome="2xx") == 40
+            )
+            assert total("smtpfleet_deliveries_total", relay="only", outcome="limited") == 0
+            assert total("smtpfleet_relay_chained_messages_total", relay="only") >= 1
+
+
 async def test_rate_limit_holds_across_nodes(redis_url: str, prefix: str, sink: Sink) -> None:
     overrides = limited(prefix, sink, max_messages_per_s=5)
     configs = [

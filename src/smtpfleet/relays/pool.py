@@ -23,7 +23,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -232,10 +232,9 @@ class RelayClient:
                 if not await self._rate_slot(priority):
                     return dict.fromkeys(recipients, LIMIT_REACHED)
                 return await self._deliver(hold, baton, sender, recipients, data, envelope)
-        except asyncio.CancelledError:
-            if baton is not None:
-                await asyncio.shield(self._abandon(baton))
-            raise
+        finally:
+            if baton is not None and not baton.claimed:
+                self._abandon(baton)  # cancelled or failed while it could still be carried
 
     async def _deliver(
         self,
@@ -266,20 +265,27 @@ class RelayClient:
             except Exception as exc:
                 handoff.fail()
                 await self._discard(session)
-                if reused and _is_stale(exc) and stale_retries and handoff.baton is None:
+                if reused and _is_stale(exc) and handoff.baton is None:
+                    if not stale_retries:
+                        return dict.fromkeys(recipients, NO_SESSION)
                     stale_retries -= 1
                     continue  # the relay closed an idle session: try a fresh one at once
                 return dict.fromkeys(recipients, classify_exception(exc))
-            if handoff.handed_on:
-                return verdicts  # the session went on with the next message
-            closing = any(v.code == CLOSING_CODE for v in verdicts.values())  # 421
-            if handoff.spoiled:
-                await self._drop(session)
-            elif closing or not _in_step(session.smtp) or not session.smtp.is_connected:
-                await self._discard(session)
-            else:
-                self._give_back(session)
+            if not handoff.handed_on:  # else the session went on with the next message
+                await self._put_away(session, verdicts, handoff.spoiled)
             return verdicts
+
+    async def _put_away(
+        self, session: _Session, verdicts: dict[str, Verdict], spoiled: bool
+    ) -> None:
+        """After a transaction: back to the pool, or closed when it cannot carry another."""
+        closing = any(v.code == CLOSING_CODE for v in verdicts.values())  # 421
+        if spoiled:
+            await self._drop(session)
+        elif closing or not _in_step(session.smtp) or not session.smtp.is_connected:
+            await self._discard(session)
+        else:
+            self._give_back(session)
 
     async def _session(
         self, baton: _Baton | None
@@ -308,9 +314,10 @@ class RelayClient:
             return None
         if self._over_share():
             return None
-        baton = self._next_waiting()
-        if baton is None:
-            baton = self._slots.pass_on(hold, _Baton.live)
+        while self._waiting and self._waiting[0][0].done():
+            self._waiting.pop(0)  # gave up waiting
+        # Past the gate first: the gate's next came later, and must not overtake them.
+        baton = self._next_waiting() if self._waiting else self._slots.pass_on(hold, _Baton.live)
         if baton is not None:
             baton.picked = True
             if self._on_chained is not None:
@@ -318,26 +325,21 @@ class RelayClient:
         return baton
 
     def _next_waiting(self) -> _Baton | None:
-        while self._waiting:
-            waiter, baton = self._waiting[0]
-            if waiter.done():
-                self._waiting.pop(0)
-                continue
-            if baton is None or not baton.live():
-                return None  # the first in line has no envelope ready: it gets the next idle
-            self._waiting.pop(0)
-            waiter.set_result(None)
-            return baton
-        return None
+        """The first delivery waiting past the gate, woken to ride on this session; None when
+        it has no envelope to carry (then it gets the session when it goes idle)."""
+        waiter, baton = self._waiting[0]
+        if baton is None or not baton.live():
+            return None
+        self._waiting.pop(0)
+        waiter.set_result(None)
+        return baton
 
-    async def _abandon(self, baton: _Baton) -> None:
-        """A waiter cancelled: its envelope may have gone, or a session may be waiting for it."""
+    def _abandon(self, baton: _Baton) -> None:
+        """A waiter that will not take what a carrier hands it: cancelled, or failed."""
         if not baton.handed.done():
-            baton.handed.cancel()  # whoever carries it drops the session after its message
-        elif not baton.claimed and not baton.handed.cancelled():
-            handed = baton.handed.result()
-            if handed is not None:
-                await self._drop(handed[0])  # the relay waits for our body: close, no QUIT
+            baton.handed.cancel()  # a carrier drops the session after its own message
+        elif not baton.handed.cancelled() and (handed := baton.handed.result()) is not None:
+            self._close_later(self._drop(handed[0]))  # the relay waits for our body
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -405,12 +407,15 @@ class RelayClient:
 
     def _give_back(self, session: _Session) -> None:
         if session.messages >= self._config.max_messages_per_connection or self._over_share():
-            task = asyncio.get_running_loop().create_task(self._discard(session))
-            self._closing.add(task)  # close() waits for it: no socket left to the collector
-            task.add_done_callback(self._closing.discard)
+            self._close_later(self._discard(session))
         else:
             self._idle.append(session)
             self._wake_one()
+
+    def _close_later(self, closing: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(closing)
+        self._closing.add(task)  # close() waits for it: no socket left to the collector
+        task.add_done_callback(self._closing.discard)
 
     def _wake_one(self) -> None:
         while self._waiting:
