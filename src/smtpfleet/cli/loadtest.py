@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 async def _run(
     args: argparse.Namespace, targets: list[tuple[str, int]], sinks: list[tuple[str, int]]
 ) -> int:
-    servers = [Sink(host, port, name=f"sink-{port}") for host, port in sinks]
+    servers = [Sink(host, port, name=f"sink-{port}", pipelining=True) for host, port in sinks]
     try:
         for server in servers:
             await server.start()

@@ -106,7 +106,7 @@ async def _heal_and_watch(ctx: DrillContext) -> None:
     assert isinstance(ports, list)
     for i, port in enumerate(ports):
         old = _sinks(ctx)[i]
-        fresh = Sink(port=port, name=old.name)
+        fresh = Sink(port=port, name=old.name, pipelining=old.pipelining)
         await fresh.start()
         fresh.messages, fresh.accepted = old.messages, old.accepted
         ctx.cluster.sink_servers[i] = fresh

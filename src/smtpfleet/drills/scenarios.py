@@ -32,9 +32,9 @@ async def _stop_relay(ctx: DrillContext) -> None:
 async def _restart_relay(ctx: DrillContext) -> None:
     port = ctx.notes["relay_port"]
     assert isinstance(port, int)
-    fresh = Sink(port=port, name="relay-1")
-    await fresh.start()
     old = ctx.cluster.sink_servers[0]
+    fresh = Sink(port=port, name="relay-1", pipelining=old.pipelining)
+    await fresh.start()
     fresh.messages, fresh.accepted = old.messages, old.accepted  # one record of deliveries
     ctx.cluster.sink_servers[0] = fresh
 

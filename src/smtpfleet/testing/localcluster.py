@@ -206,8 +206,13 @@ class LocalCluster:
             self.redis_url = self.redis.url
         if not self.relays:
             for i in range(self.sinks):
+                # Advertising PIPELINING, as real relays do: deliveries take the path they
+                # take in production (the envelope in one write, chained on busy sessions).
                 sink = Sink(
-                    name=f"relay-{i + 1}", keep=self.sink_keep, log_messages=self.log_messages
+                    name=f"relay-{i + 1}",
+                    keep=self.sink_keep,
+                    log_messages=self.log_messages,
+                    pipelining=True,
                 )
                 await sink.start()
                 self.sink_servers.append(sink)

@@ -53,7 +53,8 @@ class NetnsCluster(LocalCluster):
             await asyncio.to_thread(self.fabric.start)
         await asyncio.to_thread(self._start_redis)
         for i in range(self.sinks):
-            sink = Sink(self.fabric.add_host_address(), RELAY_PORT, name=f"relay-{i + 1}")
+            address = self.fabric.add_host_address()
+            sink = Sink(address, RELAY_PORT, name=f"relay-{i + 1}", pipelining=True)
             await sink.start()
             self.sink_servers.append(sink)
         for i in range(self.nodes):

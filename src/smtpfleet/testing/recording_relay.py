@@ -98,7 +98,7 @@ def _hostport(text: str) -> tuple[str, int]:
 
 async def serve(smtp: str, http: str, name: str) -> None:
     host, port = _hostport(smtp)
-    sink = Sink(host, port, name=name)
+    sink = Sink(host, port, name=name, pipelining=True)  # as real relays: the path they get
     await sink.start()
     relay = RecordingRelay(sink)
     http_host, http_port = _hostport(http)
