@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from smtpfleet.loadgen import run_load
+from smtpfleet.node import Node
 from smtpfleet.relays.pool import LIMIT_POLL_S
 from smtpfleet.testing import eventually, node_config, running_node, send
 from smtpfleet.testing.sink import Sink
@@ -28,7 +31,12 @@ def limited(prefix: str, sink: Sink, **limits: Any) -> dict[str, Any]:
     }
 
 
-async def test_connection_limit_holds_across_nodes(redis_url: str, prefix: str, sink: Sink) -> None:
+@contextlib.asynccontextmanager
+async def two_nodes_at_the_limit(
+    redis_url: str, prefix: str, sink: Sink, messages: int
+) -> AsyncIterator[tuple[Node, Node]]:
+    """Two nodes sharing `max_connections: 2` to `sink`, once it has counted `messages` sent
+    to both (every one answered 250); `sink.peak_sessions` counts from their start."""
     sink.faults.delay_s = 0.02  # sessions overlap unless something stops them
     overrides = limited(prefix, sink, max_connections=2)
     configs = [
@@ -37,9 +45,14 @@ async def test_connection_limit_holds_across_nodes(redis_url: str, prefix: str, 
     async with running_node(configs[0]) as a, running_node(configs[1]) as b:
         sink.peak_sessions = sink.open_sessions
         addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
-        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(30)))
+        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(messages)))
         assert {r.code for r in replies} == {250}
-        await eventually(lambda: sink.count == 30, timeout_s=30)
+        await eventually(lambda: sink.count == messages, timeout_s=30)
+        yield a, b
+
+
+async def test_connection_limit_holds_across_nodes(redis_url: str, prefix: str, sink: Sink) -> None:
+    async with two_nodes_at_the_limit(redis_url, prefix, sink, 30):
         assert sink.peak_sessions <= 2, f"{sink.peak_sessions} sessions at once"
 
 
@@ -49,29 +62,21 @@ async def test_chained_sessions_keep_the_limit_and_starve_no_node(
     """Sessions that pass from message to message (chaining, on a relay that pipelines) never
     go idle: the cluster-wide limit still holds, and the node waiting for a lease is not left
     to park its mail ("limited") while the other node's sessions run back to back."""
-    async with Sink(name="chaining", pipelining=True) as sink:
-        sink.faults.delay_s = 0.02
-        overrides = limited(prefix, sink, max_connections=2)
-        configs = [
-            node_config(redis_url, [], overrides | {"node": {"id": name}}) for name in ("a", "b")
-        ]
-        async with running_node(configs[0]) as a, running_node(configs[1]) as b:
-            sink.peak_sessions = sink.open_sessions
-            addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
-            replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(40)))
-            assert {r.code for r in replies} == {250}
-            await eventually(lambda: sink.count == 40, timeout_s=30)
-            assert sink.peak_sessions <= 2, f"{sink.peak_sessions} sessions at once"
+    async with (
+        Sink(name="chaining", pipelining=True) as sink,
+        two_nodes_at_the_limit(redis_url, prefix, sink, 40) as nodes,
+    ):
+        assert sink.peak_sessions <= 2, f"{sink.peak_sessions} sessions at once"
 
-            def total(metric: str, **labels: str) -> float:
-                return sum(n.registry.get_sample_value(metric, labels) or 0 for n in (a, b))
+        def total(metric: str, **labels: str) -> float:
+            return sum(n.registry.get_sample_value(metric, labels) or 0 for n in nodes)
 
-            # Counted once the relay's 250 is read, a moment after the relay counted the message.
-            await eventually(
-                lambda: total("smtpfleet_deliveries_total", relay="only", outcome="2xx") == 40
-            )
-            assert total("smtpfleet_deliveries_total", relay="only", outcome="limited") == 0
-            assert total("smtpfleet_relay_chained_messages_total", relay="only") >= 1
+        # Counted once the relay's 250 is read, a moment after the relay counted the message.
+        await eventually(
+            lambda: total("smtpfleet_deliveries_total", relay="only", outcome="2xx") == 40
+        )
+        assert total("smtpfleet_deliveries_total", relay="only", outcome="limited") == 0
+        assert total("smtpfleet_relay_chained_messages_total", relay="only") >= 1
 
 
 async def test_rate_limit_holds_across_nodes(redis_url: str, prefix: str, sink: Sink) -> None:
