@@ -44,6 +44,8 @@ class Session:
         return aiosmtplib.SMTPResponse(self.relay.data_code, "queued")
 
     async def rset(self) -> aiosmtplib.SMTPResponse:
+        if self.relay.rset_code != 250:  # aiosmtplib raises for any other answer
+            raise aiosmtplib.SMTPResponseException(self.relay.rset_code, "need MAIL command")
         return aiosmtplib.SMTPResponse(250, "ok")
 
     async def quit(self) -> aiosmtplib.SMTPResponse:
@@ -67,6 +69,7 @@ class Relay:
     data_code: int = 250
     refuse_connections: bool = False
     drop_idle: bool = False  # close a session after its first message, unnoticed
+    rset_code: int = 250  # else: RSET gets a reply owed to an earlier command
     sessions: list[Session] = field(default_factory=list)
 
     async def connect(self, relay: RelayConfig) -> Session:
@@ -201,3 +204,15 @@ async def test_limits_that_cannot_be_read_fail_open(limits: MemoryClusterStore) 
     verdicts = await send(client(relay, limits, max_messages_per_s=5))
 
     assert verdicts["a@x"].outcome is Outcome.DELIVERED
+
+
+async def test_a_session_whose_rset_is_not_answered_250_is_closed() -> None:
+    """A reply other than 250 to RSET is one owed to an earlier command, read late: the
+    session is a reply behind, and the next message must not get its replies one off."""
+    relay = Relay(rcpt_codes={"gone@x": 550}, rset_code=503)
+    c = client(relay)
+    verdicts = await send(c, ["gone@x"])  # every recipient refused: RSET, answered 503
+    assert verdicts["gone@x"].code == 550
+    assert not relay.sessions[0].is_connected
+    assert (await send(c))["a@x"].outcome is Outcome.DELIVERED
+    assert len(relay.sessions) == 2

@@ -43,6 +43,7 @@ from smtpfleet.delivery.classify import (
 from smtpfleet.inbound.syntax import PLAIN_MAILBOX
 
 START_INPUT = 354  # RFC 5321 §4.2: "Start mail input"
+BAD_SEQUENCE = 503  # RFC 5321 §4.2: "Bad sequence of commands" (RCPT after a refused MAIL)
 
 
 def can_pipeline(smtp: object) -> bool:
@@ -181,7 +182,7 @@ async def _exchange(
         next_replies: EnvelopeReplies | None = await read_replies(protocol, following, timeout_s)
     except (aiosmtplib.SMTPException, TimeoutError):
         next_replies = None  # ours stands; the next message goes on another session
-    if next_replies is not None and not _in_order(next_replies):
+    if next_replies is not None and not in_order(next_replies):
         next_replies = None  # not its replies: the next message goes on another session
     return Exchange(verdicts, True, following, next_replies)
 
@@ -192,17 +193,36 @@ async def read_replies(protocol: SMTPProtocol, env: Envelope, timeout_s: float) 
     return EnvelopeReplies(mail, rcpts, await _reply(protocol, timeout_s))
 
 
-def _in_order(replies: EnvelopeReplies) -> bool:
-    """Replies that can be one envelope's: DATA answered 354, or refused with no recipient
-    accepted (RFC 2920 §3.1). A relay that answers a final dot twice puts its stray reply
-    where the carried envelope's MAIL reply belongs, and every reply after it one further on:
-    DATA then gets an RCPT's answer, a 2xx, or a refusal after an accepted RCPT. Read as they
-    came, the stray `550` would bounce a message the relay accepted. A relay that refuses DATA
-    after accepting a recipient (legitimately) costs the next message another session."""
-    if replies.go_ahead.code == START_INPUT:
+def out_of_step(replies: EnvelopeReplies) -> bool:
+    """Replies no relay gives to one envelope (RFC 5321 §4.1.1.3, §4.2): a recipient refused
+    as out of sequence (503) after an accepted MAIL, a recipient accepted after a refused one,
+    or DATA answered 2xx. What a reply read one off looks like: MAIL gets a stray, each RCPT
+    the reply before its own, DATA the last RCPT's."""
+    mail = positive(replies.mail.code)
+    if mail and any(reply.code == BAD_SEQUENCE for reply in replies.rcpts):
         return True
-    refused = replies.go_ahead.code >= 400  # RFC 5321 §4.2.1: 4yz and 5yz refuse
-    return refused and not any(positive(reply.code) for reply in replies.rcpts)
+    if not mail and any(positive(reply.code) for reply in replies.rcpts):
+        return True
+    return positive(replies.go_ahead.code)
+
+
+def in_order(replies: EnvelopeReplies) -> bool:
+    """Replies that can be a carried envelope's: not `out_of_step`, and after a refused
+    MAIL, every RCPT and the DATA refused as out of sequence (503); after an accepted one, DATA
+    answered 354 or refused with no recipient accepted. Its replies are read right behind the
+    carrier's, where a stray second reply to the carrier's final dot lands: read as they came,
+    a stray `550` would bounce a message the relay accepted. The price: a relay that refuses
+    DATA after accepting a recipient, or answers RCPTs after a refused MAIL other than 503
+    (both legal, both rare), sends the carried message to another session."""
+    go_ahead = replies.go_ahead.code
+    if out_of_step(replies):
+        return False
+    if not positive(replies.mail.code):
+        out_of_sequence = (reply.code == BAD_SEQUENCE for reply in replies.rcpts)
+        return go_ahead >= 400 and all(out_of_sequence)  # RFC 5321 §4.2.1: 4yz, 5yz refuse
+    if go_ahead == START_INPUT:
+        return True
+    return go_ahead >= 400 and not any(positive(reply.code) for reply in replies.rcpts)
 
 
 def judge(env: Envelope, replies: EnvelopeReplies) -> tuple[dict[str, Verdict], list[str]]:

@@ -56,6 +56,7 @@ MAX_IDLE_S = 30.0
 # or a busy node's idle pool would starve the other nodes.
 SHARED_IDLE_S = 1.0
 REAP_INTERVAL_S = 0.5
+QUIT_TIMEOUT_S = 2.0  # a session closed after use waits this long for the reply to QUIT
 LIMIT_POLL_S = 0.05
 # A message of a lower traffic class waiting for the relay's per-second budget asks this much
 # later into each new second per class below the first, so that across the cluster the higher
@@ -429,9 +430,12 @@ class RelayClient:
 
     async def _discard(self, session: _Session) -> None:
         self._open.discard(session)
+        # A deadline, not wait_for: wait_for runs QUIT as a task of its own, and when it is
+        # cancelled as QUIT fails, nobody retrieves that failure ("never retrieved").
         with contextlib.suppress(Exception):
             if session.smtp.is_connected:
-                await asyncio.wait_for(session.smtp.quit(), timeout=2.0)
+                async with asyncio.timeout(QUIT_TIMEOUT_S):
+                    await session.smtp.quit()
         session.smtp.close()
         await self._release(session.lease)
 
@@ -697,8 +701,13 @@ def _set_nodelay(smtp: aiosmtplib.SMTP) -> None:
 
 
 async def _reset(smtp: SmtpSession) -> None:
-    with contextlib.suppress(aiosmtplib.SMTPException):
+    """RSET, and close a session whose RSET is not answered 250: every relay answers it so
+    (RFC 5321 §4.1.1.5), so anything else is a reply owed to an earlier command, read late
+    (a relay that answered a final dot twice), and the session is a reply behind."""
+    try:
         await smtp.rset()
+    except aiosmtplib.SMTPException:
+        smtp.close()
 
 
 class RelayPool:
