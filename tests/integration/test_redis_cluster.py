@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Collection, Iterator
 
 import pytest
@@ -391,3 +392,19 @@ async def test_client_limits_count_across_nodes_on_a_cluster(cluster: RedisClust
         await one.close()
         await two.close()
     assert metrics.registry.get_sample_value("smtpfleet_client_limit_fallbacks_total") == 0
+
+
+def test_a_node_whose_bus_port_was_taken_after_it_was_picked_starts_on_new_ports() -> None:
+    """Ports are picked free when the cluster is made and bound when it starts; a client's
+    ephemeral port landing on a bus port (port + 10000) in between failed CI once."""
+    servers = RedisClusterServers(primaries=3, replicas=0)
+    with socket.socket() as squatter:
+        squatter.bind((LOOPBACK, servers.servers[1].port + 10000))
+        squatter.listen()
+        taken = servers.servers[1].port
+        try:
+            servers.start()
+            assert servers.servers[1].port != taken
+            assert servers.client(servers.servers[1]).ping()
+        finally:
+            servers.close()

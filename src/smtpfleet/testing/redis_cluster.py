@@ -23,6 +23,7 @@ from smtpfleet.testing.launched import Launched
 from smtpfleet.testing.redis_server import (
     LOOPBACK,
     POLL_INTERVAL_S,
+    PORT_ATTEMPTS,
     RedisServer,
     find_server_binary,
 )
@@ -76,23 +77,37 @@ class RedisClusterServers(Launched):
         self.binary = find_server_binary()
         self.cli = find_cli_binary(self.binary)
         self._replicas = replicas
-        self.servers = [
-            RedisServer(
-                port=cluster_port(),
-                data_dir=self.workdir / f"node-{i}",
-                appendfsync=appendfsync,
-                binary=self.binary,
-                extra_args=[
-                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-                    *("--cluster-node-timeout", str(NODE_TIMEOUT_MS)),
-                    # A replica whose primary died long ago may still take over (tests kill
-                    # primaries on purpose); the whole cluster keeps serving with slots down.
-                    *("--cluster-replica-validity-factor", "0"),
-                    *("--cluster-require-full-coverage", "no"),
-                ],
-            )
-            for i in range(primaries * (1 + replicas))
-        ]
+        self._appendfsync = appendfsync
+        self.servers = [self._server(f"node-{i}") for i in range(primaries * (1 + replicas))]
+
+    def _server(self, name: str) -> RedisServer:
+        return RedisServer(
+            port=cluster_port(),
+            data_dir=self.workdir / name,
+            appendfsync=self._appendfsync,
+            binary=self.binary,
+            extra_args=[
+                *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                *("--cluster-node-timeout", str(NODE_TIMEOUT_MS)),
+                # A replica whose primary died long ago may still take over (tests kill
+                # primaries on purpose); the whole cluster keeps serving with slots down.
+                *("--cluster-replica-validity-factor", "0"),
+                *("--cluster-require-full-coverage", "no"),
+            ],
+        )
+
+    def _start_one(self, index: int) -> None:
+        """Start server `index`; on new ports when its pair was taken since it was picked (a
+        client's ephemeral port can land on the bus port, port + 10000, in the meantime)."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            server = self.servers[index]
+            try:
+                server.start()
+                return
+            except RuntimeError:
+                if attempt == PORT_ATTEMPTS or "Address already in use" not in server.log_tail():
+                    raise
+            self.servers[index] = self._server(f"node-{index}-{attempt}")
 
     @property
     def addresses(self) -> list[str]:
@@ -104,8 +119,8 @@ class RedisClusterServers(Launched):
         return self.servers[0].url
 
     def start(self) -> None:
-        for server in self.servers:
-            server.start()
+        for index in range(len(self.servers)):
+            self._start_one(index)
         subprocess.run(  # noqa: S603 - a CLI binary we located ourselves
             [
                 str(self.cli),
