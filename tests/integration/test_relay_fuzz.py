@@ -24,3 +24,13 @@ async def test_verdicts_match_what_the_relay_stored_whatever_it_does(seed: int) 
     assert {"delivered", "permanent", "temporary"} <= set(report.outcomes)
     assert report.sessions > 1  # sessions were dropped and replaced
     assert report.stored > 0
+
+
+async def test_verdicts_match_on_a_relay_without_pipelining() -> None:
+    """The step-by-step path: every command waits for its reply, nothing chains."""
+    report = await run(19001, seconds=4.0, senders=8, pipelining=False)
+    assert report.violations == []
+    assert report.chained == 0
+    assert {"delivered", "permanent", "temporary"} <= set(report.outcomes)
+    assert report.sessions > 1
+    assert report.stored > 0

@@ -1,7 +1,9 @@
 """Fuzz the delivery side: many messages at once through one `RelayClient` to a relay whose
 faults change at random, so sessions pipeline, chain messages, break and recover.
 
-The relay is a `Sink` (aiosmtpd, advertising PIPELINING) that records what it stores. Its
+The relay is a `Sink` (aiosmtpd) that records what it stores; it advertises PIPELINING, so
+sessions pipeline and chain, or with `pipelining=False` it does not, and every command waits
+for its reply (the step-by-step path, which real relays without PIPELINING take). Its
 faults, redrawn every 10-200 ms: refused senders and recipients (4xx, 5xx), refusals at the
 final dot, a final dot answered twice (a stray `550` or `250` after the real reply), a session
 dropped after each message, slow replies. Some sends are cancelled mid-way. What must hold,
@@ -124,12 +126,14 @@ class _Fuzz:
             self.report.violations.append(f"{tag} {recipient}: out of sequence: {verdict}")
 
 
-async def run(seed: int, seconds: float, *, senders: int | None = None) -> Report:
+async def run(
+    seed: int, seconds: float, *, senders: int | None = None, pipelining: bool = True
+) -> Report:
     """One run against a fresh relay; the connection limit, the messages per connection and
     the number of senders are drawn from the seed too."""
     rnd = random.Random(seed)
     report = Report(seed)
-    async with Sink(name="fuzz", pipelining=True) as sink:
+    async with Sink(name="fuzz", pipelining=pipelining) as sink:
         config = DeliveryConfig(
             connect_timeout_s=1.0,
             command_timeout_s=0.5,
