@@ -188,3 +188,25 @@ async def test_replies_left_over_are_never_the_next_messages(pipelined: bool) ->
         await relay.wait_for(2)
         assert relay.connections == 2
         await client.close()
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "step-by-step"])
+async def test_a_session_lost_after_the_final_dot_is_not_sent_again_at_once(
+    pipelined: bool,
+) -> None:
+    """The relay stored the message and the session broke before its reply. A reused session
+    that breaks is retried on a fresh one at once (the relay closed it while idle), but not
+    this one: the message went out again and was stored twice, reported delivered (the relay
+    fuzzer found it). It is a temporary failure; the worker's retry decides what follows."""
+    async with Sink(name="lost", pipelining=pipelined) as relay:
+        client = client_for(relay)
+        await warm(client, relay)  # the next message goes on a reused session
+        relay.faults.lose_data_reply = True
+        verdicts = await client.send("s@example.com", RCPTS, BODY)
+        assert {v.outcome for v in verdicts.values()} == {Outcome.TEMPORARY}
+        assert {v.kind for v in verdicts.values()} == {FailureKind.CONNECTION}
+        await relay.wait_for(2)
+        stored = [m for m in relay.messages if m.recipients == RCPTS]
+        assert len(stored) == 1
+        assert relay.connections == 1  # no second session for it
+        await client.close()

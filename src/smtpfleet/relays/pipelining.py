@@ -51,6 +51,12 @@ def can_pipeline(smtp: object) -> bool:
     return isinstance(smtp, aiosmtplib.SMTP) and smtp.supports_extension("pipelining")
 
 
+class ReplyLost(aiosmtplib.SMTPServerDisconnected):
+    """The session broke after a message's final dot went out, before its reply: the relay
+    may have stored it (RFC 1047's duplicate). A temporary failure, as any lost session, but
+    one that must not be sent again at once on a fresh session in the same attempt."""
+
+
 @dataclass(frozen=True)
 class Envelope:
     """The command lines of one transaction; addresses our client refuses are left out."""
@@ -168,7 +174,10 @@ async def _exchange(
     body = _body(data) if accepted else b".\r\n"
     following = successor() if accepted and successor is not None else None
     _write(protocol, body + wire(following) if following is not None else body)
-    final = await _reply(protocol, timeout_s)
+    try:
+        final = await _reply(protocol, timeout_s)
+    except aiosmtplib.SMTPServerDisconnected as lost:
+        raise ReplyLost(f"lost before the reply to the final dot: {lost}") from lost
     if final.code == 250:
         verdicts.update(dict.fromkeys(accepted, classify_reply(final.code, final.message)))
     else:

@@ -600,6 +600,10 @@ class RelayClient:
             verdict = classify_reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as exc:
             verdict = classify_exception(exc)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            # aiosmtplib's DATA sends the message too: lost at the DATA command or after the
+            # final dot, it cannot say which, so it counts as possibly stored.
+            raise pipelining.ReplyLost(f"lost during DATA: {exc}") from exc
         verdicts.update(dict.fromkeys(accepted, verdict))
         session.messages += 1
         session.last_used = time.monotonic()
@@ -683,7 +687,10 @@ def _is_tls_failure(exc: BaseException) -> bool:
 
 
 def _is_stale(exc: Exception) -> bool:
-    return isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
+    """A session the relay had closed while it sat idle, found out before the message could
+    have reached it; not one lost after its final dot, which the relay may have stored."""
+    lost = isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError)
+    return lost and not isinstance(exc, pipelining.ReplyLost)
 
 
 def _start_tls(policy: TlsPolicy) -> bool | None:

@@ -6,7 +6,8 @@ sessions pipeline and chain, or with `pipelining=False` it does not, and every c
 for its reply (the step-by-step path, which real relays without PIPELINING take). Its
 faults, redrawn every 10-200 ms: refused senders and recipients (4xx, 5xx), refusals at the
 final dot, a final dot answered twice (a stray `550` or `250` after the real reply), a session
-dropped after each message, slow replies. Some sends are cancelled mid-way. What must hold,
+dropped after each message, a session dropped instead of any reply (a stored message's reply
+lost with it), slow replies. Some sends are cancelled mid-way. What must hold,
 whatever the relay did:
 
 - a recipient reported delivered was stored by the relay under that message;
@@ -57,6 +58,7 @@ class Report:
     chained: int = 0
     stored: int = 0
     sessions: int = 0
+    dropped: int = 0
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: list[str] = field(default_factory=list)
 
@@ -66,6 +68,7 @@ def _redraw(faults: Faults, rnd: random.Random) -> None:
     faults.rcpt_replies = {}  # per recipient, drawn as each message is made
     faults.data_replies = [rnd.choice(FINAL_REPLIES) for _ in range(rnd.randrange(3))]
     faults.close_after_data = rnd.random() < 0.1
+    faults.drop_chance = rnd.choice([0.0] * 6 + [0.01, 0.05])
     faults.delay_s = rnd.choice([0.0, 0.0, 0.0, 0.005, 0.02])
 
 
@@ -134,6 +137,7 @@ async def run(
     rnd = random.Random(seed)
     report = Report(seed)
     async with Sink(name="fuzz", pipelining=pipelining) as sink:
+        sink.faults.draws.seed(rnd.randrange(1 << 30))
         config = DeliveryConfig(
             connect_timeout_s=1.0,
             command_timeout_s=0.5,
@@ -158,4 +162,5 @@ async def run(
         report.messages = len(fuzz.verdicts) + report.cancelled
         report.chained = len(chained)
         report.sessions = sink.connections
+        report.dropped = sink.dropped
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
 import time
 from collections import defaultdict, deque
@@ -53,6 +54,14 @@ class Faults:
     delay_s: float = 0.0  # before every reply except the greeting: a slow relay
     blackhole: bool = False  # say nothing while set: no greeting, open sessions go silent
     close_after_data: bool = False  # reply to the final dot, then drop the session
+    lose_data_reply: bool = False  # store the message, then drop the session unanswered
+    # Drop the session instead of replying, at this chance per reply after the greeting: a
+    # relay that dies mid-transaction, anywhere (after storing a message, its reply is lost).
+    drop_chance: float = 0.0
+    draws: random.Random = field(default_factory=random.Random)
+
+    def drop_now(self) -> bool:
+        return self.drop_chance > 0 and self.draws.random() < self.drop_chance
 
     def rcpt_reply(self, recipient: str) -> str | None:
         lowered = recipient.lower()
@@ -126,6 +135,8 @@ class _Recorder:
         reply = self._sink.faults.next_data_reply() or OK_DATA
         if _accepted(reply):
             self._sink._record(message)
+            if self._sink.faults.lose_data_reply and isinstance(server, _FaultySMTP):
+                server.drop_next_reply = True
         else:
             # Kept apart so a test can tell "the relay saw it and refused" from "never arrived".
             self._sink.rejected.append(message)
@@ -157,6 +168,7 @@ class _FaultySMTP(SMTP):
         self._sink = sink
         self._greeted = False
         self._mid_reply = False  # the last line pushed was "NNN-...", more lines follow
+        self.drop_next_reply = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._sink._session_opened(self)
@@ -198,6 +210,13 @@ class _FaultySMTP(SMTP):
         # aiosmtpd pushes a multi-line reply (EHLO) line by line: delay only its first line.
         if self._greeted and not self._mid_reply and delay_s > 0:
             await asyncio.sleep(delay_s)
+        if self.drop_next_reply or (
+            self._greeted and not self._mid_reply and self._sink.faults.drop_now()
+        ):
+            self._sink.dropped += 1
+            if isinstance(self.transport, asyncio.Transport):
+                self.transport.abort()  # a reset, as a relay that died gives
+            return
         self._greeted = True
         self._mid_reply = status[3:4] in ("-", b"-")
         await super().push(status)
@@ -246,6 +265,7 @@ class Sink:
         self.rejected: list[ReceivedMessage] = []  # refused at the final dot
         self.refused_recipients: list[str] = []  # refused at RCPT
         self.connections = 0  # sessions ever opened
+        self.dropped = 0  # sessions dropped instead of a reply (Faults.drop_chance)
         self.peak_sessions = 0  # most sessions open at once
         # A relay that offers STARTTLS with this server context (and insists on it before
         # MAIL with require_tls), and one that insists on AUTH (PLAIN, LOGIN) with these
