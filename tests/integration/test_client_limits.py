@@ -106,6 +106,27 @@ async def test_sessions_spread_over_two_nodes_meet_one_cap(
             await wire.close()
 
 
+async def test_clients_gone_before_the_banner_give_their_places_back(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """A load balancer's TCP health check, or a scanner: connect, close, never read. Its
+    end-of-file cancelled the session while its place was being counted in Redis, before the
+    banner, where nothing closed the connection (aiosmtpd keeps it half open): each check kept
+    a file descriptor, a node session and a place in the client's cluster-wide count for
+    good, until the client, and then everyone, was refused."""
+    config = limited(redis_url, sink, prefix, limits={"sessions": 3})
+    async with running_node(config) as node:
+        for _ in range(10):
+            _reader, writer = await asyncio.open_connection(*address(node))
+            writer.close()
+            await writer.wait_closed()
+        await eventually(lambda: node.inbound.active_sessions == 0, timeout_s=WAIT_S)
+        wire = await greeted(node)  # the client's places came back too
+        assert await wire.cmd("QUIT") == replies.BYE + "\r\n"
+        await wire.close()
+        assert sample(node, REFUSALS, {"limit": "sessions"}) == 0
+
+
 async def test_a_dead_nodes_sessions_stop_counting_when_their_leases_expire(
     redis_url: str, prefix: str
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from smtpfleet import replies
+from smtpfleet.testing.client import eventually
 from smtpfleet.testing.inbound import inbound_front
 from smtpfleet.testing.tls import make_tls_files
 from smtpfleet.testing.wire import Wire
@@ -136,6 +138,23 @@ async def test_a_v2_header_whose_tlv_runs_past_its_end_is_closed_before_the_bann
         await wire.close()
         assert front.sample(PROXIES, {"result": "invalid"}) == 1
         assert front.sample(PROXIES, {"result": "ok"}) == 0
+
+
+async def test_a_load_balancers_tcp_check_frees_its_session() -> None:
+    """The balancer's health check connects and closes without a header. Its end-of-file
+    cancelled the session while it waited for the header, before the banner, where nothing
+    closed the connection (aiosmtpd keeps it half open): every check kept a descriptor and
+    a session for good, until `max_sessions` refused all mail."""
+    async with inbound_front(settings(max_sessions=5)) as front:
+        for _ in range(20):
+            _reader, writer = await asyncio.open_connection(*front.address())
+            writer.close()
+            await writer.wait_closed()
+        await eventually(lambda: front.server.active_sessions == 0, timeout_s=5.0)
+        wire = await Wire.open(front.address())
+        wire.writer.write(v1("198.51.100.7"))
+        assert (await wire.reply()).startswith("220 ")  # not refused for capacity
+        await wire.close()
 
 
 async def test_silent_client_is_closed_after_the_proxy_timeout() -> None:

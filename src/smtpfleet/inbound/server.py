@@ -277,7 +277,14 @@ class InboundSMTP(SMTP):
         if self._closing and self.transport is not None:
             self.transport.close()  # the client read our last word and left: done lingering
             return False
-        return super().eof_received()
+        # aiosmtpd cancels the session's task here and keeps the connection half open, which
+        # its task closes only when cancelled inside the command loop. A client gone before
+        # the banner (a load balancer's TCP check, a scanner) cancels it earlier, while its
+        # place is counted or the banner goes: nothing closed that connection, and each such
+        # check kept a descriptor, a session and the client's cluster-wide place for good.
+        # Nothing is read after end-of-file anyway: close (asyncio flushes what we wrote).
+        super().eof_received()
+        return False
 
     async def _handle_client(self) -> None:  # private in aiosmtpd: the session's main loop
         if self.transport is None or self.transport.is_closing():
