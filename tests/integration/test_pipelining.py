@@ -4,6 +4,8 @@ advertise it. Writes are counted as reads at the relay."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -210,3 +212,39 @@ async def test_a_session_lost_after_the_final_dot_is_not_sent_again_at_once(
         assert len(stored) == 1
         assert relay.connections == 1  # no second session for it
         await client.close()
+
+
+async def test_a_send_cancelled_mid_transaction_is_closed_before_close_returns() -> None:
+    """A cancelled delivery's session is closed in the background (QUIT, bounded); `close()`
+    waits for it. It ran shielded and untracked: cancelled again (as a stopping node cancels
+    every task), the send returned at once, `close()` did not wait, and the loop could end
+    with the socket open."""
+    async with Sink(name="cut", pipelining=True) as relay:
+        client = client_for(relay)
+        await warm(client, relay)
+        relay.faults.blackhole = True  # silent: the send hangs mid-transaction, QUIT too
+        send = asyncio.ensure_future(client.send("s@example.com", RCPTS, BODY))
+        await asyncio.sleep(0.2)
+        send.cancel()
+        await asyncio.sleep(0.05)
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        await client.close()  # waits out the unanswered QUIT, then closes
+        await asyncio.sleep(0.2)  # the relay's side of the close
+        assert relay.open_sessions == 0
+
+
+async def test_a_close_cut_short_still_closes_every_session() -> None:
+    """`close()` says QUIT to each idle session and waits (bounded) for the answer; cancelled
+    meanwhile (a node stopping on a deadline), each socket is still closed, not left to the
+    garbage collector."""
+    async with Sink(name="cut", pipelining=True) as relay:
+        client = client_for(relay)
+        await warm(client, relay)
+        relay.faults.blackhole = True  # QUIT goes unanswered
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.close()
+        await asyncio.sleep(0.2)  # the relay's side of the close
+        assert relay.open_sessions == 0

@@ -261,7 +261,10 @@ class RelayClient:
                 )
             except asyncio.CancelledError:
                 handoff.fail()
-                await asyncio.shield(self._discard(session))  # cut off mid-transaction
+                # Cut off mid-transaction: closed in the background, and close() waits for it
+                # (a shielded close nobody tracked was cut short when the loop ended, leaving
+                # its socket open).
+                self._close_later(self._discard(session))
                 raise
             except Exception as exc:
                 handoff.fail()
@@ -432,11 +435,13 @@ class RelayClient:
         self._open.discard(session)
         # A deadline, not wait_for: wait_for runs QUIT as a task of its own, and when it is
         # cancelled as QUIT fails, nobody retrieves that failure ("never retrieved").
-        with contextlib.suppress(Exception):
-            if session.smtp.is_connected:
-                async with asyncio.timeout(QUIT_TIMEOUT_S):
-                    await session.smtp.quit()
-        session.smtp.close()
+        try:
+            with contextlib.suppress(Exception):
+                if session.smtp.is_connected:
+                    async with asyncio.timeout(QUIT_TIMEOUT_S):
+                        await session.smtp.quit()
+        finally:
+            session.smtp.close()  # cancelled during QUIT too: no socket left open
         await self._release(session.lease)
 
     async def _drop(self, session: _Session) -> None:
