@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 
 import aiosmtplib
 import pytest
+import uvloop
 
+from smtpfleet.testing.client import eventually
 from smtpfleet.testing.sink import Faults, Sink
 
 SENDER = "sender@example.org"
@@ -161,6 +163,50 @@ async def test_close_after_data_drops_the_session(sink: Sink) -> None:
     assert sink.count == 1
 
 
+async def _lost_data_reply() -> tuple[type[BaseException], int, int]:
+    """A message sent to a sink that loses its final reply: what the client saw, what was
+    stored, and how many sessions were dropped."""
+    async with Sink(name="relay") as sink:
+        sink.faults.lose_data_reply = True
+        client = await connected(sink, timeout_s=2.0)
+        try:
+            with pytest.raises(aiosmtplib.SMTPException) as raised:
+                await client.sendmail(SENDER, ["rcpt@example.net"], MESSAGE)
+        finally:
+            client.close()
+        return raised.type, sink.count, sink.dropped
+
+
+async def test_a_lost_data_reply_is_a_reset_after_the_message_was_stored() -> None:
+    kind, stored, dropped = await _lost_data_reply()
+    assert kind is aiosmtplib.SMTPServerDisconnected  # not a timeout: the session is gone
+    assert (stored, dropped) == (1, 1)
+
+
+def test_a_lost_data_reply_is_a_reset_on_uvloop_too() -> None:
+    """The relay fuzzer and the drills run the sink on uvloop, whose transports are not
+    asyncio.Transport subclasses: the drop once only skipped the reply there, leaving a
+    session a reply behind that no TCP relay can produce."""
+    kind, stored, dropped = uvloop.run(_lost_data_reply())
+    assert kind is aiosmtplib.SMTPServerDisconnected
+    assert (stored, dropped) == (1, 1)
+
+
+async def test_a_closing_relay_answers_421_and_closes(sink: Sink) -> None:
+    sink.faults.closing_chance = 1.0
+    client = await connected(sink)
+    try:
+        with pytest.raises(aiosmtplib.SMTPResponseException) as raised:
+            await client.sendmail(SENDER, ["rcpt@example.net"], MESSAGE)
+        assert raised.value.code == 421
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await client.noop()
+    finally:
+        client.close()
+    assert sink.count == 0
+    assert sink.closed == 1
+
+
 async def test_stop_drops_open_sessions_at_once(sink: Sink) -> None:
     client = await connected(sink)
     try:
@@ -170,6 +216,45 @@ async def test_stop_drops_open_sessions_at_once(sink: Sink) -> None:
             await client.noop(timeout=1)
     finally:
         client.close()
+
+
+async def test_clients_gone_before_the_banner_leave_no_session_open() -> None:
+    """aiosmtpd keeps a connection half open at end-of-file; one whose client left before the
+    banner (here while a blackhole holds it) was never closed: a long-running sink leaked a
+    socket per TCP health check."""
+    async with Sink(name="relay", faults=Faults(blackhole=True)) as sink:
+        for _ in range(5):
+            _reader, writer = await asyncio.open_connection(sink.host, sink.port)
+            writer.close()
+            await writer.wait_closed()
+        await eventually(lambda: sink.connections == 5, timeout_s=2.0)
+        await eventually(lambda: sink.open_sessions == 0, timeout_s=2.0)
+
+
+def test_stop_drops_silent_sessions_on_uvloop_too() -> None:
+    """Where the benchmarks' sink and the relay fuzzer run. A blackholed session waits before
+    its banner, outside aiosmtpd's command loop, so cancelling its task does not close it:
+    only the abort does, and on uvloop it was skipped (its transports are not
+    asyncio.Transport subclasses). The session stayed open and the loop closed on its socket."""
+
+    async def left_open_after_stop() -> tuple[int, bool]:
+        sink = Sink(name="relay", faults=Faults(blackhole=True))
+        await sink.start()
+        reader, writer = await asyncio.open_connection(sink.host, sink.port)
+        try:
+            await eventually(lambda: sink.open_sessions == 1, timeout_s=2.0)
+            await sink.stop()
+            try:
+                ended = await asyncio.wait_for(reader.read(100), 2.0) == b""
+            except ConnectionResetError:
+                ended = True
+            except TimeoutError:
+                ended = False
+            return sink.open_sessions, ended
+        finally:
+            writer.close()
+
+    assert uvloop.run(left_open_after_stop()) == (0, True)
 
 
 async def test_a_new_sink_takes_over_the_port_of_a_stopped_one(sink: Sink) -> None:

@@ -7,8 +7,8 @@ for its reply (the step-by-step path, which real relays without PIPELINING take)
 faults, redrawn every 10-200 ms: refused senders and recipients (4xx, 5xx), refusals at the
 final dot, a final dot answered twice (a stray `550` or `250` after the real reply), a session
 dropped after each message, a session dropped instead of any reply (a stored message's reply
-lost with it), slow replies. Some sends are cancelled mid-way. What must hold,
-whatever the relay did:
+lost with it), `421` and a close instead of any reply (a relay shutting down), slow replies.
+Some sends are cancelled mid-way. What must hold, whatever the relay did:
 
 - a recipient reported delivered was stored by the relay under that message;
 - a recipient reported refused for good (5xx) was never stored under it;
@@ -59,6 +59,7 @@ class Report:
     stored: int = 0
     sessions: int = 0
     dropped: int = 0
+    closed: int = 0
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: list[str] = field(default_factory=list)
 
@@ -69,6 +70,7 @@ def _redraw(faults: Faults, rnd: random.Random) -> None:
     faults.data_replies = [rnd.choice(FINAL_REPLIES) for _ in range(rnd.randrange(3))]
     faults.close_after_data = rnd.random() < 0.1
     faults.drop_chance = rnd.choice([0.0] * 6 + [0.01, 0.05])
+    faults.closing_chance = rnd.choice([0.0] * 6 + [0.01, 0.05])
     faults.delay_s = rnd.choice([0.0, 0.0, 0.0, 0.005, 0.02])
 
 
@@ -118,7 +120,7 @@ class _Fuzz:
 
     def _check_one(self, tag: str, recipient: str, verdict: Verdict, stored: int) -> None:
         if verdict.outcome is Outcome.DELIVERED and not stored:
-            self.report.violations.append(f"{tag} {recipient}: delivered, never stored")
+            self.report.violations.append(f"{tag} {recipient}: delivered, never stored: {verdict}")
         if verdict.outcome is Outcome.PERMANENT and stored:
             self.report.violations.append(f"{tag} {recipient}: bounced, but stored: {verdict}")
         if stored > 1 and verdict.outcome is not Outcome.TEMPORARY:
@@ -163,4 +165,5 @@ async def run(
         report.chained = len(chained)
         report.sessions = sink.connections
         report.dropped = sink.dropped
+        report.closed = sink.closed
     return report

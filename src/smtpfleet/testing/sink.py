@@ -15,7 +15,7 @@ import ssl
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 OK_RCPT = "250 2.1.5 Ok"
 OK_DATA = "250 2.0.0 Ok: stored"
+CLOSING = "421 4.3.2 Service shutting down"
 DATA_SIZE_LIMIT = 100 * 1024 * 1024  # above any sane max_message_bytes; advertised as SIZE
 IDLE_TIMEOUT_S = 60.0  # aiosmtpd closes sessions idle this long (real relays: 300 s)
 BLACKHOLE_POLL_S = 0.05
@@ -58,10 +59,17 @@ class Faults:
     # Drop the session instead of replying, at this chance per reply after the greeting: a
     # relay that dies mid-transaction, anywhere (after storing a message, its reply is lost).
     drop_chance: float = 0.0
+    # Answer `421` and close instead of the reply, at this chance per reply after the
+    # greeting: a relay shutting down mid-session (RFC 5321 §3.8). At the final dot the
+    # message is then not stored.
+    closing_chance: float = 0.0
     draws: random.Random = field(default_factory=random.Random)
 
     def drop_now(self) -> bool:
         return self.drop_chance > 0 and self.draws.random() < self.drop_chance
+
+    def closing_now(self) -> bool:
+        return self.closing_chance > 0 and self.draws.random() < self.closing_chance
 
     def rcpt_reply(self, recipient: str) -> str | None:
         lowered = recipient.lower()
@@ -133,6 +141,11 @@ class _Recorder:
             login=_login(session),
         )
         reply = self._sink.faults.next_data_reply() or OK_DATA
+        if isinstance(server, _FaultySMTP):
+            server.final_reply = True
+            if self._sink.faults.closing_now():
+                server.close_after_reply = True
+                reply = CLOSING
         if _accepted(reply):
             self._sink._record(message)
             if self._sink.faults.lose_data_reply and isinstance(server, _FaultySMTP):
@@ -169,6 +182,8 @@ class _FaultySMTP(SMTP):
         self._greeted = False
         self._mid_reply = False  # the last line pushed was "NNN-...", more lines follow
         self.drop_next_reply = False
+        self.final_reply = False  # the next reply answers a final dot
+        self.close_after_reply = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._sink._session_opened(self)
@@ -177,6 +192,12 @@ class _FaultySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._sink._session_closed(self)
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session's task and keeps the connection half open; a client
+        # gone before the banner (or while a blackhole holds it) was then never closed.
+        super().eof_received()
+        return False
 
     def data_received(self, data: bytes) -> None:
         self._sink.reads += 1  # one per segment read: shows how many writes a client made
@@ -214,8 +235,22 @@ class _FaultySMTP(SMTP):
             self._greeted and not self._mid_reply and self._sink.faults.drop_now()
         ):
             self._sink.dropped += 1
-            if isinstance(self.transport, asyncio.Transport):
-                self.transport.abort()  # a reset, as a relay that died gives
+            if self.transport is not None:
+                # A reset, as a relay that died gives. (uvloop's transports are not
+                # asyncio.Transport subclasses: an isinstance test would skip the reply and
+                # leave the session open, a reply behind, which no TCP relay can do.)
+                cast(asyncio.WriteTransport, self.transport).abort()
+            return
+        if self.close_after_reply and (self.transport is None or self.transport.is_closing()):
+            return  # said 421 and closed: the rest of a multi-line reply goes nowhere
+        final, self.final_reply = self.final_reply, False
+        if self._greeted and not self._mid_reply and not final and self._sink.faults.closing_now():
+            self.close_after_reply = True
+        if self.close_after_reply:
+            self._sink.closed += 1
+            await super().push(CLOSING)
+            if self.transport is not None:
+                self.transport.close()
             return
         self._greeted = True
         self._mid_reply = status[3:4] in ("-", b"-")
@@ -266,6 +301,7 @@ class Sink:
         self.refused_recipients: list[str] = []  # refused at RCPT
         self.connections = 0  # sessions ever opened
         self.dropped = 0  # sessions dropped instead of a reply (Faults.drop_chance)
+        self.closed = 0  # sessions closed with a 421 instead of a reply (Faults.closing_chance)
         self.peak_sessions = 0  # most sessions open at once
         # A relay that offers STARTTLS with this server context (and insists on it before
         # MAIL with require_tls), and one that insists on AUTH (PLAIN, LOGIN) with these
@@ -354,8 +390,9 @@ class Sink:
         # and wait for their session tasks so nothing is pending when the loop closes.
         tasks = [p.session_task for p in self._protocols if p.session_task is not None]
         for protocol in list(self._protocols):
-            if isinstance(protocol.transport, asyncio.Transport):
-                protocol.transport.abort()  # at once, like a relay that crashed: no FIN handshake
+            if protocol.transport is not None:  # not isinstance: uvloop's are no subclasses
+                # At once, like a relay that crashed: no FIN handshake.
+                cast(asyncio.WriteTransport, protocol.transport).abort()
         for task in tasks:
             task.cancel()
         if tasks:
