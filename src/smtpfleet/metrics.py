@@ -139,6 +139,13 @@ class Metrics:
             ["relay"],
             registry=r,
         )
+        self.relay_replies_lost = Counter(
+            "smtpfleet_relay_replies_lost",
+            "Messages whose final dot went out to the relay and got no reply (the session "
+            "broke or timed out): it may have stored them, and a retry may deliver them twice",
+            ["relay"],
+            registry=r,
+        )
         self.relay_cert_expiry = Gauge(
             "smtpfleet_relay_certificate_expiry_days",
             "Days until the relay's certificate expires, as the health check last saw it",
@@ -254,6 +261,9 @@ class Metrics:
 
     def chained(self, relay: str) -> None:
         self.child(self.relay_chained, relay).inc()
+
+    def reply_lost(self, relay: str) -> None:
+        self.child(self.relay_replies_lost, relay).inc()
 
     def observe_batch(self, batcher: str) -> Callable[[int, bool], None]:
         """The group-commit observer for one batcher (queue/batcher.py's BatchObserver)."""

@@ -72,6 +72,7 @@ class Node:
             owner=self.node_id,
             on_tls=self.metrics.outbound_tls,
             on_chained=self.metrics.chained,
+            on_reply_lost=self.metrics.reply_lost,
             lease_ttl_s=config.cluster.lease_s,
         )
         self.membership = Membership(

@@ -103,6 +103,27 @@ async def test_messages_chained_on_a_relay_session_are_counted(redis_url: str, p
             assert 1 <= chained <= 7
 
 
+async def test_a_reply_lost_after_the_final_dot_is_counted(redis_url: str, prefix: str) -> None:
+    """The relay stored the message and the session broke before its reply: it may be
+    delivered twice (the retry), and operators see how often, per relay."""
+    async with Sink(name="lossy") as sink:
+        sink.faults.lose_data_reply = True
+        host, port = sink.address.rsplit(":", 1)
+        relay = {"name": "relay-1", "host": host, "port": int(port)}
+        config = node_config(redis_url, [], {"redis": {"prefix": prefix}, "relays": [relay]})
+        async with running_node(config) as node:
+            assert node.http is not None
+            http = node.http.address
+            assert (await send(node.inbound.addresses[0])).code == 250
+            key = ("smtpfleet_relay_replies_lost_total", (("relay", "relay-1"),))
+
+            async def counted() -> bool:
+                return samples((await http_get(http, "/metrics"))[1]).get(key) == 1
+
+            await eventually(counted, timeout_s=10)
+            assert sink.count == 1  # the relay has it; our side could not know
+
+
 async def test_the_http_port_answers_what_it_cannot_read() -> None:
     """A request line or header over the limit gets 400, not a silent close; not GET, 405."""
     server = HttpServer(

@@ -214,6 +214,29 @@ async def test_a_session_lost_after_the_final_dot_is_not_sent_again_at_once(
         await client.close()
 
 
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "step-by-step"])
+@pytest.mark.parametrize("fault", ["lose_data_reply", "silence_after_data"])
+async def test_no_reply_to_the_final_dot_is_reported_as_possibly_stored(
+    pipelined: bool, fault: str
+) -> None:
+    """The relay stored the message and then dropped the session, or went silent: the hook
+    behind `smtpfleet_relay_replies_lost_total` hears of it once, the verdict stays temporary
+    (a lost session, or a timeout), and nothing is sent again at once."""
+    async with Sink(name="lossy", pipelining=pipelined) as relay:
+        lost: list[str] = []
+        config = DeliveryConfig(connect_timeout_s=2.0, command_timeout_s=0.5)
+        settings = SessionSettings(config, "mx.test", lease_ttl_s=5.0, on_reply_lost=lost.append)
+        client = RelayClient(RelayConfig(name="lossy", host=relay.host, port=relay.port), settings)
+        setattr(relay.faults, fault, True)
+        verdicts = await client.send("s@example.com", RCPTS, BODY)
+        kind = FailureKind.CONNECTION if fault == "lose_data_reply" else FailureKind.TIMEOUT
+        assert {(v.outcome, v.kind) for v in verdicts.values()} == {(Outcome.TEMPORARY, kind)}
+        assert lost == ["lossy"]
+        assert (relay.count, relay.connections) == (1, 1)
+        relay.faults.blackhole = False
+        await client.close()
+
+
 async def test_a_send_cancelled_mid_transaction_is_closed_before_close_returns() -> None:
     """A cancelled delivery's session is closed in the background (QUIT, bounded); `close()`
     waits for it. It ran shielded and untracked: cancelled again (as a stopping node cancels

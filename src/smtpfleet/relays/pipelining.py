@@ -51,10 +51,18 @@ def can_pipeline(smtp: object) -> bool:
     return isinstance(smtp, aiosmtplib.SMTP) and smtp.supports_extension("pipelining")
 
 
-class ReplyLost(aiosmtplib.SMTPServerDisconnected):
-    """The session broke after a message's final dot went out, before its reply: the relay
-    may have stored it (RFC 1047's duplicate). A temporary failure, as any lost session, but
-    one that must not be sent again at once on a fresh session in the same attempt."""
+class PossiblyStored(Exception):
+    """No reply came to a message's final dot, which went out: the relay may have stored it
+    (RFC 1047's duplicate), and a retry may deliver it twice."""
+
+
+class ReplyLost(aiosmtplib.SMTPServerDisconnected, PossiblyStored):
+    """The session broke after the final dot went out. A temporary failure, as any lost
+    session, but one that must not be sent again at once on a fresh session."""
+
+
+class ReplyTimedOut(aiosmtplib.SMTPReadTimeoutError, PossiblyStored):
+    """No reply to the final dot within the command timeout: a timeout, as any other."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,8 @@ async def _exchange(
         final = await _reply(protocol, timeout_s)
     except aiosmtplib.SMTPServerDisconnected as lost:
         raise ReplyLost(f"lost before the reply to the final dot: {lost}") from lost
+    except TimeoutError as late:
+        raise ReplyTimedOut(f"no reply to the final dot: {late}") from late
     if final.code == 250:
         verdicts.update(dict.fromkeys(accepted, classify_reply(final.code, final.message)))
     else:

@@ -185,6 +185,9 @@ class SessionSettings:
     on_tls: Callable[[str, str, str | None], None] | None = None
     # A message's envelope went in the same write as the previous message's body (relay name).
     on_chained: Callable[[str], None] | None = None
+    # No reply came to a message's final dot, which went out (the session broke, or the
+    # reply timed out): the relay may have stored it, and its retry may deliver it twice.
+    on_reply_lost: Callable[[str], None] | None = None
     # Opens a session; None: aiosmtplib to the relay's host (tests pass scripted sessions).
     connect: Connect | None = None
 
@@ -200,6 +203,7 @@ class RelayClient:
         self._owner = settings.owner
         self._on_tls = settings.on_tls
         self._on_chained = settings.on_chained
+        self._on_reply_lost = settings.on_reply_lost
         self._connect_to = settings.connect
         self._lease_ttl_ms = int(settings.lease_ttl_s * 1000)
         self._idle: list[_Session] = []
@@ -269,6 +273,8 @@ class RelayClient:
             except Exception as exc:
                 handoff.fail()
                 await self._discard(session)
+                if isinstance(exc, pipelining.PossiblyStored) and self._on_reply_lost:
+                    self._on_reply_lost(self.relay.name)
                 if reused and _is_stale(exc) and handoff.baton is None:
                     if not stale_retries:
                         return dict.fromkeys(recipients, NO_SESSION)
@@ -609,6 +615,8 @@ class RelayClient:
             # aiosmtplib's DATA sends the message too: lost at the DATA command or after the
             # final dot, it cannot say which, so it counts as possibly stored.
             raise pipelining.ReplyLost(f"lost during DATA: {exc}") from exc
+        except TimeoutError as exc:
+            raise pipelining.ReplyTimedOut(f"no reply during DATA: {exc}") from exc
         verdicts.update(dict.fromkeys(accepted, verdict))
         session.messages += 1
         session.last_used = time.monotonic()
@@ -736,9 +744,17 @@ class RelayPool:
         owner: str = "",
         on_tls: Callable[[str, str, str | None], None] | None = None,
         on_chained: Callable[[str], None] | None = None,
+        on_reply_lost: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = SessionSettings(
-            config, helo, lease_ttl_s, limits, owner, on_tls, on_chained
+            config,
+            helo,
+            lease_ttl_s,
+            limits,
+            owner,
+            on_tls,
+            on_chained,
+            on_reply_lost=on_reply_lost,
         )
         self._clients: dict[str, RelayClient] = {}
 

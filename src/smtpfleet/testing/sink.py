@@ -56,6 +56,7 @@ class Faults:
     blackhole: bool = False  # say nothing while set: no greeting, open sessions go silent
     close_after_data: bool = False  # reply to the final dot, then drop the session
     lose_data_reply: bool = False  # store the message, then drop the session unanswered
+    silence_after_data: bool = False  # store the message, then go silent (blackhole) unanswered
     # Drop the session instead of replying, at this chance per reply after the greeting: a
     # relay that dies mid-transaction, anywhere (after storing a message, its reply is lost).
     drop_chance: float = 0.0
@@ -150,6 +151,8 @@ class _Recorder:
             self._sink._record(message)
             if self._sink.faults.lose_data_reply and isinstance(server, _FaultySMTP):
                 server.drop_next_reply = True
+            if self._sink.faults.silence_after_data:
+                self._sink.faults.blackhole = True
         else:
             # Kept apart so a test can tell "the relay saw it and refused" from "never arrived".
             self._sink.rejected.append(message)
