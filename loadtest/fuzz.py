@@ -6,8 +6,9 @@
 Sessions come from `smtpfleet.testing.fuzz.Generator(seed)`: session k is the same for the same
 seed on any machine. Batches run against the nodes of a `LocalCluster` in MX mode (accepted
 domain example.net, no relay networks) until the time is up; then it checks that everything
-acknowledged arrived at the sinks, nothing refused did, no node logged an ERROR, and every node
-still takes a plain message. Prints one JSON summary; exit status 1 on any violation.
+acknowledged arrived at the sinks, nothing refused did, no node logged an ERROR, no node keeps
+a connection of an ended session open, and every node still takes a plain message. Prints one
+JSON summary; exit status 1 on any violation.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from typing import Any
 import uvloop
 
 from smtpfleet.testing import eventually, send
-from smtpfleet.testing.fuzz import Driver, Findings, Generator, tokens_in
+from smtpfleet.testing.fuzz import Driver, Findings, Generator, open_connections, tokens_in
 from smtpfleet.testing.localcluster import LocalCluster
 
 # Every session comes from one loopback address: the per-client rate limits (tested on their
-# own) would refuse most of a run's mail.
-NO_CLIENT_LIMITS = {"sessions": 0, "messages_per_minute": 0, "recipients_per_minute": 0}
+# own) would refuse most of a run's mail. Its sessions are counted, with a cap never met.
+NO_CLIENT_LIMITS = {"sessions": 100_000, "messages_per_minute": 0, "recipients_per_minute": 0}
 MX_MODE: dict[str, Any] = {
     "inbound": {
         "relay_networks": [],
@@ -50,6 +51,10 @@ async def fuzz(args: argparse.Namespace) -> dict[str, Any]:
             findings.add(await Driver(node.smtp).run(batch, args.concurrency))
             number += BATCH
         delivered = await _settle(cluster, findings)
+        ports = [n.smtp[1] for n in cluster.node_processes]
+        with contextlib.suppress(TimeoutError):  # reported below
+            await eventually(lambda: not any(open_connections(p) for p in ports), timeout_s=15)
+        kept_open = sum(open_connections(port) for port in ports)
         plain = [(await send(n.smtp)).code for n in cluster.node_processes]
         errors = [line for n in cluster.node_processes for line in _errors(n.log_path.read_text())]
     lost = sorted(findings.acknowledged - delivered)
@@ -66,7 +71,9 @@ async def fuzz(args: argparse.Namespace) -> dict[str, Any]:
         "refused_but_delivered": leaked[:20],
         "plain_after": plain,
         "error_log_lines": errors[:20],
-        "ok": not (findings.violations or lost or leaked or errors) and set(plain) == {250},
+        "connections_kept_open": kept_open,
+        "ok": not (findings.violations or lost or leaked or errors or kept_open)
+        and set(plain) == {250},
     }
 
 

@@ -3,7 +3,8 @@
 Each session is generated from the seed alone, so a failure replays exactly with the same seed
 and session number. The generator mutates commands (control and 8-bit bytes, broken paths,
 unknown verbs), pipelines groups of commands (RFC 2920), sends odd message data (bare CR or LF,
-dot-stuffing, long lines), writes slowly, and hangs up at random points. The driver speaks to
+dot-stuffing, long lines), writes slowly, and hangs up at random points, some before the banner
+(a closed or reset connection, as a load balancer's TCP check or a scanner). The driver speaks to
 the node like a client would, one reply per command line, and records:
 
 - every reply line is well formed (three digits, then space or hyphen; 4xx/5xx carry an RFC
@@ -12,16 +13,21 @@ the node like a client would, one reply per command line, and records:
 - which messages got `250` at the final dot (acknowledged) and which were refused.
 
 The caller then checks delivery: everything acknowledged arrives, nothing refused does (each
-message carries a unique `X-Fuzz-Token` header), and the node's log has no ERROR.
+message carries a unique `X-Fuzz-Token` header), the node's log has no ERROR, and the node
+keeps no connection open once every session ended (`open_connections`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
+import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from smtpfleet.inbound.tls import HANDSHAKE_TIMEOUT_S
@@ -77,6 +83,9 @@ class Session:
     hang_up_after: int | None = None  # abort the connection after writing this group
     hang_up_after_dot: bool = False  # abort right after a final dot, before its reply
     slow: bool = False  # write byte by byte chunks with pauses
+    # Leave before the banner, as a load balancer's TCP check or a scanner does: "fin" closes,
+    # "rst" resets. Drawn apart from the rest, so a seed's other sessions keep their shape.
+    leave_before_banner: str | None = None
 
 
 @dataclass
@@ -115,6 +124,8 @@ class Generator:
         if rng.random() < 0.1:
             session.hang_up_after = rng.randrange(len(session.groups))
         session.hang_up_after_dot = rng.random() < 0.05
+        early = random.Random(f"{self.seed}:{number}:banner").random()
+        session.leave_before_banner = "fin" if early < 0.05 else "rst" if early < 0.1 else None
         return session
 
     def _greeting(self, rng: random.Random) -> bytes:
@@ -204,6 +215,10 @@ class Driver:
     async def one(self, session: Session) -> Findings:
         findings = Findings(sessions=1)
         reader, writer = await asyncio.open_connection(*self.address)
+        if session.leave_before_banner is not None:
+            await _leave(writer, reset=session.leave_before_banner == "rst")
+            findings.refused |= set(session.tokens.values())  # never sent: never to arrive
+            return findings
         try:
             await self._converse(session, reader, writer, findings)
         except TimeoutError:
@@ -285,6 +300,33 @@ class Driver:
                 return  # as above
             if slow:
                 await asyncio.sleep(0.001)
+
+
+async def _leave(writer: asyncio.StreamWriter, *, reset: bool) -> None:
+    if reset:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # linger 0: close() resets the connection
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+_KEPT_OPEN: Final = {"01", "08"}  # /proc/net/tcp states: ESTABLISHED, CLOSE_WAIT
+
+
+def open_connections(port: int) -> int:
+    """Connections to `port` that its server has not closed (established, or half closed by the
+    client and kept so: the leak of a session that ended without closing its connection)."""
+    count = 0
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():
+            continue
+        for row in table.read_text().splitlines()[1:]:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in _KEPT_OPEN:
+                count += 1
+    return count
 
 
 def tokens_in(data: bytes) -> list[str]:
