@@ -184,7 +184,7 @@ async def test_a_lost_data_reply_is_a_reset_after_the_message_was_stored() -> No
 
 
 def test_a_lost_data_reply_is_a_reset_on_uvloop_too() -> None:
-    """The relay fuzzer and the drills run the sink on uvloop, whose transports are not
+    """The relay fuzzer and the benchmarks run the sink on uvloop, whose transports are not
     asyncio.Transport subclasses: the drop once only skipped the reply there, leaving a
     session a reply behind that no TCP relay can produce."""
     kind, stored, dropped = uvloop.run(_lost_data_reply())

@@ -394,7 +394,7 @@ class Sink:
         tasks = [p.session_task for p in self._protocols if p.session_task is not None]
         for protocol in list(self._protocols):
             if protocol.transport is not None:  # not isinstance: uvloop's are no subclasses
-                # At once, like a relay that crashed: no FIN handshake.
+                # At once, like a relay that crashed: what it still had to write is dropped.
                 cast(asyncio.WriteTransport, protocol.transport).abort()
         for task in tasks:
             task.cancel()
