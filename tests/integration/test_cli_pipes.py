@@ -30,12 +30,22 @@ async def test_a_node_ignores_sigpipe_so_a_gone_peer_cannot_kill_it() -> None:
         assert (await send(node.smtp)).code == 250
 
 
-def test_output_into_a_closed_pipe_ends_quietly_with_the_sigpipe_status() -> None:
+@pytest.mark.parametrize(
+    "args",
+    [["drill", "--list"], ["dead", "list"]],
+    ids=["local", "cluster"],
+)
+def test_output_into_a_closed_pipe_ends_quietly_with_the_sigpipe_status(
+    args: list[str], redis_url: str
+) -> None:
+    """Not blamed on Redis either, for the commands that talk to it."""
+    if args != ["drill", "--list"]:
+        args = [*args, "--redis", redis_url]
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before we print a word, as with `| head -0`
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "smtpfleet", "drill", "--list"],
+            [sys.executable, "-m", "smtpfleet", *args],
             stdout=write_end,
             stderr=subprocess.PIPE,
             timeout=30,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,8 @@ async def test_status_queue_and_dead_letter_commands(
         assert status["relays"][0]["verdict"] == "up"
         assert status["queue"]["retry"] == 1
         assert status["queue"]["dead"] == 1
+        counts = {k: v for k, v in status["queue"].items() if k not in ("in_flight_by_node",)}
+        assert {k for k, v in counts.items() if type(v) is not int} == {"oldest_age_s"}
         # The Redis it sees: one server, a primary, its version, all four shards on it.
         server_info = redis.Redis.from_url(redis_url).info("server")
         version = server_info.get("valkey_version") or server_info["redis_version"]
@@ -182,6 +187,64 @@ async def test_errors_are_one_line_never_a_traceback(tmp_path: Path) -> None:
         assert out == ""
         assert "Traceback" not in err
         assert err.startswith("smtpfleet: ")
+
+
+@pytest.mark.parametrize(
+    "args", [["status"], ["queue", "list"], ["queue", "list", "--state", "in_flight"]]
+)
+async def test_a_redis_without_our_queue_is_told_and_left_unwritten(
+    args: list[str], redis_url: str, redis_client: redis.Redis, prefix: str
+) -> None:
+    """The wrong Redis, database or prefix: said in one line, and no consumer groups made."""
+    code, out, err = await _raw_with_prefix(prefix, *args, "--redis", redis_url)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"smtpfleet: no smtpfleet queue under prefix '{prefix}' here"), err
+    assert err.count("\n") == 1
+    assert redis_client.keys(f"*{prefix}*") == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dead", "list", "--limit", "0"],
+        ["queue", "list", "--limit", "99999999999999999999"],
+        ["serve", "--workers", "²"],
+    ],
+)
+async def test_bad_numbers_are_usage_errors(args: list[str]) -> None:
+    code, out, err = await run_cli(*args, "--redis", "redis://127.0.0.1:1/0")
+    assert (code, out) == (2, "")
+    assert "error: argument" in err
+    assert "expected" in err  # ours, which says what a good value is
+
+
+async def test_an_empty_redis_url_is_refused_not_taken_for_the_default() -> None:
+    code, out, err = await run_cli("status", "--redis", "")
+    assert (code, out) == (2, "")
+    assert "redis.url" in err
+
+
+async def test_ctrl_c_ends_a_cluster_command_in_one_line() -> None:
+    """A Redis that never answers, and the operator gives up."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = silent.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "smtpfleet",
+            "status",
+            "--redis",
+            f"redis://127.0.0.1:{port}/0",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.sleep(2.0)  # imported and waiting for the PING's answer
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        silent.close()
+    assert (proc.returncode, out, err) == (130, b"", b"smtpfleet: interrupted\n")
 
 
 @pytest.mark.parametrize(

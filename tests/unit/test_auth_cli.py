@@ -21,7 +21,11 @@ def test_hash_prints_a_line_the_users_file_takes(
     assert Credentials.parse(out, "users").verify("alice", b"s3cret pass")
 
 
-@pytest.mark.parametrize(("user", "stdin"), [("a:b", "pw\n"), ("alice", "\n")])
+@pytest.mark.parametrize(
+    ("user", "stdin"),
+    [("a:b", "pw\n"), ("alice", "\n"), ("alice", b"\xff\xfe\n".decode("utf-8", "surrogateescape"))],
+    ids=["colon", "empty", "not-utf8"],  # the last as Python reads undecodable stdin
+)
 def test_a_bad_user_or_an_empty_password_is_refused(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], user: str, stdin: str
 ) -> None:

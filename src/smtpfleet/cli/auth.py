@@ -33,4 +33,8 @@ def _password() -> str:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     if not password:
         raise ConfigError("empty password")
+    try:
+        password.encode("utf-8")  # as AUTH reads it: bytes that are not UTF-8 never match
+    except UnicodeEncodeError:
+        raise ConfigError("the password is not UTF-8 text") from None
     return password

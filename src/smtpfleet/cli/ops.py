@@ -26,6 +26,7 @@ from smtpfleet.queue.topology import compact_ranges
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports it
 
 
 class OpsError(Exception):
@@ -36,7 +37,8 @@ class OpsError(Exception):
 
 def _config(args: argparse.Namespace) -> Config:
     # --redis as its variable would give it: validated with the rest, over the file.
-    environ = {**os.environ, "SMTPFLEET_REDIS__URL": args.redis} if args.redis else None
+    # An empty one (`--redis "$UNSET"`) is refused there, never taken for the default URL.
+    environ = {**os.environ, "SMTPFLEET_REDIS__URL": args.redis} if args.redis is not None else None
     return load_config(args.config, environ)
 
 
@@ -52,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     except OpsError as exc:
         print(f"smtpfleet: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:
+        print("smtpfleet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 async def _with_admin(config: Config, body: Callable[[Admin], Awaitable[int]]) -> int:
@@ -64,12 +69,20 @@ async def _with_admin(config: Config, body: Callable[[Admin], Awaitable[int]]) -
             raise OpsError(
                 f"cannot reach Redis at {url}: {exc.__class__.__name__}: {exc}"
             ) from None
+        admin = Admin(queue)
         try:
-            return await body(Admin(queue))
+            return await body(admin)
         except NotFound as exc:
             raise OpsError(str(exc), EXIT_FAILED) from None
+        except BrokenPipeError:
+            raise  # our reader went away (`| head`), not Redis: main() stops quietly
         except (ConnectionError, TimeoutError, OSError) as exc:
             raise OpsError(f"Redis at {url} went away: {exc}") from None
+        except Exception as exc:
+            refusal = admin.refusal(exc)
+            if refusal is None:
+                raise
+            raise OpsError(str(refusal), EXIT_FAILED) from None
     finally:
         await queue.close()
 
@@ -217,8 +230,6 @@ def _waiting_line(waiting: dict[str, int]) -> str:
 
 
 async def _queue_list(admin: Admin, args: argparse.Namespace, config: Config) -> int:
-    if args.limit < 1:
-        raise OpsError("--limit must be at least 1", EXIT_USAGE)
     entries = await admin.entries(args.state or STATES, args.limit)
     rows = [
         [

@@ -20,6 +20,7 @@ CONFIG_ENV = "SMTPFLEET_CONFIG"
 # Of a queued message (`queue list --state`): EntryState's values, spelled out here so the
 # parser imports nothing (a test checks they match).
 STATES = ("ready", "in_flight", "retry", "dead")
+MAX_LISTING = 100_000
 DESCRIPTION = (
     "The `smtpfleet` command. Errors are one line on stderr and an exit code, never a traceback."
 )
@@ -89,9 +90,18 @@ def _number(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()) or int(digits) < 1:  # "²" is a digit
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
-    return int(text)
+    return int(digits)
+
+
+def listing_limit(text: str) -> int:
+    """How many entries a listing shows: Redis takes a count up to 2**63, people far fewer."""
+    limit = positive_int(text)
+    if limit > MAX_LISTING:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_LISTING:,}, not {text!r}")
+    return limit
 
 
 def _serve(sub: Any) -> None:
@@ -144,7 +154,7 @@ def _ops(sub: Any) -> None:
     queue_sub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = queue_sub.add_parser("list", help="list queued messages, oldest first")
     listing.add_argument("--state", action="append", choices=STATES, help="repeatable")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=listing_limit, default=50)
     for name, text in (("show", "one message"), ("retry", "retry now"), ("delete", "delete")):
         action = queue_sub.add_parser(name, help=text)
         action.add_argument("qid")
@@ -153,10 +163,10 @@ def _ops(sub: Any) -> None:
 
     dead = sub.add_parser("dead", help="dead letters: list, requeue, purge")
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dead_list = dead_sub.add_parser("list")
-    dead_list.add_argument("--limit", type=int, default=50)
-    for name in ("requeue", "purge"):
-        action = dead_sub.add_parser(name)
+    dead_list = dead_sub.add_parser("list", help="list dead letters, oldest first")
+    dead_list.add_argument("--limit", type=listing_limit, default=50)
+    for name, text in (("requeue", "queue again for delivery"), ("purge", "delete for good")):
+        action = dead_sub.add_parser(name, help=text)
         group = action.add_mutually_exclusive_group(required=True)
         group.add_argument("qid", nargs="?")
         group.add_argument("--all", action="store_true")
@@ -165,14 +175,14 @@ def _ops(sub: Any) -> None:
 
     relay = sub.add_parser("relay", help="pause or resume a relay, cluster-wide")
     relay_sub = relay.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name in ("pause", "resume"):
-        action = relay_sub.add_parser(name)
+    for name, text in (("pause", "send it nothing new"), ("resume", "send to it again")):
+        action = relay_sub.add_parser(name, help=text)
         action.add_argument("name")
         _cluster_options(action)
 
     node = sub.add_parser("node", help="ask a node to drain and exit")
     node_sub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
-    drain = node_sub.add_parser("drain")
+    drain = node_sub.add_parser("drain", help="stop taking mail, finish deliveries, exit")
     drain.add_argument("id")
     _cluster_options(drain)
 

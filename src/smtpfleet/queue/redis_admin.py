@@ -6,13 +6,16 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from smtpfleet.cluster.drift import DriftReport, Fingerprint, drift_report
 from smtpfleet.cluster.liveness import live_nodes
 from smtpfleet.envelope import EntryState, QueuedMessage, now_ms, shard_of
+from smtpfleet.errors import QueueUnavailable
 from smtpfleet.health.state import cluster_verdict
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP
 from smtpfleet.queue.redis_cluster import ClusterStore
-from smtpfleet.queue.redis_queue import RedisQueue, text
+from smtpfleet.queue.redis_queue import RedisQueue, no_group, text
 from smtpfleet.queue.redis_topology import topology
 from smtpfleet.queue.topology import Topology
 from smtpfleet.relays.rules import WAITING_OUTCOME, WAITING_PREFIX
@@ -71,8 +74,7 @@ class Admin:
         verdict = cluster_verdict(relays, views, live)
         paused = await self.store.paused_relays()
         recent = await self._recent_outcomes(now)
-        stats = await self.queue.stats(now)
-        by_class = await self.queue.class_stats(now) if self.queue.classes.classes else {}
+        stats, by_class = await self._queue_figures(now)
         return {
             "nodes": [
                 self._node_row(n, members[n], info.get(n, {}), n in live, now) for n in members
@@ -92,9 +94,9 @@ class Admin:
                 for relay in relays
             ],
             "queue": {
-                **stats,
+                **_counts(stats),
                 "in_flight_by_node": await self._in_flight_by_node(),
-                **({"classes": by_class} if by_class else {}),
+                **({"classes": {k: _counts(v) for k, v in by_class.items()}} if by_class else {}),
             },
             "config": self._config_drift(info, live).as_dict(),
             "waiting_for_route": {
@@ -140,6 +142,35 @@ class Admin:
                 bucket = out.setdefault(relay, {})
                 bucket[outcome] = bucket.get(outcome, 0) + int(count)
         return out
+
+    async def _queue_figures(
+        self, now: int
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        try:
+            stats = await self.queue.stats(now, repair=False)
+            if not self.queue.classes.classes:
+                return stats, {}
+            return stats, await self.queue.class_stats(now, repair=False)
+        except QueueUnavailable as exc:
+            if not no_group(exc):
+                raise
+        # Not made here: a status must not write, and this may be the wrong Redis or prefix.
+        raise self._no_queue_here()
+
+    def refusal(self, exc: BaseException) -> NotFound | None:
+        """What an error answer of Redis means to an operator; None if `exc` is not one."""
+        if no_group(exc):
+            return self._no_queue_here()
+        if isinstance(exc, ResponseError):
+            return NotFound(f"Redis refused: {exc}")
+        return None
+
+    def _no_queue_here(self) -> NotFound:
+        return NotFound(
+            f"no smtpfleet queue under prefix {self.keys.prefix!r} here (no consumer groups):"
+            " no node has started against this Redis, or the prefix or database is not the"
+            " cluster's"
+        )
 
     async def _in_flight_by_node(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -366,3 +397,8 @@ def _entry(message: QueuedMessage, state: EntryState, now: int) -> Entry:
         age_s=round((now - message.accepted_ms) / 1000, 1),
         last_errors=dict(message.last_errors),
     )
+
+
+def _counts(figures: dict[str, float]) -> dict[str, Any]:
+    """Entries are counted in whole numbers (the queue keeps gauges' floats); ages stay floats."""
+    return {k: v if k.endswith("_s") else int(v) for k, v in figures.items()}

@@ -667,9 +667,13 @@ class RedisQueue:
 
     # -- views for tools and tests ------------------------------------------------------------
 
-    async def stats(self, now: int) -> dict[str, float]:
-        """Cluster-wide queue figures: ready, in flight, retrying, dead, oldest entry age."""
-        by_class, dead = await self._collect(now)
+    async def stats(self, now: int, *, repair: bool = True) -> dict[str, float]:
+        """Cluster-wide queue figures: ready, in flight, retrying, dead, oldest entry age.
+
+        `repair=False` (the operator's tools): a Redis without our consumer groups raises
+        (`no_group`) instead of getting them, since it may be the wrong Redis or prefix.
+        """
+        by_class, dead = await self._collect(now, repair)
         totals = {str(state): 0.0 for state in EntryState}
         for figures in by_class.values():
             for state in (EntryState.READY, EntryState.IN_FLIGHT, EntryState.RETRY):
@@ -679,12 +683,14 @@ class RedisQueue:
         totals["oldest_age_s"] = max(ages, default=0.0)
         return totals
 
-    async def class_stats(self, now: int) -> dict[str, dict[str, float]]:
+    async def class_stats(self, now: int, *, repair: bool = True) -> dict[str, dict[str, float]]:
         """The same figures per traffic class (by name, highest priority first); dead letters
         are one stream per shard for every class, so they are counted only in `stats`."""
-        return (await self._collect(now))[0]
+        return (await self._collect(now, repair))[0]
 
-    async def _collect(self, now: int) -> tuple[dict[str, dict[str, float]], int]:
+    async def _collect(self, now: int, repair: bool) -> tuple[dict[str, dict[str, float]], int]:
+        if not repair:
+            return await guarded(lambda: self._collect_once(now))
         return await self._regrouped(lambda: self._collect_once(now))
 
     async def _collect_once(self, now: int) -> tuple[dict[str, dict[str, float]], int]:
