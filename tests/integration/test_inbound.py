@@ -782,3 +782,36 @@ async def test_a_multi_line_reply_leaves_in_one_write(
     assert "\r\n250 " in reply
     [ehlo] = [data for data in writes if data.startswith(b"250-")]
     assert ehlo.decode() == reply
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.2], ids=["queue-quick", "queue-slow"])
+async def test_a_client_that_closes_its_side_after_pipelining_gets_every_reply(
+    delay_s: float,
+) -> None:
+    """`printf ... | nc -N`: every command sent before the end is answered, QUIT's 221 too.
+    With a slow queue the end arrives while the first message is being queued."""
+    spool = MemorySpool(delay_s=delay_s)
+    async with running(spool) as h:
+        client = await h.connect()
+        transaction = b"MAIL FROM:<s@example.com>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+        client.send(transaction + MESSAGE + transaction + MESSAGE + b"QUIT\r\n")
+        client.writer.write_eof()
+        said = (await asyncio.wait_for(client.reader.read(), WAIT_S)).decode()
+        codes = [line[:3] for line in said.splitlines()]
+        assert codes == ["250", "250", "354", "250"] * 2 + ["221"], said
+        assert len(spool.messages) == 2
+        await eventually(lambda: h.server.active_sessions == 0, timeout_s=WAIT_S)
+
+
+async def test_a_message_cut_off_by_the_clients_end_is_not_queued(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await h.connect()
+    await client.start_transaction()
+    client.send(b"Subject: cut\r\n\r\nno final dot\r\n")
+    client.writer.write_eof()
+    assert await client.closed()
+    await eventually(lambda: h.server.active_sessions == 0, timeout_s=WAIT_S)
+    assert not h.spool.messages
+    assert h.spool.started == 0
+    assert not [r for r in caplog.records if r.levelno >= 40], "a client's end is not an error"

@@ -164,6 +164,10 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         log.debug("session ended: %r", task.exception())
 
 
+class _InputEnded(BaseException):
+    """Leaves aiosmtpd's command loop, which catches every Exception, once the input ended."""
+
+
 class InboundSMTP(SMTP):
     """One SMTP session. Overrides private aiosmtpd 1.4.6 methods, noted where done."""
 
@@ -183,6 +187,7 @@ class InboundSMTP(SMTP):
         self._greeted = False  # the 220 banner went out
         self._client: tuple[str, int] | None = None  # the client a PROXY header named
         self._lost = False  # connection_lost ran
+        self._input_ended = False  # the client closed its side after the banner
         self._refusal: str | None = None
         self._busy = False  # a command is being handled
         self._reading_data = False  # between DATA and the final dot
@@ -277,14 +282,35 @@ class InboundSMTP(SMTP):
         if self._closing and self.transport is not None:
             self.transport.close()  # the client read our last word and left: done lingering
             return False
-        # aiosmtpd cancels the session's task here and keeps the connection half open, which
-        # its task closes only when cancelled inside the command loop. A client gone before
-        # the banner (a load balancer's TCP check, a scanner) cancels it earlier, while its
-        # place is counted or the banner goes: nothing closed that connection, and each such
-        # check kept a descriptor, a session and the client's cluster-wide place for good.
-        # Nothing is read after end-of-file anyway: close (asyncio flushes what we wrote).
+        if self._greeted and self.session is not None and self.session.ssl is None:
+            # A client may send its last commands, QUIT the last, and close its side at once
+            # (`printf ... | nc -N`, a script's pipe): each is answered, as Postfix does. The
+            # command loop reads to the end of the input, then closes (`handle_exception`).
+            # aiosmtpd cancelled the session instead: a message whose final dot had arrived
+            # was queued with its 250 never sent, and the messages behind it were dropped.
+            self._input_ended = True
+            return asyncio.StreamReaderProtocol.eof_received(self)  # keeps our side open
+        # Before the banner (a load balancer's TCP check, a scanner), or under TLS (asyncio
+        # closes a TLS connection at end-of-file): aiosmtpd cancels the session's task and
+        # keeps the connection half open, which its task closes only when cancelled inside
+        # the command loop. Nothing closed a connection cancelled before the banner, while
+        # its place was counted or the banner went: each such check kept a descriptor, a
+        # session and the client's cluster-wide place for good. So close it here (asyncio
+        # flushes what we wrote).
         super().eof_received()
         return False
+
+    async def handle_exception(self, error: Exception) -> str:
+        if self._input_ended and isinstance(error, asyncio.IncompleteReadError):
+            # The client's input ended; whatever it sent in full has been answered. A command
+            # or a message cut off by the end is not: a message without its final dot is not
+            # queued. aiosmtpd's loop would read the end again and again, so leave it.
+            log.info("%r closed its side; session ended", self._peer())
+            self._closing = True  # nothing more is said, not even aiosmtpd's reply to this
+            if self.transport is not None:
+                self.transport.close()
+            raise _InputEnded
+        return await super().handle_exception(error)
 
     async def _handle_client(self) -> None:  # private in aiosmtpd: the session's main loop
         if self.transport is None or self.transport.is_closing():
@@ -300,7 +326,8 @@ class InboundSMTP(SMTP):
                 await self.push(refusal)
             return
         self._greeted = True
-        await super()._handle_client()
+        with contextlib.suppress(_InputEnded):
+            await super()._handle_client()
 
     def _close_before_greeting(self) -> None:
         if self._original_transport is None:
