@@ -11,6 +11,10 @@ the group, so a refused MAIL is followed by refused RCPTs and DATA, and a DATA w
 recipient is answered 503/554 (§3.1: "the server ... must reject the DATA"). Consuming them all
 keeps the next command's reply paired with its command.
 
+MAIL carries BODY=8BITMIME and SIZE as the session's relay offers them (relays/mail_params.py):
+an envelope keeps its MAIL line bare and the facts of its message, and takes the parameters
+of the session it is written on, which for a carried envelope is the carrier's.
+
 Across messages: the body may carry the next message's envelope (RFC 2920 §3.1: "the actual
 transfer of message content is explicitly allowed to be the first 'command' in a group").
 The transaction that wrote it reads those replies too, right after its own final reply: a
@@ -41,9 +45,12 @@ from smtpfleet.delivery.classify import (
     unsendable,
 )
 from smtpfleet.inbound.syntax import PLAIN_MAILBOX
+from smtpfleet.relays import mail_params
+from smtpfleet.relays.mail_params import NO_EXTENSIONS, Extensions
 
 START_INPUT = 354  # RFC 5321 §4.2: "Start mail input"
 BAD_SEQUENCE = 503  # RFC 5321 §4.2: "Bad sequence of commands" (RCPT after a refused MAIL)
+CRLF = b"\r\n"
 
 
 def can_pipeline(smtp: object) -> bool:
@@ -67,16 +74,19 @@ class ReplyTimedOut(aiosmtplib.SMTPReadTimeoutError, PossiblyStored):
 
 @dataclass(frozen=True)
 class Envelope:
-    """The command lines of one transaction; addresses our client refuses are left out."""
+    """The command lines of one transaction; addresses our client refuses are left out.
+    `mail` has neither parameters nor line end: those depend on the session (`wire`)."""
 
     mail: bytes
     rcpts: list[tuple[str, bytes]]
     unsendable: dict[str, Verdict]
+    content: mail_params.Content
 
 
-def envelope(sender: str, recipients: Sequence[str]) -> Envelope:
-    """Raises ValueError for a sender our client will not put on a command line (as MAIL does)."""
-    mail = _line(b"MAIL FROM:", sender)
+def envelope(sender: str, recipients: Sequence[str], data: bytes = b"") -> Envelope:
+    """`data`: the message, whose size and 8-bit bytes MAIL declares to a relay that asks.
+    Raises ValueError for a sender our client will not put on a command line (as MAIL does)."""
+    mail = _line(b"MAIL FROM:", sender, end=b"")
     rcpts: list[tuple[str, bytes]] = []
     refused: dict[str, Verdict] = {}
     for recipient in recipients:
@@ -84,20 +94,20 @@ def envelope(sender: str, recipients: Sequence[str]) -> Envelope:
             rcpts.append((recipient, _line(b"RCPT TO:", recipient)))
         except ValueError:
             refused[recipient] = unsendable(recipient, sender=False)
-    return Envelope(mail, rcpts, refused)
+    return Envelope(mail, rcpts, refused, mail_params.content(data))
 
 
-def _line(verb: bytes, address: str) -> bytes:
+def _line(verb: bytes, address: str, end: bytes = CRLF) -> bytes:
     # What aiosmtplib's mail()/rcpt() send: the quoted address, ASCII, no control characters
     # (UnicodeEncodeError is a ValueError, as there).
     # A plain `local@domain`, what almost every address is, comes back from aiosmtplib's
     # quoting unchanged; its parser (the `email` package's) costs 19 µs an address.
     if PLAIN_MAILBOX.fullmatch(address):
-        return b"%s<%s>\r\n" % (verb, address.encode("ascii"))
+        return b"%s<%s>%s" % (verb, address.encode("ascii"), end)
     argument = quote_address(address).encode("ascii")
     if COMMAND_INJECTION_REGEX.search(argument):
         raise ValueError("address contains a prohibited control character")
-    return verb + argument + b"\r\n"
+    return verb + argument + end
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,10 @@ class Exchange:
 Successor = Callable[[], "Envelope | None"]
 
 
-def wire(env: Envelope) -> bytes:
-    return b"".join([env.mail, *(line for _, line in env.rcpts), b"DATA\r\n"])
+def wire(env: Envelope, relay: Extensions = NO_EXTENSIONS) -> bytes:
+    """The envelope's group as written on a session whose relay offered `relay`."""
+    mail = env.mail + mail_params.params(relay, env.content) + CRLF
+    return b"".join([mail, *(line for _, line in env.rcpts), b"DATA\r\n"])
 
 
 async def transaction(
@@ -140,17 +152,22 @@ async def transaction(
     *,
     replies: EnvelopeReplies | None = None,
     successor: Successor | None = None,
+    extensions: Extensions = NO_EXTENSIONS,
 ) -> Exchange:
     """One message. `replies`: its envelope already went, with the previous message's body,
-    and these are the relay's answers. Connection trouble raises, as aiosmtplib's commands
-    do, unless it comes after this message's final reply (then `Exchange.replies` is None)."""
+    and these are the relay's answers. `extensions`: what the session's relay offered, for
+    the MAIL parameters of this envelope and of a successor's. Connection trouble raises, as
+    aiosmtplib's commands do, unless it comes after this message's final reply (then
+    `Exchange.replies` is None)."""
     protocol = smtp.protocol
     lock = protocol._command_lock if protocol is not None else None
     if protocol is None or lock is None:
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
     try:
         async with lock:
-            exchange = await _exchange(protocol, env, data, timeout_s, replies, successor)
+            exchange = await _exchange(
+                protocol, env, data, timeout_s, replies, successor, extensions
+            )
     except (aiosmtplib.SMTPServerDisconnected, TimeoutError):
         # A lost reply leaves the session out of step: close it, as aiosmtplib does.
         smtp.close()
@@ -167,9 +184,10 @@ async def _exchange(
     timeout_s: float,
     replies: EnvelopeReplies | None,
     successor: Successor | None,
+    extensions: Extensions,
 ) -> Exchange:
     if replies is None:
-        _write(protocol, wire(env))
+        _write(protocol, wire(env, extensions))
         replies = await read_replies(protocol, env, timeout_s)
     verdicts, accepted = judge(env, replies)
     if replies.go_ahead.code != START_INPUT:
@@ -181,7 +199,7 @@ async def _exchange(
     # 354 with no recipient accepted (a server that ignores §3.1): end the message at once.
     body = _body(data) if accepted else b".\r\n"
     following = successor() if accepted and successor is not None else None
-    _write(protocol, body + wire(following) if following is not None else body)
+    _write(protocol, body + wire(following, extensions) if following is not None else body)
     try:
         final = await _reply(protocol, timeout_s)
     except aiosmtplib.SMTPServerDisconnected as lost:

@@ -5,7 +5,8 @@ with a semaphore, and across the cluster with connection leases and a per-second
 budget in Redis (`SharedLimits`), so a whole cluster draining a backlog after an outage does
 not flood a relay. A message is sent as MAIL, one RCPT per recipient, DATA: every recipient
 gets its own verdict. Relays that advertise PIPELINING get the envelope in one write
-(relays/pipelining.py); the others get it step by step.
+(relays/pipelining.py); the others get it step by step. Either way MAIL declares BODY=8BITMIME
+and SIZE as the session's relay offers them (relays/mail_params.py).
 
 When a message waits for a session (every one of the relay's connections busy), the message
 on a session about to send its body carries the waiter's envelope in the same write and hands
@@ -23,7 +24,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -43,7 +44,7 @@ from smtpfleet.delivery.classify import (
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import LimitsUnavailable
 from smtpfleet.queue.keys import lease_member
-from smtpfleet.relays import pipelining
+from smtpfleet.relays import mail_params, pipelining
 from smtpfleet.relays.gate import Hold, PriorityGate
 from smtpfleet.replies import CLOSING_CODE
 
@@ -88,7 +89,9 @@ class SmtpSession(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
-    async def mail(self, sender: str) -> aiosmtplib.SMTPResponse: ...
+    async def mail(
+        self, sender: str, /, *, options: Iterable[str] | None = None
+    ) -> aiosmtplib.SMTPResponse: ...
 
     async def rcpt(self, recipient: str) -> aiosmtplib.SMTPResponse: ...
 
@@ -110,6 +113,8 @@ class _Session:
     lease: str | None
     messages: int = 0
     last_used: float = 0.0
+    # What its relay's EHLO offered for MAIL's parameters: read once, before its first MAIL.
+    extensions: mail_params.Extensions | None = None
 
 
 Handed = tuple[_Session, pipelining.EnvelopeReplies]
@@ -230,7 +235,7 @@ class RelayClient:
     ) -> dict[str, Verdict]:
         """Per-recipient verdicts. Never raises for relay trouble: that is a verdict too.
         `priority`: the message's traffic class rank (0 first) at the relay's limits."""
-        envelope = _envelope(sender, recipients)
+        envelope = _envelope(sender, recipients, data)
         baton = _Baton(envelope) if self._chains and envelope and envelope.rcpts else None
         try:
             async with self._slots.held(priority, baton) as hold:
@@ -589,19 +594,14 @@ class RelayClient:
         if isinstance(smtp, aiosmtplib.SMTP) and smtp.is_ehlo_or_helo_needed:
             await smtp._ehlo_or_helo_if_needed()  # the relay's extensions, before the first MAIL
         if replies is not None or pipelining.can_pipeline(smtp):
-            env = envelope if envelope is not None else _envelope(sender, recipients)
+            env = envelope if envelope is not None else _envelope(sender, recipients, data)
             return await self._pipelined(session, sender, recipients, data, env, replies, handoff)
+        content = envelope.content if envelope is not None else mail_params.content(data)
+        options = mail_params.options(_offered(session), content)
+        refused = await _mail(smtp, sender, recipients, options)
+        if refused is not None:
+            return refused
         verdicts: dict[str, Verdict] = {}
-        try:
-            await smtp.mail(sender)
-        except aiosmtplib.SMTPResponseException as exc:
-            if not positive(exc.code):  # aiosmtplib raises for any but 250
-                await _reset(smtp)
-                return dict.fromkeys(recipients, classify_exception(exc))
-        except ValueError:
-            # aiosmtplib refuses addresses that could inject into the command line, before
-            # writing anything: the session is untouched and stays in the pool.
-            return dict.fromkeys(recipients, unsendable(sender, sender=True))
         accepted = await _recipients(smtp, recipients, verdicts)
         if not accepted:
             await _reset(smtp)
@@ -647,6 +647,7 @@ class RelayClient:
             self._config.command_timeout_s,
             replies=replies,
             successor=handoff,
+            extensions=_offered(session),
         )
         if exchange.sent:
             session.messages += 1
@@ -660,12 +661,43 @@ class RelayClient:
         return exchange.verdicts
 
 
-def _envelope(sender: str, recipients: Sequence[str]) -> pipelining.Envelope | None:
+def _envelope(sender: str, recipients: Sequence[str], data: bytes) -> pipelining.Envelope | None:
     """The command lines of a message; None for a sender our client will not send."""
     try:
-        return pipelining.envelope(sender, recipients)
+        return pipelining.envelope(sender, recipients, data)
     except ValueError:
         return None
+
+
+def _offered(session: _Session) -> mail_params.Extensions:
+    """What the session's relay offered for MAIL's parameters, read from its EHLO reply once
+    (a session's extensions do not change); a scripted session (tests) offers nothing."""
+    if session.extensions is None:
+        smtp = session.smtp
+        session.extensions = (
+            mail_params.extensions(smtp.esmtp_extensions)
+            if isinstance(smtp, aiosmtplib.SMTP)
+            else mail_params.NO_EXTENSIONS
+        )
+    return session.extensions
+
+
+async def _mail(
+    smtp: SmtpSession, sender: str, recipients: Sequence[str], options: list[str]
+) -> dict[str, Verdict] | None:
+    """MAIL step by step: every recipient's verdict when it was refused, else None."""
+    try:
+        # Without options when there are none: the scripted sessions of tests take a sender only.
+        await (smtp.mail(sender, options=options) if options else smtp.mail(sender))
+    except aiosmtplib.SMTPResponseException as exc:
+        if not positive(exc.code):  # aiosmtplib raises for any but 250
+            await _reset(smtp)
+            return dict.fromkeys(recipients, classify_exception(exc))
+    except ValueError:
+        # aiosmtplib refuses addresses that could inject into the command line, before
+        # writing anything: the session is untouched and stays in the pool.
+        return dict.fromkeys(recipients, unsendable(sender, sender=True))
+    return None
 
 
 async def _recipients(
