@@ -62,7 +62,10 @@ class Node:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.queue = RedisQueue(
-            config.redis, config.queue, observe_batch=self.metrics.observe_batch
+            config.redis,
+            config.queue,
+            observe_batch=self.metrics.observe_batch,
+            accept_timeout_s=config.inbound.accept_timeout_s,
         )
         self.store = ClusterStore(self.queue)
         self._relays = RelayPool(

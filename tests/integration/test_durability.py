@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -213,3 +215,42 @@ async def test_a_resend_adopts_an_unconfirmed_copy_and_its_late_tombstone_spares
         assert (await queue.load_body(shard, first.qid)).data is not None
     finally:
         await queue.close()
+
+
+async def test_an_accept_answered_451_while_redis_stalled_is_not_applied_when_it_resumes(
+    sink: Sink,
+) -> None:
+    """RFC 5321 §4.2.5 when Redis stalls rather than goes away (a stopped process, a frozen VM):
+    the accept's script waits in its socket, the node answers 451, and no tombstone can land.
+    When Redis resumes the script runs, after the 451: without its own deadline the copy was
+    delivered, and a second one once the sender retried."""
+    with RedisServer() as server:
+        overrides = {
+            "inbound": {"accept_timeout_s": 1.0},
+            "redis": {"socket_timeout_s": 0.5},
+        }
+        async with running_node(node_config(server.url, [sink.address], overrides)) as node:
+            address = node.inbound.addresses[0]
+            assert (await send(address)).code == 250  # Redis's clock is learnt from accepts
+            await eventually(lambda: sink.count == 1)
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                reply = await send(address, data=b"Subject: stalled\r\n\r\nlate\r\n")
+                answered_s = time.monotonic() - started
+                await asyncio.sleep(0.5)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert reply.code == 451
+            assert answered_s < 4.0
+            client, keys = node.queue.client, node.queue.keys
+
+            async def entries_added() -> int:
+                streams = [await client.xinfo_stream(keys.stream(s)) for s in keys.all_shards()]
+                return sum(info["entries-added"] for info in streams)
+
+            await eventually(lambda: node.not_ready_reason() is None, timeout_s=15)
+            await asyncio.sleep(1.0)  # time for a late write to be delivered
+            assert await entries_added() == 1
+            assert sink.count == 1

@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
+from smtpfleet.deadlines import TICK_S
 from smtpfleet.delivery.outcome import Finish
 from smtpfleet.envelope import (
     EnqueueResult,
@@ -37,6 +39,7 @@ from smtpfleet.queue.classes import TrafficClasses
 from smtpfleet.queue.connection import RedisClient, RedisConnection, connect
 from smtpfleet.queue.deliveries import Body, Delivery, LocalReader
 from smtpfleet.queue.keys import ENTRY_FIELD, GROUP, Keys
+from smtpfleet.queue.late_writes import SLACK_MS, RedisClock
 from smtpfleet.queue.local_accepts import LocalAccepts
 from smtpfleet.queue.replica_watch import ReplicaWatch
 from smtpfleet.queue.routes import Observers, Route, SingleRoutes, is_redirect
@@ -70,6 +73,11 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
     return result
 
 
+def _may_have_landed(exc: QueueUnavailable) -> bool:
+    """The write went out and no answer came (a timeout), rather than never leaving."""
+    return isinstance(exc.__cause__, TimeoutError | RedisTimeoutError)
+
+
 def no_group(exc: BaseException) -> bool:
     """Redis answered that the stream or its consumer group does not exist (NOGROUP); `exc`
     is that answer, or the QueueUnavailable made of it."""
@@ -100,7 +108,10 @@ class RedisQueue:
         queue_config: QueueConfig,
         *,
         observe_batch: Callable[[str], BatchObserver] | None = None,
+        accept_timeout_s: float | None = None,
     ) -> None:
+        """`accept_timeout_s`: when the accept path answers 451 to a write not done by then
+        (`inbound.accept_timeout_s`); a write that reaches Redis later is not applied."""
         self.classes = TrafficClasses.from_config(queue_config)
         self.keys = Keys(redis_config.prefix, redis_config.shards, self.classes.lanes)
         self._queue = queue_config
@@ -123,6 +134,11 @@ class RedisQueue:
         self._rotation = itertools.count()
         self._per_shard_high_water = max(1, -(-queue_config.high_water // redis_config.shards))
         self._local = LocalAccepts()
+        self._clock = RedisClock()
+        # The accept path's own deadline fires up to a tick late (deadlines.py).
+        self._accept_budget_ms = (
+            None if accept_timeout_s is None else int((accept_timeout_s + TICK_S) * 1000)
+        )
         self._reader: LocalReader | None = None
 
     def hand_over_to(self, reader: LocalReader) -> None:
@@ -308,12 +324,14 @@ class RedisQueue:
         )
         held = self._local.begin(message.qid, message.data)
         confirmed = False
+        deadline = self._deadline(entry.accepted_ms)
         try:
-            result = await self._enqueue_durably(shard, message, entry)
+            result = await self._enqueue_durably(shard, message, entry, deadline)
             confirmed = not result.duplicate  # a duplicate wrote no entry of this qid
             return result
-        except QueueUnavailable:
-            await self._cancel_quietly(shard, message)
+        except QueueUnavailable as exc:
+            if not await self._cancel_quietly(shard, message) and _may_have_landed(exc):
+                await self._cancel_until(shard, message, entry.accepted_ms, deadline)
             raise
         except asyncio.CancelledError:
             # The accept deadline passed mid-write: the write may have landed (RFC 5321 4.2.5).
@@ -323,19 +341,46 @@ class RedisQueue:
             if held:
                 self._local.settle(message.qid, confirmed)
 
+    def _deadline(self, began_ms: int) -> int | None:
+        """Past this (Redis's clock) the accept begun at `began_ms` was answered 451."""
+        if self._accept_budget_ms is None:
+            return None
+        return self._clock.deadline(began_ms + self._accept_budget_ms)
+
+    async def _cancel_until(
+        self, shard: int, message: NewMessage, began_ms: int, deadline: int | None
+    ) -> None:
+        """A write that may still be in a stalled Redis's socket, and no tombstone behind it:
+        the 451 waits until the write, should it run, refuses itself, and tries the tombstone
+        meanwhile in case Redis resumes first. The accept path's own deadline usually ends
+        this wait, at about the same moment."""
+        if deadline is None or self._accept_budget_ms is None:
+            return  # no deadline known yet: the tombstone was the only guard
+        while (left_ms := began_ms + self._accept_budget_ms + SLACK_MS - now_ms()) > 0:
+            timeout_s = min(left_ms / 1000, 0.5)
+            if await self._cancel_quietly(shard, message, timeout_s=timeout_s, warn=False):
+                return
+            await asyncio.sleep(0.1)  # a refused connection fails at once
+
     async def _enqueue_durably(
-        self, shard: int, message: NewMessage, entry: QueuedMessage
+        self, shard: int, message: NewMessage, entry: QueuedMessage, deadline: int | None
     ) -> EnqueueResult:
         """The script and, batched with other accepts, one WAIT/WAITAOF: one round trip."""
         mode = self._queue.durability
         keys = self._enqueue_keys(shard, message, entry.traffic_class)
         args = self._enqueue_args(message, entry, confirmed=mode is Durability.SERVER)
+        args.append("" if deadline is None else deadline)
         confirm = mode is not Durability.SERVER
         results = await guarded(
             lambda: self._script(shard, self._enqueue, keys, args, accept=True, confirm=confirm)
         )
         reply = results[0]
         outcome = [text(part) for part in reply[:3]]
+        if outcome[0] == "late":
+            self._clock.restart(entry.accepted_ms, int(outcome[1]))
+            raise QueueUnavailable("the write reached Redis after its accept's deadline")
+        if outcome[0] == "ok":
+            self._clock.observe(entry.accepted_ms, int(outcome[1].partition("-")[0]))
         if len(outcome) == 3:  # the accept read an entry for our worker
             read = entry if len(reply) == 3 else QueuedMessage.decode(reply[3])
             self._hand_over(Delivery(shard, outcome[2], read, entry.traffic_class))
@@ -410,7 +455,9 @@ class RedisQueue:
             self._reader_for(entry.traffic_class),
         ]
 
-    async def _cancel_quietly(self, shard: int, message: NewMessage) -> None:
+    async def _cancel_quietly(
+        self, shard: int, message: NewMessage, timeout_s: float = 2.0, *, warn: bool = True
+    ) -> bool:
         keys = [
             self.keys.body(shard, message.qid),
             self.keys.dedupe(shard, message.fingerprint or "-"),
@@ -419,9 +466,12 @@ class RedisQueue:
             # Through the accept batcher: it sends batches in order, so the tombstone cannot
             # overtake an enqueue still in flight.
             call = self._script(shard, self._cancel, keys, [message.qid], accept=True)
-            await asyncio.wait_for(call, timeout=2.0)
-        except Exception:  # Redis is away: the worker's durability gate covers this case
-            log.warning("could not tombstone %s after a failed accept", message.qid)
+            await asyncio.wait_for(call, timeout=timeout_s)
+        except Exception:  # Redis is away: the write's own deadline covers this case
+            if warn:
+                log.warning("could not tombstone %s after a failed accept", message.qid)
+            return False
+        return True
 
     # -- delivery side ----------------------------------------------------------------------
 

@@ -6,14 +6,21 @@ from typing import Final
 
 # KEYS: stream, body, retry, dedupe, then (stream, retry) of each other traffic class of the
 # shard: the high-water mark bounds the shard's whole queue, whatever the classes.
-# ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok, group, consumer
+# ARGV: qid, entry, data, dedupe_ttl_ms, high_water, ok, group, consumer, deadline_ms
 # Returns {"ok", stream_id} | {"ok", stream_id, read_id[, read_entry]} | {"dup", original_qid}
-# | {"full"}. With a consumer, the accepting process reads the stream's next new entry for
+# | {"full"} | {"late", now_ms}: past its deadline (Redis's clock; "" for none) the accept was
+# answered 451 already, so the script does nothing (queue/late_writes.py).
+# With a consumer, the accepting process reads the stream's next new entry for
 # itself in the same step (its own, unless older ones wait unread): its worker holds that body
 # in memory and knows when it is confirmed, where another process would load the body and poll
 # for the confirmation mark. A blocked reader is only served once the script is done. The
 # entry comes back only when it is an older one: the caller has its own.
 ENQUEUE: Final = """
+if ARGV[9] ~= '' then
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  if now > tonumber(ARGV[9]) then return {'late', tostring(now)} end
+end
 local dedupe = tonumber(ARGV[4]) > 0
 if dedupe then
   local original = redis.call('GET', KEYS[4])
