@@ -43,15 +43,27 @@ def shard_of(qid: str) -> int:
 
 
 def dedupe_fingerprint(
-    message_id: str | None, sender: str, recipients: tuple[str, ...]
+    message_id: str | None, sender: str, recipients: tuple[str, ...], *, content: bytes
 ) -> str | None:
-    """RFC 1047: the same Message-ID from the same sender to the same recipients is one message."""
+    """RFC 1047: the same message (Message-ID and content, as the client sent them) from the
+    same sender to the same recipients is one message: a resend after a lost reply.
+
+    The content counts because applications reuse a Message-ID for different messages (an
+    alert's fixed id), which RFC 5322 forbids but happens: without it the second one got the
+    first one's `250` and was never delivered. Local parts keep their case (RFC 5321 §2.4);
+    domains do not.
+    """
     if not message_id:
         return None
-    material = "\0".join(
-        [message_id.strip(), sender.lower(), *sorted(r.lower() for r in recipients)]
-    )
-    return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    digest = hashlib.sha256(content)
+    for part in (message_id.strip(), _address(sender), *sorted(map(_address, recipients))):
+        digest.update(b"\0" + part.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+def _address(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else address
 
 
 def choose_shard(fingerprint: str | None, shards: int) -> int:

@@ -168,7 +168,9 @@ async def test_a_resend_adopts_an_unconfirmed_copy_and_its_late_tombstone_spares
         redis_url, [], {"redis": {"prefix": prefix}, "queue": {"durability": "fsync"}}
     )
     queue = RedisQueue(config.redis, config.queue)
-    fingerprint = dedupe_fingerprint("<resent@test>", "s@example.com", ("r@example.net",))
+    fingerprint = dedupe_fingerprint(
+        "<resent@test>", "s@example.com", ("r@example.net",), content=b"the same message"
+    )
     shard = choose_shard(fingerprint, config.redis.shards)
 
     def message() -> NewMessage:
@@ -254,3 +256,27 @@ async def test_an_accept_answered_451_while_redis_stalled_is_not_applied_when_it
             await asyncio.sleep(1.0)  # time for a late write to be delivered
             assert await entries_added() == 1
             assert sink.count == 1
+
+
+async def test_a_reused_message_id_is_a_new_message_and_only_a_resend_is_a_duplicate(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """Applications reuse a Message-ID (an alert's fixed id; RFC 5322 says not to): each such
+    message is delivered. Only the same message again (a resend after a lost reply) is one."""
+    overrides = {"redis": {"prefix": prefix}}
+    async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
+        address = node.inbound.addresses[0]
+
+        async def alert(subject: str, recipient: str = "oncall@example.net") -> str:
+            data = make_message(subject=subject, message_id="<fixed@alerts>")
+            reply = await send(address, recipients=[recipient], data=data)
+            assert reply.code == 250, reply
+            return reply.text.rsplit(" ", 1)[-1]
+
+        first = await alert("disk full")
+        assert await alert("disk full") == first  # a resend: the first copy answers for it
+        assert await alert("disk fine") != first
+        assert await alert("disk full", "ONCALL@example.net") != first  # another mailbox
+        await eventually(lambda: sink.count == 3)
+        await asyncio.sleep(0.3)
+        assert sink.count == 3

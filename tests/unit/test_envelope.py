@@ -26,17 +26,25 @@ def test_shard_of_rejects_foreign_ids(bad: str) -> None:
         shard_of(bad)
 
 
-def test_fingerprint_ignores_recipient_order_and_case_but_not_message_id() -> None:
-    a = dedupe_fingerprint("<m@x>", "S@x", ("b@y", "a@y"))
-    assert a == dedupe_fingerprint("<m@x>", "s@x", ("A@y", "b@y"))
-    assert a != dedupe_fingerprint("<other@x>", "s@x", ("a@y", "b@y"))
-    assert a != dedupe_fingerprint("<m@x>", "s@x", ("a@y",))
-    assert dedupe_fingerprint(None, "s@x", ("a@y",)) is None
+def test_fingerprint_ignores_recipient_order_and_domain_case_but_not_message_id() -> None:
+    a = dedupe_fingerprint("<m@x>", "s@X", ("b@y", "a@Y"), content=b"hi")
+    assert a == dedupe_fingerprint("<m@x>", "s@x", ("a@y", "b@y"), content=b"hi")
+    assert a != dedupe_fingerprint("<other@x>", "s@x", ("a@y", "b@y"), content=b"hi")
+    assert a != dedupe_fingerprint("<m@x>", "s@x", ("a@y",), content=b"hi")
+    assert dedupe_fingerprint(None, "s@x", ("a@y",), content=b"hi") is None
+
+
+def test_a_reused_message_id_with_other_content_or_local_part_is_another_message() -> None:
+    """An alert's fixed Message-ID: each alert is delivered, not answered as a duplicate."""
+    a = dedupe_fingerprint("<fixed@host>", "s@x", ("oncall@y",), content=b"Subject: 1\r\n")
+    assert a != dedupe_fingerprint("<fixed@host>", "s@x", ("oncall@y",), content=b"Subject: 2\r\n")
+    assert a != dedupe_fingerprint("<fixed@host>", "S@x", ("oncall@y",), content=b"Subject: 1\r\n")
+    assert a != dedupe_fingerprint("<fixed@host>", "s@x", ("ONCALL@y",), content=b"Subject: 1\r\n")
 
 
 @given(st.text(min_size=1), st.integers(min_value=1, max_value=4096))
 def test_a_resend_lands_in_the_same_shard(message_id: str, shards: int) -> None:
-    fingerprint = dedupe_fingerprint(message_id, "s@x", ("r@y",))
+    fingerprint = dedupe_fingerprint(message_id, "s@x", ("r@y",), content=b"")
     assert choose_shard(fingerprint, shards) == choose_shard(fingerprint, shards) < shards
 
 

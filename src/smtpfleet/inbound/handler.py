@@ -258,7 +258,9 @@ class InboundHandler:
         mail_from = envelope.mail_from or ""
         sender = "" if mail_from in NULL_PATHS else mail_from
         recipients = tuple(envelope.rcpt_tos)
-        fingerprint = dedupe_fingerprint(headers.value(b"message-id"), sender, recipients)
+        fingerprint = dedupe_fingerprint(
+            headers.value(b"message-id"), sender, recipients, content=data
+        )
         qid = new_qid(choose_shard(fingerprint, self._shards))
         trace = received_header(
             helo=session.host_name,
