@@ -291,3 +291,14 @@ async def test_relay_pause_and_node_drain_reach_the_running_cluster() -> None:
             assert await loop.run_in_executor(None, leaving.wait, 20.0) == 0
             code, _, err = await run_cli("node", "drain", "node-9", *target)
             assert (code, err.strip()) == (1, "smtpfleet: unknown node 'node-9'")
+
+
+@pytest.mark.parametrize(
+    ("command", "actions"),
+    [("dead", ["list", "requeue", "purge"]), ("relay", ["pause", "resume"]), ("node", ["drain"])],
+)
+async def test_help_names_every_action_and_what_it_does(command: str, actions: list[str]) -> None:
+    code, out, _ = await run_cli(command, "--help")
+    assert code == 0
+    listed = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line[:4] == "    "}
+    assert all(listed.get(action) for action in actions), out  # each with its help text
