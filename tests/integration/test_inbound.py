@@ -815,3 +815,16 @@ async def test_a_message_cut_off_by_the_clients_end_is_not_queued(
     assert not h.spool.messages
     assert h.spool.started == 0
     assert not [r for r in caplog.records if r.levelno >= 40], "a client's end is not an error"
+
+
+async def test_the_size_limit_counts_the_message_not_the_doubled_dots(h: Harness) -> None:
+    """9,014 octets of message (max_message_bytes is 10,000) sent as 12,014 with its dots
+    doubled: RFC 1870's message size leaves them out, so a SIZE declared honestly holds."""
+    body = b"..\r\n" * 3000  # 3,000 lines of one dot, each doubled on the wire
+    client = await h.connect()
+    assert (await client.cmd("MAIL FROM:<s@example.com> SIZE=9014")).startswith("250")
+    assert (await client.cmd("RCPT TO:<r@example.net>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd(b"Subject: dots\r\n\r\n" + body + b".\r\n")).startswith("250 ")
+    [message] = h.spool.messages
+    assert message.data.endswith(b"Subject: dots\r\n\r\n" + b".\r\n" * 3000)

@@ -73,20 +73,24 @@ class MessageData:
         """Whole lines, CRLF-ended, the first at the start of a line."""
         if not lines:
             return
-        self._size += len(lines)
         if self.refusal is not None:
+            self._size += len(lines)
             return  # refused already: read on to the final dot, keep nothing
         if max(map(len, lines.split(b"\r\n"))) + 2 > self._line_limit:
+            self._size += len(lines)
             self._refuse(replies.LINE_TOO_LONG)
-        elif self._size_limit and self._size > self._size_limit:
+            return
+        # The size is the message's, without the dots the client doubled (RFC 1870 §6.1's
+        # "message size"): a message of dot-led lines under the limit is not refused for them.
+        unstuffed = (lines[1:] if lines[:1] == b"." else lines).replace(b"\r\n.", b"\r\n")
+        self._size += len(unstuffed)
+        if self._size_limit and self._size > self._size_limit:
             self._refuse(replies.MESSAGE_TOO_BIG)
         elif not self._budget.take(len(lines)):
             self._refuse(replies.NO_ROOM)
         else:
             self._held += len(lines)
-            if lines[:1] == b".":
-                lines = lines[1:]
-            self._buffer += lines.replace(b"\r\n.", b"\r\n")
+            self._buffer += unstuffed
 
     def _refuse(self, reply: str) -> None:
         if self.refusal is None:
