@@ -16,6 +16,9 @@ QUEUED_FMT: Final = "250 2.0.0 Ok: queued as {qid}"
 OK: Final = "250 2.0.0 Ok"
 SENDER_OK: Final = "250 2.1.0 Sender ok"
 RCPT_OK: Final = "250 2.1.5 Recipient ok"
+# A recipient already in the transaction (domain in any case, RFC 5321 §2.4): accepted, as
+# Postfix does, and kept once, so the relay gets one RCPT and the mailbox one copy.
+RCPT_DUPLICATE: Final = "250 2.1.5 Recipient ok (duplicate, delivered once)"
 
 # Our own failures before the durable write are always temporary (DESIGN invariant 1).
 QUEUE_UNAVAILABLE: Final = "451 4.3.0 Queue temporarily unavailable, try again later"
@@ -32,6 +35,14 @@ NOT_SIGNED: Final = "451 4.3.0 Message could not be DKIM-signed, try again later
 RELAY_DENIED: Final = "550 5.7.1 Relaying denied"
 BAD_ADDRESS: Final = "553 5.1.3 Bad recipient address syntax"
 BAD_SENDER: Final = "553 5.1.7 Bad sender address syntax"
+# RCPT TO:<Postmaster> (RFC 5321 §4.1.1.3) on a node with no accepted domain to complete it
+# with: the syntax is right, there is no mailbox (X.1.2: no destination system).
+POSTMASTER_NO_DOMAIN: Final = (
+    "550 5.1.2 No local domain for <Postmaster> here; name one: <postmaster@domain>"
+)
+# The same MAIL or RCPT parameter twice (`SIZE=26214401 SIZE=10`): RFC 5321 §4.2.3's 501,
+# syntax error in parameters, rather than one of the values silently.
+REPEATED_PARAMETER: Final = "501 5.5.4 Parameter {keyword} given more than once"
 TOO_MANY_RECIPIENTS: Final = "452 4.5.3 Too many recipients"
 MESSAGE_TOO_BIG: Final = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG: Final = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"

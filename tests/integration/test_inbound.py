@@ -678,11 +678,11 @@ async def test_control_characters_in_the_client_name_get_501(h: Harness, command
 async def test_help_lists_the_commands_and_their_syntax(h: Harness) -> None:
     client = await h.connect()
     listing = await client.cmd("HELP")
-    assert listing.startswith("250 "), listing
+    assert listing.startswith("214 2.0.0 "), listing  # RFC 5321 §4.3.2; RFC 2034
     for command in ("DATA", "EHLO", "MAIL", "QUIT", "RCPT", "RSET"):
         assert command in listing.split(), listing
-    assert (await client.cmd("HELP MAIL")).startswith("250 Syntax: MAIL FROM: <address>")
-    assert (await client.cmd("HELP BOGUS")).startswith("501 5.0.0 Supported commands: ")
+    assert (await client.cmd("HELP MAIL")).startswith("214 2.0.0 Syntax: MAIL FROM: <address>")
+    assert (await client.cmd("HELP BOGUS")).startswith("504 5.5.4 Unknown HELP topic")
 
 
 async def test_too_many_unknown_commands_421_is_read_before_the_close() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -27,7 +28,9 @@ from smtpfleet.inbound.policy import (
     RecipientPolicy,
     has_bare_line_ending,
     received_header,
+    recipient_key,
 )
+from smtpfleet.inbound.syntax import POSTMASTER
 from smtpfleet.inbound.tls import describe as describe_tls
 from smtpfleet.logs import info_event
 from smtpfleet.metrics import Metrics
@@ -105,6 +108,12 @@ class InboundHandler:
         self._max_received = max_received_headers
         self._accept_timeout_s = accept_timeout_s
         self._orphans: set[asyncio.Future[tuple[str, str | None]]] = set()
+        # The recipient_key of each transaction's recipients: a duplicate is found in one
+        # look-up, not by comparing with every recipient (up to max_recipients) at each RCPT.
+        # aiosmtpd makes a new envelope per transaction; the old one's entry goes with it.
+        self._recipient_keys: weakref.WeakKeyDictionary[Envelope, set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
         self,
@@ -146,6 +155,26 @@ class InboundHandler:
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if address == POSTMASTER:  # RCPT TO:<Postmaster>, RFC 5321 §4.5.1: MUST be accepted
+            if self._policy.postmaster is None:
+                return replies.POSTMASTER_NO_DOMAIN
+            address = self._policy.postmaster
+        keys = self._recipient_keys.setdefault(envelope, set())
+        key = recipient_key(address)
+        if key in keys:
+            # Accepted already, by the same rules: a second RCPT for it would reach the relay
+            # and the mailbox twice. Checked before the limit, or a 452 would have the client
+            # send it again in a transaction of its own.
+            return replies.RCPT_DUPLICATE
+        refusal = self._rcpt_refusal(session, envelope, address)
+        if refusal is not None:
+            return refusal
+        keys.add(key)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return replies.RCPT_OK
+
+    def _rcpt_refusal(self, session: Session, envelope: Envelope, address: str) -> str | None:
         if len(envelope.rcpt_tos) >= self._max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 makes the client send the rest in another transaction.
             return replies.TOO_MANY_RECIPIENTS
@@ -154,10 +183,7 @@ class InboundHandler:
         )
         if refusal is not None:
             log.info("refused rcpt from %s: %s", _peer_ip(session), refusal)
-            return refusal
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(options)
-        return replies.RCPT_OK
+        return refusal
 
     async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope

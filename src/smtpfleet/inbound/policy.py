@@ -51,6 +51,7 @@ _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
 _QTEXT_OR_PAIR = re.compile(r"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")
 _HIDDEN_HOST_SEP = re.compile(r"[%@]")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:(.*)", re.DOTALL)
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
@@ -147,6 +148,19 @@ def routing_domains(address: str) -> frozenset[str] | None:
     return frozenset((*mailbox.route, *mailbox.hidden_hosts, mailbox.domain))
 
 
+def recipient_key(address: str) -> str:
+    """What makes two recipients of a transaction the same mailbox, for a path that
+    syntax.parse_path accepted: the domain in any case and the local part exactly (RFC 5321
+    §2.4), except that "postmaster" is case-insensitive (§4.5.1) and a quoted local part is
+    its content (RFC 5322 §3.2.4: a quoted-string is, semantically, the atom it quotes)."""
+    local, _, domain = address.rpartition("@")
+    if local.startswith('"'):
+        local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    if local.lower() == "postmaster":
+        local = "postmaster"
+    return f"{local}@{domain.lower()}"
+
+
 def effective_domain(address: str) -> str | None:
     """The host mail for this address would really go to next; None if it is invalid."""
     mailbox = parse_mailbox(address)
@@ -159,7 +173,13 @@ class RecipientPolicy:
     def __init__(self, accepted_domains: Iterable[str], relay_networks: Iterable[str]) -> None:
         # An address literal is never "ours", even if someone lists one.
         normal = (_normal_host(d) for d in accepted_domains)
-        self._accepted = frozenset(d for d in normal if d and not d.startswith("["))
+        ours = [d for d in normal if d and not d.startswith("[")]
+        self._accepted = frozenset(ours)
+        # RCPT TO:<Postmaster> (RFC 5321 §4.1.1.3) goes to postmaster at the first accepted
+        # domain: Postfix appends $myorigin, which admins set to their primary domain
+        # ($mydomain). Not the node's hostname: the relays behind us take mail for the
+        # accepted domains, not for our node names. None: no domain to complete it with.
+        self.postmaster = f"postmaster@{ours[0]}" if ours else None
         self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in relay_networks)
         # Asked at every RCPT, 10 us to parse: the answer is kept per client address.
         self._relay_client = functools.lru_cache(maxsize=RELAY_CLIENTS_KEPT)(

@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, AnyStr, Final, cast
 
 from aiosmtpd.proxy_protocol import get_proxy
@@ -53,7 +53,13 @@ from smtpfleet.inbound.message_data import MessageData
 from smtpfleet.inbound.proxy import client_of, in_networks, networks, well_formed
 from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.session_init import init_session
-from smtpfleet.inbound.syntax import parse_path, parse_vrfy
+from smtpfleet.inbound.syntax import (
+    RepeatedParameter,
+    parse_forward_path,
+    parse_params,
+    parse_path,
+    parse_vrfy,
+)
 from smtpfleet.metrics import Metrics, reply_class, tls_version
 
 log = logging.getLogger(__name__)
@@ -108,6 +114,13 @@ REWRITES: Final[tuple[tuple[str, str], ...]] = (
     (r"530 Must issue a STARTTLS command first", replies.MUST_STARTTLS),
     (r"501 Syntax: STARTTLS", "501 5.5.4 Syntax: STARTTLS"),
     (r"252 Cannot VRFY user, (.*)", r"252 2.0.0 Cannot VRFY user, \1"),
+    # HELP: 214 is the help message (RFC 5321 §4.2.2; §4.3.2 answers HELP with 211 or 214,
+    # else 502 or 504), with 2.0.0 since RFC 2034 wants an enhanced code on every 2xx after
+    # ENHANCEDSTATUSCODES. aiosmtpd says 250, and 501 to a topic it has no help for: that is
+    # 504, a parameter not implemented, X.5.4 (RFC 3463 §3.6: "unrecognized features").
+    (r"250 Supported commands: (.*)", r"214 2.0.0 Supported commands: \1"),
+    (r"250 Syntax: (.*)", r"214 2.0.0 Syntax: \1"),
+    (r"501 Supported commands: (.*)", r"504 5.5.4 Unknown HELP topic; supported commands: \1"),
     (r"503 Already authenticated", replies.AUTH_ALREADY),
     (r"501 (Not enough value|Too many values)", replies.AUTH_SYNTAX),
     (r"250 OK", replies.OK),
@@ -223,7 +236,23 @@ class InboundSMTP(SMTP):
         # cannot read is refused here (553, or 501 for VRFY) and never reaches a relay.
         if self._command == "VRFY":
             return parse_vrfy(arg), ""
+        if self._command == "RCPT":  # also takes <Postmaster>, completed by the handler
+            return parse_forward_path(arg) or (None, None)
         return parse_path(arg) or (None, None)
+
+    # The reply to the parameters _getparams refused, for aiosmtpd's 501 that follows at once.
+    _params_refusal: str | None = None
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        # Private in aiosmtpd, which calls it for MAIL and RCPT alone (with params upper-cased).
+        # RFC 5321 §4.1.2's grammar, not aiosmtpd's isalnum() (which made X-FOO=1 a 501, not
+        # an unknown parameter's 555), and a keyword given twice refused, not the last one
+        # taken. On None aiosmtpd answers its syntax 501, which _rewrite replaces.
+        try:
+            return parse_params(params)
+        except RepeatedParameter as exc:
+            self._params_refusal = replies.REPEATED_PARAMETER.format(keyword=exc.keyword)
+            return None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -606,6 +635,10 @@ class InboundSMTP(SMTP):
         self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def _rewrite(self, reply: str) -> str:
+        if self._params_refusal is not None:  # what _getparams found wrong, said instead
+            said, self._params_refusal = self._params_refusal, None
+            if reply.startswith("501 "):
+                return said
         if reply == _MALFORMED:  # aiosmtpd says it for MAIL and RCPT alike
             return replies.BAD_SENDER if self._command == "MAIL" else replies.BAD_ADDRESS
         return rewrite(reply)
