@@ -3,24 +3,40 @@
 `load_config` is pure apart from reading the file: it merges the YAML document with
 `SMTPFLEET_*` environment variables (``SMTPFLEET_QUEUE__DURABILITY=fsync`` sets
 ``queue.durability``; a numeric segment indexes a list: ``SMTPFLEET_RELAYS__0__PORT=2526``),
-validates the result into a frozen tree, and reports every problem at once, naming each key.
+validates the result into a frozen tree, and reports every problem at once, naming each key
+(and the variable, for a value from the environment). The file is read strictly
+(config_yaml.py: no repeated key), a variable by its key's type (config_env.py), and values
+with a syntax of their own are checked by config_values.py.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import ipaddress
 import os
-import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 from urllib.parse import urlparse
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
+from smtpfleet.config_env import Overlay, overlay_environment
+from smtpfleet.config_tls import describe_pair_failure as describe_pair_failure
+from smtpfleet.config_values import (
+    domain_name as domain_name,
+)
+from smtpfleet.config_values import (
+    mailbox,
+    network,
+    redis_database,
+    relay_host,
+    smtp_domain,
+)
+from smtpfleet.config_yaml import YamlProblem, parse_yaml
 from smtpfleet.errors import ConfigError
 
 ENV_PREFIX = "SMTPFLEET_"
@@ -36,18 +52,29 @@ RESERVED_ENV = frozenset(
         "SMTPFLEET_REDIS_TLS_SERVER",  # a Redis built with TLS, for tests (testing/redis_server)
         "SMTPFLEET_KEEP_WORKDIR",
         "SMTPFLEET_PARENT_PID",
+        "SMTPFLEET_FAKE_KUBECTL_STATE",  # testing/fake_kubectl
+        "SMTPFLEET_FUZZ_SEED",  # tests/integration/test_fuzz.py, inherited by its nodes
+        "SMTPFLEET_RELAY_FUZZ_SEEDS",  # tests/integration/test_relay_fuzz.py
         WORKERS_ENV,
     }
 )
 
+# Durations: every float of the schema is finite (allow_inf_nan below: `.inf` passed as "> 0"
+# and then crashed `serve` in int(x * 1000) or never timed out), and a duration is at most a
+# year: a longer one is a typo, and the millisecond arithmetic of timers and Redis expiries
+# overflows long before 1e300.
+MAX_DURATION_S: Final = 366 * 24 * 3600.0
+Seconds = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]
 PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]  # 0: unlimited, or off
-Port = Annotated[int, Field(ge=0, le=65535)]
+Port = Annotated[int, Field(ge=1, le=65535)]  # one we connect to (a listener may bind 0)
+# Below this even a Redis on the same host misses it while a node starts (0.001 s: a raw
+# TimeoutError at `serve` start; 0.1 s: the first stream reads time out); 0.2 s keeps up.
+MIN_SOCKET_TIMEOUT_S: Final = 0.2
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
@@ -75,12 +102,17 @@ class NodeConfig(_Section):
     id: str = Field(default="", description="unique node id; default: hostname-pid")
     hostname: str = Field(default="", description="name in the banner and Received headers")
     # SIGTERM: how long SMTP sessions and deliveries in flight may take to finish.
-    drain_grace_s: PositiveFloat = 30.0
+    drain_grace_s: Seconds = 30.0
     # How long `serve` waits for Redis at start before giving up (a clear error, exit 1).
-    startup_timeout_s: PositiveFloat = 30.0
+    startup_timeout_s: Seconds = 30.0
     # The region this node runs in: the ring prefers relays whose `region` label is this one;
     # other regions' relays follow as further tiers ("": no preference).
     region: str = ""
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        return smtp_domain(value) if value else value
 
 
 class ListenerProfile(StrEnum):
@@ -121,7 +153,7 @@ class InboundTlsConfig(_Section):
     # its workers at start, and separate nodes each have their own.
     ticket_key_file: str = ""
     # How often the files are checked for a change; a changed pair is loaded for new sessions.
-    reload_interval_s: PositiveFloat = 10.0
+    reload_interval_s: Seconds = 10.0
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> InboundTlsConfig:
@@ -137,11 +169,11 @@ class InboundAuthConfig(_Section):
 
     # Lines of "user:hash" (argon2id, as argon2-cffi's PasswordHasher writes them).
     users_file: str = ""
-    reload_interval_s: PositiveFloat = 10.0
+    reload_interval_s: Seconds = 10.0
     # Failed attempts per client IP, across the cluster (Redis), within the window: the one
     # that reaches max_failures and every AUTH after it until the window ends get 421 4.7.0.
     max_failures: PositiveInt = 5
-    failure_window_s: PositiveFloat = 300.0
+    failure_window_s: Seconds = 300.0
 
 
 class InboundLimitsConfig(_Section):
@@ -160,7 +192,7 @@ class InboundLimitsConfig(_Section):
     ipv6_prefix_length: Annotated[int, Field(ge=1, le=128)] = 64
     # A session is counted under a lease this long, renewed while it lives: the sessions of a
     # node that died stop counting at most this long after it.
-    session_lease_s: Annotated[float, Field(ge=3)] = 60.0
+    session_lease_s: Annotated[float, Field(ge=3, le=MAX_DURATION_S)] = 60.0
     # A Redis answer slower than this is not waited for: this node's own counts decide.
     redis_timeout_s: Annotated[float, Field(gt=0, le=5)] = 0.5
 
@@ -175,17 +207,17 @@ class InboundConfig(_Section):
     # Who may send a PROXY header on a listener with proxy_protocol (load balancers).
     trusted_proxies: list[str] = Field(default_factory=list)
     # A PROXY header (and an implicit TLS handshake) must arrive within this.
-    proxy_timeout_s: PositiveFloat = 5.0
+    proxy_timeout_s: Seconds = 5.0
     accepted_domains: list[str] = Field(default_factory=list)
     relay_networks: list[str] = Field(default_factory=list)
     max_message_bytes: PositiveInt = 25 * 1024 * 1024
     max_recipients: Annotated[int, Field(ge=100)] = 100
     max_received_headers: PositiveInt = 30
-    idle_timeout_s: PositiveFloat = 300.0
+    idle_timeout_s: Seconds = 300.0
     # During DATA, fewer bytes than this per second over data_rate_window_s (measured once a
     # whole window has passed) is a client holding the session: 421 4.4.2, closed. 0: off.
     min_data_rate_bps: NonNegativeInt = 500
-    data_rate_window_s: Annotated[float, Field(ge=1)] = 10.0
+    data_rate_window_s: Annotated[float, Field(ge=1, le=MAX_DURATION_S)] = 10.0
     max_sessions: PositiveInt = 1000
     # Message bytes all sessions of a node may hold while receiving and queueing them; a
     # message that would pass it gets 452 and is sent again later. At least one whole message.
@@ -203,9 +235,7 @@ class InboundConfig(_Section):
     @field_validator("relay_networks", "trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)
-        return value
+        return [network(item) for item in value]
 
     @field_validator("accepted_domains")
     @classmethod
@@ -260,7 +290,7 @@ class RedisConfig(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = Field(default="smtpfleet", pattern=r"^[A-Za-z0-9_.:-]+$")
     shards: Annotated[int, Field(ge=1, le=4096)] = 16
-    socket_timeout_s: PositiveFloat = 5.0
+    socket_timeout_s: Annotated[float, Field(ge=MIN_SOCKET_TIMEOUT_S, le=MAX_DURATION_S)] = 5.0
     max_connections: PositiveInt = 64
     # Sentinel: when set, the primary of `master_name` is found through these (HOST:PORT) and
     # followed across failovers; `url` then only gives the database number and TLS (rediss://).
@@ -314,6 +344,7 @@ class RedisConfig(_Section):
             raise ValueError(f"not a Redis URL ({exc})") from None
         if f"{parsed.scheme}://" not in REDIS_SCHEMES:
             raise ValueError(f"a Redis URL starts with {', '.join(REDIS_SCHEMES)}")
+        redis_database(value)
         return value
 
     @field_validator("sentinels", "cluster_nodes")
@@ -355,11 +386,11 @@ def _as_list(value: Any) -> Any:
 class RetryOverrides(_Section):
     """A traffic class's own retry schedule and lifetime: each key given replaces `retry.*`."""
 
-    initial_s: PositiveFloat | None = None
-    max_s: PositiveFloat | None = None
+    initial_s: Seconds | None = None
+    max_s: Seconds | None = None
     multiplier: Annotated[float, Field(ge=1)] | None = None
     jitter: Annotated[float, Field(ge=0, le=1)] | None = None
-    lifetime_s: PositiveFloat | None = None
+    lifetime_s: Seconds | None = None
 
 
 class TrafficClassConfig(_Section):
@@ -385,7 +416,7 @@ class QueueConfig(_Section):
     replicas: PositiveInt = 1
     durability_timeout_ms: PositiveInt = 2000
     high_water: PositiveInt = 1_000_000
-    dedupe_window_s: Annotated[float, Field(ge=0)] = 3600.0
+    dedupe_window_s: Annotated[float, Field(ge=0, le=MAX_DURATION_S)] = 3600.0
     # Traffic classes, highest priority first ([]: one class, the keys of before).
     classes: list[TrafficClassConfig] = Field(default_factory=list)
     # The class of mail no class's conditions and no trusted header place ("": the first).
@@ -413,13 +444,18 @@ class DeliveryConfig(_Section):
     concurrency: PositiveInt = 64
     batch: PositiveInt = 64
     helo_name: str = ""
-    connect_timeout_s: PositiveFloat = 10.0
-    command_timeout_s: PositiveFloat = 60.0
+    connect_timeout_s: Seconds = 10.0
+    command_timeout_s: Seconds = 60.0
     max_messages_per_connection: PositiveInt = 1000
     # The safety net that claims entries idle this long from any consumer (dead or stuck).
     # It must exceed the longest delivery attempt, or it steals live work (DESIGN.md).
-    claim_idle_s: PositiveFloat = 900.0
+    claim_idle_s: Seconds = 900.0
     block_ms: PositiveInt = 1000
+
+    @field_validator("helo_name")
+    @classmethod
+    def _helo_name(cls, value: str) -> str:
+        return smtp_domain(value) if value else value
 
     @model_validator(mode="after")
     def _claim_after_attempt(self) -> DeliveryConfig:
@@ -434,12 +470,12 @@ class DeliveryConfig(_Section):
 
 class RetryConfig(_Section):
     # Postfix-like defaults: first retry minutes later, capped near an hour, 5 days lifetime.
-    initial_s: PositiveFloat = 300.0
-    max_s: PositiveFloat = 3600.0
+    initial_s: Seconds = 300.0
+    max_s: Seconds = 3600.0
     multiplier: Annotated[float, Field(ge=1)] = 2.0
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.2
-    lifetime_s: PositiveFloat = 5 * 24 * 3600.0
-    scheduler_interval_s: PositiveFloat = 1.0
+    lifetime_s: Seconds = 5 * 24 * 3600.0
+    scheduler_interval_s: Seconds = 1.0
 
 
 class RoutingKey(StrEnum):
@@ -526,24 +562,24 @@ class RoutingConfig(_Section):
 
 
 class HealthConfig(_Section):
-    interval_s: PositiveFloat = 1.0
-    timeout_s: PositiveFloat = 2.0
+    interval_s: Seconds = 1.0
+    timeout_s: Seconds = 2.0
     fall: PositiveInt = 2  # consecutive failed checks that take a relay out
     rise: PositiveInt = 2  # consecutive good checks that bring it back
     # Passive checks: consecutive connection errors, timeouts or 421s on real deliveries.
     passive_failures: PositiveInt = 3
-    ejection_s: PositiveFloat = 10.0  # first ejection; doubles on each repeat
-    max_ejection_s: PositiveFloat = 300.0
+    ejection_s: Seconds = 10.0  # first ejection; doubles on each repeat
+    max_ejection_s: Seconds = 300.0
     max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
 
 
 class ClusterConfig(_Section):
-    heartbeat_interval_s: PositiveFloat = 1.0
+    heartbeat_interval_s: Seconds = 1.0
     # A node whose heartbeat is older than this is dead: survivors take over its deliveries.
     # A node that cannot reach Redis for this long stops starting deliveries (self-fencing).
-    lease_s: PositiveFloat = 5.0
+    lease_s: Seconds = 5.0
     # Refresh the idle time of in-flight entries this often so no claim can take live work.
-    lease_refresh_s: PositiveFloat = 5.0
+    lease_refresh_s: Seconds = 5.0
 
     @model_validator(mode="after")
     def _lease_after_heartbeat(self) -> ClusterConfig:
@@ -580,6 +616,8 @@ class RelayConfig(_Section):
     provider: str = ""
     zone: str = ""
     tags: list[str] = Field(default_factory=list)
+
+    _host = field_validator("host")(relay_host)
 
     @field_validator("egress_addresses")
     @classmethod
@@ -645,25 +683,6 @@ class SigningFailure(StrEnum):
     TEMPFAIL = "tempfail"  # 451 4.3.0: the client keeps it and retries
 
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
-_LABEL_RE = re.compile(_LABEL)
-
-
-def domain_name(value: str, min_labels: int = 2) -> str:
-    """A mail domain as DNS and SMTP spell it: lowercase, no trailing dot, `min_labels` labels
-    or more of letters, digits and hyphens (a U-label becomes its A-label). ValueError
-    otherwise."""
-    domain = value.strip().lower().rstrip(".")
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:  # an empty or overlong label
-        raise ValueError(f"{value!r} is not a domain name") from None
-    labels = domain.split(".")
-    if len(labels) < min_labels or not all(_LABEL_RE.fullmatch(label) for label in labels):
-        raise ValueError(f"{value!r} is not a domain name")
-    return domain
-
-
 # RFC 6376 §5.4.1: trace and per-recipient fields change in transit and are never signed.
 UNSIGNABLE_HEADERS = frozenset(
     {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
@@ -704,7 +723,7 @@ class DkimConfig(_Section):
 
     keys: list[DkimSigningKey] = Field(default_factory=list)
     # How often the key files are checked for a change (a rotated secret is used at once).
-    reload_interval_s: PositiveFloat = 10.0
+    reload_interval_s: Seconds = 10.0
     on_failure: SigningFailure = SigningFailure.ACCEPT
 
     @field_validator("keys")
@@ -725,6 +744,12 @@ def _repeated(names: Iterable[str]) -> list[str]:
 class BounceConfig(_Section):
     # The display sender of DSNs; the envelope sender is always null (RFC 3464, RFC 5321 4.5.5).
     from_address: str = ""
+
+    @field_validator("from_address")
+    @classmethod
+    def _from_address(cls, value: str) -> str:
+        # It becomes the From: header of every DSN: a CR LF here would add header fields.
+        return mailbox(value) if value else value
 
 
 class Config(_Section):
@@ -764,73 +789,71 @@ class Config(_Section):
         return self
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node: Any = tree
-    for i, segment in enumerate(path):
-        last = i == len(path) - 1
-        if isinstance(node, list):
-            if not segment.isdigit() or int(segment) >= len(node):
-                raise ConfigError(f"{'.'.join(path)}: no list item {segment}")
-            if last:
-                node[int(segment)] = value
-            else:
-                node = node[int(segment)]
-            continue
-        if last:
-            node[segment] = value
-        else:
-            child = node.get(segment)
-            if not isinstance(child, dict | list):
-                child = node[segment] = {}
-            node = child
+def _problem(error: ErrorDetails, overlay: Overlay) -> str:
+    """One validation error as `key: message`, led by the variable that set the key when it
+    came from the environment (the file does not have it: looking there would not help)."""
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc) or "(top level)"
+    variable = overlay.source_of(loc)
+    if variable is not None:
+        return f"{variable} ({key}): {error['msg']}"
+    inside = overlay.sources_under(loc) if loc else []
+    if inside:  # a section's own rule, over keys some of which the environment set
+        return f"{key}: {error['msg']} (with {', '.join(inside)} from the environment)"
+    return f"{key}: {error['msg']}"
 
 
-def apply_environment(tree: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``SMTPFLEET_A__B=value`` onto ``tree``; values are parsed as YAML scalars/lists."""
-    for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
-        try:
-            value = yaml.safe_load(environ[name]) if environ[name] else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not valid YAML ({exc.__class__.__name__})") from None
-        _set_path(tree, path, value)
-    return tree
-
-
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"{key}: {error['msg']}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+def _report(problems: list[str]) -> ConfigError:
+    """One problem on one line; several (all at once) as a list under the heading."""
+    if len(problems) == 1:
+        return ConfigError(f"invalid configuration: {problems[0]}")
+    return ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def build_config(tree: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed document (plus environment overrides) into a frozen Config."""
-    data = apply_environment(yaml.safe_load(yaml.safe_dump(dict(tree))) or {}, environ or {})
+    overlay = overlay_environment(
+        copy.deepcopy(dict(tree)),  # the caller's tree stays as it was
+        environ or {},
+        Config,
+        prefix=ENV_PREFIX,
+        separator=ENV_SEPARATOR,
+        reserved=RESERVED_ENV,
+    )
+    problems = list(overlay.problems)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(overlay.tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        problems += [_problem(error, overlay) for error in exc.errors()]
+    if problems:
+        raise _report(problems)
+    return config
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file (optional) and the environment, and validate both together."""
+    """Read the YAML file (optional: None or "" is none) and the environment, and validate
+    both together. An empty path is "no file", as an empty SMTPFLEET_CONFIG is unset: read
+    as a path it was the current directory ("cannot read config file : Is a directory")."""
     environ = os.environ if environ is None else environ
     tree: Any = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"cannot read config file {path}: not UTF-8 text (byte {exc.start})"
-            ) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if path is not None and str(path) != "":
+        tree = _read_document(path)
     return build_config(tree, environ)
+
+
+def _read_document(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"cannot read config file {path}: not UTF-8 text (byte {exc.start})"
+        ) from None
+    try:
+        tree = parse_yaml(text) or {}
+    except YamlProblem as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
