@@ -9,11 +9,13 @@ nothing accepted since was delivered until the nodes restarted.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 import redis
 
 from smtpfleet.envelope import EntryState, NewMessage, new_qid
+from smtpfleet.errors import QueueUnavailable
 from smtpfleet.queue.keys import GROUP
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.testing import eventually, node_config, send
@@ -84,3 +86,20 @@ async def test_a_node_delivers_again_after_redis_lost_everything() -> None:
         assert [r.code for r in replies] == [250, 250, 250]
         await eventually(lambda: sink.count == 4, timeout_s=20)
         assert "making the consumer groups again" in node.log_tail(500)
+
+
+async def test_a_redis_that_never_answers_making_groups_is_unavailable_not_a_crash() -> None:
+    """At start a node makes its groups: a Redis that accepts and then says nothing must end
+    in `cannot start: ...` (QueueUnavailable), not a redis-py TimeoutError traceback."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        config = node_config(url, [], {"redis": {"socket_timeout_s": 0.2}})
+        queue = RedisQueue(config.redis, config.queue)
+        try:
+            with pytest.raises(QueueUnavailable):
+                await queue.ensure_groups()
+        finally:
+            await queue.close()
+    finally:
+        silent.close()

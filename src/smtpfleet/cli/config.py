@@ -27,8 +27,9 @@ def run(args: argparse.Namespace) -> int:
         f"{x.address} ({x.profile.value}{', implicit TLS' if x.implicit_tls else ''})"
         for x in config.inbound.all_listeners()
     )
+    source = args.file or "(no file: defaults and SMTPFLEET_*)"
     print(
-        f"{args.file}: ok: listen {listen}; {len(config.relays)} relays; "
+        f"{source}: ok: listen {listen}; {len(config.relays)} relays; "
         f"redis {config.redis.describe()}; {config.redis.shards} shards; "
         f"durability {config.queue.durability.value}"
         + (

@@ -38,7 +38,7 @@ from aiosmtpd.smtp import (
 )
 
 from smtpfleet import deadlines, replies
-from smtpfleet.config import InboundConfig, ListenerConfig, ListenerProfile
+from smtpfleet.config import InboundConfig, ListenerConfig, ListenerProfile, describe_pair_failure
 from smtpfleet.envelope import now_ms
 from smtpfleet.errors import ConfigError
 from smtpfleet.inbound import redact, tls
@@ -60,6 +60,7 @@ from smtpfleet.inbound.syntax import (
     parse_path,
     parse_vrfy,
 )
+from smtpfleet.inbound.tls_tickets import TicketKeyError
 from smtpfleet.metrics import Metrics, reply_class, tls_version
 
 log = logging.getLogger(__name__)
@@ -894,8 +895,12 @@ def load_files(
     a file that cannot be used is a ConfigError naming the key and the file."""
     try:
         certificates = tls.certificates(config.tls)
-    except (OSError, ValueError) as exc:  # ssl.SSLError, TicketKeyError too
+    except TicketKeyError as exc:  # names its file already
         raise ConfigError(f"inbound.tls: {exc}") from None
+    except (OSError, ValueError) as exc:  # ssl.SSLError too: "[SSL] PEM lib" says nothing
+        assert config.tls is not None
+        why = describe_pair_failure(config.tls.cert_file, config.tls.key_file, exc)
+        raise ConfigError(f"inbound.tls: {why}") from None
     try:
         auth = Authenticator.from_config(config.auth, auth_failures)
     except (OSError, ValueError) as exc:  # the message names the file and line, no content

@@ -282,7 +282,10 @@ class RedisQueue:
                 await self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
-                    raise
+                    raise QueueUnavailable(f"redis: {exc}") from exc
+            except Exception as exc:  # a timeout too: "cannot start", not a traceback
+                reraise_lost_cancellation(exc)
+                raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
 
     async def _regrouped(self, call: Callable[[], Awaitable[T]]) -> T:
         """`guarded(call)`, again once the consumer groups are made if Redis had none (NOGROUP).
