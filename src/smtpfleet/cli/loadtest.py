@@ -3,17 +3,25 @@
 Run the sinks here (`--sink HOST:PORT`, the relays of the cluster under test) and every
 accepted message is looked for at them: lost (got 250, never delivered), duplicated,
 misrouted (wrong recipient) and unexpected mail are counted, and the command fails if any
-of the first three is not zero. It fails too when no message at all was accepted.
+of the first three is not zero. It fails too when no message at all was accepted; the
+summary then says why (the first few causes: connection refused, a name not resolved, the
+server's own replies).
+
+Ctrl-C stops sending (and waiting for deliveries), prints the summary of what was sent so far,
+marked as interrupted, and exits 130; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
+import signal
 import ssl
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from smtpfleet.config import parse_hostport
@@ -24,6 +32,7 @@ from smtpfleet.testing.sink import Sink
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 class UsageError(ValueError):
@@ -60,11 +69,44 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"smtpfleet: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_run(args, targets, sinks))
+    try:
+        return asyncio.run(_run(args, targets, sinks))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run could catch it
+        print("smtpfleet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def _ctrl_c(stop: asyncio.Event) -> Iterator[None]:
+    """The first SIGINT sets `stop` (the run ends and reports); a second one raises
+    KeyboardInterrupt out of the event loop: out at once, without the summary."""
+    loop = asyncio.get_running_loop()
+
+    def on_sigint() -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 async def _run(
     args: argparse.Namespace, targets: list[tuple[str, int]], sinks: list[tuple[str, int]]
+) -> int:
+    stop = asyncio.Event()
+    with _ctrl_c(stop):
+        return await _load(args, targets, sinks, stop)
+
+
+async def _load(
+    args: argparse.Namespace,
+    targets: list[tuple[str, int]],
+    sinks: list[tuple[str, int]],
+    stop: asyncio.Event,
 ) -> int:
     servers = [Sink(host, port, name=f"sink-{port}", pipelining=True) for host, port in sinks]
     try:
@@ -84,17 +126,37 @@ async def _run(
             per_session=args.per_session,
             starttls=args.tls_context,
             on_progress=_progress if sys.stderr.isatty() and not args.json else None,
+            stop=stop,
         )
-        recon = await settle(result.accepted_ids, servers, args.settle) if servers else None
+        recon = None
+        if servers and not stop.is_set():
+            recon = await settle(result.accepted_ids, servers, args.settle, stop)
     finally:
         for server in servers:
             await server.stop()
-    _print(result, recon, args.json)
+    if stop.is_set():
+        settling = bool(servers) and not result.interrupted
+        print(_interrupted(result, settling=settling), file=sys.stderr)
+        # Interrupted while sending or waiting for deliveries: a reconciliation now would
+        # count as lost what is merely on its way.
+        result.interrupted, recon = True, None
+    _print(result, recon, args.json, reconciled=bool(servers))
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     if result.sent and not result.accepted:
         # Nothing measured: the targets refused every message or could not be reached.
         print("smtpfleet: no message was accepted by --target", file=sys.stderr)
         return EXIT_MISMATCH
     return EXIT_MISMATCH if recon is not None and not recon.clean else EXIT_OK
+
+
+def _interrupted(result: LoadResult, *, settling: bool) -> str:
+    if settling:
+        return "smtpfleet: interrupted while waiting for deliveries: reconciliation skipped"
+    return (
+        f"smtpfleet: interrupted after {result.elapsed_s:.1f}s of sending: the summary is "
+        "of what was sent until then"
+    )
 
 
 def _tls_context(starttls: bool, ca_file: Path | None) -> ssl.SSLContext | None:
@@ -114,7 +176,9 @@ def _progress(result: LoadResult) -> None:
     sys.stderr.flush()
 
 
-def _print(result: LoadResult, recon: Reconciliation | None, as_json: bool) -> None:
+def _print(
+    result: LoadResult, recon: Reconciliation | None, as_json: bool, *, reconciled: bool
+) -> None:
     summary = result.summary()
     if recon is not None:
         summary["reconciliation"] = recon.as_dict()
@@ -127,10 +191,14 @@ def _print(result: LoadResult, recon: Reconciliation | None, as_json: bool) -> N
     assert isinstance(latency, dict)
     print(
         f"sent {result.sent}, accepted {result.accepted} in {result.elapsed_s:.1f}s "
-        f"({summary['accepted_per_s']} msg/s)"
+        f"({summary['accepted_per_s']} msg/s)" + (" (interrupted)" if result.interrupted else "")
     )
     print("replies: " + ", ".join(f"{code}: {n}" for code, n in sorted(result.codes.items())))
+    if result.causes:
+        print("not accepted: " + "; ".join(f"{c} ({n})" for c, n in result.causes.items()))
     print("accept latency ms: " + ", ".join(f"{k} {v}" for k, v in latency.items()))
+    if reconciled and recon is None:
+        print("reconciliation skipped: interrupted")
     if recon is not None:
         r = recon.as_dict()
         verdict = "OK" if recon.clean else "MISMATCH"

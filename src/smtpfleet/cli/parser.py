@@ -187,17 +187,74 @@ def _ops(sub: Any) -> None:
     _cluster_options(drain)
 
 
+# -- the numbers of `loadtest` and `drill` ---------------------------------------------------
+
+# The largest message `loadtest` and `drill` make: a node's default inbound.max_message_bytes
+# (25 MiB). A default node refuses more (552), and each sender holds its message in memory:
+# `--size 100000000000000` was a MemoryError.
+MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+# Senders of one `loadtest`, each with a socket of its own: far past a node's max_sessions
+# (1000 by default) the run measures this machine's file descriptor limit, not the cluster.
+MAX_CONCURRENCY = 10_000
+
+
+def finite_positive_float(text: str) -> float:
+    """Seconds and rates: `inf` would never end (a run of `--duration inf` hung)."""
+    value = positive_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, not {text!r}")
+    return value
+
+
+def finite_non_negative_float(text: str) -> float:
+    value = non_negative_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected 0 or a finite positive number, not {text!r}")
+    return value
+
+
+def whole_number_up_to(most: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from 1 to {most}, not {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def _loadtest(sub: Any) -> None:
     load = sub.add_parser("loadtest", help="send load and reconcile it against the sinks")
     load.add_argument("--target", action="append", required=True, metavar="HOST:PORT")
     size = load.add_mutually_exclusive_group(required=True)
     size.add_argument("--count", type=positive_int, help="messages to send")
-    size.add_argument("--duration", type=positive_float, metavar="SECONDS")
-    load.add_argument(
-        "--rate", type=positive_float, help="messages per second (default: as fast as possible)"
+    size.add_argument(
+        "--duration",
+        type=finite_positive_float,
+        metavar="SECONDS",
+        help="send for this long: no message starts after it (replies to those sent are "
+        "still read)",
     )
-    load.add_argument("--concurrency", type=positive_int, default=50)
-    load.add_argument("--size", type=positive_int, default=2048, help="message size in bytes")
+    load.add_argument(
+        "--rate",
+        type=finite_positive_float,
+        help="messages per second (default: as fast as possible)",
+    )
+    load.add_argument(
+        "--concurrency",
+        type=whole_number_up_to(MAX_CONCURRENCY),
+        default=50,
+        help=f"senders at once (default 50, at most {MAX_CONCURRENCY})",
+    )
+    load.add_argument(
+        "--size",
+        type=whole_number_up_to(MAX_MESSAGE_BYTES),
+        default=2048,
+        help=f"message size in bytes (default 2048, at most {MAX_MESSAGE_BYTES}: a node's "
+        "default inbound.max_message_bytes)",
+    )
     load.add_argument(
         "--per-session", type=positive_int, default=100, help="messages per connection"
     )
@@ -209,7 +266,10 @@ def _loadtest(sub: Any) -> None:
         help="run a sink here (a relay of the cluster) and reconcile against it",
     )
     load.add_argument(
-        "--settle", type=non_negative_float, default=30.0, help="seconds to wait for deliveries"
+        "--settle",
+        type=finite_non_negative_float,
+        default=30.0,
+        help="seconds to wait for deliveries (default 30)",
     )
     load.add_argument(
         "--starttls", action="store_true", help="upgrade every connection with STARTTLS"
@@ -241,13 +301,22 @@ def _drill(sub: Any) -> None:
     drill.add_argument(
         "--target", type=Path, metavar="FILE", help="drill a running cluster (docs/drills.md)"
     )
-    drill.add_argument("--dry-run", action="store_true", help="print the plan, do nothing")
     drill.add_argument(
-        "--rate", type=positive_float, help="msg/s (default: half of the measured peak)"
+        "--dry-run",
+        action="store_true",
+        help="print the plan (a local cluster's, or the target's) and start nothing",
     )
-    drill.add_argument("--duration", type=positive_float, help="seconds of load per drill")
+    drill.add_argument(
+        "--rate", type=finite_positive_float, help="msg/s (default: half of the measured peak)"
+    )
+    drill.add_argument("--duration", type=finite_positive_float, help="seconds of load per drill")
     drill.add_argument("--nodes", type=positive_int, default=3, help="nodes of a local cluster")
-    drill.add_argument("--size", type=positive_int, default=2048, help="message bytes")
+    drill.add_argument(
+        "--size",
+        type=whole_number_up_to(MAX_MESSAGE_BYTES),
+        default=2048,
+        help=f"message bytes (default 2048, at most {MAX_MESSAGE_BYTES})",
+    )
     drill.add_argument(
         "--ipv6", action="store_true", help="net-* drills: the namespaces talk over IPv6 (ULA)"
     )

@@ -37,7 +37,14 @@ from smtpfleet import http
 from smtpfleet.config import Config, load_config
 from smtpfleet.drills import measures
 from smtpfleet.drills.context import DrillContext, Relay, Scenario
-from smtpfleet.drills.target import Target, on_target, remote_cluster
+from smtpfleet.drills.target import (
+    Aftermath,
+    Target,
+    check_reachable,
+    heal_after_interrupt,
+    on_target,
+    remote_cluster,
+)
 from smtpfleet.loadgen.generator import run_load
 from smtpfleet.loadgen.messages import tag_of
 from smtpfleet.loadgen.paced import PacedLoad, Sent
@@ -132,14 +139,26 @@ class DrillResult:
         return not self.failures
 
 
-async def run_target_drill(scenario: Scenario, timing: Timing, target: Target) -> DrillResult:
-    """The scenario against a running cluster, through the target file's commands."""
+async def run_target_drill(
+    scenario: Scenario, timing: Timing, target: Target, aftermath: Aftermath | None = None
+) -> DrillResult:
+    """The scenario against a running cluster, through the target file's commands.
+
+    Cancelled (Ctrl-C) or failed after its fault was injected, it runs the fault's heal
+    command before it gives up (the operator's cluster is not left broken), and notes in
+    `aftermath` what it did, for the caller to report."""
     remote = remote_cluster(target)
     client = _redis_client(remote.config)
+    ctx = DrillContext(client, remote=remote)
     try:
-        ctx = DrillContext(client, remote=remote)
+        await check_reachable(target, remote, client)
         await remote.mark_start()
         return await _drive(on_target(scenario, target, timing.fault_s), timing, ctx)
+    except BaseException:
+        await heal_after_interrupt(
+            ctx, target, scenario.name, timing.fault_s, aftermath or Aftermath()
+        )
+        raise
     finally:
         await client.aclose()
 
@@ -197,18 +216,30 @@ async def _redis_for(scenario: Scenario, stack: contextlib.AsyncExitStack) -> _R
     if scenario.sentinel:
         sentinels = SentinelSet(replicas=2, sentinels=3, appendfsync="always")
         stack.callback(sentinels.close)
-        await asyncio.to_thread(sentinels.start)
+        await _start_in_thread(sentinels.start)
         overrides = {"redis": {"sentinels": sentinels.sentinel_addresses}}
         return _Redis(SENTINEL_DB_URL, overrides, sentinels=sentinels)
     if scenario.redis_cluster:
         servers = RedisClusterServers(primaries=3, replicas=1, appendfsync="always")
         stack.callback(servers.close)
-        await asyncio.to_thread(servers.start)
+        await _start_in_thread(servers.start)
         # Every node is a seed, so a node (re)starting while one is down still finds the rest;
         # 64 shards spread the mail over all three primaries (docs/cluster.md).
         seeds = {"cluster": True, "cluster_nodes": servers.addresses[1:], "shards": CLUSTER_SHARDS}
         return _Redis(servers.url, {"redis": seeds}, cluster=servers)
     return _Redis()
+
+
+async def _start_in_thread(start: Callable[[], None]) -> None:
+    """A blocking start in a thread. Cancelled (Ctrl-C), it still waits for the thread to end
+    before passing the cancellation on: the close that follows must not run while the thread
+    is still spawning servers, which would then outlive the drill."""
+    started = asyncio.ensure_future(asyncio.to_thread(start))
+    try:
+        await asyncio.shield(started)
+    except asyncio.CancelledError:
+        await asyncio.wait({started})
+        raise
 
 
 def _cluster_for(scenario: Scenario, *, ipv6: bool) -> Callable[..., LocalCluster]:
@@ -254,14 +285,42 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     # The relays' count so far (the peak measurement's mail, earlier drills' on a target's
     # relays) is not this drill's: the timeline counts only what arrives from now on.
     earlier = sum(s.count for s in ctx.sinks)
-    sampler = asyncio.create_task(_sample(ctx, load, start, timeline, earlier))
-    running = asyncio.create_task(load.run())
     marks: dict[str, float] = {}
     ctx.notes["fault_s"] = float(timing.fault_s)
+    running = asyncio.create_task(load.run())
+    helpers = [running, asyncio.create_task(_sample(ctx, load, start, timeline, earlier))]
+    try:
+        await _phases(scenario, timing, ctx, (load, running), start, marks, helpers)
+    finally:
+        # Cancelled (Ctrl-C) or failed mid-drill: the load, the sampler, the probe and the
+        # fault commands stop here, before the cluster under them is shut down.
+        await _stop_helpers([*helpers, *_command_tasks(ctx)])
+    await ctx.refresh()
+    counts = {
+        "retries": await _retry_depth(ctx),
+        "takeovers": await _takeovers(ctx),
+        "live_declared_dead": _live_declared_dead(ctx.local, _cut_off(ctx)),
+    }
+    return _result(scenario, timing, load, start, timeline, marks, counts, ctx)
+
+
+async def _phases(
+    scenario: Scenario,
+    timing: Timing,
+    ctx: DrillContext,
+    loading: tuple[PacedLoad, asyncio.Task[None]],
+    start: float,
+    marks: dict[str, float],
+    helpers: list[asyncio.Task[None]],
+) -> None:
+    """Warm-up, fault, heal, recovery and settling. The probe's task joins `helpers`, which
+    the caller stops whatever happens."""
+    load, running = loading
     await asyncio.sleep(timing.warmup_s)
     marks["inject"] = time.monotonic() - start
     await scenario.inject(ctx)
     detector = asyncio.create_task(_detect(scenario, ctx, start, marks))
+    helpers.append(detector)
     await asyncio.sleep(timing.fault_s)
     await _until_detected(scenario, detector, start + marks["inject"])
     if scenario.heal is not None:
@@ -270,20 +329,23 @@ async def _drive(scenario: Scenario, timing: Timing, ctx: DrillContext) -> Drill
     await asyncio.sleep(timing.recovery_s)
     await _until_accepting_again(scenario, load, start, marks["inject"])
     load.stop()
-    await running
+    await running  # the load's last sends
     marks["load_stopped"] = time.monotonic() - start
     await _settle(ctx, load, timing.settle_s)
     await _finish_commands(ctx)
     await asyncio.sleep(0.5)
-    sampler.cancel()
-    detector.cancel()
-    await ctx.refresh()
-    counts = {
-        "retries": await _retry_depth(ctx),
-        "takeovers": await _takeovers(ctx),
-        "live_declared_dead": _live_declared_dead(ctx.local, _cut_off(ctx)),
-    }
-    return _result(scenario, timing, load, start, timeline, marks, counts, ctx)
+
+
+def _command_tasks(ctx: DrillContext) -> list[asyncio.Task[Any]]:
+    tasks = ctx.notes.get("command_tasks", [])
+    assert isinstance(tasks, list)
+    return tasks
+
+
+async def _stop_helpers(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _until_detected(scenario: Scenario, detector: asyncio.Task[None], inject: float) -> None:

@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from smtpfleet.loadgen.generator import _Session
 from smtpfleet.loadgen.messages import RECIPIENT, SENDER, message_bytes
+from smtpfleet.loadgen.session import Session
 
 # What a session that is refused before the DATA reply counts as: no reply code to speak of.
 NO_REPLY = 0
@@ -49,15 +49,23 @@ class PacedLoad:
         interval = 1.0 / self.rate
         next_at = time.monotonic()
         tasks: set[asyncio.Task[None]] = set()
-        while not self._stop:
-            n = next(counter)
-            task = asyncio.create_task(self._one(n))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        if tasks:
-            await asyncio.gather(*tasks)
+        try:
+            while not self._stop:
+                n = next(counter)
+                task = asyncio.create_task(self._one(n))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            # Cancelled (an interrupted drill): the sends in flight end with the run, each
+            # closing its session, rather than go on against a cluster being shut down.
+            pending = list(tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _one(self, n: int) -> None:
         tag = f"{self.run_id}-{n}"
@@ -79,7 +87,7 @@ class PacedLoad:
             async with asyncio.timeout(self.timeout_s):
                 reader, writer = await asyncio.open_connection(host, port)
                 try:
-                    return await _transaction(_Session(reader, writer), data)
+                    return await _transaction(Session(reader, writer), data)
                 finally:
                     writer.write(b"QUIT\r\n")
                     writer.close()
@@ -94,7 +102,7 @@ class _Refused(Exception):
         self.code = code
 
 
-async def _transaction(session: _Session, data: bytes) -> tuple[int, float]:
+async def _transaction(session: Session, data: bytes) -> tuple[int, float]:
     """Greeting, EHLO, MAIL, RCPT, DATA, the message: its code and the dot-to-reply time."""
     greeting = await session.reply()
     if greeting != 220:

@@ -68,11 +68,19 @@ def reconcile(
     )
 
 
-async def settle(accepted: Sequence[str], sinks: Sequence[Sink], settle_s: float) -> Reconciliation:
-    """Reconcile once every accepted message arrived at the sinks, or settle_s ran out."""
+async def settle(
+    accepted: Sequence[str],
+    sinks: Sequence[Sink],
+    settle_s: float,
+    stop: asyncio.Event | None = None,
+) -> Reconciliation:
+    """Reconcile once every accepted message arrived at the sinks, or settle_s ran out, or
+    `stop` was set (Ctrl-C: the caller knows the count is then incomplete)."""
     deadline = time.monotonic() + settle_s
     while True:
         recon = reconcile(accepted, delivered(sinks))
+        if stop is not None and stop.is_set():
+            return recon
         if not recon.lost or time.monotonic() >= deadline:
             await asyncio.sleep(LATE_DUPLICATES_S)  # late duplicates show up here
             return reconcile(accepted, delivered(sinks))

@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import inspect
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -86,6 +87,33 @@ async def run_cli(
     out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def start_cli(*args: str) -> asyncio.subprocess.Process:
+    """`python -m smtpfleet ARGS` in a process group of its own, SIGINT as a terminal gives
+    it (a test runner may run with SIGINT ignored, which a child would inherit)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtpfleet",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+async def finish_cli(process: asyncio.subprocess.Process, timeout_s: float) -> tuple[int, str, str]:
+    """Its exit code and output; killed (with anything it started) if it outlasts timeout_s."""
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    except TimeoutError:
+        os.killpg(process.pid, signal.SIGKILL)
+        await process.communicate()
+        raise AssertionError(f"still running after {timeout_s} s") from None
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 async def eventually(
