@@ -267,16 +267,17 @@ async def test_a_reused_message_id_is_a_new_message_and_only_a_resend_is_a_dupli
     async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
         address = node.inbound.addresses[0]
 
-        async def alert(subject: str, recipient: str = "oncall@example.net") -> str:
-            data = make_message(subject=subject, message_id="<fixed@alerts>")
+        async def alert(data: bytes, recipient: str = "oncall@example.net") -> str:
             reply = await send(address, recipients=[recipient], data=data)
             assert reply.code == 250, reply
             return reply.text.rsplit(" ", 1)[-1]
 
-        first = await alert("disk full")
-        assert await alert("disk full") == first  # a resend: the first copy answers for it
-        assert await alert("disk fine") != first
-        assert await alert("disk full", "ONCALL@example.net") != first  # another mailbox
+        full = make_message(subject="disk full", message_id="<fixed@alerts>")
+        fine = make_message(subject="disk fine", message_id="<fixed@alerts>")
+        first = await alert(full)
+        assert await alert(full) == first  # a resend (the same bytes): the first copy answers
+        assert await alert(fine) != first
+        assert await alert(full, "ONCALL@example.net") != first  # another mailbox
         await eventually(lambda: sink.count == 3)
         await asyncio.sleep(0.3)
         assert sink.count == 3

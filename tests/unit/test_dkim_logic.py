@@ -160,6 +160,7 @@ def test_pkcs1_and_crlf_keys_are_read() -> None:
         (b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n", "not an RSA"),
         (_pem(1024, serialization.PrivateFormat.PKCS8, b"secret"), "encrypted"),
     ],
+    ids=["empty", "not-rsa", "encrypted"],  # the same names in every run (a key is made here)
 )
 def test_unusable_keys_are_refused_without_their_content(pem: bytes, problem: str) -> None:
     with pytest.raises(KeyProblem, match=problem) as caught:
