@@ -54,22 +54,31 @@ def domain_name(value: str, min_labels: int = 2) -> str:
     return domain
 
 
+def valid_literal(literal: str) -> bool:
+    """RFC 5321 §4.1.3, brackets included: a dotted quad, or "IPv6:" and an IPv6 address; no
+    general literals. Here, below the config, so the config's names and the inbound
+    grammar (inbound/syntax.py) judge a literal the same way."""
+    text = literal[1:-1]
+    try:
+        if text[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(text[5:])
+        else:
+            ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def smtp_domain(value: str) -> str:
     """A name we say in SMTP (the 220 banner, EHLO, Received's `by`): an RFC 5321 §4.1.2
     Domain or address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`). It is written into
     commands and replies as it is, so a space, CR, LF or any control character would end the
     line early or inject another one."""
     if value.startswith("[") and value.endswith("]"):
-        literal = value[1:-1]
-        try:
-            if literal[:5].lower() == "ipv6:":
-                ipaddress.IPv6Address(literal[5:])
-            else:
-                ipaddress.IPv4Address(literal)
-        except ValueError:
+        if not valid_literal(value):
             raise ValueError(
                 f"{value!r} is not an address literal ([192.0.2.1] or [IPv6:2001:db8::1])"
-            ) from None
+            )
         return value
     if not _SMTP_DOMAIN_RE.fullmatch(value):
         raise ValueError(

@@ -21,10 +21,11 @@ character (SMTPUTF8 is not offered), makes the path invalid. RCPT also takes §4
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from typing import Final
+
+from smtpfleet.config_values import valid_literal as valid_literal
 
 MAX_LOCAL_PART: Final = 64  # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN: Final = 255  # §4.5.3.1.2
@@ -58,19 +59,6 @@ _ESMTP_VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
 # or doubled dot) and a domain of letter-digit-hyphen labels. Address parsers hand it back
 # unchanged, so a sender of commands may skip them for it (relays/pipelining.py).
 PLAIN_MAILBOX: Final = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@{_DOMAIN}")
-
-
-def valid_literal(literal: str) -> bool:
-    """RFC 5321 §4.1.3: a dotted quad, or "IPv6:" and an IPv6 address; no general literals."""
-    text = literal[1:-1]
-    try:
-        if text[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(text[5:])
-        else:
-            ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def parse_path(arg: str) -> tuple[str, str] | None:
