@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -21,7 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,29 @@ class Node:
             return None
         finally:
             self._reader.join(timeout=5)
+
+
+PORT_ATTEMPTS = 3
+
+
+async def start_ready(launch: Callable[[int, int], Node], nodes: list[Node]) -> int:
+    """`launch(smtp_port, http_port)` on two ports that were free a moment ago, again on new
+    ones when the node found one taken since (another process's connection can get it in
+    between); the ready node joins `nodes`. Returns its SMTP port."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        smtp_port, http_port = free_port(), free_port()
+        node = launch(smtp_port, http_port)
+        nodes.append(node)
+        try:
+            await node.wait_ready()
+        except AssertionError:
+            if attempt == PORT_ATTEMPTS or b"address already in use" not in node.output.lower():
+                raise
+            node.stop()
+            nodes.remove(node)
+            continue
+        return smtp_port
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -276,22 +300,28 @@ async def test_image_entrypoint_runs_natively(redis_url: str, prefix: str, sink:
         env[key] = value
     assert env["SMTPFLEET_CONFIG"] == "/etc/smtpfleet/smtpfleet.yaml"
     env["SMTPFLEET_CONFIG"] = str(ROOT / "deploy" / "docker" / "smtpfleet.yaml")
-    smtp_port, http_port = free_port(), free_port()
     relay_host, relay_port = sink.host, sink.port
     # What a user sets with `docker run -e` (the image's file leaves these to them).
     env.update(
         SMTPFLEET_REDIS__URL=redis_url,
         SMTPFLEET_REDIS__PREFIX=prefix,
-        SMTPFLEET_INBOUND__LISTEN=f'["127.0.0.1:{smtp_port}"]',
-        SMTPFLEET_HTTP__LISTEN=f"0.0.0.0:{http_port}",  # the healthcheck asks loopback
         SMTPFLEET_INBOUND__ACCEPTED_DOMAINS='["example.net"]',
         SMTPFLEET_RELAYS=f"[{{name: relay, host: {relay_host}, port: {relay_port}}}]",
     )
     entry = exec_form("ENTRYPOINT")
     assert entry[0] == "smtpfleet"
-    node = Node([*entry[1:], *exec_form("CMD")], env, http_port)
-    with nodes_stopped_at_exit([node]):
-        await node.wait_ready()
+
+    def launch(smtp_port: int, http_port: int) -> Node:
+        env.update(
+            SMTPFLEET_INBOUND__LISTEN=f'["127.0.0.1:{smtp_port}"]',
+            SMTPFLEET_HTTP__LISTEN=f"0.0.0.0:{http_port}",  # the healthcheck asks loopback
+        )
+        return Node([*entry[1:], *exec_form("CMD")], env, http_port)
+
+    nodes: list[Node] = []
+    with nodes_stopped_at_exit(nodes):
+        smtp_port = await start_ready(launch, nodes)
+        node = nodes[0]
         script = ROOT / "deploy" / "docker" / "healthcheck.py"
         check = await asyncio.to_thread(run_healthcheck, script, env)
         assert check.returncode == 0, check.stderr
@@ -364,6 +394,15 @@ def test_compose_services_are_wired() -> None:
     assert config["queue"]["durability"] == "fsync"
 
 
+def _compose_node(command: list[str], env: dict[str, str], smtp_port: int, http_port: int) -> Node:
+    """A compose service's process, its container network's names pointed at loopback."""
+    listen = {
+        "SMTPFLEET_INBOUND__LISTEN": f'["127.0.0.1:{smtp_port}"]',
+        "SMTPFLEET_HTTP__LISTEN": f"127.0.0.1:{http_port}",
+    }
+    return Node(command, {**env, **listen}, http_port)
+
+
 async def test_compose_nodes_run_natively(redis_url: str, prefix: str) -> None:
     """Each smtpfleet service's command, environment and mounted config file, run as its own
     process; only the container network's names are pointed at loopback (SMTPFLEET_*)."""
@@ -371,7 +410,7 @@ async def test_compose_nodes_run_natively(redis_url: str, prefix: str) -> None:
     async with Sink(name="relay-a") as relay_a, Sink(name="relay-b") as relay_b:
         sinks = {"relay-a": relay_a, "relay-b": relay_b}
         nodes: list[Node] = []
-        smtp_ports = []
+        launches: list[Callable[[int, int], Node]] = []
         with nodes_stopped_at_exit(nodes):
             for name in sorted(n for n in services if n.startswith("smtpfleet-")):
                 service = services[name]
@@ -383,21 +422,14 @@ async def test_compose_nodes_run_natively(redis_url: str, prefix: str) -> None:
                 config_path = command[command.index("--config") + 1]
                 command[command.index("--config") + 1] = str(mounts[config_path])
                 config = yaml.safe_load(mounts[config_path].read_text())
-                smtp_port, http_port = free_port(), free_port()
                 env = {**clean_environ(), **{k: str(v) for k, v in service["environment"].items()}}
-                env.update(
-                    SMTPFLEET_REDIS__URL=redis_url,
-                    SMTPFLEET_REDIS__PREFIX=prefix,
-                    SMTPFLEET_INBOUND__LISTEN=f'["127.0.0.1:{smtp_port}"]',
-                    SMTPFLEET_HTTP__LISTEN=f"127.0.0.1:{http_port}",
-                )
+                env.update(SMTPFLEET_REDIS__URL=redis_url, SMTPFLEET_REDIS__PREFIX=prefix)
                 for index, relay in enumerate(config["relays"]):
                     host, port = sinks[relay["host"]].host, sinks[relay["host"]].port
                     env[f"SMTPFLEET_RELAYS__{index}__HOST"] = host
                     env[f"SMTPFLEET_RELAYS__{index}__PORT"] = str(port)
-                nodes.append(Node(command, env, http_port))
-                smtp_ports.append(smtp_port)
-            await asyncio.gather(*(node.wait_ready() for node in nodes))
+                launches.append(functools.partial(_compose_node, command, env))
+            smtp_ports = await asyncio.gather(*(start_ready(go, nodes) for go in launches))
             # One message through each node; MX mode (loopback is not in relay_networks).
             for port in smtp_ports:
                 reply = await send(("127.0.0.1", port), recipients=["you@example.net"])
@@ -671,18 +703,16 @@ async def test_chart_prestop_hook_drains_the_node(redis_url: str, prefix: str, s
     values["drain"] = {"graceSeconds": 5, "preStopDelaySeconds": 0}
     container = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     command = container["lifecycle"]["preStop"]["exec"]["command"]
-    smtp_port, http_port = free_port(), free_port()
     env = clean_environ()
     env.update(
         SMTPFLEET_REDIS__URL=redis_url,
         SMTPFLEET_REDIS__PREFIX=prefix,
-        SMTPFLEET_INBOUND__LISTEN=f'["127.0.0.1:{smtp_port}"]',
-        SMTPFLEET_HTTP__LISTEN=f"127.0.0.1:{http_port}",
         SMTPFLEET_RELAYS=f"[{{name: relay, host: 127.0.0.1, port: {sink.port}}}]",
     )
-    node = Node(["serve"], env, http_port)
-    with nodes_stopped_at_exit([node]):
-        await node.wait_ready()
+    nodes: list[Node] = []
+    with nodes_stopped_at_exit(nodes):
+        await start_ready(functools.partial(_compose_node, ["serve"], env), nodes)
+        node = nodes[0]
         script = command[-1].replace("kill -TERM 1", f"kill -TERM {node.process.pid}")
         script = script.replace("kill -0 1", f"kill -0 {node.process.pid}")
         assert script != command[-1]
