@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import fcntl
 import gc
 import os
 import signal
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -69,6 +71,62 @@ def _awaiting(coro: object) -> Iterator[str]:
             yield repr(coro)
             return
         coro = nested
+
+
+class _SoloLock:
+    """Keeps a `solo` test alone when the suite runs in several processes (pytest-xdist).
+
+    Such a test measures time or rates (a failover's length, a per-second limit) that a test
+    in the other process, on the same two cores, would stretch. Every test holds a shared
+    lock on one file, a solo test an exclusive one. A turnstile in front lets a waiting solo
+    test in before the other process's next test: without it, that process could take the
+    shared lock again the moment it let go, test after test, and starve the solo one.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        base = Path(tempfile.gettempdir()) / f"smtpfleet-tests-{run_id}"
+        self._turnstile = open(f"{base}.turnstile", "a+b")  # noqa: SIM115 - held for the run
+        self._room = open(f"{base}.room", "a+b")  # noqa: SIM115
+
+    def enter(self, solo: bool) -> None:
+        fcntl.flock(self._turnstile, fcntl.LOCK_EX)
+        fcntl.flock(self._room, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
+        if not solo:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+
+    def remove(self) -> None:
+        for held in (self._turnstile, self._room):
+            Path(held.name).unlink(missing_ok=True)
+
+    def leave(self, solo: bool) -> None:
+        fcntl.flock(self._room, fcntl.LOCK_UN)
+        if solo:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+
+
+_SOLO_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_solo_lock = _SoloLock(_SOLO_RUN) if _SOLO_RUN else None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Every process opened the lock files when it imported this file, before any test ran,
+    # so whichever ends first can remove them: the other keeps its open files.
+    if _solo_lock is not None:
+        _solo_lock.remove()
+
+
+# tryfirst: outside pytest-timeout's wrapper, so the wait for the lock is not the test's time.
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    if _solo_lock is None:
+        yield
+        return
+    solo = item.get_closest_marker("solo") is not None
+    _solo_lock.enter(solo)
+    try:
+        yield
+    finally:
+        _solo_lock.leave(solo)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from smtpfleet.drills.report import write_reports
 from smtpfleet.drills.runner import Timing, run_drill
 from smtpfleet.drills.scenarios import SCENARIOS
 
-pytestmark = [pytest.mark.timeout(40), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(40), pytest.mark.slow, pytest.mark.solo]
 
 
 async def test_transactional_mail_goes_first_after_an_outage_with_a_bulk_backlog(

@@ -15,7 +15,7 @@ from smtpfleet.drills.runner import Timing, run_drill
 from smtpfleet.testing.redis_cluster import find_cli_binary
 from smtpfleet.testing.tools import unavailable
 
-pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(90), pytest.mark.slow, pytest.mark.solo]
 
 BY_NAME = {s.name: s for s in REDIS_CLUSTER_SCENARIOS}
 

@@ -13,7 +13,7 @@ from smtpfleet.drills.report import write_reports
 from smtpfleet.drills.runner import Timing, run_drill
 from smtpfleet.drills.scenarios import SCENARIOS
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.solo]
 
 
 # The network-namespace drills run in tests/netns (they need root and `ip`); the Redis Cluster

@@ -24,6 +24,7 @@ def _row(page: str, name: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.solo
 @pytest.mark.timeout(150)
 def test_a_game_day_ends_with_one_summary_page(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -26,7 +26,7 @@ from smtpfleet.testing.client import send
 from smtpfleet.testing.fake_kubectl import install
 from smtpfleet.testing.localcluster import LocalCluster
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow, pytest.mark.solo]
 
 
 @pytest.fixture

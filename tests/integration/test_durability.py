@@ -219,6 +219,7 @@ async def test_a_resend_adopts_an_unconfirmed_copy_and_its_late_tombstone_spares
         await queue.close()
 
 
+@pytest.mark.solo  # bounds how long the 451 took
 async def test_an_accept_answered_451_while_redis_stalled_is_not_applied_when_it_resumes(
     sink: Sink,
 ) -> None:

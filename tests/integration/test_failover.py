@@ -29,7 +29,7 @@ from smtpfleet.testing import (
 )
 from smtpfleet.testing.sink import Sink
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.solo]
 
 HEALTH = {"interval_s": 0.5, "timeout_s": 1.0, "fall": 2, "rise": 2}
 CLUSTER = {"heartbeat_interval_s": 0.5, "lease_s": 2.0, "lease_refresh_s": 0.5}

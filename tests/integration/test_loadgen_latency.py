@@ -10,7 +10,7 @@ import pytest
 from smtpfleet.loadgen import run_load
 from smtpfleet.testing.sink import Faults, Sink
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.solo]
 
 REPLY_DELAY_S = 0.15  # before every reply but the greeting: MAIL, RCPT, DATA and the dot
 

@@ -92,6 +92,7 @@ async def test_a_number_that_never_ends_or_no_node_takes_is_a_usage_error(
     [("3", "0.05"), ("2", "0.0000001")],
     ids=["next-send-past-the-end", "next-send-in-115-days"],
 )
+@pytest.mark.solo
 async def test_the_duration_bounds_a_paced_run(sink: Sink, duration: str, rate: str) -> None:
     # Before: the second send waited for its slot (20 s; 10**7 s: a hang), past the duration.
     paced = ("--duration", duration, "--rate", rate, "--concurrency", "1")

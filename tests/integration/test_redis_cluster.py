@@ -33,7 +33,7 @@ from smtpfleet.testing.memory import Clock
 from smtpfleet.testing.redis_cluster import RedisClusterServers, started_cluster
 from smtpfleet.testing.redis_server import LOOPBACK
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.solo]
 
 SHARDS = 16
 CONSUMER = "node-a"

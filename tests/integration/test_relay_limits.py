@@ -79,6 +79,7 @@ async def test_chained_sessions_keep_the_limit_and_starve_no_node(
         assert total("smtpfleet_relay_chained_messages_total", relay="only") >= 1
 
 
+@pytest.mark.solo
 async def test_rate_limit_holds_across_nodes(redis_url: str, prefix: str, sink: Sink) -> None:
     overrides = limited(prefix, sink, max_messages_per_s=5)
     configs = [
@@ -86,13 +87,15 @@ async def test_rate_limit_holds_across_nodes(redis_url: str, prefix: str, sink: 
     ]
     async with running_node(configs[0]) as a, running_node(configs[1]) as b:
         addresses = [a.inbound.addresses[0], b.inbound.addresses[0]]
-        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(15)))
+        replies = await asyncio.gather(*(send(addresses[i % 2]) for i in range(25)))
         assert {r.code for r in replies} == {250}
-        await eventually(lambda: sink.count == 15, timeout_s=30)
+        await eventually(lambda: sink.count == 25, timeout_s=30)
         arrivals = sorted(m.at for m in sink.messages)
-        # A per-second budget of 5: 15 messages need three one-second windows, so they cannot
-        # all arrive within one second (a fixed window allows a burst across each boundary).
-        assert arrivals[-1] - arrivals[0] > 0.95
+        # A per-second budget of 5: 25 messages need five one-second windows, so the sends
+        # span at least three seconds (a fixed window allows a burst across each boundary).
+        # A second of it is left to how long each delivery took: a first one that opened its
+        # connection on a busy machine once ate most of the margin of a tighter bound.
+        assert arrivals[-1] - arrivals[0] > 2.0
 
 
 async def test_when_no_relay_is_healthy_mail_waits_and_nothing_bounces(

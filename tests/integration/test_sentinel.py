@@ -33,7 +33,7 @@ from smtpfleet.testing.redis_server import LOOPBACK
 from smtpfleet.testing.sentinel import SentinelSet
 from smtpfleet.testing.sink import Sink
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.solo]
 
 
 @pytest.fixture

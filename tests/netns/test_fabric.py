@@ -13,7 +13,7 @@ from smtpfleet.testing import ipcmd
 from smtpfleet.testing.netns import Fabric
 from smtpfleet.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.solo]
 
 
 def _leftovers(run_id: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 from smtpfleet.testing.netns import Fabric
 from smtpfleet.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.solo]
 
 PORT = 6379
 

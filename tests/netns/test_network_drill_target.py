@@ -29,7 +29,7 @@ from smtpfleet.testing.netcut import bridge_ports
 from smtpfleet.testing.netns import Fabric
 from smtpfleet.testing.netns_cluster import NetnsCluster, hostport
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.solo]
 
 RELAY_PORT = 2525
 RELAY_REPLY_S = 0.15  # a delivery's four replies: 0.6 s, about six in flight on node-1

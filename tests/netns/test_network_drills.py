@@ -13,7 +13,7 @@ from smtpfleet.drills.report import write_reports
 from smtpfleet.drills.runner import Timing, run_drill
 from smtpfleet.drills.scenarios import SCENARIOS
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.solo]
 
 NETWORK = [name for name, scenario in SCENARIOS.items() if scenario.netns]
 # Shorter than Timing.short(): four drills must fit CI's budget (about 17 s each here).
