@@ -7,6 +7,7 @@ grace period); a second one exits at once, as uvicorn does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -43,11 +44,17 @@ async def _serve(config: Config) -> int:
     for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        await node.start()
+        started = await _started_unless_stopped(node, stop)
     except (RedisUnsuitable, QueueUnavailable, ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
         await node.close()
         return EXIT_STARTUP_FAILED
+    if not started:
+        # Told to stop while it waited for Redis (up to node.startup_timeout_s): it took no
+        # mail yet, so there is nothing to drain, and a supervisor is not kept waiting.
+        log.info("stopped before it was ready")
+        await node.close()
+        return EXIT_OK
     frozen = freeze_startup_objects()
     log.info(
         "%d start-up objects kept out of garbage collection",
@@ -66,6 +73,23 @@ async def _serve(config: Config) -> int:
     unwatch()
     log.info("node %s stopped", node.node_id)
     return EXIT_OK
+
+
+async def _started_unless_stopped(node: Node, stop: asyncio.Event) -> bool:
+    """node.start(), cut short by a signal: False when the signal came first."""
+    starting = asyncio.ensure_future(node.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if starting.done():
+        starting.result()  # its error, if it failed
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return False
 
 
 async def _relay_event(source: asyncio.Event, target: asyncio.Event) -> None:
