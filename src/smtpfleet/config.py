@@ -18,10 +18,18 @@ import os
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, get_args
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from smtpfleet.config_env import Overlay, overlay_environment
@@ -65,8 +73,13 @@ RESERVED_ENV = frozenset(
 # overflows long before 1e300.
 MAX_DURATION_S: Final = 366 * 24 * 3600.0
 Seconds = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]  # 0: unlimited, or off
+# A count beyond 2**31 - 1 is a typo, and some reach where they cannot work: a BLOCK or a
+# WAITAOF timeout Redis refuses, a semaphore no machine fills. Sizes in bytes go further.
+MAX_COUNT: Final = 2**31 - 1
+MAX_BYTES: Final = 2**40
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_COUNT)]  # 0: unlimited, or off
+Bytes = Annotated[int, Field(gt=0, le=MAX_BYTES)]
 Port = Annotated[int, Field(ge=1, le=65535)]  # one we connect to (a listener may bind 0)
 # Below this even a Redis on the same host misses it while a node starts (0.001 s: a raw
 # TimeoutError at `serve` start; 0.1 s: the first stream reads time out); 0.2 s keeps up.
@@ -75,6 +88,16 @@ MIN_SOCKET_TIMEOUT_S: Final = 0.2
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic takes `true` as 1 and `false` as 0: `port: true` was a relay on port 1."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in get_args(annotation):
+                raise ValueError("must not be true or false")
+        return value
 
 
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
@@ -210,8 +233,8 @@ class InboundConfig(_Section):
     proxy_timeout_s: Seconds = 5.0
     accepted_domains: list[str] = Field(default_factory=list)
     relay_networks: list[str] = Field(default_factory=list)
-    max_message_bytes: PositiveInt = 25 * 1024 * 1024
-    max_recipients: Annotated[int, Field(ge=100)] = 100
+    max_message_bytes: Bytes = 25 * 1024 * 1024
+    max_recipients: Annotated[int, Field(ge=100, le=MAX_COUNT)] = 100
     max_received_headers: PositiveInt = 30
     idle_timeout_s: Seconds = 300.0
     # During DATA, fewer bytes than this per second over data_rate_window_s (measured once a
@@ -221,7 +244,7 @@ class InboundConfig(_Section):
     max_sessions: PositiveInt = 1000
     # Message bytes all sessions of a node may hold while receiving and queueing them; a
     # message that would pass it gets 452 and is sent again later. At least one whole message.
-    max_receiving_bytes: PositiveInt = 256 * 1024 * 1024
+    max_receiving_bytes: Bytes = 256 * 1024 * 1024
     # Must stay well under 10 s so a client sees 451 before common client timeouts.
     accept_timeout_s: Annotated[float, Field(gt=0, le=10)] = 8.0
 
@@ -598,7 +621,7 @@ class RelayConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     host: str
     port: Port = 25
-    priority: Annotated[int, Field(ge=0)] = 10
+    priority: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 10
     weight: PositiveInt = 1
     tls: TlsPolicy = TlsPolicy.NONE
     tls_verify: bool = True

@@ -224,19 +224,19 @@ def _is_model(annotation: Any) -> bool:
 
 
 def _float_keys(
-    model: type[BaseModel], path: tuple[str, ...] = ()
+    model: type[BaseModel], path: tuple[str, ...] = (), kind: type = float
 ) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(path, default) of every float key of the schema; sections in lists as their first
-    item."""
+    """(path, default) of every key of the schema of type `kind`; sections in lists as their
+    first item."""
     for name, field in model.model_fields.items():
         annotation = _bare(field.annotation)
         item = typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else None
-        if annotation is float:
+        if annotation is kind:
             yield (*path, name), field.get_default()
         elif _is_model(annotation):
-            yield from _float_keys(annotation, (*path, name))
+            yield from _float_keys(annotation, (*path, name), kind)
         elif _is_model(item):
-            yield from _float_keys(item, (*path, name, "0"))
+            yield from _float_keys(item, (*path, name, "0"), kind)
 
 
 def _tree(path: tuple[str, ...], value: Any) -> dict[str, Any]:
@@ -303,6 +303,42 @@ def test_a_duration_is_at_most_a_year(path: tuple[str, ...]) -> None:
 def test_a_duration_from_the_environment_is_checked_the_same() -> None:
     message = _problem({}, {"SMTPFLEET_HEALTH__INTERVAL_S": ".inf"})
     assert "SMTPFLEET_HEALTH__INTERVAL_S (health.interval_s): Input should be a finite" in message
+
+
+INT_KEYS = sorted(dict(_float_keys(Config, kind=int)))
+
+
+def test_the_int_keys_include_ports_counts_and_sizes() -> None:
+    dotted = {".".join(p) for p in INT_KEYS}
+    assert {
+        "relays.0.port",
+        "inbound.max_sessions",
+        "inbound.max_message_bytes",
+        "delivery.block_ms",
+        "queue.durability_timeout_ms",
+        "redis.max_connections",
+    } <= dotted
+
+
+@pytest.mark.parametrize("path", INT_KEYS + FLOAT_KEYS, ids=".".join)
+@pytest.mark.parametrize("value", [True, False])
+def test_a_number_is_not_true_or_false(path: tuple[str, ...], value: bool) -> None:
+    # pydantic took `port: true` as port 1 and `drain_grace_s: false` as 0 s.
+    message = _problem(_tree(path, value))
+    assert f"{'.'.join(path)}: Value error, must not be true or false" in message
+
+
+@pytest.mark.parametrize("path", INT_KEYS, ids=".".join)
+def test_every_count_has_an_upper_bound(path: tuple[str, ...]) -> None:
+    # 10**20 passed `config check`; as delivery.block_ms or queue.durability_timeout_ms it is
+    # a timeout Redis refuses on every read or accept.
+    assert "less than or equal to" in _problem(_tree(path, 10**20))
+
+
+def test_a_switch_still_takes_true_and_false() -> None:
+    config = build_config({"inbound": {"limits": {"exempt_relay_networks": False}}})
+    assert config.inbound.limits.exempt_relay_networks is False
+    assert build_config({"redis": {"cluster": True}}).redis.cluster is True
 
 
 def test_the_redis_socket_timeout_has_a_floor() -> None:
