@@ -205,6 +205,7 @@ async def test_auth_in_clear_is_538_and_never_advertised(front: Front, certs: Tl
 async def test_mx_listener_never_offers_auth(front: Front, certs: TlsFiles) -> None:
     wire = await Wire.open(front.address(MX))
     assert "AUTH" not in await wire.cmd("EHLO client.test")
+    assert "AUTH" not in (await wire.cmd("HELP")).split()
     assert await wire.cmd("AUTH LOGIN") == line(replies.AUTH_NOT_OFFERED)
     assert "AUTH" not in await wire.starttls(certs)
     # Good credentials change nothing: no AUTH on port 25, and no relaying.

@@ -200,6 +200,9 @@ async def test_help_is_214_with_an_enhanced_code_and_an_unknown_topic_504(
         assert listing.startswith("214 2.0.0 Supported commands: "), listing
         for command in ("DATA", "EHLO", "MAIL", "QUIT", "RCPT", "RSET"):
             assert command in listing.split(), listing
+        # An mx listener offers no AUTH: HELP does not list it, nor explain it.
+        assert "AUTH" not in listing.split(), listing
+        assert (await wire.cmd("HELP AUTH")).startswith("504 5.5.4"), listing
         syntax = await wire.cmd("HELP mail")
         assert syntax.startswith("214 2.0.0 Syntax: MAIL FROM: <address>"), syntax
         unknown = await wire.cmd("HELP FOO")

@@ -425,7 +425,7 @@ class InboundSMTP(SMTP):
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------
 
-    @syntax("AUTH <mechanism>")
+    @syntax("AUTH <mechanism>", when="offers_auth")  # HELP lists it where it is offered
     async def smtp_AUTH(self, arg: str | None) -> None:  # noqa: N802 - aiosmtpd's name
         """PLAIN and LOGIN on submission listeners, under TLS only, within the failure limit."""
         auth = self._server.auth
