@@ -300,6 +300,9 @@ class RedisServer(Launched):
             *("--maxmemory-policy", "noeviction", "--save", ""),
             *("--dir", str(self.data_dir), "--logfile", str(self.log_path)),
             *("--protected-mode", "yes"),
+            # A replica (of a Sentinel set, a Cluster shard, or after a failover) is sent its
+            # first copy at once: Redis waits 5 s by default for more replicas to share it.
+            *("--repl-diskless-sync-delay", "0"),
             *self.extra_args,  # last, so they override the defaults above
         ]
 
