@@ -238,6 +238,33 @@ async def test_recipients_spread_over_two_nodes_meet_one_limit(
         assert sample(two, REFUSALS, {"limit": "recipients"}) == 2
 
 
+async def test_a_repeated_recipient_is_neither_limited_nor_counted(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """A RCPT the transaction holds already is taken once: a 451 for it at the limit would
+    have the client send it again later, a second delivery to that mailbox."""
+    config = limited(redis_url, sink, prefix, limits={"recipients_per_minute": 3})
+    async with running_node(config) as node:
+        wire = await greeted(node)
+        await wire.cmd("EHLO client.test")
+        said = await transaction(wire, "a@example.net", "a@example.net", "b@example.net")
+        ok, repeat = replies.RCPT_OK + "\r\n", replies.RCPT_DUPLICATE + "\r\n"
+        assert said[1:] == [ok, repeat, ok], said
+        # The repeat did not count: a third mailbox still fits the minute's three ...
+        assert await wire.cmd("RCPT TO:<c@example.net>") == ok
+        # ... and at the limit a repeat is still taken once, a new one is not.
+        assert await wire.cmd("RCPT TO:<b@example.net>") == repeat
+        assert await wire.cmd("RCPT TO:<Postmaster>") == (
+            replies.CLIENT_TOO_MANY_RECIPIENTS + "\r\n"
+        )
+        assert (await wire.cmd("DATA")).startswith("354")
+        assert (await wire.cmd("Subject: once\r\n\r\nbody\r\n.")).startswith("250 ")
+        await wire.close()
+        await eventually(lambda: sink.count == 1)
+        assert sink.messages[0].recipients == ("a@example.net", "b@example.net", "c@example.net")
+        assert sample(node, REFUSALS, {"limit": "recipients"}) == 1
+
+
 # -- Redis away -------------------------------------------------------------------------------
 
 

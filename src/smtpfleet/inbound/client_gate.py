@@ -35,6 +35,7 @@ from smtpfleet.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Hook = Callable[..., Awaitable[Any]]
+Repeat = Callable[[Any, str], bool]  # (envelope, address): see ClientGate.guard
 RELEASE_WAIT_S: Final = 2.0  # close(): how long the last sessions' releases may take
 CLIENTS_KEPT: Final = 4096  # client addresses whose key (or exemption) is kept
 
@@ -147,12 +148,16 @@ class ClientGate:
             self._pending += 1
             self._since_mail += 1
 
-    def guard(self, hooks: dict[str, Hook]) -> None:
-        """Put the limits in front of aiosmtpd's MAIL and RCPT hooks (the handler's)."""
+    def guard(self, hooks: dict[str, Hook], accepted_already: Repeat | None = None) -> None:
+        """Put the limits in front of aiosmtpd's MAIL and RCPT hooks (the handler's).
+
+        `accepted_already(envelope, address)`: a RCPT the transaction holds already, which
+        the handler takes once. It is neither limited nor counted: a 451 for it would have
+        the client send it again in a transaction of its own, a second delivery."""
         if "MAIL" in hooks:
             hooks["MAIL"] = self._guard_mail(hooks["MAIL"])
         if "RCPT" in hooks:
-            hooks["RCPT"] = self._guard_rcpt(hooks["RCPT"])
+            hooks["RCPT"] = self._guard_rcpt(hooks["RCPT"], accepted_already)
 
     def _guard_mail(self, hook: Hook) -> Hook:
         async def mail(*args: Any) -> Any:
@@ -161,8 +166,11 @@ class ClientGate:
 
         return mail
 
-    def _guard_rcpt(self, hook: Hook) -> Hook:
+    def _guard_rcpt(self, hook: Hook, accepted_already: Repeat | None) -> Hook:
         async def rcpt(*args: Any) -> Any:
+            # aiosmtpd calls hook(server, session, envelope, address, options)
+            if accepted_already is not None and accepted_already(args[2], args[3]):
+                return await hook(*args)
             refusal = self.rcpt()
             if refusal is not None:
                 return refusal

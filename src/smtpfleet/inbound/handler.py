@@ -161,7 +161,7 @@ class InboundHandler:
             address = self._policy.postmaster
         keys = self._recipient_keys.setdefault(envelope, set())
         key = recipient_key(address)
-        if key in keys:
+        if key in keys:  # (the per-client limits let it by: accepted_already)
             # Accepted already, by the same rules: a second RCPT for it would reach the relay
             # and the mailbox twice. Checked before the limit, or a 452 would have the client
             # send it again in a transaction of its own.
@@ -173,6 +173,18 @@ class InboundHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return replies.RCPT_OK
+
+    def accepted_already(self, envelope: Envelope, address: str) -> bool:
+        """Whether RCPT `address` names a recipient this transaction has accepted (the same
+        mailbox by recipient_key), which handle_RCPT answers 250 and takes once."""
+        keys = self._recipient_keys.get(envelope)
+        if not keys:
+            return False
+        if address == POSTMASTER:
+            if self._policy.postmaster is None:
+                return False
+            address = self._policy.postmaster
+        return recipient_key(address) in keys
 
     def _rcpt_refusal(self, session: Session, envelope: Envelope, address: str) -> str | None:
         if len(envelope.rcpt_tos) >= self._max_recipients:

@@ -223,7 +223,7 @@ class InboundSMTP(SMTP):
         if "EHLO" in self._handle_hooks and not self.offers_auth:
             self._handle_hooks["EHLO"] = _without_auth(self._handle_hooks["EHLO"])
         self._gate = server.gates.new()  # the per-client limits, in front of MAIL and RCPT
-        self._gate.guard(self._handle_hooks)
+        self._gate.guard(self._handle_hooks, handler.accepted_already)
 
     @property
     def offers_auth(self) -> bool:
