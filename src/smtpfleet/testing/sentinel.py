@@ -156,6 +156,16 @@ class SentinelSet(Launched):
         assert new is not None
         return new
 
+    def log_tails(self, lines: int = 30) -> str:
+        """The last lines of every Sentinel's log: why a failover took the turn it took."""
+        parts = []
+        for sentinel in self.sentinels:
+            text = (
+                sentinel.log_path.read_text(errors="replace") if sentinel.log_path.exists() else ""
+            )
+            parts.append(f"--- sentinel {sentinel.port}\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts)
+
     def close(self) -> None:
         for sentinel in self.sentinels:
             sentinel.stop()
