@@ -51,6 +51,11 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.lines_folded = Counter(
+            "smtpfleet_smtp_lines_folded",
+            "Folds inserted at accept into message lines over 998 octets",
+            registry=r,
+        )
         self.replies = Counter(
             "smtpfleet_smtp_replies", "SMTP replies sent, by class", ["class"], registry=r
         )

@@ -73,6 +73,26 @@ async def test_delivered_mail_verifies_and_other_domains_go_unsigned(
     assert not dkim.verify(signed.replace(b"hello", b"HELLO"), dnsfunc=published)
 
 
+async def test_a_message_with_a_long_line_is_folded_before_it_is_signed(
+    redis_url: str, prefix: str, sink: Sink, key: DkimKeyFile
+) -> None:
+    """Folded at accept, the relay sends on the bytes we signed: a relay that folded a line
+    over 998 octets itself (as Postfix's SMTP client does) would break the signature."""
+    overrides = {"redis": {"prefix": prefix}, **dkim_settings(key.key_file)}
+    async with running_node(node_config(redis_url, [sink.address], overrides)) as node:
+        html = "<p>" + "w" * 3000 + "</p>\r\n"  # as generated HTML often comes, on one line
+        data = make_message(sender="alice@example.com", subject="long", body=html)
+        reply = await send(node.inbound.addresses[0], sender="alice@example.com", data=data)
+        assert reply.code == 250, reply
+        await eventually(lambda: sink.count == 1)
+        assert node.registry.get_sample_value("smtpfleet_smtp_lines_folded_total") == 3
+    received = sink.messages[0].data
+    assert max(len(line) for line in received.split(b"\r\n")) <= 998
+    assert b"\r\n " + b"w" * 997 + b"\r\n " in received  # folded, not cut
+    assert received.split(b"\r\n\r\n", 1)[1].count(b"w") == 3000
+    assert dkim.verify(received, dnsfunc=txt_lookup({RECORD_NAME: key.txt_record()}))
+
+
 async def test_mail_from_the_internet_with_our_from_is_not_signed(
     redis_url: str, prefix: str, sink: Sink, key: DkimKeyFile
 ) -> None:

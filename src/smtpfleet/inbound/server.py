@@ -711,7 +711,7 @@ class InboundSMTP(SMTP):
             await self.push(replies.NO_ROOM)  # tell now, before the client sends it all
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        reading = MessageData(budget, self.data_size_limit or 0, self.line_length_limit)
+        reading = MessageData(budget, self.data_size_limit or 0)
         self._start_rate()
         try:
             await reading.read(self._reader)
@@ -729,6 +729,8 @@ class InboundSMTP(SMTP):
         if reading.refusal is not None:
             await self.push(reading.refusal)
             return
+        if reading.folded:
+            self._server.metrics.lines_folded.inc(reading.folded)
         self.envelope.original_content = reading.take()
         status = await self._call_handler_hook("DATA")
         await self.push(replies.OK if status is MISSING else status)
