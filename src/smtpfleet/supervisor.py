@@ -133,12 +133,14 @@ class Supervisor:
             if front is not None:
                 await front.start()
             for worker in self._pool:
+                if self._stopping:
+                    break  # a signal came while the first were started: no more
                 await self._spawn(worker)
             background = [
                 asyncio.create_task(self._poll_readiness()),
                 asyncio.create_task(watch_parent(self._stop_all)),
             ]
-            await asyncio.gather(*(self._keep(w) for w in self._pool))
+            await asyncio.gather(*(self._keep(w) for w in self._pool if w.process is not None))
             for task in background:
                 task.cancel()
         finally:
@@ -180,6 +182,8 @@ class Supervisor:
         worker.started, worker.ready, worker.reason = time.monotonic(), False, "starting"
         self._live.inc()
         log.info("worker %s started (pid %d)", worker.node_id, worker.process.pid)
+        if self._stopping:  # the signal came while it was being started: _stop_all missed it
+            worker.process.send_signal(signal.SIGTERM)
 
     async def _keep(self, worker: Worker) -> None:
         """Wait for the worker to exit; restart it unless it should stay down."""

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from smtpfleet.config import load_config
+from smtpfleet.supervisor import Supervisor, Worker
 from smtpfleet.testing import eventually, run_cli, send
 from smtpfleet.testing.localcluster import LocalCluster, NodeProcess
 from smtpfleet.testing.redis_server import RedisServer, free_port
@@ -217,3 +219,40 @@ async def _exits_at_once(node: NodeProcess, workers: list[int]) -> None:
     code = await asyncio.get_running_loop().run_in_executor(None, node.wait, 10.0)
     assert code == 130, node.log_tail(30)  # FORCED_EXIT, as a single node answers a second
     assert not any(alive(pid) for pid in workers)
+
+
+async def test_a_signal_while_the_workers_are_started_reaches_every_worker(
+    tmp_path: Path, redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """A SIGTERM that came while the supervisor started its workers reached those started
+    already; the one being started, and those after it, ran on with nobody to stop them."""
+    document = {
+        "inbound": {"listen": [f"127.0.0.1:{free_port()}"]},
+        "http": {"listen": ""},
+        "redis": {"url": redis_url, "prefix": prefix},
+        "relays": [{"name": "sink", "host": sink.host, "port": sink.port}],
+    }
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(document))
+    supervisor = Supervisor(load_config(str(path)), str(path), 3)
+    spawn = supervisor._spawn
+
+    async def signalled_during_the_second(worker: Worker) -> None:
+        if worker.index == 2:  # the signal lands while this one's process is being made
+            supervisor._on_signal(signal.SIGTERM)
+        await spawn(worker)
+
+    supervisor._spawn = signalled_during_the_second  # type: ignore[method-assign]
+    try:
+        code = await asyncio.wait_for(supervisor.run(), 30)
+    finally:
+        for worker in supervisor._pool:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.kill()
+                await worker.process.wait()
+    assert code == 0
+    # The third never started; the first two stopped (a worker signalled before its Python
+    # has set its handlers dies of the signal, having done nothing yet).
+    assert [w.process is not None for w in supervisor._pool] == [True, True, False]
+    codes = [w.process.returncode for w in supervisor._pool if w.process is not None]
+    assert all(c in (0, -signal.SIGTERM) for c in codes), codes
