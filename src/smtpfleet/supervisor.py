@@ -264,8 +264,14 @@ class Supervisor:
         )
         families: dict[str, Metric] = {}
         for worker, (status, body) in zip(self._pool, texts, strict=True):
-            if status == 200:
-                _merge(families, text_string_to_metric_families(body.decode()), str(worker.index))
+            if status != 200:
+                continue
+            try:
+                parsed = list(text_string_to_metric_families(body.decode(errors="replace")))
+            except ValueError as exc:  # cut short: the worker died while it answered
+                log.warning("worker %s: unreadable /metrics, left out: %s", worker.node_id, exc)
+                continue
+            _merge(families, parsed, str(worker.index))
         merged = CollectorRegistry()
         merged.register(_Fixed(list(families.values())))
         return generate_latest(merged) + generate_latest(self.registry)
