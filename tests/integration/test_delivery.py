@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import pytest
 
 from smtpfleet.envelope import NewMessage, new_qid
+from smtpfleet.errors import QueueUnavailable
+from smtpfleet.queue.keys import GROUP
 from smtpfleet.testing import (
     domain_routed_first_to,
     eventually,
@@ -255,3 +258,40 @@ async def test_a_bug_in_the_delivery_reader_restarts_it_instead_of_stopping_deli
             "smtpfleet_task_restarts_total", {"task": "delivery-reader"}
         )
         assert restarts == 1
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["finish-lost", "reply-lost"])
+async def test_a_sent_message_whose_finish_failed_is_finished_not_sent_again(
+    redis_url: str, prefix: str, sink: Sink, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """The relay took the message, then the finish's connection broke (a probe's CLIENT KILL
+    loop: 17 of 520 messages delivered twice or three times). The entry is pending under this
+    node, its rescan hands it back: it is finished with what is known, not sent again."""
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        finish = node.queue.finish
+        broken: list[str] = []
+
+        async def finish_once_broken(delivery: Any, outcome: Any) -> None:
+            if not broken:
+                broken.append(delivery.label)
+                if landed:  # it ran in Redis, and its reply was lost
+                    await finish(delivery, outcome)
+                raise QueueUnavailable("redis: ConnectionError: Connection reset by peer")
+            await finish(delivery, outcome)
+
+        monkeypatch.setattr(node.queue, "finish", finish_once_broken)
+        assert (await send(node.inbound.addresses[0])).code == 250
+        await eventually(lambda: bool(broken))
+
+        async def nothing_pending() -> bool:
+            keys, client = node.queue.keys, node.queue.client
+            pending = [await client.xpending(keys.stream(s), GROUP) for s in keys.all_shards()]
+            depth = await node.queue.depth()
+            return depth == {"stream": 0, "retry": 0, "dead": 0} and not any(
+                p["pending"] for p in pending
+            )
+
+        await eventually(nothing_pending, timeout_s=15)
+        await asyncio.sleep(0.5)  # time for a second copy, should one be sent
+        assert sink.count == 1

@@ -10,6 +10,7 @@ import time
 import pytest
 import redis
 
+from smtpfleet.delivery.outcome import Finish
 from smtpfleet.envelope import NewMessage, choose_shard, dedupe_fingerprint, new_qid
 from smtpfleet.errors import QueueUnavailable, RedisUnsuitable
 from smtpfleet.node import Node
@@ -55,6 +56,26 @@ async def test_a_confirmed_accept_is_marked_so_workers_need_not_hold_it(
     finally:
         await queue.close()
         await elsewhere.close()
+
+
+async def test_a_finish_sent_twice_records_its_outcome_once(redis_url: str, prefix: str) -> None:
+    """A finish whose reply was lost may be sent again (the worker's retry, a set-aside after
+    it): the second changes nothing, so a dead letter is not recorded twice."""
+    config = node_config(redis_url, [], {"redis": {"prefix": prefix}})
+    queue = RedisQueue(config.redis, config.queue)
+    message = NewMessage(
+        qid=new_qid(0), sender="s@example.com", recipients=("r@example.net",), data=b"x\r\n"
+    )
+    try:
+        await queue.enqueue(message)
+        (delivery,) = await queue.read("w", count=10, block_ms=0)
+        assert delivery.message is not None
+        dead = Finish(dead=delivery.message, dead_reason="550 5.1.1 no such user")
+        await queue.finish(delivery, dead)
+        await queue.finish(delivery, dead)
+        assert await queue.depth() == {"stream": 0, "retry": 0, "dead": 1}
+    finally:
+        await queue.close()
 
 
 def _script_exists_calls(client: redis.Redis) -> int:

@@ -19,7 +19,15 @@ from smtpfleet.cluster.store import DeliveryBookkeeping
 from smtpfleet.config import Config, RelayConfig, RetryConfig
 from smtpfleet.delivery.classify import FailureKind, Outcome, Verdict
 from smtpfleet.delivery.dsn import build_dsn
-from smtpfleet.delivery.outcome import DONE, Attempt, Plan, park, plan_outcome, set_aside
+from smtpfleet.delivery.outcome import (
+    DONE,
+    Attempt,
+    Finish,
+    Plan,
+    park,
+    plan_outcome,
+    set_aside,
+)
 from smtpfleet.envelope import Kind, NewMessage, QueuedMessage, choose_shard, new_qid, now_ms
 from smtpfleet.errors import Fenced, QueueUnavailable, SpoolError
 from smtpfleet.logs import info_event
@@ -37,6 +45,9 @@ REDIS_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 PAUSE_S = 0.1
 OUTCOME_FLUSH_S = 5.0
 GATE_POLL_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+# Sent entries whose finish is owed to Redis; past this, the oldest are forgotten (another
+# node claimed them, or the finish landed although its reply was lost).
+UNFINISHED_KEPT = 10_000
 
 
 def _always() -> bool:
@@ -88,6 +99,11 @@ class DeliveryWorker:
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._rescan = True  # read our own pending entries first (ours from before an outage)
+        # Entries sent whose finish did not reach Redis (the connection broke): by Delivery.key,
+        # oldest first. The rescan gives them back; they are finished, not sent again.
+        self._unfinished: collections.OrderedDict[tuple[int, str, str], Finish] = (
+            collections.OrderedDict()
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -306,6 +322,10 @@ class DeliveryWorker:
     # -- one entry ---------------------------------------------------------------------------
 
     async def _handle(self, delivery: Delivery) -> None:
+        known = self._unfinished.pop(delivery.key, None)
+        if known is not None:
+            await self._finish(delivery, known)  # sent already: only its finish was missing
+            return
         message = delivery.message
         if message is None:
             await self._queue.finish(delivery, DONE)  # deleted while pending: acknowledge it
@@ -438,7 +458,7 @@ class DeliveryWorker:
             self._metrics.bounces.inc()
         elif plan.failed:
             self._metrics.dead_letters.inc(len(plan.failed))
-        await self._queue.finish(delivery, plan.finish)
+        await self._finish(delivery, plan.finish)
         # The delivery.attempt event already tells a plain success; say more only otherwise.
         log.log(
             logging.INFO if plan.failed or plan.retry else logging.DEBUG,
@@ -448,6 +468,20 @@ class DeliveryWorker:
             len(plan.failed),
             len(plan.retry.recipients) if plan.retry else 0,
         )
+
+    async def _finish(self, delivery: Delivery, finish: Finish) -> None:
+        """Record what the attempts came to. When Redis cannot be told (a connection reset,
+        a BUSY script), the entry stays pending under us and the rescan hands it back: it
+        is then finished with what we know, where it used to be sent again (up to three
+        copies under repeated resets). Retrying is safe: the script acknowledges, deletes
+        and schedules by key; the bounce went out before and is not repeated."""
+        try:
+            await self._queue.finish(delivery, finish)
+        except QueueUnavailable:
+            self._unfinished[delivery.key] = finish
+            while len(self._unfinished) > UNFINISHED_KEPT:  # finished after all, or claimed
+                self._unfinished.popitem(last=False)
+            raise
 
     async def _bounce(self, message: QueuedMessage, plan: Plan, data: bytes) -> None:
         """Queue the DSN before acknowledging the original, so a crash cannot lose both."""

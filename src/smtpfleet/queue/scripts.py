@@ -98,10 +98,12 @@ return 1
 
 # Record a delivery attempt's outcome in one atomic step: acknowledge and delete the entry,
 # schedule what is left to retry, dead-letter what failed, drop the body once nothing needs it.
+# Once only: an entry acknowledged already (a finish whose reply was lost and is sent again,
+# or one another node claimed and finished) changes nothing, so no dead letter is doubled.
 # KEYS: stream, retry, dead, body
 # ARGV: group, entry_id, retry_entry|"", retry_due_ms, dead_entry|"", dead_reason, drop_body
 FINISH: Final = """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) end
 if ARGV[5] ~= '' then redis.call('XADD', KEYS[3], '*', 'm', ARGV[5], 'reason', ARGV[6]) end
