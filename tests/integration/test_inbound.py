@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import subprocess
 from collections.abc import AsyncIterator, Sequence
@@ -369,15 +370,22 @@ async def test_queue_trouble_is_always_temporary(
     assert (await client.transaction(MESSAGE)).startswith("250 2.0.0")
 
 
-async def test_a_hanging_queue_gets_451_within_the_accept_timeout() -> None:
+async def test_a_hanging_queue_gets_451_within_the_accept_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async with running(MemorySpool(delay_s=3600), accept_timeout_s=0.5) as h:
         client = await h.connect()
         await client.start_transaction()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        assert (await client.cmd(MESSAGE)).startswith("451 4.3.0")
+        with caplog.at_level(logging.WARNING, logger="smtpfleet.inbound.handler"):
+            assert (await client.cmd(MESSAGE)).startswith("451 4.3.0")
         assert 0.4 < loop.time() - started < 2.0
         assert h.spool.cancelled == 1  # the enqueue was cancelled, not left running
+        # The log says why (it said "answered 451: " and nothing more).
+        said = [r.getMessage() for r in caplog.records if "answered 451" in r.getMessage()]
+        assert len(said) == 1
+        assert said[0].endswith("not queued, answered 451: no answer within 0.5 s"), said
 
 
 async def test_duplicate_gets_the_original_queue_id(h: Harness) -> None:

@@ -330,7 +330,9 @@ class InboundHandler:
             with deadlines.timeout(self._accept_timeout_s):
                 result = await self._spool.enqueue(message)
         except (QueueUnavailable, TimeoutError) as exc:
-            log.warning("%s: not queued, answered 451: %s", message.qid, exc or "timeout")
+            # An exception is always true, and a TimeoutError says nothing: name the wait.
+            reason = str(exc) or f"no answer within {self._accept_timeout_s:g} s"
+            log.warning("%s: not queued, answered 451: %s", message.qid, reason)
             return replies.QUEUE_UNAVAILABLE
         except QueueFull:
             log.warning("%s: queue above its high-water mark, answered 452", message.qid)
