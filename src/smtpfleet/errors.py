@@ -19,6 +19,11 @@ class QueueUnavailable(SpoolError, ConnectionError):
     """Redis is unreachable, too slow, or did not confirm durability in time."""
 
 
+class RedisFull(QueueUnavailable):
+    """Redis refuses writes: it is at its `maxmemory` (with `noeviction`, as it must be).
+    Reachable, and not coming back by waiting: memory must be freed or the limit raised."""
+
+
 class Fenced(SmtpfleetError):
     """This node has not reached Redis for nearly a lease: it starts no delivery step, so
     nothing it does can race the survivor that will claim its work (DESIGN invariant 4)."""

@@ -248,6 +248,8 @@ class Node:
         if self.draining:
             return "draining"
         if self.membership.fenced:
+            if self.membership.redis_full:
+                return "Redis full (maxmemory): it refuses writes"
             return "Redis unreachable"
         # No healthy relay is not a reason: mail is still accepted and waits in the queue.
         return None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import logging
 import os
 import signal
 import time
@@ -303,3 +306,48 @@ async def test_a_reused_message_id_is_a_new_message_and_only_a_resend_is_a_dupli
         await eventually(lambda: sink.count == 3)
         await asyncio.sleep(0.3)
         assert sink.count == 3
+
+
+async def test_a_full_redis_is_named_as_such_not_as_unreachable(
+    sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At its maxmemory Redis answers, and refuses writes: the heartbeat's among them, so the
+    node fences. It said "Redis unreachable" (readyz) and "no Redis" (log), which sends an
+    operator to the network; waiting does not help, freeing memory does."""
+    with RedisServer(extra_args=["--maxmemory", "3mb"]) as server:
+        overrides = {
+            "cluster": {"heartbeat_interval_s": 0.2, "lease_s": 1.5, "lease_refresh_s": 0.3},
+        }
+        async with running_node(node_config(server.url, [sink.address], overrides)) as node:
+            address = node.inbound.addresses[0]
+            assert (await send(address)).code == 250
+            await eventually(lambda: sink.count == 1)
+            filler = redis.Redis.from_url(server.url)
+            try:
+                filled = itertools.count()
+
+                def full() -> bool:
+                    # Kept full: what is freed (a client's buffers) would let a beat through.
+                    with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+                        while True:
+                            filler.set(f"filler:{next(filled)}", b"x" * 65536)
+                    return node.not_ready_reason() is not None
+
+                def fence_logged() -> list[str]:
+                    said = [r.getMessage() for r in caplog.records]
+                    return [line for line in said if "refuses writes" in line]
+
+                with caplog.at_level(logging.ERROR, logger="smtpfleet.cluster.membership"):
+                    await eventually(full, timeout_s=10, interval_s=0.1)
+                    assert node.not_ready_reason() == "Redis full (maxmemory): it refuses writes"
+                    assert (await send(address)).code == 451  # never 5xx for our trouble
+                    await eventually(lambda: full() and fence_logged(), timeout_s=5)
+                assert "full at its maxmemory" in fence_logged()[0]
+                assert not [r for r in caplog.records if "no Redis" in r.getMessage()]
+                for key in filler.scan_iter("filler:*"):
+                    filler.delete(key)
+            finally:
+                filler.close()
+            await eventually(lambda: node.not_ready_reason() is None, timeout_s=10)
+            assert (await send(address)).code == 250
+            await eventually(lambda: sink.count == 2)

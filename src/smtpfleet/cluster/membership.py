@@ -36,7 +36,7 @@ from smtpfleet.cluster.liveness import (
 from smtpfleet.cluster.store import MembershipStore
 from smtpfleet.config import ClusterConfig
 from smtpfleet.envelope import now_ms
-from smtpfleet.errors import QueueUnavailable
+from smtpfleet.errors import QueueUnavailable, RedisFull
 from smtpfleet.metrics import Metrics
 from smtpfleet.queue.deliveries import Delivery
 
@@ -83,6 +83,7 @@ class Membership:
         # written in it, so its age, not the last error, says how dead we look to them.
         self._landed_at = clock()
         self._fence_reported = False
+        self._beat_error: Exception | None = None  # why the last heartbeat failed
         # Our last members read lacked a beat Redis had acknowledged to us: our writes land
         # where the peers do not read, so to them we look silent however well we beat.
         self._unseen = False
@@ -156,6 +157,7 @@ class Membership:
         if self._in_contact_since is None or self._beats_were_lost(previous):
             self._in_contact_since = started
         self._last_beat_ms = now
+        self._beat_error = None
         self._report_recovery(quiet_s)
 
     async def watch(self) -> None:
@@ -203,12 +205,32 @@ class Membership:
         self._unseen = True
         self._in_contact_since = self._clock()
 
+    @property
+    def redis_full(self) -> bool:
+        """Whether the last heartbeat failed because Redis is at its maxmemory."""
+        return isinstance(self._beat_error, RedisFull)
+
     def _report_fence(self, exc: Exception) -> None:
+        self._beat_error = exc
         if self.fenced and not self._fence_reported:
             silent_s = self._clock() - self._landed_at
-            log.error(
-                "no Redis for %.1fs: %s stops starting deliveries (%s)", silent_s, self.node_id, exc
-            )
+            if isinstance(exc, RedisFull):
+                # Reachable, so "no Redis" would send the operator the wrong way; and waiting
+                # does not help: finishing deliveries needs writes too (docs/operations.md).
+                log.error(
+                    "Redis refuses writes for %.1fs, full at its maxmemory: %s stops starting "
+                    "deliveries until memory is freed or maxmemory raised (%s)",
+                    silent_s,
+                    self.node_id,
+                    exc,
+                )
+            else:
+                log.error(
+                    "no Redis for %.1fs: %s stops starting deliveries (%s)",
+                    silent_s,
+                    self.node_id,
+                    exc,
+                )
             self._fence_reported = True
 
     def _report_recovery(self, quiet_s: float) -> None:

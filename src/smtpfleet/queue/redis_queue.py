@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from smtpfleet.config import Durability, QueueConfig, RedisConfig
@@ -32,7 +32,7 @@ from smtpfleet.envelope import (
     now_ms,
     shard_of,
 )
-from smtpfleet.errors import QueueFull, QueueUnavailable, RedisUnsuitable
+from smtpfleet.errors import QueueFull, QueueUnavailable, RedisFull, RedisUnsuitable
 from smtpfleet.queue import scripts
 from smtpfleet.queue.batcher import BatchObserver, Command, Confirmation, Confirmed
 from smtpfleet.queue.classes import TrafficClasses
@@ -68,6 +68,8 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
         raise
     except Exception as exc:  # during failovers redis-py raises more than RedisError
         reraise_lost_cancellation(exc)
+        if isinstance(exc, OutOfMemoryError):
+            raise RedisFull(f"redis is full (maxmemory): {exc}") from exc
         raise QueueUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
     reraise_lost_cancellation()
     return result
