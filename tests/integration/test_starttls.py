@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
+import time
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from smtpfleet import replies
 from smtpfleet.loadgen import run_load
@@ -208,6 +211,81 @@ async def test_no_certificate_no_starttls() -> None:
         assert "STARTTLS" not in await wire.cmd("EHLO client.test")
         assert await wire.cmd("STARTTLS") == replies.TLS_NOT_OFFERED + "\r\n"
         await wire.close()
+
+
+def _tls_banner(port: int, context: ssl.SSLContext, before: bytes = b"") -> bytes:
+    """A blocking client that sends `before` (a PROXY header) and its ClientHello in one
+    write, as a load balancer or an eager client does; the banner it reads under TLS."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        first = True
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall((before if first else b"") + outgoing.read())
+                first = False
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed during the handshake") from None
+                incoming.write(data)
+        sock.sendall(outgoing.read())  # the client's Finished
+        while True:
+            try:
+                return tls.read(1024)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed before the banner") from None
+                incoming.write(data)
+
+
+def test_implicit_tls_clients_that_send_their_hello_at_once_all_get_in(certs: TlsFiles) -> None:
+    """The ClientHello read before the TLS layer took the connection was thrown away, as
+    plaintext after STARTTLS must be: the handshake never ended (7 of 10 at once failed).
+    On uvloop, as the node runs: it reads a connection's first bytes as it accepts it."""
+    settings = tls_settings(
+        certs, listen=[], listeners=[{"address": "127.0.0.1:0", "implicit_tls": True}]
+    )
+
+    async def burst() -> tuple[list[bytes], float]:
+        async with inbound_front(settings) as front:
+            port = front.address()[1]
+            clients = [
+                asyncio.ensure_future(asyncio.to_thread(_tls_banner, port, certs.client_context()))
+                for _ in range(10)
+            ]
+            await asyncio.sleep(0.05)  # the threads start
+            # The node's loop busy for a moment (as a loaded one is): each connection and its
+            # ClientHello are then read in one turn, before its session can start TLS.
+            time.sleep(0.5)  # noqa: ASYNC251 - blocking the loop on purpose
+            banners = await asyncio.gather(*clients, return_exceptions=True)
+            return [b if isinstance(b, bytes) else repr(b).encode() for b in banners], (
+                front.sample(HANDSHAKES, {"result": "failed"})
+            )
+
+    banners, failed = uvloop.run(burst())
+    assert all(b.startswith(b"220 mx.test") for b in banners), banners
+    assert failed == 0
+
+
+async def test_a_proxy_header_and_a_client_hello_in_one_packet(certs: TlsFiles) -> None:
+    """A balancer's PROXY header with the client's first TLS bytes in the same segment, on
+    a listener with both: the bytes after the header were dropped, and every such
+    connection hung until the greeting timeout."""
+    settings = tls_settings(
+        certs,
+        listen=[],
+        listeners=[{"address": "127.0.0.1:0", "implicit_tls": True, "proxy_protocol": True}],
+        trusted_proxies=["127.0.0.1/32"],
+    )
+    header = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 465\r\n"
+    async with inbound_front(settings) as front:
+        port = front.address()[1]
+        banner = await asyncio.to_thread(_tls_banner, port, certs.client_context(), header)
+        assert banner.startswith(b"220 mx.test"), banner
 
 
 async def test_implicit_tls_listener(certs: TlsFiles) -> None:

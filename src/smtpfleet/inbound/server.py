@@ -171,6 +171,31 @@ def _unmapped(address: str) -> str:
     return address
 
 
+def _hand_to_tls(
+    loop: asyncio.AbstractEventLoop, transport: asyncio.BaseTransport, early: bytes
+) -> None:
+    """Give `early` to the TLS protocol that start_tls is about to put on `transport`.
+
+    start_tls (asyncio's and uvloop's alike) sets its protocol on the transport at once and
+    connects it, then resumes reading, in the loop's next turn; this runs in the turn after,
+    before any further read, so the bytes keep their order. The protocol is a buffered one
+    (get_buffer, buffer_updated) in both loops."""
+
+    def feed() -> None:
+        protocol: Any = transport.get_protocol()
+        if transport.is_closing() or not hasattr(protocol, "buffer_updated"):
+            return  # the handshake ended already, or start_tls did not run
+        view = memoryview(early)
+        while view:
+            buffer = protocol.get_buffer(len(view))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            protocol.buffer_updated(size)
+            view = view[size:]
+
+    loop.call_soon(loop.call_soon, feed)
+
+
 def _retrieve(task: asyncio.Task[None]) -> None:
     # A session task ends with ConnectionResetError when the client vanished while we wrote
     # to it; nobody is left to tell, so mark it retrieved rather than log it at GC.
@@ -378,7 +403,7 @@ class InboundSMTP(SMTP):
             async with asyncio.timeout(self._server.pre_greeting_timeout_s):
                 if self._listener.proxy_protocol and not await self._read_proxy_header():
                     return False
-                return not self._listener.implicit_tls or await self._start_tls()
+                return not self._listener.implicit_tls or await self._start_tls(implicit=True)
         except TimeoutError:
             log.info("%r: nothing usable before the greeting timeout", self._peer())
             if self._listener.proxy_protocol and self.session and not self.session.proxy_data:
@@ -514,7 +539,7 @@ class InboundSMTP(SMTP):
             await self.push(replies.TLS_READY)
             await self._start_tls()
 
-    async def _start_tls(self) -> bool:
+    async def _start_tls(self, *, implicit: bool = False) -> bool:
         """Run the server side of a TLS handshake on this connection (aiosmtpd's STARTTLS).
 
         On success aiosmtpd's `connection_made` runs again with the TLS transport. On failure
@@ -524,6 +549,11 @@ class InboundSMTP(SMTP):
         assert self.transport is not None
         self._original_transport = self.transport
         reader: Any = self._reader
+        if implicit and reader._buffer:
+            # The client's first handshake bytes, read before the TLS layer took over: with
+            # the connection, or in the packet of the PROXY header. Dropped, the handshake
+            # never ended (most of a burst of port-465 clients, every proxied one).
+            _hand_to_tls(self.loop, self.transport, bytes(reader._buffer))
         reader._buffer.clear()  # RFC 3207 §6: plaintext pipelined after STARTTLS is dropped
         try:
             # The loop's own TLS (uvloop's is compiled): asyncio's SSLProtocol, which aiosmtpd
