@@ -97,6 +97,7 @@ class _SoloLock:
     def remove(self) -> None:
         for held in (self._turnstile, self._room):
             Path(held.name).unlink(missing_ok=True)
+            held.close()
 
     def leave(self, solo: bool) -> None:
         fcntl.flock(self._room, fcntl.LOCK_UN)
