@@ -22,6 +22,17 @@ _REASONS: Final = {
 }
 
 
+ENCRYPTED_KEY: Final = "the private key is encrypted: a node cannot ask for its passphrase"
+
+
+def no_passphrase() -> bytes:
+    """`load_cert_chain`'s password callback. Without one, OpenSSL asks for an encrypted
+    key's passphrase on the terminal: a node (or `config check`) started from one waited
+    there, its event loop blocked, every session with it; without a terminal it printed the
+    prompt into the log. With it, such a key is one clear error."""
+    raise ValueError(ENCRYPTED_KEY)
+
+
 def describe_pair_failure(cert_file: str, key_file: str, exc: BaseException) -> str:
     """`cannot use CERT with KEY: what is wrong`, for `exc` from load_cert_chain(CERT, KEY)."""
     why = _certificate_problem(cert_file) or _key_problem(key_file) or _reason(exc)

@@ -6,6 +6,7 @@ Certificates come from a CA each test makes (trustme); clients trust that CA onl
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import smtplib
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from cryptography.hazmat.primitives import serialization
 
 from smtpfleet import replies
 from smtpfleet.loadgen import run_load
@@ -351,6 +353,45 @@ async def test_a_renewed_certificate_is_used_by_new_sessions(tmp_path: Path) -> 
         assert new_serial != old_serial
         with pytest.raises(ssl.SSLCertVerificationError):
             await asyncio.to_thread(_issuer, front.address(), first.client_context())
+
+
+def _encrypted(key_file: Path) -> bytes:
+    """The key, as `openssl pkey -aes256` would write it."""
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase"),
+    )
+
+
+async def test_an_encrypted_key_rotated_in_is_refused_without_a_prompt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenSSL asked for the passphrase on the node's terminal, its loop blocked there with
+    every session (and `config check` too); without a terminal it printed the prompt into
+    the log and said `[Errno 22] Invalid argument`. Now: one clear error, the old pair kept."""
+    first = make_tls_files(tmp_path / "first")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy(first.cert_file.parent / name, live / name)
+    settings = {
+        "listen": ["127.0.0.1:0"],
+        "tls": {
+            "cert_file": str(live / "cert.pem"),
+            "key_file": str(live / "key.pem"),
+            "reload_interval_s": 0.1,
+        },
+    }
+    async with inbound_front(settings) as front:
+        (live / "key.pem").write_bytes(_encrypted(first.key_file))
+        await asyncio.sleep(0.2)
+        with caplog.at_level(logging.ERROR, logger="smtpfleet.inbound.reload"):
+            serial = await asyncio.to_thread(_issuer, front.address(), first.client_context())
+        assert serial == await asyncio.to_thread(_issuer, front.address(), first.client_context())
+    said = [r.getMessage() for r in caplog.records]
+    assert any("the private key is encrypted" in line for line in said), said
 
 
 async def test_swaks_sends_over_starttls(front: Front, certs: TlsFiles) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import ssl
 from collections.abc import Callable
 
 from smtpfleet.config import Config, load_config
+from smtpfleet.config_tls import no_passphrase
 from smtpfleet.errors import ConfigError
 from smtpfleet.inbound.server import load_files
 from smtpfleet.inbound.signing import load_keys
@@ -53,7 +55,7 @@ def _tls_files(config: Config) -> None:
     if redis.tls_cert_file:
         _usable(
             "redis.tls_cert_file",
-            _context().load_cert_chain,
+            functools.partial(_context().load_cert_chain, password=no_passphrase),
             redis.tls_cert_file,
             redis.tls_key_file,
         )

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from smtpfleet.config import InboundTlsConfig
+from smtpfleet.config_tls import no_passphrase
 from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.tls_tickets import read_key, set_ticket_key
 
@@ -44,7 +45,7 @@ def server_context(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MIN_VERSION
     context.set_ciphers(TLS12_CIPHERS)
-    context.load_cert_chain(cert_file, key_file)
+    context.load_cert_chain(cert_file, key_file, password=no_passphrase)
     # TLS 1.3: one session ticket per full handshake, as Postfix's smtpd sends, not OpenSSL's
     # two. A sending MTA caches one session per destination; each extra ticket is another
     # encryption and another record on every new connection, on both sides, for nothing.

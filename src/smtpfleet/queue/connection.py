@@ -40,6 +40,7 @@ from redis.asyncio.sentinel import (
 from redis.typing import EncodableT
 
 from smtpfleet.config import RedisConfig, parse_hostport
+from smtpfleet.config_tls import no_passphrase
 from smtpfleet.queue.batcher import Confirmation
 from smtpfleet.queue.keys import Keys
 from smtpfleet.queue.routes import ClusterRoutes, Observers, Routes, SingleRoutes, route_for
@@ -225,6 +226,8 @@ def _tls(config: RedisConfig) -> dict[str, Any]:
         "ssl_ca_certs": config.tls_ca_file,
         "ssl_certfile": config.tls_cert_file,
         "ssl_keyfile": config.tls_key_file,
+        # redis-py hands it to load_cert_chain: an encrypted key is an error, never a prompt.
+        "ssl_password": no_passphrase if config.tls_key_file else None,
     }
     return {key: value for key, value in given.items() if value} if config.tls else {}
 
