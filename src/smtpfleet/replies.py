@@ -79,6 +79,7 @@ AUTH_INVALID: Final = "535 5.7.8 Authentication credentials invalid"
 AUTH_ALREADY: Final = "503 5.5.1 Already authenticated"
 AUTH_SYNTAX: Final = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
 AUTH_BAD_BASE64: Final = "501 5.5.2 Can't decode base64"
+AUTH_LINE_TOO_LONG: Final = "500 5.5.6 Authentication Exchange line is too long"  # RFC 4954 §6
 AUTH_CANNOT_SPLIT: Final = "501 5.5.2 Can't split auth value"
 # RFC 4616 §2: a PLAIN authorization identity other than the user's own asks to act as
 # someone else, which nobody here may.

@@ -179,6 +179,29 @@ async def test_auth_login_on_the_wire(front: Front, certs: TlsFiles) -> None:
     await wire.close()
 
 
+async def test_a_long_auth_response_line_is_answered_not_a_session_error(
+    front: Front, certs: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 4954 §4: a response line may be 12,288 octets. Over 1,001 one was read past the
+    session's line limit: `421 Local error` and a traceback in the log."""
+    wire = await tls_session(front.address(SUBMISSION), certs)
+    with caplog.at_level(logging.ERROR):
+        assert (await wire.cmd("AUTH LOGIN")).startswith("334 ")
+        long_user = base64.b64encode(b"u" * 9000).decode()  # 12,000 octets
+        assert (await wire.cmd(long_user)).startswith("334 ")
+        assert await wire.cmd(b64(PASSWORD)) == line(replies.AUTH_INVALID)  # no such user
+        assert (await wire.cmd("NOOP")).startswith("250 ")
+        assert (await wire.cmd("AUTH LOGIN")).startswith("334 ")
+        too_long = base64.b64encode(b"u" * 9300).decode()  # 12,400 octets
+        assert await wire.cmd(too_long) == line(replies.AUTH_LINE_TOO_LONG)
+        # And a session that goes on: the right credentials are taken.
+        assert (await wire.cmd("AUTH LOGIN")).startswith("334 ")
+        assert (await wire.cmd(b64(USER))).startswith("334 ")
+        assert await wire.cmd(b64(PASSWORD)) == line(replies.AUTH_OK)
+    await wire.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_submission_needs_auth_before_mail(front: Front, certs: TlsFiles) -> None:
     wire = await tls_session(front.address(SUBMISSION), certs)
     assert await wire.cmd("MAIL FROM:<alice@example.com>") == line(replies.AUTH_REQUIRED)

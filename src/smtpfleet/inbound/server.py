@@ -77,6 +77,7 @@ CLOSE_WAIT_S: Final = 2.0  # close(): how long session tasks get to unwind after
 LINGER_S: Final = 2.0
 # Unknown commands before we give up on a client (aiosmtpd's own limit, BOGUS_LIMIT).
 MAX_UNKNOWN_COMMANDS: Final = 5
+AUTH_LINE_LIMIT: Final = 12288 + 2  # an AUTH response line with its CRLF (RFC 4954 §4)
 RATE_CHECK_S: Final = 1.0  # how often a session in DATA checks its client's data rate
 # aiosmtpd's one reply for a path it could not read; we say which path it was.
 _MALFORMED: Final = "553 5.1.3 Error: malformed address"
@@ -471,7 +472,21 @@ class InboundSMTP(SMTP):
         self._offered = None
         # aiosmtpd checks EHLO, reads the mechanism's exchange and answers what is malformed
         # (501, 503, 504); a user name and password reach _take_credentials, unanswered.
-        await super().smtp_AUTH(arg)
+        # RFC 4954 §4: a response line may be 12,288 octets; the reader's limit is a data
+        # line's (1,001), and a longer response ended the session with a traceback.
+        reader: Any = self._reader
+        limit, reader._limit = reader._limit, AUTH_LINE_LIMIT
+        try:
+            await super().smtp_AUTH(arg)
+        except ValueError as exc:
+            if not str(exc).startswith("Separator"):  # the reader's: a line over the limit
+                raise
+            self._offered = None
+            self._count_auth("malformed")
+            await self.push(replies.AUTH_LINE_TOO_LONG)
+            return
+        finally:
+            reader._limit = limit
         offered, self._offered = self._offered, None
         if offered is None:
             self._count_auth("malformed")
