@@ -58,13 +58,25 @@ def test_a_broken_change_keeps_the_last_good_value(
     assert value.get() == 3
 
 
-def test_a_missing_file_keeps_the_value(tmp_path: Path) -> None:
+def test_a_missing_file_keeps_the_value_and_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "value"
     path.write_text("1")
     value = _loader(path)
     path.unlink()
-    CLOCK.now += 5
-    assert value.get() == 1
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # it was said at every check, every interval
+            CLOCK.now += 5
+            assert value.get() == 1
+        assert caplog.text.count("cannot read") == 1
+        path.write_text("4")  # back: read again, and said again should it go once more
+        CLOCK.now += 5
+        assert value.get() == 4
+        path.unlink()
+        CLOCK.now += 5
+        assert value.get() == 4
+    assert caplog.text.count("cannot read") == 2
 
 
 def test_a_broken_file_at_start_is_an_error(tmp_path: Path) -> None:

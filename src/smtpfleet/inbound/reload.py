@@ -47,6 +47,7 @@ class Reloading(Generic[T]):
         self._signature = signature(self._paths)
         self._value = load()  # at start a broken file is an error: the node does not start
         self._checked = clock()
+        self._unreadable: str | None = None  # the file we said we cannot read, until we can
         self.reloads = 0
 
     def get(self) -> T:
@@ -60,8 +61,11 @@ class Reloading(Generic[T]):
         try:
             current = signature(self._paths)
         except OSError as exc:
-            log.warning("%s: cannot read %s; keeping the loaded one", self._what, exc.filename)
+            if exc.filename != self._unreadable:  # once, not at every check while it lasts
+                log.warning("%s: cannot read %s; keeping the loaded one", self._what, exc.filename)
+                self._unreadable = exc.filename
             return
+        self._unreadable = None
         if current == self._signature:
             return
         self._signature = current  # tried once per change, not on every check
