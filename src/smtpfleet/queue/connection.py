@@ -188,7 +188,9 @@ def _cluster(config: RedisConfig, timeouts: dict[str, Any]) -> RedisConnection:
         max_connections=config.max_connections,
         # A node may hold no slot for a moment (a failover): keep serving the other shards.
         require_full_coverage=False,
-        **tls,
+        # RedisCluster takes no ssl_password (redis-py 5): its own connections could still
+        # prompt for an encrypted client key; the primaries' clients below cannot.
+        **{key: value for key, value in tls.items() if key != "ssl_password"},
         **_credentials(config),
         **timeouts,
     )
