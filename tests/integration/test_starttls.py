@@ -328,20 +328,19 @@ def _issuer(address: tuple[str, int], context: ssl.SSLContext) -> str:
         return str(cert["serialNumber"])
 
 
-async def test_a_renewed_certificate_is_used_by_new_sessions(tmp_path: Path) -> None:
-    first = make_tls_files(tmp_path / "first")
-    live = tmp_path / "live"
+def _served_from_copies(pair: TlsFiles, live: Path) -> tuple[Path, dict[str, Any]]:
+    """A copy of the pair in `live`, and a listener's settings that serve it and look at it
+    again every 0.1 s: the files a test then replaces, as a rotation does."""
     live.mkdir()
     for name in ("cert.pem", "key.pem"):
-        shutil.copy(first.cert_file.parent / name, live / name)
-    settings = {
-        "listen": ["127.0.0.1:0"],
-        "tls": {
-            "cert_file": str(live / "cert.pem"),
-            "key_file": str(live / "key.pem"),
-            "reload_interval_s": 0.1,
-        },
-    }
+        shutil.copy(pair.cert_file.parent / name, live / name)
+    tls = {"cert_file": str(live / "cert.pem"), "key_file": str(live / "key.pem")}
+    return live, {"listen": ["127.0.0.1:0"], "tls": {**tls, "reload_interval_s": 0.1}}
+
+
+async def test_a_renewed_certificate_is_used_by_new_sessions(tmp_path: Path) -> None:
+    first = make_tls_files(tmp_path / "first")
+    live, settings = _served_from_copies(first, tmp_path / "live")
     async with inbound_front(settings) as front:
         old_serial = await asyncio.to_thread(_issuer, front.address(), first.client_context())
         second = make_tls_files(tmp_path / "second")  # another CA: a real rotation
@@ -372,18 +371,7 @@ async def test_an_encrypted_key_rotated_in_is_refused_without_a_prompt(
     every session (and `config check` too); without a terminal it printed the prompt into
     the log and said `[Errno 22] Invalid argument`. Now: one clear error, the old pair kept."""
     first = make_tls_files(tmp_path / "first")
-    live = tmp_path / "live"
-    live.mkdir()
-    for name in ("cert.pem", "key.pem"):
-        shutil.copy(first.cert_file.parent / name, live / name)
-    settings = {
-        "listen": ["127.0.0.1:0"],
-        "tls": {
-            "cert_file": str(live / "cert.pem"),
-            "key_file": str(live / "key.pem"),
-            "reload_interval_s": 0.1,
-        },
-    }
+    live, settings = _served_from_copies(first, tmp_path / "live")
     async with inbound_front(settings) as front:
         (live / "key.pem").write_bytes(_encrypted(first.key_file))
         await asyncio.sleep(0.2)

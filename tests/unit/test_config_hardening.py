@@ -223,7 +223,7 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _float_keys(
+def _keys_of(
     model: type[BaseModel], path: tuple[str, ...] = (), kind: type = float
 ) -> Iterator[tuple[tuple[str, ...], Any]]:
     """(path, default) of every key of the schema of type `kind`; sections in lists as their
@@ -234,9 +234,9 @@ def _float_keys(
         if annotation is kind:
             yield (*path, name), field.get_default()
         elif _is_model(annotation):
-            yield from _float_keys(annotation, (*path, name), kind)
+            yield from _keys_of(annotation, (*path, name), kind)
         elif _is_model(item):
-            yield from _float_keys(item, (*path, name, "0"), kind)
+            yield from _keys_of(item, (*path, name, "0"), kind)
 
 
 def _tree(path: tuple[str, ...], value: Any) -> dict[str, Any]:
@@ -257,7 +257,7 @@ def _tree(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     return tree
 
 
-DEFAULTS = dict(_float_keys(Config))
+DEFAULTS = dict(_keys_of(Config))
 FLOAT_KEYS = sorted(DEFAULTS)
 
 
@@ -305,7 +305,7 @@ def test_a_duration_from_the_environment_is_checked_the_same() -> None:
     assert "SMTPFLEET_HEALTH__INTERVAL_S (health.interval_s): Input should be a finite" in message
 
 
-INT_KEYS = sorted(dict(_float_keys(Config, kind=int)))
+INT_KEYS = sorted(dict(_keys_of(Config, kind=int)))
 
 
 def test_the_int_keys_include_ports_counts_and_sizes() -> None:
