@@ -155,10 +155,10 @@ class InboundHandler:
     async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        if address == POSTMASTER:  # RCPT TO:<Postmaster>, RFC 5321 §4.5.1: MUST be accepted
-            if self._policy.postmaster is None:
-                return replies.POSTMASTER_NO_DOMAIN
-            address = self._policy.postmaster
+        mailbox = self._mailbox(address)
+        if mailbox is None:
+            return replies.POSTMASTER_NO_DOMAIN
+        address = mailbox
         keys = self._recipient_keys.setdefault(envelope, set())
         key = recipient_key(address)
         if key in keys:  # (the per-client limits let it by: accepted_already)
@@ -178,13 +178,15 @@ class InboundHandler:
         """Whether RCPT `address` names a recipient this transaction has accepted (the same
         mailbox by recipient_key), which handle_RCPT answers 250 and takes once."""
         keys = self._recipient_keys.get(envelope)
-        if not keys:
+        if not keys:  # a transaction's first RCPT: nothing to look up
             return False
-        if address == POSTMASTER:
-            if self._policy.postmaster is None:
-                return False
-            address = self._policy.postmaster
-        return recipient_key(address) in keys
+        mailbox = self._mailbox(address)
+        return mailbox is not None and recipient_key(mailbox) in keys
+
+    def _mailbox(self, address: str) -> str | None:
+        """The mailbox a RCPT names: RCPT TO:<Postmaster> (RFC 5321 §4.5.1: it MUST be
+        accepted) is the postmaster of our first accepted domain; None when there is none."""
+        return self._policy.postmaster if address == POSTMASTER else address
 
     def _rcpt_refusal(self, session: Session, envelope: Envelope, address: str) -> str | None:
         if len(envelope.rcpt_tos) >= self._max_recipients:
