@@ -379,7 +379,39 @@ async def test_an_encrypted_key_rotated_in_is_refused_without_a_prompt(
             serial = await asyncio.to_thread(_issuer, front.address(), first.client_context())
         assert serial == await asyncio.to_thread(_issuer, front.address(), first.client_context())
     said = [r.getMessage() for r in caplog.records]
-    assert any("the private key is encrypted" in line for line in said), said
+    assert any("a node cannot ask for its passphrase" in line for line in said), said
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ("another key", "the private key does not belong to the certificate"),
+        ("swapped", "holds a private key, not a certificate (cert_file and key_file swapped?)"),
+    ],
+)
+async def test_a_bad_pair_rotated_in_is_logged_in_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: str, said: str
+) -> None:
+    """The reload said OpenSSL's `[SSL] PEM lib (_ssl.c:3917)`, where the start-up check
+    says what is wrong: now both say it the same way, naming the files."""
+    first = make_tls_files(tmp_path / "first")
+    live, settings = _served_from_copies(first, tmp_path / "live")
+    async with inbound_front(settings) as front:
+        if change == "another key":
+            other = make_tls_files(tmp_path / "other")
+            shutil.copy(other.key_file, live / "key.pem")
+        else:
+            (live / "cert.pem").write_bytes(first.key_file.read_bytes())
+            (live / "key.pem").write_bytes(first.cert_file.read_bytes())
+        await asyncio.sleep(0.2)
+        with caplog.at_level(logging.ERROR, logger="smtpfleet.inbound.reload"):
+            serial = await asyncio.to_thread(_issuer, front.address(), first.client_context())
+        assert serial == await asyncio.to_thread(_issuer, front.address(), first.client_context())
+    lines = [r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"cannot use {live / 'cert.pem'} with {live / 'key.pem'}: " in lines[0]
+    assert said in lines[0]
+    assert "PEM lib" not in lines[0]
 
 
 async def test_swaks_sends_over_starttls(front: Front, certs: TlsFiles) -> None:

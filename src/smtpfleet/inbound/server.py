@@ -944,7 +944,9 @@ def load_files(
         certificates = tls.certificates(config.tls)
     except TicketKeyError as exc:  # names its file already
         raise ConfigError(f"inbound.tls: {exc}") from None
-    except (OSError, ValueError) as exc:  # ssl.SSLError too: "[SSL] PEM lib" says nothing
+    except tls.CertificateError as exc:  # says what is wrong, naming the files
+        raise ConfigError(f"inbound.tls: {exc}") from None
+    except OSError as exc:  # a file that is not there: found before anything is loaded
         assert config.tls is not None
         why = describe_pair_failure(config.tls.cert_file, config.tls.key_file, exc)
         raise ConfigError(f"inbound.tls: {why}") from None

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from smtpfleet.config import InboundTlsConfig
-from smtpfleet.config_tls import no_passphrase
+from smtpfleet.config_tls import describe_pair_failure, no_passphrase
 from smtpfleet.inbound.reload import Reloading
 from smtpfleet.inbound.tls_tickets import read_key, set_ticket_key
 
@@ -35,6 +35,11 @@ TLS12_CIPHERS: Final = ":".join(
     )
 )
 HANDSHAKE_TIMEOUT_S: Final = 10  # seconds (asyncio's SSLProtocol is typed for an int)
+
+
+class CertificateError(ValueError):
+    """A certificate and key that cannot be used, in words: OpenSSL's own (`[SSL] PEM lib`)
+    name neither the file nor what is wrong with it."""
 
 
 def server_context(
@@ -63,7 +68,11 @@ def certificates(config: InboundTlsConfig) -> Reloading[ssl.SSLContext] | None:
 
     def load() -> ssl.SSLContext:
         key = read_key(config.ticket_key_file) if config.ticket_key_file else None
-        return server_context(config.cert_file, config.key_file, key)
+        try:
+            return server_context(config.cert_file, config.key_file, key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError too
+            why = describe_pair_failure(config.cert_file, config.key_file, exc)
+            raise CertificateError(why) from None
 
     return Reloading(
         (config.cert_file, config.key_file, *ticket_key),
