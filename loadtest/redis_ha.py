@@ -17,8 +17,10 @@ import asyncio
 import json
 from pathlib import Path
 
-from smtpfleet.drills.runner import DrillResult, Timing, run_drill
+from smtpfleet.drills.runner import run_drill
 from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.timing import Timing
+from smtpfleet.drills.verdict import DrillResult
 
 MODES = ("server", "fsync", "replicated")
 FAULTS = ("redis-failover", "redis-primary-kill")

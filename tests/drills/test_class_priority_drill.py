@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from smtpfleet.drills.report import write_reports
-from smtpfleet.drills.runner import Timing, run_drill
+from smtpfleet.drills.runner import run_drill
 from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.timing import Timing
 
 pytestmark = [pytest.mark.timeout(40), pytest.mark.slow, pytest.mark.solo]
 

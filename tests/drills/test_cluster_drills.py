@@ -11,7 +11,8 @@ import pytest
 
 from smtpfleet.drills.cluster_ha import REDIS_CLUSTER_SCENARIOS
 from smtpfleet.drills.report import write_reports
-from smtpfleet.drills.runner import Timing, run_drill
+from smtpfleet.drills.runner import run_drill
+from smtpfleet.drills.timing import Timing
 from smtpfleet.testing.redis_cluster import find_cli_binary
 from smtpfleet.testing.tools import unavailable
 

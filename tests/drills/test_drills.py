@@ -10,8 +10,9 @@ import pytest
 
 from smtpfleet.drills.context import DrillContext, Scenario
 from smtpfleet.drills.report import write_reports
-from smtpfleet.drills.runner import Timing, run_drill
+from smtpfleet.drills.runner import run_drill
 from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.timing import Timing
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.solo]
 

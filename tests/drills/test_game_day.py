@@ -11,9 +11,9 @@ import pytest
 import smtpfleet.testing.netns
 from smtpfleet.cli import drill as drill_cli
 from smtpfleet.cli import main
-from smtpfleet.drills.runner import DrillResult, Sample
 from smtpfleet.drills.scenarios import SCENARIOS
 from smtpfleet.drills.summary import Entry, write_summary
+from smtpfleet.drills.verdict import DrillResult, Sample
 
 TWO = ("relay-down", "kill-node")
 

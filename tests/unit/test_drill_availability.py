@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from smtpfleet.config import Durability
 from smtpfleet.drills import measures
-from smtpfleet.drills.runner import Sample
 from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.verdict import Sample
 from smtpfleet.loadgen.paced import Sent
 
 START = 500.0

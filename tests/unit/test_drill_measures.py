@@ -10,16 +10,16 @@ import pytest
 
 from smtpfleet.drills.context import Scenario
 from smtpfleet.drills.measures import accept_rto_s, duplicates
-from smtpfleet.drills.runner import (
-    SAMPLE_S,
+from smtpfleet.drills.runner import _until_accepting_again
+from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.timing import SAMPLE_S
+from smtpfleet.drills.verdict import (
     Sample,
     _judge,
-    _until_accepting_again,
     fault_delivery_max_s,
     fault_latencies,
     loop_lag_s,
 )
-from smtpfleet.drills.scenarios import SCENARIOS
 from smtpfleet.loadgen.paced import PacedLoad, Sent
 
 START = 1000.0  # monotonic time the drill started

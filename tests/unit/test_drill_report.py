@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from smtpfleet.drills.report import markdown
-from smtpfleet.drills.runner import DrillResult
+from smtpfleet.drills.verdict import DrillResult
 
 
 def _result(lost: list[str]) -> DrillResult:

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from smtpfleet.drills.local_plan import local_plan
 from smtpfleet.drills.report import write_reports
-from smtpfleet.drills.runner import DrillResult, Timing, run_drill, run_target_drill
+from smtpfleet.drills.runner import run_drill, run_target_drill
 from smtpfleet.drills.scenarios import SCENARIOS
 from smtpfleet.drills.summary import Entry, write_summary
 from smtpfleet.drills.target import (
@@ -30,6 +30,8 @@ from smtpfleet.drills.target import (
     missing_commands,
     plan,
 )
+from smtpfleet.drills.timing import Timing
+from smtpfleet.drills.verdict import DrillResult
 from smtpfleet.errors import SmtpfleetError
 
 EXIT_OK = 0

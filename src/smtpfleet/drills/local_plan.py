@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 from smtpfleet.config import Durability
 from smtpfleet.drills.context import Scenario
-from smtpfleet.drills.runner import DRILL_CONFIG, PEAK_S, Timing
+from smtpfleet.drills.runner import DRILL_CONFIG, PEAK_S
 from smtpfleet.drills.scenarios import SCENARIOS
+from smtpfleet.drills.timing import Timing
 from smtpfleet.testing.localcluster import deep_merge
 
 

@@ -10,7 +10,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from smtpfleet.drills.runner import SAMPLE_S, DrillResult
+from smtpfleet.drills.timing import SAMPLE_S
+from smtpfleet.drills.verdict import DrillResult
 
 
 def write_reports(result: DrillResult, out_dir: Path) -> list[Path]:

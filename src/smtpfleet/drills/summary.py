@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smtpfleet.drills.report import delivered_rates
-from smtpfleet.drills.runner import DrillResult
+from smtpfleet.drills.verdict import DrillResult
 
 SUMMARY_NAME = "summary"
 COLUMNS = 3  # small multiples per row
