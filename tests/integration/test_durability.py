@@ -283,6 +283,44 @@ async def test_an_accept_answered_451_while_redis_stalled_is_not_applied_when_it
             assert sink.count == 1
 
 
+@pytest.mark.solo  # times a Redis stall against the accept's budget
+async def test_a_write_that_lands_after_its_451_but_in_time_is_tombstoned(sink: Sink) -> None:
+    """A socket timeout shorter than the accept's budget: the node gives up on a stalled
+    write and its first tombstone fails too, while Redis is still stopped. Redis resumes
+    inside the budget, so the write runs and is in time by its own deadline: only the
+    tombstones the node keeps sending until the deadline passes (`_cancel_until`) stop that
+    copy, which the sender, told 451, sends again."""
+    with RedisServer() as server:
+        overrides = {
+            "inbound": {"accept_timeout_s": 6.0},
+            "redis": {"socket_timeout_s": 0.5},
+        }
+        async with running_node(node_config(server.url, [sink.address], overrides)) as node:
+            address = node.inbound.addresses[0]
+            assert (await send(address)).code == 250  # Redis's clock is learnt from accepts
+            await eventually(lambda: sink.count == 1)
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                data = b"Subject: stalled, then in time\r\n\r\nlate\r\n"
+                reply_task = asyncio.create_task(send(address, data=data))
+                await asyncio.sleep(3.0)  # past the first tombstone's 2 s, inside the budget
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            reply = await reply_task
+            assert reply.code == 451
+            client, keys = node.queue.client, node.queue.keys
+
+            async def entries_added() -> int:
+                streams = [await client.xinfo_stream(keys.stream(s)) for s in keys.all_shards()]
+                return sum(info["entries-added"] for info in streams)
+
+            await eventually(lambda: node.not_ready_reason() is None, timeout_s=15)
+            assert await entries_added() == 2  # the write ran: it was in time
+            await asyncio.sleep(1.5)  # time for the copy to be delivered, were it not tombstoned
+            assert sink.count == 1
+
+
 async def test_a_reused_message_id_is_a_new_message_and_only_a_resend_is_a_duplicate(
     redis_url: str, prefix: str, sink: Sink
 ) -> None:
