@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 from typing import Any
 
 import pytest
+import redis
 
 from smtpfleet.envelope import NewMessage, new_qid
 from smtpfleet.errors import QueueUnavailable
@@ -21,7 +23,8 @@ from smtpfleet.testing import (
     running_node,
     send,
 )
-from smtpfleet.testing.sink import Sink
+from smtpfleet.testing.redis_server import RedisServer
+from smtpfleet.testing.sink import ReceivedMessage, Sink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -295,3 +298,43 @@ async def test_a_sent_message_whose_finish_failed_is_finished_not_sent_again(
         await eventually(nothing_pending, timeout_s=15)
         await asyncio.sleep(0.5)  # time for a second copy, should one be sent
         assert sink.count == 1
+
+
+async def test_a_bounce_that_cannot_be_queued_does_not_send_the_message_again(
+    sink: Sink, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One recipient took the message, another was refused (550), and Redis filled up before
+    the bounce was queued (a probe: 660 copies to the first recipient in 4 s, the rescan
+    handing the entry back at once each time). The bounce is queued once Redis takes writes
+    again, the first recipient gets one copy, and the rescan waits longer each time."""
+    sink.faults.rcpt_replies["gone@example.net"] = "550 5.1.1 User unknown"
+    with RedisServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        record = sink._record
+
+        def fill_redis_on_first_copy(message: ReceivedMessage) -> None:
+            if message.sender and not sink.messages:
+                admin.config_set("maxmemory", "1")  # every write refused (OOM) from now on
+            record(message)
+
+        monkeypatch.setattr(sink, "_record", fill_redis_on_first_copy)
+        # A lease longer than the test: the node does not fence while Redis is full, as with
+        # the default 5 s lease until it ran out.
+        cluster = {"heartbeat_interval_s": 1.0, "lease_s": 10.0}
+        config = node_config(server.url, [sink.address], {"cluster": cluster})
+        async with running_node(config) as node:
+            recipients = ["kept@example.net", "gone@example.net"]
+            with caplog.at_level(logging.WARNING, logger="smtpfleet.delivery.worker"):
+                assert (await send(node.inbound.addresses[0], recipients=recipients)).code == 250
+                await eventually(lambda: sink.count == 1)
+                await asyncio.sleep(3.0)  # Redis full: each rescan fails to queue the bounce
+                admin.config_set("maxmemory", "0")
+                await eventually(lambda: any(m.sender == "" for m in sink.messages), timeout_s=20)
+                await asyncio.sleep(1.0)  # time for another copy, should one be sent
+        admin.close()
+    by_sender = {m.sender: m for m in sink.messages}
+    assert sink.count == 2, [(m.sender, m.recipients) for m in sink.messages]
+    assert by_sender["sender@example.com"].recipients == ("kept@example.net",)
+    assert b"Final-Recipient: rfc822; gone@example.net" in by_sender[""].data
+    interrupted = [r for r in caplog.records if "interrupted" in r.getMessage()]
+    assert 1 <= len(interrupted) <= 8, len(interrupted)  # 0.2, 0.5, 1, 2 s apart: not 555

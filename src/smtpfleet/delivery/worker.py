@@ -45,8 +45,8 @@ REDIS_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 PAUSE_S = 0.1
 OUTCOME_FLUSH_S = 5.0
 GATE_POLL_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-# Sent entries whose finish is owed to Redis; past this, the oldest are forgotten (another
-# node claimed them, or the finish landed although its reply was lost).
+# Sent entries whose finish (or bounce and finish) is owed to Redis; past this, the oldest are
+# forgotten (another node claimed them, or the finish landed although its reply was lost).
 UNFINISHED_KEPT = 10_000
 
 
@@ -99,9 +99,16 @@ class DeliveryWorker:
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._rescan = True  # read our own pending entries first (ours from before an outage)
-        # Entries sent whose finish did not reach Redis (the connection broke): by Delivery.key,
-        # oldest first. The rescan gives them back; they are finished, not sent again.
-        self._unfinished: collections.OrderedDict[tuple[int, str, str], Finish] = (
+        # Deliveries cut short by Redis in a row, and when the rescan may read them again: a
+        # Redis that reads but refuses writes (full, paused, a replica) hands the same entries
+        # back at once, and a rescan without a pause turned that into a hot loop.
+        self._interrupted = 0
+        self._rescan_at = 0.0
+        # Entries sent whose finish did not reach Redis (the connection broke, a full Redis):
+        # by Delivery.key, oldest first, what is owed: the Finish, or the whole Plan when its
+        # bounce could not be queued either. The rescan gives them back; they are finished
+        # (bounced first), not sent again.
+        self._unfinished: collections.OrderedDict[tuple[int, str, str], Finish | Plan] = (
             collections.OrderedDict()
         )
 
@@ -173,6 +180,9 @@ class DeliveryWorker:
             free = self._free_slots()
             if free <= 0 or (self._rescan and self._inflight):
                 await self._wait_for_slot()
+                continue
+            if self._rescan and (pause := self._rescan_at - time.monotonic()) > 0:
+                await asyncio.sleep(pause)
                 continue
             if not self._may_deliver() or not self._healthy():
                 # Fenced, or no relay to send to: leave the mail in the stream, where it
@@ -298,9 +308,14 @@ class DeliveryWorker:
     async def _guarded(self, delivery: Delivery) -> None:
         try:
             await self._handle(delivery)
+            self._interrupted = 0
         except (QueueUnavailable, Fenced) as exc:
-            # The entry stays pending under this consumer; the rescan picks it up again.
+            # The entry stays pending under this consumer; the rescan picks it up again, after
+            # a pause that grows while Redis keeps failing us.
             log.warning("delivery of %s interrupted: %s", delivery.label, exc)
+            pause = REDIS_RETRY_S[min(self._interrupted, len(REDIS_RETRY_S) - 1)]
+            self._interrupted += 1
+            self._rescan_at = max(self._rescan_at, time.monotonic() + pause)
             self._rescan = True
         except Exception as exc:
             log.exception("delivery of %s failed unexpectedly", delivery.label)
@@ -322,9 +337,16 @@ class DeliveryWorker:
     # -- one entry ---------------------------------------------------------------------------
 
     async def _handle(self, delivery: Delivery) -> None:
-        known = self._unfinished.pop(delivery.key, None)
-        if known is not None:
-            await self._finish(delivery, known)  # sent already: only its finish was missing
+        owed = self._unfinished.pop(delivery.key, None)
+        if owed is not None:
+            try:
+                await self._settle(delivery, owed)  # sent already: only its record was missing
+            except QueueUnavailable:
+                # Still owed, unless a part got through (the bounce, not the finish): then
+                # what is left is owed already, and the bounce must not go out twice.
+                if delivery.key not in self._unfinished:
+                    self._owe(delivery.key, owed)
+                raise
             return
         message = delivery.message
         if message is None:
@@ -343,6 +365,19 @@ class DeliveryWorker:
             return
         plan = plan_outcome(message, attempts, now_ms=now_ms(), retry=self._retry_for(message))
         await self._record(delivery, message, plan, body.data)
+
+    async def _settle(self, delivery: Delivery, owed: Finish | Plan) -> None:
+        """Record what an attempt came to, when Redis could not be told at the time. A bounce
+        that could not be queued is queued now, from the body still in Redis, then the entry
+        is finished: the recipients that took the message do not get it again."""
+        message = delivery.message
+        if isinstance(owed, Finish):
+            await self._finish(delivery, owed)
+        elif message is None:
+            await self._queue.finish(delivery, DONE)  # deleted while pending: acknowledge it
+        else:
+            body = await self._queue.load_body(delivery.shard, message.qid)
+            await self._record(delivery, message, owed, body.data or b"")
 
     def _retry_for(self, message: QueuedMessage) -> RetryConfig:
         """The retry schedule and lifetime of the message's traffic class."""
@@ -454,7 +489,11 @@ class DeliveryWorker:
         self, delivery: Delivery, message: QueuedMessage, plan: Plan, data: bytes
     ) -> None:
         if plan.bounce:
-            await self._bounce(message, plan, data)
+            try:
+                await self._bounce(message, plan, data)
+            except QueueUnavailable:
+                self._owe(delivery.key, plan)  # the bounce, then the finish
+                raise
             self._metrics.bounces.inc()
         elif plan.failed:
             self._metrics.dead_letters.inc(len(plan.failed))
@@ -478,10 +517,13 @@ class DeliveryWorker:
         try:
             await self._queue.finish(delivery, finish)
         except QueueUnavailable:
-            self._unfinished[delivery.key] = finish
-            while len(self._unfinished) > UNFINISHED_KEPT:  # finished after all, or claimed
-                self._unfinished.popitem(last=False)
+            self._owe(delivery.key, finish)
             raise
+
+    def _owe(self, key: tuple[int, str, str], owed: Finish | Plan) -> None:
+        self._unfinished[key] = owed
+        while len(self._unfinished) > UNFINISHED_KEPT:  # finished after all, or claimed
+            self._unfinished.popitem(last=False)
 
     async def _bounce(self, message: QueuedMessage, plan: Plan, data: bytes) -> None:
         """Queue the DSN before acknowledging the original, so a crash cannot lose both."""
