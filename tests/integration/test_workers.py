@@ -113,6 +113,15 @@ async def test_a_crashed_worker_is_restarted_and_a_drain_stops_them_all(sink: Si
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, node.wait, 30.0) == 0
 
+        # The request is used up: started again under the same id (a pod restarted in place),
+        # the node runs. It drained again at once, for the hour the request lived.
+        node.start()
+        await node.wait_ready()
+        await asyncio.sleep(2.0)  # a few membership ticks, each of which would drain it
+        assert node.running, node.log_tail()
+        assert (await send(node.smtp)).code == 250
+        await eventually(lambda: sink.count == 2)
+
 
 async def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
     with RedisServer(extra_args=["--maxmemory-policy", "allkeys-lru"]) as evicting:

@@ -164,7 +164,7 @@ class Membership:
         """Judge the peers, take over the dead, and hear an operator's drain request."""
         try:
             await self._watch_members(self._wall_ms())
-            if self._on_drain_request and await self._store.drain_requested(self.node_id):
+            if self._on_drain_request and await self._store.take_drain_request(self.node_id):
                 log.warning("an operator asked %s to drain", self.node_id)
                 self._on_drain_request()
         except QueueUnavailable as exc:

@@ -41,7 +41,10 @@ class MembershipStore(Protocol):
 
     async def forget_node(self, node_id: str) -> None: ...
 
-    async def drain_requested(self, node_id: str) -> bool: ...
+    async def take_drain_request(self, node_id: str) -> bool:
+        """Whether an operator asked this node to drain; the request is used up in the asking,
+        so the node started again under the same id (a pod restarted in place) runs."""
+        ...
 
 
 class HealthViews(Protocol):

@@ -192,8 +192,11 @@ class ClusterStore:
         members = await guarded(lambda: self._redis.smembers(self.keys.paused_relays()))
         return {text(m) for m in members}
 
-    async def drain_requested(self, node_id: str) -> bool:
-        return bool(await guarded(lambda: self._redis.exists(self.keys.drain_request(node_id))))
+    async def take_drain_request(self, node_id: str) -> bool:
+        # GETDEL (Redis 6.2): EXISTS left the request for the hour it lives, and the node,
+        # started again with the same id, drained at once each time (a crash loop in a pod).
+        key = self.keys.drain_request(node_id)
+        return await guarded(lambda: self._redis.getdel(key)) is not None
 
     async def add_outcomes(self, minute: int, counts: Mapping[str, int]) -> None:
         key = self.keys.outcomes(minute)

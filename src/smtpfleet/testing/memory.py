@@ -256,9 +256,12 @@ class MemoryClusterStore:
         self.heartbeats.pop(node_id, None)
         self.view_of.pop(node_id, None)
 
-    async def drain_requested(self, node_id: str) -> bool:
+    async def take_drain_request(self, node_id: str) -> bool:
         self._check()
-        return node_id in self.drain_requests
+        if node_id not in self.drain_requests:
+            return False
+        self.drain_requests.discard(node_id)
+        return True
 
     # health views
     async def publish_view(
