@@ -264,7 +264,7 @@ class Membership:
         self._metrics.live_nodes.set(len(self.live))
         await self._compare_configs()
         for dead in sorted(set(members) - self.live):
-            await self._take_over(dead)
+            await self._take_over(dead, members[dead])
 
     async def _compare_configs(self) -> None:
         """Drift: does a live peer route with another configuration than ours?"""
@@ -282,7 +282,7 @@ class Membership:
         self._metrics.config_drift.set(1 if distinct > 1 else 0)
         self._metrics.config_fingerprints.set(distinct)
 
-    async def _take_over(self, dead: str) -> None:
+    async def _take_over(self, dead: str, last_beat_ms: int) -> None:
         guard_ms = takeover_guard_ms(self._config.heartbeat_interval_s)
         claimed = await self._store.claim_from(dead, self.node_id, guard_ms, CLAIM_BATCH)
         if claimed:
@@ -293,8 +293,10 @@ class Membership:
             self._adopt(claimed)
             return
         if await self._store.pending_count(dead) == 0:
-            await self._store.forget_node(dead)
-            log.info("removed dead node %s (nothing left pending)", dead)
+            if await self._store.forget_node(dead, last_beat_ms):
+                log.info("removed dead node %s (nothing left pending)", dead)
+            else:
+                log.info("dead node %s is back under the same id: left as it is", dead)
 
     async def leave(self) -> None:
         """After a clean drain: deregister, unless work is left for survivors to claim."""

@@ -39,7 +39,10 @@ class MembershipStore(Protocol):
 
     async def pending_count(self, consumer: str) -> int: ...
 
-    async def forget_node(self, node_id: str) -> None: ...
+    async def forget_node(self, node_id: str, last_beat_ms: int | None = None) -> bool:
+        """Deregister a node: from the members, unless it beat since `last_beat_ms` (False:
+        it is back, under the same id); and its consumers, each only with nothing pending."""
+        ...
 
     async def take_drain_request(self, node_id: str) -> bool:
         """Whether an operator asked this node to drain; the request is used up in the asking,

@@ -34,6 +34,27 @@ redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]))
 return 0
 """
 
+# A dead node's removal, judged from a heartbeat read moments before: a node started again
+# under the same id since then (a pod restarted in place) beats again, and is left alone.
+# KEYS: nodes, node info, view   ARGV: node id, the beat it was judged by (ms; "": any)
+# 1: removed; 0: not a member (removed already); -1: it beat again since, left as it is.
+FORGET_MEMBER = """
+local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not beat then return 0 end
+if ARGV[2] ~= '' and tonumber(beat) > tonumber(ARGV[2]) then return -1 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+return 1
+"""
+
+# A consumer is deleted only with nothing pending, in the same step: DELCONSUMER drops its
+# pending entries, and one read meanwhile by the node started again under that id could then
+# never be finished (its FINISH acknowledges nothing, so its retry was lost).
+# KEYS: stream   ARGV: group, consumer.   The pending entries it dropped, or -1: kept.
+FORGET_CONSUMER = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
 
 OUTCOME_TTL_S = 3600
 
@@ -53,6 +74,8 @@ class ClusterStore:
         self._redis: RedisClient = queue.client
         self.keys: Keys = queue.keys
         self._acquire = self._redis.register_script(ACQUIRE_LEASE)
+        self._forget_member = self._redis.register_script(FORGET_MEMBER)
+        self._forget_consumer = self._redis.register_script(FORGET_CONSUMER)
 
     # -- membership --------------------------------------------------------------------------
 
@@ -80,13 +103,18 @@ class ClusterStore:
         raw = await guarded(lambda: self._redis.mget([self.keys.node(n) for n in ids]))
         return {n: json.loads(v) for n, v in zip(ids, raw, strict=True) if v}
 
-    async def forget_node(self, node_id: str) -> None:
-        async with pipeline(self._redis, transaction=False) as pipe:
-            pipe.zrem(self.keys.nodes(), node_id)
-            pipe.delete(self.keys.node(node_id), self.keys.view(node_id))
-            for _, _, stream in self.keys.all_streams():
-                pipe.xgroup_delconsumer(stream, GROUP, node_id)
-            await guarded(pipe.execute)
+    async def forget_node(self, node_id: str, last_beat_ms: int | None = None) -> bool:
+        keys = [self.keys.nodes(), self.keys.node(node_id), self.keys.view(node_id)]
+        args = [node_id, "" if last_beat_ms is None else last_beat_ms]
+        if await guarded(lambda: self._forget_member(keys=keys, args=args)) == -1:
+            return False
+        for _, _, stream in self.keys.all_streams():
+            await guarded(
+                lambda stream=stream: self._forget_consumer(  # type: ignore[misc]
+                    keys=[stream], args=[GROUP, node_id]
+                )
+            )
+        return True
 
     # -- health views ------------------------------------------------------------------------
 

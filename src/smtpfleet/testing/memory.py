@@ -251,10 +251,14 @@ class MemoryClusterStore:
         self._check()
         return len(self.queue.pending_of(consumer))
 
-    async def forget_node(self, node_id: str) -> None:
+    async def forget_node(self, node_id: str, last_beat_ms: int | None = None) -> bool:
         self._check()
+        beat = self.heartbeats.get(node_id)
+        if beat is not None and last_beat_ms is not None and beat > last_beat_ms:
+            return False  # it beat again since it was judged dead
         self.heartbeats.pop(node_id, None)
         self.view_of.pop(node_id, None)
+        return True
 
     async def take_drain_request(self, node_id: str) -> bool:
         self._check()
