@@ -34,6 +34,12 @@ def new_qid(shard: int) -> str:
     return f"{shard}.{now_ms():011X}{secrets.token_hex(4).upper()}"
 
 
+def split_qid(qid: str, attempt: int) -> str:
+    """The queue id of the dead letter split off `qid` at `attempt` while other recipients
+    still wait: in the same shard, never an id `new_qid` makes (longer, and X is no hex)."""
+    return f"{qid}X{attempt}"
+
+
 def shard_of(qid: str) -> int:
     """The shard a queue id lives in; ValueError for anything that is not one of ours."""
     head, sep, tail = qid.partition(".")

@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -31,6 +32,7 @@ from smtpfleet.envelope import (
     QueuedMessage,
     now_ms,
     shard_of,
+    split_qid,
 )
 from smtpfleet.errors import QueueFull, QueueUnavailable, RedisFull, RedisUnsuitable
 from smtpfleet.queue import scripts
@@ -678,11 +680,16 @@ class RedisQueue:
         # Every key in the shard's slot (Redis Cluster), even a deleted entry's unused body key.
         body = self.keys.body(shard, message.qid if message is not None else "")
         lane = delivery.lane
+        dead = outcome.dead
+        split = dead is not None and outcome.retry is not None and message is not None
+        if dead is not None and split:  # the dead letter gets a body of its own (scripts.py)
+            dead = replace(dead, qid=split_qid(dead.qid, dead.attempts))
         keys = [
             self.keys.stream(shard, lane),
             self.keys.retry(shard, lane),
             self.keys.dead(shard),
             body,
+            self.keys.body(shard, dead.qid) if dead is not None and split else body,
         ]
         # A deleted entry's body is not ours to delete: nothing says which it was.
         done = outcome.done and message is not None
@@ -691,9 +698,10 @@ class RedisQueue:
             delivery.entry_id,
             outcome.retry.encode() if outcome.retry is not None else "",
             outcome.retry_due_ms,
-            outcome.dead.encode() if outcome.dead is not None else "",
+            dead.encode() if dead is not None else "",
             outcome.dead_reason,
             "1" if done else "0",
+            "1" if split else "0",
         ]
         await guarded(lambda: self._script(shard, self._finish, keys, args))
 

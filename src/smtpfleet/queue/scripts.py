@@ -100,12 +100,18 @@ return 1
 # schedule what is left to retry, dead-letter what failed, drop the body once nothing needs it.
 # Once only: an entry acknowledged already (a finish whose reply was lost and is sent again,
 # or one another node claimed and finished) changes nothing, so no dead letter is doubled.
-# KEYS: stream, retry, dead, body
-# ARGV: group, entry_id, retry_entry|"", retry_due_ms, dead_entry|"", dead_reason, drop_body
+# A dead letter split off a message whose other recipients wait for a retry gets a copy of the
+# body under its own id (KEYS[5]): with one body for both, whichever ended first (the retry
+# delivered, the letter purged or requeued and delivered) deleted the other's, and that part
+# was then dropped as if cancelled.
+# KEYS: stream, retry, dead, body, dead letter's body (the body itself when not split)
+# ARGV: group, entry_id, retry_entry|"", retry_due_ms, dead_entry|"", dead_reason, drop_body,
+#       split ("1": copy the body for the dead letter)
 FINISH: Final = """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3]) end
+if ARGV[8] == '1' then redis.call('COPY', KEYS[4], KEYS[5]) end
 if ARGV[5] ~= '' then redis.call('XADD', KEYS[3], '*', 'm', ARGV[5], 'reason', ARGV[6]) end
 if ARGV[7] == '1' then redis.call('DEL', KEYS[4]) end
 return 1
