@@ -15,10 +15,12 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from smtpfleet.cli.parser import STATES
 from smtpfleet.config import Config, load_config
 from smtpfleet.envelope import EntryState
-from smtpfleet.errors import ConfigError
+from smtpfleet.errors import ConfigError, QueueUnavailable
 from smtpfleet.queue.redis_admin import Admin, NotFound
 from smtpfleet.queue.redis_queue import RedisQueue
 from smtpfleet.queue.topology import compact_ranges
@@ -60,8 +62,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _with_admin(config: Config, body: Callable[[Admin], Awaitable[int]]) -> int:
+    queue = await _open_queue(config)
+    url = _url(config)
+    try:
+        admin = Admin(queue)
+        try:
+            return await body(admin)
+        except NotFound as exc:
+            raise OpsError(str(exc), EXIT_FAILED) from None
+        except BrokenPipeError:
+            raise  # our reader went away (`| head`), not Redis: main() stops quietly
+        except Exception as exc:
+            error = _redis_error(exc, url, admin)
+            if error is None:
+                raise
+            raise error from None
+    finally:
+        await queue.close()
+
+
+async def _open_queue(config: Config) -> RedisQueue:
+    """The queue, reached, on the cluster's own shard count (see `_cluster_shards`)."""
     queue = RedisQueue(config.redis, config.queue)
-    url = config.redis.url.rsplit("@", 1)[-1]
+    url = _url(config)
     try:
         try:
             await queue.client.ping()
@@ -71,20 +94,55 @@ async def _with_admin(config: Config, body: Callable[[Admin], Awaitable[int]]) -
             ) from None
         admin = Admin(queue)
         try:
-            return await body(admin)
-        except NotFound as exc:
-            raise OpsError(str(exc), EXIT_FAILED) from None
-        except BrokenPipeError:
-            raise  # our reader went away (`| head`), not Redis: main() stops quietly
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise OpsError(f"Redis at {url} went away: {exc}") from None
+            shards = await _cluster_shards(admin, config)
+        except OpsError:
+            raise
         except Exception as exc:
-            refusal = admin.refusal(exc)
-            if refusal is None:
+            error = _redis_error(exc, url, admin)
+            if error is None:
                 raise
-            raise OpsError(str(refusal), EXIT_FAILED) from None
-    finally:
+            raise error from None
+    except BaseException:
         await queue.close()
+        raise
+    if shards == config.redis.shards:
+        return queue
+    await queue.close()
+    return RedisQueue(config.redis.model_copy(update={"shards": shards}), config.queue)
+
+
+async def _cluster_shards(admin: Admin, config: Config) -> int:
+    """The number of shards to act on. With no `redis.shards` given (`--redis` alone), the
+    cluster's, learned from Redis: the default 16 read a 64-shard cluster's first quarter,
+    and `dead purge --all` purged a quarter. Given, and the cluster has more: refused, as a
+    sign of the wrong configuration file."""
+    found = await admin.shards_in_redis()
+    configured = config.redis.shards
+    if found == configured or "shards" not in config.redis.model_fields_set:
+        return found
+    raise OpsError(
+        f"the cluster under prefix {config.redis.prefix!r} has {found} shards, not"
+        f" redis.shards={configured}: pass the cluster's config (--config) or set"
+        f" SMTPFLEET_REDIS__SHARDS={found}"
+    )
+
+
+def _url(config: Config) -> str:
+    return config.redis.url.rsplit("@", 1)[-1]  # never the password
+
+
+def _redis_error(exc: Exception, url: str, admin: Admin) -> OpsError | None:
+    """What the operator reads when Redis fails a command after it answered PING: Redis's
+    refusal, or that it went away; None if it is neither (a bug: its traceback)."""
+    refusal = admin.refusal(exc)
+    if refusal is not None:
+        return OpsError(str(refusal), EXIT_FAILED)
+    if isinstance(exc, QueueUnavailable):  # the queue's own calls say "redis: ..." already
+        return OpsError(f"Redis at {url} went away: {exc}")
+    # redis-py's errors are RedisError, not the built-in ConnectionError or TimeoutError.
+    if isinstance(exc, ConnectionError | TimeoutError | OSError | RedisError):
+        return OpsError(f"Redis at {url} went away: redis: {exc.__class__.__name__}: {exc}")
+    return None
 
 
 def _emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> int:

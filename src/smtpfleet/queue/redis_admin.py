@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,39 @@ from smtpfleet.relays.rules import WAITING_OUTCOME, WAITING_PREFIX
 
 RECENT_MINUTES = 5
 SCAN_LIMIT = 100_000
+PAGE = 500  # entries per XRANGE/ZRANGE, and dead letters per script call: no long command
+MAX_SHARDS = 4096  # redis.shards' upper bound (config.py)
+
+# A dead letter goes back into its stream only if this call removed it from the dead
+# letters: of two operators (or a requeue and a purge) racing, exactly one acts on it.
+# KEYS[1] the shard's dead stream, KEYS[2..] its streams (one per lane, one hash tag);
+# ARGV: dead entry id, index in KEYS of its stream, the entry; repeated.
+REQUEUE_DEAD = f"""
+local moved = 0
+for i = 1, #ARGV, 3 do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', '{ENTRY_FIELD}', ARGV[i + 2])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+# A body goes only with a dead letter this call removed: one requeued meanwhile keeps it.
+# KEYS[1] the shard's dead stream, KEYS[i + 1] the body of the letter whose id is ARGV[i].
+PURGE_DEAD = """
+local purged = 0
+for i = 1, #ARGV do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    redis.call('DEL', KEYS[i + 1])
+    purged = purged + 1
+  end
+end
+return purged
+"""
+
+
+NO_LONGER_DEAD = "nothing to do: it is no longer a dead letter (requeued or purged meanwhile)"
 
 
 class NotFound(LookupError):
@@ -60,6 +94,32 @@ class Admin:
         # Any: redis-py's return types are unions over every decode mode and RESP version;
         # this client is bytes-mode RESP2, and the parsing below is written for exactly that.
         self._redis: Any = queue.client
+        self._requeue_script = self._redis.register_script(REQUEUE_DEAD)
+        self._purge_script = self._redis.register_script(PURGE_DEAD)
+
+    async def shards_in_redis(self) -> int:
+        """How many shards the cluster's nodes made, when more than `keys.shards`.
+
+        Every node makes each shard's stream at start (RedisQueue.ensure_groups), and a stream
+        with a consumer group stays when emptied: shards 0..n-1 have one, shard n none. A
+        probe of one key per step, doubling then halving: at most ~2 x log2(MAX_SHARDS).
+        """
+        known = self.keys.shards
+        if known >= MAX_SHARDS or not await self._has_shard(known):
+            return known
+        low, high = known + 1, min(2 * (known + 1), MAX_SHARDS)  # shard low-1 exists
+        while high < MAX_SHARDS and await self._has_shard(high - 1):
+            low, high = high, min(2 * high, MAX_SHARDS)
+        while low < high:  # shard low-1 exists; shard high-1 does not, or high is the cap
+            middle = (low + high + 1) // 2
+            if await self._has_shard(middle - 1):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    async def _has_shard(self, shard: int) -> bool:
+        return bool(await self._redis.exists(self.keys.stream(shard)))
 
     # -- status ------------------------------------------------------------------------------
 
@@ -226,15 +286,30 @@ class Admin:
         return rows
 
     async def _retry_entries(self, shard: int, limit: int, lane: str = "") -> list[Entry]:
+        """The `limit` oldest (by accept time) of a retry set; the set is ordered by due time,
+        so its first members are not the oldest: read it all, a page at a time."""
         now = now_ms()
+        oldest: dict[bytes, tuple[QueuedMessage, float]] = {}
+        async for page in self._retry_pages(self.keys.retry(shard, lane)):
+            # A member seen twice (the set changed between pages) is one entry: keyed by it.
+            oldest |= {member: (QueuedMessage.decode(member), score) for member, score in page}
+            kept = heapq.nsmallest(limit, oldest.items(), key=lambda kv: kv[1][0].accepted_ms)
+            oldest = dict(kept)
         rows = []
-        for member, score in await self._redis.zrange(
-            self.keys.retry(shard, lane), 0, limit - 1, withscores=True
-        ):
-            entry = self._entry(QueuedMessage.decode(member), EntryState.RETRY, now)
+        for message, score in oldest.values():
+            entry = self._entry(message, EntryState.RETRY, now)
             entry.due_in_s = round(max(0.0, (score - now) / 1000), 1)
             rows.append(entry)
         return rows
+
+    async def _retry_pages(self, key: str) -> AsyncIterator[list[tuple[bytes, float]]]:
+        """A retry set's members with their scores, PAGE at a time, at most SCAN_LIMIT."""
+        for start in range(0, SCAN_LIMIT, PAGE):
+            page = await self._redis.zrange(key, start, start + PAGE - 1, withscores=True)
+            if page:
+                yield page
+            if len(page) < PAGE:
+                return
 
     async def _dead_entries(self, shard: int, limit: int) -> list[Entry]:
         now = now_ms()
@@ -297,55 +372,90 @@ class Admin:
             await self._redis.zadd(self.keys.retry(shard, self._lane(entry)), {where: now_ms()})
             return "moved to the front of the retry schedule"
         if entry.state is EntryState.DEAD:
-            await self._requeue_dead(shard, where)
+            if not await self._requeue_dead(shard, where):
+                return NO_LONGER_DEAD
             return "requeued from the dead letters"
         return f"nothing to do: it is {entry.state.replace('_', ' ')}"
 
-    async def _requeue_dead(self, shard: int, entry_id: str) -> None:
+    async def _requeue_dead(self, shard: int, entry_id: str) -> bool:
         rows = await self._redis.xrange(self.keys.dead(shard), entry_id, entry_id)
-        if not rows:
-            return
-        member = rows[0][1][ENTRY_FIELD.encode()]
-        lane = QueuedMessage.decode(member).traffic_class
-        if lane not in self.keys.lanes:  # a class no longer configured: the default's
-            lane = ""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.stream(shard, lane), {ENTRY_FIELD: member})
-            pipe.xdel(self.keys.dead(shard), entry_id)
-            await pipe.execute()
+        return bool(rows) and await self._requeue_rows(shard, rows) == 1
+
+    async def _requeue_rows(self, shard: int, rows: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        """Move these dead letters back into their streams; how many were still there."""
+        streams = self.keys.streams(shard)
+        args: list[bytes | str | int] = []
+        for entry_id, fields in rows:
+            member = fields[ENTRY_FIELD.encode()]
+            lane = QueuedMessage.decode(member).traffic_class
+            if lane not in self.keys.lanes:  # a class no longer configured: the default's
+                lane = ""
+            args += [entry_id, self.keys.lanes.index(lane) + 2, member]
+        keys = [self.keys.dead(shard), *streams]
+        return int(await self._requeue_script(keys=keys, args=args))
+
+    async def _purge_rows(self, shard: int, rows: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        """Delete these dead letters and their bodies; how many were still there."""
+        bodies = [
+            self.keys.body(shard, QueuedMessage.decode(fields[ENTRY_FIELD.encode()]).qid)
+            for _, fields in rows
+        ]
+        ids = [entry_id for entry_id, _ in rows]
+        return int(await self._purge_script(keys=[self.keys.dead(shard), *bodies], args=ids))
+
+    async def _newest_dead(self) -> dict[int, str]:
+        """Each shard's newest dead letter id now: what `--all` acts on ends there. A letter
+        that dies later is not among them, nor is one requeued that dies again (or one run
+        could requeue it forever)."""
+        newest = {}
+        for shard in self.keys.all_shards():
+            rows = await self._redis.xrevrange(self.keys.dead(shard), count=1)
+            if rows:
+                newest[shard] = text(rows[0][0])
+        return newest
+
+    async def _dead_pages(self, shard: int, end: str) -> AsyncIterator[list[tuple[bytes, Any]]]:
+        """The shard's dead letters up to id `end`, PAGE at a time."""
+        start = "-"
+        while page := await self._redis.xrange(self.keys.dead(shard), start, end, count=PAGE):
+            yield page
+            start = f"({text(page[-1][0])}"
 
     async def delete(self, qid: str) -> str:
         entry, where = await self.find(qid)
         shard = self._shard(qid)
+        if entry.state is EntryState.DEAD:
+            rows = await self._redis.xrange(self.keys.dead(shard), where, where)
+            if not rows or not await self._purge_rows(shard, rows):
+                return NO_LONGER_DEAD
+            return "deleted (dead)"
         lane = self._lane(entry)
         async with self._redis.pipeline(transaction=True) as pipe:
             if entry.state in (EntryState.READY, EntryState.IN_FLIGHT):
                 pipe.xack(self.keys.stream(shard, lane), GROUP, where)
                 pipe.xdel(self.keys.stream(shard, lane), where)
-            elif entry.state is EntryState.RETRY:
-                pipe.zrem(self.keys.retry(shard, lane), where)
             else:
-                pipe.xdel(self.keys.dead(shard), where)
+                pipe.zrem(self.keys.retry(shard, lane), where)
             pipe.delete(self.keys.body(shard, qid))
             await pipe.execute()
         return f"deleted ({entry.state.replace('_', ' ')})"
 
     async def requeue_all_dead(self) -> int:
+        """Requeue the dead letters there when it starts; the count is of those this call
+        moved (another operator's concurrent run, or a purge, may take some first)."""
         moved = 0
-        for shard in self.keys.all_shards():
-            for entry_id, _ in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
-                await self._requeue_dead(shard, text(entry_id))
-                moved += 1
+        for shard, end in (await self._newest_dead()).items():
+            async for page in self._dead_pages(shard, end):
+                moved += await self._requeue_rows(shard, page)
         return moved
 
     async def purge_dead(self) -> int:
+        """Delete the dead letters there when it starts, with their bodies, by id: letters
+        that die while it runs stay. The count is of those this call deleted."""
         purged = 0
-        for shard in self.keys.all_shards():
-            for _, fields in await self._redis.xrange(self.keys.dead(shard), count=SCAN_LIMIT):
-                qid = QueuedMessage.decode(fields[ENTRY_FIELD.encode()]).qid
-                await self._redis.delete(self.keys.body(shard, qid))
-                purged += 1
-            await self._redis.delete(self.keys.dead(shard))
+        for shard, end in (await self._newest_dead()).items():
+            async for page in self._dead_pages(shard, end):
+                purged += await self._purge_rows(shard, page)
         return purged
 
     def _entry(self, message: QueuedMessage, state: EntryState, now: int) -> Entry:
