@@ -125,21 +125,36 @@ def network(value: str) -> str:
 
 
 def mailbox(value: str) -> str:
-    """One From: mailbox, `local@domain` or `Name <local@domain>` (RFC 5322 §3.4)."""
+    """One From: mailbox, `local@domain` or `Name <local@domain>` (RFC 5322 §3.4), with the
+    domain in its A-label form: an internationalized domain would otherwise be written as an
+    RFC 2047 encoded word inside the addr-spec, which §5(3) forbids. A non-ASCII display name
+    is fine (it is encoded as a phrase); a non-ASCII local part has no ASCII form."""
     if _CONTROL_RE.search(value):
         raise ValueError("a mail address has no control characters (CR, LF, tab, ...)")
-    match = _MAILBOX_RE.fullmatch(value.strip())
-    address = (match.group("angle") or match.group("bare")) if match else ""
-    local, at, domain = (address or "").rpartition("@")
+    text = value.strip()
+    match = _MAILBOX_RE.fullmatch(text)
+    if match is None:
+        raise _not_a_mailbox(value)
+    group = "angle" if match.group("angle") is not None else "bare"
+    local, at, domain = match.group(group).rpartition("@")
+    if not local.isascii():
+        raise ValueError(
+            f"{value!r}: the local part must be ASCII (a non-ASCII one cannot be written in "
+            "the From: header of a DSN)"
+        )
     try:
         if not (at and _LOCAL_PART_RE.fullmatch(local)):
             raise ValueError
-        domain_name(domain, min_labels=1)
+        a_label = domain_name(domain, min_labels=1)
     except ValueError:
-        raise ValueError(
-            f"{value!r} is not a mail address (local@example.com or Name <local@example.com>)"
-        ) from None
-    return value
+        raise _not_a_mailbox(value) from None
+    return f"{text[: match.start(group)]}{local}@{a_label}{text[match.end(group) :]}"
+
+
+def _not_a_mailbox(value: str) -> ValueError:
+    return ValueError(
+        f"{value!r} is not a mail address (local@example.com or Name <local@example.com>)"
+    )
 
 
 def redis_database(url: str) -> None:

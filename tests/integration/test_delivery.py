@@ -6,6 +6,7 @@ import asyncio
 import email
 import email.policy
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import redis
 
 from smtpfleet.envelope import NewMessage, new_qid
 from smtpfleet.errors import QueueUnavailable
-from smtpfleet.queue.keys import GROUP
+from smtpfleet.queue.keys import GROUP, Keys
 from smtpfleet.testing import (
     domain_routed_first_to,
     eventually,
@@ -338,3 +339,167 @@ async def test_a_bounce_that_cannot_be_queued_does_not_send_the_message_again(
     assert b"Final-Recipient: rfc822; gone@example.net" in by_sender[""].data
     interrupted = [r for r in caplog.records if "interrupted" in r.getMessage()]
     assert 1 <= len(interrupted) <= 8, len(interrupted)  # 0.2, 0.5, 1, 2 s apart: not 555
+
+
+GMAIL_NO_SUCH_USER = (
+    "550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n"
+    "550-5.1.1 double-checking the recipient's email address for typos or\r\n"
+    "550-5.1.1 unnecessary spaces. For more information, go to\r\n"
+    "550 5.1.1  https://support.google.com/mail/?p=NoSuchUser d2e1a72fcca58si1234 - gsmtp"
+)
+
+
+def _bounce(sink: Sink) -> email.message.EmailMessage:
+    (dsn,) = [m for m in sink.messages if m.sender == ""]
+    parsed = email.message_from_bytes(dsn.data, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    return parsed
+
+
+def _parts(bounce: email.message.EmailMessage) -> list[Any]:
+    """The human part, the delivery report and the returned headers (RFC 6522)."""
+    human, report, headers = bounce.iter_parts()
+    return [human, report, headers]
+
+
+def _report(bounce: email.message.EmailMessage) -> list[email.message.Message]:
+    blocks = _parts(bounce)[1].get_payload()
+    assert isinstance(blocks, list)
+    return blocks
+
+
+async def test_a_relays_whole_reply_reaches_the_bounce(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """RFC 3464 2.3.6: the actual diagnostic; a 200-character cut lost Gmail's URL, and a
+    single reply line may be 512 octets (RFC 5321 4.5.3.1.5)."""
+    long_line = "550 5.7.1 Rejected by policy: " + " ".join(f"t{i:03d}" for i in range(90))
+    sink.faults.rcpt_replies = {
+        "gmail@example.net": GMAIL_NO_SUCH_USER,
+        "long@example.net": long_line + " END",
+    }
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        recipients = ["gmail@example.net", "long@example.net"]
+        assert (await send(node.inbound.addresses[0], recipients=recipients)).code == 250
+        await eventually(lambda: sink.count == 1)
+    diagnostics = {b["Final-Recipient"]: b["Diagnostic-Code"] for b in _report(_bounce(sink))[1:]}
+    assert diagnostics["rfc822; gmail@example.net"].endswith(
+        "?p=NoSuchUser d2e1a72fcca58si1234 - gsmtp"
+    )
+    assert diagnostics["rfc822; long@example.net"] == f"smtp; {long_line} END"
+
+
+async def test_an_expiry_our_rate_limit_held_back_reports_the_relays_451(
+    redis_url: str, prefix: str, sink: Sink, sink_b: Sink, redis_client: redis.Redis
+) -> None:
+    """A recipient the relay answered 451 expires at an attempt our own rate limit held back:
+    the bounce says what the relay said, and names no relay for our limit (RFC 3464
+    2.3.5-2.3.6). Only relay-1 may carry its mail (a routing rule), so the limit is all it
+    meets; the bounce goes out through relay-2."""
+    sink.faults.rcpt_replies = {"busy@limited.example": "451 4.2.1 Mailbox busy"}
+    relays = [
+        {"name": "relay-1", "host": sink.host, "port": sink.port, "max_messages_per_s": 1000},
+        {"name": "relay-2", "host": sink_b.host, "port": sink_b.port},
+    ]
+    overrides = {
+        "redis": {"prefix": prefix},
+        "relays": relays,
+        "routing": {
+            "rules": [
+                {
+                    "name": "limited",
+                    "recipient_domains": ["limited.example"],
+                    "relays": {"names": ["relay-1"]},
+                }
+            ]
+        },
+        "retry": {"lifetime_s": 3.0},
+        "delivery": {"command_timeout_s": 0.3},  # a spent budget is "limited" in 0.3 s
+    }
+    config = node_config(redis_url, [], overrides)
+    async with running_node(config) as node:
+        reply = await send(node.inbound.addresses[0], recipients=["busy@limited.example"])
+        assert reply.code == 250
+        await eventually(lambda: sink.refused_recipients != [], timeout_s=10)
+        # From now on relay-1's per-second budget is spent, cluster-wide, every second.
+        now = int(time.time())
+        for second in range(now - 1, now + 60):
+            redis_client.set(Keys(prefix, 4).relay_rate("relay-1", second), 10**6, ex=120)
+        await eventually(lambda: sink_b.count == 1, timeout_s=20)
+
+        def limited() -> float:
+            labels = {"relay": "relay-1", "outcome": "limited"}
+            return node.registry.get_sample_value("smtpfleet_deliveries_total", labels) or 0
+
+        assert limited() >= 1  # the attempt it expired at was held back by the limit
+    (block,) = _report(_bounce(sink_b))[1:]
+    assert block["Final-Recipient"] == "rfc822; busy@limited.example"
+    assert block["Status"] == "4.4.7"
+    assert block["Diagnostic-Code"] == "smtp; 451 4.2.1 Mailbox busy"
+    assert "Remote-MTA" not in block
+
+
+async def test_a_nul_in_a_header_goes_back_quoted_printable(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """RFC 2045 2.7: no NUL in 7bit data; the returned headers still show it, as =00."""
+    sink.faults.rcpt_replies = {"gone@example.net": "550 5.1.1 User unknown"}
+    data = make_message(recipients=["gone@example.net"]).replace(
+        b"\r\nSubject: test", b"\r\nX-Nul: a\x00b\r\nSubject: test"
+    )
+    config = node_config(redis_url, [sink.address], {"redis": {"prefix": prefix}})
+    async with running_node(config) as node:
+        reply = await send(node.inbound.addresses[0], recipients=["gone@example.net"], data=data)
+        assert reply.code == 250
+        await eventually(lambda: sink.count == 1)
+    assert b"\x00" not in sink.messages[0].data
+    headers = _parts(_bounce(sink))[2]
+    assert headers["Content-Transfer-Encoding"] == "quoted-printable"
+    assert "X-Nul: a\x00b\r\n" in headers.get_content()
+
+
+async def test_an_international_bounce_domain_goes_out_as_its_a_label(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """RFC 2047 5(3): an encoded word is never part of an addr-spec."""
+    sink.faults.rcpt_replies = {"gone@example.net": "550 5.1.1 User unknown"}
+    overrides = {
+        "redis": {"prefix": prefix},
+        "bounce": {"from_address": "Bounces <bounces@exämple.com>"},
+    }
+    config = node_config(redis_url, [sink.address], overrides)
+    async with running_node(config) as node:
+        reply = await send(node.inbound.addresses[0], recipients=["gone@example.net"])
+        assert reply.code == 250
+        await eventually(lambda: sink.count == 1)
+    assert b"\r\nFrom: Bounces <bounces@xn--exmple-cua.com>\r\n" in sink.messages[0].data
+    (sender,) = _bounce(sink)["From"].addresses
+    assert sender.addr_spec == "bounces@xn--exmple-cua.com"
+
+
+async def test_a_bounce_at_expiry_words_a_refusal_and_an_expiry_apart(
+    redis_url: str, prefix: str, sink: Sink
+) -> None:
+    """One recipient refused (550), one still deferred when the lifetime is over, in the same
+    attempt: one bounce, and its human part says which is which."""
+    sink.faults.rcpt_replies = {
+        "gone@example.net": "550 5.1.1 User unknown",
+        "busy@example.net": "451 4.2.1 Mailbox busy",
+    }
+    # Over at the first attempt: both answers come in the attempt that expires.
+    overrides = {"redis": {"prefix": prefix}, "retry": {"lifetime_s": 0.001}}
+    config = node_config(redis_url, [sink.address], overrides)
+    async with running_node(config) as node:
+        recipients = ["gone@example.net", "busy@example.net"]
+        assert (await send(node.inbound.addresses[0], recipients=recipients)).code == 250
+        await eventually(lambda: sink.count == 1)
+    bounce = _bounce(sink)
+    human = _parts(bounce)[0].get_content().replace("\r\n", "\n")
+    refused, _, given_up = human.partition("so delivery has been given up.")
+    assert "refused permanently" in refused
+    assert "<gone@example.net>:\n    550 5.1.1 User unknown" in refused
+    assert "busy@example.net" not in refused
+    assert "<busy@example.net>:\n    451 4.2.1 Mailbox busy" in given_up
+    assert "gone@example.net" not in given_up
+    assert [b["Status"] for b in _report(bounce)[1:]] == ["5.1.1", "4.4.7"]

@@ -18,6 +18,8 @@ from smtpfleet.delivery.classify import (
     classify_exception,
     classify_reply,
     enhanced_status,
+    limit_reached,
+    unsendable,
 )
 
 STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
@@ -292,3 +294,35 @@ def test_a_refusal_that_says_2xx_is_temporary_never_delivered(
         "4.0.0",
         exc.code,
     )
+
+
+# Gmail's usual reply to an unknown recipient, as aiosmtplib joins a multi-line reply.
+GMAIL_NO_SUCH_USER = (
+    "5.1.1 The email account that you tried to reach does not exist. Please try\n"
+    "5.1.1 double-checking the recipient's email address for typos or\n"
+    "5.1.1 unnecessary spaces. For more information, go to\n"
+    "5.1.1  https://support.google.com/mail/?p=NoSuchUser d2e1a72fcca58-7a1b2c3d4e5si1234 - gsmtp"
+)
+
+
+def test_a_multi_line_reply_reaches_the_verdict_whole() -> None:
+    """RFC 3464 2.3.6: the verdict text is the DSN's only copy of the relay's diagnostic."""
+    verdict = classify_reply(550, GMAIL_NO_SUCH_USER)
+    assert verdict.text.startswith("550 5.1.1 The email account that you tried to reach")
+    assert verdict.text.endswith("?p=NoSuchUser d2e1a72fcca58-7a1b2c3d4e5si1234 - gsmtp")
+
+
+def test_a_reply_line_of_512_octets_is_kept_whole() -> None:
+    # RFC 5321 4.5.3.1.5: 512 octets a reply line, the code and the CRLF included.
+    message = "5.7.1 Rejected by policy: " + "x" * (512 - 2 - 4 - 26 - 4) + " END"
+    assert len(f"550 {message}\r\n") == 512
+    assert classify_reply(550, message).text == f"550 {message}"
+
+
+def test_only_a_verdict_a_relay_gave_names_it() -> None:
+    """RFC 3464 2.3.5: the Remote-MTA is the MTA that reported the status; our own limit and
+    our client's refusal to send an address asked no relay."""
+    assert classify_reply(451, "4.2.1 busy").from_relay
+    assert classify_exception(ConnectionRefusedError(111, "refused")).from_relay
+    assert not limit_reached().from_relay
+    assert not unsendable("a\x00b@example.net", sender=False).from_relay

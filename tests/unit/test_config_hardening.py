@@ -532,3 +532,22 @@ def test_a_certificate_pair_that_cannot_be_loaded_is_explained(
     assert said.format(**{k.replace(" ", "_"): v for k, v in pem.items()}) in message
     assert "PEM lib" not in message
     assert "MIIB" not in message  # never the content
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("Bounces <bounces@exämple.com>", "Bounces <bounces@xn--exmple-cua.com>"),
+        ("bounces@bücher.example", "bounces@xn--bcher-kva.example"),
+        ("Système <p@exämple.com>", "Système <p@xn--exmple-cua.com>"),
+    ],
+)
+def test_an_international_bounce_domain_is_kept_as_its_a_label(given: str, kept: str) -> None:
+    """RFC 2047 5(3): no encoded word in an addr-spec, which a U-label in From: became."""
+    assert build_config({"bounce": {"from_address": given}}).bounce.from_address == kept
+
+
+def test_a_non_ascii_local_part_in_the_bounce_sender_is_refused_clearly() -> None:
+    message = _problem({"bounce": {"from_address": "Bounces <jörg@example.com>"}})
+    assert "bounce.from_address: Value error, " in message
+    assert "the local part must be ASCII" in message

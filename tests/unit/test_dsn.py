@@ -376,3 +376,26 @@ def test_original_headers_stops_at_the_first_empty_line() -> None:
     assert original_headers(b"A: 1\r\n B: folded\r\n\r\nbody\r\n") == b"A: 1\r\n B: folded\r\n"
     assert original_headers(b"A: 1\r\nB: 2\r\n", limit=7) == b"A: 1\r\n"
     assert original_headers(b"") == b""
+
+
+def test_a_nul_in_the_original_headers_is_never_sent_as_7bit() -> None:
+    """RFC 2045 2.7: 7bit data has no NUL. A client can put one in a header field."""
+    data = make_dsn(original_data=b"Subject: hi\r\nX-Nul: a\x00b\r\n\r\nbody\r\n")
+    headers = parts(data)[2]
+    assert headers["Content-Transfer-Encoding"] == "quoted-printable"
+    assert b"X-Nul: a=00b\r\n" in data
+    assert b"\x00" not in data
+    assert text_of(headers) == "Subject: hi\nX-Nul: a\x00b\n"  # returned as it was
+    assert_wire_safe(data)
+
+
+def test_an_expired_dsn_says_refused_for_a_5xx_of_the_same_attempt() -> None:
+    gone = RecipientFailure("gone@example.net", "5.1.1", "550 5.1.1 User unknown", "relay-1")
+    slow = RecipientFailure("slow@example.net", "4.4.7", "451 4.2.1 Mailbox busy", "relay-1")
+    text = text_of(parts(make_dsn(failures=[gone, slow], expired=True))[0])
+    refused, _, given_up = text.partition("could not be delivered for 2 hours,")
+    assert "It was refused permanently" in refused
+    assert "<gone@example.net>:\n    550 5.1.1 User unknown" in refused
+    assert "slow@example.net" not in refused
+    assert "<slow@example.net>:\n    451 4.2.1 Mailbox busy" in given_up
+    assert "gone@example.net" not in given_up

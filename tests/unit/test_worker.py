@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from smtpfleet.config import Config, build_config
-from smtpfleet.delivery.classify import Verdict, classify_reply
+from smtpfleet.delivery.classify import Verdict, classify_reply, limit_reached
 from smtpfleet.delivery.outcome import PARK_MS
 from smtpfleet.delivery.worker import DeliveryWorker
 from smtpfleet.envelope import Kind, QueuedMessage, new_qid, now_ms
@@ -135,6 +135,23 @@ async def test_every_relay_temporary_waits_with_backoff(bench: Bench) -> None:
     assert due_ms >= now_ms() + 50_000  # initial_s 60, no jitter
     assert bench.queue.dead == []
     assert bench.queue.enqueued == []
+
+
+async def test_a_relays_4xx_stands_over_our_own_limit_at_the_next_relay(bench: Bench) -> None:
+    """relay-1 answered 451, relay-2 was at our own rate limit: the attempt counts and backs
+    off with relay-1's error, where it was parked, uncounted, with our limit's words (and
+    an expiry DSN then reported them as the relay's diagnostic)."""
+    message = bench.message()
+    first, second = bench.order(message)
+    bench.relays.script(first, lambda _: TEMPFAIL)
+    bench.relays.script(second, lambda _: limit_reached())
+
+    await bench.deliver(message)
+
+    [(due_ms, again)] = bench.queue.retries
+    assert again.attempts == 1
+    assert again.last_errors == {"a@example.org": TEMPFAIL.text}
+    assert due_ms >= now_ms() + 50_000  # the backoff, not the 2 s park
 
 
 async def test_no_eligible_relay_parks_the_entry_without_counting_an_attempt(bench: Bench) -> None:

@@ -19,8 +19,18 @@ import aiosmtplib
 
 from smtpfleet.replies import CLOSING_CODE
 
-# Verdict texts end up in logs, queue entries (last_errors) and DSNs: keep them short.
-MAX_TEXT: Final = 200
+# Verdict texts end up in logs, queue entries (last_errors, shown by the CLI) and DSNs, where
+# they are the only copy of the relay's reply (RFC 3464 section 2.3.6: the actual diagnostic).
+# 200 cut off the end of real replies: the URL of Gmail's 4-line "NoSuchUser" (about 300
+# characters joined), or a single reply line, which may be 512 octets (RFC 5321 section
+# 4.5.3.1.5). 900 keeps a whole line and a typical multi-line reply, and is what one DSN
+# field carries (dsn.MAX_DIAGNOSTIC); still a bound, so a queue entry's last_errors stay
+# under 1 KB a recipient whatever a relay sends.
+MAX_TEXT: Final = 900
+# Our own words for a failure without a reply (a timeout, a refused connection, a bug's
+# exception) say what happened in a line: no DSN needs more, and an exception's message can
+# be anything (a whole repr).
+MAX_OWN_TEXT: Final = 200
 # RFC 3463 section 2: class "." subject "." detail, subject and detail 1*3digit; RFC 2034
 # section 4 puts it first in the text, followed by a space. The lookahead rejects "5.1.1234"
 # and "5.1.1.2" rather than reading a prefix of them. [0-9], not \d, which matches any
@@ -67,6 +77,12 @@ class FailureKind(StrEnum):
     NO_ROUTE = "no_route"
 
 
+# Kinds no relay said: a DSN names no Remote-MTA for them.
+_UNASKED_KINDS: Final = frozenset(
+    {FailureKind.UNSENDABLE, FailureKind.LIMITED, FailureKind.NO_ROUTE}
+)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One recipient's result from one relay attempt: outcome, bounded kind, code, text, status."""
@@ -76,6 +92,13 @@ class Verdict:
     code: int | None  # the SMTP reply code, when the relay sent a well-formed one
     text: str  # one line, at most MAX_TEXT characters, e.g. "550 5.1.1 User unknown"
     status: str  # RFC 3463 enhanced status, e.g. "5.1.1"
+
+    @property
+    def from_relay(self) -> bool:
+        """Whether a relay said this (RFC 3464 section 2.3.5: only then is it the Remote-MTA):
+        not our client's refusal to send an address, nor our own limit or missing route,
+        which never asked one."""
+        return self.kind not in _UNASKED_KINDS
 
 
 def one_line(text: str, limit: int = MAX_TEXT) -> str:
@@ -140,15 +163,15 @@ def classify_exception(exc: BaseException) -> Verdict:
     # TimeoutError before OSError (it is one) and before SMTPConnectError
     # (SMTPConnectTimeoutError is both).
     if isinstance(exc, TimeoutError):
-        return _failure(FailureKind.TIMEOUT, None, f"timeout: {_detail(exc)}", TIMEOUT_STATUS)
+        return _own_failure(FailureKind.TIMEOUT, f"timeout: {_detail(exc)}", TIMEOUT_STATUS)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return _session_refused(exc)
     if isinstance(exc, aiosmtplib.SMTPException | OSError):  # OSError covers ConnectionError
-        return _failure(FailureKind.CONNECTION, None, f"connection: {_detail(exc)}")
+        return _own_failure(FailureKind.CONNECTION, f"connection: {_detail(exc)}")
     # A bug or a library surprise: still temporary (invariant 2, nothing disappears), and
     # named by class so the log says what happened without echoing an unbounded message.
     text = f"{exc.__class__.__name__}: {_detail(exc)}"
-    return _failure(FailureKind.CONNECTION, None, f"unexpected error: {text}")
+    return _own_failure(FailureKind.CONNECTION, f"unexpected error: {text}")
 
 
 def unsendable(address: str, *, sender: bool) -> Verdict:
@@ -220,7 +243,11 @@ def _failure(
     return Verdict(Outcome.TEMPORARY, kind, code, one_line(text) or kind.value, status)
 
 
+def _own_failure(kind: FailureKind, text: str, status: str = CONNECTION_STATUS) -> Verdict:
+    return _failure(kind, None, one_line(text, MAX_OWN_TEXT), status)
+
+
 def _detail(exc: BaseException) -> str:
     # str() of a ConnectionRefusedError is "[Errno 111] Connect call failed ...": useful.
     # Cap before joining so a huge message is never copied around.
-    return one_line(str(exc)[: MAX_TEXT * 4]) or exc.__class__.__name__
+    return one_line(str(exc)[: MAX_OWN_TEXT * 4]) or exc.__class__.__name__

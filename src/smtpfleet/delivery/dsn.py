@@ -37,7 +37,7 @@ MAX_LINE: Final = 998  # RFC 5322 section 2.1.1: MUST, excluding the CRLF
 FOLD_AT: Final = 78  # RFC 5322 section 2.1.1: SHOULD
 # Longest diagnostic or address kept: one unbreakable run of this many characters plus a field
 # name still fits in MAX_LINE. Real ones are far shorter (RFC 5321 section 4.5.3.1.5: a reply
-# line is at most 512 octets; classify.MAX_TEXT is 200).
+# line is at most 512 octets; classify.MAX_TEXT, the longest verdict text, is this too).
 MAX_DIAGNOSTIC: Final = 900
 MAX_ADDRESS: Final = 512
 # The generator refolds any line longer than max_line_length (see the module docstring): raise
@@ -130,26 +130,46 @@ def original_headers(data: bytes, limit: int = MAX_ORIGINAL_HEADERS) -> bytes:
 def _explanation(
     failures: Sequence[RecipientFailure], mta: str, qid: str, expired: bool, age_ms: int
 ) -> str:
-    if expired:
-        why = [
-            f"Your message could not be delivered for {_duration(age_ms)},",
-            "so delivery has been given up. It did not reach the recipients below.",
-        ]
-    else:
-        why = [
+    # The attempt where the lifetime runs out may also get a 5xx for another recipient: each
+    # group gets its own words, or the refused one would read as "given up after N days".
+    refused = [f for f in failures if not _ran_out(f, expired)]
+    gave_up = [f for f in failures if _ran_out(f, expired)]
+    lines = [f"This is the mail system at {_text_line(mta, MAX_ADDRESS)}."]
+    if refused:
+        lines += [
+            "",
             "Your message could not be delivered to the recipients below.",
             "It was refused permanently, so it will not be retried.",
+            "",
+            *_listed(refused),
         ]
-    lines = [f"This is the mail system at {_text_line(mta, MAX_ADDRESS)}.", "", *why, ""]
-    for failure in failures:
-        lines.append(f"<{_text_line(failure.recipient, MAX_ADDRESS)}>:")
-        lines.append(_wrap(_text_line(failure.diagnostic, MAX_DIAGNOSTIC)))
+    if gave_up:
+        lines += [
+            "",
+            f"Your message could not be delivered for {_duration(age_ms)},",
+            "so delivery has been given up. It did not reach the recipients below.",
+            "",
+            *_listed(gave_up),
+        ]
     lines += [
         "",
         f"Queue ID: {_text_line(qid, MAX_ADDRESS)}",
         "The delivery report and the headers of your message are attached.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ran_out(failure: RecipientFailure, expired: bool) -> bool:
+    """Only a temporary failure (4.4.7) runs out of time; a 5xx is a refusal in any DSN."""
+    return expired and not failure.status.startswith("5")
+
+
+def _listed(failures: Sequence[RecipientFailure]) -> list[str]:
+    lines: list[str] = []
+    for failure in failures:
+        lines.append(f"<{_text_line(failure.recipient, MAX_ADDRESS)}>:")
+        lines.append(_wrap(_text_line(failure.diagnostic, MAX_DIAGNOSTIC)))
+    return lines
 
 
 def _wrap(text: str) -> str:
@@ -190,8 +210,14 @@ def _headers_part(original_data: bytes) -> MIMEBase:
 def _text_part(text: str, subtype: str, description: str) -> MIMEBase:
     # Plain ASCII with legal line lengths travels as is (7bit) and stays greppable; anything
     # else (UTF-8 from the original headers, a remote server's reply) is quoted-printable,
-    # which is 7-bit safe, keeps lines short, and stays mostly readable.
-    plain = text.isascii() and all(len(line) <= MAX_LINE for line in text.splitlines())
+    # which is 7-bit safe, keeps lines short, and stays mostly readable. A NUL (a client can
+    # put one in a header field) is ASCII but never 7bit data (RFC 2045 section 2.7): as
+    # "=00" the returned headers still show it, where dropping it would change them.
+    plain = (
+        text.isascii()
+        and "\0" not in text
+        and all(len(line) <= MAX_LINE for line in text.splitlines())
+    )
     charset = email.charset.Charset("us-ascii" if plain else "utf-8")
     if not plain:
         charset.body_encoding = email.charset.QP  # this instance only; utf-8 defaults to base64

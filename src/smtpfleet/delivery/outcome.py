@@ -91,7 +91,7 @@ def plan_outcome(
     if not waiting:
         return _planned(message, delivered, tuple(failed), None, 0, expired=False)
     if is_expired(message.accepted_ms, now_ms, retry.lifetime_s):
-        failed.extend(_failure(r, a, status=EXPIRED_STATUS) for r, a in waiting.items())
+        failed.extend(_expired(message, r, a) for r, a in waiting.items())
         return _planned(message, delivered, tuple(failed), None, 0, expired=True)
     if all(a.verdict.kind in UNASKED for a in waiting.values()):
         # Only our own cluster-wide limits, or a routing rule none of whose relays is healthy,
@@ -104,7 +104,7 @@ def plan_outcome(
         # A full relay frees up in seconds; a rule whose relays are all down may stay so.
         delay_ms = PARK_MS if limited else park_delay_ms(message, now_ms)
         return _planned(message, delivered, tuple(failed), again, now_ms + delay_ms, expired=False)
-    errors = {r: a.verdict.text for r, a in waiting.items()}
+    errors = {r: _kept_error(message, r, a) for r, a in waiting.items()}
     again = message.retry_of(tuple(waiting), errors)
     delay_s = retry_delay_s(
         again.attempts,
@@ -124,6 +124,15 @@ def _why_waiting(waiting: dict[str, Attempt]) -> dict[str, str]:
     """Keep the reason a recipient waits for a route (for `queue show` and `status`); a
     recipient held back by our own limits keeps its last real error (for the expiry DSN)."""
     return {r: a.verdict.text for r, a in waiting.items() if a.verdict.kind is FailureKind.NO_ROUTE}
+
+
+def _kept_error(message: QueuedMessage, recipient: str, attempt: Attempt) -> str:
+    """The error a waiting recipient carries to its next attempt. Our own limit says nothing
+    about the recipient, so one it held back keeps what a relay last said (if one did), as
+    in the parked path (`_why_waiting`), for `queue show` and the expiry DSN."""
+    if attempt.verdict.kind is FailureKind.LIMITED:
+        return message.last_errors.get(recipient) or attempt.verdict.text
+    return attempt.verdict.text
 
 
 def _planned(
@@ -180,6 +189,17 @@ def set_aside(message: QueuedMessage, error: str, *, now_ms: int, retry: RetryCo
     )
     due_ms = now_ms + math.ceil(max(delay_s, retry.initial_s) * 1000)
     return Finish(retry=again, retry_due_ms=due_ms)
+
+
+def _expired(message: QueuedMessage, recipient: str, attempt: Attempt) -> RecipientFailure:
+    """A recipient whose lifetime ran out (4.4.7). When no relay was asked this time (our own
+    limit, no route), the DSN reports the last real error it got (RFC 3464 section 2.3.6: the
+    actual diagnostic) and no Remote-MTA: the entry keeps no record of which relay said that
+    (section 2.3.5: the MTA that reported the status), and none said this attempt's."""
+    if attempt.verdict.kind not in UNASKED:
+        return _failure(recipient, attempt, status=EXPIRED_STATUS)
+    diagnostic = message.last_errors.get(recipient) or attempt.verdict.text
+    return RecipientFailure(recipient, EXPIRED_STATUS, diagnostic, remote_mta=None)
 
 
 def _failure(recipient: str, attempt: Attempt, status: str | None = None) -> RecipientFailure:

@@ -440,8 +440,14 @@ class DeliveryWorker:
             if self._observe is not None:
                 self._observe(relay.name, verdicts)
             for recipient, verdict in verdicts.items():
-                # Our own client's refusal names no Remote-MTA (RFC 3464 §2.3.5).
-                remote = None if verdict.kind is FailureKind.UNSENDABLE else relay.host
+                if not verdict.from_relay and recipient in attempts:
+                    # Our own limit at this relay says nothing of the recipient: what an
+                    # earlier relay of this attempt really answered (a 4xx) stands, for the
+                    # backoff and the expiry DSN (else the attempt was parked, uncounted, and
+                    # that relay asked again every 2 s).
+                    continue
+                # Only what a relay said names it as the Remote-MTA (RFC 3464 §2.3.5).
+                remote = relay.host if verdict.from_relay else None
                 attempts[recipient] = Attempt(verdict, remote)
             remaining = [r for r in remaining if verdicts[r].outcome is Outcome.TEMPORARY]
             if not remaining:
