@@ -77,6 +77,7 @@ class Node:
             on_chained=self.metrics.chained,
             on_reply_lost=self.metrics.reply_lost,
             lease_ttl_s=config.cluster.lease_s,
+            paused=lambda relay: relay in self.health.paused,
         )
         self.membership = Membership(
             store=self.store,

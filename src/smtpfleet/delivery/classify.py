@@ -186,6 +186,14 @@ def unsendable(address: str, *, sender: bool) -> Verdict:
     return Verdict(Outcome.PERMANENT, FailureKind.UNSENDABLE, None, one_line(text), status)
 
 
+def relay_paused() -> Verdict:
+    """Temporary: an operator paused the relay while this send waited for its turn there (a
+    connection slot, the per-second budget). It goes to the next relay, or waits like mail
+    held back by a limit: no relay was asked, so nothing counts against the message or it."""
+    text = "4.3.2 relay paused by an operator"
+    return _failure(FailureKind.LIMITED, None, text, "4.3.2")
+
+
 def limit_reached() -> Verdict:
     """Temporary: the relay's cluster-wide connection or rate limit is spent right now.
 
