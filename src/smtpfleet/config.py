@@ -38,6 +38,7 @@ from smtpfleet.config_values import (
     domain_name as domain_name,
 )
 from smtpfleet.config_values import (
+    domain_pattern,
     mailbox,
     network,
     redis_database,
@@ -431,7 +432,7 @@ class TrafficClassConfig(_Section):
     @field_validator("sender_domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
-        return [d.strip().lower().rstrip(".") for d in value]
+        return [domain_pattern(d) for d in value]
 
 
 class QueueConfig(_Section):
@@ -557,7 +558,7 @@ class RoutingRule(_Section):
     @field_validator("sender_domains", "recipient_domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
-        return [d.strip().lower().rstrip(".") for d in value]
+        return [domain_pattern(d) for d in value]
 
 
 class RoutingConfig(_Section):

@@ -54,6 +54,17 @@ def domain_name(value: str, min_labels: int = 2) -> str:
     return domain
 
 
+def domain_pattern(value: str) -> str:
+    """A domain of a routing rule or traffic class: a name, or `*.name` for its subdomains, in
+    the form mail carries it (A-labels: SMTPUTF8 is not offered, so an internationalized
+    domain arrives as xn--...). Kept as written, `bücher.example` never matched its mail, and
+    a rule's mail went to relays the rule forbids."""
+    text = value.strip()
+    if text.startswith("*."):
+        return "*." + domain_name(text[2:], min_labels=1)
+    return domain_name(text, min_labels=1)
+
+
 def valid_literal(literal: str) -> bool:
     """RFC 5321 §4.1.3, brackets included: a dotted quad, or "IPv6:" and an IPv6 address; no
     general literals. Here, below the config, so the config's names and the inbound

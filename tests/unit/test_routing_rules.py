@@ -70,6 +70,26 @@ def test_first_matching_rule_decides(
     assert (rule.name if rule else None) == expected
 
 
+def test_an_international_rule_domain_matches_its_mail() -> None:
+    """Mail carries an internationalized domain as its A-label (SMTPUTF8 is not offered): a
+    rule written with the U-label matched none of it, and its mail went to relays the rule
+    forbids."""
+    spelled = ["bücher.example", "*.Bücher.Example."]
+    rules = routing([{"name": "idn", "recipient_domains": spelled, "relays": {"region": "eu"}}])
+    assert rules.rules[0].recipient_domains == ["xn--bcher-kva.example", "*.xn--bcher-kva.example"]
+    for recipient in ("b@xn--bcher-kva.example", "b@mail.XN--BCHER-KVA.example"):
+        rule = rule_for(rules.rules, "a@x.example", recipient, None)
+        assert rule is not None
+        assert rule.name == "idn"
+
+
+@pytest.mark.parametrize("domain", ["exa mple.com", "a..example", "*.", "-x.example"])
+def test_a_rule_domain_that_is_no_domain_is_a_config_error(domain: str) -> None:
+    """It matched nothing, silently: the rule's mail went anywhere."""
+    with pytest.raises(ValueError, match="is not a domain name"):
+        routing([{"name": "bad", "sender_domains": [domain], "relays": {"region": "eu"}}])
+
+
 def test_every_condition_of_a_rule_must_hold() -> None:
     rules = routing(
         [

@@ -87,6 +87,14 @@ def test_a_class_is_chosen_by_header_then_conditions_then_default(
     assert classes().choose(sender, tenant, header) == lane
 
 
+def test_an_international_class_domain_catches_its_mail() -> None:
+    """Mail carries the A-label (xn--...): a class written with the U-label caught none of it,
+    and that mail waited in the default class."""
+    idn = {"name": "bulk", "sender_domains": ["bücher.example"]}
+    catching = classes(classes=[{"name": "transactional"}, idn])
+    assert catching.choose("o@xn--bcher-kva.example", None, None) == "bulk"
+
+
 def test_each_class_has_its_own_retry_schedule_and_lifetime() -> None:
     base = RetryConfig(initial_s=60, max_s=600, lifetime_s=86400 * 5)
     bulk = classes().retry_for("bulk", base)
