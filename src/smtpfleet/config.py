@@ -632,7 +632,8 @@ class RelayConfig(_Section):
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     max_connections: PositiveInt = 16  # cluster-wide, shared through Redis
-    max_messages_per_s: Annotated[float, Field(ge=0)] = 0.0  # cluster-wide; 0 = unlimited
+    # Cluster-wide, in whole messages: the budget is counted per second. 0: unlimited.
+    max_messages_per_s: NonNegativeInt = 0
     # Addresses this relay sends from: `check-dns` verifies SPF authorizes each of them.
     egress_addresses: list[str] = Field(default_factory=list)
     # Labels: what routing rules select relays by (`routing.rules[].relays`). "" / []: none.

@@ -551,3 +551,12 @@ def test_a_non_ascii_local_part_in_the_bounce_sender_is_refused_clearly() -> Non
     message = _problem({"bounce": {"from_address": "Bounces <jörg@example.com>"}})
     assert "bounce.from_address: Value error, " in message
     assert "the local part must be ASCII" in message
+
+
+@pytest.mark.parametrize("rate", [0.5, 1.5])
+def test_a_relay_rate_is_whole_messages_a_second(rate: float) -> None:
+    """The budget is counted per second in whole messages: 0.5 let no message through at all
+    (1 <= 0.5 is false), and 1.5 was 1. Refused, saying so, rather than either."""
+    relay = {"name": "r", "host": "10.0.0.1", "max_messages_per_s": rate}
+    with pytest.raises(ConfigError, match=r"max_messages_per_s.*fractional part"):
+        build_config({"relays": [relay]}, {})

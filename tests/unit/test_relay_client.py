@@ -3,6 +3,7 @@ pooling, stale sessions, 421, addresses our client refuses, the cluster-wide lim
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -190,8 +191,11 @@ async def test_the_cluster_wide_message_budget_holds_messages_back(
     limits: MemoryClusterStore,
 ) -> None:
     relay = Relay()
+    now = int(time.time())
+    for second in range(now, now + 3):  # other nodes spent this second's budget and the next
+        limits.rate[("relay-1", second)] = 1
 
-    verdicts = await send(client(relay, limits, max_messages_per_s=0.5))
+    verdicts = await send(client(relay, limits, max_messages_per_s=1))
 
     assert verdicts["a@x"] == LIMIT_REACHED
     assert relay.sessions == []

@@ -95,6 +95,6 @@ class SharedLimits(Protocol):
         """The owners a lease was refused to within the last second: they wait for one."""
         ...
 
-    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
+    async def take_rate_slot(self, relay: str, second: int, limit: int) -> bool:
         """One message in this second's budget; False when the budget is spent."""
         ...

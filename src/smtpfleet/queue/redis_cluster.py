@@ -252,7 +252,7 @@ class ClusterStore:
     async def release_connection(self, relay: str, member: str) -> None:
         await _limit(lambda: self._redis.zrem(self.keys.relay_connections(relay), member))
 
-    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
+    async def take_rate_slot(self, relay: str, second: int, limit: int) -> bool:
         """One message in this second's budget for the relay, cluster-wide."""
         key = self.keys.relay_rate(relay, second)
         async with pipeline(self._redis, transaction=False) as pipe:

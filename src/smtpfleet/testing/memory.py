@@ -325,7 +325,7 @@ class MemoryClusterStore:
         self._check_limits()
         self.connections.get(relay, {}).pop(member, None)
 
-    async def take_rate_slot(self, relay: str, second: int, limit: float) -> bool:
+    async def take_rate_slot(self, relay: str, second: int, limit: int) -> bool:
         self._check_limits()
         self.rate[(relay, second)] += 1
         return self.rate[(relay, second)] <= limit
