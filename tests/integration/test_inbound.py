@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -406,6 +407,39 @@ async def test_session_cap_answers_421_and_closes() -> None:
         assert await first.closed()  # EOF comes after the server's connection_lost
         assert h.server.active_sessions == 1
         assert (await (await h.connect()).cmd("NOOP")).startswith("250 2.0.0")
+
+
+async def _reads_nothing(address: tuple[str, int], stop: asyncio.Event) -> socket.socket:
+    """A client that pipelines NOOPs as fast as the node takes them and never reads a reply."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, address)
+    await loop.sock_recv(sock, 1000)  # the banner, and nothing after it
+    noops = b"NOOP\r\n" * 10_000
+    with contextlib.suppress(TimeoutError, OSError):
+        while not stop.is_set():
+            await asyncio.wait_for(loop.sock_sendall(sock, noops), 0.5)
+    return sock
+
+
+async def test_a_client_that_reads_nothing_gives_its_place_back_after_the_idle_timeout() -> None:
+    """Its receive window full, our replies stay unsent, and closing waited for them for
+    ever: the session held its place under max_sessions after the idle timeout (a probe: two
+    such clients kept a node with max_sessions 2 refusing everyone, 86 of 86 tries, 45 s).
+    At the end of the linger after the 421 the connection is aborted."""
+    async with running(max_sessions=1, idle_timeout_s=0.5) as h:
+        stop = asyncio.Event()
+        hostile = asyncio.create_task(_reads_nothing(h.server.addresses[0], stop))
+        await eventually(lambda: h.server.active_sessions == 1)
+        try:
+            # Idle timeout 0.5 s (its 421 never read), linger 2 s, then the slot is free.
+            await eventually(lambda: h.server.active_sessions == 0, timeout_s=6)
+            assert (await (await h.connect()).cmd("NOOP")).startswith("250 2.0.0")
+        finally:
+            stop.set()
+            (await hostile).close()
 
 
 async def test_drain_refuses_new_work_but_finishes_the_transaction(h: Harness) -> None:

@@ -75,12 +75,25 @@ CLOSE_WAIT_S: Final = 2.0  # close(): how long session tasks get to unwind after
 # and a reset can destroy our final reply before the client reads it (RFC 5321 §3.8 wants the
 # 421 seen). Postfix reads pending input before it disconnects for the same reason.
 LINGER_S: Final = 2.0
+
 # Unknown commands before we give up on a client (aiosmtpd's own limit, BOGUS_LIMIT).
 MAX_UNKNOWN_COMMANDS: Final = 5
 AUTH_LINE_LIMIT: Final = 12288 + 2  # an AUTH response line with its CRLF (RFC 4954 §4)
 RATE_CHECK_S: Final = 1.0  # how often a session in DATA checks its client's data rate
 # aiosmtpd's one reply for a path it could not read; we say which path it was.
 _MALFORMED: Final = "553 5.1.3 Error: malformed address"
+
+
+def _end(transport: asyncio.Transport) -> None:
+    """The linger is over. A client that reads nothing (its receive window full) leaves our
+    last replies unsent, and close() waits for them to go, for ever: its session kept its
+    place under inbound.max_sessions after the idle timeout (a probe: two such clients shut
+    everyone else out of a node with max_sessions 2). Those are aborted."""
+    if transport.get_write_buffer_size() > 0:
+        transport.abort()
+    else:
+        transport.close()
+
 
 # aiosmtpd 1.4.6's own replies (smtp.py, matched whole) → ours, with RFC 3463 enhanced codes.
 # Texts that echo client input or exception details are replaced, never passed on: a 500 with
@@ -669,16 +682,17 @@ class InboundSMTP(SMTP):
         self._close()
 
     def _close(self) -> None:
-        """Close after a lingering read: FIN now, the socket once the client leaves."""
+        """Close after a lingering read: FIN now, the socket once the client leaves, or at
+        the end of the linger."""
         transport = cast(asyncio.Transport | None, self.transport)
         if transport is None or transport.is_closing() or self._closing:
             return
         self._closing = True
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        transport.write_eof()
-        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()  # TLS: close_notify, then the socket
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, _end, transport)
 
     def _rewrite(self, reply: str) -> str:
         if self._params_refusal is not None:  # what _getparams found wrong, said instead
