@@ -45,6 +45,7 @@ POSTMASTER_NO_DOMAIN: Final = (
 REPEATED_PARAMETER: Final = "501 5.5.4 Parameter {keyword} given more than once"
 TOO_MANY_RECIPIENTS: Final = "452 4.5.3 Too many recipients"
 MESSAGE_TOO_BIG: Final = "552 5.3.4 Message size exceeds fixed maximum message size"
+HEADERS_TOO_BIG: Final = "552 5.3.4 Message header section too large"
 LINE_TOO_LONG: Final = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
 # RFC 5321 section 2.3.8: lines end with CRLF only. A bare CR or LF in DATA is how SMTP
 # smuggling hides a second message; we refuse the whole message rather than guess.

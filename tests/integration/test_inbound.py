@@ -338,6 +338,21 @@ async def test_overlong_command_line(h: Harness) -> None:
     assert (await client.cmd("NOOP")).startswith("250 2.0.0")
 
 
+@pytest.mark.parametrize(
+    ("continuations", "reply"),
+    [(300_000, "552 5.3.4 Message header section too large"), (200_000, "250 2.0.0")],
+    ids=["over", "under"],
+)
+async def test_a_header_section_over_a_mebibyte_is_refused(continuations: int, reply: str) -> None:
+    """One field and hundreds of thousands of continuation lines: read whole, a 20 MB one took
+    600 MB beyond the receiving budget and held the event loop 2.5 s for every session."""
+    data = b"X-Long: a\r\n" + b" a\r\n" * continuations + b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    async with running(max_message_bytes=2_000_000) as h:
+        client = await h.connect()
+        assert (await client.transaction(data)).startswith(reply)
+        assert len(h.spool.messages) == reply.startswith("250")  # 4 bytes a continuation line
+
+
 async def test_mail_loop_is_refused(h: Harness) -> None:
     client = await h.connect()
     trace = b"Received: from a by b; Thu, 1 Jan 2026 00:00:00 +0000\r\n" * 6

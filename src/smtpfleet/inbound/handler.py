@@ -25,6 +25,7 @@ from smtpfleet.errors import QueueFull, QueueUnavailable, SigningFailed
 from smtpfleet.inbound.policy import (
     NULL_PATHS,
     HeaderSection,
+    HeaderSectionTooLarge,
     RecipientPolicy,
     has_bare_line_ending,
     received_header,
@@ -255,7 +256,11 @@ class InboundHandler:
         if has_bare_line_ending(data):
             log.warning("refused message with bare CR/LF from %s", _peer_ip(session))
             return replies.BARE_LINE_ENDING, None
-        headers = HeaderSection(data)  # read once for all the questions below
+        try:
+            headers = HeaderSection(data)  # read once for all the questions below
+        except HeaderSectionTooLarge:
+            log.warning("refused a header section over 1 MiB from %s", _peer_ip(session))
+            return replies.HEADERS_TOO_BIG, None
         if headers.received > self._max_received:
             return replies.LOOP_DETECTED, None
         message = self._new_message(session, envelope, data, headers)
