@@ -70,6 +70,22 @@ class Worker:
     reason: str = "starting"
 
 
+def worker_shares(config: Config, workers: int) -> dict[str, str]:
+    """Each worker's share of the node's session cap and receiving budget (their settings,
+    as environment variables). Each worker is a whole node inside: with the full numbers, a
+    node with `--workers 2` held twice `inbound.max_sessions` and could hold twice
+    `inbound.max_receiving_bytes` in memory, past the pod's limit these are sized for. The
+    kernel spreads connections over the workers, so a worker may refuse while another still
+    has room: the cap holds for the node, a little below it at worst."""
+    inbound = config.inbound
+    sessions = -(-inbound.max_sessions // workers)
+    budget = max(inbound.max_message_bytes, inbound.max_receiving_bytes // workers)
+    return {
+        "SMTPFLEET_INBOUND__MAX_SESSIONS": str(sessions),
+        "SMTPFLEET_INBOUND__MAX_RECEIVING_BYTES": str(budget),
+    }
+
+
 @dataclass
 class Supervisor:
     """Runs N node processes on one SMTP port, merges their /metrics, restarts crashed ones."""
@@ -168,6 +184,7 @@ class Supervisor:
         env["SMTPFLEET_LOG_LEVEL"], env["SMTPFLEET_LOG_FORMAT"] = self.log_level, self.log_format
         if self._ticket_key_file:
             env["SMTPFLEET_INBOUND__TLS__TICKET_KEY_FILE"] = self._ticket_key_file
+        env.update(worker_shares(self.config, self.workers))
         return env
 
     async def _spawn(self, worker: Worker) -> None:

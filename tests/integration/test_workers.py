@@ -265,3 +265,23 @@ async def test_a_signal_while_the_workers_are_started_reaches_every_worker(
     assert [w.process is not None for w in supervisor._pool] == [True, True, False]
     codes = [w.process.returncode for w in supervisor._pool if w.process is not None]
     assert all(c in (0, -signal.SIGTERM) for c in codes), codes
+
+
+async def _greeting(address: tuple[str, int]) -> tuple[str, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(*address)
+    return (await asyncio.wait_for(reader.readline(), 5)).decode(), writer
+
+
+async def test_the_session_cap_holds_for_the_node_not_each_worker(sink: Sink) -> None:
+    """`inbound.max_sessions` is per node (docs/security.md). Each worker is a whole node
+    inside, and with the full cap each, a node with two workers held twice as many."""
+    overrides = {"inbound": {"max_sessions": 4}}
+    async with LocalCluster(nodes=1, workers=2, relays=[sink.address], overrides=overrides) as c:
+        node = c.node_processes[0]
+        opened = [await _greeting(node.smtp) for _ in range(12)]
+        admitted = [line for line, _ in opened if line.startswith("220")]
+        refused = [line for line, _ in opened if line.startswith("421 4.3.2")]
+        for _, writer in opened:
+            writer.close()
+        assert 2 <= len(admitted) <= 4  # each worker admits 2 of those the kernel hands it
+        assert len(admitted) + len(refused) == 12
