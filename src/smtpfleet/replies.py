@@ -62,6 +62,7 @@ NON_ASCII_COMMAND: Final = "500 5.5.2 Non-ASCII command; SMTPUTF8 is not offered
 UNKNOWN_COMMAND: Final = "500 5.5.1 Command not recognized"
 # RFC 5321 section 3.8: a server that gives up on a client says 421 before it closes.
 TOO_MANY_UNKNOWN: Final = "421 4.7.0 Too many unrecognized commands, closing connection"
+TOO_MANY_JUNK: Final = "421 4.7.0 Too many commands without mail, closing connection"
 NEED_MAIL: Final = "503 5.5.1 Need MAIL command"
 NESTED_MAIL: Final = "503 5.5.1 Nested MAIL command"
 BYE: Final = "221 2.0.0 Bye"

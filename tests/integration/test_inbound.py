@@ -457,6 +457,23 @@ async def test_a_client_that_reads_nothing_gives_its_place_back_after_the_idle_t
             (await hostile).close()
 
 
+async def test_commands_that_move_no_mail_are_bounded_until_the_next_message(
+    h: Harness,
+) -> None:
+    """Each NOOP reset the idle timer: one sent before each timeout held a session, and its
+    place under max_sessions, for ever. A hundred such commands without a DATA: 421."""
+    sender = await h.connect()  # its EHLO is the first
+    for _ in range(49):
+        assert (await sender.cmd("NOOP")).startswith("250")
+    for _ in range(50):
+        assert (await sender.cmd("RSET")).startswith("250")
+    assert (await sender.transaction(MESSAGE)).startswith("250 2.0.0")  # mail: counted anew
+    for _ in range(100):
+        assert (await sender.cmd("NOOP")).startswith("250")
+    assert await sender.cmd("NOOP") == replies.TOO_MANY_JUNK + "\r\n"
+    assert await sender.closed()
+
+
 async def test_drain_refuses_new_work_but_finishes_the_transaction(h: Harness) -> None:
     busy = await h.connect()
     idle = await h.connect()

@@ -78,6 +78,12 @@ LINGER_S: Final = 2.0
 
 # Unknown commands before we give up on a client (aiosmtpd's own limit, BOGUS_LIMIT).
 MAX_UNKNOWN_COMMANDS: Final = 5
+# Commands that move no mail: each resets the idle timer, so without a bound a client holds a
+# session (and its place under max_sessions) for ever by sending one before each timeout.
+# After MAX_JUNK_COMMANDS of them with no DATA in between: 421. Postfix's bound is about the
+# same (smtpd_junk_command_limit 100, then smtpd_hard_error_limit 20 more).
+JUNK_COMMANDS: Final = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO"})
+MAX_JUNK_COMMANDS: Final = 100
 AUTH_LINE_LIMIT: Final = 12288 + 2  # an AUTH response line with its CRLF (RFC 4954 §4)
 RATE_CHECK_S: Final = 1.0  # how often a session in DATA checks its client's data rate
 # aiosmtpd's one reply for a path it could not read; we say which path it was.
@@ -248,6 +254,7 @@ class InboundSMTP(SMTP):
         self._closing = False  # our last reply is out; input is read and discarded
         self._linger: asyncio.TimerHandle | None = None
         self._unknown_left = MAX_UNKNOWN_COMMANDS
+        self._junk_left = MAX_JUNK_COMMANDS  # until the next DATA
         self._unsent: list[str] = []  # the first lines of a multi-line reply, not yet written
         self._rate: DataRate | None = None  # while reading DATA, when a minimum rate is set
         self._rate_timer: deadlines.Deadline | None = None
@@ -727,6 +734,13 @@ class InboundSMTP(SMTP):
         if self._server.draining and not self.in_transaction and command != "QUIT":
             await self.push(replies.SHUTTING_DOWN)
             return
+        if command in JUNK_COMMANDS:
+            self._junk_left -= 1
+            if self._junk_left < 0:
+                await self.push(replies.TOO_MANY_JUNK)
+                return
+        elif command == "DATA":
+            self._junk_left = MAX_JUNK_COMMANDS
         self._busy, self._reading_data = True, command == "DATA"
         self._command = command
         try:
