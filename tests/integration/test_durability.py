@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -251,36 +252,22 @@ async def test_an_accept_answered_451_while_redis_stalled_is_not_applied_when_it
     the accept's script waits in its socket, the node answers 451, and no tombstone can land.
     When Redis resumes the script runs, after the 451: without its own deadline the copy was
     delivered, and a second one once the sender retried."""
-    with RedisServer() as server:
-        overrides = {
-            "inbound": {"accept_timeout_s": 1.0},
-            "redis": {"socket_timeout_s": 0.5},
-        }
-        async with running_node(node_config(server.url, [sink.address], overrides)) as node:
-            address = node.inbound.addresses[0]
-            assert (await send(address)).code == 250  # Redis's clock is learnt from accepts
-            await eventually(lambda: sink.count == 1)
-            assert server.pid is not None
-            os.kill(server.pid, signal.SIGSTOP)
-            try:
-                started = time.monotonic()
-                reply = await send(address, data=b"Subject: stalled\r\n\r\nlate\r\n")
-                answered_s = time.monotonic() - started
-                await asyncio.sleep(0.5)
-            finally:
-                os.kill(server.pid, signal.SIGCONT)
-            assert reply.code == 451
-            assert answered_s < 4.0
-            client, keys = node.queue.client, node.queue.keys
-
-            async def entries_added() -> int:
-                streams = [await client.xinfo_stream(keys.stream(s)) for s in keys.all_shards()]
-                return sum(info["entries-added"] for info in streams)
-
-            await eventually(lambda: node.not_ready_reason() is None, timeout_s=15)
-            await asyncio.sleep(1.0)  # time for a late write to be delivered
-            assert await entries_added() == 1
-            assert sink.count == 1
+    async with _delivering_one(sink, accept_timeout_s=1.0) as (server, node):
+        address = node.inbound.addresses[0]
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            reply = await send(address, data=b"Subject: stalled\r\n\r\nlate\r\n")
+            answered_s = time.monotonic() - started
+            await asyncio.sleep(0.5)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert reply.code == 451
+        assert answered_s < 4.0
+        await eventually(lambda: node.not_ready_reason() is None, timeout_s=15)
+        await asyncio.sleep(1.0)  # time for a late write to be delivered
+        assert await _entries_added(node) == 1
+        assert sink.count == 1
 
 
 @pytest.mark.solo  # times a Redis stall against the accept's budget
@@ -290,35 +277,44 @@ async def test_a_write_that_lands_after_its_451_but_in_time_is_tombstoned(sink: 
     inside the budget, so the write runs and is in time by its own deadline: only the
     tombstones the node keeps sending until the deadline passes (`_cancel_until`) stop that
     copy, which the sender, told 451, sends again."""
+    async with _delivering_one(sink, accept_timeout_s=6.0) as (server, node):
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            data = b"Subject: stalled, then in time\r\n\r\nlate\r\n"
+            reply_task = asyncio.create_task(send(node.inbound.addresses[0], data=data))
+            await asyncio.sleep(3.0)  # past the first tombstone's 2 s, inside the budget
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert (await reply_task).code == 451
+        await eventually(lambda: node.not_ready_reason() is None, timeout_s=15)
+        assert await _entries_added(node) == 2  # the write ran: it was in time
+        await asyncio.sleep(1.5)  # time for the copy to be delivered, were it not tombstoned
+        assert sink.count == 1
+
+
+@contextlib.asynccontextmanager
+async def _delivering_one(
+    sink: Sink, *, accept_timeout_s: float
+) -> AsyncIterator[tuple[RedisServer, Node]]:
+    """A node on a Redis of its own (the tests stop it), with a 0.5 s socket timeout, after
+    one message delivered: Redis's clock is learnt from accepts."""
     with RedisServer() as server:
         overrides = {
-            "inbound": {"accept_timeout_s": 6.0},
+            "inbound": {"accept_timeout_s": accept_timeout_s},
             "redis": {"socket_timeout_s": 0.5},
         }
         async with running_node(node_config(server.url, [sink.address], overrides)) as node:
-            address = node.inbound.addresses[0]
-            assert (await send(address)).code == 250  # Redis's clock is learnt from accepts
+            assert (await send(node.inbound.addresses[0])).code == 250
             await eventually(lambda: sink.count == 1)
             assert server.pid is not None
-            os.kill(server.pid, signal.SIGSTOP)
-            try:
-                data = b"Subject: stalled, then in time\r\n\r\nlate\r\n"
-                reply_task = asyncio.create_task(send(address, data=data))
-                await asyncio.sleep(3.0)  # past the first tombstone's 2 s, inside the budget
-            finally:
-                os.kill(server.pid, signal.SIGCONT)
-            reply = await reply_task
-            assert reply.code == 451
-            client, keys = node.queue.client, node.queue.keys
+            yield server, node
 
-            async def entries_added() -> int:
-                streams = [await client.xinfo_stream(keys.stream(s)) for s in keys.all_shards()]
-                return sum(info["entries-added"] for info in streams)
 
-            await eventually(lambda: node.not_ready_reason() is None, timeout_s=15)
-            assert await entries_added() == 2  # the write ran: it was in time
-            await asyncio.sleep(1.5)  # time for the copy to be delivered, were it not tombstoned
-            assert sink.count == 1
+async def _entries_added(node: Node) -> int:
+    """Entries ever written to the node's streams: a late write counts, even delivered."""
+    client, keys = node.queue.client, node.queue.keys
+    streams = [await client.xinfo_stream(keys.stream(s)) for s in keys.all_shards()]
+    return sum(info["entries-added"] for info in streams)
 
 
 async def test_a_reused_message_id_is_a_new_message_and_only_a_resend_is_a_duplicate(
