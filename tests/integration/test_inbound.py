@@ -425,17 +425,19 @@ async def test_session_cap_answers_421_and_closes() -> None:
 
 
 async def _reads_nothing(address: tuple[str, int], stop: asyncio.Event) -> socket.socket:
-    """A client that pipelines NOOPs as fast as the node takes them and never reads a reply."""
+    """A client that pipelines commands as fast as the node takes them and never reads a
+    reply: RCPT without MAIL (503), which the bound on commands that move no mail does not
+    count, so the session ends by its idle timeout."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await loop.sock_connect(sock, address)
     await loop.sock_recv(sock, 1000)  # the banner, and nothing after it
-    noops = b"NOOP\r\n" * 10_000
+    refused = b"RCPT TO:<a@example.net>\r\n" * 2_000
     with contextlib.suppress(TimeoutError, OSError):
         while not stop.is_set():
-            await asyncio.wait_for(loop.sock_sendall(sock, noops), 0.5)
+            await asyncio.wait_for(loop.sock_sendall(sock, refused), 0.5)
     return sock
 
 
