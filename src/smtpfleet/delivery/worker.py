@@ -440,7 +440,8 @@ class DeliveryWorker:
             if self._observe is not None:
                 self._observe(relay.name, verdicts)
             for recipient, verdict in verdicts.items():
-                if not verdict.from_relay and recipient in attempts:
+                unasked = verdict.outcome is Outcome.TEMPORARY and not verdict.from_relay
+                if unasked and recipient in attempts:
                     # Our own limit at this relay says nothing of the recipient: what an
                     # earlier relay of this attempt really answered (a 4xx) stands, for the
                     # backoff and the expiry DSN (else the attempt was parked, uncounted, and
